@@ -1,0 +1,259 @@
+"""The ``tillwire`` command line.
+
+Subcommands::
+
+    tillwire serve  [--config PATH] [--host H] [--port P] [--data-dir D]
+                    [--admin-port N] [--redis URL] [--log-level L]
+    tillwire token  --tenant T --store S [--region R] --terminal ID
+                    --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
+    tillwire config (--print | --keys) [--config PATH]
+    tillwire backup --out FILE [--data-dir D] [--config PATH]
+
+``--config`` defaults to ``$TILLWIRE_CONFIG``.  Exit codes: 0 success, 1 a
+runtime failure, 2 a usage or configuration error (the message names the
+key: ``tillwire: config error: server.port: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import orjson
+
+from tillwire import __version__
+from tillwire.core.errors import ConfigError
+
+from .auth import ROLES, issue_token, verify_token
+from .config import NON_CONFIG_ENV, SECRET_ENV, Config, describe_keys, load_config, parse_duration
+
+__all__ = ["build_parser", "main"]
+
+CONFIG_ENV = "TILLWIRE_CONFIG"
+"""Default of ``--config`` (listed in ``config.NON_CONFIG_ENV``)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _positive_duration(text: str) -> float:
+    """argparse type of ``--ttl``: a duration > 0 (``3600``, ``"30m"``, ``"1d"``)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return seconds
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", default=None,
+        help=f"TOML config file (default: ${CONFIG_ENV}, else none)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="tillwire",
+        description="Tillwire: the connection server for a retail chain's terminals.",
+    )
+    parser.add_argument("--version", action="version", version=f"tillwire {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server",
+                           description="Run the server.  Flags override the config file and the environment.")
+    _add_config_option(serve)
+    # Flag values stay text: the loader parses them like environment values,
+    # so a bad value gets the same message naming its key.
+    serve.add_argument("--host", help="server.host: address of the terminal listener")
+    serve.add_argument("--port", help="server.port: port of the terminal listener")
+    serve.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
+    serve.add_argument("--admin-port", metavar="PORT", help="admin.port: admin API port (0 = disabled)")
+    serve.add_argument("--redis", metavar="URL", help="redis.url: Redis URL for clustering (empty = embedded)")
+    serve.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning or error")
+    serve.set_defaults(handler=_cmd_serve)
+
+    token = sub.add_parser("token", help="issue a terminal access token",
+                           description="Issue a terminal access token signed with auth.secret "
+                                       f"(config file or {SECRET_ENV}).  The token is the last line of stdout.")
+    _add_config_option(token)
+    token.add_argument("--tenant", required=True, help="tenant (retail chain) id")
+    token.add_argument("--store", required=True, help="store id")
+    token.add_argument("--region", default="", help="region id (default: none)")
+    token.add_argument("--terminal", required=True, metavar="ID", help="terminal id")
+    token.add_argument("--role", dest="roles", action="append", required=True, choices=ROLES,
+                       help="a role of the terminal; repeat for several")
+    token.add_argument("--member", default="", help="loyalty member id of a customer app (default: none)")
+    token.add_argument("--ttl", type=_positive_duration, default=None,
+                       help="lifetime: seconds or e.g. 30m, 12h, 1d (default: auth.default_ttl)")
+    token.set_defaults(handler=_cmd_token)
+
+    config = sub.add_parser("config", help="show the configuration",
+                            description="Show the effective configuration or the table of keys.")
+    _add_config_option(config)
+    what = config.add_mutually_exclusive_group(required=True)
+    what.add_argument("--print", dest="print_config", action="store_true",
+                      help="print the effective configuration as JSON (secrets masked)")
+    what.add_argument("--keys", action="store_true",
+                      help="print every key with its environment variable, default and meaning")
+    config.set_defaults(handler=_cmd_config)
+
+    backup = sub.add_parser("backup", help="copy the sqlite store, also while the server runs",
+                            description="Write a consistent copy of the sqlite store "
+                                        "(<data-dir>/tillwire.db) to FILE.  Safe while a server "
+                                        "is writing to it; the copy is a single file.")
+    _add_config_option(backup)
+    backup.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
+    backup.add_argument("--out", metavar="FILE", required=True,
+                        help="the copy to write (replaced atomically if it exists)")
+    backup.set_defaults(handler=_cmd_backup)
+    return parser
+
+
+def _load(args: argparse.Namespace, env: Mapping[str, str],
+          overrides: Mapping[str, object] | None = None) -> Config:
+    path = args.config if args.config is not None else (env.get(CONFIG_ENV) or None)
+    return load_config(path, env=env, overrides=overrides)
+
+
+def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env, {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.data_dir": args.data_dir,
+        "admin.port": args.admin_port,
+        "redis.url": args.redis,
+        "log.level": args.log_level,
+    })
+    cfg.require_secret()
+    try:
+        # Imported here so the other subcommands work without the server.
+        from tillwire.server.main import serve
+    except ModuleNotFoundError as exc:
+        if exc.name != "tillwire.server.main":
+            raise
+        print("tillwire: error: the server is not available (tillwire.server.main is missing)", file=err)
+        return EXIT_FAILURE
+    try:
+        result = serve(cfg)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cmd_token(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env)
+    secret = cfg.require_secret()
+    ttl = args.ttl if args.ttl is not None else cfg.auth.default_ttl
+    try:
+        token = issue_token(
+            secret, tenant=args.tenant, store=args.store, region=args.region, terminal=args.terminal,
+            roles=args.roles, member=args.member, ttl=ttl,
+        )
+    except ValueError as exc:
+        print(f"tillwire: error: {exc}", file=err)
+        return EXIT_USAGE
+    # Verifying what we just signed is cheap and gives the claims to describe.
+    claims = verify_token(secret, token, now=None, leeway=cfg.auth.clock_skew)
+    details = [f"store={claims.store}"]
+    if claims.region:
+        details.append(f"region={claims.region}")
+    details.append(f"roles={','.join(claims.roles)}")
+    if claims.member:
+        details.append(f"member={claims.member}")
+    print(f"tillwire: token for {claims.address} ({' '.join(details)}), "
+          f"expires {_utc(claims.expires_at)}", file=err)
+    print(token, file=out)
+    return EXIT_OK
+
+
+def _toml_value(value: Any) -> str:
+    """A default as it would be written in the TOML file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _format_keys() -> str:
+    header = ("KEY", "ENVIRONMENT", "DEFAULT", "DESCRIPTION")
+    rows = [header] + [(key, env, _toml_value(default), doc) for key, env, default, doc in describe_keys()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+             for row in rows]
+    lines.append("")
+    lines.append("Other environment variables:")
+    others = {SECRET_ENV: "alias of TILLWIRE_AUTH_SECRET", **NON_CONFIG_ENV}
+    width = max(len(name) for name in others)
+    lines.extend(f"  {name.ljust(width)}  {doc}" for name, doc in others.items())
+    return "\n".join(lines)
+
+
+def _cmd_config(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    if args.keys:
+        print(_format_keys(), file=out)
+        return EXIT_OK
+    cfg = _load(args, env)
+    print(orjson.dumps(cfg.to_dict(mask_secrets=True), option=orjson.OPT_INDENT_2).decode(), file=out)
+    return EXIT_OK
+
+
+def _cmd_backup(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env, {"server.data_dir": args.data_dir})
+    import sqlite3
+
+    from .store_sqlite import DB_FILENAME, backup_file
+
+    source = os.path.join(cfg.server.data_dir, DB_FILENAME)
+    try:
+        backup_file(source, args.out)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"tillwire: error: backup failed: {exc}", file=err)
+        return EXIT_FAILURE
+    print(f"tillwire: backup of {source} written to {args.out} "
+          f"({os.path.getsize(args.out)} bytes)", file=err)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (never raises SystemExit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.handler(args, os.environ, sys.stdout, sys.stderr)
+    except ConfigError as exc:
+        print(f"tillwire: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`tillwire config --keys | head`): no traceback,
+        # and no second error when the interpreter flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE

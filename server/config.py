@@ -1,0 +1,1026 @@
+"""Tillwire's configuration: frozen dataclasses, loaded and validated once.
+
+Sources, each overriding the one before it::
+
+    defaults  <-  TOML file (--config PATH)  <-  environment (TILLWIRE_*)  <-  CLI flags
+
+:func:`load_config` reads them, checks every value's type and range, checks
+the relations between keys (``heartbeat.min <= heartbeat.interval``...) and
+returns a :class:`Config`.  Every problem is a
+:class:`~tillwire.core.errors.ConfigError` whose ``key`` is the dotted name
+(``"server.port"``); when the value came from an environment variable the
+message names it too::
+
+    server.port (TILLWIRE_SERVER_PORT): must be an integer 1-65535, got 'x'
+
+Unknown sections and keys in the file, and unknown ``TILLWIRE_*`` variables,
+are errors as well (a typo must not silently leave a default in place).
+
+Value syntax:
+
+* durations are seconds (a number) or a string with a unit: ``"500ms"``,
+  ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` (see :func:`parse_duration`);
+* sizes are bytes (an integer) or a string with a binary unit: ``"512B"``,
+  ``"64KiB"``, ``"1MiB"``, ``"1GiB"`` (see :func:`parse_size`);
+* in the environment, booleans are ``1/0``, ``true/false`` or ``yes/no`` and
+  lists are comma separated (``TILLWIRE_LANES_WEIGHTS=8,4,1``).
+
+The dataclasses themselves do not validate: :func:`load_config` does.  Code
+and tests may build them directly (``dataclasses.replace(cfg.server, port=0)``
+for an ephemeral port) and take responsibility for the values.
+
+Every key is declared once, as a dataclass field whose metadata carries its
+kind (type, range, parser) and a one-line description; :func:`describe_keys`
+turns that into the README's key table and ``tillwire config --keys``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from tillwire.core.codes import (
+    DEFAULT_COMPRESS_THRESHOLD,
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_FRAME_SIZE_LIMIT,
+    MIN_FRAME_SIZE_LIMIT,
+)
+from tillwire.core.errors import ConfigError
+
+__all__ = [
+    "AdminConfig",
+    "AdminToken",
+    "AuthConfig",
+    "Config",
+    "DeliveryConfig",
+    "ENV_PREFIX",
+    "HeartbeatConfig",
+    "HistoryConfig",
+    "LanesConfig",
+    "LogConfig",
+    "NON_CONFIG_ENV",
+    "RedisConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TlsConfig",
+    "audit_log_path",
+    "describe_keys",
+    "load_config",
+    "node_id",
+    "parse_duration",
+    "parse_size",
+]
+
+ENV_PREFIX = "TILLWIRE_"
+"""Every environment variable Tillwire reads starts with this."""
+
+SECRET_ENV = "TILLWIRE_SECRET"
+"""Alias of ``TILLWIRE_AUTH_SECRET``."""
+
+ADMIN_TOKEN_ENV = "TILLWIRE_ADMIN_TOKEN"
+"""Adds one admin token named ``"env"`` for all tenants to ``admin.tokens``."""
+
+ENV_ADMIN_TOKEN_NAME = "env"
+"""Name of the admin token that ``TILLWIRE_ADMIN_TOKEN`` adds."""
+
+NON_CONFIG_ENV: dict[str, str] = {
+    "TILLWIRE_NO_EXTENSIONS": "1 = use the pure-Python twins of the core modules (and build none)",
+    "TILLWIRE_DEBUG": "1 = compile the core modules with assertions and without optimisation",
+    "TILLWIRE_CONFIG": "default config file path for --config",
+}
+"""``TILLWIRE_*`` variables that are not configuration keys.
+
+The loader ignores them; any other unknown ``TILLWIRE_*`` variable is a
+:class:`ConfigError`.  A new switch read elsewhere must be added here.
+"""
+
+MASK = "***"
+"""What :meth:`Config.to_dict` shows instead of a secret."""
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ID_TEXT = "1-64 characters of A-Z a-z 0-9 . _ -"
+
+
+# --------------------------------------------------------------------------
+# Durations and sizes
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_SIZE_RE = re.compile(r"(\d+)\s*([a-z]*)")
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Return a duration in seconds.
+
+    Accepts a non-negative number of seconds, or a string: a number with an
+    optional unit ``ms``, ``s``, ``m``, ``h`` or ``d`` (``"500ms"``,
+    ``"30s"``, ``"1.5h"``, ``"30"``; case-insensitive, blanks allowed).
+    Raises :class:`ValueError` for anything else, including negative and
+    non-finite values and booleans.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip().lower())
+        if match is None or match.group(2) not in _DURATION_UNITS:
+            raise ValueError(
+                f"not a duration: {value!r} (use seconds or a number with ms, s, m, h or d)"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {value!r} (must be finite and not negative)")
+    return seconds
+
+
+def parse_size(value: str | int) -> int:
+    """Return a size in bytes.
+
+    Accepts a non-negative integer, or a string: an integer with an optional
+    binary unit ``B``, ``KiB``, ``MiB``, ``GiB`` or ``TiB`` (``"512B"``,
+    ``"64KiB"``, ``"1MiB"``; case-insensitive, blanks allowed).  Decimal
+    units (``KB``, ``MB``) are refused because they are ambiguous.  Raises
+    :class:`ValueError` for anything else, including floats and booleans.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"not a size: {value!r} (must not be negative)")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip().lower())
+        if match is not None and match.group(2) in _SIZE_UNITS:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        raise ValueError(
+            f"not a size: {value!r} (use bytes or an integer with B, KiB, MiB, GiB or TiB)"
+        )
+    raise ValueError(f"not a size: {value!r}")
+
+
+# --------------------------------------------------------------------------
+# Kinds of values.  Each turns a file/override value (``from_value``) or an
+# environment string (``from_text``) into the stored value, or raises
+# ValueError; ``expect`` completes the sentence "must be ...".
+
+
+class _Kind:
+    expect = "a value"
+
+    def from_value(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> Any:
+        return self.from_value(text)
+
+    def plain(self, value: Any) -> Any:
+        """The JSON/TOML-friendly form of a stored value."""
+        return value
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(lo: float | None, hi: float | None, strict: bool = False) -> str:
+    """``"1-65535"``, ``">= 1"``, ``"> 0"`` or ``""``."""
+    if lo is not None and hi is not None:
+        return f"{_num(lo)}-{_num(hi)}"
+    if lo is not None:
+        return f"{'>' if strict else '>='} {_num(lo)}"
+    return ""
+
+
+class _Int(_Kind):
+    def __init__(self, lo: int | None = None, hi: int | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.expect = f"an integer {_range_text(lo, hi)}".rstrip()
+
+    def check(self, number: int) -> int:
+        if (self.lo is not None and number < self.lo) or (self.hi is not None and number > self.hi):
+            raise ValueError("out of range")
+        return number
+
+    def from_value(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("not an integer")
+        return self.check(value)
+
+    def from_text(self, text: str) -> int:
+        if re.fullmatch(r"[+-]?\d+", text.strip()) is None:
+            raise ValueError("not an integer")
+        return self.check(int(text))
+
+
+class _Size(_Int):
+    def __init__(self, lo: int, hi: int | None = None) -> None:
+        super().__init__(lo, hi)
+        rng = f"of {lo}-{hi}" if hi is not None else f">= {lo}"
+        self.expect = f"a size {rng} bytes (an integer, or a string like '64KiB')"
+
+    def from_value(self, value: Any) -> int:
+        return self.check(parse_size(value))
+
+    from_text = from_value
+
+
+class _Duration(_Kind):
+    def __init__(self, lo: float = 0.0, strict: bool = True) -> None:
+        self.lo, self.strict = lo, strict
+        self.expect = (
+            f"a duration {_range_text(lo, None, strict)} seconds "
+            "(a number, or a string like '30s', '500ms', '5m')"
+        )
+
+    def from_value(self, value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < self.lo or (self.strict and seconds == self.lo):
+            raise ValueError("out of range")
+        return seconds
+
+    from_text = from_value
+
+
+class _Number(_Kind):
+    """A plain float (milliseconds keys); accepts ints, refuses nan/inf."""
+
+    def __init__(self, lo: float = 0.0) -> None:
+        self.lo = lo
+        self.expect = f"a number >= {lo:g}"
+
+    def from_value(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("not a number")
+        number = float(value)
+        if not math.isfinite(number) or number < self.lo:
+            raise ValueError("out of range")
+        return number
+
+    def from_text(self, text: str) -> float:
+        if re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", text.strip()) is None:
+            raise ValueError("not a number")
+        return self.from_value(float(text))
+
+
+class _Bool(_Kind):
+    expect = "a boolean (true/false; in the environment also 1/0, yes/no)"
+    _TEXT = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+    def from_value(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError("not a boolean")
+        return value
+
+    def from_text(self, text: str) -> bool:
+        try:
+            return self._TEXT[text.strip().lower()]
+        except KeyError:
+            raise ValueError("not a boolean") from None
+
+
+class _Str(_Kind):
+    def __init__(self, pattern: re.Pattern[str] | None = None, expect: str = "a string",
+                 nonempty: bool = False, allow_empty_pattern: bool = False) -> None:
+        self.pattern = pattern
+        self.nonempty = nonempty
+        self.allow_empty_pattern = allow_empty_pattern
+        self.expect = expect
+
+    def from_value(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        if self.nonempty and not value:
+            raise ValueError("empty")
+        if self.pattern is not None and not (value == "" and self.allow_empty_pattern):
+            if self.pattern.fullmatch(value) is None:
+                raise ValueError("bad format")
+        return value
+
+
+class _Choice(_Kind):
+    """One of a few words; matched case-insensitively, stored in canonical case."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = {c.lower(): c for c in choices}
+        self.expect = "one of " + ", ".join(repr(c) for c in choices)
+
+    def from_value(self, value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in self.choices:
+            raise ValueError("not a choice")
+        return self.choices[value.strip().lower()]
+
+
+class _IntTuple(_Kind):
+    """A fixed-length list of integers; stored as a tuple."""
+
+    def __init__(self, length: int, lo: int, hi: int) -> None:
+        self.length, self.lo, self.hi = length, lo, hi
+        self.expect = (f"a list of {length} integers {lo}-{hi}, e.g. [8, 4, 1] "
+                       "(in the environment 8,4,1)")
+
+    def from_value(self, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or len(value) != self.length:
+            raise ValueError("bad list")
+        for item in value:
+            if (isinstance(item, bool) or not isinstance(item, int)
+                    or not self.lo <= item <= self.hi):
+                raise ValueError("bad item")
+        return tuple(value)
+
+    def from_text(self, text: str) -> tuple[int, ...]:
+        body = text.strip()
+        if body.startswith("[") and body.endswith("]"):
+            body = body[1:-1]
+        parts = [p.strip() for p in body.split(",")]
+        if not all(re.fullmatch(r"\d+", p) for p in parts):
+            raise ValueError("bad list")
+        return self.from_value([int(p) for p in parts])
+
+    def plain(self, value: tuple[int, ...]) -> list[int]:
+        return list(value)
+
+
+class _AdminTokens(_Kind):
+    """``admin.tokens``: checked item by item in :func:`_admin_tokens`."""
+
+    expect = "a list of tables {name, token, tenants}"
+
+    def plain(self, value: tuple[AdminToken, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "token": t.token, "tenants": list(t.tenants)} for t in value]
+
+
+def _key(default: Any, kind: _Kind, doc: str) -> Any:
+    """Declare a config key: its default, its kind and a one-line description."""
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+# --------------------------------------------------------------------------
+# The sections
+
+
+_HOST = _Str(nonempty=True, expect="a non-empty host name or address")
+_POSITIVE = _Duration(0.0)  # a duration > 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: the terminal listener and connection limits."""
+
+    host: str = _key(
+        "127.0.0.1", _HOST,
+        "Address the terminal listener binds (0.0.0.0 or :: for all interfaces).")
+    port: int = _key(
+        7070, _Int(0, 65535),
+        "TCP port of the terminal listener (0 = any free port, logged at start).")
+    data_dir: str = _key(
+        "./data", _Str(nonempty=True, expect="a non-empty path"),
+        "Directory of the store, the audit log and other state (relative to the working directory).")
+    node_id: str = _key(
+        "", _Str(_ID_RE, f"empty or {_ID_TEXT}", allow_empty_pattern=True),
+        "This node's id in a cluster; empty = derive '<hostname>-<pid>' at start.")
+    max_frame_size: int = _key(
+        DEFAULT_MAX_FRAME_SIZE, _Size(MIN_FRAME_SIZE_LIMIT, MAX_FRAME_SIZE_LIMIT),
+        "Largest frame length accepted and announced in WELCOME (bytes).")
+    compress_threshold: int = _key(
+        DEFAULT_COMPRESS_THRESHOLD, _Size(0),
+        "Payloads of at least this many bytes are lz4-compressed when it helps (0 = never).")
+    auth_timeout: float = _key(
+        10.0, _POSITIVE,
+        "Time a new connection has to complete HELLO before CLOSE AUTH_TIMEOUT.")
+    backlog: int = _key(
+        4096, _Int(1),
+        "Listen backlog of the terminal socket.")
+    send_buffer: int = _key(
+        65536, _Size(4096),
+        "SO_SNDBUF of each terminal socket (bytes).")
+    write_high_water: int = _key(
+        65536, _Size(1024),
+        "Transport write buffer high-water mark: above it the connection stops draining its lanes.")
+    write_chunk: int = _key(
+        65536, _Size(1024),
+        "Most bytes drained from the lanes into one transport write.")
+    max_connections: int = _key(
+        0, _Int(0),
+        "Most concurrent terminal connections (0 = unlimited).")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``[auth]``: terminal access tokens."""
+
+    secret: str = _key(
+        "", _Str(),
+        "HMAC-SHA256 secret that signs terminal tokens (alias TILLWIRE_SECRET); required to serve.")
+    clock_skew: float = _key(
+        300.0, _Duration(0.0, strict=False),
+        "Leeway for token expiry and issued-at checks against this server's clock.")
+    default_ttl: float = _key(
+        86400.0, _POSITIVE,
+        "Lifetime of tokens made by 'tillwire token' without --ttl.")
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfig:
+    """``[heartbeat]``: the heartbeat interval terminals get, and the timer wheel."""
+
+    interval: float = _key(
+        30.0, _POSITIVE,
+        "Heartbeat granted to a terminal that asks for none (HELLO heartbeat 0).")
+    min: float = _key(
+        5.0, _POSITIVE,
+        "Shortest heartbeat a terminal may ask for (requests are clamped).")
+    max: float = _key(
+        600.0, _POSITIVE,
+        "Longest heartbeat a terminal may ask for (requests are clamped).")
+    tick: float = _key(
+        0.5, _POSITIVE,
+        "Resolution of the timing wheel behind heartbeats, timeouts and retransmits.")
+    wheel_size: int = _key(
+        512, _Int(8),
+        "Buckets of the timing wheel (rounded up to a power of two).")
+
+
+@dataclass(frozen=True, slots=True)
+class LanesConfig:
+    """``[lanes]``: the per-connection outbound lane scheduler."""
+
+    max_queued_bytes: int = _key(
+        2097152, _Size(4096),
+        "Outbound bytes queued per connection before P3 then P2 are shed (P0/P1 overflow = slow "
+        "consumer); at least server.max_frame_size + 64.")
+    weights: tuple[int, int, int] = _key(
+        (8, 4, 1), _IntTuple(3, 1, 65535),
+        "Weighted round-robin frame credits of P1, P2, P3 (P0 always goes first).")
+    p3_ttl: float = _key(
+        300.0, _POSITIVE,
+        "Default time to live of P3 (promotion) messages.")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """``[delivery]``: inboxes, acknowledgements and retransmits (P0/P1)."""
+
+    retransmit_initial: float = _key(
+        5.0, _POSITIVE,
+        "First retransmit timeout of an unacknowledged P0/P1 message.")
+    retransmit_max: float = _key(
+        60.0, _POSITIVE,
+        "Cap of the retransmit backoff (>= retransmit_initial).")
+    p0_ttl: float = _key(
+        604800.0, _POSITIVE,
+        "Default time to live of P0 messages before they go to the dead letters.")
+    p1_ttl: float = _key(
+        604800.0, _POSITIVE,
+        "Default time to live of P1 messages before they go to the dead letters.")
+    dedup_window: float = _key(
+        86400.0, _POSITIVE,
+        "How long a SEND ref is remembered for idempotency.")
+    max_unacked_sends: int = _key(
+        1024, _Int(1),
+        "Most SENDs a terminal may have awaiting SENDACK (TOO_MANY_UNACKED above).")
+    ack_batch_ms: float = _key(
+        2.0, _Number(0.0),
+        "Milliseconds the server gathers terminals' ACKs (and delivery traces) before writing them "
+        "to the store in one batch (0 = next loop iteration).")
+    inflight: int = _key(
+        256, _Int(1),
+        "Most unacknowledged P0 (and P1) messages in flight to one terminal.")
+    slow_consumer_timeout: float = _key(
+        30.0, _POSITIVE,
+        "A terminal whose P0/P1 backlog cannot be written for this long is closed with "
+        "SLOW_CONSUMER (its messages stay in the store).")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    """``[history]``: the bounded history of each channel."""
+
+    max_messages: int = _key(
+        1000, _Int(0),
+        "Messages kept per channel for replay and HISTORY (0 = none).")
+    max_age: float = _key(
+        3600.0, _POSITIVE,
+        "Oldest message kept in a channel's history.")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: where inboxes and dedup state live."""
+
+    backend: str = _key(
+        "memory", _Choice("memory", "sqlite"),
+        "Message store: memory (lost on restart) or sqlite (in data_dir).")
+    synchronous: str = _key(
+        "FULL", _Choice("OFF", "NORMAL", "FULL", "EXTRA"),
+        "SQLite PRAGMA synchronous of the sqlite store.")
+    group_commit_ms: float = _key(
+        2.0, _Number(0.0),
+        "Milliseconds the sqlite store gathers writes into one commit (0 = commit each).")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """One bearer token of the admin API and the tenants it may act on."""
+
+    name: str
+    """Who holds it (unique; written to the audit log)."""
+    token: str
+    """The bearer token itself (secret)."""
+    tenants: tuple[str, ...] = ("*",)
+    """``("*",)`` for every tenant, or the tenant ids it may act on."""
+
+    def allows(self, tenant: str) -> bool:
+        """True if this token may act on ``tenant``."""
+        return self.tenants == ("*",) or tenant in self.tenants
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the HTTP admin API and metrics listener."""
+
+    host: str = _key(
+        "127.0.0.1", _HOST,
+        "Address the admin API binds.")
+    port: int = _key(
+        7071, _Int(0, 65535),
+        "TCP port of the admin API (0 = disabled).")
+    tokens: tuple[AdminToken, ...] = _key(
+        (), _AdminTokens(),
+        'Admin API bearer tokens: [[admin.tokens]] name, token, tenants (["*"] or ids); '
+        'TILLWIRE_ADMIN_TOKEN adds one named "env" for all tenants.')
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: the process log and the audit log."""
+
+    level: str = _key(
+        "info", _Choice("debug", "info", "warning", "error"),
+        "Lowest level logged.")
+    format: str = _key(
+        "kv", _Choice("kv", "json"),
+        "Log line format: key=value text or one JSON object per line.")
+    audit_path: str = _key(
+        "", _Str(),
+        "Audit log file; empty = <data_dir>/audit.log.")
+    audit_max_bytes: int = _key(
+        10485760, _Size(4096),
+        "Size at which the audit log is rotated.")
+    audit_backups: int = _key(
+        5, _Int(0),
+        "Rotated audit log files kept.")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """``[redis]``: the cluster bus and shared store (empty url = one embedded node)."""
+
+    url: str = _key(
+        "", _Str(re.compile(r"(redis|rediss|unix)://\S+"), "empty or a redis://, rediss:// or unix:// URL",
+                 allow_empty_pattern=True),
+        "Redis URL for clustering; empty = embedded single-node mode.")
+    prefix: str = _key(
+        "tw", _Str(re.compile(r"[A-Za-z0-9._:-]{1,64}"), "1-64 characters of A-Z a-z 0-9 . _ : -"),
+        "Prefix of every Redis key and channel this cluster uses.")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: TLS on the terminal listener (off while cert and key are empty)."""
+
+    cert: str = _key(
+        "", _Str(),
+        "PEM certificate chain file; with key, enables TLS.")
+    key: str = _key(
+        "", _Str(),
+        "PEM private key file of cert.")
+    client_ca: str = _key(
+        "", _Str(),
+        "PEM CA bundle to verify terminal certificates (mutual TLS when set).")
+    require_client_cert: bool = _key(
+        False, _Bool(),
+        "Refuse terminals without a certificate signed by client_ca.")
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "heartbeat": HeartbeatConfig,
+    "lanes": LanesConfig,
+    "delivery": DeliveryConfig,
+    "history": HistoryConfig,
+    "store": StoreConfig,
+    "admin": AdminConfig,
+    "log": LogConfig,
+    "redis": RedisConfig,
+    "tls": TlsConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Tillwire's whole configuration: one frozen dataclass per section."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    lanes: LanesConfig = field(default_factory=LanesConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    def to_dict(self, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
+        """``{section: {key: value}}`` with JSON-friendly values (lists, not tuples).
+
+        With ``mask_secrets`` (the default) a non-empty ``auth.secret`` and
+        every admin token value read ``"***"``, and a password in
+        ``redis.url`` is replaced by ``***``.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for spec in _KEYS.values():
+            value = spec.kind.plain(getattr(getattr(self, spec.section), spec.name))
+            out.setdefault(spec.section, {})[spec.name] = value
+        if mask_secrets:
+            if out["auth"]["secret"]:
+                out["auth"]["secret"] = MASK
+            for token in out["admin"]["tokens"]:
+                if token["token"]:
+                    token["token"] = MASK
+            out["redis"]["url"] = _mask_url_password(out["redis"]["url"])
+        return out
+
+    def require_secret(self) -> str:
+        """Return ``auth.secret``; raise :class:`ConfigError` if it is empty.
+
+        Serving and issuing tokens need it; loading and printing do not.
+        """
+        if not self.auth.secret:
+            raise ConfigError(
+                "auth.secret",
+                f"is required: set secret in the [auth] section of the config file, or {SECRET_ENV}",
+            )
+        return self.auth.secret
+
+
+def _mask_url_password(url: str) -> str:
+    # scheme://user:password@host -> scheme://user:***@host
+    return re.sub(r"^([a-z]+://[^:/@]*):[^@/]*@", rf"\1:{MASK}@", url)
+
+
+# --------------------------------------------------------------------------
+# The key table, built once from the dataclass fields
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    section: str
+    name: str
+    dotted: str
+    env: str
+    default: Any
+    kind: _Kind
+    doc: str
+
+
+def _build_key_table() -> dict[str, _Spec]:
+    table: dict[str, _Spec] = {}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            table[f"{section}.{f.name}"] = _Spec(
+                section=section,
+                name=f.name,
+                dotted=f"{section}.{f.name}",
+                env=f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}",
+                default=f.default,
+                kind=f.metadata["kind"],
+                doc=f.metadata["doc"],
+            )
+    return table
+
+
+_KEYS = _build_key_table()
+_BY_ENV = {spec.env: spec for spec in _KEYS.values()}
+assert len(_BY_ENV) == len(_KEYS)
+assert not ({SECRET_ENV, ADMIN_TOKEN_ENV} | set(NON_CONFIG_ENV)) & set(_BY_ENV)
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """Every key as ``(dotted key, env var, default, description)``, in file order.
+
+    The default is in its JSON/TOML form (lists, not tuples).  ``auth.secret``
+    also reads ``TILLWIRE_SECRET``; ``admin.tokens`` cannot be set from the
+    environment as a whole, so its env column names the one-token alias
+    ``TILLWIRE_ADMIN_TOKEN``.
+    """
+    rows = []
+    for spec in _KEYS.values():
+        env = ADMIN_TOKEN_ENV if spec.dotted == "admin.tokens" else spec.env
+        rows.append((spec.dotted, env, spec.kind.plain(spec.default), spec.doc))
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _error(key: str, message: str, env_var: str | None = None) -> ConfigError:
+    """A ConfigError for ``key``; when an env var supplied the value, name it.
+
+    ``str(err)`` then reads ``"server.port (TILLWIRE_SERVER_PORT): ..."``
+    while ``err.key`` stays the dotted name.
+    """
+    if env_var is None:
+        return ConfigError(key, message)
+    err = ConfigError(f"{key} ({env_var})", message)
+    err.key = key
+    return err
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _convert(spec: _Spec, raw: Any, *, text: bool, env_var: str | None = None) -> Any:
+    try:
+        return spec.kind.from_text(raw) if text else spec.kind.from_value(raw)
+    except ValueError:
+        # A URL may carry a password: never echo it.
+        shown = _mask_url_password(raw) if spec.dotted == "redis.url" and isinstance(raw, str) else raw
+        raise _error(spec.dotted, f"must be {spec.kind.expect}, got {shown!r}", env_var) from None
+
+
+def _admin_tokens(raw: Any, where: str) -> list[AdminToken]:
+    """Check ``admin.tokens`` items (tables from the file or overrides).
+
+    Messages name the offending entry but never echo a token value.
+    """
+    if not isinstance(raw, (list, tuple)):
+        shape = type(raw).__name__
+        if isinstance(raw, Mapping):
+            shape = "a table ([admin.tokens] instead of [[admin.tokens]]?)"
+        raise ConfigError("admin.tokens", f"must be {_AdminTokens.expect}, got {shape}")
+    tokens = []
+    for i, item in enumerate(raw):
+        key = f"admin.tokens[{i}]"
+        if isinstance(item, AdminToken):
+            item = {"name": item.name, "token": item.token, "tenants": list(item.tenants)}
+        if not isinstance(item, Mapping):
+            raise ConfigError(key, f"must be a table with name, token and tenants, got {type(item).__name__}")
+        extras = sorted(set(item) - {"name", "token", "tenants"})
+        if extras:
+            raise ConfigError(f"{key}.{extras[0]}", "unknown key (an admin token has name, token and tenants)"
+                              + _suggest(extras[0], ["name", "token", "tenants"]))
+        for required in ("name", "token", "tenants"):
+            if required not in item:
+                raise ConfigError(f"{key}.{required}", f"is required ({where})")
+        name, token, tenants = item["name"], item["token"], item["tenants"]
+        if not isinstance(name, str) or _ID_RE.fullmatch(name) is None:
+            raise ConfigError(f"{key}.name", f"must be {_ID_TEXT}, got {name!r}")
+        if not isinstance(token, str) or not token or re.search(r"\s", token):
+            # never echo the value: it may be a real secret with a typo
+            raise ConfigError(f"{key}.token", "must be a non-empty string without blanks")
+        if (not isinstance(tenants, (list, tuple)) or not tenants
+                or not all(isinstance(t, str) for t in tenants)):
+            raise ConfigError(f"{key}.tenants",
+                              f'must be ["*"] or a non-empty list of tenant ids, got {tenants!r}')
+        if "*" in tenants:
+            if len(tenants) != 1:
+                raise ConfigError(f"{key}.tenants", f'"*" (all tenants) must be alone, got {tenants!r}')
+        else:
+            for tenant in tenants:
+                if _ID_RE.fullmatch(tenant) is None:
+                    raise ConfigError(f"{key}.tenants", f"tenant ids are {_ID_TEXT}, got {tenant!r}")
+            if len(set(tenants)) != len(tenants):
+                raise ConfigError(f"{key}.tenants", f"lists a tenant twice: {tenants!r}")
+        tokens.append(AdminToken(name=name, token=token, tenants=tuple(tenants)))
+    return tokens
+
+
+def _read_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> None:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+    for section, table in data.items():
+        cls = _SECTIONS.get(section)
+        if cls is None and not isinstance(table, dict):
+            raise ConfigError(section,
+                              f"unknown top-level key in {path}; keys belong in a section such as [server]")
+        if cls is None:
+            raise ConfigError(section, f"unknown section in {path}" + _suggest(section, list(_SECTIONS)))
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"must be a table ([{section}]), got {table!r}")
+        names = [f.name for f in fields(cls)]
+        for name, raw in table.items():
+            dotted = f"{section}.{name}"
+            spec = _KEYS.get(dotted)
+            if spec is None:
+                raise ConfigError(dotted, f"unknown key in {path}" + _suggest(name, names))
+            if dotted == "admin.tokens":
+                values[dotted] = _admin_tokens(raw, f"in {path}")
+            else:
+                values[dotted] = _convert(spec, raw, text=False)
+            sources[dotted] = path
+
+
+def _read_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str]) -> AdminToken | None:
+    """Apply ``TILLWIRE_*`` variables; return the TILLWIRE_ADMIN_TOKEN token if set."""
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in NON_CONFIG_ENV or var in (SECRET_ENV, ADMIN_TOKEN_ENV):
+            continue
+        spec = _BY_ENV.get(var)
+        if spec is None:
+            known = list(_BY_ENV) + [SECRET_ENV, ADMIN_TOKEN_ENV] + list(NON_CONFIG_ENV)
+            raise ConfigError(var, "unknown Tillwire environment variable" + _suggest(var, known))
+        if spec.dotted == "admin.tokens":
+            raise _error(
+                "admin.tokens",
+                "cannot be set from the environment: list the tokens as [[admin.tokens]] tables in the "
+                f"config file, or set {ADMIN_TOKEN_ENV} for one token named {ENV_ADMIN_TOKEN_NAME!r}",
+                var,
+            )
+        values[spec.dotted] = _convert(spec, env[var], text=True, env_var=var)
+        sources[spec.dotted] = var
+
+    if SECRET_ENV in env:
+        canonical = _KEYS["auth.secret"].env
+        if canonical in env and env[canonical] != env[SECRET_ENV]:
+            raise _error("auth.secret", f"{SECRET_ENV} and {canonical} are both set and differ; set one",
+                         SECRET_ENV)
+        values["auth.secret"] = env[SECRET_ENV]
+        sources["auth.secret"] = SECRET_ENV
+
+    token = env.get(ADMIN_TOKEN_ENV, "")
+    if not token:  # unset or empty (e.g. an unset variable passed through by compose): no token
+        return None
+    if re.search(r"\s", token):
+        raise _error("admin.tokens", "the token must not contain blanks", ADMIN_TOKEN_ENV)
+    return AdminToken(name=ENV_ADMIN_TOKEN_NAME, token=token, tenants=("*",))
+
+
+def _read_overrides(overrides: Mapping[str, object], values: dict[str, Any], sources: dict[str, str]) -> None:
+    for dotted, raw in overrides.items():
+        if raw is None:  # a CLI flag that was not given
+            continue
+        spec = _KEYS.get(dotted)
+        if spec is None:
+            raise ConfigError(dotted, "unknown key" + _suggest(dotted, list(_KEYS)))
+        if dotted == "admin.tokens":
+            values[dotted] = _admin_tokens(raw, "in overrides")
+        else:
+            # Flags may arrive as text (parsed like the environment) or typed.
+            values[dotted] = _convert(spec, raw, text=isinstance(raw, str))
+        sources[dotted] = "override"
+
+
+def _check_relations(cfg: Config, sources: dict[str, str]) -> None:
+    """Checks that involve more than one key.  The key blamed is the one that
+    was set explicitly, preferring the one named first in the rule."""
+
+    def env_of(key: str) -> str | None:
+        src = sources.get(key)
+        return src if src is not None and src.startswith(ENV_PREFIX) else None
+
+    def blame(first: str, second: str) -> str:
+        return second if second in sources and first not in sources else first
+
+    hb = cfg.heartbeat
+    if hb.min > hb.interval:
+        key = blame("heartbeat.interval", "heartbeat.min")
+        raise _error(key, "needs heartbeat.min <= heartbeat.interval, "
+                     f"got min {hb.min:g} > interval {hb.interval:g}", env_of(key))
+    if hb.interval > hb.max:
+        key = blame("heartbeat.interval", "heartbeat.max")
+        raise _error(key, "needs heartbeat.interval <= heartbeat.max, "
+                     f"got interval {hb.interval:g} > max {hb.max:g}", env_of(key))
+
+    if cfg.lanes.max_queued_bytes < cfg.server.max_frame_size + 64:
+        key = blame("lanes.max_queued_bytes", "server.max_frame_size")
+        raise _error(key, "needs lanes.max_queued_bytes >= server.max_frame_size + 64 (room for "
+                     f"one largest frame), got {cfg.lanes.max_queued_bytes} < "
+                     f"{cfg.server.max_frame_size} + 64", env_of(key))
+
+    dl = cfg.delivery
+    if dl.retransmit_max < dl.retransmit_initial:
+        key = blame("delivery.retransmit_max", "delivery.retransmit_initial")
+        raise _error(key, "needs delivery.retransmit_initial <= delivery.retransmit_max, got "
+                     f"{dl.retransmit_initial:g} > {dl.retransmit_max:g}", env_of(key))
+
+    adm, srv = cfg.admin, cfg.server
+    wildcard = {"0.0.0.0", "::", ""}
+    if adm.port and srv.port and adm.port == srv.port and (adm.host == srv.host or {adm.host, srv.host} & wildcard):
+        key = blame("admin.port", "server.port")
+        raise _error(key, f"admin.port and server.port are both {adm.port} on overlapping hosts", env_of(key))
+    seen_names: set[str] = set()
+    seen_tokens: set[str] = set()
+    for i, token in enumerate(adm.tokens):
+        where = f"admin.tokens[{i}]"
+        if token.name in seen_names:
+            hint = ""
+            if token.name == ENV_ADMIN_TOKEN_NAME:
+                hint = f" ({ADMIN_TOKEN_ENV} adds one named {ENV_ADMIN_TOKEN_NAME!r})"
+            raise ConfigError(f"{where}.name", f"duplicate admin token name {token.name!r}{hint}")
+        if token.token in seen_tokens:
+            raise ConfigError(f"{where}.token", f"token of {token.name!r} is the same as an earlier one's")
+        seen_names.add(token.name)
+        seen_tokens.add(token.token)
+
+    tls = cfg.tls
+    if bool(tls.cert) != bool(tls.key):
+        key = "tls.key" if tls.cert else "tls.cert"
+        other = "tls.cert" if tls.cert else "tls.key"
+        raise _error(key, f"must be set together with {other} (both or neither)", env_of(key))
+    for name in ("cert", "key", "client_ca"):
+        path = getattr(tls, name)
+        if path and not os.path.isfile(path):
+            raise _error(f"tls.{name}", f"file not found: {path!r}", env_of(f"tls.{name}"))
+    if tls.client_ca and not tls.cert:
+        raise _error("tls.client_ca", "needs tls.cert and tls.key (TLS is off without them)",
+                     env_of("tls.client_ca"))
+    if tls.require_client_cert and not tls.client_ca:
+        raise _error("tls.require_client_cert", "needs tls.client_ca to verify client certificates",
+                     env_of("tls.require_client_cert"))
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Load, validate and return the configuration.
+
+    ``path``: a TOML file (``None`` = none; the CLI defaults it to
+    ``TILLWIRE_CONFIG``, the loader does not).  ``env``: the environment
+    (``None`` = ``os.environ``); ``TILLWIRE_<SECTION>_<KEY>`` sets a key,
+    ``TILLWIRE_SECRET`` is ``auth.secret`` and ``TILLWIRE_ADMIN_TOKEN``
+    appends an admin token named ``"env"`` for all tenants.
+    ``overrides``: dotted keys from CLI flags (``{"server.port": 7071}``);
+    values may be typed or text (text is parsed like the environment), and
+    ``None`` values are skipped.
+
+    Raises :class:`ConfigError` naming the key of the first problem.  Does not
+    require ``auth.secret`` (see :meth:`Config.require_secret`).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {dotted: spec.default for dotted, spec in _KEYS.items()}
+    sources: dict[str, str] = {}
+    if path is not None:
+        _read_file(os.fspath(path), values, sources)
+    env_token = _read_env(env, values, sources)
+    if overrides:
+        _read_overrides(overrides, values, sources)
+    values["admin.tokens"] = tuple(values["admin.tokens"]) + ((env_token,) if env_token else ())
+
+    sections = {
+        section: cls(**{f.name: values[f"{section}.{f.name}"] for f in fields(cls)})
+        for section, cls in _SECTIONS.items()
+    }
+    cfg = Config(**sections)
+    _check_relations(cfg, sources)
+    return cfg
+
+
+# --------------------------------------------------------------------------
+# Derived values
+
+
+def node_id(cfg: Config) -> str:
+    """``server.node_id``, or ``"<hostname>-<pid>"`` when it is empty.
+
+    The derived id keeps to the same alphabet as a configured one (characters
+    outside ``A-Z a-z 0-9 . _ -`` become ``-``) and to 64 characters (the
+    host name is shortened, the pid kept).
+    """
+    if cfg.server.node_id:
+        return cfg.server.node_id
+    pid = str(os.getpid())
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "node"
+    return f"{host[: 64 - len(pid) - 1]}-{pid}"
+
+
+def audit_log_path(cfg: Config) -> str:
+    """``log.audit_path``, or ``<server.data_dir>/audit.log`` when it is empty."""
+    return cfg.log.audit_path or os.path.join(cfg.server.data_dir, "audit.log")

@@ -1,0 +1,101 @@
+"""One terminal connection: the asyncio protocol over the sans-IO session.
+
+``TerminalConnection`` *is* a ``ServerSession`` (asyncpg's layering: the
+protocol class extends the core state machine), so a connection costs one
+object plus what the session keeps.  It feeds received bytes to the session,
+hands the frames it returns to the node, and writes what the node's flush
+drains.  It never writes by itself: all output goes through
+``Node.mark_dirty`` so a connection gets at most one ``transport.write`` per
+loop iteration however many frames are pending.
+
+All methods run on the event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from ..core.session import ServerSession
+
+
+class InboxState:
+    """Delivery bookkeeping of one connection's P0/P1 inboxes (created on demand).
+
+    ``cursor[lane]`` is the next seq to hand to the lanes; ``last[lane]`` the
+    highest seq known to exist in the store.  Messages ``acked+1 ..
+    cursor-1`` are in flight.  ``pumping`` tells that a task is reading the
+    store for this lane; live messages then leave delivery to it.
+    """
+
+    __slots__ = ("cursor", "last", "pumping", "rto", "progress", "timer", "delivered", "blocked",
+                 "blocked_since")
+
+    def __init__(self) -> None:
+        self.cursor = [1, 1]
+        self.last = [0, 0]
+        self.pumping = [False, False]
+        self.rto = 0.0             # current retransmit timeout (0 = initial)
+        self.progress = 0.0        # loop time of the last ack progress
+        self.timer = None          # retransmit timer (a wheel Timer)
+        self.delivered = [0, 0]    # highest seq already reported as delivered
+        self.blocked = False       # a pump stopped because the lane queue was full
+        self.blocked_since = 0.0   # loop time it stopped
+
+
+class TerminalConnection(ServerSession):
+    """The server side of one terminal's TCP (or TLS) connection."""
+
+    __slots__ = ("transport", "claims", "address", "paused", "timer", "inbox", "extra")
+
+    node = None   # the process's Node; set once by the node (class attribute, no per-object cost)
+
+    def __init__(self) -> None:
+        node = self.node
+        super().__init__(node.encoder, max_frame_size=node.max_frame_size,
+                         max_queued_bytes=node.max_queued_bytes,
+                         lane_weights=node.lane_weights, now=node.loop.time())
+        self.transport = None
+        self.claims = None
+        self.address = ""
+        self.paused = False
+        self.timer = None
+        self.inbox = None       # InboxState once the terminal has P0/P1 traffic
+        self.extra = None       # rarely used state (explicit subscriptions, jobs), a dict
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.node.send_buffer)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=self.node.write_high_water)
+        self.node.on_connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        node = self.node
+        frames = self.receive_data(data, node.loop.time())
+        for frame in frames:
+            node.on_frame(self, frame)
+        if self.pending:
+            node.mark_dirty(self)
+
+    def eof_received(self):
+        return False     # close the transport
+
+    def connection_lost(self, exc) -> None:
+        self.node.on_connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.pending:
+            self.node.mark_dirty(self)
+
+    def __repr__(self) -> str:
+        return f"<TerminalConnection {self.address or 'unauthenticated'}>"

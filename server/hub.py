@@ -1,0 +1,300 @@
+"""Local routing: the live sessions of this process and the channel streams.
+
+Who receives a broadcast is derived from tokens, not stored per
+subscription: a terminal's token implies its channels (its terminal, store,
+store roles, tenant roles, region, tenant and member channels), so the hub
+keeps a few indexes of live sessions (by terminal, store, region, tenant
+role, member and tenant) and resolves an address to the lists to fan out
+to.  Only explicit subscriptions (topics, segments, channels a backend
+watches) are kept per stream.  This keeps an idle connection's routing
+state to about five dictionary entries.
+
+A channel carries two streams, P2 and P3 (PROTOCOL.md 12), each a
+``Stream`` with a process-wide id, an epoch, offsets, a bounded history and,
+for P2, a last-value cache.  Everything here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..core.codes import Flag, FrameType, Lane
+from .address import Address, parse_address
+
+
+@dataclass(slots=True)
+class Entry:
+    """One broadcast message in a stream's history."""
+
+    offset: int
+    kind: str
+    key: str            # P2 conflation key ("" = none)
+    version: int        # source version for P2 ("newest wins"); 0 = none
+    payload: bytes
+    created: float      # loop time
+    deadline: float     # P3 expiry in loop time (0.0 = none)
+    frame: bytes        # the live BROADCAST frame, shared by every subscriber
+    replay: bytes | None = None   # the same with RETRANSMIT, built on first replay
+
+
+class Stream:
+    """One lane of one channel: id, epoch, offsets, history, last values."""
+
+    __slots__ = ("name", "lane", "id", "epoch", "offset", "history", "lvc", "explicit",
+                 "_explicit_list", "__weakref__")
+
+    def __init__(self, name: str, lane: int, stream_id: int, epoch: int) -> None:
+        self.name = name
+        self.lane = lane
+        self.id = stream_id
+        self.epoch = epoch
+        self.offset = 0
+        self.history: collections.deque[Entry] = collections.deque()
+        self.lvc: dict[str, Entry] = {}
+        self.explicit: dict = {}            # sessions subscribed explicitly
+        self._explicit_list: list | None = None
+
+    def explicit_list(self) -> list:
+        lst = self._explicit_list
+        if lst is None:
+            lst = self._explicit_list = list(self.explicit)
+        return lst
+
+    def add_explicit(self, session) -> None:
+        self.explicit[session] = None
+        self._explicit_list = None
+
+    def remove_explicit(self, session) -> None:
+        if self.explicit.pop(session, 1) is None:
+            self._explicit_list = None
+
+    @property
+    def first_offset(self) -> int:
+        """Oldest offset still in history (offset + 1 when history is empty)."""
+        return self.history[0].offset if self.history else self.offset + 1
+
+
+class Hub:
+    """Live sessions and streams of one server process."""
+
+    def __init__(self, encoder, frame_cls, *, history_max: int = 1000,
+                 history_age: float = 3600.0, epoch: int | None = None) -> None:
+        self.encoder = encoder
+        self._frame = frame_cls
+        self.history_max = history_max
+        self.history_age = history_age
+        # One epoch for every stream of this process: history lives in memory,
+        # so a restart is a new epoch and terminals resync from a snapshot.
+        self.epoch = epoch if epoch is not None else \
+            (int(time.time()) << 8 | random.randrange(256)) & 0x7FFFFFFFFFFF
+        self.sessions: dict[str, object] = {}                  # terminal address -> session
+        self._by_tenant: dict[str, dict] = {}
+        self._by_store: dict[tuple[str, str], dict] = {}
+        self._by_region: dict[tuple[str, str], dict] = {}
+        self._by_role: dict[tuple[str, str], dict] = {}        # (tenant, role) across stores
+        self._by_member: dict[tuple[str, str], dict] = {}
+        self._streams: dict[tuple[str, int], Stream] = {}
+        self._by_id: dict[int, Stream] = {}
+        self._next_id = 1
+
+    # -- sessions -------------------------------------------------------------
+
+    @staticmethod
+    def _index_add(index: dict, key, session) -> None:
+        group = index.get(key)
+        if group is None:
+            group = index[key] = {}
+        group[session] = None
+
+    @staticmethod
+    def _index_remove(index: dict, key, session) -> None:
+        group = index.get(key)
+        if group is not None:
+            group.pop(session, None)
+            if not group:
+                del index[key]
+
+    def _indexes(self, claims):
+        t = claims.tenant
+        yield self._by_tenant, t
+        yield self._by_store, (t, claims.store)
+        if claims.region:
+            yield self._by_region, (t, claims.region)
+        for role in claims.roles:
+            yield self._by_role, (t, role)
+        if claims.member:
+            yield self._by_member, (t, claims.member)
+
+    def attach(self, session, claims) -> None:
+        """Make a session reachable (after RESUME); it must be the terminal's only one."""
+        self.sessions[claims.address] = session
+        for index, key in self._indexes(claims):
+            self._index_add(index, key, session)
+
+    def detach(self, session, claims) -> None:
+        if self.sessions.get(claims.address) is session:
+            del self.sessions[claims.address]
+        for index, key in self._indexes(claims):
+            self._index_remove(index, key, session)
+
+    def session(self, terminal_address: str):
+        return self.sessions.get(terminal_address)
+
+    def tenant_sessions(self, tenant: str) -> dict:
+        return self._by_tenant.get(tenant, {})
+
+    def store_sessions(self, tenant: str, store: str) -> dict:
+        return self._by_store.get((tenant, store), {})
+
+    def groups(self, address: Address) -> list:
+        """The session collections that together are the implied subscribers.
+
+        A collection is a dict (sessions as keys) or a list; a session is in
+        at most one of them, except the role filter below, which returns a
+        fresh list.
+        """
+        scope = address.scope
+        t = address.tenant
+        if scope == "tenant":
+            return [self._by_tenant.get(t, {})]
+        if scope == "store":
+            return [self._by_store.get((t, address.path[0]), {})]
+        if scope == "region":
+            return [self._by_region.get((t, address.path[0]), {})]
+        if scope == "terminal":
+            s = self.sessions.get(str(address))
+            return [[s]] if s is not None else []
+        if scope == "member":
+            return [self._by_member.get((t, address.path[0]), {})]
+        if scope == "role":
+            store, role = address.path
+            if store == "*":
+                return [self._by_role.get((t, role), {})]
+            members = self._by_store.get((t, store), {})
+            return [[s for s in members if role in s.claims.roles]]
+        return []
+
+    # -- streams ---------------------------------------------------------------
+
+    def stream(self, name: str, lane: int, create: bool = True) -> Stream | None:
+        key = (name, lane)
+        s = self._streams.get(key)
+        if s is None and create:
+            s = Stream(name, lane, self._next_id, self.epoch)
+            self._next_id += 1
+            self._streams[key] = s
+            self._by_id[s.id] = s
+        return s
+
+    def streams_of(self, names: Iterable[str]) -> list[Stream]:
+        """Existing streams (both lanes) of these channel names."""
+        out = []
+        for name in names:
+            for lane in (Lane.P2, Lane.P3):
+                s = self._streams.get((name, lane))
+                if s is not None:
+                    out.append(s)
+        return out
+
+    def announce_frame(self, stream: Stream) -> bytes:
+        """SUBSCRIBED for a stream (the same bytes for every subscriber)."""
+        return self.encoder.encode(self._frame(
+            FrameType.SUBSCRIBED, stream.lane, channel=stream.id, epoch=stream.epoch,
+            offset=stream.offset, to=stream.name))
+
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def append(self, stream: Stream, kind: str, key: str, version: int, payload: bytes,
+               now: float, deadline: float) -> Entry | None:
+        """Add a message to a stream; None if a newer version of ``key`` exists."""
+        if stream.lane == Lane.P2 and key:
+            newest = stream.lvc.get(key)
+            if newest is not None and version and newest.version and version <= newest.version:
+                return None
+        stream.offset += 1
+        frame = self.encoder.encode_broadcast(stream.lane, 0, stream.id, stream.offset,
+                                              kind, payload)
+        entry = Entry(stream.offset, kind, key, version, payload, now, deadline, frame)
+        history = stream.history
+        history.append(entry)
+        if stream.lane == Lane.P2 and key:
+            stream.lvc[key] = entry
+        self._trim(stream, now)
+        return entry
+
+    def _trim(self, stream: Stream, now: float) -> None:
+        history = stream.history
+        horizon = now - self.history_age
+        while history and (len(history) > self.history_max or history[0].created < horizon):
+            history.popleft()
+
+    def replay_frame(self, stream: Stream, entry: Entry) -> bytes:
+        if entry.replay is None:
+            entry.replay = self.encoder.encode_broadcast(
+                stream.lane, Flag.RETRANSMIT, stream.id, entry.offset, entry.kind, entry.payload)
+        return entry.replay
+
+    def catch_up(self, stream: Stream, position: tuple[int, int], now: float):
+        """What a terminal at ``position`` needs: ("live" | "replay" | "resync", entries).
+
+        Inside the history window: the entries after the position (P2
+        conflated to the newest per key, P3 without the expired).  Outside:
+        a resync with the P2 last-value snapshot (P3: nothing).
+        """
+        epoch, offset = position
+        self._trim(stream, now)
+        if epoch == stream.epoch and offset == stream.offset:
+            return "live", []
+        in_window = (epoch == stream.epoch and offset <= stream.offset
+                     and offset + 1 >= stream.first_offset)
+        if not in_window:
+            if stream.lane == Lane.P2:
+                return "resync", sorted(stream.lvc.values(), key=lambda e: e.offset)
+            return "resync", []
+        entries = [e for e in stream.history if e.offset > offset]
+        if stream.lane == Lane.P2:
+            newest: dict[str, Entry] = {}
+            for e in entries:
+                if e.key:
+                    newest[e.key] = e
+            entries = [e for e in entries if not e.key or newest[e.key] is e]
+        else:
+            entries = [e for e in entries if not e.deadline or e.deadline > now]
+        return "replay", entries
+
+    def resync_frame(self, stream: Stream, count: int) -> bytes:
+        return self.encoder.encode(self._frame(
+            FrameType.RESYNC, channel=stream.id, epoch=stream.epoch, offset=stream.offset,
+            count=count))
+
+
+def parse_positions(payload: bytes) -> dict[tuple[str, int], tuple[int, int]]:
+    """RESUME payload -> {(channel name, lane): (epoch, offset)}; ValueError if malformed."""
+    import orjson
+
+    if not payload:
+        return {}
+    doc = orjson.loads(payload)
+    if not isinstance(doc, dict):
+        raise ValueError("RESUME payload: must be a JSON object")
+    channels = doc.get("channels", {})
+    if not isinstance(channels, dict):
+        raise ValueError("RESUME payload: channels must be an object")
+    out = {}
+    for name, lanes in channels.items():
+        parse_address(name)
+        if not isinstance(lanes, dict):
+            raise ValueError(f"RESUME payload: channels.{name} must be an object")
+        for lane_name, pos in lanes.items():
+            if lane_name not in ("P2", "P3"):
+                raise ValueError(f"RESUME payload: channels.{name}.{lane_name}: lane must be P2 or P3")
+            if (not isinstance(pos, list) or len(pos) != 2
+                    or not all(isinstance(x, int) and 0 <= x < 1 << 63 for x in pos)):
+                raise ValueError(f"RESUME payload: channels.{name}.{lane_name} must be [epoch, offset]")
+            out[(name, int(lane_name[1]))] = (pos[0], pos[1])
+    return out

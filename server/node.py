@@ -1,0 +1,920 @@
+"""The node: one server process's sessions, routing, delivery and timers.
+
+``Node`` composes the parts (centrifuge's node.go): the hub (local routing
+and channel streams), the store (P0/P1 inboxes), the registry (every known
+terminal), one timing wheel (heartbeats, auth timeouts, retransmits) and the
+listening sockets.  Connections hand it frames (``on_frame``); it validates,
+authorizes, stores, routes and queues output, and one flush per loop
+iteration writes each dirty connection once.
+
+Delivery of P0/P1 (PROTOCOL.md 11): a message is stored first (group commit,
+``Store.accept_many``), the sender gets SENDACK only after that, and each
+recipient's inbox is drained in seq order into its lanes, at most
+``inflight`` unacked messages per lane, with retransmits on the wheel.  The
+store is the source of truth: live messages are handed over directly only
+when they are next in line; otherwise a pump task reads the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+
+import orjson
+
+from ..core import wheel as _wheel
+from ..core.codes import (
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Code, Flag, FrameType, Lane, ReceiptStatus,
+)
+from ..core.errors import AuthError
+from ..core.session import CLOSED, OPEN, OVERFLOW, Encoder, Frame, fanout
+from . import kinds
+from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
+from .auth import verify_token
+from .connection import InboxState, TerminalConnection
+from .hub import Hub, parse_positions
+from .registry import Registry
+from .store import NewMessage, TerminalRecord
+
+log = logging.getLogger("tillwire.node")
+
+PUMP_BATCH = 128             # store rows read per pump step
+SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
+
+
+class Counters:
+    """Plain counters the metrics module reads (one object, no per-event cost)."""
+
+    __slots__ = ("connections", "auth_failures", "heartbeat_timeouts", "slow_consumer_closes",
+                 "takeovers", "acl_denials", "frames_in", "deliveries", "broadcasts",
+                 "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
+                 "retransmits", "writes", "bytes_out", "protocol_errors")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Node:
+    """One Tillwire server process."""
+
+    def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
+                 node_id: str = "") -> None:
+        self.cfg = cfg
+        self.loop = loop or asyncio.get_event_loop()
+        self.store = store
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        srv = cfg.server
+        self.secret = cfg.auth.secret
+        self.max_frame_size = srv.max_frame_size
+        self.max_queued_bytes = cfg.lanes.max_queued_bytes
+        # Inbox replay stops filling a connection's queue at half its budget,
+        # so P0/P1 never overflow it merely because a backlog is replayed.
+        self.inbox_budget = self.max_queued_bytes // 2
+        self.inflight = cfg.delivery.inflight
+        self.lane_weights = tuple(cfg.lanes.weights)
+        self.send_buffer = srv.send_buffer
+        self.write_high_water = srv.write_high_water
+        self.write_chunk = srv.write_chunk
+        self.auth_timeout = srv.auth_timeout
+        self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
+        self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
+                       history_age=cfg.history.max_age)
+        self.registry = Registry()
+        self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
+                                        self.loop.time())
+        self.counters = Counters()
+        self.connections: set[TerminalConnection] = set()
+        self._dirty: list[TerminalConnection] = []
+        self._flush_handle = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tick_handle = None
+        self._tasks: set[asyncio.Task] = set()
+        self._pending_accepts: list = []
+        self._pending_acks: dict[tuple[str, int], int] = {}
+        self._pending_delivered: dict[tuple[str, int], list[int]] = {}
+        self._batch_handle = None
+        self._closed_lane_totals = [0, 0, 0]
+        self.draining = False
+        self.started = time.time()
+        TerminalConnection.node = self
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None, ssl=None) -> None:
+        await self.store.open()
+        for rec in await self.store.terminals():
+            self.registry.put(rec)
+        srv = self.cfg.server
+        if sock is not None:
+            server = await self.loop.create_server(TerminalConnection, sock=sock,
+                                                   backlog=srv.backlog, ssl=ssl)
+        else:
+            server = await self.loop.create_server(TerminalConnection, srv.host, srv.port,
+                                                   backlog=srv.backlog, ssl=ssl,
+                                                   reuse_address=True)
+        self._servers.append(server)
+        self._schedule_tick()
+        self._spawn(self._maintenance())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for server in self._servers for s in server.sockets]
+
+    async def stop(self, code: int = Code.SHUTDOWN, reason: str = "server stopping") -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close(code, reason)
+            self.mark_dirty(conn)
+        self._flush()
+        await self._flush_batches()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
+        await self.store.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- output ---------------------------------------------------------------------
+
+    def mark_dirty(self, conn: TerminalConnection) -> None:
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write every dirty connection once (the write coalescing point)."""
+        self._flush_handle = None
+        dirty = self._dirty
+        self._dirty = []
+        now = self.loop.time()
+        chunk = self.write_chunk
+        counters = self.counters
+        for conn in dirty:
+            conn.dirty = False
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            if conn.extra is not None and conn.state == OPEN:
+                self._resync_jobs(conn, now)
+            if not conn.paused:
+                data = conn.data_to_send(chunk, now)
+                if data:
+                    transport.write(data)
+                    counters.writes += 1
+                    counters.bytes_out += len(data)
+            if conn.state == CLOSED:
+                if not conn.pending:
+                    transport.close()
+                elif not conn.paused:
+                    self.mark_dirty(conn)
+                continue
+            resync = conn.take_resync()
+            if resync:
+                self._queue_resync(conn, resync)
+            inbox = conn.inbox
+            if inbox is not None and inbox.blocked and conn.queued_bytes < self.inbox_budget // 2:
+                inbox.blocked = False
+                inbox.progress = now
+                for lane in (Lane.P0, Lane.P1):
+                    if inbox.cursor[lane] <= inbox.last[lane]:
+                        self._pump(conn, lane)
+            if conn.pending and not conn.paused:
+                self.mark_dirty(conn)
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        # Wake at the next tick boundary, so a timer fires less than one tick late.
+        wheel = self.wheel
+        boundary = wheel.start + (wheel.current_tick + 1) * wheel.tick
+        self._tick_handle = self.loop.call_at(max(boundary, self.loop.time()) + 1e-6,
+                                              self._on_tick)
+
+    def _on_tick(self) -> None:
+        try:
+            self.wheel.advance(self.loop.time())
+        finally:
+            self._schedule_tick()
+
+    def _on_deadline(self, conn: TerminalConnection) -> None:
+        """The connection's auth or heartbeat deadline came: close it or re-arm."""
+        if conn.transport is None or conn.transport.is_closing():
+            return
+        now = self.loop.time()
+        deadline = conn.deadline(self.auth_timeout)
+        if now < deadline:
+            self.wheel.schedule(conn.timer, deadline)
+            return
+        if conn.heartbeat_ms == 0:
+            self.close(conn, Code.AUTH_TIMEOUT, f"no HELLO within {self.auth_timeout:g} s")
+        else:
+            self.counters.heartbeat_timeouts += 1
+            self.close(conn, Code.HEARTBEAT_TIMEOUT,
+                       f"nothing received for {1.5 * conn.heartbeat_ms / 1000:g} s")
+
+    # -- connection events ----------------------------------------------------------------
+
+    def on_connection_made(self, conn: TerminalConnection) -> None:
+        self.connections.add(conn)
+        self.counters.connections += 1
+        limit = self.cfg.server.max_connections
+        if self.draining or (limit and len(self.connections) > limit):
+            conn.close(Code.DRAINING if self.draining else Code.RATE_LIMITED,
+                       "server is draining" if self.draining else "too many connections")
+            self.mark_dirty(conn)
+            return
+        conn.timer = _wheel.Timer(self._on_deadline, conn)
+        self.wheel.schedule(conn.timer, conn.started + self.auth_timeout)
+
+    def on_connection_lost(self, conn: TerminalConnection) -> None:
+        self.connections.discard(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()
+        inbox = conn.inbox
+        if inbox is not None and inbox.timer is not None:
+            inbox.timer.cancel()
+        totals = conn.lane_counters()
+        for i in range(3):
+            self._closed_lane_totals[i] += totals[i]
+        if conn.state != CLOSED:
+            conn.close(Code.NORMAL, "connection lost")
+        claims = conn.claims
+        if claims is not None:
+            self.hub.detach(conn, claims)
+            extra = conn.extra
+            if extra:
+                for stream in extra.get("explicit", ()):
+                    stream.remove_explicit(conn)
+        conn.transport = None
+
+    def on_frame(self, conn: TerminalConnection, frame) -> None:
+        ftype = frame.type
+        if ftype == FrameType.SEND:
+            self._on_send(conn, frame)
+        elif ftype == FrameType.ACK:
+            self._on_ack(conn, frame)
+        elif ftype == FrameType.HELLO:
+            self._on_hello(conn, frame)
+        elif ftype == FrameType.RESUME:
+            self._on_resume(conn, frame)
+        elif ftype == FrameType.NACK:
+            self._spawn(self._on_nack(conn, frame))
+        elif ftype == FrameType.SUBSCRIBE:
+            self._on_subscribe(conn, frame)
+        elif ftype == FrameType.UNSUBSCRIBE:
+            self._on_unsubscribe(conn, frame)
+        elif ftype == FrameType.HISTORY:
+            self._on_history(conn, frame)
+        elif ftype == FrameType.RECEIPT:
+            self._spawn(self._on_read_receipt(conn, frame))
+        elif ftype == FrameType.CLOSE:
+            self.mark_dirty(conn)
+
+    # -- handshake ----------------------------------------------------------------------
+
+    def _on_hello(self, conn: TerminalConnection, frame) -> None:
+        if frame.version < MIN_PROTOCOL_VERSION:
+            self._refuse(conn, Code.UNSUPPORTED_VERSION,
+                         f"this server speaks protocol versions {MIN_PROTOCOL_VERSION}-"
+                         f"{PROTOCOL_VERSION}")
+            return
+        now = time.time()
+        try:
+            claims = verify_token(self.secret, frame.token, now=now,
+                                  leeway=self.cfg.auth.clock_skew)
+        except AuthError as exc:
+            self._refuse(conn, exc.code, str(exc))
+            return
+        record = self.registry.get(claims.address)
+        if record is not None and (record.retired or claims.issued_at < record.revoked_before):
+            self._refuse(conn, Code.TOKEN_REVOKED,
+                         "this terminal is retired" if record.retired
+                         else "this terminal's tokens were revoked")
+            return
+        old = self.hub.sessions.get(claims.address)
+        if old is not None and old is not conn:
+            self.counters.takeovers += 1
+            old.close(Code.TAKEOVER, "the terminal logged in on another connection")
+            self.hub.detach(old, old.claims)
+            self.mark_dirty(old)
+        conn.claims = claims
+        conn.address = claims.address
+        self.hub.sessions[claims.address] = conn
+        hb = self.cfg.heartbeat
+        wanted = frame.heartbeat / 1000.0 if frame.heartbeat else hb.interval
+        heartbeat = min(max(wanted, hb.min), hb.max)
+        info = orjson.dumps({
+            "terminal": claims.address, "tenant": claims.tenant, "store": claims.store,
+            "region": claims.region, "roles": list(claims.roles), "member": claims.member,
+            "node": self.node_id,
+        })
+        conn.accept(min(frame.version, PROTOCOL_VERSION), int(heartbeat * 1000),
+                    int(now * 1000), self.max_frame_size, self.store.epoch, info)
+        # From now on the deadline is the heartbeat's, not the auth timeout's.
+        self.wheel.schedule(conn.timer, conn.deadline(self.auth_timeout))
+        self._register(claims, now)
+
+    def _refuse(self, conn: TerminalConnection, code: int, reason: str) -> None:
+        self.counters.auth_failures += 1
+        conn.close(code, reason)
+        self.mark_dirty(conn)
+
+    def _register(self, claims, now: float) -> None:
+        rec = self.registry.get(claims.address)
+        if (rec is not None and rec.store == claims.store and rec.region == claims.region
+                and rec.roles == claims.roles and rec.member == claims.member
+                and now - rec.last_seen < 3600):
+            return
+        new = TerminalRecord(claims.address, claims.tenant, claims.terminal, claims.store,
+                             claims.region, tuple(claims.roles), claims.member,
+                             rec.first_seen if rec else now, now,
+                             rec.retired if rec else False, rec.revoked_before if rec else 0.0)
+        self.registry.put(new)
+        self._spawn(self.store.register(new))
+
+    def _on_resume(self, conn: TerminalConnection, frame) -> None:
+        claims = conn.claims
+        if claims is None:          # HELLO was refused; the session is closing
+            return
+        try:
+            positions = parse_positions(frame.payload)
+        except (ValueError, AddressError) as exc:
+            conn.error(Code.BAD_REQUEST, 0, str(exc))
+            positions = {}
+        self.hub.attach(conn, claims)
+        now = self.loop.time()
+        names = implied_channels(claims)
+        for stream in self.hub.streams_of(names):
+            self._join(conn, stream, positions.get((stream.name, stream.lane)), now)
+        same_epoch = frame.epoch == self.store.epoch
+        self._spawn(self._resume_inbox(conn, frame.p0 if same_epoch else 0,
+                                       frame.p1 if same_epoch else 0))
+        self.mark_dirty(conn)
+
+    # -- channels -------------------------------------------------------------------------
+
+    def _join(self, conn: TerminalConnection, stream, position, now: float) -> None:
+        """Announce a stream to a connection and catch it up from ``position``."""
+        conn.control(self.hub.announce_frame(stream))
+        if position is None:
+            return
+        how, entries = self.hub.catch_up(stream, position, now)
+        if how == "live":
+            return
+        if how == "resync":
+            conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
+        for entry in entries:
+            if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
+                         entry.deadline, stream) == OVERFLOW:
+                break
+
+    def _stream(self, name: str, lane: int, address):
+        """The stream of a channel, created (and announced to the implied
+        subscribers of its name) on first use."""
+        hub = self.hub
+        stream = hub.stream(name, lane, create=False)
+        if stream is None:
+            stream = hub.stream(name, lane)
+            frame = hub.announce_frame(stream)
+            for group in hub.groups(address):
+                for conn in group:
+                    if conn.state == OPEN:
+                        conn.control(frame)
+                        self.mark_dirty(conn)
+        return stream
+
+    def _on_subscribe(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        try:
+            if lane < Lane.P2:
+                raise AddressError(Code.BAD_REQUEST, "SUBSCRIBE: lane must be P2 or P3")
+            address = parse_address(frame.to)
+            check_subscribe(conn.claims, address)
+        except AddressError as exc:
+            self.counters.acl_denials += exc.code == Code.FORBIDDEN
+            conn.error(exc.code, frame.ref, str(exc))
+            self.mark_dirty(conn)
+            return
+        name = str(address)
+        stream = self._stream(name, lane, address)
+        if name not in implied_channels(conn.claims):
+            extra = conn.extra if conn.extra is not None else {}
+            conn.extra = extra
+            subs = extra.setdefault("explicit", set())
+            if stream not in subs:
+                subs.add(stream)
+                stream.add_explicit(conn)
+        position = (frame.epoch, frame.offset) if frame.epoch or frame.offset else None
+        self._join(conn, stream, position, self.loop.time())
+        self.mark_dirty(conn)
+
+    def _on_unsubscribe(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        stream = self.hub.stream(frame.to, lane, create=False)
+        subs = conn.extra.get("explicit") if conn.extra else None
+        if stream is None or not subs or stream not in subs:
+            conn.error(Code.UNKNOWN_CHANNEL, frame.ref,
+                       f"UNSUBSCRIBE: not subscribed to P{lane} of {frame.to!r} "
+                       "(channels implied by the token cannot be left)")
+        else:
+            subs.discard(stream)
+            stream.remove_explicit(conn)
+            conn.control(self.encoder.encode(Frame(
+                FrameType.UNSUBSCRIBED, channel=stream.id, code=Code.OK)))
+        self.mark_dirty(conn)
+
+    def _on_history(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        ref = frame.ref
+        try:
+            address = parse_address(frame.to)
+            if address.scope == "chat" or lane < Lane.P2:
+                raise AddressError(Code.UNKNOWN_CHANNEL,
+                                   "HISTORY: conversations are not kept by this server yet")
+            check_subscribe(conn.claims, address)
+        except AddressError as exc:
+            conn.error(exc.code, ref, str(exc))
+            self.mark_dirty(conn)
+            return
+        stream = self.hub.stream(str(address), lane, create=False)
+        items = []
+        if stream is not None:
+            now = self.loop.time()
+            if frame.offset == 0 and lane == Lane.P2:
+                items = sorted(stream.lvc.values(), key=lambda e: e.offset)
+            elif frame.offset == 0:
+                items = list(stream.history)
+            elif frame.epoch == stream.epoch:
+                items = [e for e in stream.history if e.offset > frame.offset]
+            items = [e for e in items if not e.deadline or e.deadline > now]
+            if frame.count:
+                items = items[-frame.count:] if frame.offset == 0 else items[:frame.count]
+        for e in items:
+            conn.control(self.encoder.encode(Frame(
+                FrameType.HISTORY_ITEM, lane, e.payload, ref=ref, offset=e.offset, kind=e.kind)))
+        next_offset = items[-1].offset if items else (stream.offset if stream else 0)
+        conn.control(self.encoder.encode(Frame(
+            FrameType.HISTORY_END, ref=ref, offset=next_offset, count=len(items), code=Code.OK)))
+        self.mark_dirty(conn)
+
+    def _queue_resync(self, conn: TerminalConnection, streams) -> None:
+        extra = conn.extra if conn.extra is not None else {}
+        conn.extra = extra
+        pending = extra.setdefault("resync", {})
+        for stream in streams:
+            pending[stream] = None
+
+    def _resync_jobs(self, conn: TerminalConnection, now: float) -> None:
+        """Send pending RESYNC snapshots, paced so they fit the connection's queue."""
+        extra = conn.extra
+        pending = extra.get("resync")
+        jobs = extra.get("jobs")
+        room = conn.max_queued_bytes // 2
+        if pending and conn.queued_bytes < room // 2:
+            jobs = extra.setdefault("jobs", [])
+            for stream in list(pending):
+                entries = sorted(stream.lvc.values(), key=lambda e: e.offset) \
+                    if stream.lane == Lane.P2 else []
+                conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
+                jobs.append([stream, entries, 0])
+            pending.clear()
+        while jobs and conn.queued_bytes < room:
+            job = jobs[0]
+            stream, entries, i = job
+            for entry in entries[i:i + SNAPSHOT_SLICE]:
+                # A newer value for the key may have replaced this one: send the newest.
+                current = stream.lvc.get(entry.key, entry)
+                conn.push(stream.lane, self.hub.replay_frame(stream, current), None, 0.0, stream)
+            job[2] = i + SNAPSHOT_SLICE
+            if job[2] >= len(entries):
+                jobs.pop(0)
+        if not jobs and not pending:
+            extra.pop("jobs", None)
+            extra.pop("resync", None)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _on_send(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        ref = frame.ref
+        try:
+            address = parse_address(frame.to)
+            recipient_store = None
+            if address.scope == "terminal":
+                rec = self.registry.get(str(address))
+                recipient_store = rec.store if rec is not None else None
+            check_publish(conn.claims, address, lane, frame.kind, recipient_store)
+            checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
+        except (AddressError, kinds.MessageError) as exc:
+            self.counters.acl_denials += exc.code == Code.FORBIDDEN
+            conn.error(exc.code, ref, str(exc))
+            self.mark_dirty(conn)
+            return
+        want_ack = frame.flags & Flag.ACK_REQUESTED
+        if lane <= Lane.P1:
+            ttl = frame.ttl / 1000.0 if frame.ttl else (
+                self.cfg.delivery.p0_ttl if lane == Lane.P0 else self.cfg.delivery.p1_ttl)
+            now = time.time()
+            msg = NewMessage(conn.claims.tenant, conn.address, ref, lane, frame.kind,
+                             str(address), frame.payload, now, now + ttl,
+                             bool(frame.flags & Flag.RECEIPT_REQUESTED))
+            self.submit(msg, address, (conn, ref) if want_ack else None)
+            return
+        offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
+                                frame.payload, frame.ttl / 1000.0 if frame.ttl else 0.0)
+        if want_ack:
+            conn.control(self.encoder.encode(Frame(
+                FrameType.SENDACK, ref=ref, msg_id=0,
+                payload=orjson.dumps({"channel": str(address), "offset": offset})
+                if offset else b'{"stale":true}')))
+            self.mark_dirty(conn)
+
+    def broadcast(self, address, lane: int, kind: str, key: str, version: int,
+                  payload: bytes, ttl: float = 0.0) -> int:
+        """Publish a P2/P3 message to the stream of ``address``; returns its
+        offset (0 when a newer version of ``key`` made it stale)."""
+        now = self.loop.time()
+        name = str(address)
+        stream = self._stream(name, lane, address)
+        if lane == Lane.P3:
+            ttl = ttl or self.cfg.lanes.p3_ttl
+        deadline = now + ttl if lane == Lane.P3 else 0.0
+        entry = self.hub.append(stream, kind, key, version, payload, now, deadline)
+        if entry is None:
+            return 0
+        ckey = (stream.id, key) if key else None
+        dirty = self._dirty
+        overflow = []
+        for group in self.hub.groups(address):
+            overflow += fanout(group, lane, entry.frame, ckey, deadline, stream, dirty)
+        if stream.explicit:
+            overflow += fanout(stream.explicit_list(), lane, entry.frame, ckey, deadline,
+                               stream, dirty)
+        if dirty and self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        self.counters.broadcasts += 1
+        for conn in overflow:       # only P0/P1 overflow; kept for symmetry
+            self._slow_consumer(conn)
+        return entry.offset
+
+    def _slow_consumer(self, conn: TerminalConnection) -> None:
+        if conn.state != CLOSED:
+            self.counters.slow_consumer_closes += 1
+            self.close(conn, Code.SLOW_CONSUMER, "not reading fast enough for P0/P1 traffic")
+
+    def close(self, conn: TerminalConnection, code: int, reason: str,
+              grace: float = 1.0) -> None:
+        """Close with CLOSE; a peer that does not read it within ``grace`` s is cut."""
+        conn.close(code, reason)
+        self.mark_dirty(conn)
+        transport = conn.transport
+        if transport is not None:
+            self.loop.call_later(grace, transport.abort)
+
+    def submit(self, msg: NewMessage, address, reply) -> None:
+        """Queue a P0/P1 message for the next group commit.
+
+        ``reply`` is (connection, ref) to SENDACK once stored, a future to
+        resolve with the Accepted result (admin API), or None.
+        """
+        recipients = self.registry.members(address)
+        self._pending_accepts.append((msg, recipients, reply))
+        if len(self._pending_accepts) == 1:
+            self._spawn(self._commit())
+
+    async def _commit(self) -> None:
+        # Let the rest of this loop iteration add to the batch, then commit it.
+        await asyncio.sleep(0)
+        batch = self._pending_accepts
+        self._pending_accepts = []
+        try:
+            results = await self.store.accept_many([(m, r) for m, r, _ in batch])
+        except Exception as exc:       # the store is down: nothing was accepted
+            log.error("store accept failed: %s", exc)
+            for msg, _, reply in batch:
+                self._reply_failed(reply, exc)
+            return
+        counters = self.counters
+        for (msg, recipients, reply), accepted in zip(batch, results):
+            if accepted.duplicate:
+                counters.duplicates += 1
+            else:
+                counters.accepted += 1
+                for terminal, seq in accepted.seqs.items():
+                    self._live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
+            if reply is None:
+                continue
+            if isinstance(reply, asyncio.Future):
+                if not reply.done():
+                    reply.set_result(accepted)
+                continue
+            conn, ref = reply
+            if conn.state == OPEN:
+                conn.control(self.encoder.encode(Frame(
+                    FrameType.SENDACK, Flag.RETRANSMIT if accepted.duplicate else 0,
+                    ref=ref, msg_id=accepted.msg_id,
+                    payload=b"" if accepted.duplicate else
+                    orjson.dumps({"recipients": len(accepted.seqs)}))))
+                self.mark_dirty(conn)
+
+    def _reply_failed(self, reply, exc: Exception) -> None:
+        if reply is None:
+            return
+        if isinstance(reply, asyncio.Future):
+            if not reply.done():
+                reply.set_exception(exc)
+            return
+        conn, ref = reply
+        if conn.state == OPEN:
+            conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
+            self.mark_dirty(conn)
+
+    # -- inbox delivery -------------------------------------------------------------------
+
+    def _live(self, terminal: str, lane: int, seq: int, msg_id: int, kind: str,
+              body: bytes) -> None:
+        """A message was stored for ``terminal``: hand it over if it is next in line."""
+        conn = self.hub.sessions.get(terminal)
+        if conn is None or conn.state != OPEN:
+            return
+        inbox = conn.inbox
+        if inbox is None:
+            return          # the resume task has not set the inbox up yet; it will read the store
+        if seq > inbox.last[lane]:
+            inbox.last[lane] = seq
+        if inbox.pumping[lane]:
+            return
+        acked = conn.inbox_window(lane)[0]
+        if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
+                and conn.queued_bytes < self.inbox_budget):
+            inbox.cursor[lane] = seq + 1
+            self._deliver(conn, lane, seq, msg_id, kind, body, False)
+        else:
+            self._pump(conn, lane)
+
+    def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit) -> None:
+        if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:
+            self._slow_consumer(conn)
+            return
+        self.counters.deliveries += 1
+        if retransmit:
+            self.counters.retransmits += 1
+        inbox = conn.inbox
+        if seq > inbox.delivered[lane]:
+            inbox.delivered[lane] = seq
+            self._note_delivered(conn.address, lane, seq)
+        if inbox.timer is None or not inbox.timer.scheduled:
+            self._arm_retransmit(conn)
+        self.mark_dirty(conn)
+
+    def _block(self, conn: TerminalConnection) -> None:
+        """The inbox backlog no longer fits the connection's queue."""
+        inbox = conn.inbox
+        if not inbox.blocked:
+            inbox.blocked = True
+            inbox.blocked_since = self.loop.time()
+        self._arm_retransmit(conn)    # its timer also watches for slow consumers
+
+    def _pump(self, conn: TerminalConnection, lane: int) -> None:
+        inbox = conn.inbox
+        if not inbox.pumping[lane]:
+            inbox.pumping[lane] = True
+            self._spawn(self._pump_task(conn, lane))
+
+    async def _pump_task(self, conn: TerminalConnection, lane: int) -> None:
+        inbox = conn.inbox
+        try:
+            while conn.state == OPEN:
+                acked, sent = conn.inbox_window(lane)
+                cursor = max(inbox.cursor[lane], acked + 1)
+                room = self.inflight - (cursor - 1 - acked)
+                if cursor > inbox.last[lane] or room <= 0:
+                    break
+                if conn.queued_bytes >= self.inbox_budget:
+                    self._block(conn)         # the flush resumes us once the queue drains
+                    break
+                entries = await self.store.inbox(conn.address, lane, cursor - 1,
+                                                 min(room, PUMP_BATCH))
+                if conn.state != OPEN or conn.inbox is not inbox:
+                    return
+                if not entries:
+                    inbox.cursor[lane] = inbox.last[lane] + 1   # the rest expired or was acked
+                    break
+                for e in entries:
+                    if e.seq < inbox.cursor[lane]:
+                        continue
+                    if conn.queued_bytes >= self.inbox_budget:
+                        self._block(conn)
+                        break
+                    inbox.cursor[lane] = e.seq + 1
+                    self._deliver(conn, lane, e.seq, e.msg_id, e.kind, e.body,
+                                  e.delivered or e.seq <= sent)
+                    if conn.state != OPEN:
+                        return
+        finally:
+            inbox.pumping[lane] = False
+
+    async def _resume_inbox(self, conn: TerminalConnection, p0: int, p1: int) -> None:
+        """Set up the inbox windows after RESUME and replay what is unacked."""
+        address = conn.address
+        acked0, last0, acked1, last1 = await self.store.positions(address)
+        if conn.state != OPEN:
+            return
+        implicit = []
+        positions = ((acked0, last0, p0), (acked1, last1, p1))
+        inbox = InboxState()
+        for lane, (acked, last, resumed) in enumerate(positions):
+            # The terminal processed up to ``resumed``: that is an ack.
+            if resumed > acked:
+                acked = min(resumed, last)
+                implicit.append((address, lane, acked))
+            conn.set_inbox(lane, acked)
+            inbox.cursor[lane] = acked + 1
+            inbox.last[lane] = last
+            inbox.delivered[lane] = acked
+        if implicit:
+            for key in implicit:
+                self._queue_ack(key[0], key[1], key[2])
+        conn.inbox = inbox
+        inbox.progress = self.loop.time()
+        for lane in (Lane.P0, Lane.P1):
+            if inbox.cursor[lane] <= inbox.last[lane]:
+                self._pump(conn, lane)
+
+    def _arm_retransmit(self, conn: TerminalConnection) -> None:
+        inbox = conn.inbox
+        delivery = self.cfg.delivery
+        if inbox.rto == 0.0:
+            inbox.rto = delivery.retransmit_initial
+        if inbox.timer is None:
+            inbox.timer = _wheel.Timer(self._on_retransmit, conn)
+        self.wheel.schedule(inbox.timer, self.loop.time() + inbox.rto)
+
+    def _on_retransmit(self, conn: TerminalConnection) -> None:
+        inbox = conn.inbox
+        if conn.state != OPEN or inbox is None:
+            return
+        now = self.loop.time()
+        if inbox.blocked or conn.paused:
+            # Nothing was lost in flight: the terminal is not reading.  Resending
+            # would only queue duplicates; give up on it after the timeout.
+            since = inbox.blocked_since if inbox.blocked else inbox.progress
+            if now - since >= self.cfg.delivery.slow_consumer_timeout:
+                self._slow_consumer(conn)
+            else:
+                self.wheel.schedule(inbox.timer, now + min(
+                    inbox.rto, self.cfg.delivery.slow_consumer_timeout / 4))
+            return
+        outstanding = False
+        for lane in (Lane.P0, Lane.P1):
+            acked, sent = conn.inbox_window(lane)
+            if acked < inbox.cursor[lane] - 1:
+                outstanding = True
+                if not inbox.pumping[lane]:
+                    inbox.cursor[lane] = acked + 1     # resend from the first unacked
+                    self._pump(conn, lane)
+        if outstanding:
+            inbox.rto = min(inbox.rto * 2, self.cfg.delivery.retransmit_max)
+            self.wheel.schedule(inbox.timer, self.loop.time() + inbox.rto)
+
+    def _on_ack(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        self._queue_ack(conn.address, lane, frame.seq)
+        inbox = conn.inbox
+        if inbox is None:
+            return
+        inbox.rto = self.cfg.delivery.retransmit_initial
+        inbox.progress = self.loop.time()
+        if inbox.timer is not None:
+            acked0 = conn.inbox_window(0)[0]
+            acked1 = conn.inbox_window(1)[0]
+            if acked0 >= inbox.cursor[0] - 1 and acked1 >= inbox.cursor[1] - 1:
+                inbox.timer.cancel()
+            else:
+                self.wheel.schedule(inbox.timer, self.loop.time() + inbox.rto)
+        if inbox.cursor[lane] <= inbox.last[lane] and not inbox.pumping[lane]:
+            self._pump(conn, lane)
+
+    def _queue_ack(self, terminal: str, lane: int, seq: int) -> None:
+        key = (terminal, lane)
+        if seq > self._pending_acks.get(key, 0):
+            self._pending_acks[key] = seq
+        self._schedule_batches()
+
+    def _note_delivered(self, terminal: str, lane: int, seq: int) -> None:
+        key = (terminal, lane)
+        rng = self._pending_delivered.get(key)
+        if rng is None:
+            self._pending_delivered[key] = [seq, seq]
+            self._schedule_batches()
+        else:
+            if seq < rng[0]:
+                rng[0] = seq
+            if seq > rng[1]:
+                rng[1] = seq
+
+    def _schedule_batches(self) -> None:
+        if self._batch_handle is None:
+            delay = self.cfg.delivery.ack_batch_ms / 1000.0
+            self._batch_handle = self.loop.call_later(delay, self._run_batches)
+
+    def _run_batches(self) -> None:
+        self._batch_handle = None
+        self._spawn(self._flush_batches())
+
+    async def _flush_batches(self) -> None:
+        acks = self._pending_acks
+        delivered = self._pending_delivered
+        self._pending_acks = {}
+        self._pending_delivered = {}
+        now = time.time()
+        if delivered:
+            await self.store.delivered_many(
+                [(t, lane, rng[0], rng[1]) for (t, lane), rng in delivered.items()], now)
+        if acks:
+            receipts = await self.store.ack_many(
+                [(t, lane, seq) for (t, lane), seq in acks.items()], now)
+            for r in receipts:
+                self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.ACKED, r.terminal)
+
+    def _send_receipt(self, sender: str, ref: int, msg_id: int, status: int, terminal: str) -> None:
+        conn = self.hub.sessions.get(sender)
+        if conn is None or conn.state != OPEN:
+            return
+        conn.control(self.encoder.encode(Frame(
+            FrameType.RECEIPT, msg_id=msg_id, code=status, ref=ref, to=terminal)))
+        self.mark_dirty(conn)
+
+    async def _on_nack(self, conn: TerminalConnection, frame) -> None:
+        lane = frame.flags & Flag.LANE_MASK
+        inbox = conn.inbox
+        if frame.code == 0:
+            # Redeliver later: rewind to the nacked seq when the retransmit timer fires.
+            if inbox is not None:
+                inbox.rto = max(inbox.rto, self.cfg.delivery.retransmit_initial)
+                self._arm_retransmit(conn)
+            return
+        reason = frame.payload.decode("utf-8", "replace") or f"rejected with code {frame.code}"
+        dead = await self.store.reject(conn.address, lane, frame.seq, reason, time.time())
+        if dead is not None and dead.receipt:
+            self._send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.REJECTED,
+                               dead.terminal)
+
+    async def _on_read_receipt(self, conn: TerminalConnection, frame) -> None:
+        trace = await self.store.trace(frame.msg_id)
+        if trace is None or not trace.receipt:
+            return
+        if not any(r.terminal == conn.address for r in trace.recipients):
+            return
+        self._send_receipt(trace.sender, trace.ref, trace.msg_id, ReceiptStatus.READ,
+                           conn.address)
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        """Expire undelivered P0/P1 into dead letters, trim old acked entries."""
+        while True:
+            await asyncio.sleep(5.0 + random.random())
+            try:
+                now = time.time()
+                for dead in await self.store.expire(now):
+                    if dead.receipt:
+                        self._send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                           ReceiptStatus.EXPIRED, dead.terminal)
+                await self.store.trim(now, self.cfg.delivery.dedup_window)
+            except Exception:
+                log.exception("maintenance failed")
+
+    def lane_totals(self) -> tuple[int, int, int]:
+        """(conflated, p2_dropped, p3_dropped) over every connection so far."""
+        totals = list(self._closed_lane_totals)
+        for conn in self.connections:
+            c = conn.lane_counters()
+            for i in range(3):
+                totals[i] += c[i]
+        return tuple(totals)

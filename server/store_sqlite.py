@@ -1,0 +1,1461 @@
+"""Embedded SQLite Store backend: P0/P1 inboxes that survive crashes and power loss.
+
+One file (``<data_dir>/tillwire.db``) in WAL mode, two threads:
+
+* the **writer** owns the only write connection and runs every write request
+  (accept_many, ack_many, delivered_many, reject, expire, trim, register,
+  retire, revoke, stream appends) in arrival order.  It takes *every* request
+  queued at that moment and runs them in ONE transaction with one commit
+  (one fsync with ``synchronous=FULL``): group commit.  When it was idle and
+  ``group_commit_ms > 0`` it first waits up to that long for company.  A
+  request's future resolves only after its commit, so a SENDACK is never sent
+  for data a power loss could take back;
+* the **reader** owns a second connection (``query_only``) and answers inbox,
+  positions, trace, dead_letters, terminal(s), stats, load_streams and backup,
+  so reads never wait behind an fsync (WAL readers see the last commit).
+
+The event loop never touches SQLite: a request is a tuple put on a
+``queue.SimpleQueue`` (never blocks), and each thread hands a whole batch of
+results back with ONE ``loop.call_soon_threadsafe``.
+
+Writes per message: a ``messages`` row and one ``inbox`` row per recipient,
+plus the dedup index entry and the expiry index entry.  Delivered and acked
+are not per-row updates: each inbox has a ``cursors`` row (acked and delivered
+positions) and ``rangelog`` keeps one row per delivered/acked range with its
+time (the trace's ``delivered_at``/``acked_at``).  The ``last`` seq of an
+inbox is *not* written per message: it is max(cursors.last, highest seq in
+``inbox``), and ``cursors.last`` is written whenever the cursor row is
+(acks, deliveries) and always before trim deletes inbox rows, so a seq is
+never handed out twice.
+
+Inbox rows are keyed ``k = tid << 41 | lane << 40 | seq`` (seq < 2**40,
+tid < 2**22): an inbox is a contiguous key range, so replay, acks and trim are
+range scans of the table's own b-tree and inserts need no secondary index.
+
+Schema versions live in ``meta.schema_version``; :data:`MIGRATIONS` are
+applied in order at open, each in one transaction, so an upgrade never
+loses a stored message.  :func:`backup_file` copies a live database from
+another process (``tillwire backup``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import queue
+import random
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import orjson
+
+from .store import (
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, DeadLetter, InboxEntry,
+    ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
+)
+
+__all__ = ["DB_FILENAME", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore", "backup_file", "migrate"]
+
+log = logging.getLogger("tillwire.store.sqlite")
+
+DB_FILENAME = "tillwire.db"
+"""File name of the store inside ``server.data_dir``."""
+
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+# Inbox keys: k = tid << 41 | lane << 40 | seq.  The cursor key of an inbox is
+# k >> 40 == tid << 1 | lane.
+_SEQ_BITS = 40
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+MAX_TID = (1 << 22) - 1
+
+# inbox.state
+_PENDING = 0        # delivered/acked are derived from the inbox's cursor
+_ACKED_KEPT = 2     # acked long ago, row kept because another recipient is not done
+_EXPIRED = 3
+_REJECTED = 4
+# inbox.flags
+_F_RECEIPT = 1      # the sender asked for receipts
+_F_GROUP = 2        # the message has several recipients
+
+# rangelog.what
+_DELIVERED_RANGE = 1
+_ACKED_RANGE = 2
+
+# Box (in-memory inbox state of the writer): a list indexed by these.
+_LAST, _ACK, _DELIV, _TRIM = 0, 1, 2, 3
+
+_P2 = 2
+_MAX_BATCH_WEIGHT = 20000     # messages/items per group commit before the writer commits anyway
+_STOP = object()
+
+# --------------------------------------------------------------------------
+# Schema and migrations
+
+
+_V1 = (
+    """CREATE TABLE meta(key TEXT PRIMARY KEY, value)""",
+    """CREATE TABLE terminals(
+        tid INTEGER PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL DEFAULT '',
+        terminal TEXT NOT NULL DEFAULT '',
+        store TEXT NOT NULL DEFAULT '',
+        region TEXT NOT NULL DEFAULT '',
+        roles TEXT NOT NULL DEFAULT '[]',
+        member TEXT NOT NULL DEFAULT '',
+        first_seen REAL NOT NULL DEFAULT 0,
+        last_seen REAL NOT NULL DEFAULT 0,
+        retired INTEGER NOT NULL DEFAULT 0,
+        revoked_before REAL NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0)""",
+    # body IS NULL (and recipients '') marks a tombstone: a trimmed message
+    # whose (sender, ref) is still inside the dedup window.
+    """CREATE TABLE messages(
+        id INTEGER PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        ref INTEGER NOT NULL,
+        lane INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        dest TEXT NOT NULL,
+        body BLOB,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        receipt INTEGER NOT NULL,
+        recipients TEXT NOT NULL)""",
+    # Not UNIQUE: a ref older than the dedup window may be used again, and the
+    # lookup takes the newest row (the single writer checks before inserting).
+    """CREATE INDEX messages_dedup ON messages(sender, ref) WHERE ref != 0""",
+    """CREATE TABLE inbox(
+        k INTEGER PRIMARY KEY,
+        msg_id INTEGER NOT NULL,
+        state INTEGER NOT NULL DEFAULT 0,
+        ended_at REAL,
+        reason TEXT)""",
+    """CREATE TABLE cursors(
+        k INTEGER PRIMARY KEY,
+        last INTEGER NOT NULL DEFAULT 0,
+        acked INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE rangelog(
+        tid INTEGER NOT NULL,
+        lane INTEGER NOT NULL,
+        what INTEGER NOT NULL,
+        first INTEGER NOT NULL,
+        last INTEGER NOT NULL,
+        at REAL NOT NULL)""",
+    """CREATE INDEX rangelog_seq ON rangelog(tid, lane, what, last)""",
+    """CREATE TABLE dead_letters(
+        id INTEGER PRIMARY KEY,
+        msg_id INTEGER NOT NULL,
+        terminal TEXT NOT NULL,
+        lane INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        sender TEXT NOT NULL,
+        ref INTEGER NOT NULL,
+        receipt INTEGER NOT NULL)""",
+)
+
+_V2 = (
+    # Per-entry flags, so acks find receipt-wanting entries and trim finds
+    # group messages without reading every message row; backfilled.
+    """ALTER TABLE inbox ADD COLUMN flags INTEGER NOT NULL DEFAULT 0""",
+    f"""UPDATE inbox SET flags = (
+        SELECT (CASE WHEN m.receipt != 0 THEN {_F_RECEIPT} ELSE 0 END)
+             | (CASE WHEN instr(m.recipients, ',') > 0 THEN {_F_GROUP} ELSE 0 END)
+        FROM messages m WHERE m.id = inbox.msg_id)
+       WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = inbox.msg_id)""",
+    # Rows trim keeps (their message waits for another recipient) keep their
+    # delivery time here once the range log of it is trimmed.
+    """ALTER TABLE inbox ADD COLUMN delivered_at REAL""",
+    # How far trim went in each inbox.
+    """ALTER TABLE cursors ADD COLUMN trimmed INTEGER NOT NULL DEFAULT 0""",
+    # expire() reads only messages that expired since its last run.
+    """CREATE INDEX messages_expires ON messages(expires)""",
+    # Messages trim cannot reach through an inbox: tombstones and messages
+    # that had no recipient at all (recipients = '').
+    """CREATE INDEX messages_idle ON messages(created) WHERE recipients = ''""",
+    """CREATE INDEX inbox_ended ON inbox(ended_at) WHERE state >= 3""",
+    """CREATE INDEX rangelog_at ON rangelog(at)""",
+    # P2/P3 channel streams: history and the last-value cache.
+    """CREATE TABLE streams(
+        sid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        lane INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        pos INTEGER NOT NULL DEFAULT 0,
+        UNIQUE(name, lane))""",
+    """CREATE TABLE stream_entries(
+        sid INTEGER NOT NULL,
+        pos INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        PRIMARY KEY(sid, pos)) WITHOUT ROWID""",
+    """CREATE TABLE lvc(
+        sid INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        PRIMARY KEY(sid, key)) WITHOUT ROWID""",
+)
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "inboxes, messages, registry, dead letters", _V1),
+    (2, "inbox flags, trim positions, expiry index, channel streams", _V2),
+)
+"""(version, description, statements), applied in order; never edit a shipped one."""
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of an open database (0 = empty)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    if exists is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database of ``conn`` (autocommit mode) to schema ``target``.
+
+    Each migration runs in its own IMMEDIATE transaction together with the
+    version bump, so a crash mid-way leaves the previous version intact.
+    Returns the version reached; raises RuntimeError for a database newer
+    than this code.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema version {current} is newer than this "
+                           f"Tillwire's ({SCHEMA_VERSION}); upgrade Tillwire")
+    for version, description, statements in MIGRATIONS:
+        if version <= current or version > target:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                         (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("store schema migrated to v%d (%s)", version, description)
+        current = version
+    return current
+
+
+def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    # Autocommit mode (isolation_level=None): transactions are explicit.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True,
+                           cached_statements=256)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    if readonly:
+        conn.execute("PRAGMA cache_size = -32768")       # 32 MiB
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _recipients(text: str):
+    """Parse ``messages.recipients`` ("tid:seq,tid:seq") into (tid, seq) pairs."""
+    for part in text.split(","):
+        if part:
+            tid, _, seq = part.partition(":")
+            yield int(tid), int(seq)
+
+
+def _range_time(conn: sqlite3.Connection, tid: int, lane: int, what: int, seq: int,
+                before: float | None) -> float | None:
+    """Earliest time a logged range of ``what`` covered ``seq`` (and came
+    before ``before``, the time an entry went dead: later deliveries of a
+    dead entry do not count).  Reads at most 64 index entries of that inbox."""
+    row = conn.execute(
+        "SELECT MIN(at) FROM (SELECT first, at FROM rangelog WHERE tid = ? AND lane = ? "
+        "AND what = ? AND last >= ? ORDER BY last LIMIT 64) WHERE first <= ? AND at < ?",
+        (tid, lane, what, seq, seq, before if before is not None else float("inf"))).fetchone()
+    return row[0] if row is not None else None
+
+
+def _tenant_bounds(tenant: str) -> tuple[str, str]:
+    """Addresses of one tenant's terminals are exactly the strings in [lo, hi)."""
+    return f"terminal:{tenant}/", f"terminal:{tenant}0"      # '0' follows '/'
+
+
+def _post(loop: asyncio.AbstractEventLoop | None, done: list) -> None:
+    """Hand a batch of (future, result, exception) to the loop in one call."""
+    if not done or loop is None:
+        return
+    try:
+        loop.call_soon_threadsafe(_settle, done)
+    except RuntimeError:           # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _settle(done: list) -> None:
+    for fut, result, exc in done:
+        if fut is None or fut.done():
+            continue
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+
+# --------------------------------------------------------------------------
+# The writer thread
+
+
+class _Writer:
+    """Owns the write connection and every piece of state derived from it.
+
+    Everything here runs on the writer thread (the facade only sets
+    ``history_max``/``history_age`` before open).  The caches (tids, boxes,
+    streams, next ids) always equal what the database holds plus the
+    current transaction's changes; after a rollback they are reloaded.
+    """
+
+    def __init__(self, path: str, synchronous: str, group_commit_ms: float,
+                 dedup_window: float) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.wait = group_commit_ms / 1000.0
+        self.dedup_window = dedup_window
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.conn: sqlite3.Connection | None = None
+        self.history_max = 1000
+        self.history_age = 3600.0
+        self.epoch = 0
+        # counters (read by stats(); plain ints, torn reads are harmless)
+        self.commits = 0
+        self.requests = 0
+        self.accepted = 0
+        self.failed_commits = 0
+        self.commit_seconds = 0.0
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self.tids: dict[str, int] = {}          # address -> tid
+        self.addresses: dict[int, str] = {}     # tid -> address
+        self.boxes: dict[int, list[int]] = {}   # tid << 1 | lane -> [last, acked, delivered, trimmed]
+        self.dirty: set[int] = set()            # boxes whose cursor row must be written
+        self.new_terminals: list[tuple] = []
+        self.streams: dict[tuple[str, int], list] = {}   # (name, lane) -> [sid, epoch, pos]
+        self.stream_rows: list[tuple] = []
+        self.lvc_rows: list[tuple] = []
+        self.touched: dict[int, list] = {}
+        self.next_id = 1
+        self.next_tid = 1
+        self.next_sid = 1
+        self.expire_low = 0.0                   # lowest `expires` expire() has not looked at
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _open(self) -> dict:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = self.conn = _connect(self.path)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: cannot use WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA cache_size = -65536")          # 64 MiB
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")     # ~16 MiB of WAL between checkpoints
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        migrate(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                epoch = random.randrange(1, 1 << 31)
+                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                                 [("epoch", epoch), ("created", time.time())])
+            else:
+                epoch = int(row[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.epoch = epoch
+        self._load()
+        return {"epoch": epoch}
+
+    def _load(self) -> None:
+        """(Re)build the caches from the committed database."""
+        self._reset_caches()
+        conn = self.conn
+        for tid, address in conn.execute("SELECT tid, address FROM terminals"):
+            self.tids[address] = tid
+            self.addresses[tid] = address
+        self.next_tid = max(self.addresses, default=0) + 1
+        top = conn.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'next_msg_id'").fetchone()
+        self.next_id = max(top + 1, int(row[0]) if row is not None else 1)
+        for sid, name, lane, epoch, pos in conn.execute(
+                "SELECT sid, name, lane, epoch, pos FROM streams"):
+            self.streams[(name, lane)] = [sid, epoch, pos]
+            self.next_sid = max(self.next_sid, sid + 1)
+
+    def _box(self, tid: int, lane: int) -> list[int]:
+        """The inbox's [last, acked, delivered, trimmed], loaded on first use (2 lookups)."""
+        key = (tid << 1) | lane
+        box = self.boxes.get(key)
+        if box is None:
+            conn = self.conn
+            row = conn.execute("SELECT last, acked, delivered, trimmed FROM cursors WHERE k = ?",
+                               (key,)).fetchone()
+            base = key << _SEQ_BITS
+            top = conn.execute("SELECT MAX(k) FROM inbox WHERE k BETWEEN ? AND ?",
+                               (base, base | _SEQ_MASK)).fetchone()[0]
+            last = top & _SEQ_MASK if top is not None else 0
+            if row is None:
+                box = [last, 0, 0, 0]
+            else:
+                box = [max(row[0], row[1], last), row[1], row[2], row[3]]
+            self.boxes[key] = box
+        return box
+
+    def _tid(self, address: str) -> int:
+        """The tid of a recipient; a never-seen address gets a placeholder row."""
+        tid = self.tids.get(address)
+        if tid is None:
+            tid = self.next_tid
+            if tid > MAX_TID:
+                raise RuntimeError("sqlite store: more than 2**22 terminal addresses")
+            self.next_tid = tid + 1
+            self.tids[address] = tid
+            self.addresses[tid] = address
+            self.new_terminals.append((tid, address))
+            self.boxes[tid << 1] = [0, 0, 0, 0]
+            self.boxes[(tid << 1) | 1] = [0, 0, 0, 0]
+        return tid
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def run(self, ready: asyncio.Future) -> None:
+        try:
+            info = self._open()
+        except BaseException as exc:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            _post(self.loop, [(ready, None, exc)])
+            return
+        _post(self.loop, [(ready, info, None)])
+        q = self.queue
+        stop = None
+        while stop is None:
+            idle = q.empty()
+            batch = [q.get()]
+            weight = batch[0][3]
+            if batch[0][0] is _STOP:
+                stop = batch.pop()
+            elif idle and self.wait > 0:
+                # The writer was idle: give this commit company for up to `wait`.
+                deadline = time.monotonic() + self.wait
+                while weight < _MAX_BATCH_WEIGHT:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = q.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if item[0] is _STOP:
+                        stop = item
+                        break
+                    batch.append(item)
+                    weight += item[3]
+            while stop is None and weight < _MAX_BATCH_WEIGHT:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] is _STOP:
+                    stop = item
+                    break
+                batch.append(item)
+                weight += item[3]
+            if batch:
+                self._run_batch(batch)
+        # Stopping: everything queued before the stop was committed above.
+        exc = None
+        try:
+            self._run_batch(self._drain_after_stop())
+            self.conn.execute("PRAGMA optimize")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception as e:          # pragma: no cover - reported to close()
+            exc = e
+        finally:
+            self.conn.close()
+            self.conn = None
+        _post(self.loop, [(stop[2], None, exc)])
+
+    def _drain_after_stop(self) -> list:
+        # Requests put after the stop (a stream_append racing close) still go in.
+        out = []
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return out
+            if item[0] is not _STOP:
+                out.append(item)
+
+    def _run_batch(self, batch: list) -> None:
+        """Run a batch of requests in one transaction; settle their futures after COMMIT.
+
+        A request that raises is taken out, the transaction rolled back (and
+        the caches reloaded) and the rest run again: one bad request never
+        fails the others.  A failed COMMIT fails every request of the batch.
+        """
+        if not batch:
+            return
+        conn = self.conn
+        done: list = []
+        pending = batch
+        while pending:
+            results = []
+            failed = -1
+            error: BaseException | None = None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except Exception as exc:
+                done.extend((fut, None, exc) for _, _, fut, _ in pending)
+                break
+            for i, (op, args, fut, _) in enumerate(pending):
+                try:
+                    results.append(op(*args))
+                except Exception as exc:
+                    failed, error = i, exc
+                    break
+            if failed < 0:
+                try:
+                    self._flush()
+                    started = time.perf_counter()
+                    conn.execute("COMMIT")
+                    self.commit_seconds += time.perf_counter() - started
+                except Exception as exc:
+                    failed, error = len(pending), exc
+            if failed < 0:
+                self.commits += 1
+                self.requests += len(pending)
+                done.extend((fut, result, None) for (_, _, fut, _), result in zip(pending, results))
+                break
+            # Failure: undo the transaction and the caches.
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._load()
+            if failed == len(pending):          # COMMIT failed: the whole batch failed
+                self.failed_commits += 1
+                log.error("store commit failed: %s", error)
+                done.extend((fut, None, error) for _, _, fut, _ in pending)
+                break
+            op, _, fut, _ = pending[failed]
+            if fut is None:
+                log.error("store: dropped a %s that failed: %s", getattr(op, "__name__", op), error)
+            done.append((fut, None, error))
+            pending = pending[:failed] + pending[failed + 1:]
+        _post(self.loop, done)
+
+    def _flush(self) -> None:
+        """Write what the requests of this transaction left in memory."""
+        conn = self.conn
+        if self.stream_rows or self.lvc_rows or self.touched:
+            self._flush_streams()
+        if self.dirty:
+            boxes = self.boxes
+            conn.executemany(
+                "INSERT INTO cursors(k, last, acked, delivered, trimmed) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(k) DO UPDATE SET last = excluded.last, acked = excluded.acked, "
+                "delivered = excluded.delivered, trimmed = excluded.trimmed",
+                [(k, *boxes[k]) for k in self.dirty])
+            self.dirty.clear()
+
+    # -- P0/P1 requests ------------------------------------------------------------------------
+
+    def accept_many(self, items: list) -> list[Accepted]:
+        """Cost per single-recipient message: 2 row inserts (+2 index entries),
+        one dedup probe when it has a ref, and no reads otherwise."""
+        conn = self.conn
+        window = self.dedup_window
+        seen: dict[tuple[str, int], tuple[int, float]] = {}
+        lookup = conn.execute
+        for msg, _ in items:
+            if msg.ref:
+                key = (msg.sender, msg.ref)
+                if key not in seen:
+                    row = lookup("SELECT id, created FROM messages WHERE sender = ? AND ref = ? "
+                                 "AND ref != 0 ORDER BY id DESC LIMIT 1", key).fetchone()
+                    if row is not None:
+                        seen[key] = row
+        tids = self.tids
+        boxes = self.boxes
+        out: list[Accepted] = []
+        mrows = []
+        irows = []
+        next_id = self.next_id
+        low = self.expire_low
+        try:
+            for msg, recipients in items:
+                ref = msg.ref
+                if ref:
+                    hit = seen.get((msg.sender, ref))
+                    if hit is not None and msg.created - hit[1] <= window:
+                        out.append(Accepted(hit[0], True))
+                        continue
+                msg_id = next_id
+                next_id += 1
+                lane = msg.lane
+                if lane != 0 and lane != 1:
+                    raise ValueError(f"accept_many: lane must be P0 or P1, got {lane!r}")
+                flags = _F_RECEIPT if msg.receipt else 0
+                if len(recipients) > 1:
+                    recipients = list(dict.fromkeys(recipients))
+                    if len(recipients) > 1:
+                        flags |= _F_GROUP
+                seqs = {}
+                parts = []
+                for address in recipients:
+                    tid = tids.get(address)
+                    if tid is None:
+                        tid = self._tid(address)
+                    key = (tid << 1) | lane
+                    box = boxes.get(key)
+                    if box is None:
+                        box = self._box(tid, lane)
+                    seq = box[0] + 1
+                    box[0] = seq
+                    seqs[address] = seq
+                    parts.append(f"{tid}:{seq}")
+                    irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
+                mrows.append((msg_id, msg.tenant, msg.sender, ref, lane, msg.kind, msg.to,
+                              msg.body, msg.created, msg.expires, 1 if msg.receipt else 0,
+                              ",".join(parts)))
+                if ref:
+                    seen[(msg.sender, ref)] = (msg_id, msg.created)
+                if msg.expires < low:
+                    low = msg.expires
+                out.append(Accepted(msg_id, False, seqs))
+        finally:
+            self.next_id = next_id
+        self.expire_low = low
+        if self.new_terminals:
+            conn.executemany("INSERT INTO terminals(tid, address) VALUES (?, ?)", self.new_terminals)
+            self.new_terminals.clear()
+        if mrows:
+            conn.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", mrows)
+            conn.executemany("INSERT INTO inbox(k, msg_id, flags) VALUES (?, ?, ?)", irows)
+            self.accepted += len(mrows)
+        return out
+
+    def ack_many(self, acks: list, now: float) -> list[ReceiptEvent]:
+        conn = self.conn
+        receipts: list[ReceiptEvent] = []
+        ranges = []
+        for terminal, lane, seq in acks:
+            tid = self.tids.get(terminal)
+            if tid is None or lane not in (0, 1):
+                continue
+            box = self._box(tid, lane)
+            acked = box[_ACK]
+            if seq > box[_LAST]:
+                seq = box[_LAST]
+            if seq <= acked:
+                continue
+            base = ((tid << 1) | lane) << _SEQ_BITS
+            for msg_id, sender, ref in conn.execute(
+                    "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m ON m.id = i.msg_id "
+                    f"WHERE i.k > ? AND i.k <= ? AND i.state = 0 AND (i.flags & {_F_RECEIPT}) "
+                    "ORDER BY i.k", (base + acked, base + seq)):
+                receipts.append(ReceiptEvent(msg_id, terminal, sender, ref))
+            box[_ACK] = seq
+            self.dirty.add((tid << 1) | lane)
+            ranges.append((tid, lane, _ACKED_RANGE, acked + 1, seq, now))
+        if ranges:
+            conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
+        return receipts
+
+    def delivered_many(self, ranges_in: list, now: float) -> None:
+        ranges = []
+        for terminal, lane, first, last in ranges_in:
+            tid = self.tids.get(terminal)
+            if tid is None or lane not in (0, 1):
+                continue
+            box = self._box(tid, lane)
+            first = max(first, box[_ACK] + 1, 1)
+            last = min(last, box[_LAST])
+            if first > last:
+                continue
+            if last > box[_DELIV]:
+                box[_DELIV] = last
+                self.dirty.add((tid << 1) | lane)
+            ranges.append((tid, lane, _DELIVERED_RANGE, first, last, now))
+        if ranges:
+            self.conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
+
+    def reject(self, terminal: str, lane: int, seq: int, reason: str,
+               now: float) -> DeadLetter | None:
+        tid = self.tids.get(terminal)
+        if tid is None or lane not in (0, 1):
+            return None
+        box = self._box(tid, lane)
+        if seq <= box[_ACK] or seq > box[_LAST]:
+            return None
+        conn = self.conn
+        k = (((tid << 1) | lane) << _SEQ_BITS) | seq
+        row = conn.execute("SELECT msg_id, state FROM inbox WHERE k = ?", (k,)).fetchone()
+        if row is None or row[1] != _PENDING:
+            return None
+        conn.execute("UPDATE inbox SET state = ?, ended_at = ?, reason = ? WHERE k = ?",
+                     (_REJECTED, now, reason, k))
+        msg = conn.execute("SELECT kind, sender, ref, receipt FROM messages WHERE id = ?",
+                           (row[0],)).fetchone()
+        kind, sender, ref, receipt = msg if msg is not None else ("", "", 0, 0)
+        dead = DeadLetter(row[0], terminal, lane, seq, kind, reason, now, sender, ref, bool(receipt))
+        self._insert_dead([dead])
+        return dead
+
+    def _insert_dead(self, dead: list[DeadLetter]) -> None:
+        self.conn.executemany(
+            "INSERT INTO dead_letters(msg_id, terminal, lane, seq, kind, reason, at, sender, ref, "
+            "receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(d.msg_id, d.terminal, d.lane, d.seq, d.kind, d.reason, d.at, d.sender, d.ref,
+              1 if d.receipt else 0) for d in dead])
+
+    def expire(self, now: float) -> list[DeadLetter]:
+        """Reads only the messages whose expiry lies in [expire_low, now] (expiry index)."""
+        conn = self.conn
+        rows = conn.execute(
+            "SELECT id, lane, kind, sender, ref, receipt, recipients FROM messages "
+            "WHERE expires >= ? AND expires <= ? AND body IS NOT NULL",
+            (self.expire_low, now)).fetchall()
+        rows.sort()
+        out: list[DeadLetter] = []
+        for msg_id, lane, kind, sender, ref, receipt, recipients in rows:
+            for tid, seq in _recipients(recipients):
+                box = self._box(tid, lane)
+                if seq <= box[_ACK]:
+                    continue
+                k = (((tid << 1) | lane) << _SEQ_BITS) | seq
+                cur = conn.execute("UPDATE inbox SET state = ?, ended_at = ?, reason = 'ttl' "
+                                   "WHERE k = ? AND state = 0", (_EXPIRED, now, k))
+                if cur.rowcount == 1:
+                    out.append(DeadLetter(msg_id, self.addresses.get(tid, ""), lane, seq, kind,
+                                          "ttl", now, sender, ref, bool(receipt)))
+        if out:
+            self._insert_dead(out)
+        # Everything that expired by `now` is dead or acked; later accepts lower it again.
+        self.expire_low = max(self.expire_low, now)
+        return out
+
+    def trim(self, now: float, keep_acked: float) -> int:
+        """Delete messages whose every recipient acked (or went dead) before
+        ``now - keep_acked``.  A message still inside the dedup window with a
+        ref becomes a tombstone (no body) until the window passes.
+
+        Work is proportional to what is trimmed: the acked ranges logged
+        before the cutoff say which inbox key ranges are done; single-
+        recipient messages are deleted by range in SQL, group messages and
+        dead entries are checked recipient by recipient.
+        """
+        conn = self.conn
+        cutoff = now - keep_acked
+        window_cut = now - self.dedup_window
+        removed = 0
+        per_box: dict[int, list[tuple[int, int, float]]] = {}
+        for tid, lane, first, last, at in conn.execute(
+                "SELECT tid, lane, first, last, at FROM rangelog WHERE at <= ? AND what = ?",
+                (cutoff, _ACKED_RANGE)):
+            per_box.setdefault((tid << 1) | lane, []).append((last, first, at))
+        cand: dict[int, list[tuple[int, float | None]]] = {}
+        for key, ranges in per_box.items():
+            box = self._box(key >> 1, key & 1)
+            done_to = max(r[0] for r in ranges)
+            lo = box[_TRIM]
+            if done_to <= lo:
+                continue
+            base = key << _SEQ_BITS
+            span = (base + lo, base + done_to)
+            # Single-recipient messages of the span: delete (or tombstone) by range.
+            sub = ("SELECT msg_id FROM inbox WHERE k > ? AND k <= ? AND state = 0 "
+                   f"AND (flags & {_F_GROUP}) = 0")
+            removed += conn.execute(
+                f"DELETE FROM messages WHERE id IN ({sub}) AND (ref = 0 OR created < ?)",
+                (*span, window_cut)).rowcount
+            removed += conn.execute(
+                f"UPDATE messages SET body = NULL, recipients = '' WHERE id IN ({sub}) "
+                "AND body IS NOT NULL", span).rowcount
+            group = conn.execute(
+                "SELECT k, msg_id FROM inbox WHERE k > ? AND k <= ? AND state = 0 "
+                f"AND (flags & {_F_GROUP}) != 0", span).fetchall()
+            conn.execute("DELETE FROM inbox WHERE k > ? AND k <= ? AND state = 0 "
+                         f"AND (flags & {_F_GROUP}) = 0", span)
+            if group:
+                ranges.sort()
+                lasts = [r[0] for r in ranges]
+                for k, msg_id in group:
+                    i = bisect.bisect_left(lasts, k & _SEQ_MASK)
+                    cand.setdefault(msg_id, []).append(
+                        (k, ranges[i][2] if i < len(ranges) else cutoff))
+            box[_TRIM] = done_to
+            self.dirty.add(key)
+        for k, msg_id in conn.execute(
+                "SELECT k, msg_id FROM inbox WHERE state >= 3 AND ended_at <= ?", (cutoff,)):
+            cand.setdefault(msg_id, []).append((k, None))
+        for msg_id, entries in cand.items():
+            removed += self._trim_message(msg_id, entries, window_cut)
+        # Messages without recipients are done when created; tombstones go
+        # when their dedup window has passed (they were counted when trimmed).
+        removed += conn.execute(
+            "UPDATE messages SET body = NULL WHERE recipients = '' AND body IS NOT NULL "
+            "AND created <= ? AND ref != 0 AND created >= ?", (cutoff, window_cut)).rowcount
+        removed += conn.execute(
+            "DELETE FROM messages WHERE recipients = '' AND body IS NOT NULL AND created <= ?",
+            (cutoff,)).rowcount
+        conn.execute("DELETE FROM messages WHERE recipients = '' AND body IS NULL AND created < ?",
+                     (window_cut,))
+        if removed:
+            # msg_ids are never reused, even when the highest ones were deleted.
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_msg_id', ?)",
+                         (self.next_id,))
+        self._flush()   # trimmed positions and `last` must be in cursors before the rangelog goes
+        conn.execute(
+            "DELETE FROM rangelog WHERE at <= ? AND last <= COALESCE((SELECT c.trimmed FROM "
+            "cursors c WHERE c.k = (rangelog.tid << 1) | rangelog.lane), 0)", (cutoff,))
+        return removed
+
+    def _trim_message(self, msg_id: int, entries: list, window_cut: float) -> int:
+        conn = self.conn
+        row = conn.execute("SELECT lane, ref, created, recipients, body IS NULL FROM messages "
+                           "WHERE id = ?", (msg_id,)).fetchone()
+        if row is None or row[4]:
+            conn.executemany("DELETE FROM inbox WHERE k = ?", [(k,) for k, _ in entries])
+            return 0
+        lane, ref, created, recipients, _ = row
+        mine = {k for k, _ in entries}
+        keys = []
+        for tid, seq in _recipients(recipients):
+            key = (tid << 1) | lane
+            k = (key << _SEQ_BITS) | seq
+            keys.append(k)
+            if k in mine:
+                continue
+            if seq <= self._box(tid, lane)[_TRIM]:
+                continue          # acked before the cutoff: deleted or kept as _ACKED_KEPT
+            # Pending, or dead after the cutoff: the message stays.  Its done
+            # entries keep their times in the row (the range log goes).
+            kept = []
+            for k2, at in entries:
+                key2 = k2 >> _SEQ_BITS
+                delivered_at = _range_time(conn, key2 >> 1, lane, _DELIVERED_RANGE,
+                                           k2 & _SEQ_MASK, None)
+                kept.append((at, delivered_at, k2))
+            conn.executemany(
+                f"UPDATE inbox SET state = CASE WHEN state = 0 THEN {_ACKED_KEPT} ELSE state END, "
+                "ended_at = CASE WHEN state = 0 THEN ? ELSE ended_at END, "
+                "delivered_at = COALESCE(delivered_at, ?) WHERE k = ?", kept)
+            return 0
+        conn.executemany("DELETE FROM inbox WHERE k = ?", [(k,) for k in keys])
+        for k in keys:
+            # Deleting dead rows above `acked` may lower the highest seq in
+            # `inbox`: make sure `last` is in the cursor row.
+            self._box((k >> _SEQ_BITS) >> 1, (k >> _SEQ_BITS) & 1)
+            self.dirty.add(k >> _SEQ_BITS)
+        if ref and created >= window_cut:
+            conn.execute("UPDATE messages SET body = NULL, recipients = '' WHERE id = ?", (msg_id,))
+        else:
+            conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+        return 1
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def register(self, rec: TerminalRecord) -> None:
+        conn = self.conn
+        roles = orjson.dumps(list(rec.roles)).decode()
+        tid = self.tids.get(rec.address)
+        if tid is None:
+            tid = self._tid(rec.address)
+            self.new_terminals.pop()          # inserted right here, complete
+            conn.execute(
+                "INSERT INTO terminals(tid, address, tenant, terminal, store, region, roles, member, "
+                "first_seen, last_seen, retired, revoked_before, registered) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                (tid, rec.address, rec.tenant, rec.terminal, rec.store, rec.region, roles,
+                 rec.member, rec.first_seen, rec.last_seen, 1 if rec.retired else 0,
+                 rec.revoked_before))
+            return
+        # A registered terminal keeps first_seen (unless it had none), retired
+        # and revoked_before; a placeholder (a recipient that never logged in)
+        # takes everything from the record.
+        conn.execute(
+            "UPDATE terminals SET tenant = ?, terminal = ?, store = ?, region = ?, roles = ?, "
+            "member = ?, last_seen = ?, "
+            "first_seen = CASE WHEN registered = 1 AND first_seen != 0 THEN first_seen ELSE ? END, "
+            "retired = CASE WHEN registered = 1 THEN retired ELSE ? END, "
+            "revoked_before = CASE WHEN registered = 1 THEN revoked_before ELSE ? END, "
+            "registered = 1 WHERE tid = ?",
+            (rec.tenant, rec.terminal, rec.store, rec.region, roles, rec.member, rec.last_seen,
+             rec.first_seen, 1 if rec.retired else 0, rec.revoked_before, tid))
+
+    def retire(self, address: str, retired: bool) -> bool:
+        return self.conn.execute(
+            "UPDATE terminals SET retired = ? WHERE address = ? AND registered = 1",
+            (1 if retired else 0, address)).rowcount == 1
+
+    def revoke(self, address: str, before: float) -> bool:
+        return self.conn.execute(
+            "UPDATE terminals SET revoked_before = ? WHERE address = ? AND registered = 1",
+            (before, address)).rowcount == 1
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def stream_append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
+        st = self.streams.get((name, lane))
+        if st is None:
+            sid = self.next_sid
+            self.next_sid += 1
+            st = self.streams[(name, lane)] = [sid, epoch, 0]
+            self.conn.execute("INSERT INTO streams(sid, name, lane, epoch, pos) VALUES (?, ?, ?, ?, 0)",
+                              (sid, name, lane, epoch))
+        elif st[1] != epoch:
+            # A new epoch: the old history and last values mean nothing any more.
+            self._flush_streams()
+            self.conn.execute("DELETE FROM stream_entries WHERE sid = ?", (st[0],))
+            self.conn.execute("DELETE FROM lvc WHERE sid = ?", (st[0],))
+            st[1] = epoch
+            st[2] = 0
+        sid = st[0]
+        pos = entry.offset
+        if pos > st[2]:
+            st[2] = pos
+        row = (sid, pos, entry.kind, entry.key, entry.version, bytes(entry.payload),
+               entry.created, entry.expires)
+        if self.history_max > 0:
+            self.stream_rows.append(row)
+        if lane == _P2 and entry.key:
+            self.lvc_rows.append(row)
+        self.touched[sid] = st
+
+    def _flush_streams(self) -> None:
+        conn = self.conn
+        if self.stream_rows:
+            conn.executemany("INSERT OR REPLACE INTO stream_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             self.stream_rows)
+            self.stream_rows = []
+        if self.lvc_rows:
+            # Newest wins: a higher version; without versions on both sides, the higher offset.
+            conn.executemany(
+                "INSERT INTO lvc(sid, pos, kind, key, version, payload, created, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sid, key) DO UPDATE SET "
+                "pos = excluded.pos, kind = excluded.kind, version = excluded.version, "
+                "payload = excluded.payload, created = excluded.created, expires = excluded.expires "
+                "WHERE CASE WHEN excluded.version != 0 AND lvc.version != 0 "
+                "THEN excluded.version > lvc.version "
+                "OR (excluded.version = lvc.version AND excluded.pos > lvc.pos) "
+                "ELSE excluded.pos > lvc.pos END",
+                self.lvc_rows)
+            self.lvc_rows = []
+        if self.touched:
+            keep = self.history_max
+            conn.executemany("UPDATE streams SET epoch = ?, pos = ? WHERE sid = ?",
+                             [(st[1], st[2], sid) for sid, st in self.touched.items()])
+            conn.executemany("DELETE FROM stream_entries WHERE sid = ? AND pos <= ?",
+                             [(sid, st[2] - keep) for sid, st in self.touched.items()])
+            self.touched = {}
+
+
+# --------------------------------------------------------------------------
+# The reader thread
+
+
+class _Reader:
+    """Owns the read connection; every read is a short transaction of its own."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.conn: sqlite3.Connection | None = None
+        self.tids: dict[str, int] = {}       # positive answers only: a tid never changes
+        self.addresses: dict[int, str] = {}
+
+    def run(self, ready: asyncio.Future) -> None:
+        try:
+            self.conn = _connect(self.path, readonly=True)
+        except BaseException as exc:
+            _post(self.loop, [(ready, None, exc)])
+            return
+        _post(self.loop, [(ready, None, None)])
+        q = self.queue
+        stop = None
+        while stop is None:
+            batch = [q.get()]
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            done = []
+            for item in batch:
+                op, args, fut, _ = item
+                if op is _STOP:
+                    stop = item
+                    continue
+                try:
+                    done.append((fut, op(*args), None))
+                except Exception as exc:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    done.append((fut, None, exc))
+            _post(self.loop, done)
+        self.conn.close()
+        self.conn = None
+        _post(self.loop, [(stop[2], None, None)])
+
+    def _tid(self, address: str) -> int | None:
+        tid = self.tids.get(address)
+        if tid is None:
+            row = self.conn.execute("SELECT tid FROM terminals WHERE address = ?",
+                                    (address,)).fetchone()
+            if row is None:
+                return None
+            tid = self.tids[address] = row[0]
+            self.addresses[tid] = address
+        return tid
+
+    def _address(self, tid: int) -> str:
+        address = self.addresses.get(tid)
+        if address is None:
+            row = self.conn.execute("SELECT address FROM terminals WHERE tid = ?", (tid,)).fetchone()
+            address = row[0] if row is not None else f"?{tid}"
+            if row is not None:
+                self.addresses[tid] = address
+                self.tids[address] = tid
+        return address
+
+    def _cursor(self, key: int) -> tuple[int, int, int]:
+        """(last, acked, delivered) of an inbox, as committed."""
+        conn = self.conn
+        row = conn.execute("SELECT last, acked, delivered FROM cursors WHERE k = ?",
+                           (key,)).fetchone()
+        base = key << _SEQ_BITS
+        top = conn.execute("SELECT MAX(k) FROM inbox WHERE k BETWEEN ? AND ?",
+                           (base, base | _SEQ_MASK)).fetchone()[0]
+        last = top & _SEQ_MASK if top is not None else 0
+        if row is None:
+            return last, 0, 0
+        return max(row[0], row[1], last), row[1], row[2]
+
+    def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
+        tid = self._tid(terminal)
+        if tid is None or lane not in (0, 1) or limit <= 0:
+            return []
+        conn = self.conn
+        key = (tid << 1) | lane
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute("SELECT acked, delivered FROM cursors WHERE k = ?", (key,)).fetchone()
+            acked, delivered = row if row is not None else (0, 0)
+            base = key << _SEQ_BITS
+            rows = conn.execute(
+                "SELECT i.k, i.msg_id, m.kind, m.body, m.expires FROM inbox i "
+                "JOIN messages m ON m.id = i.msg_id "
+                "WHERE i.k > ? AND i.k <= ? AND i.state = 0 ORDER BY i.k LIMIT ?",
+                (base + max(after, acked, 0), base | _SEQ_MASK, limit)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return [InboxEntry(k & _SEQ_MASK, msg_id, kind, body, (k & _SEQ_MASK) <= delivered, expires)
+                for k, msg_id, kind, body, expires in rows]
+
+    def positions(self, terminal: str) -> tuple[int, int, int, int]:
+        tid = self._tid(terminal)
+        if tid is None:
+            return (0, 0, 0, 0)
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            last0, acked0, _ = self._cursor(tid << 1)
+            last1, acked1, _ = self._cursor((tid << 1) | 1)
+        finally:
+            conn.execute("COMMIT")
+        return (acked0, last0, acked1, last1)
+
+    def trace(self, msg_id: int) -> Trace | None:
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(
+                "SELECT tenant, sender, ref, lane, kind, dest, created, expires, receipt, "
+                "recipients FROM messages WHERE id = ? AND body IS NOT NULL", (msg_id,)).fetchone()
+            if row is None:
+                return None
+            tenant, sender, ref, lane, kind, dest, created, expires, receipt, text = row
+            recipients = []
+            for tid, seq in _recipients(text):
+                key = (tid << 1) | lane
+                _, acked, delivered = self._cursor(key)
+                k = (key << _SEQ_BITS) | seq
+                entry = conn.execute("SELECT state, ended_at, reason, delivered_at FROM inbox "
+                                     "WHERE k = ?", (k,)).fetchone()
+                state, ended_at, reason, delivered_at = \
+                    entry if entry is not None else (_ACKED_KEPT, None, None, None)
+                if delivered_at is None:
+                    delivered_at = _range_time(conn, tid, lane, _DELIVERED_RANGE, seq,
+                                               ended_at if state >= _EXPIRED else None)
+                rec = Recipient(self._address(tid), seq, STORED, created)
+                if state in (_EXPIRED, _REJECTED):
+                    rec.state = EXPIRED if state == _EXPIRED else REJECTED
+                    rec.ended_at = ended_at
+                    rec.reason = reason or ""
+                    rec.delivered_at = delivered_at
+                elif state == _ACKED_KEPT or seq <= acked:
+                    rec.state = ACKED
+                    rec.acked_at = ended_at if state == _ACKED_KEPT else \
+                        _range_time(conn, tid, lane, _ACKED_RANGE, seq, None)
+                    rec.delivered_at = delivered_at
+                elif seq <= delivered:
+                    rec.state = DELIVERED
+                    rec.delivered_at = delivered_at
+                recipients.append(rec)
+        finally:
+            conn.execute("COMMIT")
+        return Trace(msg_id, tenant, sender, ref, lane, kind, dest, created, expires,
+                     bool(receipt), recipients)
+
+    def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
+        sql = ("SELECT msg_id, terminal, lane, seq, kind, reason, at, sender, ref, receipt "
+               "FROM dead_letters")
+        if tenant is None:
+            rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            lo, hi = _tenant_bounds(tenant)
+            rows = self.conn.execute(sql + " WHERE terminal >= ? AND terminal < ? "
+                                     "ORDER BY id DESC LIMIT ?", (lo, hi, limit))
+        return [DeadLetter(m, t, lane, seq, kind, reason, at, sender, ref, bool(receipt))
+                for m, t, lane, seq, kind, reason, at, sender, ref, receipt in rows]
+
+    _TERMINAL_COLUMNS = ("address, tenant, terminal, store, region, roles, member, first_seen, "
+                         "last_seen, retired, revoked_before")
+
+    @staticmethod
+    def _record(row) -> TerminalRecord:
+        (address, tenant, terminal, store, region, roles, member, first_seen, last_seen,
+         retired, revoked_before) = row
+        return TerminalRecord(address, tenant, terminal, store, region, tuple(orjson.loads(roles)),
+                              member, first_seen, last_seen, bool(retired), revoked_before)
+
+    def terminal(self, address: str) -> TerminalRecord | None:
+        row = self.conn.execute(f"SELECT {self._TERMINAL_COLUMNS} FROM terminals "
+                                "WHERE address = ? AND registered = 1", (address,)).fetchone()
+        return self._record(row) if row is not None else None
+
+    def terminals(self, tenant: str | None) -> list[TerminalRecord]:
+        sql = f"SELECT {self._TERMINAL_COLUMNS} FROM terminals WHERE registered = 1"
+        if tenant is None:
+            rows = self.conn.execute(sql + " ORDER BY tid")
+        else:
+            rows = self.conn.execute(sql + " AND tenant = ? ORDER BY tid", (tenant,))
+        return [self._record(row) for row in rows]
+
+    def stats(self, writer: _Writer) -> dict:
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            messages = conn.execute("SELECT COUNT(*) FROM messages WHERE body IS NOT NULL").fetchone()[0]
+            unacked = conn.execute(
+                "SELECT COUNT(*) FROM inbox i WHERE i.state = 0 AND (i.k & ?) > "
+                "COALESCE((SELECT c.acked FROM cursors c WHERE c.k = i.k >> ?), 0)",
+                (_SEQ_MASK, _SEQ_BITS)).fetchone()[0]
+            dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            terminals = conn.execute(
+                "SELECT COUNT(*) FROM terminals WHERE registered = 1").fetchone()[0]
+            streams = conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
+            page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            version = schema_version(conn)
+        finally:
+            conn.execute("COMMIT")
+        try:
+            wal = os.path.getsize(self.path + "-wal")
+        except OSError:
+            wal = 0
+        return {
+            "backend": "sqlite", "messages": messages, "unacked": unacked,
+            "dead_letters": dead, "terminals": terminals, "bytes": page_count * page_size + wal,
+            "streams": streams, "schema_version": version, "epoch": writer.epoch,
+            "synchronous": writer.synchronous, "commits": writer.commits,
+            "write_requests": writer.requests, "accepted": writer.accepted,
+            "failed_commits": writer.failed_commits,
+            "commit_seconds": round(writer.commit_seconds, 6),
+        }
+
+    def load_streams(self, history_max: int, history_age: float, now: float) -> list[StreamState]:
+        conn = self.conn
+        horizon = now - history_age
+        out = []
+        conn.execute("BEGIN")
+        try:
+            for sid, name, lane, epoch, pos in conn.execute(
+                    "SELECT sid, name, lane, epoch, pos FROM streams ORDER BY sid").fetchall():
+                history = []
+                if history_max > 0:
+                    for row in conn.execute(
+                            "SELECT pos, kind, key, version, payload, created, expires "
+                            "FROM stream_entries WHERE sid = ? AND pos > ? AND created >= ? "
+                            "ORDER BY pos", (sid, pos - history_max, horizon)):
+                        if not row[6] or row[6] > now:
+                            history.append(StreamEntry(*row))
+                lvc = []
+                if lane == _P2:
+                    for row in conn.execute(
+                            "SELECT pos, kind, key, version, payload, created, expires "
+                            "FROM lvc WHERE sid = ? ORDER BY pos", (sid,)):
+                        if not row[6] or row[6] > now:
+                            lvc.append(StreamEntry(*row))
+                out.append(StreamState(name, lane, epoch, pos, history, lvc))
+        finally:
+            conn.execute("COMMIT")
+        return out
+
+    def backup(self, dest_path: str) -> None:
+        _backup(self.conn, dest_path)
+
+
+def _backup(source: sqlite3.Connection, dest_path: str) -> None:
+    """Copy ``source`` into ``dest_path`` atomically (a temp file, then rename).
+
+    One backup step copies every page under one read transaction, so
+    concurrent commits neither block nor restart it (WAL).  The copy is a
+    self-contained rollback-journal file.
+    """
+    dest_path = os.path.abspath(dest_path)
+    tmp = f"{dest_path}.tmp-{os.getpid()}"
+    for leftover in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    dest = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        source.backup(dest, pages=-1)
+        dest.execute("PRAGMA journal_mode = DELETE")
+        ok = dest.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"backup copy failed its check: {ok}")
+    finally:
+        dest.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest_path)
+
+
+def backup_file(db_path: str, dest_path: str) -> None:
+    """Copy the store at ``db_path`` to ``dest_path``, also while a server is
+    writing to it (from another process).  Raises FileNotFoundError when
+    there is no database and sqlite3.Error when it cannot be read."""
+    if not os.path.isfile(db_path):
+        raise FileNotFoundError(f"no store database at {db_path}")
+    source = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        source.execute("PRAGMA busy_timeout = 10000")
+        source.execute("PRAGMA query_only = ON")
+        _backup(source, dest_path)
+    finally:
+        source.close()
+
+
+# --------------------------------------------------------------------------
+# The facade the node uses (all on the event loop)
+
+
+class SQLiteStore:
+    """Store backend in an embedded SQLite database (see the module docstring).
+
+    ``synchronous``: SQLite's PRAGMA (OFF, NORMAL, FULL, EXTRA); with FULL
+    (the default) an accepted message survives a power loss.
+    ``group_commit_ms``: how long an idle writer waits for more requests to
+    share a commit (0 = commit at once).  ``dedup_window``: seconds a
+    (sender, ref) is remembered.
+    """
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", group_commit_ms: float = 2.0,
+                 dedup_window: float = 86400.0) -> None:
+        sync = synchronous.upper()
+        if sync not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
+        if group_commit_ms < 0:
+            raise ValueError(f"group_commit_ms must be >= 0, got {group_commit_ms!r}")
+        self.path = path
+        self.epoch = 0
+        self._writer = _Writer(path, sync, group_commit_ms, dedup_window)
+        self._reader = _Reader(path)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = "new"         # new -> open -> closed
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"SQLiteStore.open: the store is {self._state}")
+        loop = self._loop = asyncio.get_running_loop()
+        self._writer.loop = self._reader.loop = loop
+        ready = loop.create_future()
+        writer = threading.Thread(target=self._writer.run, args=(ready,),
+                                  name="tillwire-store-writer", daemon=True)
+        writer.start()
+        self._threads.append(writer)
+        info = await ready
+        ready = loop.create_future()
+        reader = threading.Thread(target=self._reader.run, args=(ready,),
+                                  name="tillwire-store-reader", daemon=True)
+        reader.start()
+        self._threads.append(reader)
+        try:
+            await ready
+        except BaseException:
+            await self._stop_writer()
+            raise
+        self.epoch = info["epoch"]
+        self._state = "open"
+
+    async def _stop_writer(self) -> None:
+        fut = self._loop.create_future()
+        self._writer.queue.put((_STOP, (), fut, 0))
+        await fut
+
+    async def close(self) -> None:
+        """Commit what is queued, checkpoint the WAL and stop both threads."""
+        if self._state != "open":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        loop = self._loop
+        stopped_reader = loop.create_future()
+        self._reader.queue.put((_STOP, (), stopped_reader, 0))
+        try:
+            await stopped_reader
+            await self._stop_writer()
+        finally:
+            self._state = "closed"
+            for thread in self._threads:
+                thread.join(timeout=5.0)
+            self._threads.clear()
+
+    def _check_open(self) -> asyncio.AbstractEventLoop:
+        if self._state != "open":
+            raise RuntimeError(f"SQLiteStore: the store is {self._state}, not open")
+        return self._loop
+
+    def _write(self, op: Callable, args: tuple, weight: int = 1) -> asyncio.Future:
+        fut = self._check_open().create_future()
+        self._writer.queue.put((op, args, fut, weight))
+        return fut
+
+    def _read(self, op: Callable, args: tuple) -> asyncio.Future:
+        fut = self._check_open().create_future()
+        self._reader.queue.put((op, args, fut, 1))
+        return fut
+
+    # -- the Store protocol --------------------------------------------------------------
+    # Arguments cross to another thread: callers must not mutate them after the call.
+
+    async def accept_many(self, items: Sequence) -> list[Accepted]:
+        items = list(items)
+        if not items:
+            return []
+        return await self._write(self._writer.accept_many, (items,), len(items))
+
+    async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
+        return await self._read(self._reader.inbox, (terminal, lane, after, limit))
+
+    async def positions(self, terminal: str) -> tuple[int, int, int, int]:
+        return await self._read(self._reader.positions, (terminal,))
+
+    async def ack_many(self, acks: Sequence, now: float) -> list[ReceiptEvent]:
+        acks = list(acks)
+        return await self._write(self._writer.ack_many, (acks, now), len(acks))
+
+    async def delivered_many(self, ranges: Sequence, now: float) -> None:
+        ranges = list(ranges)
+        return await self._write(self._writer.delivered_many, (ranges, now), len(ranges))
+
+    async def reject(self, terminal: str, lane: int, seq: int, reason: str,
+                     now: float) -> DeadLetter | None:
+        return await self._write(self._writer.reject, (terminal, lane, seq, reason, now))
+
+    async def expire(self, now: float) -> list[DeadLetter]:
+        return await self._write(self._writer.expire, (now,))
+
+    async def trace(self, msg_id: int) -> Trace | None:
+        return await self._read(self._reader.trace, (msg_id,))
+
+    async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
+        return await self._read(self._reader.dead_letters, (tenant, limit))
+
+    async def register(self, record: TerminalRecord) -> None:
+        return await self._write(self._writer.register, (record,))
+
+    async def terminal(self, address: str) -> TerminalRecord | None:
+        return await self._read(self._reader.terminal, (address,))
+
+    async def terminals(self, tenant: str | None = None) -> list[TerminalRecord]:
+        return await self._read(self._reader.terminals, (tenant,))
+
+    async def retire(self, address: str, retired: bool) -> bool:
+        return await self._write(self._writer.retire, (address, retired))
+
+    async def revoke(self, address: str, before: float) -> bool:
+        return await self._write(self._writer.revoke, (address, before))
+
+    async def trim(self, now: float, keep_acked: float) -> int:
+        return await self._write(self._writer.trim, (now, keep_acked))
+
+    async def stats(self) -> dict:
+        return await self._read(self._reader.stats, (self._writer,))
+
+    # -- streams --------------------------------------------------------------------------
+
+    def configure_streams(self, history_max: int, history_age: float) -> None:
+        self._writer.history_max = max(0, int(history_max))
+        self._writer.history_age = float(history_age)
+
+    def stream_append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
+        if self._state in ("closed", "closing"):
+            return          # channels are best effort once the store is going away
+        self._writer.queue.put((self._writer.stream_append, (name, lane, epoch, entry), None, 1))
+
+    async def load_streams(self, history_max: int, history_age: float,
+                           now: float) -> list[StreamState]:
+        return await self._read(self._reader.load_streams, (history_max, history_age, now))
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def backup(self, dest_path: str) -> None:
+        """Write a consistent copy of the database to ``dest_path`` (online;
+        runs on the reader thread, writers go on committing meanwhile)."""
+        return await self._read(self._reader.backup, (os.fspath(dest_path),))

@@ -1,0 +1,3 @@
+"""Tillwire: the connection server for a retail chain's terminals."""
+
+__version__ = "0.1.0"

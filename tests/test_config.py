@@ -1,0 +1,867 @@
+"""Configuration loader (server/config.py) and the `tillwire config` command.
+
+Every test passes an explicit ``env`` mapping (or a cleaned process
+environment), so the developer's own TILLWIRE_* variables never leak in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tillwire.core.codes import MAX_FRAME_SIZE_LIMIT
+from tillwire.core.errors import ConfigError
+from tillwire.server import cli
+from tillwire.server.config import (
+    NON_CONFIG_ENV,
+    AdminToken,
+    AuthConfig,
+    Config,
+    ServerConfig,
+    audit_log_path,
+    describe_keys,
+    load_config,
+    node_id,
+    parse_duration,
+    parse_size,
+)
+
+ALL_KEYS = [row[0] for row in describe_keys()]
+ENV_OF = {row[0]: row[1] for row in describe_keys()}
+
+
+def toml_file(tmp_path, text: str) -> str:
+    path = tmp_path / "tillwire.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def toml_value(value) -> str:
+    """A Python value as a TOML literal (enough for these tests)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def set_in_file(tmp_path, dotted: str, value) -> str:
+    section, name = dotted.split(".")
+    return toml_file(tmp_path, f"[{section}]\n{name} = {toml_value(value)}\n")
+
+
+# --------------------------------------------------------------------------
+# Defaults and the key table
+
+
+def test_defaults_without_any_source():
+    cfg = load_config(env={})
+    assert cfg == Config()
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 7070
+    assert cfg.server.max_frame_size == 1 << 20
+    assert cfg.auth.secret == "" and cfg.auth.clock_skew == 300.0 and cfg.auth.default_ttl == 86400.0
+    assert (cfg.heartbeat.min, cfg.heartbeat.interval, cfg.heartbeat.max) == (5.0, 30.0, 600.0)
+    assert cfg.lanes.weights == (8, 4, 1)
+    assert cfg.delivery.p0_ttl == 604800.0 and cfg.delivery.ack_batch_ms == 2.0
+    assert cfg.store.backend == "memory" and cfg.store.synchronous == "FULL"
+    assert cfg.admin.port == 7071 and cfg.admin.tokens == ()
+    assert cfg.log.level == "info" and cfg.log.format == "kv"
+    assert cfg.redis.url == "" and cfg.redis.prefix == "tw"
+    assert cfg.tls.require_client_cert is False
+
+
+def test_sections_are_frozen():
+    cfg = load_config(env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server = ServerConfig()  # type: ignore[misc]
+
+
+def test_describe_keys_covers_every_field_once():
+    rows = describe_keys()
+    declared = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(getattr(Config(), section.name))
+    ]
+    assert [row[0] for row in rows] == declared
+    defaults = Config().to_dict(mask_secrets=False)
+    for key, env, default, doc in rows:
+        section, name = key.split(".")
+        assert default == defaults[section][name], key
+        assert doc and "\n" not in doc and doc.endswith("."), key
+        if key == "admin.tokens":
+            assert env == "TILLWIRE_ADMIN_TOKEN"
+        else:
+            assert env == f"TILLWIRE_{section.upper()}_{name.upper()}"
+
+
+def test_node_id_configured_or_derived():
+    assert node_id(load_config(env={"TILLWIRE_SERVER_NODE_ID": "edge-1"})) == "edge-1"
+    derived = node_id(load_config(env={}))
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", derived)
+    assert derived.endswith(f"-{os.getpid()}")
+
+
+def test_audit_path_defaults_into_data_dir():
+    assert audit_log_path(load_config(env={"TILLWIRE_SERVER_DATA_DIR": "/var/tw"})) == "/var/tw/audit.log"
+    assert audit_log_path(load_config(env={"TILLWIRE_LOG_AUDIT_PATH": "/log/a.log"})) == "/log/a.log"
+
+
+# --------------------------------------------------------------------------
+# Sources and precedence
+
+
+FULL_FILE = """
+[server]
+host = "0.0.0.0"
+port = 9000
+max_frame_size = "64KiB"
+auth_timeout = "500ms"
+
+[auth]
+secret = "file-secret"
+default_ttl = "1d"
+
+[heartbeat]
+interval = "1m"
+min = 10
+max = "1h"
+
+[lanes]
+weights = [5, 3, 2]
+
+[store]
+backend = "sqlite"
+synchronous = "normal"
+group_commit_ms = 0
+
+[log]
+level = "DEBUG"
+
+[redis]
+url = "redis://localhost:6379/0"
+
+[[admin.tokens]]
+name = "ops"
+token = "ops-token"
+tenants = ["*"]
+
+[[admin.tokens]]
+name = "acme-support"
+token = "acme-token"
+tenants = ["acme", "beta"]
+"""
+
+
+def test_toml_file_values(tmp_path):
+    cfg = load_config(toml_file(tmp_path, FULL_FILE), env={})
+    assert cfg.server.host == "0.0.0.0" and cfg.server.port == 9000
+    assert cfg.server.max_frame_size == 65536
+    assert cfg.server.auth_timeout == 0.5
+    assert cfg.auth.secret == "file-secret" and cfg.auth.default_ttl == 86400.0
+    assert (cfg.heartbeat.min, cfg.heartbeat.interval, cfg.heartbeat.max) == (10.0, 60.0, 3600.0)
+    assert isinstance(cfg.heartbeat.min, float)
+    assert cfg.lanes.weights == (5, 3, 2)
+    assert cfg.store.backend == "sqlite" and cfg.store.synchronous == "NORMAL"  # canonical case
+    assert cfg.store.group_commit_ms == 0.0 and isinstance(cfg.store.group_commit_ms, float)
+    assert cfg.log.level == "debug"
+    assert cfg.redis.url == "redis://localhost:6379/0"
+    assert cfg.admin.tokens == (
+        AdminToken("ops", "ops-token", ("*",)),
+        AdminToken("acme-support", "acme-token", ("acme", "beta")),
+    )
+    assert cfg.admin.tokens[0].allows("anyone") and cfg.admin.tokens[1].allows("beta")
+    assert not cfg.admin.tokens[1].allows("gamma")
+    # untouched keys keep their defaults
+    assert cfg.delivery == Config().delivery
+
+
+def test_env_overrides_file(tmp_path):
+    path = toml_file(tmp_path, FULL_FILE)
+    cfg = load_config(path, env={
+        "TILLWIRE_SERVER_PORT": "9100",
+        "TILLWIRE_LANES_WEIGHTS": "4, 2, 1",
+        "TILLWIRE_TLS_REQUIRE_CLIENT_CERT": "no",
+        "TILLWIRE_HEARTBEAT_INTERVAL": "45s",
+        "TILLWIRE_SERVER_SEND_BUFFER": "128KiB",
+        "TILLWIRE_DELIVERY_ACK_BATCH_MS": "0.5",
+        "TILLWIRE_LOG_FORMAT": "json",
+    })
+    assert cfg.server.port == 9100
+    assert cfg.server.host == "0.0.0.0"  # still from the file
+    assert cfg.lanes.weights == (4, 2, 1)
+    assert cfg.tls.require_client_cert is False
+    assert cfg.heartbeat.interval == 45.0
+    assert cfg.server.send_buffer == 131072
+    assert cfg.delivery.ack_batch_ms == 0.5
+    assert cfg.log.format == "json"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", True), ("true", True), ("YES", True), ("0", False), ("False", False), ("no", False),
+])
+def test_env_booleans(tmp_path, text, expected):
+    ca = tmp_path / "ca.pem"
+    cert = tmp_path / "cert.pem"
+    key = tmp_path / "key.pem"
+    for f in (ca, cert, key):
+        f.write_text("x")
+    cfg = load_config(env={
+        "TILLWIRE_TLS_CERT": str(cert), "TILLWIRE_TLS_KEY": str(key), "TILLWIRE_TLS_CLIENT_CA": str(ca),
+        "TILLWIRE_TLS_REQUIRE_CLIENT_CERT": text,
+    })
+    assert cfg.tls.require_client_cert is expected
+
+
+def test_overrides_beat_env_and_file(tmp_path):
+    path = toml_file(tmp_path, FULL_FILE)
+    env = {"TILLWIRE_SERVER_PORT": "9100", "TILLWIRE_LOG_LEVEL": "warning"}
+    cfg = load_config(path, env=env, overrides={
+        "server.port": 7171,            # typed, like a test would pass it
+        "log.level": "error",           # text, like a CLI flag
+        "server.data_dir": None,        # a flag that was not given
+        "heartbeat.max": "2h",
+    })
+    assert cfg.server.port == 7171
+    assert cfg.log.level == "error"
+    assert cfg.server.data_dir == "./data"
+    assert cfg.heartbeat.max == 7200.0
+
+
+def test_override_text_is_parsed_like_env():
+    cfg = load_config(env={}, overrides={"server.port": "7272", "lanes.weights": "2,2,2"})
+    assert cfg.server.port == 7272 and cfg.lanes.weights == (2, 2, 2)
+
+
+def test_override_unknown_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"server.prot": 1})
+    assert info.value.key == "server.prot"
+    assert "server.port" in str(info.value)
+
+
+def test_to_dict_round_trips_through_overrides(tmp_path):
+    cfg = load_config(toml_file(tmp_path, FULL_FILE), env={})
+    flat = {f"{section}.{name}": value
+            for section, table in cfg.to_dict(mask_secrets=False).items()
+            for name, value in table.items()}
+    assert load_config(env={}, overrides=flat) == cfg
+
+
+def test_secret_alias():
+    assert load_config(env={"TILLWIRE_SECRET": "s"}).auth.secret == "s"
+    assert load_config(env={"TILLWIRE_AUTH_SECRET": "t"}).auth.secret == "t"
+    same = {"TILLWIRE_SECRET": "s", "TILLWIRE_AUTH_SECRET": "s"}
+    assert load_config(env=same).auth.secret == "s"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"TILLWIRE_SECRET": "s", "TILLWIRE_AUTH_SECRET": "t"})
+    assert info.value.key == "auth.secret"
+
+
+def test_secret_alias_overrides_file(tmp_path):
+    path = toml_file(tmp_path, '[auth]\nsecret = "from-file"\n')
+    assert load_config(path, env={}).auth.secret == "from-file"
+    assert load_config(path, env={"TILLWIRE_SECRET": "from-env"}).auth.secret == "from-env"
+
+
+def test_admin_token_alias_appends(tmp_path):
+    path = toml_file(tmp_path, FULL_FILE)
+    cfg = load_config(path, env={"TILLWIRE_ADMIN_TOKEN": "env-token"})
+    assert [t.name for t in cfg.admin.tokens] == ["ops", "acme-support", "env"]
+    assert cfg.admin.tokens[-1] == AdminToken("env", "env-token", ("*",))
+    # empty means unset
+    assert load_config(env={"TILLWIRE_ADMIN_TOKEN": ""}).admin.tokens == ()
+
+
+def test_admin_tokens_not_settable_from_env():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"TILLWIRE_ADMIN_TOKENS": "a,b"})
+    assert info.value.key == "admin.tokens"
+    assert "TILLWIRE_ADMIN_TOKENS" in str(info.value)
+    assert "config file" in str(info.value) and "TILLWIRE_ADMIN_TOKEN " in str(info.value)
+
+
+def test_admin_token_alias_name_clash(tmp_path):
+    path = toml_file(tmp_path, '[[admin.tokens]]\nname = "env"\ntoken = "a"\ntenants = ["*"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"TILLWIRE_ADMIN_TOKEN": "b"})
+    assert info.value.key == "admin.tokens[1].name"
+    assert "TILLWIRE_ADMIN_TOKEN" in str(info.value)
+
+
+def test_non_config_env_is_ignored():
+    env = {name: "1" for name in NON_CONFIG_ENV}
+    env.update({"PATH": "/bin", "tillwire_lowercase": "x", "TILLWIREX": "y"})
+    assert load_config(env=env) == Config()
+    assert {"TILLWIRE_NO_EXTENSIONS", "TILLWIRE_DEBUG", "TILLWIRE_CONFIG"} <= set(NON_CONFIG_ENV)
+
+
+def test_loader_ignores_tillwire_config(tmp_path):
+    path = toml_file(tmp_path, "[server]\nport = 9999\n")
+    assert load_config(env={"TILLWIRE_CONFIG": path}).server.port == 7070
+
+
+def test_unknown_env_var_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"TILLWIRE_SERVER_PROT": "7070"})
+    assert info.value.key == "TILLWIRE_SERVER_PROT"
+    assert "TILLWIRE_SERVER_PORT" in str(info.value)
+
+
+def test_env_from_os_environ_by_default(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("TILLWIRE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TILLWIRE_SERVER_BACKLOG", "17")
+    assert load_config().server.backlog == 17
+
+
+# --------------------------------------------------------------------------
+# Validation: every bad value names its key
+
+
+# dotted key -> (bad value in the TOML file, bad text in the environment or None
+# when every string is valid there)
+BAD_VALUES = {
+    "server.host": ("", ""),
+    "server.port": (70000, "x"),
+    "server.data_dir": ("", ""),
+    "server.node_id": ("has space", "a/b"),
+    "server.max_frame_size": (63, "1GiB"),
+    "server.compress_threshold": (-1, "-1"),
+    "server.auth_timeout": (0, "0s"),
+    "server.backlog": (0, "0"),
+    "server.send_buffer": (4095, "1KiB"),
+    "server.write_high_water": (1023, "1000"),
+    "server.write_chunk": ("1KB", "abc"),
+    "server.max_connections": (-1, "1.5"),
+    "auth.secret": (5, None),
+    "auth.clock_skew": (-1, "-5s"),
+    "auth.default_ttl": (0, "forever"),
+    "heartbeat.interval": (0, "0"),
+    "heartbeat.min": (-1.0, "x"),
+    "heartbeat.max": ("1y", ""),
+    "heartbeat.tick": (0, "0ms"),
+    "heartbeat.wheel_size": (7, "4"),
+    "lanes.max_queued_bytes": (100, "4KB"),
+    "lanes.weights": ([8, 4, 65536], "8,4,0"),
+    "lanes.p3_ttl": (0, "nan"),
+    "delivery.retransmit_initial": (0, "inf"),
+    "delivery.retransmit_max": (-1, "x"),
+    "delivery.p0_ttl": (0, "0"),
+    "delivery.p1_ttl": ("0d", "-1"),
+    "delivery.dedup_window": (0, "x"),
+    "delivery.max_unacked_sends": (0, "0"),
+    "delivery.ack_batch_ms": (-1, "nan"),
+    "delivery.inflight": (0, "many"),
+    "delivery.slow_consumer_timeout": (0, "-1s"),
+    "history.max_messages": (-1, "x"),
+    "history.max_age": (0, "0"),
+    "store.backend": ("postgres", "redis"),
+    "store.synchronous": ("SOMETIMES", "maybe"),
+    "store.group_commit_ms": (-0.5, "-1"),
+    "admin.host": ("", ""),
+    "admin.port": (70000, "-1"),
+    "admin.tokens": ("abc", "x"),
+    "log.level": ("trace", "verbose"),
+    "log.format": ("xml", "yaml"),
+    "log.audit_path": (1, None),
+    "log.audit_max_bytes": (1, "1B"),
+    "log.audit_backups": (-1, "x"),
+    "redis.url": ("http://x", "localhost:6379"),
+    "redis.prefix": ("", "has space"),
+    "tls.cert": (1, None),
+    "tls.key": (1, None),
+    "tls.client_ca": (1, None),
+    "tls.require_client_cert": ("yes", "maybe"),
+}
+
+
+def test_bad_value_table_covers_every_key():
+    assert sorted(BAD_VALUES) == sorted(ALL_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_bad_file_value_names_key(tmp_path, key):
+    path = set_in_file(tmp_path, key, BAD_VALUES[key][0])
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("key", sorted(k for k, (_, text) in BAD_VALUES.items() if text is not None))
+def test_bad_env_value_names_key_and_variable(key):
+    var = "TILLWIRE_ADMIN_TOKENS" if key == "admin.tokens" else ENV_OF[key]
+    with pytest.raises(ConfigError) as info:
+        load_config(env={var: BAD_VALUES[key][1]})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key} ({var}): ")
+
+
+@pytest.mark.parametrize("key", sorted(k for k in BAD_VALUES if k != "admin.tokens"))
+def test_bad_override_names_key(key):
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={key: BAD_VALUES[key][0]})
+    assert info.value.key == key
+
+
+def test_error_message_format_for_env():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"TILLWIRE_SERVER_PORT": "x"})
+    assert str(info.value) == "server.port (TILLWIRE_SERVER_PORT): must be an integer 0-65535, got 'x'"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("server.port", "7070"),     # a string where the file needs an integer
+    ("server.port", 7070.0),     # a float
+    ("server.port", True),       # a boolean is not an integer
+    ("server.backlog", 1.5),
+    ("lanes.weights", [8, 4, True]),
+    ("lanes.weights", "8,4,1"),  # the env syntax is not TOML
+    ("heartbeat.tick", True),
+    ("tls.require_client_cert", 1),
+    ("server.host", 127),
+    ("store.group_commit_ms", "2ms"),
+])
+def test_file_types_are_checked(tmp_path, key, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(set_in_file(tmp_path, key, value), env={})
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("server.port", 0, 0),
+    ("server.port", 65535, 65535),
+    ("server.max_frame_size", 64, 64),
+    ("server.max_frame_size", (1 << 21) - 64, (1 << 21) - 64),
+    # Larger than the default lanes.max_queued_bytes allows (relation error).
+    ("server.max_frame_size", MAX_FRAME_SIZE_LIMIT, None),
+    ("server.max_frame_size", "256MiB", None),   # 2**28 is one too many
+    ("server.compress_threshold", 0, 0),
+    ("auth.clock_skew", 0, 0.0),
+    ("admin.port", 0, 0),
+    ("heartbeat.wheel_size", 8, 8),
+    ("history.max_messages", 0, 0),
+    ("log.audit_backups", 0, 0),
+    ("server.node_id", "", ""),
+    ("redis.url", "rediss://:pw@redis.example:6380/1", "rediss://:pw@redis.example:6380/1"),
+    ("redis.url", "unix:///run/redis.sock", "unix:///run/redis.sock"),
+])
+def test_boundaries(tmp_path, key, value, expected):
+    path = set_in_file(tmp_path, key, value)
+    section, name = key.split(".")
+    if expected is None:
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.key == key
+    else:
+        assert getattr(getattr(load_config(path, env={}), section), name) == expected
+
+
+# --------------------------------------------------------------------------
+# Relations between keys
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"TILLWIRE_HEARTBEAT_MIN": "60"}, "heartbeat.min"),
+    ({"TILLWIRE_HEARTBEAT_INTERVAL": "2"}, "heartbeat.interval"),
+    ({"TILLWIRE_HEARTBEAT_INTERVAL": "20m"}, "heartbeat.interval"),
+    ({"TILLWIRE_HEARTBEAT_MAX": "10"}, "heartbeat.max"),
+    ({"TILLWIRE_DELIVERY_RETRANSMIT_MAX": "1"}, "delivery.retransmit_max"),
+    ({"TILLWIRE_DELIVERY_RETRANSMIT_INITIAL": "2m"}, "delivery.retransmit_initial"),
+    ({"TILLWIRE_ADMIN_PORT": "7070"}, "admin.port"),
+    ({"TILLWIRE_SERVER_PORT": "7071"}, "server.port"),
+])
+def test_relations_blame_the_key_that_was_set(env, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert info.value.key == key
+    (var,) = env
+    assert f"({var})" in str(info.value)
+
+
+def test_heartbeat_bounds_may_be_equal():
+    cfg = load_config(env={"TILLWIRE_HEARTBEAT_MIN": "30", "TILLWIRE_HEARTBEAT_MAX": "30"})
+    assert cfg.heartbeat.min == cfg.heartbeat.interval == cfg.heartbeat.max == 30.0
+
+
+def test_admin_and_server_port_may_match_on_distinct_hosts():
+    cfg = load_config(env={"TILLWIRE_ADMIN_PORT": "7070", "TILLWIRE_ADMIN_HOST": "10.0.0.1"})
+    assert cfg.admin.port == cfg.server.port
+    with pytest.raises(ConfigError):
+        load_config(env={"TILLWIRE_ADMIN_PORT": "7070", "TILLWIRE_SERVER_HOST": "0.0.0.0",
+                         "TILLWIRE_ADMIN_HOST": "10.0.0.1"})
+    # admin port 0 = disabled, never a clash
+    assert load_config(env={"TILLWIRE_ADMIN_PORT": "0"}).admin.port == 0
+
+
+def test_tls(tmp_path):
+    cert, key, ca = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    for f in (cert, key, ca):
+        f.write_text("pem")
+    cfg = load_config(env={"TILLWIRE_TLS_CERT": str(cert), "TILLWIRE_TLS_KEY": str(key)})
+    assert cfg.tls.cert == str(cert) and cfg.tls.client_ca == ""
+
+    cases = [
+        ({"TILLWIRE_TLS_CERT": str(cert)}, "tls.key"),
+        ({"TILLWIRE_TLS_KEY": str(key)}, "tls.cert"),
+        ({"TILLWIRE_TLS_CERT": str(tmp_path / "missing.pem"), "TILLWIRE_TLS_KEY": str(key)}, "tls.cert"),
+        ({"TILLWIRE_TLS_CERT": str(cert), "TILLWIRE_TLS_KEY": str(tmp_path)}, "tls.key"),  # a directory
+        ({"TILLWIRE_TLS_CERT": str(cert), "TILLWIRE_TLS_KEY": str(key),
+          "TILLWIRE_TLS_CLIENT_CA": str(tmp_path / "nope.pem")}, "tls.client_ca"),
+        ({"TILLWIRE_TLS_CLIENT_CA": str(ca)}, "tls.client_ca"),
+        ({"TILLWIRE_TLS_CERT": str(cert), "TILLWIRE_TLS_KEY": str(key),
+          "TILLWIRE_TLS_REQUIRE_CLIENT_CERT": "true"}, "tls.require_client_cert"),
+    ]
+    for env, bad_key in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(env=env)
+        assert info.value.key == bad_key, env
+
+
+ADMIN_TOKEN_ERRORS = [
+    ('name = "a"\ntoken = "t"', "admin.tokens[0].tenants"),
+    ('name = "a"\ntenants = ["*"]', "admin.tokens[0].token"),
+    ('token = "t"\ntenants = ["*"]', "admin.tokens[0].name"),
+    ('name = "a"\ntoken = "t"\ntenant = ["*"]', "admin.tokens[0].tenant"),
+    ('name = "a b"\ntoken = "t"\ntenants = ["*"]', "admin.tokens[0].name"),
+    ('name = "a"\ntoken = ""\ntenants = ["*"]', "admin.tokens[0].token"),
+    ('name = "a"\ntoken = "t t"\ntenants = ["*"]', "admin.tokens[0].token"),
+    ('name = "a"\ntoken = "t"\ntenants = []', "admin.tokens[0].tenants"),
+    ('name = "a"\ntoken = "t"\ntenants = "*"', "admin.tokens[0].tenants"),
+    ('name = "a"\ntoken = "t"\ntenants = ["*", "acme"]', "admin.tokens[0].tenants"),
+    ('name = "a"\ntoken = "t"\ntenants = ["ac/me"]', "admin.tokens[0].tenants"),
+    ('name = "a"\ntoken = "t"\ntenants = ["acme", "acme"]', "admin.tokens[0].tenants"),
+]
+
+
+@pytest.mark.parametrize("body, key", ADMIN_TOKEN_ERRORS)
+def test_admin_token_tables_are_checked(tmp_path, body, key):
+    path = toml_file(tmp_path, "[[admin.tokens]]\n" + body + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == key
+
+
+def test_admin_token_duplicates(tmp_path):
+    dup_name = toml_file(tmp_path, """
+        [[admin.tokens]]
+        name = "ops"
+        token = "one"
+        tenants = ["*"]
+        [[admin.tokens]]
+        name = "ops"
+        token = "two"
+        tenants = ["*"]
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(dup_name, env={})
+    assert info.value.key == "admin.tokens[1].name"
+
+    dup_token = toml_file(tmp_path, """
+        [[admin.tokens]]
+        name = "ops"
+        token = "same-secret"
+        tenants = ["*"]
+        [[admin.tokens]]
+        name = "other"
+        token = "same-secret"
+        tenants = ["acme"]
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(dup_token, env={})
+    assert info.value.key == "admin.tokens[1].token"
+    assert "same-secret" not in str(info.value)  # never echo a secret
+
+
+def test_errors_never_echo_secrets(tmp_path):
+    cases = [
+        ('[admin]\ntokens = ["t0ps3cret"]\n', "admin.tokens[0]"),
+        ('[admin.tokens]\nname = "a"\ntoken = "t0ps3cret"\ntenants = ["*"]\n', "admin.tokens"),
+        ('[redis]\nurl = "http://user:t0ps3cret@redis:6379"\n', "redis.url"),
+    ]
+    for text, key in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(toml_file(tmp_path, text), env={})
+        assert info.value.key == key
+        assert "t0ps3cret" not in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Unknown keys and broken files
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("[servr]\nport = 1\n", "servr", "server"),
+    ("[server]\nprot = 1\n", "server.prot", "port"),
+    ("[heartbeat]\ninterval_s = 1\n", "heartbeat.interval_s", "interval"),
+    ("port = 1\n", "port", "[server]"),
+    ("server = 1\n", "server", "table"),
+    ("[[server]]\nport = 1\n", "server", "table"),
+])
+def test_unknown_or_misplaced_keys(tmp_path, text, key, hint):
+    path = toml_file(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == key
+    assert hint in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == path
+    assert "cannot read" in str(info.value)
+
+
+def test_invalid_toml(tmp_path):
+    path = toml_file(tmp_path, "[server\nport = \n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == path
+    assert "invalid TOML" in str(info.value)
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert info.value.key == str(path)
+
+
+# --------------------------------------------------------------------------
+# Durations and sizes
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1d", 86400.0),
+    ("30", 30.0), ("1.5h", 5400.0), (" 2 s ", 2.0), ("10MS", 0.01), (".5s", 0.5), ("0", 0.0),
+    (45, 45.0), (0.25, 0.25),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+    assert isinstance(parse_duration(text), float)
+
+
+@pytest.mark.parametrize("bad", [
+    "", "s", "1y", "1e3", "-1s", "1.2.3s", "1 h 30 m", "1h30m", "nan", "inf", "½s",
+    -1, float("nan"), float("inf"), True, None, [1],
+])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("512B", 512), ("64KiB", 65536), ("1MiB", 1 << 20), ("1GiB", 1 << 30), ("2TiB", 2 << 40),
+    ("4096", 4096), (" 8 kib ", 8192), (0, 0), (123, 123),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "KiB", "1.5MiB", "1KB", "1MB", "1k", "-1", "1e3", -1, 1.0, True, None])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 10**9), unit=st.sampled_from(sorted(DURATION_UNITS)))
+def test_duration_units_property(n, unit):
+    assert parse_duration(f"{n}{unit}") == n * DURATION_UNITS[unit]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 10**6), unit=st.sampled_from(sorted(SIZE_UNITS)))
+def test_size_units_property(n, unit):
+    assert parse_size(f"{n}{unit}") == n * SIZE_UNITS[unit]
+    assert parse_size(f"{n}{unit.lower()}") == n * SIZE_UNITS[unit]
+
+
+@settings(max_examples=300, deadline=None)
+@given(var=st.sampled_from(sorted(ENV_OF.values()) + ["TILLWIRE_SECRET", "TILLWIRE_ADMIN_TOKENS"]),
+       text=st.text(max_size=20))
+def test_any_env_text_gives_a_config_or_a_config_error(var, text):
+    try:
+        cfg = load_config(env={var: text})
+    except ConfigError as exc:
+        assert exc.key  # always names something
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(port=st.integers(-10, 70000))
+def test_port_range_property(port):
+    if 0 <= port <= 65535 and port != 7071:
+        assert load_config(env={"TILLWIRE_SERVER_PORT": str(port)}).server.port == port
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(env={"TILLWIRE_SERVER_PORT": str(port)})
+        assert info.value.key == "server.port"
+
+
+# --------------------------------------------------------------------------
+# Secrets
+
+
+def test_require_secret():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}).require_secret()
+    assert info.value.key == "auth.secret"
+    assert "TILLWIRE_SECRET" in str(info.value)
+    assert load_config(env={"TILLWIRE_SECRET": "k"}).require_secret() == "k"
+
+
+def test_to_dict_masks_secrets():
+    cfg = load_config(
+        env={"TILLWIRE_SECRET": "hunter2", "TILLWIRE_ADMIN_TOKEN": "adm1n",
+             "TILLWIRE_REDIS_URL": "redis://user:pa55@redis:6379/0"},
+    )
+    masked = cfg.to_dict()
+    assert masked["auth"]["secret"] == "***"
+    assert masked["admin"]["tokens"] == [{"name": "env", "token": "***", "tenants": ["*"]}]
+    assert masked["redis"]["url"] == "redis://user:***@redis:6379/0"
+    text = orjson.dumps(masked).decode()
+    assert "hunter2" not in text and "adm1n" not in text and "pa55" not in text
+
+    plain = cfg.to_dict(mask_secrets=False)
+    assert plain["auth"]["secret"] == "hunter2"
+    assert plain["admin"]["tokens"][0]["token"] == "adm1n"
+    assert plain["redis"]["url"] == "redis://user:pa55@redis:6379/0"
+    # masking never mutates the config
+    assert cfg.auth.secret == "hunter2"
+
+
+def test_to_dict_leaves_empty_secret_and_plain_url():
+    d = load_config(env={"TILLWIRE_REDIS_URL": "redis://redis:6379/0"}).to_dict()
+    assert d["auth"]["secret"] == ""
+    assert d["redis"]["url"] == "redis://redis:6379/0"
+    assert d["lanes"]["weights"] == [8, 4, 1]
+
+
+def test_direct_construction_is_not_validated():
+    # load_config validates; tests may build what they need (port 0 = ephemeral).
+    cfg = dataclasses.replace(Config(), server=ServerConfig(port=0), auth=AuthConfig(secret="x"))
+    assert cfg.server.port == 0 and cfg.require_secret() == "x"
+
+
+# --------------------------------------------------------------------------
+# The CLI: `tillwire config`
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """The process environment without any TILLWIRE_* variable."""
+    for name in list(os.environ):
+        if name.startswith("TILLWIRE_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLWIRE_")}
+    env.update(extra)
+    return env
+
+
+def test_cli_config_print_masks_secrets_subprocess(tmp_path):
+    path = toml_file(tmp_path, FULL_FILE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tillwire", "config", "--print", "--config", path],
+        env=subprocess_env(TILLWIRE_ADMIN_TOKEN="env-adm1n"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = orjson.loads(proc.stdout)
+    assert printed["auth"]["secret"] == "***"
+    assert [t["token"] for t in printed["admin"]["tokens"]] == ["***", "***", "***"]
+    for secret in ("file-secret", "ops-token", "acme-token", "env-adm1n"):
+        assert secret not in proc.stdout
+    assert printed["server"]["port"] == 9000
+    assert printed == load_config(path, env={"TILLWIRE_ADMIN_TOKEN": "x"}).to_dict()
+
+
+def test_cli_config_print_uses_tillwire_config(clean_env, tmp_path, capsys):
+    clean_env.setenv("TILLWIRE_CONFIG", toml_file(tmp_path, "[server]\nport = 9999\n"))
+    assert cli.main(["config", "--print"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["server"]["port"] == 9999
+
+
+def test_cli_config_keys_lists_every_key(clean_env, capsys):
+    assert cli.main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key, env, _default, doc in describe_keys():
+        line = next(line for line in out.splitlines() if line.startswith(key + " "))
+        assert env in line and doc in line
+    for name in NON_CONFIG_ENV:
+        assert name in out
+
+
+def test_cli_config_error_exit_code(clean_env, capsys):
+    clean_env.setenv("TILLWIRE_SERVER_PORT", "x")
+    assert cli.main(["config", "--print"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("tillwire: config error: server.port (TILLWIRE_SERVER_PORT): "
+                           "must be an integer 0-65535, got 'x'")
+
+
+def test_cli_usage_errors(clean_env, capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["config"]) == 2  # --print or --keys is required
+    assert cli.main(["config", "--print", "--keys"]) == 2
+    assert cli.main(["bogus"]) == 2
+    assert cli.main(["--version"]) == 0
+    assert "tillwire" in capsys.readouterr().out
+
+
+def test_cli_serve_builds_overrides(clean_env, monkeypatch, capsys):
+    import types
+
+    seen = []
+    fake = types.ModuleType("tillwire.server.main")
+    fake.serve = lambda cfg: seen.append(cfg) or 0
+    monkeypatch.setitem(sys.modules, "tillwire.server.main", fake)
+    clean_env.setenv("TILLWIRE_SECRET", "s")
+    clean_env.setenv("TILLWIRE_SERVER_PORT", "9001")
+    rc = cli.main(["serve", "--host", "0.0.0.0", "--port", "9002", "--data-dir", "/tmp/tw",
+                   "--admin-port", "0", "--redis", "redis://r:6379/0", "--log-level", "debug"])
+    assert rc == 0
+    (cfg,) = seen
+    assert cfg.server.host == "0.0.0.0" and cfg.server.port == 9002  # flag beats env
+    assert cfg.server.data_dir == "/tmp/tw" and cfg.admin.port == 0
+    assert cfg.redis.url == "redis://r:6379/0" and cfg.log.level == "debug"
+
+    assert cli.main(["serve", "--port", "nope"]) == 2
+    assert "server.port" in capsys.readouterr().err
+
+
+def test_cli_serve_requires_secret(clean_env, monkeypatch, capsys):
+    import types
+
+    fake = types.ModuleType("tillwire.server.main")
+    fake.serve = lambda cfg: pytest.fail("serve must not start without a secret")
+    monkeypatch.setitem(sys.modules, "tillwire.server.main", fake)
+    assert cli.main(["serve"]) == 2
+    assert "auth.secret" in capsys.readouterr().err
