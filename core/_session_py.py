@@ -211,6 +211,8 @@ class ServerSession:
         """Queue an inbox message; returns the lane scheduler's push result."""
         if lane > Lane.P1:
             raise ValueError("deliver: inbox lanes are P0 and P1")
+        if self.state == CLOSED:
+            return _lanes_py.DROPPED     # after CLOSE nothing more is queued
         flags = Flag.ACK_REQUESTED | (Flag.RETRANSMIT if retransmit else 0)
         frame = self.encoder.encode_deliver(lane, flags, seq, msg_id, kind, payload)
         if seq > self._sent[lane]:
@@ -219,7 +221,13 @@ class ServerSession:
 
     def push(self, lane: int, frame: bytes, key=None, deadline: float = 0.0,
              channel=None) -> int:
-        """Queue an encoded frame (a BROADCAST shared by many sessions)."""
+        """Queue an encoded frame (a BROADCAST shared by many sessions).
+
+        After CLOSE nothing is queued and DROPPED is returned."""
+        if not isinstance(frame, bytes):
+            raise TypeError("push: frame must be bytes")
+        if self.state == CLOSED:
+            return _lanes_py.DROPPED
         lanes = self._lanes
         if lanes is None:
             lanes = self._lanes = _lanes_py.LaneScheduler(self.max_queued_bytes,
@@ -227,17 +235,24 @@ class ServerSession:
         return lanes.push(lane, frame, key, deadline, channel)
 
     def control(self, frame: bytes) -> None:
-        """Queue an encoded control frame; control frames go before any lane."""
-        self._control.append(frame)
+        """Queue an encoded control frame; control frames go before any lane.
+        Ignored after CLOSE (CLOSE is always the last frame)."""
+        if self.state != CLOSED:
+            self._control.append(frame)
 
     def error(self, code: int, ref: int, message: str) -> None:
-        """Queue ERROR (the session goes on)."""
+        """Queue ERROR (the session goes on); ignored after CLOSE."""
+        if self.state == CLOSED:
+            return
         self._control.append(self.encoder.encode(_codec_py.Frame(
             FrameType.ERROR, code=code, ref=ref, payload=message.encode())))
 
     def goaway(self, code: int, delay_ms: int, reason: str = "") -> None:
-        self._control.append(self.encoder.encode(_codec_py.Frame(
-            FrameType.GOAWAY, code=code, delay=delay_ms, payload=reason.encode())))
+        """Queue GOAWAY: the terminal should reconnect after ``delay_ms``."""
+        frame = self.encoder.encode(_codec_py.Frame(
+            FrameType.GOAWAY, code=code, delay=delay_ms, payload=reason.encode()))
+        if self.state != CLOSED:
+            self._control.append(frame)
 
     def close(self, code: int, reason: str = "") -> None:
         """Queue CLOSE as the last frame and end the session.
@@ -285,12 +300,18 @@ class ServerSession:
             return (0, 0, 0)
         return (lanes.conflated, lanes.p2_dropped, lanes.p3_dropped)
 
-    def release_lanes(self) -> None:
-        """Free an empty scheduler (idle connections keep no queue memory)."""
+    def release_lanes(self):
+        """Free an empty scheduler (idle connections keep no queue memory).
+
+        Returns its (conflated, p2_dropped, p3_dropped) counters, for the
+        caller to keep, or None when there was nothing to release (no
+        scheduler, or frames still queued).
+        """
         lanes = self._lanes
-        if lanes is not None and len(lanes) == 0 and lanes.conflated == 0 \
-                and lanes.p2_dropped == 0 and lanes.p3_dropped == 0:
-            self._lanes = None
+        if lanes is None or len(lanes) != 0:
+            return None
+        self._lanes = None
+        return (lanes.conflated, lanes.p2_dropped, lanes.p3_dropped)
 
     def deadline(self, auth_timeout: float) -> float:
         """When the connection must have shown life again (or be closed)."""
@@ -308,6 +329,8 @@ def fanout(sessions, lane: int, frame: bytes, key=None, deadline: float = 0.0,
     """
     overflow = []
     for session in sessions:
+        if isinstance(session, ServerSession) and session.state == CLOSED:
+            continue                     # closed: nothing more is queued
         if session.push(lane, frame, key, deadline, channel) == _lanes_py.OVERFLOW:
             overflow.append(session)
         if dirty is not None and not session.dirty:

@@ -101,7 +101,7 @@ class Node:
         self._pending_acks: dict[tuple[str, int], int] = {}
         self._pending_delivered: dict[tuple[str, int], list[int]] = {}
         self._batch_handle = None
-        self._closed_lane_totals = [0, 0, 0]
+        self._released_lane_totals = [0, 0, 0]   # of closed or released schedulers
         self.draining = False
         self.started = time.time()
         TerminalConnection.node = self
@@ -229,6 +229,8 @@ class Node:
         deadline = conn.deadline(self.auth_timeout)
         if now < deadline:
             self.wheel.schedule(conn.timer, deadline)
+            # An idle connection gives its lane queues back until its next message.
+            self._add_lane_totals(conn.release_lanes())
             return
         if conn.heartbeat_ms == 0:
             self.close(conn, Code.AUTH_TIMEOUT, f"no HELLO within {self.auth_timeout:g} s")
@@ -258,9 +260,7 @@ class Node:
         inbox = conn.inbox
         if inbox is not None and inbox.timer is not None:
             inbox.timer.cancel()
-        totals = conn.lane_counters()
-        for i in range(3):
-            self._closed_lane_totals[i] += totals[i]
+        self._add_lane_totals(conn.lane_counters())
         if conn.state != CLOSED:
             conn.close(Code.NORMAL, "connection lost")
         claims = conn.claims
@@ -910,9 +910,15 @@ class Node:
             except Exception:
                 log.exception("maintenance failed")
 
+    def _add_lane_totals(self, counters) -> None:
+        if counters:
+            totals = self._released_lane_totals
+            for i in range(3):
+                totals[i] += counters[i]
+
     def lane_totals(self) -> tuple[int, int, int]:
         """(conflated, p2_dropped, p3_dropped) over every connection so far."""
-        totals = list(self._closed_lane_totals)
+        totals = list(self._released_lane_totals)
         for conn in self.connections:
             c = conn.lane_counters()
             for i in range(3):

@@ -1,6 +1,6 @@
 """Embedded SQLite Store backend: P0/P1 inboxes that survive crashes and power loss.
 
-One file (``<data_dir>/tillwire.db``) in WAL mode, two threads:
+One file (``<data_dir>/tillwire.db``) in WAL mode, three threads:
 
 * the **writer** owns the only write connection and runs every write request
   (accept_many, ack_many, delivered_many, reject, expire, trim, register,
@@ -9,28 +9,37 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, two threads:
   (one fsync with ``synchronous=FULL``): group commit.  When it was idle and
   ``group_commit_ms > 0`` it first waits up to that long for company.  A
   request's future resolves only after its commit, so a SENDACK is never sent
-  for data a power loss could take back;
+  for data a power loss could take back.  A request that raises is taken
+  out and the others run again; a failed COMMIT fails the whole batch;
 * the **reader** owns a second connection (``query_only``) and answers inbox,
   positions, trace, dead_letters, terminal(s), stats, load_streams and backup,
-  so reads never wait behind an fsync (WAL readers see the last commit).
+  so reads never wait behind an fsync (WAL readers see the last commit);
+* the **checkpointer** copies the WAL into the database file (PASSIVE
+  checkpoints on a third connection), which SQLite would otherwise do inside
+  one of the writer's commits.
 
 The event loop never touches SQLite: a request is a tuple put on a
 ``queue.SimpleQueue`` (never blocks), and each thread hands a whole batch of
 results back with ONE ``loop.call_soon_threadsafe``.
 
-Writes per message: a ``messages`` row and one ``inbox`` row per recipient,
-plus the dedup index entry and the expiry index entry.  Delivered and acked
-are not per-row updates: each inbox has a ``cursors`` row (acked and delivered
-positions) and ``rangelog`` keeps one row per delivered/acked range with its
-time (the trace's ``delivered_at``/``acked_at``).  The ``last`` seq of an
-inbox is *not* written per message: it is max(cursors.last, highest seq in
-``inbox``), and ``cursors.last`` is written whenever the cursor row is
-(acks, deliveries) and always before trim deletes inbox rows, so a seq is
-never handed out twice.
+Writes per single-recipient message: a ``messages`` row and an ``inbox``
+row, plus the dedup index entry (when it has a ref); rows go in with
+multi-row INSERTs and all refs of a request are looked up in one query.
+Delivered and acked are not per-row updates: each inbox has a ``cursors``
+row (acked and delivered positions) and ``rangelog`` keeps one row per
+delivered/acked range with its time (the trace's ``delivered_at`` and
+``acked_at``).  The ``last`` seq of an inbox is *not* written per message:
+it is max(cursors.last, highest seq in ``inbox``), and ``cursors.last`` is
+written whenever the cursor row is (acks, deliveries) and always before trim
+deletes inbox rows, so a seq is never handed out twice.  There is no index on
+expiry either: the writer keeps, per inbox, a lower bound of its pending
+entries' expiry (see :meth:`_Writer.expire`).
 
 Inbox rows are keyed ``k = tid << 41 | lane << 40 | seq`` (seq < 2**40,
 tid < 2**22): an inbox is a contiguous key range, so replay, acks and trim are
 range scans of the table's own b-tree and inserts need no secondary index.
+The price: a commit dirties about one 4 KiB leaf page per distinct inbox it
+appends to, which is most of the WAL written under load.
 
 Schema versions live in ``meta.schema_version``; :data:`MIGRATIONS` are
 applied in order at open, each in one transaction, so an upgrade never
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import os
 import queue
@@ -49,7 +59,7 @@ import random
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import orjson
 
@@ -86,10 +96,16 @@ _F_GROUP = 2        # the message has several recipients
 _DELIVERED_RANGE = 1
 _ACKED_RANGE = 2
 
-# Box (in-memory inbox state of the writer): a list indexed by these.
-_LAST, _ACK, _DELIV, _TRIM = 0, 1, 2, 3
+# Box (in-memory inbox state of the writer): a list indexed by these.  _EXP
+# is a lower bound of the expiry of the inbox's pending entries (-inf =
+# unknown, +inf = none); it is not persisted.
+_LAST, _ACK, _DELIV, _TRIM, _EXP = 0, 1, 2, 3, 4
+_UNKNOWN = float("-inf")
+_NEVER = float("inf")
+_EXPIRE_BUDGET = 50_000      # pending entries one expire() reads in inboxes of unknown expiry
 
 _P2 = 2
+_WRITER_CHECKPOINT_PAGES = 16384   # 64 MiB: the writer's own checkpoint, a backstop
 _MAX_BATCH_WEIGHT = 20000     # messages/items per group commit before the writer commits anyway
 _STOP = object()
 
@@ -178,8 +194,6 @@ _V2 = (
     """ALTER TABLE inbox ADD COLUMN delivered_at REAL""",
     # How far trim went in each inbox.
     """ALTER TABLE cursors ADD COLUMN trimmed INTEGER NOT NULL DEFAULT 0""",
-    # expire() reads only messages that expired since its last run.
-    """CREATE INDEX messages_expires ON messages(expires)""",
     # Messages trim cannot reach through an inbox: tombstones and messages
     # that had no recipient at all (recipients = '').
     """CREATE INDEX messages_idle ON messages(created) WHERE recipients = ''""",
@@ -217,7 +231,7 @@ _V2 = (
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "inboxes, messages, registry, dead letters", _V1),
-    (2, "inbox flags, trim positions, expiry index, channel streams", _V2),
+    (2, "inbox flags and kept-entry times, trim positions, channel streams", _V2),
 )
 """(version, description, statements), applied in order; never edit a shipped one."""
 
@@ -274,6 +288,61 @@ def _connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA cache_size = -32768")       # 32 MiB
         conn.execute("PRAGMA query_only = ON")
     return conn
+
+
+# Refs are unsigned 64-bit on the wire, SQLite integers are signed: refs of
+# 2**63 and above are stored as ref - 2**64.
+_REF_WRAP = 1 << 63
+
+
+def _ref_in(ref: int) -> int:
+    return ref - (1 << 64) if ref >= _REF_WRAP else ref
+
+
+def _ref_out(ref: int) -> int:
+    return ref + (1 << 64) if ref < 0 else ref
+
+
+_DEDUP_ONE = ("SELECT id, created FROM messages WHERE sender = ? AND ref = ? AND ref != 0 "
+              "ORDER BY id DESC LIMIT 1")
+# All (sender, ref) keys of a request in one statement: a JSON array of pairs
+# joined to the dedup index (one GIL round trip instead of one per message).
+_DEDUP_MANY = ("SELECT m.sender, m.ref, m.id, m.created FROM json_each(?) j JOIN messages m "
+               "ON m.sender = json_extract(j.value, '$[0]') "
+               "AND m.ref = json_extract(j.value, '$[1]') AND m.ref != 0")
+
+
+_INSERT_MESSAGE = ("INSERT INTO messages VALUES ", "(?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_INBOX = ("INSERT INTO inbox(k, msg_id, flags) VALUES ", "(?,?,?)")
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str], rows: list, chunk: int) -> None:
+    """Insert ``rows`` with multi-row VALUES statements.
+
+    One sqlite3_step per statement instead of one per row: the GIL is
+    released and retaken once per statement, and statement overhead is
+    shared.  Statements hold ``chunk`` rows, then halves of it for the rest
+    (a handful of cached statements; ``chunk`` x columns stays under 999,
+    the oldest SQLite limit of bound parameters).
+    """
+    chain = itertools.chain.from_iterable
+    start = 0
+    left = len(rows)
+    size = chunk
+    while left:
+        while size > left:
+            size >>= 1
+        statement = _MULTI_ROW.get((sql, size))
+        if statement is None:
+            statement = _MULTI_ROW[(sql, size)] = sql[0] + ",".join([sql[1]] * size)
+        while left >= size:
+            conn.execute(statement, list(chain(rows[start:start + size])) if size > 1
+                         else rows[start])
+            start += size
+            left -= size
+
+
+_MULTI_ROW: dict[tuple[tuple[str, str], int], str] = {}
 
 
 def _recipients(text: str):
@@ -343,6 +412,7 @@ class _Writer:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.conn: sqlite3.Connection | None = None
+        self.checkpointer: _Checkpointer | None = None
         self.history_max = 1000
         self.history_age = 3600.0
         self.epoch = 0
@@ -357,7 +427,7 @@ class _Writer:
     def _reset_caches(self) -> None:
         self.tids: dict[str, int] = {}          # address -> tid
         self.addresses: dict[int, str] = {}     # tid -> address
-        self.boxes: dict[int, list[int]] = {}   # tid << 1 | lane -> [last, acked, delivered, trimmed]
+        self.boxes: dict[int, list] = {}        # tid << 1 | lane -> [last, acked, delivered, trimmed, exp]
         self.dirty: set[int] = set()            # boxes whose cursor row must be written
         self.new_terminals: list[tuple] = []
         self.streams: dict[tuple[str, int], list] = {}   # (name, lane) -> [sid, epoch, pos]
@@ -367,7 +437,7 @@ class _Writer:
         self.next_id = 1
         self.next_tid = 1
         self.next_sid = 1
-        self.expire_low = 0.0                   # lowest `expires` expire() has not looked at
+        self.all_boxes = False                  # every inbox with rows has a box (for expire)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -380,7 +450,9 @@ class _Writer:
             raise RuntimeError(f"{self.path}: cannot use WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA cache_size = -65536")          # 64 MiB
-        conn.execute("PRAGMA wal_autocheckpoint = 4000")     # ~16 MiB of WAL between checkpoints
+        # The checkpointer thread keeps the WAL short; the writer checkpoints
+        # itself only if that one falls far behind (64 MiB of WAL).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_CHECKPOINT_PAGES}")
         conn.execute("PRAGMA journal_size_limit = 67108864")
         migrate(conn)
         conn.execute("BEGIN IMMEDIATE")
@@ -429,9 +501,9 @@ class _Writer:
                                (base, base | _SEQ_MASK)).fetchone()[0]
             last = top & _SEQ_MASK if top is not None else 0
             if row is None:
-                box = [last, 0, 0, 0]
+                box = [last, 0, 0, 0, _UNKNOWN]
             else:
-                box = [max(row[0], row[1], last), row[1], row[2], row[3]]
+                box = [max(row[0], row[1], last), row[1], row[2], row[3], _UNKNOWN]
             self.boxes[key] = box
         return box
 
@@ -446,8 +518,8 @@ class _Writer:
             self.tids[address] = tid
             self.addresses[tid] = address
             self.new_terminals.append((tid, address))
-            self.boxes[tid << 1] = [0, 0, 0, 0]
-            self.boxes[(tid << 1) | 1] = [0, 0, 0, 0]
+            self.boxes[tid << 1] = [0, 0, 0, 0, _NEVER]
+            self.boxes[(tid << 1) | 1] = [0, 0, 0, 0, _NEVER]
         return tid
 
     # -- the thread ------------------------------------------------------------------------
@@ -559,6 +631,8 @@ class _Writer:
                     failed, error = len(pending), exc
             if failed < 0:
                 self.commits += 1
+                if self.checkpointer is not None:
+                    self.checkpointer.wake.set()
                 self.requests += len(pending)
                 done.extend((fut, result, None) for (_, _, fut, _), result in zip(pending, results))
                 break
@@ -591,83 +665,95 @@ class _Writer:
                 "INSERT INTO cursors(k, last, acked, delivered, trimmed) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(k) DO UPDATE SET last = excluded.last, acked = excluded.acked, "
                 "delivered = excluded.delivered, trimmed = excluded.trimmed",
-                [(k, *boxes[k]) for k in self.dirty])
+                [(k, *boxes[k][:4]) for k in self.dirty])
             self.dirty.clear()
 
     # -- P0/P1 requests ------------------------------------------------------------------------
 
     def accept_many(self, items: list) -> list[Accepted]:
-        """Cost per single-recipient message: 2 row inserts (+2 index entries),
-        one dedup probe when it has a ref, and no reads otherwise."""
+        """Cost per single-recipient message: 2 row inserts (+ the dedup and
+        expiry index entries) and, with a ref, one probe of the dedup index,
+        all refs of the request in ONE query; nothing else is read."""
         conn = self.conn
         window = self.dedup_window
+        # Newest (msg_id, created) per (sender, ref) seen in the window so
+        # far, from the database and then from this request.
         seen: dict[tuple[str, int], tuple[int, float]] = {}
-        lookup = conn.execute
-        for msg, _ in items:
-            if msg.ref:
-                key = (msg.sender, msg.ref)
-                if key not in seen:
-                    row = lookup("SELECT id, created FROM messages WHERE sender = ? AND ref = ? "
-                                 "AND ref != 0 ORDER BY id DESC LIMIT 1", key).fetchone()
-                    if row is not None:
-                        seen[key] = row
+        keys = [(m.sender, _ref_in(m.ref)) for m, _ in items if m.ref]
+        if len(keys) == 1:
+            row = conn.execute(_DEDUP_ONE, keys[0]).fetchone()
+            if row is not None:
+                seen[keys[0]] = row
+        elif keys:
+            for sender, ref, msg_id, created in conn.execute(
+                    _DEDUP_MANY, (orjson.dumps(keys).decode(),)):
+                prev = seen.get((sender, ref))
+                if prev is None or msg_id > prev[0]:
+                    seen[(sender, ref)] = (msg_id, created)
         tids = self.tids
         boxes = self.boxes
         out: list[Accepted] = []
         mrows = []
         irows = []
         next_id = self.next_id
-        low = self.expire_low
         try:
             for msg, recipients in items:
                 ref = msg.ref
                 if ref:
+                    if ref >= _REF_WRAP:
+                        ref -= 1 << 64
                     hit = seen.get((msg.sender, ref))
                     if hit is not None and msg.created - hit[1] <= window:
                         out.append(Accepted(hit[0], True))
                         continue
-                msg_id = next_id
-                next_id += 1
                 lane = msg.lane
                 if lane != 0 and lane != 1:
                     raise ValueError(f"accept_many: lane must be P0 or P1, got {lane!r}")
+                msg_id = next_id
+                next_id += 1
                 flags = _F_RECEIPT if msg.receipt else 0
-                if len(recipients) > 1:
+                if len(recipients) == 1:        # the common case, without the loop below
+                    address = recipients[0]
+                    tid = tids.get(address) or self._tid(address)
+                    key = (tid << 1) | lane
+                    box = boxes.get(key) or self._box(tid, lane)
+                    seq = box[0] = box[0] + 1
+                    if msg.expires < box[4]:
+                        box[4] = msg.expires
+                    irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
+                    text = f"{tid}:{seq}"
+                    seqs = {address: seq}
+                else:
                     recipients = list(dict.fromkeys(recipients))
                     if len(recipients) > 1:
                         flags |= _F_GROUP
-                seqs = {}
-                parts = []
-                for address in recipients:
-                    tid = tids.get(address)
-                    if tid is None:
-                        tid = self._tid(address)
-                    key = (tid << 1) | lane
-                    box = boxes.get(key)
-                    if box is None:
-                        box = self._box(tid, lane)
-                    seq = box[0] + 1
-                    box[0] = seq
-                    seqs[address] = seq
-                    parts.append(f"{tid}:{seq}")
-                    irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
+                    seqs = {}
+                    parts = []
+                    for address in recipients:
+                        tid = tids.get(address) or self._tid(address)
+                        key = (tid << 1) | lane
+                        box = boxes.get(key) or self._box(tid, lane)
+                        seq = box[0] = box[0] + 1
+                        if msg.expires < box[4]:
+                            box[4] = msg.expires
+                        seqs[address] = seq
+                        parts.append(f"{tid}:{seq}")
+                        irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
+                    text = ",".join(parts)
+                created = msg.created
                 mrows.append((msg_id, msg.tenant, msg.sender, ref, lane, msg.kind, msg.to,
-                              msg.body, msg.created, msg.expires, 1 if msg.receipt else 0,
-                              ",".join(parts)))
+                              msg.body, created, msg.expires, flags & _F_RECEIPT, text))
                 if ref:
-                    seen[(msg.sender, ref)] = (msg_id, msg.created)
-                if msg.expires < low:
-                    low = msg.expires
+                    seen[(msg.sender, ref)] = (msg_id, created)
                 out.append(Accepted(msg_id, False, seqs))
         finally:
             self.next_id = next_id
-        self.expire_low = low
         if self.new_terminals:
             conn.executemany("INSERT INTO terminals(tid, address) VALUES (?, ?)", self.new_terminals)
             self.new_terminals.clear()
         if mrows:
-            conn.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", mrows)
-            conn.executemany("INSERT INTO inbox(k, msg_id, flags) VALUES (?, ?, ?)", irows)
+            _insert_rows(conn, _INSERT_MESSAGE, mrows, 64)
+            _insert_rows(conn, _INSERT_INBOX, irows, 256)
             self.accepted += len(mrows)
         return out
 
@@ -690,7 +776,7 @@ class _Writer:
                     "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m ON m.id = i.msg_id "
                     f"WHERE i.k > ? AND i.k <= ? AND i.state = 0 AND (i.flags & {_F_RECEIPT}) "
                     "ORDER BY i.k", (base + acked, base + seq)):
-                receipts.append(ReceiptEvent(msg_id, terminal, sender, ref))
+                receipts.append(ReceiptEvent(msg_id, terminal, sender, _ref_out(ref)))
             box[_ACK] = seq
             self.dirty.add((tid << 1) | lane)
             ranges.append((tid, lane, _ACKED_RANGE, acked + 1, seq, now))
@@ -734,7 +820,8 @@ class _Writer:
         msg = conn.execute("SELECT kind, sender, ref, receipt FROM messages WHERE id = ?",
                            (row[0],)).fetchone()
         kind, sender, ref, receipt = msg if msg is not None else ("", "", 0, 0)
-        dead = DeadLetter(row[0], terminal, lane, seq, kind, reason, now, sender, ref, bool(receipt))
+        dead = DeadLetter(row[0], terminal, lane, seq, kind, reason, now, sender, _ref_out(ref),
+                          bool(receipt))
         self._insert_dead([dead])
         return dead
 
@@ -742,34 +829,74 @@ class _Writer:
         self.conn.executemany(
             "INSERT INTO dead_letters(msg_id, terminal, lane, seq, kind, reason, at, sender, ref, "
             "receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d.msg_id, d.terminal, d.lane, d.seq, d.kind, d.reason, d.at, d.sender, d.ref,
+            [(d.msg_id, d.terminal, d.lane, d.seq, d.kind, d.reason, d.at, d.sender, _ref_in(d.ref),
               1 if d.receipt else 0) for d in dead])
 
     def expire(self, now: float) -> list[DeadLetter]:
-        """Reads only the messages whose expiry lies in [expire_low, now] (expiry index)."""
+        """Dead-letter the pending entries whose message expired by ``now``.
+
+        Reads only inboxes that may hold one: each box keeps a lower bound
+        of its pending entries' expiry (accept lowers it; a scan of the
+        inbox's pending range sets it exactly).  Steady state: one float
+        comparison per inbox plus the pending rows of inboxes where
+        something expired.  After open the bounds are unknown: the first
+        calls scan pending ranges, at most ``_EXPIRE_BUDGET`` rows each.
+        """
         conn = self.conn
-        rows = conn.execute(
-            "SELECT id, lane, kind, sender, ref, receipt, recipients FROM messages "
-            "WHERE expires >= ? AND expires <= ? AND body IS NOT NULL",
-            (self.expire_low, now)).fetchall()
-        rows.sort()
-        out: list[DeadLetter] = []
-        for msg_id, lane, kind, sender, ref, receipt, recipients in rows:
-            for tid, seq in _recipients(recipients):
-                box = self._box(tid, lane)
-                if seq <= box[_ACK]:
+        if not self.all_boxes:
+            self._load_all_boxes()
+        found = []
+        budget = _EXPIRE_BUDGET
+        for key, box in self.boxes.items():
+            if box[_EXP] > now:
+                continue
+            if box[_LAST] <= box[_ACK]:
+                box[_EXP] = _NEVER
+                continue
+            if box[_EXP] == _UNKNOWN:
+                if budget <= 0:
                     continue
-                k = (((tid << 1) | lane) << _SEQ_BITS) | seq
-                cur = conn.execute("UPDATE inbox SET state = ?, ended_at = ?, reason = 'ttl' "
-                                   "WHERE k = ? AND state = 0", (_EXPIRED, now, k))
-                if cur.rowcount == 1:
-                    out.append(DeadLetter(msg_id, self.addresses.get(tid, ""), lane, seq, kind,
-                                          "ttl", now, sender, ref, bool(receipt)))
-        if out:
-            self._insert_dead(out)
-        # Everything that expired by `now` is dead or acked; later accepts lower it again.
-        self.expire_low = max(self.expire_low, now)
+                budget -= box[_LAST] - box[_ACK]
+            base = key << _SEQ_BITS
+            lane = key & 1
+            low = _NEVER
+            for k, msg_id, expires, kind, sender, ref, receipt, recipients, flags in conn.execute(
+                    "SELECT i.k, m.id, m.expires, m.kind, m.sender, m.ref, m.receipt, "
+                    "m.recipients, i.flags FROM inbox i JOIN messages m ON m.id = i.msg_id "
+                    "WHERE i.k > ? AND i.k <= ? AND i.state = 0",
+                    (base + box[_ACK], base + box[_LAST])):
+                if expires > now:
+                    if expires < low:
+                        low = expires
+                    continue
+                pos = 0
+                if flags & _F_GROUP:
+                    pos = recipients.split(",").index(f"{key >> 1}:{k & _SEQ_MASK}")
+                found.append((msg_id, pos, k, DeadLetter(
+                    msg_id, self.addresses.get(key >> 1, ""), lane, k & _SEQ_MASK, kind, "ttl",
+                    now, sender, _ref_out(ref), bool(receipt))))
+            box[_EXP] = low
+        if not found:
+            return []
+        found.sort(key=lambda f: (f[0], f[1]))
+        conn.executemany(f"UPDATE inbox SET state = {_EXPIRED}, ended_at = ?, reason = 'ttl' "
+                         "WHERE k = ?", [(now, f[2]) for f in found])
+        out = [f[3] for f in found]
+        self._insert_dead(out)
         return out
+
+    def _load_all_boxes(self) -> None:
+        """Give every inbox that has rows a box: one index probe per inbox."""
+        conn = self.conn
+        start = 0
+        while True:
+            row = conn.execute("SELECT MIN(k) FROM inbox WHERE k >= ?", (start,)).fetchone()
+            if row[0] is None:
+                break
+            key = row[0] >> _SEQ_BITS
+            self._box(key >> 1, key & 1)
+            start = (key + 1) << _SEQ_BITS
+        self.all_boxes = True
 
     def trim(self, now: float, keep_acked: float) -> int:
         """Delete messages whose every recipient acked (or went dead) before
@@ -790,7 +917,8 @@ class _Writer:
                 "SELECT tid, lane, first, last, at FROM rangelog WHERE at <= ? AND what = ?",
                 (cutoff, _ACKED_RANGE)):
             per_box.setdefault((tid << 1) | lane, []).append((last, first, at))
-        cand: dict[int, list[tuple[int, float | None]]] = {}
+        # msg_id -> [(inbox key, acked at or None, dead at or None)]
+        cand: dict[int, list[tuple[int, float | None, float | None]]] = {}
         for key, ranges in per_box.items():
             box = self._box(key >> 1, key & 1)
             done_to = max(r[0] for r in ranges)
@@ -819,12 +947,13 @@ class _Writer:
                 for k, msg_id in group:
                     i = bisect.bisect_left(lasts, k & _SEQ_MASK)
                     cand.setdefault(msg_id, []).append(
-                        (k, ranges[i][2] if i < len(ranges) else cutoff))
+                        (k, ranges[i][2] if i < len(ranges) else cutoff, None))
             box[_TRIM] = done_to
             self.dirty.add(key)
-        for k, msg_id in conn.execute(
-                "SELECT k, msg_id FROM inbox WHERE state >= 3 AND ended_at <= ?", (cutoff,)):
-            cand.setdefault(msg_id, []).append((k, None))
+        for k, msg_id, ended_at in conn.execute(
+                "SELECT k, msg_id, ended_at FROM inbox WHERE state >= 3 AND ended_at <= ?",
+                (cutoff,)):
+            cand.setdefault(msg_id, []).append((k, None, ended_at))
         for msg_id, entries in cand.items():
             removed += self._trim_message(msg_id, entries, window_cut)
         # Messages without recipients are done when created; tombstones go
@@ -852,10 +981,10 @@ class _Writer:
         row = conn.execute("SELECT lane, ref, created, recipients, body IS NULL FROM messages "
                            "WHERE id = ?", (msg_id,)).fetchone()
         if row is None or row[4]:
-            conn.executemany("DELETE FROM inbox WHERE k = ?", [(k,) for k, _ in entries])
+            conn.executemany("DELETE FROM inbox WHERE k = ?", [(k,) for k, _, _ in entries])
             return 0
         lane, ref, created, recipients, _ = row
-        mine = {k for k, _ in entries}
+        mine = {k for k, _, _ in entries}
         keys = []
         for tid, seq in _recipients(recipients):
             key = (tid << 1) | lane
@@ -868,11 +997,11 @@ class _Writer:
             # Pending, or dead after the cutoff: the message stays.  Its done
             # entries keep their times in the row (the range log goes).
             kept = []
-            for k2, at in entries:
+            for k2, acked_at, dead_at in entries:
                 key2 = k2 >> _SEQ_BITS
                 delivered_at = _range_time(conn, key2 >> 1, lane, _DELIVERED_RANGE,
-                                           k2 & _SEQ_MASK, None)
-                kept.append((at, delivered_at, k2))
+                                           k2 & _SEQ_MASK, dead_at)
+                kept.append((acked_at, delivered_at, k2))
             conn.executemany(
                 f"UPDATE inbox SET state = CASE WHEN state = 0 THEN {_ACKED_KEPT} ELSE state END, "
                 "ended_at = CASE WHEN state = 0 THEN ? ELSE ended_at END, "
@@ -985,6 +1114,56 @@ class _Writer:
             conn.executemany("DELETE FROM stream_entries WHERE sid = ? AND pos <= ?",
                              [(sid, st[2] - keep) for sid, st in self.touched.items()])
             self.touched = {}
+
+
+# --------------------------------------------------------------------------
+# The checkpointer thread
+
+
+class _Checkpointer:
+    """Copies committed WAL pages into the database file on its own connection.
+
+    SQLite's automatic checkpoint would run inside the writer's COMMIT (with
+    its fsyncs of the WAL and the database file), delaying every request of
+    that group commit.  Here a PASSIVE checkpoint runs at most every
+    ``interval`` seconds after commits, concurrently with the writer (WAL
+    allows it); its own ``synchronous`` equals the writer's, so the database
+    file is synced before the writer may restart the WAL.
+    """
+
+    def __init__(self, path: str, synchronous: str, interval: float = 0.25) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.interval = interval
+        self.wake = threading.Event()
+        self.halt = threading.Event()
+        self.checkpoints = 0
+
+    def run(self) -> None:
+        try:
+            conn = _connect(self.path)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as exc:         # pragma: no cover - the writer checkpoints then
+            log.error("store checkpointer cannot open the database: %s", exc)
+            return
+        try:
+            while not self.halt.is_set():
+                self.wake.wait()
+                # Let commits pile up: fewer, larger checkpoints.
+                if self.halt.wait(self.interval):
+                    break
+                self.wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:   # pragma: no cover - retried after the next commit
+                    log.warning("store checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.wake.set()
 
 
 # --------------------------------------------------------------------------
@@ -1142,7 +1321,7 @@ class _Reader:
                 recipients.append(rec)
         finally:
             conn.execute("COMMIT")
-        return Trace(msg_id, tenant, sender, ref, lane, kind, dest, created, expires,
+        return Trace(msg_id, tenant, sender, _ref_out(ref), lane, kind, dest, created, expires,
                      bool(receipt), recipients)
 
     def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
@@ -1154,7 +1333,7 @@ class _Reader:
             lo, hi = _tenant_bounds(tenant)
             rows = self.conn.execute(sql + " WHERE terminal >= ? AND terminal < ? "
                                      "ORDER BY id DESC LIMIT ?", (lo, hi, limit))
-        return [DeadLetter(m, t, lane, seq, kind, reason, at, sender, ref, bool(receipt))
+        return [DeadLetter(m, t, lane, seq, kind, reason, at, sender, _ref_out(ref), bool(receipt))
                 for m, t, lane, seq, kind, reason, at, sender, ref, receipt in rows]
 
     _TERMINAL_COLUMNS = ("address, tenant, terminal, store, region, roles, member, first_seen, "
@@ -1209,6 +1388,7 @@ class _Reader:
             "synchronous": writer.synchronous, "commits": writer.commits,
             "write_requests": writer.requests, "accepted": writer.accepted,
             "failed_commits": writer.failed_commits,
+            "checkpoints": writer.checkpointer.checkpoints if writer.checkpointer else 0,
             "commit_seconds": round(writer.commit_seconds, 6),
         }
 
@@ -1340,6 +1520,11 @@ class SQLiteStore:
         except BaseException:
             await self._stop_writer()
             raise
+        checkpointer = self._writer.checkpointer = _Checkpointer(self.path, self._writer.synchronous)
+        thread = threading.Thread(target=checkpointer.run, name="tillwire-store-checkpointer",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
         self.epoch = info["epoch"]
         self._state = "open"
 
@@ -1359,6 +1544,8 @@ class SQLiteStore:
         self._reader.queue.put((_STOP, (), stopped_reader, 0))
         try:
             await stopped_reader
+            if self._writer.checkpointer is not None:
+                self._writer.checkpointer.stop()
             await self._stop_writer()
         finally:
             self._state = "closed"

@@ -1,0 +1,142 @@
+"""``python -m bench reliability``: no payment result lost, none processed twice.
+
+K payment results (default 100,000) go to 1,000 tills that crash and
+reconnect at random (their unsent ACKs die with them), and the server is
+killed with SIGKILL and restarted in the middle.  The payment backend
+retries every unacked result with the same ref (idempotency), reconnecting
+as needed; tills keep their positions across reconnects like the SDK's state
+file and suppress duplicates by inbox sequence.
+
+Then a separate steady phase (no chaos, no restart) measures how many
+durable P0 messages per second the embedded SQLite store (synchronous=FULL)
+accepts end to end.
+
+Keys: sent, acked, delivered_unique, lost (acked but never delivered),
+duplicates_suppressed (duplicate SENDs answered from the dedup window plus
+redelivered messages the tills recognised), reordered (deliveries out of
+inbox order), durable_msgs_per_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import Server, Worker
+
+TENANT = "rel"
+
+
+def _tills(port: int, n: int, workers: int, chaos: bool) -> list[Worker]:
+    per = n // workers
+    out = [Worker("tills", port=port, tenant=TENANT, start=i * per, chaos=chaos,
+                  count=per if i < workers - 1 else n - per * (workers - 1))
+           for i in range(workers)]
+    for w in out:
+        w.recv(300)
+    return out
+
+
+def _stats(tills: list[Worker]) -> list[dict]:
+    for w in tills:
+        w.send(cmd="stats")
+    return [w.recv(120) for w in tills]
+
+
+def _stop(workers: list[Worker]) -> None:
+    for w in workers:
+        try:
+            w.send(cmd="quit")
+        except Exception:
+            pass
+        w.close()
+
+
+def run(quick: bool = False, argv=()) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench reliability")
+    parser.add_argument("--messages", type=int, default=5_000 if quick else 100_000)
+    parser.add_argument("--terminals", type=int, default=100 if quick else 1_000)
+    parser.add_argument("--steady", type=int, default=5_000 if quick else 100_000,
+                        help="messages in the steady throughput phase")
+    parser.add_argument("--window", type=int, default=2_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(list(argv))
+    k, n = args.messages, args.terminals
+    env = {"TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRONOUS": "FULL",
+           "TILLWIRE_HEARTBEAT_INTERVAL": "600", "TILLWIRE_HEARTBEAT_MAX": "600",
+           "TILLWIRE_DELIVERY_RETRANSMIT_INITIAL": "2", "TILLWIRE_LOG_LEVEL": "warning"}
+
+    # Phase 1: chaos, a kill -9 and a restart.
+    server = Server(env=env).start()
+    workers: list[Worker] = []
+    try:
+        tills = _tills(server.port, n, args.workers, chaos=True)
+        payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
+        workers = [*tills, payer]
+        payer.recv(60)
+        t0 = time.monotonic()
+        payer.send(cmd="pay", first=0, count=k, window=args.window, timeout=900)
+        killed = False
+        while True:
+            msg = payer.recv(900)
+            if "progress" not in msg:
+                result = msg
+                break
+            if not killed and msg["progress"] >= k // 2:
+                server.kill()
+                killed_at = time.monotonic() - t0
+                time.sleep(0.5)
+                server.start()
+                killed = True
+                print(f"server killed (SIGKILL) and restarted at {killed_at:.1f} s, "
+                      f"{msg['progress']} acked so far", flush=True)
+        print(f"payer: {result['acked']}/{k} acked after {result['sends']} sends "
+              f"in {result['seconds']:.1f} s", flush=True)
+        for w in tills:
+            w.send(cmd="set", chaos=False)
+            w.recv(60)
+        payer.send(cmd="stats")
+        pstats = payer.recv(60)
+        acked = set(pstats["acked"])
+        deadline = time.monotonic() + 120
+        while True:
+            stats = _stats(tills)
+            seen = set().union(*(set(s["seen"]) for s in stats))
+            if acked <= seen or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        lost = len(acked - seen)
+        suppressed = pstats["dup_acks"] + sum(s["suppressed"] for s in stats)
+        reordered = sum(s["reordered"] + s["reordered_processed"] for s in stats)
+        dup_processed = sum(s["dup_processed"] for s in stats)
+        crashes = sum(s["crashes"] for s in stats)
+        print(f"tills: {len(seen)} distinct results delivered, {crashes} till crashes, "
+              f"{suppressed} duplicates suppressed ({pstats['dup_acks']} at the server's "
+              f"dedup), {dup_processed} processed twice, {reordered} reordered, {lost} lost",
+              flush=True)
+    finally:
+        _stop(workers)
+        server.stop()
+
+    # Phase 2: steady durable throughput.
+    server = Server(env=env).start()
+    try:
+        tills = _tills(server.port, n, args.workers, chaos=False)
+        payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
+        workers = [*tills, payer]
+        payer.recv(60)
+        payer.send(cmd="pay", first=0, count=args.steady, window=args.window, timeout=600)
+        while "progress" in (steady := payer.recv(600)):
+            pass
+        rate = steady["acked"] / steady["seconds"]
+        print(f"steady: {steady['acked']} durable P0 messages in {steady['seconds']:.2f} s "
+              f"-> {rate:,.0f} msgs/s (SQLite, synchronous=FULL)", flush=True)
+    finally:
+        _stop(workers)
+        server.stop()
+    return {
+        "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
+        "lost": lost, "duplicates_suppressed": suppressed, "reordered": reordered,
+        "processed_twice": dup_processed, "durable_msgs_per_s": round(rate),
+        "till_crashes": crashes, "terminals": n, "quick": quick,
+    }

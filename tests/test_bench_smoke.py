@@ -1,0 +1,58 @@
+"""Every benchmark's ``--quick`` mode runs and prints the keys its issue names.
+
+Speed is never asserted here (it is measured by the full benchmarks); these
+tests keep the benchmarks from rotting: they run the same code on a small
+workload, as a real subprocess from the repo root, and check that the last
+stdout line is one JSON object with the required keys and sane values.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+KEYS = {
+    "codec": {"decode_fps", "encode_fps", "decode_speedup", "encode_speedup", "decode_fps_1k",
+              "encode_fps_1k"},
+    "fanout": {"connections", "deliveries_per_s", "fanout_p50_ms", "fanout_p99_ms",
+               "server_rss_per_conn_bytes"},
+    "lanes": {"p0_p99_ms_idle", "p0_p99_ms_flood", "p0_flood_ratio", "p3_dropped", "p0_lost"},
+    "reliability": {"sent", "acked", "delivered_unique", "lost", "duplicates_suppressed",
+                    "reordered", "durable_msgs_per_s"},
+}
+
+
+def run_bench(name: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--json"], cwd=ROOT,
+                          capture_output=True, timeout=600,
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith("TILLWIRE_")})
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    last = proc.stdout.decode().strip().splitlines()[-1]
+    return orjson.loads(last)
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KEYS))
+def test_quick_benchmark_prints_its_keys(name):
+    result = run_bench(name)
+    missing = KEYS[name] - set(result)
+    assert not missing, f"{name}: missing keys {sorted(missing)} in {result}"
+    for key in KEYS[name]:
+        value = result[key]
+        assert isinstance(value, (int, float)) and value == value, f"{name}.{key} = {value!r}"
+        assert value >= 0, f"{name}.{key} = {value!r}"
+    if name == "lanes":
+        assert result["p0_lost"] == 0
+    if name == "reliability":
+        assert result["lost"] == 0 and result["reordered"] == 0
+    if name == "fanout":
+        assert result["deliveries"] == result["deliveries_expected"]
