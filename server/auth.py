@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import math
 import re
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ID_TEXT = "1-64 characters of A-Z a-z 0-9 . _ -"
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*")
 _PAYLOAD_KEYS = frozenset({"ten", "sto", "reg", "tid", "rol", "mem", "iat", "exp"})
+_ROLE_TUPLES: dict[tuple[str, ...], tuple[str, ...]] = {}
+"""One shared tuple per distinct role list (at most a few hundred: roles are 7)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,13 +218,17 @@ def _claims(payload: bytes) -> Claims | None:
             return None
     if exp < iat:
         return None
+    # Tenant, store, region, member and role strings repeat across thousands
+    # of connections: intern them so every connection shares one copy.
+    intern = sys.intern
+    role_tuple = tuple(intern(r) for r in roles)
     return Claims(
-        tenant=obj["ten"],
-        store=obj["sto"],
-        region=obj["reg"],
+        tenant=intern(obj["ten"]),
+        store=intern(obj["sto"]),
+        region=intern(obj["reg"]),
         terminal=obj["tid"],
-        roles=tuple(roles),
-        member=obj["mem"],
+        roles=_ROLE_TUPLES.setdefault(role_tuple, role_tuple),
+        member=intern(obj["mem"]),
         issued_at=iat,
         expires_at=exp,
     )

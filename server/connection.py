@@ -13,9 +13,11 @@ All methods run on the event loop.
 
 from __future__ import annotations
 
-import socket
-
 from ..core.session import ServerSession
+
+
+RESUMING = object()
+"""``TerminalConnection.inbox`` while the resume task reads the store."""
 
 
 class InboxState:
@@ -30,14 +32,14 @@ class InboxState:
     __slots__ = ("cursor", "last", "pumping", "rto", "progress", "timer", "delivered", "blocked",
                  "blocked_since")
 
-    def __init__(self) -> None:
-        self.cursor = [1, 1]
-        self.last = [0, 0]
+    def __init__(self, acked0: int = 0, acked1: int = 0) -> None:
+        self.cursor = [acked0 + 1, acked1 + 1]
+        self.last = [acked0, acked1]
         self.pumping = [False, False]
         self.rto = 0.0             # current retransmit timeout (0 = initial)
         self.progress = 0.0        # loop time of the last ack progress
         self.timer = None          # retransmit timer (a wheel Timer)
-        self.delivered = [0, 0]    # highest seq already reported as delivered
+        self.delivered = [acked0, acked1]   # highest seq already reported as delivered
         self.blocked = False       # a pump stopped because the lane queue was full
         self.blocked_since = 0.0   # loop time it stopped
 
@@ -59,19 +61,13 @@ class TerminalConnection(ServerSession):
         self.address = ""
         self.paused = False
         self.timer = None
-        self.inbox = None       # InboxState once the terminal has P0/P1 traffic
+        self.inbox = None       # InboxState while the terminal has P0/P1 in flight or waiting
         self.extra = None       # rarely used state (explicit subscriptions, jobs), a dict
 
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.node.send_buffer)
-            except OSError:
-                pass
         transport.set_write_buffer_limits(high=self.node.write_high_water)
         self.node.on_connection_made(self)
 

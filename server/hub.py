@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..core.codes import Flag, FrameType, Lane
+from ..core.session import OPEN
 from .address import Address, parse_address
 
 
@@ -91,91 +92,94 @@ class Hub:
         # so a restart is a new epoch and terminals resync from a snapshot.
         self.epoch = epoch if epoch is not None else \
             (int(time.time()) << 8 | random.randrange(256)) & 0x7FFFFFFFFFFF
-        self.sessions: dict[str, object] = {}                  # terminal address -> session
-        self._by_tenant: dict[str, dict] = {}
+        self.sessions: dict[str, object] = {}          # terminal address -> session
+        # Live sessions that are open (after RESUME), indexed the few ways
+        # addresses select them.  A session sits in its store's dict, and in
+        # its region's and member's when it has them; tenants and cross-store
+        # role groups are unions of stores, so they cost no entry per session.
         self._by_store: dict[tuple[str, str], dict] = {}
         self._by_region: dict[tuple[str, str], dict] = {}
-        self._by_role: dict[tuple[str, str], dict] = {}        # (tenant, role) across stores
         self._by_member: dict[tuple[str, str], dict] = {}
+        self._stores_of: dict[str, dict[tuple[str, str], None]] = {}   # tenant -> store keys
         self._streams: dict[tuple[str, int], Stream] = {}
         self._by_id: dict[int, Stream] = {}
         self._next_id = 1
 
     # -- sessions -------------------------------------------------------------
 
-    @staticmethod
-    def _index_add(index: dict, key, session) -> None:
-        group = index.get(key)
+    def attach(self, session, claims) -> None:
+        """Make an open session reachable by group addresses."""
+        t = claims.tenant
+        key = (t, claims.store)
+        group = self._by_store.get(key)
         if group is None:
-            group = index[key] = {}
+            group = self._by_store[key] = {}
+            self._stores_of.setdefault(t, {})[key] = None
         group[session] = None
+        if claims.region:
+            self._by_region.setdefault((t, claims.region), {})[session] = None
+        if claims.member:
+            self._by_member.setdefault((t, claims.member), {})[session] = None
 
-    @staticmethod
-    def _index_remove(index: dict, key, session) -> None:
-        group = index.get(key)
+    def detach(self, session, claims) -> None:
+        """Forget a session (closed, lost or taken over)."""
+        if self.sessions.get(session.address) is session:
+            del self.sessions[session.address]
+        t = claims.tenant
+        key = (t, claims.store)
+        group = self._by_store.get(key)
         if group is not None:
             group.pop(session, None)
             if not group:
-                del index[key]
-
-    def _indexes(self, claims):
-        t = claims.tenant
-        yield self._by_tenant, t
-        yield self._by_store, (t, claims.store)
-        if claims.region:
-            yield self._by_region, (t, claims.region)
-        for role in claims.roles:
-            yield self._by_role, (t, role)
-        if claims.member:
-            yield self._by_member, (t, claims.member)
-
-    def attach(self, session, claims) -> None:
-        """Make a session reachable (after RESUME); it must be the terminal's only one."""
-        self.sessions[claims.address] = session
-        for index, key in self._indexes(claims):
-            self._index_add(index, key, session)
-
-    def detach(self, session, claims) -> None:
-        if self.sessions.get(claims.address) is session:
-            del self.sessions[claims.address]
-        for index, key in self._indexes(claims):
-            self._index_remove(index, key, session)
+                del self._by_store[key]
+                stores = self._stores_of[t]
+                del stores[key]
+                if not stores:
+                    del self._stores_of[t]
+        for index, k in ((self._by_region, (t, claims.region)),
+                         (self._by_member, (t, claims.member))):
+            group = index.get(k)
+            if group is not None:
+                group.pop(session, None)
+                if not group:
+                    del index[k]
 
     def session(self, terminal_address: str):
         return self.sessions.get(terminal_address)
 
-    def tenant_sessions(self, tenant: str) -> dict:
-        return self._by_tenant.get(tenant, {})
-
     def store_sessions(self, tenant: str, store: str) -> dict:
         return self._by_store.get((tenant, store), {})
+
+    def tenant_groups(self, tenant: str) -> list[dict]:
+        """The open sessions of a tenant, as one dict per store."""
+        by_store = self._by_store
+        return [by_store[key] for key in self._stores_of.get(tenant, ())]
 
     def groups(self, address: Address) -> list:
         """The session collections that together are the implied subscribers.
 
-        A collection is a dict (sessions as keys) or a list; a session is in
-        at most one of them, except the role filter below, which returns a
-        fresh list.
+        A collection is a dict (sessions as keys) or a list; no session is in
+        two of them.  Role groups filter the store (or, for ``role:<t>/*/r``,
+        every store of the tenant): a store holds tens of terminals.
         """
         scope = address.scope
         t = address.tenant
         if scope == "tenant":
-            return [self._by_tenant.get(t, {})]
+            return self.tenant_groups(t)
         if scope == "store":
             return [self._by_store.get((t, address.path[0]), {})]
         if scope == "region":
             return [self._by_region.get((t, address.path[0]), {})]
         if scope == "terminal":
             s = self.sessions.get(str(address))
-            return [[s]] if s is not None else []
+            return [[s]] if s is not None and s.state == OPEN else []
         if scope == "member":
             return [self._by_member.get((t, address.path[0]), {})]
         if scope == "role":
             store, role = address.path
-            if store == "*":
-                return [self._by_role.get((t, role), {})]
-            members = self._by_store.get((t, store), {})
-            return [[s for s in members if role in s.claims.roles]]
+            stores = self.tenant_groups(t) if store == "*" else \
+                [self._by_store.get((t, store), {})]
+            return [[s for group in stores for s in group if role in s.claims.roles]]
         return []
 
     # -- streams ---------------------------------------------------------------

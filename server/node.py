@@ -35,7 +35,7 @@ from ..core.session import CLOSED, OPEN, OVERFLOW, Encoder, Frame, fanout
 from . import kinds
 from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
 from .auth import verify_token
-from .connection import InboxState, TerminalConnection
+from .connection import RESUMING, InboxState, TerminalConnection
 from .hub import Hub, parse_positions
 from .registry import Registry
 from .store import NewMessage, TerminalRecord
@@ -60,6 +60,11 @@ class Counters:
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _deadline_due(conn: TerminalConnection) -> None:
+    # A plain function, not a bound method: every connection's timer shares it.
+    conn.node._on_deadline(conn)
 
 
 class Node:
@@ -91,13 +96,18 @@ class Node:
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
         self.counters = Counters()
-        self.connections: set[TerminalConnection] = set()
+        # Connections that have not authenticated yet; authenticated ones live
+        # in hub.sessions (so an idle terminal costs no entry here).
+        self._unauthenticated: set[TerminalConnection] = set()
+        self.connection_count = 0
         self._dirty: list[TerminalConnection] = []
         self._flush_handle = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tick_handle = None
         self._tasks: set[asyncio.Task] = set()
         self._pending_accepts: list = []
+        self._pending_registers: list[TerminalRecord] = []
+        self._resuming: dict = {}      # connection -> highest seqs stored while it resumed
         self._pending_acks: dict[tuple[str, int], int] = {}
         self._pending_delivered: dict[tuple[str, int], list[int]] = {}
         self._batch_handle = None
@@ -113,16 +123,27 @@ class Node:
         for rec in await self.store.terminals():
             self.registry.put(rec)
         srv = self.cfg.server
-        if sock is not None:
-            server = await self.loop.create_server(TerminalConnection, sock=sock,
-                                                   backlog=srv.backlog, ssl=ssl)
-        else:
-            server = await self.loop.create_server(TerminalConnection, srv.host, srv.port,
-                                                   backlog=srv.backlog, ssl=ssl,
-                                                   reuse_address=True)
+        if sock is None:
+            sock = self._listen_socket(srv.host, srv.port)
+        server = await self.loop.create_server(TerminalConnection, sock=sock,
+                                               backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
         self._schedule_tick()
         self._spawn(self._maintenance())
+
+    def _listen_socket(self, host: str, port: int) -> socket.socket:
+        """The terminal listener.  Accepted sockets inherit its SO_SNDBUF, so the
+        small kernel send buffer (a P0 never waits behind megabytes already
+        handed to the kernel) costs nothing per connection."""
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        sock.bind(addr)
+        sock.setblocking(False)
+        return sock
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -131,7 +152,7 @@ class Node:
     async def stop(self, code: int = Code.SHUTDOWN, reason: str = "server stopping") -> None:
         for server in self._servers:
             server.close()
-        for conn in list(self.connections):
+        for conn in self.all_connections():
             conn.close(code, reason)
             self.mark_dirty(conn)
         self._flush()
@@ -140,11 +161,15 @@ class Node:
             task.cancel()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        for conn in list(self.connections):
+        for conn in self.all_connections():
             if conn.transport is not None:
                 conn.transport.close()
         await asyncio.sleep(0)
         await self.store.close()
+
+    def all_connections(self) -> list[TerminalConnection]:
+        """Every open connection, authenticated or not (a snapshot)."""
+        return [*self.hub.sessions.values(), *self._unauthenticated]
 
     def _spawn(self, coro) -> asyncio.Task:
         task = self.loop.create_task(coro)
@@ -197,7 +222,7 @@ class Node:
             if resync:
                 self._queue_resync(conn, resync)
             inbox = conn.inbox
-            if inbox is not None and inbox.blocked and conn.queued_bytes < self.inbox_budget // 2:
+            if inbox.__class__ is InboxState and inbox.blocked and conn.queued_bytes < self.inbox_budget // 2:
                 inbox.blocked = False
                 inbox.progress = now
                 for lane in (Lane.P0, Lane.P1):
@@ -242,23 +267,25 @@ class Node:
     # -- connection events ----------------------------------------------------------------
 
     def on_connection_made(self, conn: TerminalConnection) -> None:
-        self.connections.add(conn)
+        self._unauthenticated.add(conn)
+        self.connection_count += 1
         self.counters.connections += 1
         limit = self.cfg.server.max_connections
-        if self.draining or (limit and len(self.connections) > limit):
+        if self.draining or (limit and self.connection_count > limit):
             conn.close(Code.DRAINING if self.draining else Code.RATE_LIMITED,
                        "server is draining" if self.draining else "too many connections")
             self.mark_dirty(conn)
             return
-        conn.timer = _wheel.Timer(self._on_deadline, conn)
+        conn.timer = _wheel.Timer(_deadline_due, conn)
         self.wheel.schedule(conn.timer, conn.started + self.auth_timeout)
 
     def on_connection_lost(self, conn: TerminalConnection) -> None:
-        self.connections.discard(conn)
+        self._unauthenticated.discard(conn)
+        self.connection_count -= 1
         if conn.timer is not None:
             conn.timer.cancel()
         inbox = conn.inbox
-        if inbox is not None and inbox.timer is not None:
+        if inbox.__class__ is InboxState and inbox.timer is not None:
             inbox.timer.cancel()
         self._add_lane_totals(conn.lane_counters())
         if conn.state != CLOSED:
@@ -310,26 +337,27 @@ class Node:
         except AuthError as exc:
             self._refuse(conn, exc.code, str(exc))
             return
-        record = self.registry.get(claims.address)
+        address = claims.address           # built once; every index shares it
+        record = self.registry.get(address)
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             self._refuse(conn, Code.TOKEN_REVOKED,
                          "this terminal is retired" if record.retired
                          else "this terminal's tokens were revoked")
             return
-        old = self.hub.sessions.get(claims.address)
+        old = self.hub.sessions.get(address)
         if old is not None and old is not conn:
             self.counters.takeovers += 1
-            old.close(Code.TAKEOVER, "the terminal logged in on another connection")
+            self.close(old, Code.TAKEOVER, "the terminal logged in on another connection")
             self.hub.detach(old, old.claims)
-            self.mark_dirty(old)
         conn.claims = claims
-        conn.address = claims.address
-        self.hub.sessions[claims.address] = conn
+        conn.address = address
+        self.hub.sessions[address] = conn
+        self._unauthenticated.discard(conn)
         hb = self.cfg.heartbeat
         wanted = frame.heartbeat / 1000.0 if frame.heartbeat else hb.interval
         heartbeat = min(max(wanted, hb.min), hb.max)
         info = orjson.dumps({
-            "terminal": claims.address, "tenant": claims.tenant, "store": claims.store,
+            "terminal": address, "tenant": claims.tenant, "store": claims.store,
             "region": claims.region, "roles": list(claims.roles), "member": claims.member,
             "node": self.node_id,
         })
@@ -337,25 +365,31 @@ class Node:
                     int(now * 1000), self.max_frame_size, self.store.epoch, info)
         # From now on the deadline is the heartbeat's, not the auth timeout's.
         self.wheel.schedule(conn.timer, conn.deadline(self.auth_timeout))
-        self._register(claims, now)
+        # From here on the connection's identity is its registry record: the
+        # same tenant, store, region, roles and member as the token, shared
+        # with the registry instead of a second object per connection.
+        conn.claims = self._register(conn, claims, now)
 
     def _refuse(self, conn: TerminalConnection, code: int, reason: str) -> None:
         self.counters.auth_failures += 1
         conn.close(code, reason)
         self.mark_dirty(conn)
 
-    def _register(self, claims, now: float) -> None:
-        rec = self.registry.get(claims.address)
+    def _register(self, conn, claims, now: float) -> TerminalRecord:
+        """Record the terminal in the registry; returns its (shared) record."""
+        rec = self.registry.get(conn.address)
         if (rec is not None and rec.store == claims.store and rec.region == claims.region
                 and rec.roles == claims.roles and rec.member == claims.member
                 and now - rec.last_seen < 3600):
-            return
-        new = TerminalRecord(claims.address, claims.tenant, claims.terminal, claims.store,
+            return rec
+        new = TerminalRecord(conn.address, claims.tenant, claims.terminal, claims.store,
                              claims.region, tuple(claims.roles), claims.member,
                              rec.first_seen if rec else now, now,
                              rec.retired if rec else False, rec.revoked_before if rec else 0.0)
         self.registry.put(new)
-        self._spawn(self.store.register(new))
+        self._pending_registers.append(new)     # written with the next batch
+        self._schedule_batches()
+        return new
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims
@@ -372,6 +406,7 @@ class Node:
         for stream in self.hub.streams_of(names):
             self._join(conn, stream, positions.get((stream.name, stream.lane)), now)
         same_epoch = frame.epoch == self.store.epoch
+        conn.inbox = RESUMING
         self._spawn(self._resume_inbox(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
         self.mark_dirty(conn)
@@ -663,8 +698,15 @@ class Node:
         if conn is None or conn.state != OPEN:
             return
         inbox = conn.inbox
+        if inbox is RESUMING:
+            # The resume task is reading the store's positions; make sure it
+            # learns of this message even if its read came first.
+            seen = self._resuming.setdefault(conn, [0, 0])
+            seen[lane] = max(seen[lane], seq)
+            return
         if inbox is None:
-            return          # the resume task has not set the inbox up yet; it will read the store
+            inbox = conn.inbox = InboxState(conn.inbox_window(0)[0], conn.inbox_window(1)[0])
+            inbox.progress = self.loop.time()
         if seq > inbox.last[lane]:
             inbox.last[lane] = seq
         if inbox.pumping[lane]:
@@ -742,25 +784,28 @@ class Node:
     async def _resume_inbox(self, conn: TerminalConnection, p0: int, p1: int) -> None:
         """Set up the inbox windows after RESUME and replay what is unacked."""
         address = conn.address
-        acked0, last0, acked1, last1 = await self.store.positions(address)
+        try:
+            acked0, last0, acked1, last1 = await self.store.positions(address)
+        finally:
+            seen = self._resuming.pop(conn, (0, 0))
         if conn.state != OPEN:
             return
-        implicit = []
-        positions = ((acked0, last0, p0), (acked1, last1, p1))
-        inbox = InboxState()
+        positions = ((acked0, max(last0, seen[0]), p0), (acked1, max(last1, seen[1]), p1))
+        acked_now = [0, 0]
+        lasts = [0, 0]
         for lane, (acked, last, resumed) in enumerate(positions):
             # The terminal processed up to ``resumed``: that is an ack.
             if resumed > acked:
                 acked = min(resumed, last)
-                implicit.append((address, lane, acked))
+                self._queue_ack(address, lane, acked)
             conn.set_inbox(lane, acked)
-            inbox.cursor[lane] = acked + 1
-            inbox.last[lane] = last
-            inbox.delivered[lane] = acked
-        if implicit:
-            for key in implicit:
-                self._queue_ack(key[0], key[1], key[2])
-        conn.inbox = inbox
+            acked_now[lane] = acked
+            lasts[lane] = last
+        if lasts[0] <= acked_now[0] and lasts[1] <= acked_now[1]:
+            conn.inbox = None        # nothing waiting: no inbox state until a message comes
+            return
+        inbox = conn.inbox = InboxState(acked_now[0], acked_now[1])
+        inbox.last[:] = lasts
         inbox.progress = self.loop.time()
         for lane in (Lane.P0, Lane.P1):
             if inbox.cursor[lane] <= inbox.last[lane]:
@@ -777,7 +822,7 @@ class Node:
 
     def _on_retransmit(self, conn: TerminalConnection) -> None:
         inbox = conn.inbox
-        if conn.state != OPEN or inbox is None:
+        if conn.state != OPEN or inbox.__class__ is not InboxState:
             return
         now = self.loop.time()
         if inbox.blocked or conn.paused:
@@ -806,13 +851,20 @@ class Node:
         lane = frame.flags & Flag.LANE_MASK
         self._queue_ack(conn.address, lane, frame.seq)
         inbox = conn.inbox
-        if inbox is None:
+        if inbox is None or inbox is RESUMING:
             return
         inbox.rto = self.cfg.delivery.retransmit_initial
         inbox.progress = self.loop.time()
+        acked0 = conn.inbox_window(0)[0]
+        acked1 = conn.inbox_window(1)[0]
+        if acked0 >= inbox.last[0] and acked1 >= inbox.last[1] and \
+                not (inbox.pumping[0] or inbox.pumping[1] or inbox.blocked):
+            # Everything known is acked: drop the state until the next message.
+            if inbox.timer is not None:
+                inbox.timer.cancel()
+            conn.inbox = None
+            return
         if inbox.timer is not None:
-            acked0 = conn.inbox_window(0)[0]
-            acked1 = conn.inbox_window(1)[0]
             if acked0 >= inbox.cursor[0] - 1 and acked1 >= inbox.cursor[1] - 1:
                 inbox.timer.cancel()
             else:
@@ -850,9 +902,13 @@ class Node:
     async def _flush_batches(self) -> None:
         acks = self._pending_acks
         delivered = self._pending_delivered
+        registers = self._pending_registers
         self._pending_acks = {}
         self._pending_delivered = {}
+        self._pending_registers = []
         now = time.time()
+        for rec in registers:
+            await self.store.register(rec)
         if delivered:
             await self.store.delivered_many(
                 [(t, lane, rng[0], rng[1]) for (t, lane), rng in delivered.items()], now)
@@ -875,7 +931,7 @@ class Node:
         inbox = conn.inbox
         if frame.code == 0:
             # Redeliver later: rewind to the nacked seq when the retransmit timer fires.
-            if inbox is not None:
+            if inbox.__class__ is InboxState:
                 inbox.rto = max(inbox.rto, self.cfg.delivery.retransmit_initial)
                 self._arm_retransmit(conn)
             return
@@ -919,7 +975,7 @@ class Node:
     def lane_totals(self) -> tuple[int, int, int]:
         """(conflated, p2_dropped, p3_dropped) over every connection so far."""
         totals = list(self._released_lane_totals)
-        for conn in self.connections:
+        for conn in self.hub.sessions.values():
             c = conn.lane_counters()
             for i in range(3):
                 totals[i] += c[i]

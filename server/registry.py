@@ -4,6 +4,11 @@ Every terminal that ever authenticated (or was registered through the admin
 API) has a ``TerminalRecord`` in the store; the node keeps them all here so
 that a P0/P1 message to ``store:acme/s1`` or ``role:acme/*/service`` expands
 to its members without a store query, connected or not.
+
+Records are indexed by store (and by region and member when they have
+them); a tenant is the union of its stores and a role group filters a store
+(or all of the tenant's stores for ``role:<t>/*/<role>``), so a record costs
+one or two index entries.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ from .store import TerminalRecord
 class Registry:
     def __init__(self) -> None:
         self.records: dict[str, TerminalRecord] = {}
-        self._by_tenant: dict[str, set[str]] = {}
         self._by_store: dict[tuple[str, str], set[str]] = {}
         self._by_region: dict[tuple[str, str], set[str]] = {}
-        self._by_role: dict[tuple[str, str], set[str]] = {}
         self._by_member: dict[tuple[str, str], set[str]] = {}
+        self._stores_of: dict[str, set[tuple[str, str]]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -28,17 +32,14 @@ class Registry:
         return self.records.get(address)
 
     def _keys(self, rec: TerminalRecord):
-        yield self._by_tenant, rec.tenant
         yield self._by_store, (rec.tenant, rec.store)
         if rec.region:
             yield self._by_region, (rec.tenant, rec.region)
-        for role in rec.roles:
-            yield self._by_role, (rec.tenant, role)
         if rec.member:
             yield self._by_member, (rec.tenant, rec.member)
 
     def put(self, rec: TerminalRecord) -> None:
-        """Insert or replace a record (indexes follow its store, region, roles)."""
+        """Insert or replace a record (indexes follow its store, region, member)."""
         old = self.records.get(rec.address)
         if old is not None:
             for index, key in self._keys(old):
@@ -47,9 +48,20 @@ class Registry:
                     members.discard(old.address)
                     if not members:
                         del index[key]
+                        if index is self._by_store:
+                            self._stores_of[key[0]].discard(key)
         self.records[rec.address] = rec
         for index, key in self._keys(rec):
-            index.setdefault(key, set()).add(rec.address)
+            members = index.get(key)
+            if members is None:
+                members = index[key] = set()
+                if index is self._by_store:
+                    self._stores_of.setdefault(key[0], set()).add(key)
+            members.add(rec.address)
+
+    def _stores(self, tenant: str) -> list[set[str]]:
+        by_store = self._by_store
+        return [by_store[key] for key in self._stores_of.get(tenant, ())]
 
     def members(self, address: Address) -> list[str]:
         """Terminal addresses of a (group) address, retired ones excluded.
@@ -58,11 +70,12 @@ class Registry:
         terminal is not registered yet (its message waits for its first login).
         """
         scope, t = address.scope, address.tenant
+        records = self.records
         if scope == "terminal":
-            rec = self.records.get(str(address))
+            rec = records.get(str(address))
             return [] if rec is not None and rec.retired else [str(address)]
         if scope == "tenant":
-            found = self._by_tenant.get(t, ())
+            found = [a for group in self._stores(t) for a in group]
         elif scope == "store":
             found = self._by_store.get((t, address.path[0]), ())
         elif scope == "region":
@@ -71,10 +84,9 @@ class Registry:
             found = self._by_member.get((t, address.path[0]), ())
         elif scope == "role":
             store, role = address.path
-            found = self._by_role.get((t, role), set())
-            if store != "*":
-                found = found & self._by_store.get((t, store), set())
+            groups = self._stores(t) if store == "*" else \
+                [self._by_store.get((t, store), ())]
+            found = [a for group in groups for a in group if role in records[a].roles]
         else:
             return []
-        records = self.records
         return sorted(a for a in found if not records[a].retired)

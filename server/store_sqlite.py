@@ -599,60 +599,69 @@ class _Writer:
 
         A request that raises is taken out, the transaction rolled back (and
         the caches reloaded) and the rest run again: one bad request never
-        fails the others.  A failed COMMIT fails every request of the batch.
+        fails the others.  An OperationalError (disk full, I/O error) or a
+        failed COMMIT fails every request of the batch.  Never raises: the
+        writer thread must outlive any error.
         """
-        if not batch:
-            return
-        conn = self.conn
         done: list = []
         pending = batch
-        while pending:
-            results = []
-            failed = -1
-            error: BaseException | None = None
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except Exception as exc:
-                done.extend((fut, None, exc) for _, _, fut, _ in pending)
-                break
-            for i, (op, args, fut, _) in enumerate(pending):
-                try:
-                    results.append(op(*args))
-                except Exception as exc:
-                    failed, error = i, exc
+        try:
+            while pending:
+                failed, error, results = self._attempt(pending)
+                if failed < 0:
+                    self.commits += 1
+                    self.requests += len(pending)
+                    if self.checkpointer is not None:
+                        self.checkpointer.wake.set()
+                    done.extend((fut, result, None)
+                                for (_, _, fut, _), result in zip(pending, results))
                     break
-            if failed < 0:
+                # Failure: undo the transaction and the caches.
                 try:
-                    self._flush()
-                    started = time.perf_counter()
-                    conn.execute("COMMIT")
-                    self.commit_seconds += time.perf_counter() - started
-                except Exception as exc:
-                    failed, error = len(pending), exc
-            if failed < 0:
-                self.commits += 1
-                if self.checkpointer is not None:
-                    self.checkpointer.wake.set()
-                self.requests += len(pending)
-                done.extend((fut, result, None) for (_, _, fut, _), result in zip(pending, results))
-                break
-            # Failure: undo the transaction and the caches.
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self._load()
-            if failed == len(pending):          # COMMIT failed: the whole batch failed
-                self.failed_commits += 1
-                log.error("store commit failed: %s", error)
-                done.extend((fut, None, error) for _, _, fut, _ in pending)
-                break
-            op, _, fut, _ = pending[failed]
-            if fut is None:
-                log.error("store: dropped a %s that failed: %s", getattr(op, "__name__", op), error)
-            done.append((fut, None, error))
-            pending = pending[:failed] + pending[failed + 1:]
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._load()
+                if failed == len(pending) or isinstance(error, sqlite3.OperationalError):
+                    self.failed_commits += 1
+                    log.error("store write failed, %d requests fail: %s", len(pending), error)
+                    done.extend((fut, None, error) for _, _, fut, _ in pending)
+                    break
+                op, _, fut, _ = pending[failed]
+                if fut is None:
+                    log.error("store: dropped a %s that failed: %s",
+                              getattr(op, "__name__", op), error)
+                done.append((fut, None, error))
+                pending = pending[:failed] + pending[failed + 1:]
+        except Exception as exc:      # e.g. _load() failing: fail what is left, keep running
+            log.exception("store writer error")
+            settled = {id(item[0]) for item in done}
+            done.extend((fut, None, exc) for _, _, fut, _ in pending if id(fut) not in settled)
         _post(self.loop, done)
+
+    def _attempt(self, pending: list) -> tuple[int, BaseException | None, list]:
+        """One transaction over ``pending``: (-1, None, results) once committed,
+        else (index of the request that raised, or len(pending) when BEGIN or
+        COMMIT failed, the exception, [])."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            return len(pending), exc, []
+        results = []
+        for i, (op, args, _, _) in enumerate(pending):
+            try:
+                results.append(op(*args))
+            except Exception as exc:
+                return i, exc, []
+        try:
+            self._flush()
+            started = time.perf_counter()
+            conn.execute("COMMIT")
+            self.commit_seconds += time.perf_counter() - started
+        except Exception as exc:
+            return len(pending), exc, []
+        return -1, None, results
 
     def _flush(self) -> None:
         """Write what the requests of this transaction left in memory."""
@@ -1536,8 +1545,9 @@ class SQLiteStore:
     async def close(self) -> None:
         """Commit what is queued, checkpoint the WAL and stop both threads."""
         if self._state != "open":
-            self._state = "closed"
-            return
+            if self._state == "new":
+                self._state = "closed"
+            return              # closed, or another close() is under way
         self._state = "closing"
         loop = self._loop
         stopped_reader = loop.create_future()

@@ -594,6 +594,55 @@ def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
     sqlite_run(db_path, body, group_commit_ms=50.0)
 
 
+def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
+    async def body(store):
+        writer = store._writer                # failure injection: the flush before COMMIT
+        real_flush = writer._flush
+
+        def failing_flush():
+            writer._flush = real_flush
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+
+        await store.accept_many([(msg(1), [TILL])])
+        writer._flush = failing_flush
+        results = await asyncio.gather(
+            store.accept_many([(msg(2), [TILL])]), store.accept_many([(msg(3), [TILL2])]),
+            store.ack_many([(TILL, 0, 1)], T0 + 1), return_exceptions=True)
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        # Nothing of that batch is stored; the store goes on from where it was.
+        assert await store.positions(TILL) == (0, 1, 0, 0)
+        assert await store.positions(TILL2) == (0, 0, 0, 0)
+        [again] = await store.accept_many([(msg(2), [TILL])])
+        assert (again.duplicate, again.msg_id, again.seqs) == (False, 2, {TILL: 2})
+        assert (await store.stats())["failed_commits"] == 1
+
+    sqlite_run(db_path, body, group_commit_ms=50.0, synchronous="NORMAL")
+
+
+def test_sqlite_never_blocks_the_event_loop(db_path):
+    async def body(store):
+        ticks = 0
+        done = False
+
+        async def spin():
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        spinner = asyncio.ensure_future(spin())
+        await asyncio.sleep(0)
+        got = await store.accept_many([(msg(i + 1, to=f"terminal:acme/t{i % 50}"),
+                                        [f"terminal:acme/t{i % 50}"]) for i in range(5000)])
+        done = True
+        await spinner
+        assert len(got) == 5000
+        # The loop kept turning while the writer thread stored 5000 messages.
+        assert ticks > 10
+
+    sqlite_run(db_path, body)
+
+
 def test_sqlite_refuses_bad_settings_and_use_before_open(db_path):
     with pytest.raises(ValueError):
         SQLiteStore(db_path, synchronous="SOMETIMES")
@@ -718,6 +767,7 @@ def test_sqlite_online_backup_while_writing(db_path, tmp_path):
     sqlite_run(copy, check)
 
 
+@pytest.mark.slow
 def test_sqlite_backup_command_in_another_process(db_path, tmp_path):
     out = str(tmp_path / "backup" / "snap.db")
     os.makedirs(os.path.dirname(out))
@@ -783,6 +833,7 @@ _CRASH_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sqlite_survives_sigkill_mid_write(db_path, tmp_path):
     """Every msg_id the child printed (after accept_many returned) is in the database."""
     script = tmp_path / "child.py"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import shutil
 import sys
@@ -109,10 +110,19 @@ def calibrate() -> float:
     return (time.perf_counter() - started) * 2
 
 
-async def measure(store, batch: int, inflight: int, seconds: float) -> dict:
-    """Accept for ``seconds``; returns msgs/s, the loop's worst stall and commits/s."""
+async def measure(store, batch: int, inflight: int, seconds: float,
+                  freeze: bool = False) -> dict:
+    """Accept for ``seconds``; returns msgs/s, the loop's worst stall and commits/s.
+
+    ``freeze``: move every object alive before the run (the prebuilt
+    batches) out of the garbage collector's reach, as a server may do after
+    startup, so the stalls left are the ones the run itself causes.
+    """
     source = Batches()
     ready = [source.make(batch) for _ in range(int(60_000 / batch) + inflight)]
+    if freeze:
+        gc.collect()
+        gc.freeze()
     loop = asyncio.get_running_loop()
     lateness: list[float] = []
     stop = asyncio.Event()
@@ -145,14 +155,16 @@ async def measure(store, batch: int, inflight: int, seconds: float) -> dict:
     await tick
     stats1 = await store.stats()
     commits = stats1.get("commits", 0) - stats0.get("commits", 0)
+    if freeze:
+        gc.unfreeze()
     lateness.sort()
     p99 = lateness[int(len(lateness) * 0.99)] if lateness else 0.0
     return {"msgs_per_s": total / elapsed, "stall_ms": lateness[-1] * 1000 if lateness else 0.0,
             "p99_ms": p99 * 1000, "commits_per_s": commits / elapsed, "messages": total}
 
 
-def report(seconds: float, quick: bool) -> None:
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, loop: "
+def report(seconds: float, quick: bool, freeze: bool = False) -> None:
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, gc.freeze: {freeze}, loop: "
           f"{'uvloop' if uvloop else 'asyncio'}; calibration loop: {calibrate():.2f} s "
           f"(~0.5 s on an idle modern core); load average before: {os.getloadavg()}")
     combos = [(sync, batch, inflight) for sync in ("FULL", "NORMAL") for batch in (500, 100)
@@ -170,7 +182,7 @@ def report(seconds: float, quick: bool) -> None:
                 os.path.join(workdir, DB_FILENAME), synchronous=sync, group_commit_ms=2.0)
             loop.run_until_complete(store.open())
             try:
-                res = loop.run_until_complete(measure(store, batch, inflight, seconds))
+                res = loop.run_until_complete(measure(store, batch, inflight, seconds, freeze))
             finally:
                 loop.run_until_complete(store.close())
                 loop.close()
@@ -186,5 +198,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
     parser.add_argument("--quick", action="store_true", help="only sqlite FULL, 500, 4 in flight")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() the prebuilt batches before each run")
     opts = parser.parse_args()
-    report(opts.seconds, opts.quick)
+    report(opts.seconds, opts.quick, opts.gc_freeze)
