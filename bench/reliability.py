@@ -54,11 +54,12 @@ def _stop(workers: list[Worker]) -> None:
 
 def run(quick: bool = False, argv=()) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench reliability")
-    parser.add_argument("--messages", type=int, default=5_000 if quick else 100_000)
+    parser.add_argument("--messages", type=int, default=20_000 if quick else 100_000)
     parser.add_argument("--terminals", type=int, default=100 if quick else 1_000)
     parser.add_argument("--steady", type=int, default=5_000 if quick else 100_000,
                         help="messages in the steady throughput phase")
-    parser.add_argument("--window", type=int, default=2_000)
+    parser.add_argument("--window", type=int, default=10_000,
+                        help="most unacked payment results in flight at the sender")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(list(argv))
     k, n = args.messages, args.terminals

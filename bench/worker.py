@@ -590,7 +590,7 @@ class Payer:
                 next_n += 1
                 sends += 1
             await asyncio.sleep(0.002)
-            if now - last_report > 0.5:
+            if now - last_report > 0.05:
                 last_report = now
                 self.emit({"progress": len(self.acked)})
         elapsed = time.monotonic() - t0

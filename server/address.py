@@ -48,8 +48,27 @@ class Address:
         return self.scope in GROUP_SCOPES
 
 
+_CACHE: dict[str, Address] = {}
+_CACHE_MAX = 65536
+
+
 def parse_address(text: str) -> Address:
-    """Parse and validate an address; raises AddressError(BAD_ADDRESS)."""
+    """Parse and validate an address; raises AddressError(BAD_ADDRESS).
+
+    Valid addresses are cached (they repeat: the same tills, stores and
+    groups are addressed over and over); the cache is bounded.
+    """
+    found = _CACHE.get(text)
+    if found is not None:
+        return found
+    address = _parse(text)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[text] = address
+    return address
+
+
+def _parse(text: str) -> Address:
     if not isinstance(text, str) or not text:
         raise AddressError(Code.BAD_ADDRESS, "address: empty")
     if len(text.encode()) > MAX_ADDRESS_LEN:

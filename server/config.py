@@ -521,8 +521,9 @@ class StoreConfig:
     """``[store]``: where inboxes and dedup state live."""
 
     backend: str = _key(
-        "memory", _Choice("memory", "sqlite"),
-        "Message store: memory (lost on restart) or sqlite (in data_dir).")
+        "sqlite", _Choice("memory", "sqlite"),
+        "Message store: sqlite (durable, <data_dir>/tillwire.db; the embedded default) or "
+        "memory (everything is lost when the process ends).")
     synchronous: str = _key(
         "FULL", _Choice("OFF", "NORMAL", "FULL", "EXTRA"),
         "SQLite PRAGMA synchronous of the sqlite store.")

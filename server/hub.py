@@ -38,7 +38,8 @@ class Entry:
     payload: bytes
     created: float      # loop time
     deadline: float     # P3 expiry in loop time (0.0 = none)
-    frame: bytes        # the live BROADCAST frame, shared by every subscriber
+    frame: bytes | None  # the live BROADCAST frame, shared by every subscriber
+                         # (None for entries restored from the store)
     replay: bytes | None = None   # the same with RETRANSMIT, built on first replay
 
 
@@ -88,8 +89,9 @@ class Hub:
         self._frame = frame_cls
         self.history_max = history_max
         self.history_age = history_age
-        # One epoch for every stream of this process: history lives in memory,
-        # so a restart is a new epoch and terminals resync from a snapshot.
+        # One epoch for every stream: the store's, so offsets stay valid across
+        # a restart when the store keeps the streams (SQLite), and a new store
+        # (or the memory store's new process) is a new epoch: terminals resync.
         self.epoch = epoch if epoch is not None else \
             (int(time.time()) << 8 | random.randrange(256)) & 0x7FFFFFFFFFFF
         self.sessions: dict[str, object] = {}          # terminal address -> session
@@ -209,6 +211,23 @@ class Hub:
         return self.encoder.encode(self._frame(
             FrameType.SUBSCRIBED, stream.lane, channel=stream.id, epoch=stream.epoch,
             offset=stream.offset, to=stream.name))
+
+    def restore(self, state, loop_now: float, unix_now: float) -> Stream:
+        """Rebuild a stream from what the store kept (times converted to loop time)."""
+        stream = self.stream(state.name, state.lane)
+        stream.epoch = state.epoch
+        stream.offset = state.offset
+
+        def entry(e) -> Entry:
+            created = loop_now - (unix_now - e.created)
+            deadline = loop_now - (unix_now - e.expires) if e.expires else 0.0
+            return Entry(e.offset, e.kind, e.key, e.version, e.payload, created, deadline, None)
+
+        stream.history.extend(entry(e) for e in state.history)
+        by_offset = {e.offset: e for e in stream.history}
+        for e in state.lvc:
+            stream.lvc[e.key] = by_offset.get(e.offset) or entry(e)
+        return stream
 
     def stream_count(self) -> int:
         return len(self._streams)

@@ -38,9 +38,16 @@ from .auth import verify_token
 from .connection import RESUMING, InboxState, TerminalConnection
 from .hub import Hub, parse_positions
 from .registry import Registry
-from .store import NewMessage, TerminalRecord
+from .store import NewMessage, StreamEntry, TerminalRecord
 
 log = logging.getLogger("tillwire.node")
+
+# Plain ints for the hot paths: an int & IntFlag goes through the enum
+# machinery (microseconds), an int & int does not.
+_LANE_MASK = int(Flag.LANE_MASK)
+_ACK_REQUESTED = int(Flag.ACK_REQUESTED)
+_RETRANSMIT = int(Flag.RETRANSMIT)
+_RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 
 PUMP_BATCH = 128             # store rows read per pump step
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
@@ -91,7 +98,7 @@ class Node:
         self.auth_timeout = srv.auth_timeout
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
-                       history_age=cfg.history.max_age)
+                       history_age=cfg.history.max_age, epoch=store.epoch)
         self.registry = Registry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
@@ -114,14 +121,31 @@ class Node:
         self._released_lane_totals = [0, 0, 0]   # of closed or released schedulers
         self.draining = False
         self.started = time.time()
+        self._handlers = {      # frame type -> handler of a frame the session passed on
+            int(FrameType.SEND): self._on_send, int(FrameType.ACK): self._on_ack,
+            int(FrameType.HELLO): self._on_hello, int(FrameType.RESUME): self._on_resume,
+            int(FrameType.NACK): self._on_nack_frame,
+            int(FrameType.SUBSCRIBE): self._on_subscribe,
+            int(FrameType.UNSUBSCRIBE): self._on_unsubscribe,
+            int(FrameType.HISTORY): self._on_history,
+            int(FrameType.RECEIPT): self._on_receipt_frame,
+            int(FrameType.CLOSE): self._on_close_frame,
+        }
         TerminalConnection.node = self
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None, ssl=None) -> None:
         await self.store.open()
+        self.hub.epoch = self.store.epoch          # known once the store is open
         for rec in await self.store.terminals():
             self.registry.put(rec)
+        history = self.cfg.history
+        self.store.configure_streams(history.max_messages, history.max_age)
+        unix_now, loop_now = time.time(), self.loop.time()
+        for state in await self.store.load_streams(history.max_messages, history.max_age,
+                                                   unix_now):
+            self.hub.restore(state, loop_now, unix_now)
         srv = self.cfg.server
         if sock is None:
             sock = self._listen_socket(srv.host, srv.port)
@@ -300,27 +324,18 @@ class Node:
         conn.transport = None
 
     def on_frame(self, conn: TerminalConnection, frame) -> None:
-        ftype = frame.type
-        if ftype == FrameType.SEND:
-            self._on_send(conn, frame)
-        elif ftype == FrameType.ACK:
-            self._on_ack(conn, frame)
-        elif ftype == FrameType.HELLO:
-            self._on_hello(conn, frame)
-        elif ftype == FrameType.RESUME:
-            self._on_resume(conn, frame)
-        elif ftype == FrameType.NACK:
-            self._spawn(self._on_nack(conn, frame))
-        elif ftype == FrameType.SUBSCRIBE:
-            self._on_subscribe(conn, frame)
-        elif ftype == FrameType.UNSUBSCRIBE:
-            self._on_unsubscribe(conn, frame)
-        elif ftype == FrameType.HISTORY:
-            self._on_history(conn, frame)
-        elif ftype == FrameType.RECEIPT:
-            self._spawn(self._on_read_receipt(conn, frame))
-        elif ftype == FrameType.CLOSE:
-            self.mark_dirty(conn)
+        handler = self._handlers.get(frame.type)
+        if handler is not None:
+            handler(conn, frame)
+
+    def _on_close_frame(self, conn: TerminalConnection, frame) -> None:
+        self.mark_dirty(conn)
+
+    def _on_nack_frame(self, conn: TerminalConnection, frame) -> None:
+        self._spawn(self._on_nack(conn, frame))
+
+    def _on_receipt_frame(self, conn: TerminalConnection, frame) -> None:
+        self._spawn(self._on_read_receipt(conn, frame))
 
     # -- handshake ----------------------------------------------------------------------
 
@@ -444,7 +459,7 @@ class Node:
         return stream
 
     def _on_subscribe(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         try:
             if lane < Lane.P2:
                 raise AddressError(Code.BAD_REQUEST, "SUBSCRIBE: lane must be P2 or P3")
@@ -469,7 +484,7 @@ class Node:
         self.mark_dirty(conn)
 
     def _on_unsubscribe(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         stream = self.hub.stream(frame.to, lane, create=False)
         subs = conn.extra.get("explicit") if conn.extra else None
         if stream is None or not subs or stream not in subs:
@@ -484,7 +499,7 @@ class Node:
         self.mark_dirty(conn)
 
     def _on_history(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         ref = frame.ref
         try:
             address = parse_address(frame.to)
@@ -555,7 +570,7 @@ class Node:
     # -- publishing -----------------------------------------------------------------------
 
     def _on_send(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         ref = frame.ref
         try:
             address = parse_address(frame.to)
@@ -570,14 +585,14 @@ class Node:
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
             return
-        want_ack = frame.flags & Flag.ACK_REQUESTED
+        want_ack = frame.flags & _ACK_REQUESTED
         if lane <= Lane.P1:
             ttl = frame.ttl / 1000.0 if frame.ttl else (
                 self.cfg.delivery.p0_ttl if lane == Lane.P0 else self.cfg.delivery.p1_ttl)
             now = time.time()
             msg = NewMessage(conn.claims.tenant, conn.address, ref, lane, frame.kind,
                              str(address), frame.payload, now, now + ttl,
-                             bool(frame.flags & Flag.RECEIPT_REQUESTED))
+                             bool(frame.flags & _RECEIPT_REQUESTED))
             self.submit(msg, address, (conn, ref) if want_ack else None)
             return
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
@@ -602,6 +617,10 @@ class Node:
         entry = self.hub.append(stream, kind, key, version, payload, now, deadline)
         if entry is None:
             return 0
+        unix = time.time()
+        self.store.stream_append(name, lane, stream.epoch, StreamEntry(
+            entry.offset, kind, key, version, payload, unix,
+            unix + (deadline - now) if deadline else 0.0))
         ckey = (stream.id, key) if key else None
         dirty = self._dirty
         overflow = []
@@ -671,7 +690,7 @@ class Node:
             conn, ref = reply
             if conn.state == OPEN:
                 conn.control(self.encoder.encode(Frame(
-                    FrameType.SENDACK, Flag.RETRANSMIT if accepted.duplicate else 0,
+                    FrameType.SENDACK, _RETRANSMIT if accepted.duplicate else 0,
                     ref=ref, msg_id=accepted.msg_id,
                     payload=b"" if accepted.duplicate else
                     orjson.dumps({"recipients": len(accepted.seqs)}))))
@@ -848,7 +867,7 @@ class Node:
             self.wheel.schedule(inbox.timer, self.loop.time() + inbox.rto)
 
     def _on_ack(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         self._queue_ack(conn.address, lane, frame.seq)
         inbox = conn.inbox
         if inbox is None or inbox is RESUMING:
@@ -927,7 +946,7 @@ class Node:
         self.mark_dirty(conn)
 
     async def _on_nack(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & Flag.LANE_MASK
+        lane = frame.flags & _LANE_MASK
         inbox = conn.inbox
         if frame.code == 0:
             # Redeliver later: rewind to the nacked seq when the retransmit timer fires.

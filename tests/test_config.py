@@ -74,7 +74,7 @@ def test_defaults_without_any_source():
     assert (cfg.heartbeat.min, cfg.heartbeat.interval, cfg.heartbeat.max) == (5.0, 30.0, 600.0)
     assert cfg.lanes.weights == (8, 4, 1)
     assert cfg.delivery.p0_ttl == 604800.0 and cfg.delivery.ack_batch_ms == 2.0
-    assert cfg.store.backend == "memory" and cfg.store.synchronous == "FULL"
+    assert cfg.store.backend == "sqlite" and cfg.store.synchronous == "FULL"
     assert cfg.admin.port == 7071 and cfg.admin.tokens == ()
     assert cfg.log.level == "info" and cfg.log.format == "kv"
     assert cfg.redis.url == "" and cfg.redis.prefix == "tw"

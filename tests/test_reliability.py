@@ -1,0 +1,409 @@
+"""Reliable delivery end to end: durable inboxes, acks, retransmits, resume,
+sender dedup, channel history and snapshots, dead letters, traces, receipts.
+
+The crash tests run ``tillwire serve`` as a real subprocess on the SQLite
+store and kill it with SIGKILL while messages flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import orjson
+import pytest
+
+from support import ServerProcess, aiotest, connect, eventually, start_node
+from tillwire.client.connection import Connection
+from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
+from tillwire.core.errors import SessionClosed
+
+
+class Till:
+    """A till that remembers its positions across connections (as the SDK's
+    state file does) and records every payment it processes."""
+
+    def __init__(self, addr, name: str) -> None:
+        self.addr = addr
+        self.name = name
+        self.epoch = 0
+        self.processed = [0, 0]
+        self.seen: list[int] = []        # message numbers processed, in order
+        self.seqs: list[int] = []        # their inbox seqs
+        self.conn: Connection | None = None
+
+    async def open(self) -> Connection:
+        self.conn = await connect(self.addr, self.name, epoch=self.epoch,
+                                  p0=self.processed[0], p1=self.processed[1])
+        if self.conn.welcome.epoch != self.epoch:
+            self.epoch = self.conn.welcome.epoch
+            self.processed = [0, 0]
+        return self.conn
+
+    async def pump(self, until: float) -> None:
+        """Process messages until the connection ends or ``until`` (loop time)."""
+        conn = self.conn
+        loop = asyncio.get_running_loop()
+        try:
+            while loop.time() < until:
+                try:
+                    msg = await conn.receive(timeout=max(0.01, until - loop.time()))
+                except asyncio.TimeoutError:
+                    return
+                if msg.channel is not None:
+                    continue
+                self.seen.append(msg.body["n"])
+                self.seqs.append(msg.seq)
+                self.processed[msg.lane] = msg.seq
+                await msg.ack()
+        except SessionClosed:
+            return
+
+
+async def open_until_up(till: Till, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await till.open()
+            return
+        except (OSError, SessionClosed, asyncio.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+class Payer:
+    """A backend that retries every unacked payment with the same ref."""
+
+    def __init__(self, addr) -> None:
+        self.addr = addr
+        self.conn: Connection | None = None
+        self.acked: dict[int, int] = {}
+        self.duplicates = 0
+        self._lock = asyncio.Lock()      # one (re)connection at a time, shared by all sends
+
+    async def ensure(self) -> Connection:
+        async with self._lock:
+            while self.conn is None or not self.conn.is_open:
+                try:
+                    self.conn = await connect(self.addr, "payer", store="hq",
+                                              roles=("backend",))
+                except (OSError, SessionClosed, asyncio.TimeoutError):
+                    await asyncio.sleep(0.1)
+            return self.conn
+
+    async def pay(self, n: int, terminal: str) -> None:
+        while n not in self.acked:
+            conn = await self.ensure()
+            try:
+                ack = await conn.send("payment.result", {"n": n, "status": "paid"},
+                                      f"terminal:acme/{terminal}", ref=n + 1, timeout=3)
+            except (SessionClosed, asyncio.TimeoutError, ConnectionError):
+                await asyncio.sleep(0.05)
+                continue
+            if ack.flags & Flag.RETRANSMIT:
+                self.duplicates += 1
+            self.acked[n] = ack.msg_id
+
+
+@pytest.mark.slow
+@aiotest(timeout=180)
+async def test_kill_9_while_payments_flow_loses_nothing(tmp_path):
+    """Every payment whose sender got a SENDACK is delivered after a SIGKILL and
+    restart, exactly once after the till's dedup, in inbox order."""
+    server = ServerProcess(str(tmp_path), env={"TILLWIRE_STORE_SYNCHRONOUS": "FULL",
+                                               "TILLWIRE_DELIVERY_RETRANSMIT_INITIAL": "1"})
+    server.start()
+    try:
+        tills = [Till(server.addr, f"t{i}") for i in range(8)]
+        for t in tills:
+            await t.open()
+        payer = Payer(server.addr)
+        total = 600
+        sent = asyncio.gather(*[payer.pay(n, f"t{n % 8}") for n in range(total)])
+        loop = asyncio.get_running_loop()
+        pumps = [asyncio.ensure_future(t.pump(loop.time() + 60)) for t in tills]
+        await eventually(lambda: len(payer.acked) >= total // 3, timeout=60)
+        server.kill()
+        acked_before_kill = len(payer.acked)
+        await asyncio.sleep(0.3)
+        server.start()
+        for t in tills:                      # the tills reconnect and resume
+            await open_until_up(t)
+        pumps = [asyncio.ensure_future(t.pump(loop.time() + 60)) for t in tills]
+        await asyncio.wait_for(sent, 90)
+        await eventually(lambda: sum(len(t.seen) for t in tills) >= total, timeout=60)
+        await asyncio.sleep(0.5)
+        for p in pumps:
+            p.cancel()
+        assert acked_before_kill < total
+        delivered = [n for t in tills for n in t.seen]
+        assert sorted(delivered) == list(range(total))        # all, and each once
+        for t in tills:
+            assert t.seqs == sorted(t.seqs)                    # in inbox order
+            assert len(set(t.seqs)) == len(t.seqs)
+            assert all(n % 8 == int(t.name[1:]) for n in t.seen)
+        assert len(payer.acked) == total
+    finally:
+        server.stop()
+
+
+@aiotest(timeout=120)
+async def test_random_disconnects_and_resume_lose_and_reorder_nothing():
+    node = await start_node(**{"delivery.retransmit_initial": 0.3})
+    rnd = random.Random(5)
+    try:
+        tills = [Till(node.addresses[0], f"t{i}") for i in range(10)]
+        for t in tills:
+            await t.open()
+        payer = Payer(node.addresses[0])
+        total = 1000
+        sent = asyncio.ensure_future(asyncio.gather(
+            *[payer.pay(n, f"t{n % 10}") for n in range(total)]))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not sent.done() or sum(len(t.seen) for t in tills) < total:
+            # Each round: every till processes for a while, some crash (abort:
+            # their unsent acks are lost) and come back with their positions.
+            await asyncio.gather(*[t.pump(loop.time() + rnd.uniform(0.02, 0.15)) for t in tills])
+            for t in rnd.sample(tills, 3):
+                t.conn.abort()
+                await t.conn.closed.wait()
+                await t.open()
+            assert loop.time() - started < 100, "deliveries stalled"
+        delivered = sorted(n for t in tills for n in t.seen)
+        assert delivered == list(range(total))
+        for t in tills:
+            assert t.seqs == sorted(t.seqs) and len(set(t.seqs)) == len(t.seqs)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_unacked_message_is_retransmitted_flagged_while_connected():
+    node = await start_node(**{"delivery.retransmit_initial": 0.2})
+    try:
+        till = await connect(node, "t1")
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        await be.send("payment.result", {"n": 1}, "terminal:acme/t1")
+        first = await till.receive(timeout=3)
+        assert not first.duplicate
+        # Not acked: the server sends it again, flagged RETRANSMIT; the till's
+        # session recognises the seq it already holds and drops the copy.
+        await eventually(lambda: node.counters.retransmits >= 1, timeout=3)
+        await eventually(lambda: till.session.duplicates >= 1, timeout=3)
+        assert till._inbox.empty()
+        # Once the till acks, nothing more is retransmitted.
+        await first.ack()
+        await asyncio.sleep(0.6)
+        retransmits = node.counters.retransmits
+        await asyncio.sleep(0.6)
+        assert node.counters.retransmits == retransmits
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_offline_terminal_gets_its_messages_on_return_in_order():
+    node = await start_node()
+    try:
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        ids = []
+        for i in range(20):
+            ack = await be.send("payment.result" if i % 2 else "order.event", {"n": i},
+                                "terminal:acme/never-seen-yet")
+            ids.append(ack.msg_id)
+        till = await connect(node, "never-seen-yet")
+        got = {Lane.P0: [], Lane.P1: []}
+        for _ in range(20):
+            msg = await till.receive(timeout=3)
+            got[msg.lane].append(msg.seq)
+            await msg.ack()
+        # Two inboxes, each in seq order; P0 may overtake P1.
+        assert got[Lane.P0] == list(range(1, 11)) and got[Lane.P1] == list(range(1, 11))
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_sender_dedup_window_returns_the_first_message_id():
+    node = await start_node()
+    try:
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        till = await connect(node, "t1")
+        first = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", ref=777)
+        second = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", ref=777)
+        assert not first.flags & Flag.RETRANSMIT
+        assert second.flags & Flag.RETRANSMIT and second.msg_id == first.msg_id
+        msg = await till.receive(timeout=3)
+        await msg.ack()
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=0.3)           # delivered once
+        assert node.counters.duplicates == 1
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_group_message_expands_to_registered_members_connected_or_not():
+    node = await start_node()
+    try:
+        staff = [await connect(node, f"h{i}", store="s1", roles=("staff",)) for i in range(3)]
+        await staff[2].close()                       # registered, now offline
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        ack = await be.send("ticket.open", {"code": "E7"}, "role:acme/s1/staff")
+        assert orjson.loads(ack.payload) == {"recipients": 3}
+        for conn in staff[:2]:
+            msg = await conn.receive(timeout=3)
+            assert msg.kind == "ticket.open" and msg.id == ack.msg_id
+        back = await connect(node, "h2", store="s1", roles=("staff",))
+        msg = await back.receive(timeout=3)
+        assert msg.id == ack.msg_id
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_trace_receipts_nack_and_dead_letters():
+    node = await start_node()
+    try:
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        till = await connect(node, "t1")
+        ack = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", receipt=True)
+        msg = await till.receive(timeout=3)
+        await msg.ack()
+        receipt = await asyncio.wait_for(be.receipts.get(), 3)
+        assert receipt.msg_id == ack.msg_id and receipt.code == ReceiptStatus.ACKED
+        assert receipt.to == "terminal:acme/t1"
+        await node._flush_batches()
+        trace = await node.store.trace(ack.msg_id)
+        assert trace.recipients[0].state == "acked"
+        assert trace.recipients[0].delivered_at is not None
+
+        # A till that refuses a message for good: dead letter + REJECTED receipt.
+        ack2 = await be.send("payment.result", {"n": 2}, "terminal:acme/t1", receipt=True)
+        msg2 = await till.receive(timeout=3)
+        till.nack(msg2.lane, msg2.seq, code=7, reason="unknown order")
+        receipt = await asyncio.wait_for(be.receipts.get(), 3)
+        assert receipt.code == ReceiptStatus.REJECTED and receipt.msg_id == ack2.msg_id
+        dead = await node.store.dead_letters("acme", 10)
+        assert [d.msg_id for d in dead] == [ack2.msg_id] and "unknown order" in dead[0].reason
+
+        # An offline till's message expires: dead letter + EXPIRED receipt.
+        ack3 = await be.send("payment.result", {"n": 3}, "terminal:acme/offline", ttl=0.1,
+                             receipt=True)
+        await asyncio.sleep(0.2)
+        for dead in await node.store.expire(time.time()):
+            node._send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.EXPIRED,
+                               dead.terminal)
+        receipt = await asyncio.wait_for(be.receipts.get(), 3)
+        assert receipt.code == ReceiptStatus.EXPIRED and receipt.msg_id == ack3.msg_id
+        trace = await node.store.trace(ack3.msg_id)
+        assert trace.recipients[0].state == "expired"
+    finally:
+        await node.stop()
+
+
+# -- channel history -----------------------------------------------------------------
+
+
+async def _prices(be, store: str, updates):
+    for sku, version in updates:
+        await be.send("price.update", {"sku": sku, "price": f"{version}.00", "version": version},
+                      f"store:acme/{store}")
+
+
+async def _drain(conn, wait: float = 0.3) -> list:
+    out = []
+    while True:
+        try:
+            out.append(await conn.receive(timeout=wait))
+        except asyncio.TimeoutError:
+            return out
+
+
+@aiotest()
+async def test_resume_inside_window_replays_missed_p2_conflated():
+    node = await start_node()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1", store="s1")
+        await _prices(be, "s1", [("A", 1)])
+        await till.receive(timeout=3)
+        positions = dict(till.session.channel_positions)
+        await till.close()
+        await _prices(be, "s1", [("A", 2), ("B", 1), ("A", 3)])
+        back = await connect(node, "t1", store="s1", channels=positions)
+        got = [(m.body["sku"], m.body["version"], m.duplicate) for m in await _drain(back)]
+        assert got == [("B", 1, True), ("A", 3, True)]      # A2 conflated away
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_resume_outside_window_gets_resync_and_snapshot():
+    node = await start_node(**{"history.max_messages": 3})
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1", store="s1")
+        await _prices(be, "s1", [("A", 1)])
+        await till.receive(timeout=3)
+        positions = dict(till.session.channel_positions)
+        await till.close()
+        await _prices(be, "s1", [("A", 2), ("B", 1), ("C", 1), ("D", 1), ("B", 2)])
+        await be.send("promo.offer", {"id": "gone"}, "store:acme/s1")
+        back = await connect(node, "t1", store="s1", channels=positions)
+        got = sorted((m.body["sku"], m.body["version"]) for m in await _drain(back)
+                     if m.kind == "price.update")
+        # The snapshot: the newest value of every key.
+        assert got == [("A", 2), ("B", 2), ("C", 1), ("D", 1)]
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_p3_history_replayed_inside_window_and_expired_ones_skipped():
+    node = await start_node()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1", store="s1")
+        await be.send("promo.offer", {"id": 0}, "store:acme/s1")
+        await till.receive(timeout=3)
+        positions = dict(till.session.channel_positions)
+        await till.close()
+        await be.send("promo.offer", {"id": "short"}, "store:acme/s1", ttl=0.1)
+        await be.send("promo.offer", {"id": "long"}, "store:acme/s1", ttl=60)
+        await asyncio.sleep(0.2)
+        back = await connect(node, "t1", store="s1", channels=positions)
+        assert [m.body["id"] for m in await _drain(back)] == ["long"]
+    finally:
+        await node.stop()
+
+
+@pytest.mark.slow
+@aiotest(timeout=90)
+async def test_channel_history_and_last_values_survive_a_restart(tmp_path):
+    server = ServerProcess(str(tmp_path))
+    server.start()
+    try:
+        be = await connect(server.addr, "hq", store="hq", roles=("backend",))
+        till = await connect(server.addr, "t1", store="s1")
+        await _prices(be, "s1", [("A", 1), ("B", 1)])
+        for _ in range(2):
+            await till.receive(timeout=3)
+        positions = dict(till.session.channel_positions)
+        await _prices(be, "s1", [("A", 2)])
+        await asyncio.sleep(0.3)           # the stream write is group-committed
+        server.stop()
+        server.start()
+        back = await connect(server.addr, "t1", store="s1", channels=positions)
+        got = [(m.body["sku"], m.body["version"]) for m in await _drain(back)]
+        assert got == [("A", 2)]          # same epoch: replayed from the kept history
+        fresh = await connect(server.addr, "t2", store="s1")
+        items, end = await fresh.history("store:acme/s1", Lane.P2)
+        snap = sorted((orjson.loads(i.payload)["sku"], orjson.loads(i.payload)["version"])
+                      for i in items)
+        assert snap == [("A", 2), ("B", 1)] and end.count == 2
+    finally:
+        server.stop()
