@@ -301,11 +301,13 @@ class Sender(Publisher):
         """P3 offers to the whole tenant at ``rate`` per second (a flood)."""
         t0 = time.monotonic()
         n = 0
-        pad = os.urandom(size // 2).hex()
+        # Incompressible filler without digits (digit runs could look like cards).
+        letters = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        pad = bytes(letters[b % 52] for b in os.urandom(size))
         while time.monotonic() - t0 < seconds:
             due = int((time.monotonic() - t0) * rate)
             while n < due:
-                body = b'{"offer":%d,"pad":"%s"}' % (n, pad.encode())
+                body = b'{"offer":"o%d","title":"Holiday deal","pad":"%s"}' % (n, pad)
                 self.transport.write(_ENC.encode(Frame(
                     FrameType.SEND, Lane.P3, body, ref=0, to=f"tenant:{self.p['tenant']}",
                     kind="promo.offer")))
@@ -557,7 +559,7 @@ class Payer:
         return {"connected": 1}
 
     def _send(self, n: int) -> None:
-        body = b'{"n":%d,"order":"o%d","status":"paid","amount":"12.50"}' % (n, n)
+        body = b'{"n":%d,"order":"o%d","status":"paid","amount":"12.50","currency":"CNY"}' % (n, n)
         self.transport.write(_ENC.encode(Frame(
             FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED, body, ref=n + 1,
             to=f"terminal:{self.p['tenant']}/t{n % self.p['terminals']}",

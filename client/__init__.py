@@ -1,0 +1,11 @@
+"""Tillwire's terminal SDK.
+
+``await tillwire.client.connect(host, port, token=...)`` returns a ``Client``
+that stays connected, resumes without gaps and processes each message once;
+see ``client/sdk.py``.  ``Connection`` is one raw session (no reconnects).
+"""
+
+from .connection import Connection, SendError
+from .sdk import Client, ClientClosed, Message, connect
+
+__all__ = ["connect", "Client", "ClientClosed", "Message", "Connection", "SendError"]

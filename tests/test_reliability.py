@@ -97,7 +97,7 @@ class Payer:
         while n not in self.acked:
             conn = await self.ensure()
             try:
-                ack = await conn.send("payment.result", {"n": n, "status": "paid"},
+                ack = await conn.send("payment.result", {"order": "o1", "n": n, "status": "paid"},
                                       f"terminal:acme/{terminal}", ref=n + 1, timeout=3)
             except (SessionClosed, asyncio.TimeoutError, ConnectionError):
                 await asyncio.sleep(0.05)
@@ -186,7 +186,7 @@ async def test_unacked_message_is_retransmitted_flagged_while_connected():
     try:
         till = await connect(node, "t1")
         be = await connect(node, "pay", store="hq", roles=("backend",))
-        await be.send("payment.result", {"n": 1}, "terminal:acme/t1")
+        await be.send("payment.result", {"order": "o1", "n": 1, "status": "paid"}, "terminal:acme/t1")
         first = await till.receive(timeout=3)
         assert not first.duplicate
         # Not acked: the server sends it again, flagged RETRANSMIT; the till's
@@ -211,7 +211,9 @@ async def test_offline_terminal_gets_its_messages_on_return_in_order():
         be = await connect(node, "pay", store="hq", roles=("backend",))
         ids = []
         for i in range(20):
-            ack = await be.send("payment.result" if i % 2 else "order.event", {"n": i},
+            ack = await be.send("payment.result" if i % 2 else "order.event",
+                                {"n": i, "order": f"o{i}", "status": "paid", "channel": "mall",
+                                 "event": "created"},
                                 "terminal:acme/never-seen-yet")
             ids.append(ack.msg_id)
         till = await connect(node, "never-seen-yet")
@@ -232,8 +234,8 @@ async def test_sender_dedup_window_returns_the_first_message_id():
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
         till = await connect(node, "t1")
-        first = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", ref=777)
-        second = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", ref=777)
+        first = await be.send("payment.result", {"order": "o1", "n": 1, "status": "paid"}, "terminal:acme/t1", ref=777)
+        second = await be.send("payment.result", {"order": "o1", "n": 1, "status": "paid"}, "terminal:acme/t1", ref=777)
         assert not first.flags & Flag.RETRANSMIT
         assert second.flags & Flag.RETRANSMIT and second.msg_id == first.msg_id
         msg = await till.receive(timeout=3)
@@ -270,7 +272,7 @@ async def test_trace_receipts_nack_and_dead_letters():
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
         till = await connect(node, "t1")
-        ack = await be.send("payment.result", {"n": 1}, "terminal:acme/t1", receipt=True)
+        ack = await be.send("payment.result", {"order": "o1", "n": 1, "status": "paid"}, "terminal:acme/t1", receipt=True)
         msg = await till.receive(timeout=3)
         await msg.ack()
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
@@ -282,7 +284,7 @@ async def test_trace_receipts_nack_and_dead_letters():
         assert trace.recipients[0].delivered_at is not None
 
         # A till that refuses a message for good: dead letter + REJECTED receipt.
-        ack2 = await be.send("payment.result", {"n": 2}, "terminal:acme/t1", receipt=True)
+        ack2 = await be.send("payment.result", {"order": "o1", "n": 2, "status": "paid"}, "terminal:acme/t1", receipt=True)
         msg2 = await till.receive(timeout=3)
         till.nack(msg2.lane, msg2.seq, code=7, reason="unknown order")
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
@@ -291,7 +293,7 @@ async def test_trace_receipts_nack_and_dead_letters():
         assert [d.msg_id for d in dead] == [ack2.msg_id] and "unknown order" in dead[0].reason
 
         # An offline till's message expires: dead letter + EXPIRED receipt.
-        ack3 = await be.send("payment.result", {"n": 3}, "terminal:acme/offline", ttl=0.1,
+        ack3 = await be.send("payment.result", {"order": "o1", "n": 3, "status": "paid"}, "terminal:acme/offline", ttl=0.1,
                              receipt=True)
         await asyncio.sleep(0.2)
         for dead in await node.store.expire(time.time()):
@@ -352,7 +354,7 @@ async def test_resume_outside_window_gets_resync_and_snapshot():
         positions = dict(till.session.channel_positions)
         await till.close()
         await _prices(be, "s1", [("A", 2), ("B", 1), ("C", 1), ("D", 1), ("B", 2)])
-        await be.send("promo.offer", {"id": "gone"}, "store:acme/s1")
+        await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": "gone"}, "store:acme/s1")
         back = await connect(node, "t1", store="s1", channels=positions)
         got = sorted((m.body["sku"], m.body["version"]) for m in await _drain(back)
                      if m.kind == "price.update")
@@ -368,12 +370,12 @@ async def test_p3_history_replayed_inside_window_and_expired_ones_skipped():
     try:
         be = await connect(node, "hq", store="hq", roles=("backend",))
         till = await connect(node, "t1", store="s1")
-        await be.send("promo.offer", {"id": 0}, "store:acme/s1")
+        await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": 0}, "store:acme/s1")
         await till.receive(timeout=3)
         positions = dict(till.session.channel_positions)
         await till.close()
-        await be.send("promo.offer", {"id": "short"}, "store:acme/s1", ttl=0.1)
-        await be.send("promo.offer", {"id": "long"}, "store:acme/s1", ttl=60)
+        await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": "short"}, "store:acme/s1", ttl=0.1)
+        await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": "long"}, "store:acme/s1", ttl=60)
         await asyncio.sleep(0.2)
         back = await connect(node, "t1", store="s1", channels=positions)
         assert [m.body["id"] for m in await _drain(back)] == ["long"]
