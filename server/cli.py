@@ -117,7 +117,87 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--out", metavar="FILE", required=True,
                         help="the copy to write (replaced atomically if it exists)")
     backup.set_defaults(handler=_cmd_backup)
+    term = sub.add_parser("term", help="an interactive terminal simulator",
+                          description="Connect as a terminal, show incoming messages by lane "
+                                      "and send tickets, chat and any message (type help).")
+    term.add_argument("--token", required=True, help="the terminal's token (tillwire token)")
+    term.add_argument("--host", default="127.0.0.1")
+    term.add_argument("--port", type=int, default=7070)
+    term.add_argument("--state", metavar="FILE", help="resume state file (default: none)")
+    term.add_argument("--auto-ack", action="store_true",
+                      help="acknowledge each message when the next one arrives")
+    term.add_argument("--no-colour", action="store_true", help="plain text output")
+    term.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA")
+    term.set_defaults(handler=_cmd_term)
+
+    send = sub.add_parser("send", help="publish a message through the admin API",
+                          description="POST /v1/publish on the admin API.  The token comes from "
+                                      "$TILLWIRE_ADMIN_TOKEN.")
+    send.add_argument("kind", help="the message kind, e.g. price.update")
+    send.add_argument("--to", required=True, help="address, e.g. store:acme/s1")
+    send.add_argument("--body", required=True, help="the body, a JSON object")
+    send.add_argument("--lane", help="P0-P3 (default: the kind's lane)")
+    send.add_argument("--ttl", help="time to live, e.g. 10m")
+    send.add_argument("--key", help="P2 conflation key (default: derived from the body)")
+    send.add_argument("--ref", type=int, help="idempotency key: a resend is not delivered twice")
+    send.add_argument("--admin", default="http://127.0.0.1:7071",
+                      help="admin API base URL (default: %(default)s)")
+    send.set_defaults(handler=_cmd_send)
     return parser
+
+
+def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    import ssl as _ssl
+
+    import uvloop
+
+    from tillwire.client.term import run
+
+    ctx = _ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
+    return uvloop.run(run(args.host, args.port, args.token, state_path=args.state,
+                          auto_ack=args.auto_ack, colour=not args.no_colour and out.isatty(),
+                          ssl=ctx))
+
+
+def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    import urllib.error
+    import urllib.request
+
+    token = env.get("TILLWIRE_ADMIN_TOKEN", "")
+    if not token:
+        print("tillwire: error: set TILLWIRE_ADMIN_TOKEN to an admin token", file=err)
+        return EXIT_USAGE
+    try:
+        body = orjson.loads(args.body)
+    except orjson.JSONDecodeError as exc:
+        print(f"tillwire: error: --body is not JSON: {exc}", file=err)
+        return EXIT_USAGE
+    request = {"to": args.to, "kind": args.kind, "body": body}
+    if args.lane:
+        request["lane"] = args.lane
+    if args.ttl:
+        try:
+            request["ttl"] = parse_duration(args.ttl)
+        except ValueError as exc:
+            print(f"tillwire: error: --ttl: {exc}", file=err)
+            return EXIT_USAGE
+    if args.key:
+        request["key"] = args.key
+    if args.ref is not None:
+        request["ref"] = args.ref
+    req = urllib.request.Request(
+        args.admin.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            out.write(resp.read().decode() + "\n")
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"tillwire: error: {exc.code} {exc.read().decode('utf-8', 'replace')}", file=err)
+        return EXIT_FAILURE
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tillwire: error: cannot reach {args.admin}: {exc}", file=err)
+        return EXIT_FAILURE
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str],
