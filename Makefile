@@ -38,8 +38,18 @@ install-dev: $(VENV)/.installed-dev
 compile: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
+# A fresh machine has no secret: `make run` makes a local development secret
+# and admin token once (data/dev-secret, data/dev-admin-token) unless
+# TILLWIRE_SECRET / TILLWIRE_ADMIN_TOKEN are set.  Production sets its own.
 run: install
-	$(BIN)/tillwire serve $(ARGS)
+	@mkdir -p data
+	@[ -s data/dev-secret ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > data/dev-secret
+	@[ -s data/dev-admin-token ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(24))" > data/dev-admin-token
+	@echo "tillwire: embedded default: one process, SQLite store in ./data, terminals on 127.0.0.1:7070, admin API on 127.0.0.1:7071"
+	@echo "tillwire: dev secrets: export TILLWIRE_SECRET=\$$(cat data/dev-secret) TILLWIRE_ADMIN_TOKEN=\$$(cat data/dev-admin-token)"
+	TILLWIRE_SECRET="$${TILLWIRE_SECRET:-$$(cat data/dev-secret)}" \
+	TILLWIRE_ADMIN_TOKEN="$${TILLWIRE_ADMIN_TOKEN:-$$(cat data/dev-admin-token)}" \
+	$(BIN)/tillwire serve --data-dir data $(ARGS)
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

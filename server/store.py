@@ -237,6 +237,24 @@ class Store(Protocol):
     async def trim(self, now: float, keep_acked: float) -> int:
         """Delete acked and dead entries older than ``keep_acked`` seconds."""
 
+    # Key-value records for the services on top of delivery (tickets,
+    # conversations, offer caps, the store directory): small JSON values in
+    # namespaces, written through the same group commit as messages.
+
+    async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None: ...
+    async def kv_get(self, ns: str, key: str) -> bytes | None: ...
+
+    async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
+                      limit: int = 1000) -> list[tuple[str, bytes]]:
+        """Records of ``ns`` whose key starts with ``prefix`` and sorts after
+        ``after``, in key order."""
+
+    async def kv_delete(self, ns: str, key: str) -> bool: ...
+    async def kv_delete_prefix(self, ns: str, prefix: str) -> int: ...
+
+    async def kv_expire(self, ns: str, before: float) -> int:
+        """Delete the records of ``ns`` last written before ``before`` (retention)."""
+
     async def stats(self) -> dict:
         """Sizes: messages, unacked entries, dead letters, terminals, bytes."""
 

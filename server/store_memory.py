@@ -40,6 +40,7 @@ class MemoryStore:
         self._dead: list[DeadLetter] = []
         self._registry: dict[str, TerminalRecord] = {}
         self._bodies: dict[int, bytes] = {}
+        self._kv: dict[str, dict[str, tuple[bytes, float]]] = {}   # ns -> key -> (value, updated)
         # (terminal, lane, seq) -> msg_id, for every entry still held.
         self._index: dict[tuple[str, int, int], int] = {}
 
@@ -260,3 +261,35 @@ class MemoryStore:
     async def load_streams(self, history_max: int, history_age: float,
                            now: float) -> list[StreamState]:
         return []
+
+    # -- key-value records ----------------------------------------------------------------
+
+    async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:
+        self._kv.setdefault(ns, {})[key] = (bytes(value), now)
+
+    async def kv_get(self, ns: str, key: str) -> bytes | None:
+        found = self._kv.get(ns, {}).get(key)
+        return None if found is None else found[0]
+
+    async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
+                      limit: int = 1000) -> list[tuple[str, bytes]]:
+        keys = sorted(k for k in self._kv.get(ns, {}) if k.startswith(prefix) and k > after)
+        records = self._kv[ns] if keys else {}
+        return [(k, records[k][0]) for k in keys[:limit]]
+
+    async def kv_delete(self, ns: str, key: str) -> bool:
+        return self._kv.get(ns, {}).pop(key, None) is not None
+
+    async def kv_delete_prefix(self, ns: str, prefix: str) -> int:
+        records = self._kv.get(ns, {})
+        doomed = [k for k in records if k.startswith(prefix)]
+        for k in doomed:
+            del records[k]
+        return len(doomed)
+
+    async def kv_expire(self, ns: str, before: float) -> int:
+        records = self._kv.get(ns, {})
+        doomed = [k for k, (_, updated) in records.items() if updated < before]
+        for k in doomed:
+            del records[k]
+        return len(doomed)

@@ -229,9 +229,21 @@ _V2 = (
         PRIMARY KEY(sid, key)) WITHOUT ROWID""",
 )
 
+_V3 = (
+    """CREATE TABLE kv (
+        ns TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY(ns, key)) WITHOUT ROWID""",
+    "CREATE INDEX kv_updated ON kv(ns, updated)",
+)
+
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "inboxes, messages, registry, dead letters", _V1),
     (2, "inbox flags and kept-entry times, trim positions, channel streams", _V2),
+    (3, "key-value records of the services (tickets, conversations, offer caps, directory)",
+     _V3),
 )
 """(version, description, statements), applied in order; never edit a shipped one."""
 
@@ -1068,6 +1080,27 @@ class _Writer:
             "UPDATE terminals SET revoked_before = ? WHERE address = ? AND registered = 1",
             (before, address)).rowcount == 1
 
+    # -- key-value records ---------------------------------------------------------------------
+
+    def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:
+        self.conn.execute("INSERT INTO kv(ns, key, value, updated) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT(ns, key) DO UPDATE SET value = excluded.value, "
+                          "updated = excluded.updated", (ns, key, value, now))
+
+    def kv_delete(self, ns: str, key: str) -> bool:
+        return self.conn.execute("DELETE FROM kv WHERE ns = ? AND key = ?",
+                                 (ns, key)).rowcount > 0
+
+    def kv_delete_prefix(self, ns: str, prefix: str) -> int:
+        if not prefix:
+            return self.conn.execute("DELETE FROM kv WHERE ns = ?", (ns,)).rowcount
+        return self.conn.execute("DELETE FROM kv WHERE ns = ? AND key >= ? AND key < ?",
+                                 (ns, prefix, prefix + "\U0010ffff")).rowcount
+
+    def kv_expire(self, ns: str, before: float) -> int:
+        return self.conn.execute("DELETE FROM kv WHERE ns = ? AND updated < ?",
+                                 (ns, before)).rowcount
+
     # -- streams -------------------------------------------------------------------------------
 
     def stream_append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
@@ -1332,6 +1365,17 @@ class _Reader:
             conn.execute("COMMIT")
         return Trace(msg_id, tenant, sender, _ref_out(ref), lane, kind, dest, created, expires,
                      bool(receipt), recipients)
+
+    def kv_get(self, ns: str, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE ns = ? AND key = ?",
+                                (ns, key)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def kv_scan(self, ns: str, prefix: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+        rows = self.conn.execute(
+            "SELECT key, value FROM kv WHERE ns = ? AND key >= ? AND key < ? AND key > ? "
+            "ORDER BY key LIMIT ?", (ns, prefix, prefix + "\U0010ffff", after, limit))
+        return [(k, bytes(v)) for k, v in rows]
 
     def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         sql = ("SELECT msg_id, terminal, lane, seq, kind, reason, at, sender, ref, receipt "
@@ -1634,6 +1678,27 @@ class SQLiteStore:
 
     async def stats(self) -> dict:
         return await self._read(self._reader.stats, (self._writer,))
+
+    # -- key-value records ----------------------------------------------------------------
+
+    async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:
+        return await self._write(self._writer.kv_put, (ns, key, bytes(value), now))
+
+    async def kv_get(self, ns: str, key: str) -> bytes | None:
+        return await self._read(self._reader.kv_get, (ns, key))
+
+    async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
+                      limit: int = 1000) -> list[tuple[str, bytes]]:
+        return await self._read(self._reader.kv_scan, (ns, prefix, after, limit))
+
+    async def kv_delete(self, ns: str, key: str) -> bool:
+        return await self._write(self._writer.kv_delete, (ns, key))
+
+    async def kv_delete_prefix(self, ns: str, prefix: str) -> int:
+        return await self._write(self._writer.kv_delete_prefix, (ns, prefix))
+
+    async def kv_expire(self, ns: str, before: float) -> int:
+        return await self._write(self._writer.kv_expire, (ns, before))
 
     # -- streams --------------------------------------------------------------------------
 

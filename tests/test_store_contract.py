@@ -966,3 +966,41 @@ def test_memory_and_sqlite_agree(tmp_path, ops):
     for i, (a, b) in enumerate(zip(expected, got)):
         assert a == b, f"result {i} differs"
     assert len(expected) == len(got)
+
+
+def test_key_value_records(store_factory):
+    async def body(store):
+        await store.kv_put("ticket", "acme/T-2", b'{"n":2}', 100.0)
+        await store.kv_put("ticket", "acme/T-1", b'{"n":1}', 50.0)
+        await store.kv_put("ticket", "other/T-1", b'{"n":9}', 100.0)
+        await store.kv_put("conv", "acme/c1", b"{}", 100.0)
+        await store.kv_put("ticket", "acme/T-2", b'{"n":22}', 120.0)     # replace
+        assert await store.kv_get("ticket", "acme/T-2") == b'{"n":22}'
+        assert await store.kv_get("ticket", "acme/T-9") is None
+        assert [k for k, _ in await store.kv_scan("ticket", "acme/")] == ["acme/T-1", "acme/T-2"]
+        assert [k for k, _ in await store.kv_scan("ticket", "acme/", after="acme/T-1")] == \
+            ["acme/T-2"]
+        assert len(await store.kv_scan("ticket", limit=2)) == 2
+        assert await store.kv_expire("ticket", 60.0) == 1             # acme/T-1 is older
+        assert await store.kv_delete("ticket", "other/T-1") is True
+        assert await store.kv_delete("ticket", "other/T-1") is False
+        assert await store.kv_delete_prefix("ticket", "acme/") == 1
+        assert await store.kv_scan("ticket") == []
+        assert await store.kv_get("conv", "acme/c1") == b"{}"
+    run_with(store_factory, body)
+
+
+def test_sqlite_key_value_records_survive_reopen(tmp_path):
+    path = str(tmp_path / DB_FILENAME)
+
+    def make(**kw):
+        return _make("sqlite", path, **kw)
+
+    async def write(store):
+        await store.kv_put("directory", "acme/s1", b'{"timezone":"Asia/Shanghai"}', 1.0)
+
+    async def read(store):
+        return await store.kv_get("directory", "acme/s1")
+
+    run_with(make, write)
+    assert run_with(make, read) == b'{"timezone":"Asia/Shanghai"}'
