@@ -30,7 +30,7 @@ class InboxState:
     """
 
     __slots__ = ("cursor", "last", "pumping", "rto", "progress", "timer", "delivered", "blocked",
-                 "blocked_since")
+                 "blocked_since", "sample_seq", "sample_at")
 
     def __init__(self, acked0: int = 0, acked1: int = 0) -> None:
         self.cursor = [acked0 + 1, acked1 + 1]
@@ -42,6 +42,8 @@ class InboxState:
         self.delivered = [acked0, acked1]   # highest seq already reported as delivered
         self.blocked = False       # a pump stopped because the lane queue was full
         self.blocked_since = 0.0   # loop time it stopped
+        self.sample_seq = [0, 0]   # the in-flight seq timed for the ack latency metric (0 = none)
+        self.sample_at = [0.0, 0.0]   # time.perf_counter() when it was handed to the lanes
 
 
 class TerminalConnection(ServerSession):
@@ -74,6 +76,9 @@ class TerminalConnection(ServerSession):
     def data_received(self, data: bytes) -> None:
         node = self.node
         frames = self.receive_data(data, node.loop.time())
+        counters = node.counters
+        counters.frames_in += len(frames)
+        counters.bytes_in += len(data)
         for frame in frames:
             node.on_frame(self, frame)
         if self.pending:

@@ -1,8 +1,13 @@
 """``tillwire serve``: run one server process on the embedded default.
 
-Builds the store named by the config, the node, and the optional admin
-plane, installs signal handlers (SIGTERM/SIGINT stop the node), and runs
-until stopped on a uvloop event loop.
+Builds the store named by the config, the node, the audit log, TLS on the
+terminal listener (``[tls]``) and the admin plane (``[admin]``, when
+``admin.port`` is not 0), and runs on a uvloop event loop until stopped.
+
+Stopping is a graceful drain: SIGTERM or SIGINT (or ``POST /v1/drain``)
+sends every terminal GOAWAY, waits for the P0/P1 messages in flight to be
+acknowledged (at most ``DRAIN_TIMEOUT`` seconds), writes the pending acks
+and exits 0.  A second signal ends the wait at once.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 
+import orjson
 import uvloop
 
-from ..core.codes import Code
 from .config import Config, node_id
 from .logs import setup_logging
 
 log = logging.getLogger("tillwire.server")
+
+DRAIN_TIMEOUT = 10.0
+"""Longest wait for in-flight P0/P1 acks when draining on a signal (seconds)."""
 
 
 def make_store(cfg: Config):
@@ -38,34 +47,113 @@ def make_store(cfg: Config):
     raise ValueError(f"store.backend: unknown backend {backend!r}")
 
 
+def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
+    """The terminal listener's TLS context from ``[tls]`` (None while TLS is off).
+
+    ``client_ca`` turns on client certificate verification: optional
+    (a terminal without a certificate still connects; one with a bad
+    certificate is refused) unless ``require_client_cert`` makes it required.
+    """
+    tls = cfg.tls
+    if not tls.cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca:
+        ctx.load_verify_locations(cafile=tls.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = None) -> int:
-    """Run a node until SIGTERM/SIGINT (or ``stop_event``); returns an exit code."""
+    """Run a node until SIGTERM/SIGINT, ``stop_event`` or an admin drain; returns an
+    exit code."""
+    from .audit import open_audit_log
     from .node import Node
 
     cfg.require_secret()
     loop = asyncio.get_running_loop()
     os.makedirs(cfg.server.data_dir, exist_ok=True)
+    try:
+        tls = make_ssl_context(cfg)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("tls: cannot load tls.cert=%s tls.key=%s tls.client_ca=%s: %s",
+                  cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca, exc)
+        return 1
     node = Node(cfg, make_store(cfg), loop=loop, node_id=node_id(cfg))
-    await node.start()
+    audit = open_audit_log(cfg)
+    node.audit = audit
+    await node.start(ssl=tls)
     for host, port in node.addresses:
-        log.info("listening host=%s port=%s node=%s store=%s", host, port, node.node_id,
-                 cfg.store.backend)
+        log.info("listening host=%s port=%s node=%s store=%s tls=%s", host, port, node.node_id,
+                 cfg.store.backend,
+                 "off" if tls is None else
+                 "mutual-required" if cfg.tls.require_client_cert else
+                 "mutual-optional" if cfg.tls.client_ca else "on")
+    admin = None
+    if cfg.admin.port:
+        from .admin import start_admin
+
+        try:
+            admin = await start_admin(node, cfg, audit)
+        except OSError as exc:
+            log.error("admin API: cannot listen on admin.host=%s admin.port=%s: %s",
+                      cfg.admin.host, cfg.admin.port, exc)
+            await node.stop()
+            audit.close()
+            return 1
+        if not cfg.admin.tokens:
+            log.warning("admin API has no tokens: every /v1 call is refused (set "
+                        "[[admin.tokens]] or TILLWIRE_ADMIN_TOKEN)")
     stop = stop_event or asyncio.Event()
+    signals: list[str] = []
+
+    def on_signal(name: str) -> None:
+        signals.append(name)
+        if len(signals) == 1:
+            stop.set()
+        else:
+            log.warning("%s again: ending the drain now", name)
+            node.force_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig.name)
         except (NotImplementedError, RuntimeError):
             pass
     if ready is not None:
         ready(node)
-    await stop.wait()
-    log.info("stopping node=%s", node.node_id)
-    await node.stop(Code.SHUTDOWN, "server stopping")
+    stopped = loop.create_task(node.wait_stopped())
+    asked = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait([stopped, asked], return_when=asyncio.FIRST_COMPLETED)
+        if not node.draining and not node.stopped:
+            by = signals[0] if signals else "stop_event"
+            log.info("draining node=%s on %s", node.node_id, by)
+            audit.write("drain", f"signal:{by}" if signals else "process",
+                        detail={"node": node.node_id,
+                                "connections": len(node.all_connections())})
+            node.drain(timeout=DRAIN_TIMEOUT)
+        await node.wait_stopped()
+    finally:
+        for task in (stopped, asked):
+            task.cancel()
+        if not node.stopped:
+            await node.stop()
+        if admin is not None:
+            await admin.cleanup()
+        audit.close()
+    log.info("stopped node=%s", node.node_id)
     return 0
 
 
 def serve(cfg: Config) -> int:
     """Entry point of ``tillwire serve``."""
     setup_logging(cfg.log)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("configuration %s", orjson.dumps(cfg.to_dict()).decode())   # secrets masked
     uvloop.install()
     return asyncio.run(run(cfg))

@@ -18,6 +18,7 @@ when they are next in line; otherwise a pump task reads the store.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import random
@@ -53,20 +54,67 @@ PUMP_BATCH = 128             # store rows read per pump step
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
 
 
+class Histogram:
+    """A fixed-bucket histogram of seconds: one bisect and three int/float
+    additions per observation (``server/metrics.py`` turns it into the
+    Prometheus form at scrape time)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds) -> None:
+        self.bounds = tuple(bounds)              # upper bounds, ascending; +Inf implied
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+STORE_WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                       2.5, 5.0)
+ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0, 30.0)
+
+
 class Counters:
-    """Plain counters the metrics module reads (one object, no per-event cost)."""
+    """Plain counters the metrics module reads (one object, no per-event cost).
+
+    The ``lane_*`` lists are indexed by lane (P0..P3): SEND frames and their
+    payload bytes received, and messages (and payload bytes) handed to
+    terminals' lanes: P0/P1 deliveries (retransmits included) and P2/P3
+    fan-out (one per subscriber the broadcast was queued for).
+    """
 
     __slots__ = ("connections", "auth_failures", "heartbeat_timeouts", "slow_consumer_closes",
                  "takeovers", "acl_denials", "frames_in", "deliveries", "broadcasts",
                  "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
-                 "retransmits", "writes", "bytes_out", "protocol_errors")
+                 "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
+                 "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
+                 "lane_bytes_out", "store_write", "ack_latency")
+
+    _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
+        for name in self._LISTS:
+            setattr(self, name, [0, 0, 0, 0])
+        self.store_write = Histogram(STORE_WRITE_BUCKETS)    # seconds per accept_many batch
+        self.ack_latency = Histogram(ACK_LATENCY_BUCKETS)    # P0/P1 delivery -> ack (sampled)
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        out = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = list(value)
+            elif isinstance(value, Histogram):
+                value = {"count": value.count, "sum": value.sum}
+            out[name] = value
+        return out
 
 
 def _deadline_due(conn: TerminalConnection) -> None:
@@ -121,6 +169,12 @@ class Node:
         self._released_lane_totals = [0, 0, 0]   # of closed or released schedulers
         self.draining = False
         self.started = time.time()
+        self.audit = None          # an audit.AuditLog (main.py sets it); None = no audit log
+        self._maintenance_task = None
+        self._drain_task = None
+        self._force_stop = False
+        self._stopped = False
+        self._stopped_event = asyncio.Event()
         self._handlers = {      # frame type -> handler of a frame the session passed on
             int(FrameType.SEND): self._on_send, int(FrameType.ACK): self._on_ack,
             int(FrameType.HELLO): self._on_hello, int(FrameType.RESUME): self._on_resume,
@@ -153,7 +207,7 @@ class Node:
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
         self._schedule_tick()
-        self._spawn(self._maintenance())
+        self._maintenance_task = self._spawn(self._maintenance())
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         """The terminal listener.  Accepted sockets inherit its SO_SNDBUF, so the
@@ -174,6 +228,9 @@ class Node:
         return [s.getsockname()[:2] for server in self._servers for s in server.sockets]
 
     async def stop(self, code: int = Code.SHUTDOWN, reason: str = "server stopping") -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         for server in self._servers:
             server.close()
         for conn in self.all_connections():
@@ -190,6 +247,130 @@ class Node:
                 conn.transport.close()
         await asyncio.sleep(0)
         await self.store.close()
+        self._stopped_event.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` finished (after a drain, too)."""
+        await self._stopped_event.wait()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped_event.is_set()
+
+    @property
+    def listening(self) -> bool:
+        """True while the terminal listener accepts connections."""
+        return any(s.is_serving() for s in self._servers)
+
+    # -- graceful drain --------------------------------------------------------------
+
+    def drain(self, delay_ms: int | None = None, spread_ms: int | None = None,
+              timeout: float = 10.0) -> asyncio.Task:
+        """Start a graceful drain (idempotent); returns its task.
+
+        Stops accepting connections, sends every connection GOAWAY(DRAINING)
+        with a reconnect hint uniform in [delay_ms, delay_ms + spread_ms]
+        (default 1-5 s), stops handing further inbox messages to terminals,
+        waits until every P0/P1 message in flight is acknowledged (or
+        ``timeout`` s pass, or :meth:`force_stop`), writes the pending
+        acks to the store and stops the node.  Messages not yet delivered
+        stay in the store for the terminal's next connection.
+        """
+        if self._drain_task is None:
+            self._drain_task = self.loop.create_task(
+                self._drain(1000 if delay_ms is None else delay_ms,
+                            (4000 if delay_ms is None else 0) if spread_ms is None else spread_ms,
+                            timeout))
+        return self._drain_task
+
+    def force_stop(self) -> None:
+        """End a running drain now (a second SIGTERM)."""
+        self._force_stop = True
+
+    def in_flight(self) -> int:
+        """P0/P1 messages handed to terminals and not acknowledged yet."""
+        total = 0
+        for conn in self.hub.sessions.values():
+            inbox = conn.inbox
+            if inbox.__class__ is InboxState and conn.state == OPEN:
+                for lane in (Lane.P0, Lane.P1):
+                    acked = conn.inbox_window(lane)[0]
+                    if inbox.cursor[lane] - 1 > acked:
+                        total += inbox.cursor[lane] - 1 - acked
+        return total
+
+    async def _drain(self, delay_ms: int, spread_ms: int, timeout: float) -> None:
+        try:
+            await self._drain_steps(delay_ms, spread_ms, timeout)
+        except Exception:
+            log.exception("drain failed node=%s; stopping", self.node_id)
+        finally:
+            await self.stop(Code.SHUTDOWN, "server drained; reconnect")
+
+    async def _drain_steps(self, delay_ms: int, spread_ms: int, timeout: float) -> None:
+        started = self.loop.time()
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        conns = self.all_connections()
+        log.info("draining node=%s connections=%d in_flight=%d delay_ms=%d-%d",
+                 self.node_id, len(conns), self.in_flight(), delay_ms, delay_ms + spread_ms)
+        for conn in conns:
+            if conn.state == CLOSED:
+                continue
+            if conn.claims is not None:     # authenticated: reconnect after the hint
+                conn.goaway(Code.DRAINING, delay_ms + random.randint(0, max(0, spread_ms)),
+                            "server is draining")
+            else:                           # still in its handshake: refuse it now
+                conn.close(Code.DRAINING, "server is draining")
+            self.mark_dirty(conn)
+        deadline = started + timeout
+        while not self._force_stop and self.loop.time() < deadline:
+            if not self._pending_accepts and self.in_flight() == 0:
+                break
+            await asyncio.sleep(0.02)
+        left = self.in_flight()
+        await self._settle()
+        log.info("drain %s node=%s in_flight=%d seconds=%.3f",
+                 "complete" if left == 0 else "timed out" if not self._force_stop else "forced",
+                 self.node_id, left, self.loop.time() - started)
+
+    async def _settle(self) -> None:
+        """Let running commits, resumes and batch writes finish (bounded)."""
+        others = [t for t in self._tasks if t is not self._maintenance_task]
+        if others:
+            await asyncio.wait(others, timeout=2.0)
+        if self._batch_handle is not None:
+            self._batch_handle.cancel()
+            self._batch_handle = None
+        await self._flush_batches()
+
+    # -- operator actions ------------------------------------------------------------
+
+    def kick(self, address: str, reason: str = "disconnected by an operator",
+             code: int = Code.KICKED) -> bool:
+        """Close a terminal's live session here; False if it has none."""
+        conn = self.hub.sessions.get(address)
+        if conn is None or conn.state == CLOSED:
+            return False
+        self.counters.kicks += 1
+        self.close(conn, code, reason)
+        return True
+
+    def _audit_conn(self, event: str, conn, claims=None, **detail) -> None:
+        """Write one audit line about a terminal connection (audit is set)."""
+        claims = claims or conn.claims
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if transport is not None:
+            cert = transport.get_extra_info("peercert")
+            if cert:
+                subject = dict(x[0] for x in cert.get("subject", ()) if x)
+                detail["cert"] = subject.get("commonName", "")
+        self.audit.write(event, conn.address or "",
+                         tenant=claims.tenant if claims is not None else "",
+                         terminal=claims.terminal if claims is not None else "",
+                         peer=peer[0] if peer else "", detail=detail or None)
 
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""
@@ -357,11 +538,13 @@ class Node:
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             self._refuse(conn, Code.TOKEN_REVOKED,
                          "this terminal is retired" if record.retired
-                         else "this terminal's tokens were revoked")
+                         else "this terminal's tokens were revoked", claims)
             return
         old = self.hub.sessions.get(address)
         if old is not None and old is not conn:
             self.counters.takeovers += 1
+            if self.audit is not None:
+                self._audit_conn("takeover", old, None, by=self._peer(conn))
             self.close(old, Code.TAKEOVER, "the terminal logged in on another connection")
             self.hub.detach(old, old.claims)
         conn.claims = claims
@@ -378,6 +561,10 @@ class Node:
         })
         conn.accept(min(frame.version, PROTOCOL_VERSION), int(heartbeat * 1000),
                     int(now * 1000), self.max_frame_size, self.store.epoch, info)
+        self.counters.auth_ok += 1
+        if self.audit is not None:
+            self._audit_conn("auth.ok", conn, claims, roles=list(claims.roles),
+                             store=claims.store)
         # From now on the deadline is the heartbeat's, not the auth timeout's.
         self.wheel.schedule(conn.timer, conn.deadline(self.auth_timeout))
         # From here on the connection's identity is its registry record: the
@@ -385,10 +572,18 @@ class Node:
         # with the registry instead of a second object per connection.
         conn.claims = self._register(conn, claims, now)
 
-    def _refuse(self, conn: TerminalConnection, code: int, reason: str) -> None:
+    def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None) -> None:
         self.counters.auth_failures += 1
+        if self.audit is not None:
+            self._audit_conn("auth.fail", conn, claims, code=Code(code).name, reason=reason)
         conn.close(code, reason)
         self.mark_dirty(conn)
+
+    @staticmethod
+    def _peer(conn) -> str:
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return peer[0] if peer else ""
 
     def _register(self, conn, claims, now: float) -> TerminalRecord:
         """Record the terminal in the registry; returns its (shared) record."""
@@ -466,7 +661,11 @@ class Node:
             address = parse_address(frame.to)
             check_subscribe(conn.claims, address)
         except AddressError as exc:
-            self.counters.acl_denials += exc.code == Code.FORBIDDEN
+            if exc.code == Code.FORBIDDEN:
+                self.counters.acl_denials += 1
+                if self.audit is not None:
+                    self._audit_conn("acl.deny", conn, None, op="subscribe", to=frame.to,
+                                     lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, frame.ref, str(exc))
             self.mark_dirty(conn)
             return
@@ -572,6 +771,9 @@ class Node:
     def _on_send(self, conn: TerminalConnection, frame) -> None:
         lane = frame.flags & _LANE_MASK
         ref = frame.ref
+        counters = self.counters
+        counters.lane_frames_in[lane] += 1
+        counters.lane_bytes_in[lane] += len(frame.payload)
         try:
             address = parse_address(frame.to)
             recipient_store = None
@@ -581,7 +783,11 @@ class Node:
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
         except (AddressError, kinds.MessageError) as exc:
-            self.counters.acl_denials += exc.code == Code.FORBIDDEN
+            if exc.code == Code.FORBIDDEN:
+                counters.acl_denials += 1
+                if self.audit is not None:
+                    self._audit_conn("acl.deny", conn, None, op="send", to=frame.to,
+                                     kind=frame.kind, lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
             return
@@ -624,14 +830,20 @@ class Node:
         ckey = (stream.id, key) if key else None
         dirty = self._dirty
         overflow = []
+        reached = 0
         for group in self.hub.groups(address):
+            reached += len(group)
             overflow += fanout(group, lane, entry.frame, ckey, deadline, stream, dirty)
         if stream.explicit:
-            overflow += fanout(stream.explicit_list(), lane, entry.frame, ckey, deadline,
-                               stream, dirty)
+            explicit = stream.explicit_list()
+            reached += len(explicit)
+            overflow += fanout(explicit, lane, entry.frame, ckey, deadline, stream, dirty)
         if dirty and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
-        self.counters.broadcasts += 1
+        counters = self.counters
+        counters.broadcasts += 1
+        counters.lane_frames_out[lane] += reached
+        counters.lane_bytes_out[lane] += reached * len(payload)
         for conn in overflow:       # only P0/P1 overflow; kept for symmetry
             self._slow_consumer(conn)
         return entry.offset
@@ -666,6 +878,7 @@ class Node:
         await asyncio.sleep(0)
         batch = self._pending_accepts
         self._pending_accepts = []
+        started = time.perf_counter()
         try:
             results = await self.store.accept_many([(m, r) for m, r, _ in batch])
         except Exception as exc:       # the store is down: nothing was accepted
@@ -674,6 +887,7 @@ class Node:
                 self._reply_failed(reply, exc)
             return
         counters = self.counters
+        counters.store_write.observe(time.perf_counter() - started)
         for (msg, recipients, reply), accepted in zip(batch, results):
             if accepted.duplicate:
                 counters.duplicates += 1
@@ -714,8 +928,8 @@ class Node:
               body: bytes) -> None:
         """A message was stored for ``terminal``: hand it over if it is next in line."""
         conn = self.hub.sessions.get(terminal)
-        if conn is None or conn.state != OPEN:
-            return
+        if conn is None or conn.state != OPEN or self.draining:
+            return      # (draining: it waits in the store for the next connection)
         inbox = conn.inbox
         if inbox is RESUMING:
             # The resume task is reading the store's positions; make sure it
@@ -742,10 +956,17 @@ class Node:
         if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:
             self._slow_consumer(conn)
             return
-        self.counters.deliveries += 1
+        counters = self.counters
+        counters.deliveries += 1
+        counters.lane_frames_out[lane] += 1
+        counters.lane_bytes_out[lane] += len(body)
         if retransmit:
-            self.counters.retransmits += 1
+            counters.retransmits += 1
         inbox = conn.inbox
+        if not inbox.sample_seq[lane]:
+            # Ack latency is sampled: one message in flight per inbox lane at a time.
+            inbox.sample_seq[lane] = seq
+            inbox.sample_at[lane] = time.perf_counter()   # (the loop clock has ms steps)
         if seq > inbox.delivered[lane]:
             inbox.delivered[lane] = seq
             self._note_delivered(conn.address, lane, seq)
@@ -770,7 +991,7 @@ class Node:
     async def _pump_task(self, conn: TerminalConnection, lane: int) -> None:
         inbox = conn.inbox
         try:
-            while conn.state == OPEN:
+            while conn.state == OPEN and not self.draining:
                 acked, sent = conn.inbox_window(lane)
                 cursor = max(inbox.cursor[lane], acked + 1)
                 room = self.inflight - (cursor - 1 - acked)
@@ -841,8 +1062,8 @@ class Node:
 
     def _on_retransmit(self, conn: TerminalConnection) -> None:
         inbox = conn.inbox
-        if conn.state != OPEN or inbox.__class__ is not InboxState:
-            return
+        if conn.state != OPEN or inbox.__class__ is not InboxState or self.draining:
+            return      # (draining: what is in flight stays counted until acked or stopped)
         now = self.loop.time()
         if inbox.blocked or conn.paused:
             # Nothing was lost in flight: the terminal is not reading.  Resending
@@ -874,6 +1095,10 @@ class Node:
             return
         inbox.rto = self.cfg.delivery.retransmit_initial
         inbox.progress = self.loop.time()
+        sampled = inbox.sample_seq[lane]
+        if sampled and frame.seq >= sampled:
+            self.counters.ack_latency.observe(time.perf_counter() - inbox.sample_at[lane])
+            inbox.sample_seq[lane] = 0
         acked0 = conn.inbox_window(0)[0]
         acked1 = conn.inbox_window(1)[0]
         if acked0 >= inbox.last[0] and acked1 >= inbox.last[1] and \

@@ -1,0 +1,657 @@
+"""The admin HTTP API, metrics and health checks (``[admin]``, its own port).
+
+An aiohttp application that runs in the node's event loop, so handlers read
+the node's state directly (no locks, no copies) and publish through the same
+``Node.submit`` / ``Node.broadcast`` paths as terminals.  ``make_app`` does
+not start anything: ``server/main.py`` serves it on ``admin.host:admin.port``
+(:func:`start_admin`) and tests run it on a loopback port.
+
+Under ``/v1`` every call needs ``Authorization: Bearer <token>`` with a token
+of ``admin.tokens`` (compared in constant time), may only act on the
+tenants the token lists (``*`` = all), and is written to the audit log
+(who, method, path, target, status, from where).  JSON in and out; every
+refusal is ``{"error": "<message naming the field>", "field": "<field>"}``
+with 400 (malformed or invalid), 401 (no or bad token), 403 (tenant not
+allowed), 404 (unknown terminal, message or route), 409 (conflict), 413
+(body larger than ``server.max_frame_size``) or 415 (not JSON).
+
+``/metrics``, ``/healthz`` and ``/readyz`` need no token.  The full contract
+is ``server/openapi.json`` (also served as ``/v1/openapi.json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import importlib.resources
+import logging
+import math
+import re
+import time
+
+import orjson
+from aiohttp import web
+
+from ..core.codes import KIND_LANES, Code, Lane
+from . import kinds
+from .address import AddressError, parse_address, terminal_address
+from .auth import ROLES
+from .metrics import make_registry, render
+from .store import NewMessage, TerminalRecord
+
+log = logging.getLogger("tillwire.admin")
+
+MAX_TTL = 366 * 86400.0            # longest ttl a publish may ask for (seconds)
+MAX_REF = 2**63 - 1
+MAX_REASON = 200
+MAX_DEAD_LETTERS = 1000
+MAX_KEY = 128
+_LANE_NAMES = {"P0": 0, "P1": 1, "P2": 2, "P3": 3}
+_STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
+_DIGITS = re.compile(r"[1-9][0-9]{0,18}\Z")
+
+
+
+class Call:
+    """What the audit line of one admin call says besides the request itself."""
+
+    __slots__ = ("token", "target", "tenant", "terminal", "detail")
+
+    def __init__(self) -> None:
+        self.token = None        # the AdminToken that authenticated the call
+        self.target = ""         # the terminal, address, message or node acted on
+        self.tenant = ""
+        self.terminal = ""
+        self.detail: dict = {}   # extra audit fields (never a body or a token)
+
+
+# Typed keys where aiohttp has them (3.9+ AppKey, newer RequestKey); plain strings otherwise.
+_CALL = web.RequestKey("tillwire_call", Call) if hasattr(web, "RequestKey") else "tillwire_call"
+_MAX_BODY = web.AppKey("tillwire_max_body", int) if hasattr(web, "AppKey") else "tillwire_max_body"
+
+
+def _call(request: web.Request) -> Call:
+    return request[_CALL]
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status, message (naming the field) and field."""
+
+    def __init__(self, status: int, message: str, field: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.code = code
+
+
+def _json(doc, status: int = 200, headers=None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _error_doc(message: str, field: str = "", code: str = "") -> dict:
+    doc = {"error": message}
+    if field:
+        doc["field"] = field
+    if code:
+        doc["code"] = code
+    return doc
+
+
+# -- request helpers -----------------------------------------------------------------------
+
+
+async def _body(request: web.Request, *, required: bool, allowed: tuple[str, ...]) -> dict:
+    """The JSON object of the request (``{}`` when optional and absent)."""
+    limit = request.app[_MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body: larger than {limit} bytes (server.max_frame_size)",
+                       "body")
+    if not request.body_exists or request.content_length == 0:
+        if required:
+            raise ApiError(400, "request body: a JSON object is required", "body")
+        return {}
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"Content-Type: must be application/json, got {ctype!r}",
+                       "Content-Type")
+    raw = await request.read()      # aiohttp enforces client_max_size (413) while reading
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "request body: a JSON object is required", "body")
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"request body: not valid JSON ({exc})", "body") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "request body: must be a JSON object", "body")
+    for name in doc:
+        if name not in allowed:
+            raise ApiError(400, f"{name}: unknown field (expected {', '.join(allowed)})", name)
+    return doc
+
+
+def _segment(scope: str, field: str, value) -> str:
+    """Validate one identifier through the address parser; returns it."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{field}: required, a non-empty string", field)
+    try:
+        parse_address(f"{scope}:{value}" if scope == "tenant" else f"{scope}:x/{value}")
+    except AddressError:
+        raise ApiError(400, f"{field}: {value!r} is not a valid id (1-64 of A-Z a-z 0-9 . _ -)",
+                       field) from None
+    return value
+
+
+def _text(doc: dict, field: str, default: str = "", max_len: int = MAX_REASON) -> str:
+    value = doc.get(field, default)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ApiError(400, f"{field}: must be a string of at most {max_len} characters", field)
+    return value
+
+
+def _int_param(request: web.Request, field: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(field)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{field}: must be an integer {lo}-{hi}", field) from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{field}: must be an integer {lo}-{hi}", field)
+    return value
+
+
+def _allow(request: web.Request, tenant: str) -> None:
+    token = _call(request).token
+    if not token.allows(tenant):
+        raise ApiError(403, f"tenant: token {token.name!r} may not act on tenant {tenant!r}",
+                       "tenant")
+
+
+def _terminal_target(request: web.Request) -> tuple[str, str, str]:
+    tenant = _segment("tenant", "tenant", request.match_info["tenant"])
+    terminal = _segment("terminal", "terminal", request.match_info["terminal"])
+    _allow(request, tenant)
+    address = terminal_address(tenant, terminal)
+    call = _call(request)
+    call.target, call.tenant, call.terminal = address, tenant, terminal
+    return tenant, terminal, address
+
+
+def _who(request: web.Request) -> str:
+    call = request.get(_CALL)
+    token = call.token if call is not None else None
+    return f"admin:{token.name}" if token is not None else ""
+
+
+def _record_doc(rec: TerminalRecord) -> dict:
+    return {
+        "terminal": rec.address, "tenant": rec.tenant, "id": rec.terminal, "store": rec.store,
+        "region": rec.region, "roles": list(rec.roles), "member": rec.member,
+        "first_seen": rec.first_seen, "last_seen": rec.last_seen, "retired": rec.retired,
+        "revoked_before": rec.revoked_before,
+    }
+
+
+def _unix(node, loop_time: float) -> float:
+    """A loop-clock time as unix seconds."""
+    return round(time.time() - (node.loop.time() - loop_time), 3)
+
+
+# -- the handlers ------------------------------------------------------------------------------
+
+
+class Handlers:
+    def __init__(self, node, cfg, audit) -> None:
+        self.node = node
+        self.cfg = cfg
+        self.audit = audit
+        self.registry = make_registry(node)
+        ref = importlib.resources.files("tillwire.server").joinpath("openapi.json")
+        self.openapi = ref.read_bytes()
+
+    # -- unauthenticated ---------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = render(self.registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok", "node": self.node.node_id})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        node = self.node
+        reason = ""
+        if node.draining:
+            reason = "draining"
+        elif not node.listening:
+            reason = "not listening"
+        else:
+            try:
+                # A point read: cheap on every backend, and it fails when the store is down.
+                await asyncio.wait_for(node.store.terminal("terminal:readyz/probe"), 2.0)
+            except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+                reason = f"store: {exc.__class__.__name__}: {exc}".rstrip(": ")
+        if reason:
+            return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
+        return _json({"ready": True, "node": node.node_id})
+
+    # -- /v1 ----------------------------------------------------------------------------
+
+    async def openapi_doc(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi, content_type="application/json")
+
+    async def publish(self, request: web.Request) -> web.Response:
+        node = self.node
+        doc = await _body(request, required=True,
+                          allowed=("to", "kind", "body", "lane", "ttl", "key", "ref", "receipt"))
+        to = doc.get("to")
+        if not isinstance(to, str) or not to:
+            raise ApiError(400, "to: required, an address like terminal:acme/till7", "to")
+        try:
+            address = parse_address(to)
+        except AddressError as exc:
+            raise ApiError(400, f"to: {exc}", "to", Code(exc.code).name) from None
+        call = _call(request)
+        call.target, call.tenant = str(address), address.tenant
+        _allow(request, address.tenant)
+        kind = doc.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise ApiError(400, "kind: required, a dotted name like payment.result", "kind")
+        body = doc.get("body")
+        if not isinstance(body, dict):
+            raise ApiError(400, "body: required, a JSON object", "body")
+        lane = doc.get("lane")
+        if lane is None:
+            lane = int(KIND_LANES.get(kind, Lane.P1))
+        elif isinstance(lane, str) and lane.upper() in _LANE_NAMES:
+            lane = _LANE_NAMES[lane.upper()]
+        elif isinstance(lane, int) and not isinstance(lane, bool) and 0 <= lane <= 3:
+            pass
+        else:
+            raise ApiError(400, "lane: one of P0, P1, P2, P3 (or 0-3)", "lane")
+        ttl = doc.get("ttl", 0)
+        if (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl)
+                or ttl < 0 or ttl > MAX_TTL):
+            raise ApiError(400, f"ttl: seconds, a number 0-{MAX_TTL:g} (0 = the lane's default)",
+                           "ttl")
+        key = doc.get("key", "")
+        if not isinstance(key, str) or len(key) > MAX_KEY:
+            raise ApiError(400, f"key: a string of at most {MAX_KEY} characters", "key")
+        if key and lane != Lane.P2:
+            raise ApiError(400, "key: only P2 messages have a conflation key", "key")
+        ref = doc.get("ref", 0)
+        if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref <= MAX_REF:
+            raise ApiError(400, f"ref: an integer 1-{MAX_REF}", "ref")
+        receipt = doc.get("receipt", False)
+        if not isinstance(receipt, bool):
+            raise ApiError(400, "receipt: true or false", "receipt")
+        payload = orjson.dumps(body)
+        try:
+            checked = kinds.check(kind, lane, payload, key)
+        except kinds.MessageError as exc:
+            field = exc.field or "body"
+            raise ApiError(400, str(exc), field, exc.code.name) from None
+        call.detail = {"to": str(address), "kind": kind, "lane": f"P{lane}"}
+        if lane <= Lane.P1:
+            now = time.time()
+            if not ttl:
+                ttl = self.cfg.delivery.p0_ttl if lane == Lane.P0 else self.cfg.delivery.p1_ttl
+            msg = NewMessage(address.tenant, _who(request), ref, lane, kind, str(address),
+                             payload, now, now + ttl, receipt)
+            reply = node.loop.create_future()
+            node.submit(msg, address, reply)
+            try:
+                accepted = await reply
+            except Exception as exc:  # noqa: BLE001 - the store refused the batch
+                raise ApiError(503, f"store: the message could not be stored ({exc}); retry "
+                                    "with the same ref", "", "STORE_UNAVAILABLE") from None
+            call.detail["id"] = str(accepted.msg_id)
+            call.detail["duplicate"] = accepted.duplicate
+            return _json({"id": str(accepted.msg_id), "duplicate": accepted.duplicate,
+                          "recipients": len(accepted.seqs)})
+        offset = node.broadcast(address, lane, kind, checked.key, checked.version, payload,
+                                float(ttl))
+        call.detail["offset"] = offset
+        if not offset:
+            return _json({"stale": True})
+        return _json({"channel": str(address), "offset": offset})
+
+    async def get_terminal(self, request: web.Request) -> web.Response:
+        node = self.node
+        _, _, address = _terminal_target(request)
+        rec = node.registry.get(address)
+        conn = node.hub.sessions.get(address)
+        if rec is None and conn is None:
+            raise ApiError(404, f"terminal: {address} is not registered", "terminal")
+        acked0, last0, acked1, last1 = await node.store.positions(address)
+        doc = _record_doc(rec) if rec is not None else {
+            "terminal": address, "tenant": _call(request).tenant, "id": _call(request).terminal}
+        connected = conn is not None and conn.transport is not None
+        doc.update({
+            "connected": connected,
+            "node": node.node_id if connected else None,
+            "since": _unix(node, conn.started) if connected else None,
+            "heartbeat": conn.heartbeat_ms if connected else None,
+            "last_frame": _unix(node, conn.last_seen) if connected else None,
+            "queued_bytes": conn.queued_bytes if connected else 0,
+            "inbox": {"P0": {"acked": acked0, "last": last0},
+                      "P1": {"acked": acked1, "last": last1}},
+            "state": ("retired" if rec is not None and rec.retired else
+                      _STATE_NAMES.get(conn.state, "open") if connected else "offline"),
+        })
+        return _json(doc)
+
+    async def put_terminal(self, request: web.Request) -> web.Response:
+        node = self.node
+        tenant, terminal, address = _terminal_target(request)
+        doc = await _body(request, required=True, allowed=("store", "roles", "region", "member"))
+        store = _segment("store", "store", doc.get("store"))
+        roles = doc.get("roles")
+        if (not isinstance(roles, list) or not roles
+                or any(not isinstance(r, str) or r not in ROLES for r in roles)):
+            raise ApiError(400, f"roles: a non-empty list of {', '.join(ROLES)}", "roles")
+        roles = tuple(dict.fromkeys(roles))
+        region = doc.get("region", "")
+        if region != "":
+            _segment("region", "region", region)
+        member = doc.get("member", "")
+        if member != "":
+            _segment("member", "member", member)
+        old = node.registry.get(address)
+        if old is not None and old.retired:
+            raise ApiError(409, f"terminal: {address} is retired; ids of retired terminals are "
+                                "not reused", "terminal")
+        now = time.time()
+        rec = TerminalRecord(address, tenant, terminal, store, region, roles, member,
+                             old.first_seen if old is not None and old.first_seen else now,
+                             old.last_seen if old is not None else 0.0, False,
+                             old.revoked_before if old is not None else 0.0)
+        await node.store.register(rec)
+        node.registry.put(rec)
+        _call(request).detail = {"store": store, "roles": list(roles)}
+        return _json(_record_doc(rec), 200 if old is not None else 201)
+
+    async def _known(self, address: str) -> TerminalRecord:
+        rec = self.node.registry.get(address)
+        if rec is None:
+            raise ApiError(404, f"terminal: {address} is not registered", "terminal")
+        # The node writes login registrations in batches: make sure the store has
+        # this one before it is flagged (register keeps retired and revoked_before).
+        await self.node.store.register(rec)
+        return rec
+
+    def _kick(self, request: web.Request, address: str, reason: str, event: str,
+              **detail) -> bool:
+        kicked = self.node.kick(address, reason)
+        if self.audit is not None:
+            call = _call(request)
+            self.audit.write(event, _who(request), tenant=call.tenant,
+                             terminal=call.terminal, peer=request.remote or "",
+                             detail={"target": address, "reason": reason, "kicked": kicked,
+                                     **detail})
+        return kicked
+
+    async def kick(self, request: web.Request) -> web.Response:
+        _, _, address = _terminal_target(request)
+        doc = await _body(request, required=False, allowed=("reason",))
+        reason = _text(doc, "reason", "disconnected by an operator")
+        if self.node.registry.get(address) is None and address not in self.node.hub.sessions:
+            raise ApiError(404, f"terminal: {address} is not registered", "terminal")
+        conn = self.node.hub.sessions.get(address)
+        if conn is None or conn.transport is None:
+            raise ApiError(409, f"terminal: {address} is not connected to this node", "terminal")
+        kicked = self._kick(request, address, reason, "kick")
+        return _json({"terminal": address, "kicked": kicked})
+
+    async def retire(self, request: web.Request) -> web.Response:
+        node = self.node
+        _, _, address = _terminal_target(request)
+        doc = await _body(request, required=False, allowed=("reason",))
+        reason = _text(doc, "reason", "terminal retired")
+        rec = await self._known(address)
+        await node.store.retire(address, True)
+        node.registry.put(dataclasses.replace(rec, retired=True))
+        kicked = self._kick(request, address, reason, "retire")
+        return _json({"terminal": address, "retired": True, "kicked": kicked})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        node = self.node
+        _, _, address = _terminal_target(request)
+        doc = await _body(request, required=False, allowed=("reason",))
+        reason = _text(doc, "reason", "tokens revoked")
+        rec = await self._known(address)
+        before = time.time()
+        await node.store.revoke(address, before)
+        node.registry.put(dataclasses.replace(rec, revoked_before=before))
+        kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
+        return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
+
+    async def presence(self, request: web.Request) -> web.Response:
+        node = self.node
+        tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
+        _allow(request, tenant)
+        store = request.query.get("store")
+        if store is not None:
+            _segment("store", "store", store)
+        call = _call(request)
+        call.tenant = tenant
+        call.target = f"store:{tenant}/{store}" if store else f"tenant:{tenant}"
+        groups = [node.hub.store_sessions(tenant, store)] if store else \
+            node.hub.tenant_groups(tenant)
+        terminals = []
+        for group in groups:
+            for conn in list(group):
+                claims = conn.claims
+                terminals.append({
+                    "terminal": conn.address, "store": claims.store, "roles": list(claims.roles),
+                    "since": _unix(node, conn.started), "queued_bytes": conn.queued_bytes,
+                })
+        terminals.sort(key=lambda t: t["terminal"])
+        return _json({"tenant": tenant, "store": store, "node": node.node_id,
+                      "count": len(terminals), "terminals": terminals})
+
+    async def channels(self, request: web.Request) -> web.Response:
+        node = self.node
+        tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
+        _allow(request, tenant)
+        call = _call(request)
+        call.tenant, call.target = tenant, f"tenant:{tenant}"
+        out = []
+        # The hub has no public iteration over streams; read its index.
+        for stream in list(node.hub._streams.values()):
+            try:
+                if parse_address(stream.name).tenant != tenant:
+                    continue
+            except AddressError:
+                continue
+            out.append({"name": stream.name, "lane": f"P{stream.lane}", "offset": stream.offset,
+                        "epoch": stream.epoch, "history": len(stream.history),
+                        "lvc": len(stream.lvc), "explicit": len(stream.explicit)})
+        out.sort(key=lambda c: (c["name"], c["lane"]))
+        return _json({"tenant": tenant, "channels": out})
+
+    async def message(self, request: web.Request) -> web.Response:
+        raw = request.match_info["id"]
+        call = _call(request)
+        call.target = raw
+        if not _DIGITS.match(raw) or int(raw) > MAX_REF:
+            raise ApiError(400, f"id: {raw!r} is not a message id (a positive integer)", "id")
+        trace = await self.node.store.trace(int(raw))
+        if trace is None:
+            raise ApiError(404, f"id: no message {raw}", "id")
+        call.tenant = trace.tenant
+        _allow(request, trace.tenant)
+        return _json(trace.to_dict())
+
+    async def dead_letters(self, request: web.Request) -> web.Response:
+        tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
+        _allow(request, tenant)
+        call = _call(request)
+        call.tenant, call.target = tenant, f"tenant:{tenant}"
+        limit = _int_param(request, "limit", 100, 1, MAX_DEAD_LETTERS)
+        dead = await self.node.store.dead_letters(tenant, limit)
+        return _json({"tenant": tenant, "dead_letters": [
+            {"id": str(d.msg_id), "terminal": d.terminal, "lane": f"P{d.lane}", "seq": d.seq,
+             "kind": d.kind, "reason": d.reason, "at": d.at, "sender": d.sender, "ref": d.ref}
+            for d in dead]})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        node = self.node
+        call = _call(request)
+        call.target = f"node:{node.node_id}"
+        token = call.token
+        if token.tenants != ("*",):
+            raise ApiError(403, f"tenant: token {token.name!r} is limited to tenants "
+                                f"{', '.join(token.tenants)}; draining the node needs \"*\"",
+                           "tenant")
+        doc = await _body(request, required=False, allowed=("delay_ms", "spread_ms", "timeout_s"))
+        values = {}
+        for field, lo, hi in (("delay_ms", 0, 600_000), ("spread_ms", 0, 600_000),
+                              ("timeout_s", 0, 3600)):
+            value = doc.get(field)
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or not lo <= value <= hi):
+                raise ApiError(400, f"{field}: a number {lo}-{hi}", field)
+            values[field] = value
+        if node.draining:
+            raise ApiError(409, "drain: the node is already draining", "drain")
+        delay = int(values["delay_ms"]) if "delay_ms" in values else None
+        spread = int(values["spread_ms"]) if "spread_ms" in values else None
+        connections = len(node.all_connections())
+        node.drain(delay, spread, float(values.get("timeout_s", 10.0)))
+        detail = {"node": node.node_id, "connections": connections, **values}
+        call.detail = detail
+        if self.audit is not None:
+            self.audit.write("drain", _who(request), peer=request.remote or "", detail=detail)
+        log.warning("drain requested through the admin API by=%s", _who(request))
+        return _json({"draining": True, "node": node.node_id, "connections": connections}, 202)
+
+
+# -- authentication, errors and the audit trail ---------------------------------------------
+
+
+def _authenticate(request: web.Request, tokens) -> tuple[object | None, str]:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if not header:
+        return None, "missing Authorization header (Bearer token)"
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None, "Authorization: expected 'Bearer <token>'"
+    presented_b = presented.strip().encode()
+    found = None
+    for tok in tokens:               # every token is compared: no early exit
+        if hmac.compare_digest(tok.token.encode(), presented_b) and found is None:
+            found = tok
+    if found is None:
+        return None, "unknown or invalid bearer token"
+    return found, ""
+
+
+def _middleware(cfg, audit):
+    tokens = tuple(cfg.admin.tokens)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        api = request.path.startswith("/v1/") or request.path == "/v1"
+        call = request[_CALL] = Call()
+        status = 500
+        started = time.perf_counter()
+        try:
+            if api:
+                token, why = _authenticate(request, tokens)
+                if token is None:
+                    status = 401
+                    if audit is not None:
+                        audit.write("admin.unauthorized", "", peer=request.remote or "",
+                                    detail={"method": request.method, "path": request.path,
+                                            "reason": why})
+                    log.warning("admin: unauthorized method=%s path=%s from=%s reason=%s",
+                                request.method, request.path, request.remote, why)
+                    return _json(_error_doc(why, "Authorization"), 401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="tillwire"'})
+                call.token = token
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                status = exc.status
+                return _json(_error_doc(exc.message, exc.field, exc.code), exc.status)
+            except web.HTTPException as exc:
+                status = exc.status
+                if exc.status == 413:
+                    doc = _error_doc(f"request body: larger than {request.app[_MAX_BODY]} "
+                                     "bytes (server.max_frame_size)", "body")
+                elif exc.status == 405:
+                    doc = _error_doc(f"method: {request.method} is not allowed on "
+                                     f"{request.path}", "method")
+                elif exc.status == 404:
+                    doc = _error_doc(f"path: no such endpoint {request.path}", "path")
+                else:
+                    doc = _error_doc(exc.reason or "request refused", "")
+                headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+                return _json(doc, exc.status, headers=headers or None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("admin: %s %s failed", request.method, request.path)
+                return _json(_error_doc("internal error"), 500)
+            status = response.status
+            return response
+        finally:
+            if api and status != 401 and audit is not None:
+                detail = {"method": request.method, "path": request.path,
+                          "target": call.target, "status": status, **call.detail}
+                audit.write("admin.call", _who(request), tenant=call.tenant,
+                            terminal=call.terminal, peer=request.remote or "", detail=detail)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("admin: method=%s path=%s status=%s who=%s from=%s ms=%.2f",
+                          request.method, request.path, status, _who(request), request.remote,
+                          (time.perf_counter() - started) * 1000)
+
+    return middleware
+
+
+def make_app(node, cfg, audit=None) -> web.Application:
+    """The admin application of ``node`` (not started)."""
+    limit = cfg.server.max_frame_size
+    app = web.Application(middlewares=[_middleware(cfg, audit)], client_max_size=limit)
+    app[_MAX_BODY] = limit
+    h = Handlers(node, cfg, audit)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/readyz", h.readyz)
+    app.router.add_get("/v1/openapi.json", h.openapi_doc)
+    app.router.add_post("/v1/publish", h.publish)
+    app.router.add_get("/v1/terminals/{tenant}/{terminal}", h.get_terminal)
+    app.router.add_put("/v1/terminals/{tenant}/{terminal}", h.put_terminal)
+    app.router.add_delete("/v1/terminals/{tenant}/{terminal}", h.retire)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/kick", h.kick)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/revoke", h.revoke)
+    app.router.add_get("/v1/presence", h.presence)
+    app.router.add_get("/v1/channels", h.channels)
+    app.router.add_get("/v1/messages/{id}", h.message)
+    app.router.add_get("/v1/dead-letters", h.dead_letters)
+    app.router.add_post("/v1/drain", h.drain)
+    return app
+
+
+async def start_admin(node, cfg, audit=None, host: str | None = None,
+                      port: int | None = None) -> web.AppRunner:
+    """Serve the admin app on ``host:port`` (default: ``[admin]``); returns the runner
+    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones)."""
+    runner = web.AppRunner(make_app(node, cfg, audit), access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host or cfg.admin.host,
+                       cfg.admin.port if port is None else port)
+    await site.start()
+    for addr in runner.addresses:
+        log.info("admin API listening host=%s port=%s", addr[0], addr[1])
+    return runner

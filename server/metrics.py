@@ -1,0 +1,199 @@
+"""Prometheus metrics, read from the node at scrape time.
+
+Nothing here runs per message: the node keeps plain integers (``Counters``
+in ``server/node.py``, lists indexed by lane, two fixed-bucket histograms)
+and :class:`NodeCollector` turns them into metric families only when
+``/metrics`` is scraped.  Gauges (connections, queued bytes, channels) are
+computed by walking the live sessions at scrape time, O(connections).
+
+Every family is prefixed ``tillwire_`` and carries a ``worker`` label, the
+node id.  For a multi-worker node (several processes behind one port, a
+later issue) each worker serves its own ``/metrics`` on its own admin port
+and Prometheus scrapes them all: the ``worker`` label keeps the series apart
+and ``sum without (worker) (...)`` gives the node-wide view.  A single
+aggregating endpoint is possible without changing this module: one process
+scrapes its siblings' text and concatenates it (the labels already
+disambiguate).  prometheus_client's multiprocess mode is deliberately not
+used: it makes every counter increment a file write, which the hot paths
+here cannot afford.
+
+Families (``c`` counter, ``g`` gauge, ``h`` histogram):
+
+* g ``tillwire_connections{tenant,role}`` authenticated sessions (a session
+  counts once per role of its token); g ``tillwire_connections_unauthenticated``;
+  g ``tillwire_connections_open`` every accepted socket not yet closed;
+  c ``tillwire_connections_accepted_total``
+* c ``tillwire_frames_received_total``, ``tillwire_bytes_received_total``
+  (every frame and byte from terminals); c ``tillwire_writes_total``,
+  ``tillwire_bytes_written_total`` (socket writes and their bytes)
+* c ``tillwire_messages_in_total{lane}``, ``tillwire_message_bytes_in_total{lane}``
+  (SEND frames and their payload bytes)
+* c ``tillwire_messages_out_total{lane}``, ``tillwire_message_bytes_out_total{lane}``
+  (P0/P1 deliveries including retransmits; P2/P3 fan-out: one per
+  subscriber a broadcast was queued for; payload bytes)
+* c ``tillwire_messages_accepted_total``, ``tillwire_duplicates_total``,
+  ``tillwire_broadcasts_total``, ``tillwire_retransmits_total``
+* g ``tillwire_queued_bytes`` outbound bytes waiting in sessions' queues
+* c ``tillwire_conflated_total``, ``tillwire_p2_dropped_total``,
+  ``tillwire_p3_dropped_total`` (lane scheduler, all sessions so far)
+* c ``tillwire_slow_consumer_closes_total``, ``tillwire_heartbeat_timeouts_total``,
+  ``tillwire_auth_failures_total``, ``tillwire_auth_ok_total``,
+  ``tillwire_acl_denials_total``, ``tillwire_takeovers_total``, ``tillwire_kicks_total``
+* h ``tillwire_store_write_seconds`` time of each ``accept_many`` batch
+* h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
+  in-flight message per inbox lane at a time
+* g ``tillwire_inflight_messages``, ``tillwire_channels``, ``tillwire_registered_terminals``,
+  ``tillwire_draining``, ``tillwire_uptime_seconds``
+* the process collector's ``tillwire_process_*`` (CPU, memory, file descriptors)
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+__all__ = ["NodeCollector", "make_registry", "render"]
+
+LANES = ("P0", "P1", "P2", "P3")
+
+
+def _histogram(name: str, doc: str, hist, worker: str) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=["worker"])
+    buckets = []
+    running = 0
+    for bound, count in zip(hist.bounds, hist.counts):
+        running += count
+        buckets.append((repr(float(bound)), running))
+    buckets.append(("+Inf", hist.count))
+    fam.add_metric([worker], buckets, hist.sum)
+    return fam
+
+
+class NodeCollector:
+    """A prometheus_client custom collector over one :class:`~tillwire.server.node.Node`."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def describe(self):
+        return []        # families are only known at collect time; no eager collect
+
+    def collect(self):
+        node = self.node
+        c = node.counters
+        w = node.node_id
+
+        def counter(name, doc, value):
+            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=["worker"])
+            fam.add_metric([w], value)
+            return fam
+
+        def gauge(name, doc, value):
+            fam = GaugeMetricFamily(f"tillwire_{name}", doc, labels=["worker"])
+            fam.add_metric([w], value)
+            return fam
+
+        # -- connections (walks the live sessions) ---------------------------------
+        by_role: dict[tuple[str, str], int] = {}
+        queued = 0
+        for conn in list(node.hub.sessions.values()):
+            claims = conn.claims
+            if claims is not None:
+                for role in claims.roles:
+                    key = (claims.tenant, role)
+                    by_role[key] = by_role.get(key, 0) + 1
+            queued += conn.queued_bytes
+        unauth = list(node._unauthenticated)
+        for conn in unauth:
+            queued += conn.queued_bytes
+        fam = GaugeMetricFamily("tillwire_connections",
+                                "Authenticated terminal sessions by tenant and role "
+                                "(a session counts once per role).",
+                                labels=["worker", "tenant", "role"])
+        for (tenant, role), n in sorted(by_role.items()):
+            fam.add_metric([w, tenant, role], n)
+        yield fam
+        yield gauge("connections_unauthenticated", "Connections still in their handshake.",
+                    len(unauth))
+        yield gauge("connections_open", "Accepted terminal sockets not yet closed.",
+                    node.connection_count)
+        yield counter("connections_accepted", "Terminal connections accepted.", c.connections)
+        yield gauge("queued_bytes", "Outbound bytes queued in terminal sessions.", queued)
+
+        # -- traffic -----------------------------------------------------------------
+        yield counter("frames_received", "Frames received from terminals.", c.frames_in)
+        yield counter("bytes_received", "Bytes received from terminals.", c.bytes_in)
+        yield counter("writes", "Socket writes to terminals.", c.writes)
+        yield counter("bytes_written", "Bytes written to terminals.", c.bytes_out)
+        for name, doc, values in (
+            ("messages_in", "SEND frames received, by lane.", c.lane_frames_in),
+            ("message_bytes_in", "Payload bytes of SEND frames received, by lane.",
+             c.lane_bytes_in),
+            ("messages_out", "Messages handed to terminals' lanes, by lane (P0/P1 "
+             "deliveries with retransmits, P2/P3 one per subscriber).", c.lane_frames_out),
+            ("message_bytes_out", "Payload bytes handed to terminals' lanes, by lane.",
+             c.lane_bytes_out),
+        ):
+            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=["worker", "lane"])
+            for lane, value in zip(LANES, values):
+                fam.add_metric([w, lane], value)
+            yield fam
+        yield counter("messages_accepted", "P0/P1 messages stored.", c.accepted)
+        yield counter("duplicates", "P0/P1 sends recognised as resends (same sender and ref).",
+                      c.duplicates)
+        yield counter("broadcasts", "P2/P3 messages appended to channel streams.", c.broadcasts)
+        yield counter("retransmits", "P0/P1 messages delivered again.", c.retransmits)
+
+        # -- shedding and closes -------------------------------------------------------
+        conflated, p2_dropped, p3_dropped = node.lane_totals()
+        yield counter("conflated", "P2 messages replaced in a queue by a newer one (same key).",
+                      conflated)
+        yield counter("p2_dropped", "P2 messages shed from full queues.", p2_dropped)
+        yield counter("p3_dropped", "P3 messages shed from full queues or expired.", p3_dropped)
+        yield counter("slow_consumer_closes", "Sessions closed with SLOW_CONSUMER.",
+                      c.slow_consumer_closes)
+        yield counter("heartbeat_timeouts", "Sessions closed with HEARTBEAT_TIMEOUT.",
+                      c.heartbeat_timeouts)
+        yield counter("auth_failures", "Logins refused.", c.auth_failures)
+        yield counter("auth_ok", "Logins accepted.", c.auth_ok)
+        yield counter("acl_denials", "SEND and SUBSCRIBE requests refused as FORBIDDEN.",
+                      c.acl_denials)
+        yield counter("takeovers", "Sessions replaced by a newer login of the same terminal.",
+                      c.takeovers)
+        yield counter("kicks", "Sessions closed by an operator.", c.kicks)
+
+        # -- latency -------------------------------------------------------------------
+        yield _histogram("tillwire_store_write_seconds",
+                         "Time to store one batch of P0/P1 messages (accept_many).",
+                         c.store_write, w)
+        yield _histogram("tillwire_ack_latency_seconds",
+                         "Time from handing a P0/P1 message to a terminal to its ack (sampled).",
+                         c.ack_latency, w)
+
+        # -- state ---------------------------------------------------------------------
+        yield gauge("inflight_messages", "P0/P1 messages delivered and not yet acknowledged.",
+                    node.in_flight())
+        yield gauge("channels", "Channel streams (P2 and P3 counted apart).",
+                    node.hub.stream_count())
+        yield gauge("registered_terminals", "Terminals in the registry.", len(node.registry))
+        yield gauge("draining", "1 while the node drains.", 1 if node.draining else 0)
+        yield gauge("uptime_seconds", "Seconds since the node started.",
+                    time.time() - node.started)
+
+
+def make_registry(node) -> CollectorRegistry:
+    """A registry of its own (not the global one): one per node, tests run several."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    ProcessCollector(namespace="tillwire", registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """(body, content type) of a scrape, in the format the ``Accept`` header asks
+    for (Prometheus text by default, OpenMetrics when asked)."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
