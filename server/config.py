@@ -42,6 +42,7 @@ import os
 import re
 import socket
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -58,22 +59,29 @@ __all__ = [
     "AdminConfig",
     "AdminToken",
     "AuthConfig",
+    "AutoReply",
     "Config",
     "DeliveryConfig",
+    "DirectoryConfig",
     "ENV_PREFIX",
     "HeartbeatConfig",
     "HistoryConfig",
     "LanesConfig",
     "LogConfig",
     "NON_CONFIG_ENV",
+    "OffersConfig",
     "RedisConfig",
+    "RetentionConfig",
     "ServerConfig",
     "StoreConfig",
+    "StoreEntry",
+    "TicketsConfig",
     "TlsConfig",
     "audit_log_path",
     "describe_keys",
     "load_config",
     "node_id",
+    "parse_clock",
     "parse_duration",
     "parse_size",
 ]
@@ -353,13 +361,96 @@ class _IntTuple(_Kind):
         return list(value)
 
 
-class _AdminTokens(_Kind):
+class _Tables(_Kind):
+    """A list of TOML tables (``[[section.key]]``), checked item by item by
+    :meth:`tables`; settable from the file and overrides, never from the
+    environment."""
+
+    def tables(self, raw: Any, where: str) -> tuple:
+        raise NotImplementedError
+
+
+class _AdminTokens(_Tables):
     """``admin.tokens``: checked item by item in :func:`_admin_tokens`."""
 
     expect = "a list of tables {name, token, tenants}"
 
+    def tables(self, raw: Any, where: str) -> tuple:
+        return tuple(_admin_tokens(raw, where))
+
     def plain(self, value: tuple[AdminToken, ...]) -> list[dict[str, Any]]:
         return [{"name": t.name, "token": t.token, "tenants": list(t.tenants)} for t in value]
+
+
+def _zone_ok(name: Any) -> bool:
+    """Is ``name`` an IANA time zone this machine knows (``Asia/Shanghai``)?"""
+    if not isinstance(name, str) or not name or len(name) > 64:
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except Exception:  # noqa: BLE001 - ZoneInfoNotFoundError, ValueError, OSError for odd names
+        return False
+    return True
+
+
+class _Timezone(_Kind):
+    expect = "an IANA time zone name like 'UTC' or 'Asia/Shanghai'"
+
+    def from_value(self, value: Any) -> str:
+        if not _zone_ok(value):
+            raise ValueError("unknown time zone")
+        return value
+
+
+_CLOCK_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+
+
+def parse_clock(text: str) -> int:
+    """``"HH:MM"`` (24-hour, 00:00-23:59) -> minutes after midnight; ValueError otherwise."""
+    match = _CLOCK_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"not a time of day: {text!r} (use HH:MM, 00:00-23:59)")
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+class _Clock(_Kind):
+    expect = "a time of day HH:MM (00:00-23:59)"
+
+    def from_value(self, value: Any) -> str:
+        parse_clock(value)
+        return value
+
+
+class _StoreTables(_Tables):
+    """``directory.stores``: checked item by item in :func:`_store_entries`."""
+
+    expect = "a list of tables {tenant, store, timezone, on_duty, managers}"
+
+    def tables(self, raw: Any, where: str) -> tuple:
+        return tuple(_store_entries(raw, where))
+
+    def plain(self, value: tuple[StoreEntry, ...]) -> list[dict[str, Any]]:
+        out = []
+        for e in value:
+            doc: dict[str, Any] = {"tenant": e.tenant, "store": e.store}
+            if e.timezone:
+                doc["timezone"] = e.timezone
+            doc["on_duty"] = list(e.on_duty)
+            doc["managers"] = list(e.managers)
+            out.append(doc)
+        return out
+
+
+class _AutoReplyTables(_Tables):
+    """``tickets.auto_replies``: checked item by item in :func:`_auto_replies`."""
+
+    expect = "a list of tables {code, reply, tenant}"
+
+    def tables(self, raw: Any, where: str) -> tuple:
+        return tuple(_auto_replies(raw, where))
+
+    def plain(self, value: tuple[AutoReply, ...]) -> list[dict[str, Any]]:
+        return [{"code": r.code, "reply": r.reply, "tenant": r.tenant} for r in value]
 
 
 def _key(default: Any, kind: _Kind, doc: str) -> Any:
@@ -616,6 +707,89 @@ class TlsConfig:
         "Refuse terminals without a certificate signed by client_ca.")
 
 
+@dataclass(frozen=True, slots=True)
+class StoreEntry:
+    """One store of ``directory.stores``: its time zone and who works there."""
+
+    tenant: str
+    store: str
+    timezone: str = ""
+    """IANA name; empty = ``directory.default_timezone``."""
+    on_duty: tuple[str, ...] = ()
+    """Terminal ids that get the store's cashier tickets (empty = the store's staff role)."""
+    managers: tuple[str, ...] = ()
+    """Terminal ids that get escalations (empty = the store's manager role)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    """``[directory]``: the stores' time zones, duty rosters and managers."""
+
+    default_timezone: str = _key(
+        "UTC", _Timezone(),
+        "IANA time zone of a store the directory does not list (quiet hours are store local "
+        "time).")
+    stores: tuple[StoreEntry, ...] = _key(
+        (), _StoreTables(),
+        "Stores: [[directory.stores]] tenant, store, timezone (default default_timezone), "
+        "on_duty and managers (terminal ids); file only, the admin API overrides them.")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoReply:
+    """One rule of ``tickets.auto_replies``: a ticket with ``code`` is resolved at once."""
+
+    code: str
+    reply: str
+    tenant: str = "*"
+    """A tenant id, or ``"*"`` for every tenant (a tenant's own rule wins)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TicketsConfig:
+    """``[tickets]``: cashier exception tickets."""
+
+    escalate_after: float = _key(
+        300.0, _POSITIVE,
+        "A ticket nobody assigned or resolved within this time is escalated to the store's "
+        "managers.")
+    auto_replies: tuple[AutoReply, ...] = _key(
+        (), _AutoReplyTables(),
+        'Tickets answered at once: [[tickets.auto_replies]] code, reply, tenant (default "*" = '
+        "every tenant); file only.")
+
+
+@dataclass(frozen=True, slots=True)
+class OffersConfig:
+    """``[offers]``: member offers that don't spam (P3 promo.offer and member.notice)."""
+
+    quiet_start: str = _key(
+        "22:00", _Clock(),
+        "Start of the quiet hours (store local time, HH:MM): no offers are pushed from then.")
+    quiet_end: str = _key(
+        "08:00", _Clock(),
+        "End of the quiet hours (HH:MM; equal to quiet_start = no quiet hours).")
+    cap_count: int = _key(
+        3, _Int(0),
+        "Most offers one member gets per cap_window (0 = no cap).")
+    cap_window: float = _key(
+        86400.0, _POSITIVE,
+        "The frequency cap's sliding window.")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``[retention]``: how long personal data is kept."""
+
+    chat: float = _key(
+        7776000.0, _POSITIVE,
+        "Customer-service conversations and their messages are deleted this long after their "
+        "last write.")
+    member_notice: float = _key(
+        2592000.0, _POSITIVE,
+        "Oldest member.notice kept in a channel's history.")
+
+
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "auth": AuthConfig,
@@ -628,6 +802,10 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "redis": RedisConfig,
     "tls": TlsConfig,
+    "directory": DirectoryConfig,
+    "tickets": TicketsConfig,
+    "offers": OffersConfig,
+    "retention": RetentionConfig,
 }
 
 
@@ -646,6 +824,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    offers: OffersConfig = field(default_factory=OffersConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def to_dict(self, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
         """``{section: {key: value}}`` with JSON-friendly values (lists, not tuples).
@@ -815,6 +997,93 @@ def _admin_tokens(raw: Any, where: str) -> list[AdminToken]:
     return tokens
 
 
+def _table_list(raw: Any, dotted: str, expect: str) -> list:
+    if not isinstance(raw, (list, tuple)):
+        shape = type(raw).__name__
+        if isinstance(raw, Mapping):
+            shape = f"a table ([{dotted}] instead of [[{dotted}]]?)"
+        raise ConfigError(dotted, f"must be {expect}, got {shape}")
+    return list(raw)
+
+
+def _table_item(item: Any, key: str, allowed: tuple[str, ...], required: tuple[str, ...],
+                where: str) -> Mapping:
+    if not isinstance(item, Mapping):
+        raise ConfigError(key, f"must be a table with {', '.join(allowed)}, got "
+                          f"{type(item).__name__}")
+    extras = sorted(set(item) - set(allowed))
+    if extras:
+        raise ConfigError(f"{key}.{extras[0]}", f"unknown key (expected {', '.join(allowed)})"
+                          + _suggest(extras[0], list(allowed)))
+    for name in required:
+        if name not in item:
+            raise ConfigError(f"{key}.{name}", f"is required ({where})")
+    return item
+
+
+def _id_list(value: Any, key: str) -> tuple[str, ...]:
+    if (not isinstance(value, (list, tuple))
+            or not all(isinstance(v, str) and _ID_RE.fullmatch(v) for v in value)):
+        raise ConfigError(key, f"must be a list of terminal ids ({_ID_TEXT}), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, f"lists a terminal twice: {list(value)!r}")
+    return tuple(value)
+
+
+def _store_entries(raw: Any, where: str) -> list[StoreEntry]:
+    """Check ``directory.stores`` items; errors name the entry and field
+    (``directory.stores[2].timezone``)."""
+    allowed = ("tenant", "store", "timezone", "on_duty", "managers")
+    entries = []
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(_table_list(raw, "directory.stores", _StoreTables.expect)):
+        key = f"directory.stores[{i}]"
+        if isinstance(item, StoreEntry):
+            item = {"tenant": item.tenant, "store": item.store, "timezone": item.timezone,
+                    "on_duty": list(item.on_duty), "managers": list(item.managers)}
+        item = _table_item(item, key, allowed, ("tenant", "store"), where)
+        for name in ("tenant", "store"):
+            value = item[name]
+            if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
+                raise ConfigError(f"{key}.{name}", f"must be {_ID_TEXT}, got {value!r}")
+        tz = item.get("timezone", "")
+        if tz != "" and not _zone_ok(tz):
+            raise ConfigError(f"{key}.timezone", f"must be {_Timezone.expect}, got {tz!r}")
+        pair = (item["tenant"], item["store"])
+        if pair in seen:
+            raise ConfigError(f"{key}.store", f"store {pair[1]!r} of tenant {pair[0]!r} is "
+                                              "listed twice")
+        seen.add(pair)
+        entries.append(StoreEntry(item["tenant"], item["store"], tz,
+                                  _id_list(item.get("on_duty", []), f"{key}.on_duty"),
+                                  _id_list(item.get("managers", []), f"{key}.managers")))
+    return entries
+
+
+def _auto_replies(raw: Any, where: str) -> list[AutoReply]:
+    """Check ``tickets.auto_replies`` items (``tickets.auto_replies[0].code``...)."""
+    allowed = ("code", "reply", "tenant")
+    rules = []
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(_table_list(raw, "tickets.auto_replies", _AutoReplyTables.expect)):
+        key = f"tickets.auto_replies[{i}]"
+        if isinstance(item, AutoReply):
+            item = {"code": item.code, "reply": item.reply, "tenant": item.tenant}
+        item = _table_item(item, key, allowed, ("code", "reply"), where)
+        code, reply, tenant = item["code"], item["reply"], item.get("tenant", "*")
+        if not isinstance(code, str) or not 1 <= len(code) <= 64:
+            raise ConfigError(f"{key}.code", f"must be a ticket code of 1-64 characters, got {code!r}")
+        if not isinstance(reply, str) or not 1 <= len(reply) <= 2000:
+            raise ConfigError(f"{key}.reply", "must be a text of 1-2000 characters")
+        if not isinstance(tenant, str) or (tenant != "*" and _ID_RE.fullmatch(tenant) is None):
+            raise ConfigError(f"{key}.tenant", f'must be "*" or a tenant id ({_ID_TEXT}), got {tenant!r}')
+        if (tenant, code) in seen:
+            raise ConfigError(f"{key}.code", f"code {code!r} has two rules for tenant {tenant!r}")
+        seen.add((tenant, code))
+        rules.append(AutoReply(code, reply, tenant))
+    return rules
+
+
 def _read_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> None:
     try:
         with open(path, "rb") as fh:
@@ -840,8 +1109,8 @@ def _read_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> No
             spec = _KEYS.get(dotted)
             if spec is None:
                 raise ConfigError(dotted, f"unknown key in {path}" + _suggest(name, names))
-            if dotted == "admin.tokens":
-                values[dotted] = _admin_tokens(raw, f"in {path}")
+            if isinstance(spec.kind, _Tables):
+                values[dotted] = spec.kind.tables(raw, f"in {path}")
             else:
                 values[dotted] = _convert(spec, raw, text=False)
             sources[dotted] = path
@@ -863,6 +1132,9 @@ def _read_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str,
                 f"config file, or set {ADMIN_TOKEN_ENV} for one token named {ENV_ADMIN_TOKEN_NAME!r}",
                 var,
             )
+        if isinstance(spec.kind, _Tables):
+            raise _error(spec.dotted, f"cannot be set from the environment: list them as "
+                         f"[[{spec.dotted}]] tables in the config file", var)
         values[spec.dotted] = _convert(spec, env[var], text=True, env_var=var)
         sources[spec.dotted] = var
 
@@ -889,8 +1161,8 @@ def _read_overrides(overrides: Mapping[str, object], values: dict[str, Any], sou
         spec = _KEYS.get(dotted)
         if spec is None:
             raise ConfigError(dotted, "unknown key" + _suggest(dotted, list(_KEYS)))
-        if dotted == "admin.tokens":
-            values[dotted] = _admin_tokens(raw, "in overrides")
+        if isinstance(spec.kind, _Tables):
+            values[dotted] = spec.kind.tables(raw, "in overrides")
         else:
             # Flags may arrive as text (parsed like the environment) or typed.
             values[dotted] = _convert(spec, raw, text=isinstance(raw, str))

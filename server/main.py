@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import ssl
 
 import orjson
@@ -25,6 +26,8 @@ from .config import Config, node_id
 from .logs import setup_logging
 
 log = logging.getLogger("tillwire.server")
+
+SWITCH_INTERVAL = 0.0001   # seconds; see serve()
 
 DRAIN_TIMEOUT = 10.0
 """Longest wait for in-flight P0/P1 acks when draining on a signal (seconds)."""
@@ -155,5 +158,10 @@ def serve(cfg: Config) -> int:
     setup_logging(cfg.log)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration %s", orjson.dumps(cfg.to_dict()).decode())   # secrets masked
+    # The store's writer thread hands the GIL back and forth with the event
+    # loop on every SQLite step; when the loop is busy (a broadcast flood) a
+    # 5 ms switch interval makes each handoff wait up to 5 ms and P0 commits
+    # crawl.  0.1 ms keeps the writer moving at a small cost to the loop.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     uvloop.install()
     return asyncio.run(run(cfg))

@@ -387,6 +387,16 @@ BAD_VALUES = {
     "tls.key": (1, None),
     "tls.client_ca": (1, None),
     "tls.require_client_cert": ("yes", "maybe"),
+    "directory.default_timezone": ("Mars/Base", "America"),
+    "directory.stores": ("abc", "x"),
+    "tickets.escalate_after": (0, "soon"),
+    "tickets.auto_replies": (5, "E1=reboot"),
+    "offers.quiet_start": ("24:00", "7pm"),
+    "offers.quiet_end": ("08:60", "8"),
+    "offers.cap_count": (-1, "x"),
+    "offers.cap_window": (0, "0s"),
+    "retention.chat": (0, "90 days"),
+    "retention.member_notice": (-1, "0"),
 }
 
 
@@ -555,6 +565,113 @@ def test_admin_token_tables_are_checked(tmp_path, body, key):
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert info.value.key == key
+
+
+SERVICES_FILE = """
+[directory]
+default_timezone = "Asia/Shanghai"
+
+[[directory.stores]]
+tenant = "acme"
+store = "s1"
+on_duty = ["h1", "h2"]
+managers = ["m1"]
+
+[[directory.stores]]
+tenant = "acme"
+store = "s2"
+timezone = "Europe/Berlin"
+
+[tickets]
+escalate_after = "5m"
+
+[[tickets.auto_replies]]
+code = "E42"
+reply = "Reseat the paper roll and press FEED."
+
+[[tickets.auto_replies]]
+code = "E42"
+reply = "Call the acme printer desk."
+tenant = "acme"
+
+[offers]
+quiet_start = "21:30"
+quiet_end = "07:00"
+cap_count = 0
+cap_window = "12h"
+
+[retention]
+chat = "30d"
+member_notice = "7d"
+"""
+
+
+def test_services_sections_from_file(tmp_path):
+    from tillwire.server.config import AutoReply, StoreEntry
+
+    cfg = load_config(toml_file(tmp_path, SERVICES_FILE), env={})
+    assert cfg.directory.default_timezone == "Asia/Shanghai"
+    assert cfg.directory.stores == (
+        StoreEntry("acme", "s1", "", ("h1", "h2"), ("m1",)),
+        StoreEntry("acme", "s2", "Europe/Berlin", (), ()),
+    )
+    assert cfg.tickets.escalate_after == 300.0
+    assert cfg.tickets.auto_replies == (
+        AutoReply("E42", "Reseat the paper roll and press FEED.", "*"),
+        AutoReply("E42", "Call the acme printer desk.", "acme"),
+    )
+    assert (cfg.offers.quiet_start, cfg.offers.quiet_end) == ("21:30", "07:00")
+    assert cfg.offers.cap_count == 0 and cfg.offers.cap_window == 43200.0
+    assert cfg.retention.chat == 30 * 86400.0 and cfg.retention.member_notice == 7 * 86400.0
+    # The tables survive to_dict -> overrides.
+    flat = {f"{section}.{name}": value
+            for section, table in cfg.to_dict(mask_secrets=False).items()
+            for name, value in table.items()}
+    assert load_config(env={}, overrides=flat) == cfg
+
+
+def test_services_defaults():
+    cfg = load_config(env={})
+    assert cfg.directory.default_timezone == "UTC" and cfg.directory.stores == ()
+    assert cfg.tickets.escalate_after == 300.0 and cfg.tickets.auto_replies == ()
+    assert (cfg.offers.quiet_start, cfg.offers.quiet_end) == ("22:00", "08:00")
+    assert cfg.offers.cap_count == 3 and cfg.offers.cap_window == 86400.0
+    assert cfg.retention.chat == 7776000.0 and cfg.retention.member_notice == 2592000.0
+
+
+@pytest.mark.parametrize("body, key", [
+    ('[[directory.stores]]\ntenant = "a"\nstore = "s1"\n[[directory.stores]]\ntenant = "a"\n'
+     'store = "s2"\n[[directory.stores]]\ntenant = "a"\nstore = "s3"\ntimezone = "Mars/Base"\n',
+     "directory.stores[2].timezone"),
+    ('[[directory.stores]]\ntenant = "a"\n', "directory.stores[0].store"),
+    ('[[directory.stores]]\ntenant = "a b"\nstore = "s"\n', "directory.stores[0].tenant"),
+    ('[[directory.stores]]\ntenant = "a"\nstore = "s"\non_duty = "h1"\n',
+     "directory.stores[0].on_duty"),
+    ('[[directory.stores]]\ntenant = "a"\nstore = "s"\nmanagers = ["m1", "m1"]\n',
+     "directory.stores[0].managers"),
+    ('[[directory.stores]]\ntenant = "a"\nstore = "s"\nzone = "UTC"\n', "directory.stores[0].zone"),
+    ('[[directory.stores]]\ntenant = "a"\nstore = "s"\n[[directory.stores]]\ntenant = "a"\n'
+     'store = "s"\n', "directory.stores[1].store"),
+    ('[directory.stores]\ntenant = "a"\nstore = "s"\n', "directory.stores"),
+    ('[[tickets.auto_replies]]\ncode = "E1"\n', "tickets.auto_replies[0].reply"),
+    ('[[tickets.auto_replies]]\ncode = ""\nreply = "x"\n', "tickets.auto_replies[0].code"),
+    ('[[tickets.auto_replies]]\ncode = "E1"\nreply = "x"\ntenant = "a/b"\n',
+     "tickets.auto_replies[0].tenant"),
+    ('[[tickets.auto_replies]]\ncode = "E1"\nreply = "x"\n[[tickets.auto_replies]]\n'
+     'code = "E1"\nreply = "y"\n', "tickets.auto_replies[1].code"),
+])
+def test_services_tables_are_checked(tmp_path, body, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(toml_file(tmp_path, body), env={})
+    assert info.value.key == key
+
+
+def test_services_tables_not_settable_from_env():
+    for var, key in (("TILLWIRE_DIRECTORY_STORES", "directory.stores"),
+                     ("TILLWIRE_TICKETS_AUTO_REPLIES", "tickets.auto_replies")):
+        with pytest.raises(ConfigError) as info:
+            load_config(env={var: "[]"})
+        assert info.value.key == key and "config file" in str(info.value)
 
 
 def test_admin_token_duplicates(tmp_path):
