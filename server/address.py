@@ -9,7 +9,7 @@ another tenant is refused before anything else is looked at.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.codes import Code, Lane
 from .auth import ROLES
@@ -37,8 +37,12 @@ class Address:
     scope: str
     tenant: str
     path: tuple[str, ...]
+    text: str = field(default="", compare=False, repr=False)
+    """The canonical form (what ``parse_address`` read); str() is on hot paths."""
 
     def __str__(self) -> str:
+        if self.text:
+            return self.text
         if not self.path:
             return f"{self.scope}:{self.tenant}"
         return f"{self.scope}:{self.tenant}/{'/'.join(self.path)}"
@@ -91,7 +95,7 @@ def _parse(text: str) -> Address:
     if scope == "role" and parts[2] not in ROLES:
         raise AddressError(Code.BAD_ADDRESS,
                            f"address {text!r}: role must be one of {', '.join(ROLES)}")
-    return Address(scope, parts[0], tuple(parts[1:]))
+    return Address(scope, parts[0], tuple(parts[1:]), text)
 
 
 def terminal_address(tenant: str, terminal: str) -> str:

@@ -37,6 +37,8 @@ from ..core.codes import KIND_LANES, Code, Lane
 from . import kinds
 from .address import AddressError, parse_address, terminal_address
 from .auth import ROLES
+from .directory import zone_ok
+from .offers import POLICY_KINDS
 from .metrics import make_registry, render
 from .store import NewMessage, TerminalRecord
 
@@ -50,6 +52,8 @@ MAX_KEY = 128
 _LANE_NAMES = {"P0": 0, "P1": 1, "P2": 2, "P3": 3}
 _STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
 _DIGITS = re.compile(r"[1-9][0-9]{0,18}\Z")
+_TICKET = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+MAX_ROSTER = 1000                  # terminal ids in a store's on_duty or managers
 
 
 
@@ -291,6 +295,10 @@ class Handlers:
         receipt = doc.get("receipt", False)
         if not isinstance(receipt, bool):
             raise ApiError(400, "receipt: true or false", "receipt")
+        if kind in node.service_kinds:
+            # Tickets and conversations have state a bare publish would bypass.
+            raise ApiError(400, f"kind: {kind} is sent by terminals, through the ticket and "
+                                "chat services; it cannot be published here", "kind")
         payload = orjson.dumps(body)
         try:
             checked = kinds.check(kind, lane, payload, key)
@@ -315,12 +323,13 @@ class Handlers:
             call.detail["duplicate"] = accepted.duplicate
             return _json({"id": str(accepted.msg_id), "duplicate": accepted.duplicate,
                           "recipients": len(accepted.seqs)})
+        report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
         offset = node.broadcast(address, lane, kind, checked.key, checked.version, payload,
-                                float(ttl))
+                                float(ttl), report)
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})
-        return _json({"channel": str(address), "offset": offset})
+        return _json({"channel": str(address), "offset": offset, **(report or {})})
 
     async def get_terminal(self, request: web.Request) -> web.Response:
         node = self.node
@@ -501,6 +510,85 @@ class Handlers:
              "kind": d.kind, "reason": d.reason, "at": d.at, "sender": d.sender, "ref": d.ref}
             for d in dead]})
 
+    # -- retail services ------------------------------------------------------------------
+
+    def _store_target(self, request: web.Request) -> tuple[str, str]:
+        tenant = _segment("tenant", "tenant", request.match_info["tenant"])
+        store = _segment("store", "store", request.match_info["store"])
+        _allow(request, tenant)
+        call = _call(request)
+        call.tenant, call.target = tenant, f"store:{tenant}/{store}"
+        return tenant, store
+
+    async def get_store(self, request: web.Request) -> web.Response:
+        tenant, store = self._store_target(request)
+        return _json(self.node.directory.get(tenant, store).to_dict())
+
+    async def put_store(self, request: web.Request) -> web.Response:
+        tenant, store = self._store_target(request)
+        doc = await _body(request, required=True, allowed=("timezone", "on_duty", "managers"))
+        timezone = doc.get("timezone")
+        if timezone is not None and (not isinstance(timezone, str) or not zone_ok(timezone)):
+            raise ApiError(400, f"timezone: {timezone!r} is not an IANA time zone like "
+                                "Asia/Shanghai", "timezone")
+        rosters = {}
+        for field in ("on_duty", "managers"):
+            value = doc.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, list) or len(value) > MAX_ROSTER:
+                raise ApiError(400, f"{field}: a list of at most {MAX_ROSTER} terminal ids",
+                               field)
+            for i, item in enumerate(value):
+                _segment("terminal", f"{field}[{i}]", item)
+            rosters[field] = tuple(dict.fromkeys(value))
+        info = await self.node.directory.put(tenant, store, timezone=timezone,
+                                             on_duty=rosters.get("on_duty"),
+                                             managers=rosters.get("managers"))
+        _call(request).detail = {"fields": sorted(doc)}
+        return _json(info.to_dict())
+
+    async def get_ticket(self, request: web.Request) -> web.Response:
+        tenant = _segment("tenant", "tenant", request.match_info["tenant"])
+        ticket = request.match_info["ticket"]
+        _allow(request, tenant)
+        call = _call(request)
+        call.tenant, call.target = tenant, f"ticket:{tenant}/{ticket}"
+        if not _TICKET.match(ticket):
+            raise ApiError(400, f"ticket: {ticket!r} is not a ticket id like T-lx2k9c3a-1f0e",
+                           "ticket")
+        rec = await self.node.tickets.get(tenant, ticket)
+        if rec is None:
+            raise ApiError(404, f"ticket: no ticket {ticket} in tenant {tenant}", "ticket")
+        return _json({k: v for k, v in rec.items() if k != "ref"})
+
+    async def forget_member(self, request: web.Request) -> web.Response:
+        """Personal data: delete a member's conversations, chat history, offer cap
+        and the history of their member channel."""
+        node = self.node
+        tenant = _segment("tenant", "tenant", request.match_info["tenant"])
+        member = _segment("member", "member", request.match_info["member"])
+        _allow(request, tenant)
+        call = _call(request)
+        channel = f"member:{tenant}/{member}"
+        call.tenant, call.target = tenant, channel
+        conversations, messages = await node.chat.forget_member(tenant, member)
+        caps = await node.offers.forget_member(tenant, member)
+        entries = 0
+        for lane in (Lane.P2, Lane.P3):
+            stream = node.hub.stream(channel, lane, create=False)
+            if stream is not None:
+                entries += node.hub.forget(stream)
+        stored = await node.store.forget_stream(channel)
+        result = {"tenant": tenant, "member": member, "conversations": conversations,
+                  "chat_messages": messages, "caps": caps,
+                  "channel_entries": max(entries, stored)}
+        # (the admin.call audit line carries these counts)
+        call.detail = {k: v for k, v in result.items() if k not in ("tenant", "member")}
+        log.warning("member data deleted tenant=%s member=%s by=%s conversations=%d "
+                    "chat_messages=%d", tenant, member, _who(request), conversations, messages)
+        return _json(result)
+
     async def drain(self, request: web.Request) -> web.Response:
         node = self.node
         call = _call(request)
@@ -639,6 +727,10 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_get("/v1/messages/{id}", h.message)
     app.router.add_get("/v1/dead-letters", h.dead_letters)
     app.router.add_post("/v1/drain", h.drain)
+    app.router.add_get("/v1/stores/{tenant}/{store}", h.get_store)
+    app.router.add_put("/v1/stores/{tenant}/{store}", h.put_store)
+    app.router.add_get("/v1/tickets/{tenant}/{ticket}", h.get_ticket)
+    app.router.add_delete("/v1/members/{tenant}/{member}", h.forget_member)
     return app
 
 

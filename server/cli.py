@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", help="server.port: port of the terminal listener")
     serve.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
     serve.add_argument("--admin-port", metavar="PORT", help="admin.port: admin API port (0 = disabled)")
-    serve.add_argument("--redis", metavar="URL", help="redis.url: Redis URL for clustering (empty = embedded)")
+    serve.add_argument("--redis", metavar="URL", help="redis.url: Redis URL for scale-out (not built yet: refused)")
     serve.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning or error")
     serve.set_defaults(handler=_cmd_serve)
 
@@ -216,6 +216,10 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, er
         "log.level": args.log_level,
     })
     cfg.require_secret()
+    if cfg.redis.url:
+        # Say so rather than run a lone node the operator believes is clustered.
+        raise ConfigError("redis.url", "Redis scale-out is not available in this version; "
+                          "leave it empty to run the embedded single-node server")
     try:
         # Imported here so the other subcommands work without the server.
         from tillwire.server.main import serve

@@ -683,7 +683,8 @@ class RedisConfig:
     url: str = _key(
         "", _Str(re.compile(r"(redis|rediss|unix)://\S+"), "empty or a redis://, rediss:// or unix:// URL",
                  allow_empty_pattern=True),
-        "Redis URL for clustering; empty = embedded single-node mode.")
+        "Redis URL for scale-out (not built yet: serve refuses a non-empty value); empty = "
+        "embedded single-node mode.")
     prefix: str = _key(
         "tw", _Str(re.compile(r"[A-Za-z0-9._:-]{1,64}"), "1-64 characters of A-Z a-z 0-9 . _ : -"),
         "Prefix of every Redis key and channel this cluster uses.")

@@ -103,6 +103,11 @@ class Hub:
         self._by_region: dict[tuple[str, str], dict] = {}
         self._by_member: dict[tuple[str, str], dict] = {}
         self._stores_of: dict[str, dict[tuple[str, str], None]] = {}   # tenant -> store keys
+        # Shorter history age of some kinds (retention of personal data, e.g.
+        # member.notice): kind -> seconds.  Checked only when the oldest entry
+        # of a stream is older than the smallest of them.
+        self.kind_ages: dict[str, float] = {}
+        self._kind_min_age = 0.0
         self._streams: dict[tuple[str, int], Stream] = {}
         self._by_id: dict[int, Stream] = {}
         self._next_id = 1
@@ -250,11 +255,39 @@ class Hub:
         self._trim(stream, now)
         return entry
 
+    def set_kind_ages(self, ages: dict[str, float]) -> None:
+        """History ages of particular kinds, shorter than ``history_age``."""
+        self.kind_ages = dict(ages)
+        self._kind_min_age = min(ages.values()) if ages else 0.0
+
+    def trim(self, stream: Stream, now: float) -> None:
+        """Drop history beyond the count and age bounds (and the kinds' own ages)."""
+        self._trim(stream, now)
+
     def _trim(self, stream: Stream, now: float) -> None:
         history = stream.history
         horizon = now - self.history_age
         while history and (len(history) > self.history_max or history[0].created < horizon):
             history.popleft()
+        ages = self.kind_ages
+        if ages and history and history[0].created < now - self._kind_min_age:
+            # Rare (history kept longer than a kind's retention): one pass.
+            kept = [e for e in history
+                    if e.kind not in ages or e.created >= now - ages[e.kind]]
+            if len(kept) != len(history):
+                history.clear()
+                history.extend(kept)
+                if stream.lvc:
+                    stream.lvc = {k: e for k, e in stream.lvc.items()
+                                  if e.kind not in ages or e.created >= now - ages[e.kind]}
+
+    def forget(self, stream: Stream) -> int:
+        """Drop a stream's history and last values (personal data deletion);
+        its offsets go on.  Returns how many entries went."""
+        count = len(stream.history) + len(stream.lvc)
+        stream.history.clear()
+        stream.lvc.clear()
+        return count
 
     def replay_frame(self, stream: Stream, entry: Entry) -> bytes:
         if entry.replay is None:

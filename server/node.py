@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 import os
 import random
@@ -38,8 +39,12 @@ from .address import AddressError, check_publish, check_subscribe, implied_chann
 from .auth import verify_token
 from .connection import RESUMING, InboxState, TerminalConnection
 from .hub import Hub, parse_positions
+from .chat import Chat
+from .directory import Directory
+from .offers import POLICY_KINDS, Offers
 from .registry import Registry
 from .store import NewMessage, StreamEntry, TerminalRecord
+from .tickets import Tickets
 
 log = logging.getLogger("tillwire.node")
 
@@ -51,6 +56,8 @@ _RETRANSMIT = int(Flag.RETRANSMIT)
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 
 PUMP_BATCH = 128             # store rows read per pump step
+BULK_BUDGET = 8192           # P2/P3 sends + recipients queued per loop iteration (Node._run_bulk)
+BULK_BACKLOG = 512           # deferred P2/P3 SENDs before their publishers stop being read
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
 
 
@@ -93,7 +100,7 @@ class Counters:
                  "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
-                 "lane_bytes_out", "store_write", "ack_latency")
+                 "lane_bytes_out", "store_write", "ack_latency", "ingress_pauses")
 
     _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 
@@ -166,6 +173,11 @@ class Node:
         self._pending_acks: dict[tuple[str, int], int] = {}
         self._pending_delivered: dict[tuple[str, int], list[int]] = {}
         self._batch_handle = None
+        # Deferred P2/P3 SENDs (connection, frame), fanned out a budget per loop
+        # iteration, and the publishers whose reading is paused meanwhile.
+        self._bulk: collections.deque = collections.deque()
+        self._bulk_handle = None
+        self._bulk_paused: set[TerminalConnection] = set()
         self._released_lane_totals = [0, 0, 0]   # of closed or released schedulers
         self.draining = False
         self.started = time.time()
@@ -185,6 +197,20 @@ class Node:
             int(FrameType.RECEIPT): self._on_receipt_frame,
             int(FrameType.CLOSE): self._on_close_frame,
         }
+        # Retail services: the store directory, tickets, chat and the offer
+        # policy.  _services maps the P1 kinds a service takes over to its
+        # handler (one dict probe per SEND; other kinds route as usual).
+        self.directory = Directory(cfg, store)
+        self.tickets = Tickets(self, self.directory)
+        self.chat = Chat(self)
+        self.offers = Offers(self, self.directory)
+        self._services = {
+            "ticket.open": self.tickets.on_open, "ticket.assign": self.tickets.on_update,
+            "ticket.reply": self.tickets.on_update, "ticket.resolve": self.tickets.on_update,
+            "chat.message": self.chat.on_message,
+        }
+        self.service_kinds = frozenset(self._services)
+        self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
         TerminalConnection.node = self
 
     # -- lifecycle ------------------------------------------------------------------
@@ -200,6 +226,10 @@ class Node:
         for state in await self.store.load_streams(history.max_messages, history.max_age,
                                                    unix_now):
             self.hub.restore(state, loop_now, unix_now)
+        await self.directory.load()
+        await self.tickets.load()         # re-arms the escalation timers
+        await self.chat.load()
+        await self.offers.load()
         srv = self.cfg.server
         if sock is None:
             sock = self._listen_socket(srv.host, srv.port)
@@ -233,6 +263,7 @@ class Node:
         self._stopped = True
         for server in self._servers:
             server.close()
+        self._finish_bulk()
         for conn in self.all_connections():
             conn.close(code, reason)
             self.mark_dirty(conn)
@@ -246,6 +277,7 @@ class Node:
             if conn.transport is not None:
                 conn.transport.close()
         await asyncio.sleep(0)
+        await self._close_services()
         await self.store.close()
         self._stopped_event.set()
 
@@ -503,6 +535,8 @@ class Node:
                 for stream in extra.get("explicit", ()):
                     stream.remove_explicit(conn)
         conn.transport = None
+        if self._bulk_paused:
+            self._bulk_paused.discard(conn)
 
     def on_frame(self, conn: TerminalConnection, frame) -> None:
         handler = self._handlers.get(frame.type)
@@ -633,6 +667,8 @@ class Node:
             return
         if how == "resync":
             conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
+        elif stream.lane == Lane.P3 and entries:
+            entries = self.offers.filter_replay(conn, entries)   # skipped, never bypassed
         for entry in entries:
             if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
                          entry.deadline, stream) == OVERFLOW:
@@ -702,9 +738,12 @@ class Node:
         ref = frame.ref
         try:
             address = parse_address(frame.to)
-            if address.scope == "chat" or lane < Lane.P2:
-                raise AddressError(Code.UNKNOWN_CHANNEL,
-                                   "HISTORY: conversations are not kept by this server yet")
+            if address.scope == "chat":
+                self.chat.on_history(conn, frame, address)     # answers asynchronously
+                return
+            if lane < Lane.P2:
+                raise AddressError(Code.BAD_REQUEST,
+                                   "HISTORY: lane must be P2 or P3 (P1: conversations, chat:)")
             check_subscribe(conn.claims, address)
         except AddressError as exc:
             conn.error(exc.code, ref, str(exc))
@@ -714,6 +753,7 @@ class Node:
         items = []
         if stream is not None:
             now = self.loop.time()
+            self.hub.trim(stream, now)
             if frame.offset == 0 and lane == Lane.P2:
                 items = sorted(stream.lvc.values(), key=lambda e: e.offset)
             elif frame.offset == 0:
@@ -782,6 +822,13 @@ class Node:
                 recipient_store = rec.store if rec is not None else None
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
+            service = self._services.get(frame.kind)
+            if service is not None:
+                if lane != Lane.P1:
+                    raise kinds.MessageError(Code.BAD_MESSAGE,
+                                             f"{frame.kind}: lane: must be P1", "lane")
+                if service(conn, frame, address, checked.body):
+                    return          # the service stores, routes and answers it
         except (AddressError, kinds.MessageError) as exc:
             if exc.code == Code.FORBIDDEN:
                 counters.acl_denials += 1
@@ -801,19 +848,79 @@ class Node:
                              bool(frame.flags & _RECEIPT_REQUESTED))
             self.submit(msg, address, (conn, ref) if want_ack else None)
             return
+        report = {} if lane == Lane.P3 and frame.kind in POLICY_KINDS else None
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
-                                frame.payload, frame.ttl / 1000.0 if frame.ttl else 0.0)
+                                frame.payload, frame.ttl / 1000.0 if frame.ttl else 0.0, report)
         if want_ack:
             conn.control(self.encoder.encode(Frame(
                 FrameType.SENDACK, ref=ref, msg_id=0,
-                payload=orjson.dumps({"channel": str(address), "offset": offset})
+                payload=orjson.dumps({"channel": str(address), "offset": offset, **(report or {})})
                 if offset else b'{"stale":true}')))
             self.mark_dirty(conn)
 
+    # -- ingress pacing ---------------------------------------------------------------------
+    #
+    # A P0 SEND costs one store write; a P3 SEND to a tenant costs a push to
+    # every session of the tenant and, at the next flush, a write to each.
+    # Handled inline, a flood of offers makes every loop iteration long, and
+    # a payment result waits several iterations (read, commit, deliver,
+    # flush) behind it.  So P2/P3 SENDs are queued here and fanned out at
+    # most BULK_BUDGET recipients per iteration, while everything else is
+    # handled as it arrives; when more than BULK_BACKLOG wait, the publishers
+    # are no longer read (TCP backpressure) until half of it is done.
+
+    def defer_bulk(self, conn: TerminalConnection, frame) -> None:
+        """Queue a P2/P3 SEND of ``conn`` for paced fan-out."""
+        bulk = self._bulk
+        bulk.append((conn, frame))
+        if self._bulk_handle is None:
+            self._bulk_handle = self.loop.call_soon(self._run_bulk)
+        if len(bulk) > BULK_BACKLOG and conn not in self._bulk_paused:
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+                self._bulk_paused.add(conn)
+                self.counters.ingress_pauses += 1
+
+    def _run_bulk(self) -> None:
+        self._bulk_handle = None
+        bulk = self._bulk
+        out = self.counters.lane_frames_out
+        start = out[2] + out[3]
+        on_send = self._on_send
+        while bulk:
+            conn, frame = bulk.popleft()
+            on_send(conn, frame)
+            start -= 1              # each send costs one unit besides its recipients
+            if out[2] + out[3] - start >= BULK_BUDGET:
+                break
+        if bulk:
+            self._bulk_handle = self.loop.call_soon(self._run_bulk)
+        if self._bulk_paused and len(bulk) <= BULK_BACKLOG // 2:
+            for conn in self._bulk_paused:
+                transport = conn.transport
+                if transport is not None and not transport.is_closing():
+                    transport.resume_reading()
+            self._bulk_paused.clear()
+
+    def _finish_bulk(self) -> None:
+        """Publish every deferred SEND now (stopping: what was received is not lost)."""
+        if self._bulk_handle is not None:
+            self._bulk_handle.cancel()
+            self._bulk_handle = None
+        bulk = self._bulk
+        while bulk:
+            conn, frame = bulk.popleft()
+            self._on_send(conn, frame)
+        self._bulk_paused.clear()
+
     def broadcast(self, address, lane: int, kind: str, key: str, version: int,
-                  payload: bytes, ttl: float = 0.0) -> int:
+                  payload: bytes, ttl: float = 0.0, report: dict | None = None) -> int:
         """Publish a P2/P3 message to the stream of ``address``; returns its
-        offset (0 when a newer version of ``key`` made it stale)."""
+        offset (0 when a newer version of ``key`` made it stale).
+
+        P3 offers (``offers.POLICY_KINDS``) go only to the sessions that pass
+        the offer policy; ``report`` (a dict) then gets {delivered, quiet, capped}."""
         now = self.loop.time()
         name = str(address)
         stream = self._stream(name, lane, address)
@@ -831,13 +938,20 @@ class Node:
         dirty = self._dirty
         overflow = []
         reached = 0
-        for group in self.hub.groups(address):
-            reached += len(group)
-            overflow += fanout(group, lane, entry.frame, ckey, deadline, stream, dirty)
-        if stream.explicit:
-            explicit = stream.explicit_list()
-            reached += len(explicit)
-            overflow += fanout(explicit, lane, entry.frame, ckey, deadline, stream, dirty)
+        if lane == Lane.P3 and kind in POLICY_KINDS:
+            groups = self.hub.groups(address)
+            if stream.explicit:
+                groups = [*groups, stream.explicit_list()]
+            reached, overflow = self.offers.fanout(groups, lane, entry.frame, deadline, stream,
+                                                   dirty, report)
+        else:
+            for group in self.hub.groups(address):
+                reached += len(group)
+                overflow += fanout(group, lane, entry.frame, ckey, deadline, stream, dirty)
+            if stream.explicit:
+                explicit = stream.explicit_list()
+                reached += len(explicit)
+                overflow += fanout(explicit, lane, entry.frame, ckey, deadline, stream, dirty)
         if dirty and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
         counters = self.counters
@@ -862,13 +976,16 @@ class Node:
         if transport is not None:
             self.loop.call_later(grace, transport.abort)
 
-    def submit(self, msg: NewMessage, address, reply) -> None:
+    def submit(self, msg: NewMessage, address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.
 
         ``reply`` is (connection, ref) to SENDACK once stored, a future to
-        resolve with the Accepted result (admin API), or None.
+        resolve with the Accepted result (admin API, services), or None.
+        ``recipients`` (terminal addresses) replaces the members of ``address``
+        (services route by their own rules: rosters, conversations).
         """
-        recipients = self.registry.members(address)
+        if recipients is None:
+            recipients = self.registry.members(address)
         self._pending_accepts.append((msg, recipients, reply))
         if len(self._pending_accepts) == 1:
             self._spawn(self._commit())
@@ -1194,6 +1311,39 @@ class Node:
         self._send_receipt(trace.sender, trace.ref, trace.msg_id, ReceiptStatus.READ,
                            conn.address)
 
+    # -- retail services (server/tickets.py, chat.py, offers.py) -------------------------
+
+    def service_ack(self, conn: TerminalConnection, ref: int, msg_id: int, doc,
+                    retransmit: bool = False) -> None:
+        """SENDACK a message a service took, with its JSON ``doc`` (None: empty)."""
+        if conn.state == OPEN:
+            conn.control(self.encoder.encode(Frame(
+                FrameType.SENDACK, _RETRANSMIT if retransmit else 0, ref=ref, msg_id=msg_id,
+                payload=orjson.dumps(doc) if doc is not None else b"")))
+            self.mark_dirty(conn)
+
+    def service_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
+        if conn.state == OPEN:
+            conn.error(code, ref, message)
+            self.mark_dirty(conn)
+
+    async def _expire_services(self, now: float) -> None:
+        """Retention of the services' personal data (each maintenance round)."""
+        convs, messages = await self.chat.expire(now)
+        caps = await self.offers.expire(now)
+        if convs or messages or caps:
+            log.info("retention deleted conversations=%d chat_messages=%d caps=%d",
+                     convs, messages, caps)
+
+    async def _close_services(self) -> None:
+        """Stopping: cancel escalation timers, write what is written behind."""
+        self.tickets.close()
+        try:
+            await self.tickets.flush()
+            await self.offers.flush()
+        except Exception:
+            log.exception("services: writing their state at stop failed")
+
     # -- maintenance ----------------------------------------------------------------------
 
     async def _maintenance(self) -> None:
@@ -1207,6 +1357,7 @@ class Node:
                         self._send_receipt(dead.sender, dead.ref, dead.msg_id,
                                            ReceiptStatus.EXPIRED, dead.terminal)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
+                await self._expire_services(now)
             except Exception:
                 log.exception("maintenance failed")
 

@@ -277,6 +277,12 @@ class Store(Protocol):
         ``epoch`` different from the stream's stored one resets its history.
         """
 
+    async def forget_stream(self, name: str) -> int:
+        """Delete everything kept of channel ``name`` (both lanes: history, last
+        values, position), e.g. a member's personal channel on a deletion
+        request; returns how many entries went.  A later append starts the
+        stream afresh.  A store that keeps no streams returns 0."""
+
     async def load_streams(self, history_max: int, history_age: float,
                            now: float) -> list[StreamState]:
         """Every kept stream: its epoch and highest offset, the history

@@ -262,6 +262,9 @@ class MemoryStore:
                            now: float) -> list[StreamState]:
         return []
 
+    async def forget_stream(self, name: str) -> int:
+        return 0
+
     # -- key-value records ----------------------------------------------------------------
 
     async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:

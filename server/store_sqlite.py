@@ -1130,6 +1130,22 @@ class _Writer:
             self.lvc_rows.append(row)
         self.touched[sid] = st
 
+    def forget_stream(self, name: str) -> int:
+        """Delete both lanes of channel ``name``: rows, last values, position."""
+        self._flush_streams()           # appends still in memory go too
+        conn = self.conn
+        gone = 0
+        for lane in (2, 3):
+            st = self.streams.pop((name, lane), None)
+            if st is None:
+                continue
+            sid = st[0]
+            self.touched.pop(sid, None)
+            gone += conn.execute("DELETE FROM stream_entries WHERE sid = ?", (sid,)).rowcount
+            gone += conn.execute("DELETE FROM lvc WHERE sid = ?", (sid,)).rowcount
+            conn.execute("DELETE FROM streams WHERE sid = ?", (sid,))
+        return gone
+
     def _flush_streams(self) -> None:
         conn = self.conn
         if self.stream_rows:
@@ -1714,6 +1730,9 @@ class SQLiteStore:
     async def load_streams(self, history_max: int, history_age: float,
                            now: float) -> list[StreamState]:
         return await self._read(self._reader.load_streams, (history_max, history_age, now))
+
+    async def forget_stream(self, name: str) -> int:
+        return await self._write(self._writer.forget_stream, (name,))
 
     # -- operations ----------------------------------------------------------------------
 

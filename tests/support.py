@@ -53,7 +53,10 @@ def token(terminal: str, *, store: str = "s1", roles=("pos",), tenant: str = TEN
 def make_config(data_dir: str = "", **overrides):
     """A config for a test node: ephemeral port, no admin port, memory store."""
     values = {"server.port": 0, "admin.port": 0, "store.backend": "memory",
-              "heartbeat.tick": 0.05}
+              "heartbeat.tick": 0.05,
+              # No offer quiet hours unless a test asks: results must not depend
+              # on the time of day the suite runs (tests/test_offers.py sets them).
+              "offers.quiet_start": "00:00", "offers.quiet_end": "00:00"}
     if data_dir:
         values["server.data_dir"] = data_dir
     values.update(overrides)

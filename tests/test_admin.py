@@ -218,7 +218,9 @@ async def test_publish_p2_and_p3_return_offsets_or_stale(tmp_path):
         offer = await env.api.call("POST", "/v1/publish", json_body={
             "to": "store:acme/s1", "kind": "promo.offer",
             "body": {"offer": "x1", "title": "Two for one"}, "ttl": 30})
-        assert offer == {"channel": "store:acme/s1", "offset": 1}
+        # Offers report what the policy did (tests/test_offers.py covers it).
+        assert offer == {"channel": "store:acme/s1", "offset": 1, "delivered": 1, "quiet": 0,
+                         "capped": 0}
         got = []
         while len(got) < 2:
             msg = await till.receive(timeout=3)
@@ -261,6 +263,10 @@ async def test_publish_p2_and_p3_return_offsets_or_stale(tmp_path):
     ({"to": "terminal:acme/t1", "kind": "payment.result", "body": PAY, "key": "k"}, 400, "key"),
     ({"to": "terminal:acme/t1", "kind": "payment.result", "body": PAY, "tll": 5}, 400, "tll"),
     ({"to": "terminal:globex/t1", "kind": "payment.result", "body": PAY}, 403, "tenant"),
+    # Tickets and chat carry service state: terminals send them, not the back office.
+    ({"to": "role:acme/s1/staff", "kind": "ticket.open", "body": {"code": "E1"}}, 400, "kind"),
+    ({"to": "terminal:acme/t1", "kind": "chat.message",
+      "body": {"conversation": "c1", "text": "hi"}}, 400, "kind"),
 ])
 @aiotest()
 async def test_publish_refusals_name_the_field(tmp_path, body, status, field):

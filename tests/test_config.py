@@ -963,12 +963,17 @@ def test_cli_serve_builds_overrides(clean_env, monkeypatch, capsys):
     clean_env.setenv("TILLWIRE_SECRET", "s")
     clean_env.setenv("TILLWIRE_SERVER_PORT", "9001")
     rc = cli.main(["serve", "--host", "0.0.0.0", "--port", "9002", "--data-dir", "/tmp/tw",
-                   "--admin-port", "0", "--redis", "redis://r:6379/0", "--log-level", "debug"])
+                   "--admin-port", "0", "--log-level", "debug"])
     assert rc == 0
     (cfg,) = seen
     assert cfg.server.host == "0.0.0.0" and cfg.server.port == 9002  # flag beats env
     assert cfg.server.data_dir == "/tmp/tw" and cfg.admin.port == 0
-    assert cfg.redis.url == "redis://r:6379/0" and cfg.log.level == "debug"
+    assert cfg.log.level == "debug"
+
+    # Redis scale-out is not built: asking for it is refused, naming the key,
+    # rather than silently running one embedded node.
+    assert cli.main(["serve", "--redis", "redis://r:6379/0"]) == 2
+    assert "redis.url" in capsys.readouterr().err and len(seen) == 1
 
     assert cli.main(["serve", "--port", "nope"]) == 2
     assert "server.port" in capsys.readouterr().err

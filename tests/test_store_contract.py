@@ -514,6 +514,44 @@ def test_streams_persist_history_and_last_values(store_factory):
     assert [e.offset for e in states[(p3, 3)].history] == [3, 4]
 
 
+def test_forget_stream_deletes_both_lanes_of_one_channel_only(store_factory):
+    mine, other = "member:acme/m1", "member:acme/m2"
+    now = T0 + 1000
+
+    async def write(store):
+        store.configure_streams(10, 3600.0)
+        epoch = store.epoch
+        for i in range(1, 4):
+            store.stream_append(mine, 3, epoch, _stream_entry(i, created=now, kind="note"))
+            store.stream_append(other, 3, epoch, _stream_entry(i, created=now, kind="note"))
+        store.stream_append(mine, 2, epoch, _stream_entry(1, "k", version=1, created=now))
+        # Forgotten in the same commit as the appends before it: they go too.
+        gone = await store.forget_stream(mine)
+        assert await store.forget_stream("member:acme/nobody") == 0
+        return gone
+
+    async def read(store):
+        return await store.load_streams(10, 3600.0, now)
+
+    gone = run_with(store_factory, write)
+    states = run_with(store_factory, read)
+    if store_factory.backend == "memory":
+        assert gone == 0 and states == []      # keeps no streams
+        return
+    assert gone == 3 + 1 + 1                   # P3 history, P2 history and its last value
+    assert [(s.name, s.lane, [e.offset for e in s.history]) for s in states] == \
+        [(other, 3, [1, 2, 3])]
+
+    # The channel starts afresh afterwards.
+    async def again(store):
+        store.configure_streams(10, 3600.0)
+        store.stream_append(mine, 3, store.epoch, _stream_entry(7, created=now, kind="note"))
+
+    run_with(store_factory, again)
+    by = {(s.name, s.lane): s for s in run_with(store_factory, read)}
+    assert [e.offset for e in by[(mine, 3)].history] == [7]
+
+
 # --------------------------------------------------------------------------
 # SQLite only
 

@@ -1,0 +1,114 @@
+"""The store directory: each store's time zone, duty roster and managers.
+
+The config (``[directory]``) lists stores; the admin API overrides an entry
+(``PUT /v1/stores/{tenant}/{store}``), persisted as a key-value record
+(namespace ``directory``, key ``<tenant>/<store>``) and loaded at node start,
+so an override survives a restart with a persistent store.  A store listed
+nowhere has ``directory.default_timezone`` and no roster: tickets go to its
+staff role and escalations to its manager role.
+
+Lookups are one dict probe (the quiet-hours filter asks once per store and
+broadcast); ``ZoneInfo`` objects are cached by name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+
+NS = "directory"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    tenant: str
+    store: str
+    timezone: str                  # IANA name (never empty)
+    on_duty: tuple[str, ...]       # terminal ids that get cashier tickets (empty = staff role)
+    managers: tuple[str, ...]      # terminal ids that get escalations (empty = manager role)
+    source: str                    # "admin", "config" or "default"
+
+    def to_dict(self) -> dict:
+        return {"tenant": self.tenant, "store": self.store, "timezone": self.timezone,
+                "on_duty": list(self.on_duty), "managers": list(self.managers),
+                "source": self.source}
+
+
+def zone_ok(name: str) -> bool:
+    """Is ``name`` an IANA time zone this system knows?"""
+    try:
+        zone(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+_ZONES: dict[str, ZoneInfo] = {}
+
+
+def zone(name: str) -> ZoneInfo:
+    """The (cached) ZoneInfo of an IANA name; raises for an unknown one."""
+    found = _ZONES.get(name)
+    if found is None:
+        found = _ZONES[name] = ZoneInfo(name)
+    return found
+
+
+class Directory:
+    """Per (tenant, store): time zone, on-duty terminals, managers."""
+
+    def __init__(self, cfg, store) -> None:
+        self.store = store
+        self.default_timezone = cfg.directory.default_timezone
+        self._config: dict[tuple[str, str], StoreInfo] = {}
+        for e in cfg.directory.stores:
+            self._config[(e.tenant, e.store)] = StoreInfo(
+                e.tenant, e.store, e.timezone or self.default_timezone, tuple(e.on_duty),
+                tuple(e.managers), "config")
+        self._entries: dict[tuple[str, str], StoreInfo] = dict(self._config)
+
+    async def load(self) -> None:
+        """Apply the overrides kept in the store (node start)."""
+        after = ""
+        while True:
+            rows = await self.store.kv_scan(NS, "", after, 1000)
+            for key, value in rows:
+                doc = orjson.loads(value)
+                info = StoreInfo(doc["tenant"], doc["store"],
+                                 doc.get("timezone") or self.default_timezone,
+                                 tuple(doc.get("on_duty", ())), tuple(doc.get("managers", ())),
+                                 "admin")
+                if not zone_ok(info.timezone):      # a zone the system no longer knows
+                    info = StoreInfo(info.tenant, info.store, self.default_timezone,
+                                     info.on_duty, info.managers, "admin")
+                self._entries[(info.tenant, info.store)] = info
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
+
+    def get(self, tenant: str, store: str) -> StoreInfo:
+        info = self._entries.get((tenant, store))
+        if info is None:
+            return StoreInfo(tenant, store, self.default_timezone, (), (), "default")
+        return info
+
+    def timezone(self, tenant: str, store: str) -> str:
+        info = self._entries.get((tenant, store))
+        return info.timezone if info is not None else self.default_timezone
+
+    async def put(self, tenant: str, store: str, *, timezone: str | None = None,
+                  on_duty: tuple[str, ...] | None = None,
+                  managers: tuple[str, ...] | None = None) -> StoreInfo:
+        """Override (part of) a store's entry; fields left None keep their value."""
+        old = self.get(tenant, store)
+        info = StoreInfo(tenant, store, timezone if timezone is not None else old.timezone,
+                         on_duty if on_duty is not None else old.on_duty,
+                         managers if managers is not None else old.managers, "admin")
+        await self.store.kv_put(NS, f"{tenant}/{store}", orjson.dumps({
+            "tenant": tenant, "store": store, "timezone": info.timezone,
+            "on_duty": list(info.on_duty), "managers": list(info.managers)}), time.time())
+        self._entries[(tenant, store)] = info
+        return info

@@ -1,0 +1,306 @@
+"""Cashier exception tickets: a till's problem reaches the staff on duty.
+
+A terminal SENDs ``ticket.open`` (P1) to an address of its own store; the
+node hands it here instead of routing it (``Node._on_send``).  The ticket
+gets an id and then either
+
+* an auto-reply rule matches its code (``tickets.auto_replies``, the
+  tenant's own rule before ``"*"``): it is resolved at once and the opener
+  gets ``ticket.resolve {ticket, resolution, auto: true}``; staff never see
+  it; or
+* the body plus ``{ticket, from}`` goes, durably, to the store's on-duty
+  terminals (the directory's roster, else ``role:<t>/<store>/staff``) and an
+  escalation is due ``tickets.escalate_after`` seconds later.
+
+``ticket.assign`` / ``ticket.reply`` / ``ticket.resolve`` from the store's
+staff update the ticket and are then routed like any message (to the
+opener).  A ticket still unassigned and unresolved at its due time is
+escalated: ``ticket.escalate {ticket, code, from, reason}`` goes to the
+store's managers (the directory's, else ``role:<t>/<store>/manager``).
+
+Every ticket is a key-value record (namespace ``ticket``, key
+``<tenant>/<ticket>``, JSON); the unresolved ones are also kept in memory
+(one dict entry each) with their escalation timer, and are loaded and
+re-armed at start, so escalations survive a restart (a due time already past
+fires right after start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+
+import orjson
+
+from ..core.codes import Code, Flag, Lane
+from .address import parse_address, terminal_address
+from .kinds import MessageError
+from .store import NewMessage
+
+log = logging.getLogger("tillwire.tickets")
+
+NS = "ticket"
+SENDER = "service:tickets"       # the sender of auto-replies and escalations
+OPEN, ASSIGNED, ESCALATED, RESOLVED = "open", "assigned", "escalated", "resolved"
+UPDATE_KINDS = frozenset({"ticket.assign", "ticket.reply", "ticket.resolve"})
+STAFF_ROLES = frozenset({"staff", "manager", "backend"})
+RECENT_REFS = 65536              # (opener, ref) -> ticket remembered for duplicate opens
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
+
+
+def _base36(n: int) -> str:
+    out = []
+    while True:
+        n, r = divmod(n, 36)
+        out.append(_B36[r])
+        if not n:
+            return "".join(reversed(out))
+
+
+def new_ticket_id(now: float) -> str:
+    """``T-<base36 unix ms>-<4 hex>``: sortable by creation, unique in practice."""
+    return f"T-{_base36(int(now * 1000))}-{os.urandom(2).hex()}"
+
+
+class Tickets:
+    """The ticket service of one node."""
+
+    def __init__(self, node, directory) -> None:
+        self.node = node
+        self.directory = directory
+        cfg = node.cfg.tickets
+        self.escalate_after = cfg.escalate_after
+        # (tenant or "*", code) -> reply
+        self.rules = {(r.tenant, r.code): r.reply for r in cfg.auto_replies}
+        self.open: dict[str, dict] = {}           # "<tenant>/<ticket>" -> unresolved record
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._unsaved: dict[str, dict] = {}       # records waiting to be written
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load the unresolved tickets and re-arm their escalation timers."""
+        after = ""
+        while True:
+            rows = await self.node.store.kv_scan(NS, "", after, 1000)
+            for key, value in rows:
+                rec = orjson.loads(value)
+                if rec.get("status") != RESOLVED:
+                    self.open[key] = rec
+                    if rec["status"] == OPEN:
+                        self._arm(key, rec["due"])
+            if len(rows) < 1000:
+                break
+            after = rows[-1][0]
+        if self.open:
+            log.info("tickets loaded unresolved=%d", len(self.open))
+
+    def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    async def get(self, tenant: str, ticket: str) -> dict | None:
+        key = f"{tenant}/{ticket}"
+        rec = self.open.get(key)
+        if rec is not None:
+            return rec
+        raw = await self.node.store.kv_get(NS, key)
+        return orjson.loads(raw) if raw is not None else None
+
+    # -- ticket.open -------------------------------------------------------------------
+
+    def on_open(self, conn, frame, address, body: dict) -> bool:
+        """Take a ticket.open (validated, allowed by the ACL); always consumes it."""
+        node = self.node
+        claims = conn.claims
+        tenant, store = claims.tenant, claims.store
+        if address.scope in ("store", "role") and address.path[0] != "*" and \
+                "backend" in claims.roles:
+            store = address.path[0]           # a backend opens tickets for any store
+        if address.scope not in ("store", "role") or address.path[0] != store:
+            raise MessageError(Code.BAD_MESSAGE,
+                               f"ticket.open: to: {address} is not an address of the opener's "
+                               f"store (e.g. role:{tenant}/{store}/staff)", "to")
+        opener = conn.address
+        ref = frame.ref
+        if ref:
+            known = self._recent.get((opener, ref))
+            if known is not None:             # a resend of an open already answered
+                node.service_ack(conn, ref, known[1], known[2], retransmit=True)
+                return True
+        now = time.time()
+        tid = new_ticket_id(now)
+        key = f"{tenant}/{tid}"
+        rec = {"ticket": tid, "tenant": tenant, "store": store, "code": body["code"],
+               "text": body.get("text", ""), "from": opener, "ref": ref, "status": OPEN,
+               "auto": False, "created": now, "due": 0.0, "assignee": "", "resolution": "",
+               "escalated_at": 0.0, "resolved_at": 0.0, "resolved_by": "", "replies": 0,
+               "msg_id": 0, "updated": now}
+        ttl = frame.ttl / 1000.0 if frame.ttl else node.cfg.delivery.p1_ttl
+        reply = self.rules.get((tenant, rec["code"]))
+        if reply is None:
+            reply = self.rules.get(("*", rec["code"]))
+        fut = node.loop.create_future()
+        if reply is not None:
+            rec.update(status=RESOLVED, auto=True, resolution=reply, resolved_at=now,
+                       resolved_by=SENDER)
+            saved = self._save(key, rec)
+            out = orjson.dumps({"ticket": tid, "resolution": reply, "auto": True})
+            msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
+                             now + ttl, False)
+            node.submit(msg, parse_address(opener), fut)
+            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True))
+            return True
+        rec["due"] = now + self.escalate_after
+        self.open[key] = rec
+        self._arm(key, rec["due"])
+        saved = self._save(key, rec)
+        out = orjson.dumps({**body, "ticket": tid, "from": opener})
+        msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out, now,
+                         now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
+        node.submit(msg, address, fut, self.staff(tenant, store))
+        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False))
+        return True
+
+    async def _answer(self, conn, ref: int, key: str, rec: dict, fut, saved, auto: bool) -> None:
+        node = self.node
+        try:
+            accepted = await fut
+            await saved
+        except Exception as exc:  # noqa: BLE001 - the store refused: nothing was promised
+            log.error("ticket %s could not be stored: %s", key, exc)
+            self._forget(key)
+            self._unsaved.pop(key, None)
+            node._spawn(node.store.kv_delete(NS, key))    # (if its record got in)
+            node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                               "the ticket could not be stored; retry")
+            return
+        if accepted.duplicate:
+            # The same (opener, ref) was stored before (a resend across a restart):
+            # this ticket is a phantom; answer with the original one if known.
+            self._forget(key)
+            self._unsaved.pop(key, None)
+            node._spawn(node.store.kv_delete(NS, key))
+            original = next((r for r in self.open.values()
+                             if r["msg_id"] == accepted.msg_id), None)
+            doc = {"ticket": original["ticket"]} if original is not None else {}
+            node.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True)
+            return
+        doc = {"ticket": rec["ticket"], "auto_reply": True} if auto else \
+            {"ticket": rec["ticket"], "recipients": len(accepted.seqs)}
+        if not auto:
+            rec["msg_id"] = accepted.msg_id
+            self._save(key, rec)
+        if ref:
+            self._recent[(conn.address, ref)] = (key, accepted.msg_id, doc)
+            if len(self._recent) > RECENT_REFS:
+                self._recent.popitem(last=False)
+        node.service_ack(conn, ref, accepted.msg_id, doc)
+
+    def _forget(self, key: str) -> None:
+        self.open.pop(key, None)
+        handle = self._timers.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def staff(self, tenant: str, store: str) -> list[str]:
+        """Who gets a store's tickets: the on-duty roster, else its staff role."""
+        info = self.directory.get(tenant, store)
+        if info.on_duty:
+            return [terminal_address(tenant, t) for t in info.on_duty]
+        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/staff"))
+
+    def managers(self, tenant: str, store: str) -> list[str]:
+        """Who gets a store's escalations: its listed managers, else its manager role."""
+        info = self.directory.get(tenant, store)
+        if info.managers:
+            return [terminal_address(tenant, t) for t in info.managers]
+        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/manager"))
+
+    # -- assign, reply, resolve ------------------------------------------------------------
+
+    def on_update(self, conn, frame, address, body: dict) -> bool:
+        """Apply a ticket.assign / reply / resolve; returns False: the node then
+        routes the message as usual (to the opener)."""
+        kind = frame.kind
+        claims = conn.claims
+        tid = body["ticket"]
+        key = f"{claims.tenant}/{tid}"
+        rec = self.open.get(key)
+        roles = claims.roles
+        backend = "backend" in roles
+        if rec is None or (rec["store"] != claims.store and not backend):
+            raise MessageError(Code.BAD_MESSAGE,
+                               f"{kind}: body.ticket: no open ticket {tid!r} in store "
+                               f"{claims.store}", "body.ticket")
+        opener = conn.address == rec["from"]
+        if not (STAFF_ROLES.intersection(roles) or (opener and kind == "ticket.reply")):
+            raise MessageError(Code.FORBIDDEN,
+                               f"{kind}: only the store's staff and managers handle tickets",
+                               "body.ticket")
+        now = time.time()
+        if kind == "ticket.assign":
+            rec["status"] = ASSIGNED
+            rec["assignee"] = body.get("assignee") or claims.terminal
+            handle = self._timers.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+        elif kind == "ticket.reply":
+            rec["replies"] += 1
+        else:
+            rec.update(status=RESOLVED, resolution=body["resolution"], resolved_at=now,
+                       resolved_by=conn.address)
+            self._forget(key)
+        rec["updated"] = now
+        self._save(key, rec)
+        return False
+
+    # -- escalation -----------------------------------------------------------------------
+
+    def _arm(self, key: str, due: float) -> None:
+        loop = self.node.loop
+        delay = max(0.0, due - time.time())
+        self._timers[key] = loop.call_at(loop.time() + delay, self._escalate, key)
+
+    def _escalate(self, key: str) -> None:
+        self._timers.pop(key, None)
+        rec = self.open.get(key)
+        if rec is None or rec["status"] != OPEN:
+            return
+        node = self.node
+        now = time.time()
+        rec.update(status=ESCALATED, escalated_at=now, updated=now)
+        tenant, store = rec["tenant"], rec["store"]
+        reason = f"not assigned within {self.escalate_after:g} s"
+        out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"], "from": rec["from"],
+                            "reason": reason})
+        to = f"role:{tenant}/{store}/manager"
+        msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out, now,
+                         now + node.cfg.delivery.p1_ttl, False)
+        recipients = self.managers(tenant, store)
+        node.submit(msg, parse_address(to), None, recipients)
+        self._save(key, rec)
+        log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"], tenant,
+                 store, len(recipients))
+
+    def _save(self, key: str, rec: dict) -> asyncio.Task:
+        """Write ``rec`` behind (a task; :meth:`flush` writes what is left at stop)."""
+        self._unsaved[key] = rec
+        return self.node._spawn(self._write(key))
+
+    async def _write(self, key: str) -> None:
+        rec = self._unsaved.pop(key, None)
+        if rec is not None:
+            await self.node.store.kv_put(NS, key, orjson.dumps(rec), time.time())
+
+    async def flush(self) -> None:
+        while self._unsaved:
+            await self._write(next(iter(self._unsaved)))
+

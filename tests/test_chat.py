@@ -1,0 +1,260 @@
+"""Customer-service chat end to end (server/chat.py).
+
+Real nodes over loopback sockets: a customer's first message opens a
+conversation and reaches every agent, the first agent to answer owns it,
+nobody else may post, history is answered to the customer and to agents
+(through the SDK after a reconnect, and after a restart with the SQLite
+store), receipts work, and retention deletes old conversations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from support import aiotest, connect, make_config, start_node, token
+from tillwire.client import sdk
+from tillwire.client.connection import SendError
+from tillwire.core.codes import Code, FrameType, Lane, ReceiptStatus
+
+SERVICE = "role:acme/*/service"
+
+
+async def nothing_for(conn, seconds: float = 0.3) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        msg = await conn.receive(timeout=seconds)
+        raise AssertionError(f"unexpected {msg!r} {msg.body}")
+
+
+async def customer(node, name: str = "app1", member: str = "m1"):
+    return await connect(node, name, store="s1", roles=("customer",), member=member)
+
+
+@aiotest()
+async def test_conversation_routing_agents_and_ownership():
+    node = await start_node()
+    try:
+        a1 = await connect(node, "a1", store="cs", roles=("service",))
+        a2 = await connect(node, "a2", store="cs", roles=("service",))
+        cust = await customer(node)
+        ack = await cust.send("chat.message", {"conversation": "cv1", "text": "Where is my order?"},
+                              SERVICE)
+        assert orjson.loads(ack.payload) == {"conversation": "cv1", "recipients": 2}
+        assert ack.msg_id > 0
+        for agent in (a1, a2):
+            msg = await agent.receive(timeout=3)
+            assert (msg.kind, msg.lane, msg.id) == ("chat.message", Lane.P1, ack.msg_id)
+            # The server stamps who wrote it (the customer's terminal address).
+            assert msg.body == {"conversation": "cv1", "text": "Where is my order?",
+                                "from": "terminal:acme/app1"}
+            await msg.ack()
+        conv = node.chat.convs["acme/cv1"]
+        assert (conv["member"], conv["customer"], conv["agent"]) == \
+            ("m1", "terminal:acme/app1", "")
+        # The first agent to answer owns the conversation; replies go to the customer.
+        ack = await a1.send("chat.message", {"conversation": "cv1", "text": "Let me check"},
+                            "chat:acme/cv1")
+        assert orjson.loads(ack.payload)["recipients"] == 1
+        assert (await cust.receive(timeout=3)).body["text"] == "Let me check"
+        assert node.chat.convs["acme/cv1"]["agent"] == "terminal:acme/a1"
+        await cust.send("chat.message", {"conversation": "cv1", "text": "Thanks",
+                                         "attachments": [{"url": "https://cdn.example/r.jpg",
+                                                          "mime": "image/jpeg", "size": 2048}]},
+                        "chat:acme/cv1")
+        got = await a1.receive(timeout=3)
+        assert got.body["attachments"][0]["mime"] == "image/jpeg"
+        await nothing_for(a2)
+        # Another agent may still answer (the customer gets it; the owner stays).
+        await a2.send("chat.message", {"conversation": "cv1", "text": "Also: 10% off"},
+                      "chat:acme/cv1")
+        assert (await cust.receive(timeout=3)).body["text"] == "Also: 10% off"
+        assert node.chat.convs["acme/cv1"]["agent"] == "terminal:acme/a1"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_nobody_else_may_post_and_bad_messages_name_the_field():
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        intruder = await customer(node, "app2", "m2")
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        await cust.send("chat.message", {"conversation": "cv1", "text": "hi"}, SERVICE)
+        cases = [
+            (intruder, {"conversation": "cv1", "text": "me too"}, "chat:acme/cv1",
+             Code.FORBIDDEN, "not yours"),
+            (till, {"conversation": "cv1", "text": "hello"}, "chat:acme/cv1",
+             Code.FORBIDDEN, "not yours"),
+            (till, {"conversation": "cv9", "text": "hello"}, "chat:acme/cv9",
+             Code.FORBIDDEN, "only customers"),
+            (agent, {"conversation": "cv9", "text": "hello?"}, "chat:acme/cv9",
+             Code.BAD_MESSAGE, "body.conversation"),
+            (cust, {"conversation": "cv2", "text": "x"}, "chat:acme/cv1",
+             Code.BAD_MESSAGE, "body.conversation"),
+            (agent, {"conversation": "cv1", "text": "x"}, "terminal:acme/app1",
+             Code.BAD_MESSAGE, "to:"),
+            (cust, {"conversation": "cv1"}, "chat:acme/cv1", Code.BAD_MESSAGE, "body.text"),
+            (cust, {"conversation": "cv1", "text": "x", "data": "aGk="}, "chat:acme/cv1",
+             Code.BAD_MESSAGE, "body.data"),
+            (cust, {"conversation": "cv1", "attachments": [
+                {"url": "https://x/y", "mime": "text/html", "size": 1}]}, "chat:acme/cv1",
+             Code.BAD_MESSAGE, "body.attachments[0].mime"),
+            (cust, {"conversation": "cv1", "text": "my card is 4111 1111 1111 1111"},
+             "chat:acme/cv1", Code.CARD_DATA, "body.text"),
+            (cust, {"conversation": "cv1", "text": "x"}, "chat:globex/cv1",
+             Code.BAD_ADDRESS, "another tenant"),
+        ]
+        for sender, body, to, code, words in cases:
+            with pytest.raises(SendError) as err:
+                await sender.send("chat.message", body, to)
+            assert err.value.code == code and words in err.value.message, (body, err.value)
+        with pytest.raises(SendError) as err:
+            await cust.send("chat.message", {"conversation": "cv1", "text": "x"},
+                            "chat:acme/cv1", lane=Lane.P3)
+        assert err.value.code in (Code.FORBIDDEN, Code.BAD_MESSAGE)
+        assert (await agent.receive(timeout=3)).body["text"] == "hi"
+        await nothing_for(agent, 0.1)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_delivery_and_read_receipts_reach_the_sender():
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        ack = await cust.send("chat.message", {"conversation": "cv1", "text": "hello"}, SERVICE,
+                              receipt=True)
+        msg = await agent.receive(timeout=3)
+        await msg.ack()
+        r = await asyncio.wait_for(cust.receipts.get(), 3)
+        assert (r.code, r.msg_id, r.ref, r.to) == \
+            (ReceiptStatus.ACKED, ack.msg_id, ack.ref, "terminal:acme/a1")
+        agent.read(msg.id)
+        r = await asyncio.wait_for(cust.receipts.get(), 3)
+        assert (r.code, r.msg_id, r.to) == (ReceiptStatus.READ, ack.msg_id, "terminal:acme/a1")
+        # And the other way round.
+        ack = await agent.send("chat.message", {"conversation": "cv1", "text": "hi!"},
+                               "chat:acme/cv1", receipt=True)
+        msg = await cust.receive(timeout=3)
+        cust.read(msg.id)
+        r = await asyncio.wait_for(agent.receipts.get(), 3)
+        assert (r.code, r.msg_id, r.to) == (ReceiptStatus.READ, ack.msg_id, "terminal:acme/app1")
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_history_after_reconnect_through_the_sdk(tmp_path):
+    node = await start_node()
+    host, port = node.addresses[0]
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        app_token = token("app1", store="s1", roles=("customer",), member="m1")
+        state = str(tmp_path / "app1.json")
+        client = await sdk.connect(host, port, token=app_token, state_path=state)
+        for i in range(3):
+            await client.send("chat.message", {"conversation": "cv1", "text": f"q{i}"}, SERVICE)
+        for i in range(3):
+            await (await agent.receive(timeout=3)).ack()
+        await agent.send("chat.message", {"conversation": "cv1", "text": "answer"},
+                         "chat:acme/cv1")
+        msg = await client.receive(timeout=3)
+        await msg.ack()
+        await client.close()
+
+        client = await sdk.connect(host, port, token=app_token, state_path=state)
+        try:
+            items, end = await client.history("chat:acme/cv1", Lane.P1, count=10)
+            assert [orjson.loads(f.payload)["text"] for f in items] == ["q0", "q1", "q2", "answer"]
+            # Each item says who wrote it, so a chat screen can be rebuilt.
+            writers = [orjson.loads(f.payload)["from"] for f in items]
+            assert writers[:3] == ["terminal:acme/app1"] * 3 and writers[3] == "terminal:acme/a1"
+            assert all(f.kind == "chat.message" and f.msg_id for f in items)
+            assert items[-1].msg_id == msg.id
+            offsets = [f.offset for f in items]
+            assert offsets == sorted(offsets) and abs(offsets[-1] / 1000 - time.time()) < 60
+            assert (end.count, end.offset, end.code) == (4, offsets[-1], Code.OK)
+            items, end = await client.history("chat:acme/cv1", Lane.P1, count=2)
+            assert [orjson.loads(f.payload)["text"] for f in items] == ["q2", "answer"]
+        finally:
+            await client.close()
+        # Any service agent reads it; other customers and tills may not.
+        items, _ = await agent.history("chat:acme/cv1", Lane.P1, count=100)
+        assert len(items) == 4
+        other = await customer(node, "app2", "m2")
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        for who in (other, till):
+            with pytest.raises(SendError) as err:
+                await who.history("chat:acme/cv1", Lane.P1)
+            assert err.value.code == Code.FORBIDDEN
+        with pytest.raises(SendError) as err:
+            await agent.history("chat:acme/nope", Lane.P1)
+        assert err.value.code == Code.UNKNOWN_CHANNEL
+        with pytest.raises(SendError) as err:
+            await other.history("chat:acme/nope", Lane.P1)
+        assert err.value.code == Code.FORBIDDEN
+        with pytest.raises(SendError) as err:
+            await agent.history("chat:acme/cv1", Lane.P3)
+        assert err.value.code == Code.BAD_REQUEST
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_conversations_and_history_survive_a_restart_and_retention_deletes_them(tmp_path):
+    cfg = make_config(str(tmp_path), **{"store.backend": "sqlite"})
+    node = await start_node(cfg)
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "before"}, SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        await agent.send("chat.message", {"conversation": "cv1", "text": "reply"},
+                         "chat:acme/cv1")
+    finally:
+        await node.stop()
+    node = await start_node(cfg)
+    try:
+        assert node.chat.convs["acme/cv1"]["agent"] == "terminal:acme/a1"
+        cust = await customer(node)
+        msg = await cust.receive(timeout=3)            # the reply waited in the inbox
+        assert msg.body["text"] == "reply"
+        items, _ = await cust.history("chat:acme/cv1", Lane.P1)
+        assert [orjson.loads(f.payload)["text"] for f in items] == ["before", "reply"]
+        # Later messages go to the owner (the conversation was reloaded).
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        await cust.send("chat.message", {"conversation": "cv1", "text": "after"},
+                        "chat:acme/cv1")
+        assert (await agent.receive(timeout=3)).body["text"] == "after"
+        # A maintenance round far in the future: everything is past retention.chat.
+        convs, messages = await node.chat.expire(time.time() + cfg.retention.chat + 10)
+        assert (convs, messages) == (1, 3)
+        assert node.chat.convs == {}
+        assert await node.store.kv_scan("chat") == []
+        with pytest.raises(SendError) as err:
+            await agent.history("chat:acme/cv1", Lane.P1)
+        assert err.value.code == Code.UNKNOWN_CHANNEL
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_history_frames_on_the_wire():
+    """HISTORY of a conversation answers HISTORY_ITEMs on P1 then HISTORY_END."""
+    node = await start_node()
+    try:
+        await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "one"}, SERVICE)
+        items, end = await cust.history("chat:acme/cv1", Lane.P1)
+        assert [(f.type, f.flags & 3) for f in items] == [(FrameType.HISTORY_ITEM, Lane.P1)]
+        assert end.type == FrameType.HISTORY_END and end.count == 1
+    finally:
+        await node.stop()

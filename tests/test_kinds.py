@@ -1,0 +1,62 @@
+"""The card-number screen: the raw-bytes prefilter in ``kinds.check`` never
+lets through a body the full walk (``find_card_number``) would refuse."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tillwire.core.codes import Code, Lane
+from tillwire.server import kinds
+
+# Digits (ASCII and Arabic-Indic), separators and a few letters, so runs of
+# 13-19 digits, grouped or not, come up often.
+_TEXT = st.text(alphabet="0123456789 -ab\u0663", max_size=40)
+_VALUE = st.one_of(_TEXT, st.integers(0, 2**63 - 1), st.booleans(),
+                   st.lists(_TEXT, max_size=3))
+_BODY = st.dictionaries(st.sampled_from(["a", "text", "note", "sku", "n"]), _VALUE, max_size=4)
+
+
+def _encode(value, escape) -> str:
+    """JSON text of ``value``; characters of strings \\u-escaped where ``escape`` says."""
+    if isinstance(value, str):
+        return '"' + "".join(f"\\u{ord(c):04x}" if escape() else c for c in value) + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_encode(v, escape) for v in value) + "]"
+    return "{" + ",".join(f'"{k}":{_encode(v, escape)}' for k, v in value.items()) + "}"
+
+
+def _screened(raw: bytes) -> str | None:
+    try:
+        kinds.check("x.test", Lane.P1, raw)
+    except kinds.MessageError as exc:
+        assert exc.code == Code.CARD_DATA
+        return exc.field
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_BODY, escapes=st.lists(st.booleans(), min_size=1, max_size=64))
+def test_prefilter_agrees_with_the_full_walk(body, escapes):
+    flags = iter(escapes * 200)
+    raw = _encode(body, lambda: next(flags, False)).encode()
+    assert orjson.loads(raw) == body
+    assert _screened(raw) == kinds.find_card_number(body)
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"text": "card 4111 1111 1111 1111 please"}', "body.text"),
+    (b'{"n": 4111111111111111}', "body.n"),
+    (b'{"text": "\\u0034111111111111111"}', "body.text"),        # escaped first digit
+    (b'{"sku": "4111111111111111"}', None),                         # barcodes are exempt
+    (b'{"text": "order 1234567890123"}', None),                     # fails Luhn
+    (b'{"t": 1795612214.903, "order": "o12"}', None),
+])
+def test_known_bodies(raw, field):
+    assert _screened(raw) == field

@@ -1,0 +1,345 @@
+"""Cashier exception tickets end to end (server/tickets.py, server/directory.py).
+
+Real nodes over loopback sockets: a till opens a ticket, the store's on-duty
+staff get it, auto-replies answer at once, staff assign/reply/resolve it,
+unassigned tickets escalate to managers (also across a restart of a real
+server process), and every registered kind refuses a bad body.  The store
+directory's admin endpoints are checked against server/openapi.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import orjson
+import pytest
+
+from support import ServerProcess, aiotest, connect, start_node
+from test_admin import ACME, GLOBEX, admin_env
+from tillwire.client.connection import SendError
+from tillwire.core.codes import KINDS, Code, Lane
+
+TICKET_ID = re.compile(r"T-[0-9a-z]+-[0-9a-f]{4}\Z")
+
+
+async def nothing_for(conn, seconds: float = 0.3) -> None:
+    """Assert the connection receives nothing for a while."""
+    with pytest.raises(asyncio.TimeoutError):
+        msg = await conn.receive(timeout=seconds)
+        raise AssertionError(f"unexpected {msg!r} {msg.body}")
+
+
+@aiotest()
+async def test_open_goes_to_the_store_staff_with_an_id_and_staff_handle_it():
+    node = await start_node()
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        other = await connect(node, "h9", store="s2", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E42", "text": "printer jam"},
+                              "role:acme/s1/staff")
+        doc = orjson.loads(ack.payload)
+        assert TICKET_ID.match(doc["ticket"]) and doc["recipients"] == 1, doc
+        tid = doc["ticket"]
+        msg = await staff.receive(timeout=3)
+        assert (msg.kind, msg.lane) == ("ticket.open", Lane.P1)
+        assert msg.body == {"code": "E42", "text": "printer jam", "ticket": tid,
+                            "from": "terminal:acme/t1"}
+        await msg.ack()
+        await nothing_for(other)
+        rec = await node.tickets.get("acme", tid)
+        assert (rec["status"], rec["store"], rec["from"]) == ("open", "s1", "terminal:acme/t1")
+
+        # Staff assign (to the opener's terminal: routed as usual), reply, resolve.
+        ack = await staff.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1")
+        assert orjson.loads(ack.payload) == {"recipients": 1}
+        got = await till.receive(timeout=3)
+        assert (got.kind, got.body) == ("ticket.assign", {"ticket": tid})
+        assert (await node.tickets.get("acme", tid))["assignee"] == "h1"
+        await staff.send("ticket.reply", {"ticket": tid, "text": "on my way"}, "terminal:acme/t1")
+        assert (await till.receive(timeout=3)).body["text"] == "on my way"
+        # The opener may add to its own ticket; a till may not assign or resolve.
+        await till.send("ticket.reply", {"ticket": tid, "text": "thanks"}, "role:acme/s1/staff")
+        assert (await staff.receive(timeout=3)).body["text"] == "thanks"
+        with pytest.raises(SendError) as err:
+            await till.send("ticket.resolve", {"ticket": tid, "resolution": "x"},
+                            "role:acme/s1/staff")
+        assert err.value.code == Code.FORBIDDEN
+        await staff.send("ticket.resolve", {"ticket": tid, "resolution": "paper loaded"},
+                         "terminal:acme/t1")
+        assert (await till.receive(timeout=3)).body["resolution"] == "paper loaded"
+        rec = await node.tickets.get("acme", tid)
+        assert (rec["status"], rec["resolution"], rec["resolved_by"], rec["replies"]) == \
+            ("resolved", "paper loaded", "terminal:acme/h1", 2)
+        assert node.tickets.open == {}
+
+        # A resolved, unknown or other store's ticket: BAD_MESSAGE naming body.ticket.
+        await till.send("ticket.open", {"code": "E43"}, "store:acme/s1")
+        mine = (await staff.receive(timeout=3)).body["ticket"]
+        for sender, body, to in (
+                (staff, {"ticket": tid}, "terminal:acme/t1"),
+                (staff, {"ticket": "T-nope-0000"}, "terminal:acme/t1"),
+                (other, {"ticket": mine}, "role:acme/s2/staff")):
+            with pytest.raises(SendError) as err:
+                await sender.send("ticket.assign", body, to)
+            assert err.value.code == Code.BAD_MESSAGE and "body.ticket" in err.value.message
+        # A ticket goes to an address of the opener's own store, on P1 only.
+        with pytest.raises(SendError) as err:
+            await till.send("ticket.open", {"code": "E1"}, "role:acme/*/service")
+        assert err.value.code == Code.BAD_MESSAGE and "to:" in err.value.message
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        with pytest.raises(SendError) as err:
+            await be.send("ticket.open", {"code": "E1"}, "store:acme/s1", lane=Lane.P3)
+        assert err.value.code == Code.BAD_MESSAGE and "lane" in err.value.message
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_auto_reply_resolves_at_once_without_bothering_staff():
+    rules = [{"code": "E10", "reply": "Turn the printer off and on"},
+             {"code": "E10", "reply": "Call the acme help desk", "tenant": "acme"},
+             {"code": "E11", "reply": "Wait a minute"}]
+    node = await start_node(**{"tickets.auto_replies": rules})
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        started = time.perf_counter()
+        ack = await till.send("ticket.open", {"code": "E10"}, "role:acme/s1/staff")
+        msg = await till.receive(timeout=3)
+        elapsed = time.perf_counter() - started
+        print(f"auto-reply: open -> ticket.resolve in {elapsed * 1000:.2f} ms")
+        doc = orjson.loads(ack.payload)
+        assert doc["auto_reply"] is True and TICKET_ID.match(doc["ticket"])
+        assert (msg.kind, msg.lane) == ("ticket.resolve", Lane.P1)
+        # The tenant's own rule wins over "*".
+        assert msg.body == {"ticket": doc["ticket"], "resolution": "Call the acme help desk",
+                            "auto": True}
+        await msg.ack()
+        rec = await node.tickets.get("acme", doc["ticket"])
+        assert (rec["status"], rec["auto"]) == ("resolved", True)
+        ack = await till.send("ticket.open", {"code": "E11"}, "role:acme/s1/staff")
+        assert (await till.receive(timeout=3)).body["resolution"] == "Wait a minute"
+        await nothing_for(staff)
+        # Another tenant gets the "*" rule.
+        g = await connect(node, "g1", tenant="globex", store="s1", roles=("pos",))
+        await g.send("ticket.open", {"code": "E10"}, "role:globex/s1/staff")
+        assert (await g.receive(timeout=3)).body["resolution"] == "Turn the printer off and on"
+        # A resend with the same ref answers the same ticket, once.
+        ref = till.next_ref()
+        first = await till.send("ticket.open", {"code": "E11"}, "store:acme/s1", ref=ref)
+        again = await till.send("ticket.open", {"code": "E11"}, "store:acme/s1", ref=ref)
+        assert orjson.loads(first.payload) == orjson.loads(again.payload)
+        assert (await till.receive(timeout=3)).kind == "ticket.resolve"
+        await nothing_for(till)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_unassigned_tickets_escalate_to_managers_and_assigning_cancels_it():
+    node = await start_node(**{"tickets.escalate_after": 0.4})
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        elsewhere = await connect(node, "m9", store="s2", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        late = orjson.loads((await till.send("ticket.open", {"code": "E5"},
+                                             "role:acme/s1/staff")).payload)["ticket"]
+        quick = orjson.loads((await till.send("ticket.open", {"code": "E6"},
+                                              "role:acme/s1/staff")).payload)["ticket"]
+        await staff.send("ticket.assign", {"ticket": quick, "assignee": "h1"}, "terminal:acme/t1")
+        msg = await manager.receive(timeout=3)
+        assert (msg.kind, msg.lane) == ("ticket.escalate", Lane.P1)
+        assert msg.body["ticket"] == late and msg.body["code"] == "E5"
+        assert msg.body["from"] == "terminal:acme/t1" and msg.body["reason"]
+        await msg.ack()
+        await nothing_for(manager, 0.6)              # the assigned one never escalates
+        await nothing_for(elsewhere, 0.01)
+        assert (await node.tickets.get("acme", late))["status"] == "escalated"
+        assert (await node.tickets.get("acme", quick))["status"] == "assigned"
+        # An escalated ticket can still be assigned and resolved.
+        await staff.send("ticket.resolve", {"ticket": late, "resolution": "done"},
+                         "terminal:acme/t1")
+        assert (await node.tickets.get("acme", late))["status"] == "resolved"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_directory_rosters_route_tickets_and_escalations():
+    stores = [{"tenant": "acme", "store": "s1", "on_duty": ["h2"], "managers": ["boss"]}]
+    node = await start_node(**{"directory.stores": stores, "tickets.escalate_after": 0.3})
+    try:
+        off_duty = await connect(node, "h1", store="s1", roles=("staff",))
+        on_duty = await connect(node, "h2", store="s1", roles=("staff",))
+        role_manager = await connect(node, "m1", store="s1", roles=("manager",))
+        boss = await connect(node, "boss", store="s1", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E7"}, "role:acme/s1/staff")
+        assert orjson.loads(ack.payload)["recipients"] == 1
+        assert (await on_duty.receive(timeout=3)).kind == "ticket.open"
+        assert (await boss.receive(timeout=3)).kind == "ticket.escalate"
+        await nothing_for(off_duty, 0.1)
+        await nothing_for(role_manager, 0.01)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_store_directory_and_ticket_admin_endpoints(tmp_path):
+    async with admin_env(tmp_path) as env:
+        api = env.api
+        doc = await api.call("GET", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}")
+        assert doc == {"tenant": "acme", "store": "s1", "timezone": "UTC", "on_duty": [],
+                       "managers": [], "source": "default"}
+        doc = await api.call("PUT", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}",
+                             json_body={"timezone": "Asia/Shanghai", "on_duty": ["h2"]},
+                             auth=ACME)
+        assert doc == {"tenant": "acme", "store": "s1", "timezone": "Asia/Shanghai",
+                       "on_duty": ["h2"], "managers": [], "source": "admin"}
+        doc = await api.call("PUT", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}",
+                             json_body={"managers": ["m7"]})
+        assert (doc["timezone"], doc["on_duty"], doc["managers"]) == \
+            ("Asia/Shanghai", ["h2"], ["m7"])
+        for body, field in (({"timezone": "Mars/Olympus"}, "timezone"),
+                            ({"on_duty": "h1"}, "on_duty"),
+                            ({"on_duty": ["ok", "bad id"]}, "on_duty[1]"),
+                            ({"shift": []}, "shift")):
+            err = await api.call("PUT", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}",
+                                 json_body=body, expect=400)
+            assert err["field"] == field, err
+        await api.call("GET", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}",
+                       auth=GLOBEX, expect=403)
+
+        # The override routes tickets at once.
+        h1 = await connect(env.node, "h1", store="s1", roles=("staff",))
+        h2 = await connect(env.node, "h2", store="s1", roles=("staff",))
+        till = await connect(env.node, "t1", store="s1", roles=("pos",))
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E1", "text": "scale"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        assert (await h2.receive(timeout=3)).body["ticket"] == tid
+        await nothing_for(h1, 0.1)
+        doc = await api.call("GET", f"/v1/tickets/acme/{tid}", "/v1/tickets/{tenant}/{ticket}")
+        assert (doc["ticket"], doc["status"], doc["code"], doc["text"], doc["from"]) == \
+            (tid, "open", "E1", "scale", "terminal:acme/t1")
+        await api.call("GET", "/v1/tickets/acme/T-nope-0000", "/v1/tickets/{tenant}/{ticket}",
+                       expect=404)
+        await api.call("GET", f"/v1/tickets/acme/{tid}", "/v1/tickets/{tenant}/{ticket}",
+                       auth=GLOBEX, expect=403)
+        err = await api.call("GET", "/v1/tickets/acme/bad%20id", "/v1/tickets/{tenant}/{ticket}",
+                             expect=400)
+        assert err["field"] == "ticket"
+
+
+@aiotest()
+async def test_directory_overrides_survive_a_restart(tmp_path):
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path)}
+    node = await start_node(**overrides)
+    try:
+        await node.directory.put("acme", "s1", timezone="Europe/Berlin", on_duty=("h2",))
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        info = node.directory.get("acme", "s1")
+        assert (info.timezone, info.on_duty, info.source) == ("Europe/Berlin", ("h2",), "admin")
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_restart_re_arms_escalations_that_are_not_due_yet(tmp_path):
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path),
+                 "tickets.escalate_after": 1.0}
+    node = await start_node(**overrides)
+    try:
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E3"}, "role:acme/s1/staff")
+        tid = orjson.loads(ack.payload)["ticket"]
+        opened = time.monotonic()
+        await manager.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert set(node.tickets.open) == {f"acme/{tid}"}
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        msg = await manager.receive(timeout=5)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", tid)
+        assert time.monotonic() - opened >= 0.95        # at its due time, not at start
+        assert (await node.tickets.get("acme", tid))["status"] == "escalated"
+    finally:
+        await node.stop()
+
+
+# A bad body of every registered kind (lane, address, body, field named).
+PAY = {"order": "A1", "status": "paid"}
+BAD_BODIES = {
+    "payment.result": ({**PAY, "status": "maybe"}, "body.status"),
+    "order.event": ({"order": "A1", "channel": "mall"}, "body.event"),
+    "ticket.open": ({"text": "no code"}, "body.code"),
+    "ticket.assign": ({"assignee": "h1"}, "body.ticket"),
+    "ticket.reply": ({"ticket": "T-1"}, "body.text"),
+    "ticket.resolve": ({"ticket": "T-1", "resolution": 5}, "body.resolution"),
+    "ticket.escalate": ({"ticket": "T-1", "reason": ""}, "body.reason"),
+    "chat.message": ({"conversation": "c1"}, "body.text"),
+    "price.update": ({"sku": "A", "price": "five", "version": 1}, "body.price"),
+    "stock.update": ({"sku": "A", "quantity": 1}, "body.version"),
+    "promo.offer": ({"offer": "o1"}, "body.title"),
+    "member.notice": ({"member": "m1", "text": ""}, "body.text"),
+}
+
+
+def test_every_registered_kind_has_a_bad_body_case():
+    assert set(BAD_BODIES) == set(KINDS.values())
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_BODIES))
+@aiotest()
+async def test_bad_bodies_and_card_numbers_are_refused_naming_the_field(kind):
+    node = await start_node()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        body, field = BAD_BODIES[kind]
+        to = "store:acme/s1"
+        with pytest.raises(SendError) as err:
+            await be.send(kind, body, to)
+        assert err.value.code == Code.BAD_MESSAGE and field in err.value.message, err.value
+        card = {**body, "note": "card 4111-1111-1111-1111"}
+        with pytest.raises(SendError) as err:
+            await be.send(kind, card, to)
+        assert err.value.code == Code.CARD_DATA and "body.note" in err.value.message
+        assert "4111" not in err.value.message
+        assert node.counters.accepted == 0 and node.counters.broadcasts == 0
+    finally:
+        await node.stop()
+
+
+@aiotest(timeout=90)
+async def test_escalation_timers_survive_a_server_restart(tmp_path):
+    env = {"TILLWIRE_TICKETS_ESCALATE_AFTER": "1.5"}
+    server = ServerProcess(str(tmp_path), env=env).start()
+    try:
+        manager = await connect(server.addr, "m1", store="s1", roles=("manager",))
+        await manager.close()                  # registered, offline
+        till = await connect(server.addr, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E99"}, "role:acme/s1/staff")
+        tid = orjson.loads(ack.payload)["ticket"]
+        opened = time.monotonic()
+        await till.close()
+        assert server.stop() == 0              # SIGTERM well before the ticket is due
+        assert time.monotonic() - opened < 1.5
+        await asyncio.sleep(max(0.0, 1.6 - (time.monotonic() - opened)))
+        server = ServerProcess(str(tmp_path), port=server.port, env=env).start()
+        # The due time passed while the server was down: it fires right after start.
+        manager = await connect(server.addr, "m1", store="s1", roles=("manager",))
+        msg = await manager.receive(timeout=5)
+        assert (msg.kind, msg.body["ticket"], msg.body["code"]) == ("ticket.escalate", tid, "E99")
+        await msg.ack()
+        await manager.close()
+    finally:
+        server.stop()
