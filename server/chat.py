@@ -15,11 +15,15 @@ retransmits); the SENDACK comes once the message and its history record are
 both kept.  Records (key-value namespaces, JSON):
 
 * ``conv``, key ``<tenant>/<conversation>``: {conversation, tenant, member,
-  customer, agent, created, updated}.  Every conversation is also held in
-  memory (one small dict each), so routing a message costs no store read
-  and two messages of a conversation are routed in the order they came.
+  customer, agent, created, updated, last_ms (the newest message's history
+  time, unix ms)}.  Every conversation is also held in memory (one small dict
+  each), so routing a message costs no store read and two messages of a
+  conversation are routed in the order they came.
 * ``chat``, key ``<tenant>/<conversation>/<13-digit unix ms>-<msg id>``:
-  {id, from, kind, body, ts}: the history HISTORY answers.
+  {id, from, kind, body, ts}: the history HISTORY answers.  The ms are
+  strictly increasing within a conversation (one ms later than the previous
+  message when two come in the same millisecond), so keys sort in sending
+  order and a HISTORY offset names exactly one message.
 
 Retention: every maintenance round deletes records of both namespaces last
 written more than ``retention.chat`` seconds ago.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import orjson
@@ -44,6 +49,12 @@ log = logging.getLogger("tillwire.chat")
 CONV_NS = "conv"
 CHAT_NS = "chat"
 MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
+# What a conversation record needs to route a message.
+_CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
+RETRY_DELAY = 1.0           # seconds before records the store refused are written again
+# A conversation id is one address segment (``chat:<t>/<id>`` must name it), so
+# no id is a key prefix of another's history records ("cv1" vs "cv1/x").
+_CONVERSATION = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 
 
@@ -54,6 +65,11 @@ class Chat:
         self.node = node
         self.retention = node.cfg.retention.chat
         self.convs: dict[str, dict] = {}          # "<tenant>/<conversation>" -> record
+        # Records of accepted messages the store refused, written again later:
+        # (ns, key) -> (value, time); a conv record's value is None (its current
+        # in-memory state is written, if the conversation still exists).
+        self._pending: dict[tuple[str, str], tuple[bytes | None, float]] = {}
+        self._retry_handle = None
 
     async def load(self) -> None:
         after = ""
@@ -61,8 +77,16 @@ class Chat:
         while True:
             rows = await self.node.store.kv_scan(CONV_NS, "", after, 1000)
             for key, value in rows:
-                rec = orjson.loads(value)
-                if rec.get("updated", 0.0) >= horizon:
+                try:
+                    rec = orjson.loads(value)
+                    if not isinstance(rec, dict) or not _CONV_KEYS.issubset(rec) or \
+                            not isinstance(rec["updated"], (int, float)):
+                        raise ValueError("not a conversation record")
+                except ValueError as exc:
+                    # (one damaged record must not keep the node from starting)
+                    log.warning("conversation record %r skipped: unreadable (%s)", key, exc)
+                    continue
+                if rec["updated"] >= horizon:
                     self.convs[key] = rec
             if len(rows) < 1000:
                 return
@@ -79,6 +103,11 @@ class Chat:
         claims = conn.claims
         tenant = claims.tenant
         conv_id = body["conversation"]
+        if not _CONVERSATION.match(conv_id):
+            raise MessageError(Code.BAD_MESSAGE,
+                               f"chat.message: body.conversation: {conv_id!r} is not a "
+                               "conversation id (1-64 of A-Z a-z 0-9 . _ -)",
+                               "body.conversation")
         if address.scope == "chat":
             if address.path[0] != conv_id:
                 raise MessageError(Code.BAD_MESSAGE,
@@ -106,7 +135,7 @@ class Chat:
                     "customer": sender, "agent": "", "created": now, "updated": now}
             self.convs[key] = conv
             recipients = self.agents(tenant)
-        elif sender == conv["customer"]:
+        elif sender == conv["customer"] and claims.member == conv["member"]:
             recipients = [conv["agent"]] if conv["agent"] else self.agents(tenant)
         elif "service" in roles:
             if not conv["agent"]:
@@ -116,6 +145,11 @@ class Chat:
             raise MessageError(Code.FORBIDDEN, f"chat.message: conversation {conv_id!r} is "
                                                "not yours", "body.conversation")
         conv["updated"] = now
+        # The message's history key (and HISTORY offset) is its time in unix ms,
+        # made strictly increasing per conversation: two messages of one
+        # millisecond keep their order and paging by offset skips neither.
+        ms = max(int(now * 1000), conv.get("last_ms", 0) + 1)
+        conv["last_ms"] = ms
         # Who wrote it, stamped by the server (a "from" the client put in is
         # replaced): recipients and history readers see it in the body.
         body = {**body, "from": sender}
@@ -125,34 +159,87 @@ class Chat:
                          bool(frame.flags & _RECEIPT_REQUESTED))
         fut = node.loop.create_future()
         node.submit(msg, address, fut, recipients)
-        node._spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, fut))
+        node._spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut))
         return True
 
     async def _keep(self, conn, ref: int, key: str, conv: dict, sender: str, body: dict,
-                    now: float, fut) -> None:
+                    now: float, ms: int, fut) -> None:
         """Once stored: write the history record and the conversation, then SENDACK."""
         node = self.node
         store = node.store
         try:
             accepted = await fut
-            if not accepted.duplicate:
-                ms = int(now * 1000)
-                record = orjson.dumps({"id": accepted.msg_id, "from": sender,
-                                       "kind": "chat.message", "body": body, "ts": now})
-                await asyncio.gather(
-                    store.kv_put(CHAT_NS, f"{key}/{ms:013d}-{accepted.msg_id}", record, now),
-                    store.kv_put(CONV_NS, key, orjson.dumps(conv), now))
         except Exception as exc:  # noqa: BLE001 - the store refused: nothing was promised
             log.error("chat message of %s could not be stored: %s", key, exc)
             node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                "the message could not be stored; retry")
             return
+        # (A conversation deleted meanwhile, by a member's data request or
+        # retention, is not written back.)
+        if not accepted.duplicate and self.convs.get(key) is conv:
+            record = orjson.dumps({"id": accepted.msg_id, "from": sender,
+                                   "kind": "chat.message", "body": body, "ts": now})
+            hkey = f"{key}/{ms:013d}-{accepted.msg_id}"
+            try:
+                await asyncio.gather(store.kv_put(CHAT_NS, hkey, record, now),
+                                     store.kv_put(CONV_NS, key, orjson.dumps(conv), now))
+            except Exception as exc:  # noqa: BLE001
+                # The message itself is stored and delivered: it is acknowledged
+                # (a resend would only be a duplicate), and its records are
+                # written again until the store takes them.
+                log.error("chat records of %s could not be written (will retry): %s", key, exc)
+                self._pending[(CHAT_NS, hkey)] = (record, now)
+                self._pending[(CONV_NS, key)] = (None, now)
+                self._retry_soon()
         if accepted.duplicate:
             node.service_ack(conn, ref, accepted.msg_id, None, retransmit=True)
         else:
             node.service_ack(conn, ref, accepted.msg_id,
                              {"conversation": conv["conversation"],
                               "recipients": len(accepted.seqs)})
+
+    def _retry_soon(self) -> None:
+        if self._retry_handle is None and not getattr(self.node, "_stopped", False):
+            self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if not getattr(self.node, "_stopped", False):
+            self.node._spawn(self._write_pending())
+
+    async def flush(self) -> None:
+        """Stopping: write the records still due once more (before the store closes)."""
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._pending:
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        """Write the records still due; what the store refuses again waits for the
+        next try (also each maintenance round)."""
+        store = self.node.store
+        for item in list(self._pending):
+            found = self._pending.pop(item, None)
+            if found is None:
+                continue
+            ns, key = item
+            value, now = found
+            if ns == CONV_NS:
+                conv = self.convs.get(key)
+                if conv is None:                    # deleted meanwhile
+                    continue
+                value = orjson.dumps(conv)
+            elif self.convs.get(key.rsplit("/", 1)[0]) is None:
+                continue
+            try:
+                await store.kv_put(ns, key, value, now)
+            except Exception as exc:  # noqa: BLE001
+                self._pending.setdefault(item, found)
+                log.error("chat records still not written (%d due): %s", len(self._pending),
+                          exc)
+                self._retry_soon()
+                return
 
     # -- history -----------------------------------------------------------------------
 
@@ -169,12 +256,21 @@ class Chat:
         agent = "service" in claims.roles
         if conv is None and agent:     # (others learn nothing about which ids exist)
             raise AddressError(Code.UNKNOWN_CHANNEL, f"HISTORY: no conversation {address}")
-        if conv is None or (conn.address != conv["customer"] and not agent):
+        if conv is None or (not agent and (conn.address != conv["customer"] or
+                                           claims.member != conv["member"])):
             raise AddressError(Code.FORBIDDEN,
                                f"HISTORY: {address} is not a conversation of this terminal")
         self.node._spawn(self._history(conn, frame.ref, key, frame.offset, frame.count))
 
     async def _history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
+        try:
+            await self._answer_history(conn, ref, key, offset, count)
+        except Exception as exc:  # noqa: BLE001 - the store failed: say so, never hang
+            log.error("history of %s could not be read: %s", key, exc)
+            self.node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                    "HISTORY: the conversation could not be read; retry")
+
+    async def _answer_history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
         node = self.node
         count = min(count or MAX_HISTORY, MAX_HISTORY)
         prefix = key + "/"
@@ -225,6 +321,8 @@ class Chat:
         messages = 0
         for k in keys:
             self.convs.pop(k, None)
+            for item in [i for i in self._pending if i[1] == k or i[1].startswith(k + "/")]:
+                del self._pending[item]
             messages += await store.kv_delete_prefix(CHAT_NS, k + "/")
             await store.kv_delete(CONV_NS, k)
         return len(keys), messages
@@ -234,6 +332,8 @@ class Chat:
         horizon = now - self.retention
         for k in [k for k, c in self.convs.items() if c["updated"] < horizon]:
             del self.convs[k]
+        if self._pending:
+            await self._write_pending()
         store = self.node.store
         return (await store.kv_expire(CONV_NS, horizon),
                 await store.kv_expire(CHAT_NS, horizon))

@@ -13,12 +13,7 @@ All methods run on the event loop.
 
 from __future__ import annotations
 
-from ..core.codes import Flag, FrameType, Lane
 from ..core.session import ServerSession
-
-_SEND = int(FrameType.SEND)
-_LANE_MASK = int(Flag.LANE_MASK)
-_P2 = int(Lane.P2)
 
 
 RESUMING = object()
@@ -85,12 +80,7 @@ class TerminalConnection(ServerSession):
         counters.frames_in += len(frames)
         counters.bytes_in += len(data)
         for frame in frames:
-            # A P2/P3 SEND means fan-out work: the node paces it (Node.defer_bulk)
-            # so a flood of offers never delays a payment result behind it.
-            if frame.type == _SEND and frame.flags & _LANE_MASK >= _P2:
-                node.defer_bulk(self, frame)
-            else:
-                node.on_frame(self, frame)
+            node.on_frame(self, frame)
         if self.pending:
             node.mark_dirty(self)
 

@@ -13,6 +13,8 @@ broadcast); ``ZoneInfo`` objects are cached by name.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,6 +22,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 
 NS = "directory"
+
+log = logging.getLogger("tillwire.directory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,10 @@ class Directory:
                 e.tenant, e.store, e.timezone or self.default_timezone, tuple(e.on_duty),
                 tuple(e.managers), "config")
         self._entries: dict[tuple[str, str], StoreInfo] = dict(self._config)
+        # PUTs are serialized: each reads the entry in effect, writes, then applies;
+        # two at once must not both start from the old entry (a lost field), and
+        # memory and the store must end with the same (last) entry.
+        self._put_lock = asyncio.Lock()
 
     async def load(self) -> None:
         """Apply the overrides kept in the store (node start)."""
@@ -76,11 +84,12 @@ class Directory:
         while True:
             rows = await self.store.kv_scan(NS, "", after, 1000)
             for key, value in rows:
-                doc = orjson.loads(value)
-                info = StoreInfo(doc["tenant"], doc["store"],
-                                 doc.get("timezone") or self.default_timezone,
-                                 tuple(doc.get("on_duty", ())), tuple(doc.get("managers", ())),
-                                 "admin")
+                try:
+                    info = self._parse(value)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    # (one damaged record must not keep the node from starting)
+                    log.warning("directory record %r skipped: unreadable (%s)", key, exc)
+                    continue
                 if not zone_ok(info.timezone):      # a zone the system no longer knows
                     info = StoreInfo(info.tenant, info.store, self.default_timezone,
                                      info.on_duty, info.managers, "admin")
@@ -88,6 +97,17 @@ class Directory:
             if len(rows) < 1000:
                 return
             after = rows[-1][0]
+
+    def _parse(self, value: bytes) -> StoreInfo:
+        doc = orjson.loads(value)
+        names = (doc["tenant"], doc["store"], doc.get("timezone") or self.default_timezone)
+        on_duty, managers = doc.get("on_duty", []), doc.get("managers", [])
+        if not (isinstance(on_duty, list) and isinstance(managers, list)):
+            raise TypeError("on_duty and managers must be lists")
+        on_duty, managers = tuple(on_duty), tuple(managers)
+        if not all(isinstance(v, str) for v in (*names, *on_duty, *managers)):
+            raise TypeError("tenant, store, timezone and terminal ids must be strings")
+        return StoreInfo(*names, on_duty, managers, "admin")
 
     def get(self, tenant: str, store: str) -> StoreInfo:
         info = self._entries.get((tenant, store))
@@ -103,6 +123,10 @@ class Directory:
                   on_duty: tuple[str, ...] | None = None,
                   managers: tuple[str, ...] | None = None) -> StoreInfo:
         """Override (part of) a store's entry; fields left None keep their value."""
+        async with self._put_lock:
+            return await self._put(tenant, store, timezone, on_duty, managers)
+
+    async def _put(self, tenant: str, store: str, timezone, on_duty, managers) -> StoreInfo:
         old = self.get(tenant, store)
         info = StoreInfo(tenant, store, timezone if timezone is not None else old.timezone,
                          on_duty if on_duty is not None else old.on_duty,

@@ -29,10 +29,11 @@ _ID = re.compile(r"[A-Za-z0-9._:/-]{1,64}\Z")
 # A run of digits, possibly grouped by single spaces or dashes ("4111 1111
 # 1111 1111"), not touching other digits.
 _DIGIT_RUN = re.compile(r"(?<![\d])\d(?:[ -]?\d)*(?![\d])")
-# Thirteen ASCII digits, single spaces or dashes allowed between them: a body
-# whose raw JSON has no such run, no \u escape and no non-ASCII byte cannot
-# hold a card number, so ``check`` skips walking it (most bodies).
-_MAYBE_CARD = re.compile(rb"[0-9](?:[ -]?[0-9]){12}")
+# A digit and twelve more digits, spaces or dashes: every card-number run
+# starts with thirteen such bytes, so a body whose raw JSON has none, no \u
+# escape and no non-ASCII byte cannot hold one and ``check`` skips walking it
+# (most bodies).  A plain class run: 3x faster to scan than the exact pattern.
+_MAYBE_CARD = re.compile(rb"[0-9][0-9 -]{12}")
 
 
 class MessageError(ValueError):
@@ -110,17 +111,19 @@ def _bad(kind: str, field: str, why: str) -> MessageError:
     return MessageError(Code.BAD_MESSAGE, f"{kind}: body.{field}: {why}", f"body.{field}")
 
 
-def _get(body: dict, kind: str, field: str, types, required: bool = True):
+def _get(body: dict, kind: str, field: str, types, required: bool = True, at: str = ""):
+    """``body[field]`` checked against ``types``; ``at`` prefixes the field's path in
+    errors when ``body`` is nested (``"items[2]."``)."""
     if field not in body:
         if required:
-            raise _bad(kind, field, "required")
+            raise _bad(kind, at + field, "required")
         return None
     value = body[field]
     # bool is an int in Python, never in a body schema.
     if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
         names = " or ".join(_TYPE_NAMES[t] for t in
                             (types if isinstance(types, tuple) else (types,)))
-        raise _bad(kind, field, f"must be {names}")
+        raise _bad(kind, at + field, f"must be {names}")
     return value
 
 
@@ -128,14 +131,14 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a l
                dict: "an object", bool: "true or false"}
 
 
-def _text(body, kind, field, max_len=200, required=True, pattern=None):
-    value = _get(body, kind, field, str, required)
+def _text(body, kind, field, max_len=200, required=True, pattern=None, at=""):
+    value = _get(body, kind, field, str, required, at)
     if value is None:
         return None
     if not value or len(value) > max_len:
-        raise _bad(kind, field, f"1-{max_len} characters")
+        raise _bad(kind, at + field, f"1-{max_len} characters")
     if pattern is not None and not pattern.match(value):
-        raise _bad(kind, field, "not a valid identifier (A-Z a-z 0-9 . _ : / -)")
+        raise _bad(kind, at + field, "not a valid identifier (A-Z a-z 0-9 . _ : / -)")
     return value
 
 
@@ -160,10 +163,10 @@ def _currency(body, kind, field="currency", required=True):
     return value
 
 
-def _int(body, kind, field, lo=0, hi=2**53, required=True):
-    value = _get(body, kind, field, int, required)
+def _int(body, kind, field, lo=0, hi=2**53, required=True, at=""):
+    value = _get(body, kind, field, int, required, at)
     if value is not None and not lo <= value <= hi:
-        raise _bad(kind, field, f"an integer {lo}-{hi}")
+        raise _bad(kind, at + field, f"an integer {lo}-{hi}")
     return value
 
 
@@ -208,8 +211,8 @@ def _order_event(b, k):
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _bad(k, f"items[{i}]", "must be an object")
-            _text(item, k, "sku", 64)
-            _int(item, k, "qty", 1, 100_000)
+            _text(item, k, "sku", 64, at=f"items[{i}].")
+            _int(item, k, "qty", 1, 100_000, at=f"items[{i}].")
     return "", 0
 
 
@@ -246,13 +249,13 @@ def _chat_message(b, k):
             f = f"attachments[{i}]"
             if not isinstance(att, dict):
                 raise _bad(k, f, "must be an object {url, mime, size}")
-            url = _get(att, k, "url", str)
+            url = _get(att, k, "url", str, at=f + ".")
             if not (url.startswith("https://") or url.startswith("http://")) or len(url) > 2048:
                 raise _bad(k, f"{f}.url", "an http(s) URL of at most 2048 characters")
-            mime = _get(att, k, "mime", str)
+            mime = _get(att, k, "mime", str, at=f + ".")
             if not _MIME.match(mime):
                 raise _bad(k, f"{f}.mime", "a media type like image/jpeg, audio/aac, video/mp4")
-            size = _get(att, k, "size", int)
+            size = _get(att, k, "size", int, at=f + ".")
             if not 0 < size <= MAX_ATTACHMENT_SIZE:
                 raise _bad(k, f"{f}.size", f"bytes, 1-{MAX_ATTACHMENT_SIZE}")
             extra = set(att) - {"url", "mime", "size", "name", "duration"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
 import logging
 import os
 import random
@@ -56,8 +55,7 @@ _RETRANSMIT = int(Flag.RETRANSMIT)
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 
 PUMP_BATCH = 128             # store rows read per pump step
-BULK_BUDGET = 8192           # P2/P3 sends + recipients queued per loop iteration (Node._run_bulk)
-BULK_BACKLOG = 512           # deferred P2/P3 SENDs before their publishers stop being read
+STOP_GRACE = 2.0             # seconds stop() waits for in-flight commits and service tasks
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
 
 
@@ -100,7 +98,7 @@ class Counters:
                  "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
-                 "lane_bytes_out", "store_write", "ack_latency", "ingress_pauses")
+                 "lane_bytes_out", "store_write", "ack_latency")
 
     _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 
@@ -173,11 +171,6 @@ class Node:
         self._pending_acks: dict[tuple[str, int], int] = {}
         self._pending_delivered: dict[tuple[str, int], list[int]] = {}
         self._batch_handle = None
-        # Deferred P2/P3 SENDs (connection, frame), fanned out a budget per loop
-        # iteration, and the publishers whose reading is paused meanwhile.
-        self._bulk: collections.deque = collections.deque()
-        self._bulk_handle = None
-        self._bulk_paused: set[TerminalConnection] = set()
         self._released_lane_totals = [0, 0, 0]   # of closed or released schedulers
         self.draining = False
         self.started = time.time()
@@ -263,12 +256,16 @@ class Node:
         self._stopped = True
         for server in self._servers:
             server.close()
-        self._finish_bulk()
         for conn in self.all_connections():
             conn.close(code, reason)
             self.mark_dirty(conn)
         self._flush()
         await self._flush_batches()
+        # Let in-flight commits and the services' follow-ups (history records,
+        # ticket answers) finish: what was accepted keeps its side records.
+        busy = self._tasks - {self._maintenance_task, asyncio.current_task()}
+        if busy:
+            await asyncio.wait(busy, timeout=STOP_GRACE)
         for task in list(self._tasks):
             task.cancel()
         if self._tick_handle is not None:
@@ -535,8 +532,6 @@ class Node:
                 for stream in extra.get("explicit", ()):
                     stream.remove_explicit(conn)
         conn.transport = None
-        if self._bulk_paused:
-            self._bulk_paused.discard(conn)
 
     def on_frame(self, conn: TerminalConnection, frame) -> None:
         handler = self._handlers.get(frame.type)
@@ -858,62 +853,6 @@ class Node:
                 if offset else b'{"stale":true}')))
             self.mark_dirty(conn)
 
-    # -- ingress pacing ---------------------------------------------------------------------
-    #
-    # A P0 SEND costs one store write; a P3 SEND to a tenant costs a push to
-    # every session of the tenant and, at the next flush, a write to each.
-    # Handled inline, a flood of offers makes every loop iteration long, and
-    # a payment result waits several iterations (read, commit, deliver,
-    # flush) behind it.  So P2/P3 SENDs are queued here and fanned out at
-    # most BULK_BUDGET recipients per iteration, while everything else is
-    # handled as it arrives; when more than BULK_BACKLOG wait, the publishers
-    # are no longer read (TCP backpressure) until half of it is done.
-
-    def defer_bulk(self, conn: TerminalConnection, frame) -> None:
-        """Queue a P2/P3 SEND of ``conn`` for paced fan-out."""
-        bulk = self._bulk
-        bulk.append((conn, frame))
-        if self._bulk_handle is None:
-            self._bulk_handle = self.loop.call_soon(self._run_bulk)
-        if len(bulk) > BULK_BACKLOG and conn not in self._bulk_paused:
-            transport = conn.transport
-            if transport is not None and not transport.is_closing():
-                transport.pause_reading()
-                self._bulk_paused.add(conn)
-                self.counters.ingress_pauses += 1
-
-    def _run_bulk(self) -> None:
-        self._bulk_handle = None
-        bulk = self._bulk
-        out = self.counters.lane_frames_out
-        start = out[2] + out[3]
-        on_send = self._on_send
-        while bulk:
-            conn, frame = bulk.popleft()
-            on_send(conn, frame)
-            start -= 1              # each send costs one unit besides its recipients
-            if out[2] + out[3] - start >= BULK_BUDGET:
-                break
-        if bulk:
-            self._bulk_handle = self.loop.call_soon(self._run_bulk)
-        if self._bulk_paused and len(bulk) <= BULK_BACKLOG // 2:
-            for conn in self._bulk_paused:
-                transport = conn.transport
-                if transport is not None and not transport.is_closing():
-                    transport.resume_reading()
-            self._bulk_paused.clear()
-
-    def _finish_bulk(self) -> None:
-        """Publish every deferred SEND now (stopping: what was received is not lost)."""
-        if self._bulk_handle is not None:
-            self._bulk_handle.cancel()
-            self._bulk_handle = None
-        bulk = self._bulk
-        while bulk:
-            conn, frame = bulk.popleft()
-            self._on_send(conn, frame)
-        self._bulk_paused.clear()
-
     def broadcast(self, address, lane: int, kind: str, key: str, version: int,
                   payload: bytes, ttl: float = 0.0, report: dict | None = None) -> int:
         """Publish a P2/P3 message to the stream of ``address``; returns its
@@ -1026,6 +965,12 @@ class Node:
                     payload=b"" if accepted.duplicate else
                     orjson.dumps({"recipients": len(accepted.seqs)}))))
                 self.mark_dirty(conn)
+        # Write the deliveries and SENDACKs now, not at the next iteration's
+        # flush: under a broadcast flood an iteration is long, and payment
+        # results should not wait one more of them.
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
 
     def _reply_failed(self, reply, exc: Exception) -> None:
         if reply is None:
@@ -1341,6 +1286,7 @@ class Node:
         try:
             await self.tickets.flush()
             await self.offers.flush()
+            await self.chat.flush()
         except Exception:
             log.exception("services: writing their state at stop failed")
 

@@ -12,7 +12,9 @@ that pass the policy (the same encoded frame to each):
 * frequency cap: a member (a session with ``claims.member``) gets at most
   ``offers.cap_count`` offers per sliding ``offers.cap_window``; every
   device of a member shares the count, and one broadcast counts once per
-  member.  Sessions without a member are not capped.
+  member, also when it reaches another device later as a replay (the
+  stream entries counted within the window are remembered in memory).
+  Sessions without a member are not capped.
 
 Replays of these kinds (RESUME or SUBSCRIBE catching up on a P3 stream) go
 through the same policy: skipped, never bypassed.  Cap counts are kept in
@@ -52,6 +54,11 @@ class Offers:
         self.cap_count = cfg.cap_count
         self.cap_window = cfg.cap_window
         self.counts: dict[tuple[str, str], list[float]] = {}    # (tenant, member) -> times
+        # (tenant, member) -> {id(entry): (time counted, entry)}: the stream entries
+        # (offers) counted within the window, so the same offer reaching another
+        # device of the member later (a replay on resume) does not count again.
+        # The entry is held so its id is not reused; at most cap_count each.
+        self.counted: dict[tuple[str, str], dict[int, tuple[float, object]]] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._flush_handle = None
 
@@ -63,7 +70,16 @@ class Offers:
             rows = await self.node.store.kv_scan(NS, "", after, 1000)
             for key, value in rows:
                 tenant, _, member = key.partition("/")
-                stamps = [t for t in orjson.loads(value) if t > horizon]
+                try:
+                    stamps = orjson.loads(value)
+                    if not isinstance(stamps, list) or \
+                            not all(isinstance(t, (int, float)) for t in stamps):
+                        raise ValueError("not a list of unix times")
+                except ValueError as exc:
+                    # (one damaged record must not keep the node from starting)
+                    log.warning("cap record %r skipped: unreadable (%s)", key, exc)
+                    continue
+                stamps = sorted(t for t in stamps if t > horizon)
                 if stamps:
                     self.counts[(tenant, member)] = stamps
             if len(rows) < 1000:
@@ -89,32 +105,46 @@ class Offers:
             q = cache[store] = self.in_quiet_hours(self.directory.timezone(tenant, store), now)
         return q
 
-    def _capped(self, tenant: str, member: str, now: float, members: dict) -> bool:
+    def _capped(self, tenant: str, member: str, now: float, members: dict,
+                entry=None) -> bool:
         """Count one offer for the member, or say they had their cap (once per
-        member per message: every device of the member gets the same answer)."""
+        member per message: every device of the member gets the same answer;
+        an ``entry`` already counted for the member within the window passes
+        without counting again)."""
         key = (tenant, member)
         verdict = members.get(key)
         if verdict is not None:
             return verdict
+        horizon = now - self.cap_window
+        counted = self.counted.get(key)
+        if counted:
+            for ident in [i for i, (t, _) in counted.items() if t <= horizon]:
+                del counted[ident]
+            if entry is not None and id(entry) in counted:
+                members[key] = False
+                return False
         stamps = self.counts.get(key)
         if stamps is None:
             stamps = self.counts[key] = []
-        horizon = now - self.cap_window
         while stamps and stamps[0] <= horizon:
             del stamps[0]
         verdict = len(stamps) >= self.cap_count
         if not verdict:
             stamps.append(now)
             self._mark(key)
+            if entry is not None:
+                if counted is None:
+                    counted = self.counted[key] = {}
+                counted[id(entry)] = (now, entry)
         members[key] = verdict
         return verdict
 
-    def _verdict(self, claims, now: float, quiet: dict, members: dict) -> int:
+    def _verdict(self, claims, now: float, quiet: dict, members: dict, entry=None) -> int:
         if self.quiet is not None and "customer" in claims.roles and \
                 self._quiet(claims.tenant, claims.store, now, quiet):
             return QUIET
         if claims.member and self.cap_count and \
-                self._capped(claims.tenant, claims.member, now, members):
+                self._capped(claims.tenant, claims.member, now, members, entry):
             return CAPPED
         return PASS
 
@@ -132,6 +162,9 @@ class Offers:
         capping = self.cap_count > 0
         quiet_cache: dict = {}
         members: dict = {}
+        # The stream entry of this message (just appended; None if history keeps none).
+        history = stream.history if stream is not None else None
+        entry = history[-1] if history and history[-1].frame is frame else None
         passing = []
         append = passing.append
         quiet = capped = 0
@@ -146,7 +179,7 @@ class Offers:
                         quiet += 1
                         continue
                 if capping and claims.member and \
-                        self._capped(claims.tenant, claims.member, now, members):
+                        self._capped(claims.tenant, claims.member, now, members, entry):
                     capped += 1
                     continue
                 append(conn)
@@ -162,7 +195,7 @@ class Offers:
         out = []
         for e in entries:
             if e.kind not in POLICY_KINDS or \
-                    self._verdict(conn.claims, now, quiet_cache, {}) == PASS:
+                    self._verdict(conn.claims, now, quiet_cache, {}, e) == PASS:
                 out.append(e)
         return out
 
@@ -175,27 +208,47 @@ class Offers:
 
     def _flush_soon(self) -> None:
         self._flush_handle = None
-        self.node._spawn(self.flush())
+        self.node._spawn(self._flush_retrying())
+
+    async def _flush_retrying(self) -> None:
+        try:
+            await self.flush()
+        except Exception as exc:  # noqa: BLE001 - the store refused: try again later
+            log.error("cap counts could not be written (will retry): %s", exc)
+            if self._dirty and self._flush_handle is None:
+                self._flush_handle = self.node.loop.call_later(FLUSH_DELAY, self._flush_soon)
 
     async def flush(self) -> None:
-        """Write the changed cap counts (also at stop)."""
+        """Write the changed cap counts (also at stop).
+
+        A key leaves the dirty set as its write starts and goes back if the
+        write fails or is cancelled: counts are never dropped unwritten (the
+        next flush, or the one at stop, writes them)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        dirty, self._dirty = self._dirty, set()
         store = self.node.store
         now = time.time()
-        for key in dirty:
+        for key in list(self._dirty):
+            if key not in self._dirty:          # (forgotten meanwhile)
+                continue
+            self._dirty.discard(key)
             stamps = self.counts.get(key)
             name = f"{key[0]}/{key[1]}"
-            if stamps:
-                await store.kv_put(NS, name, orjson.dumps(stamps), now)
-            else:
-                await store.kv_delete(NS, name)
+            try:
+                if stamps:
+                    await store.kv_put(NS, name, orjson.dumps(stamps), now)
+                else:
+                    await store.kv_delete(NS, name)
+            except BaseException:
+                if key in self.counts or stamps is None:
+                    self._dirty.add(key)
+                raise
 
     async def forget_member(self, tenant: str, member: str) -> int:
         key = (tenant, member)
         self.counts.pop(key, None)
+        self.counted.pop(key, None)
         self._dirty.discard(key)
         return int(await self.node.store.kv_delete(NS, f"{tenant}/{member}"))
 
@@ -205,5 +258,6 @@ class Offers:
         horizon = now - self.cap_window
         for key in [k for k, s in self.counts.items() if not s or s[-1] <= horizon]:
             del self.counts[key]
+            self.counted.pop(key, None)
             self._dirty.discard(key)
         return await self.node.store.kv_expire(NS, horizon - 2 * FLUSH_DELAY)

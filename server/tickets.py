@@ -12,9 +12,15 @@ gets an id and then either
   terminals (the directory's roster, else ``role:<t>/<store>/staff``) and an
   escalation is due ``tickets.escalate_after`` seconds later.
 
-``ticket.assign`` / ``ticket.reply`` / ``ticket.resolve`` from the store's
-staff update the ticket and are then routed like any message (to the
-opener).  A ticket still unassigned and unresolved at its due time is
+Only the store's own devices (tills, kiosks, staff, managers; backends for
+any store) open tickets.  ``ticket.assign`` / ``ticket.reply`` /
+``ticket.resolve`` from the store's staff update the ticket and are then
+routed like any message (to the opener).  The first assignment wins: staff
+assigning a ticket someone else has are refused (the assignee may hand it
+over, a manager or backend may reassign it).  A resend (same sender and ref)
+of an open or of an update already taken is answered like the first one,
+never applied twice; an open resent while the first is still being stored
+waits for its answer.  A ticket still unassigned and unresolved at its due time is
 escalated: ``ticket.escalate {ticket, code, from, reason}`` goes to the
 store's managers (the directory's, else ``role:<t>/<store>/manager``).
 
@@ -47,7 +53,14 @@ SENDER = "service:tickets"       # the sender of auto-replies and escalations
 OPEN, ASSIGNED, ESCALATED, RESOLVED = "open", "assigned", "escalated", "resolved"
 UPDATE_KINDS = frozenset({"ticket.assign", "ticket.reply", "ticket.resolve"})
 STAFF_ROLES = frozenset({"staff", "manager", "backend"})
-RECENT_REFS = 65536              # (opener, ref) -> ticket remembered for duplicate opens
+# Who opens tickets: the store's own devices (a customer's phone or a service
+# agent reaching role:<t>/<store>/service must not page the store's staff).
+OPENER_ROLES = frozenset({"pos", "kiosk", "staff", "manager", "backend"})
+RECENT_REFS = 65536              # (sender, ref) remembered for resends, per table
+
+# What an unresolved record needs to be routed, updated and escalated.
+_RECORD_KEYS = frozenset({"ticket", "tenant", "store", "code", "from", "status", "due",
+                          "assignee", "replies", "msg_id"})
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
@@ -60,6 +73,13 @@ def _base36(n: int) -> str:
         out.append(_B36[r])
         if not n:
             return "".join(reversed(out))
+
+
+def _remember(table: collections.OrderedDict, key, value) -> None:
+    """Put into a bounded table (the oldest entry goes past RECENT_REFS)."""
+    table[key] = value
+    if len(table) > RECENT_REFS:
+        table.popitem(last=False)
 
 
 def new_ticket_id(now: float) -> str:
@@ -79,7 +99,12 @@ class Tickets:
         self.rules = {(r.tenant, r.code): r.reply for r in cfg.auto_replies}
         self.open: dict[str, dict] = {}           # "<tenant>/<ticket>" -> unresolved record
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # (opener, ref) -> future of (msg_id, doc) answering a ticket.open (pending
+        # while the first SEND is being stored: a resend waits for that answer).
         self._recent: collections.OrderedDict = collections.OrderedDict()
+        # (sender, ref) -> (kind, key) of an update already applied: a resend is
+        # routed as usual (the store's dedup answers it), never applied twice.
+        self._updates: collections.OrderedDict = collections.OrderedDict()
         self._unsaved: dict[str, dict] = {}       # records waiting to be written
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -90,7 +115,16 @@ class Tickets:
         while True:
             rows = await self.node.store.kv_scan(NS, "", after, 1000)
             for key, value in rows:
-                rec = orjson.loads(value)
+                try:
+                    rec = orjson.loads(value)
+                    if not isinstance(rec, dict) or (rec.get("status") != RESOLVED and
+                                                     not _RECORD_KEYS.issubset(rec)):
+                        raise ValueError("not a ticket record")
+                    float(rec.get("due", 0.0))
+                except (ValueError, TypeError) as exc:
+                    # (one damaged record must not keep the node from starting)
+                    log.warning("ticket record %r skipped: unreadable (%s)", key, exc)
+                    continue
                 if rec.get("status") != RESOLVED:
                     self.open[key] = rec
                     if rec["status"] == OPEN:
@@ -108,7 +142,7 @@ class Tickets:
 
     async def get(self, tenant: str, ticket: str) -> dict | None:
         key = f"{tenant}/{ticket}"
-        rec = self.open.get(key)
+        rec = self.open.get(key) or self._unsaved.get(key)    # (not yet written)
         if rec is not None:
             return rec
         raw = await self.node.store.kv_get(NS, key)
@@ -120,6 +154,10 @@ class Tickets:
         """Take a ticket.open (validated, allowed by the ACL); always consumes it."""
         node = self.node
         claims = conn.claims
+        if not OPENER_ROLES.intersection(claims.roles):
+            raise MessageError(Code.FORBIDDEN,
+                               "ticket.open: tickets are opened by the store's tills, kiosks, "
+                               "staff and managers", "kind")
         tenant, store = claims.tenant, claims.store
         if address.scope in ("store", "role") and address.path[0] != "*" and \
                 "backend" in claims.roles:
@@ -130,11 +168,18 @@ class Tickets:
                                f"store (e.g. role:{tenant}/{store}/staff)", "to")
         opener = conn.address
         ref = frame.ref
+        answered = None
         if ref:
             known = self._recent.get((opener, ref))
-            if known is not None:             # a resend of an open already answered
-                node.service_ack(conn, ref, known[1], known[2], retransmit=True)
+            if known is not None:             # a resend of an open already taken
+                if known.done():
+                    msg_id, doc = known.result()
+                    node.service_ack(conn, ref, msg_id, doc, retransmit=True)
+                else:                         # ... and still being stored
+                    node._spawn(self._answer_resend(conn, ref, known))
                 return True
+            answered = node.loop.create_future()
+            _remember(self._recent, (opener, ref), answered)
         now = time.time()
         tid = new_ticket_id(now)
         key = f"{tenant}/{tid}"
@@ -156,7 +201,7 @@ class Tickets:
             msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
                              now + ttl, False)
             node.submit(msg, parse_address(opener), fut)
-            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True))
+            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered))
             return True
         rec["due"] = now + self.escalate_after
         self.open[key] = rec
@@ -166,10 +211,20 @@ class Tickets:
         msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out, now,
                          now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
         node.submit(msg, address, fut, self.staff(tenant, store))
-        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False))
+        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered))
         return True
 
-    async def _answer(self, conn, ref: int, key: str, rec: dict, fut, saved, auto: bool) -> None:
+    async def _answer_resend(self, conn, ref: int, answered) -> None:
+        """A resend of an open still being stored gets the first one's answer."""
+        result = await answered
+        if result is None:
+            self.node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                    "the ticket could not be stored; retry")
+        else:
+            self.node.service_ack(conn, ref, result[0], result[1], retransmit=True)
+
+    async def _answer(self, conn, ref: int, key: str, rec: dict, fut, saved, auto: bool,
+                      answered=None) -> None:
         node = self.node
         try:
             accepted = await fut
@@ -179,6 +234,10 @@ class Tickets:
             self._forget(key)
             self._unsaved.pop(key, None)
             node._spawn(node.store.kv_delete(NS, key))    # (if its record got in)
+            if answered is not None:                      # a retry opens it afresh
+                if self._recent.get((conn.address, ref)) is answered:
+                    del self._recent[(conn.address, ref)]
+                answered.set_result(None)
             node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                "the ticket could not be stored; retry")
             return
@@ -191,6 +250,8 @@ class Tickets:
             original = next((r for r in self.open.values()
                              if r["msg_id"] == accepted.msg_id), None)
             doc = {"ticket": original["ticket"]} if original is not None else {}
+            if answered is not None:
+                answered.set_result((accepted.msg_id, doc))
             node.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True)
             return
         doc = {"ticket": rec["ticket"], "auto_reply": True} if auto else \
@@ -198,10 +259,8 @@ class Tickets:
         if not auto:
             rec["msg_id"] = accepted.msg_id
             self._save(key, rec)
-        if ref:
-            self._recent[(conn.address, ref)] = (key, accepted.msg_id, doc)
-            if len(self._recent) > RECENT_REFS:
-                self._recent.popitem(last=False)
+        if answered is not None:
+            answered.set_result((accepted.msg_id, doc))
         node.service_ack(conn, ref, accepted.msg_id, doc)
 
     def _forget(self, key: str) -> None:
@@ -233,6 +292,11 @@ class Tickets:
         claims = conn.claims
         tid = body["ticket"]
         key = f"{claims.tenant}/{tid}"
+        ref = frame.ref
+        if ref and self._updates.get((conn.address, ref)) == (kind, key):
+            # A resend of an update already applied (its SENDACK was lost, or
+            # the store refused it): route it as usual, apply nothing again.
+            return False
         rec = self.open.get(key)
         roles = claims.roles
         backend = "backend" in roles
@@ -247,8 +311,17 @@ class Tickets:
                                "body.ticket")
         now = time.time()
         if kind == "ticket.assign":
+            assignee = body.get("assignee") or claims.terminal
+            taken = rec["assignee"]
+            if taken and taken != assignee and taken != claims.terminal and \
+                    not ("manager" in roles or backend):
+                # Two staff taking the same ticket: the first one has it (a
+                # manager reassigns; the assignee may hand it over).
+                raise MessageError(Code.BAD_MESSAGE,
+                                   f"{kind}: body.ticket: ticket {tid!r} is already assigned "
+                                   f"to {taken} (a manager may reassign it)", "body.ticket")
             rec["status"] = ASSIGNED
-            rec["assignee"] = body.get("assignee") or claims.terminal
+            rec["assignee"] = assignee
             handle = self._timers.pop(key, None)
             if handle is not None:
                 handle.cancel()
@@ -260,6 +333,8 @@ class Tickets:
             self._forget(key)
         rec["updated"] = now
         self._save(key, rec)
+        if ref:
+            _remember(self._updates, (conn.address, ref), (kind, key))
         return False
 
     # -- escalation -----------------------------------------------------------------------

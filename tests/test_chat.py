@@ -258,3 +258,210 @@ async def test_history_frames_on_the_wire():
         assert end.type == FrameType.HISTORY_END and end.count == 1
     finally:
         await node.stop()
+
+
+@aiotest()
+async def test_conversation_ids_are_address_segments_so_no_history_mixes():
+    """A conversation id with '/' or ':' could never be addressed (chat:<t>/<id>) and its
+    history records would sit under another conversation's key prefix: another customer
+    could push messages into (or read) someone else's conversation history."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        victim = await customer(node)
+        intruder = await customer(node, "app2", "m2")
+        await victim.send("chat.message", {"conversation": "cv1", "text": "mine"}, SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        for conv in ("cv1/1-", "cv1:x"):
+            with pytest.raises(SendError) as err:
+                await intruder.send("chat.message", {"conversation": conv, "text": "injected"},
+                                    SERVICE)
+            assert err.value.code == Code.BAD_MESSAGE, err.value
+            assert "body.conversation" in err.value.message
+        items, end = await victim.history("chat:acme/cv1", Lane.P1)
+        assert [orjson.loads(f.payload)["text"] for f in items] == ["mine"]
+        assert end.count == 1
+        assert list(node.chat.convs) == ["acme/cv1"]
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_history_keeps_order_and_pages_without_loss_within_one_millisecond(monkeypatch):
+    """Messages written in the same millisecond: history stays in the order they were
+    sent (msg id 10 after 9) and paging by offset loses none of them."""
+    import types
+
+    from tillwire.server import chat as chat_module
+
+    frozen = time.time()
+    monkeypatch.setattr(chat_module, "time", types.SimpleNamespace(time=lambda: frozen))
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        texts = [f"q{i}" for i in range(12)]
+        for text in texts:
+            await cust.send("chat.message", {"conversation": "cv1", "text": text}, SERVICE)
+        items, end = await cust.history("chat:acme/cv1", Lane.P1, count=100)
+        assert [orjson.loads(f.payload)["text"] for f in items] == texts
+        offsets = [f.offset for f in items]
+        assert offsets == sorted(set(offsets)), offsets          # distinct, increasing
+        assert abs(offsets[0] - frozen * 1000) < 1000
+        # Page through from the first one, three at a time.
+        first, _ = await agent.history("chat:acme/cv1", Lane.P1, count=100)
+        offset = first[0].offset
+        got = [orjson.loads(first[0].payload)["text"]]
+        while True:
+            page, end = await agent.history("chat:acme/cv1", Lane.P1, offset=offset, count=3)
+            if not page:
+                break
+            got += [orjson.loads(f.payload)["text"] for f in page]
+            offset = end.offset
+        assert got == texts
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_history_answers_an_error_when_the_store_fails():
+    node = await start_node()
+    try:
+        await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "one"}, SERVICE)
+
+        async def broken(*args, **kwargs):
+            raise OSError("disk on fire")
+
+        node.store.kv_scan = broken
+        with pytest.raises(SendError) as err:
+            await cust.history("chat:acme/cv1", Lane.P1, timeout=3)
+        assert err.value.code == Code.STORE_UNAVAILABLE
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_another_member_on_the_same_terminal_id_is_not_the_customer():
+    """The conversation belongs to the member who started it: a token of another
+    member for the same app terminal may neither read nor post to it."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        first = await customer(node, "app1", "m1")
+        await first.send("chat.message", {"conversation": "cv1", "text": "my address is ..."},
+                         SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        await first.close()
+        other = await customer(node, "app1", "m2")
+        with pytest.raises(SendError) as err:
+            await other.history("chat:acme/cv1", Lane.P1)
+        assert err.value.code == Code.FORBIDDEN
+        with pytest.raises(SendError) as err:
+            await other.send("chat.message", {"conversation": "cv1", "text": "hi"},
+                             "chat:acme/cv1")
+        assert err.value.code == Code.FORBIDDEN and "not yours" in err.value.message
+        await nothing_for(agent, 0.1)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_message_in_flight_does_not_bring_back_a_forgotten_member():
+    """DELETE /v1/members while a message of the member is being stored: the
+    conversation and its history must not be written back afterwards."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "one"}, SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+        accept_many = node.store.accept_many
+
+        async def held(batch):
+            entered.set()
+            await gate.wait()
+            return await accept_many(batch)
+
+        node.store.accept_many = held
+        sending = asyncio.ensure_future(
+            cust.send("chat.message", {"conversation": "cv1", "text": "two"}, "chat:acme/cv1"))
+        await asyncio.wait_for(entered.wait(), 3)
+        assert await node.chat.forget_member("acme", "m1") == (1, 1)
+        node.store.accept_many = accept_many
+        gate.set()
+        await sending                                   # accepted and delivered all the same
+        assert (await agent.receive(timeout=3)).body["text"] == "two"
+        await asyncio.sleep(0.05)
+        assert node.chat.convs == {}
+        assert await node.store.kv_scan("conv") == []
+        assert await node.store.kv_scan("chat") == []
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_an_accepted_message_whose_history_write_failed_is_acked_and_kept_later():
+    """The store took the message (it is delivered) but refused its history record:
+    the sender must not be told 'not stored, retry' (a retry is only a duplicate and
+    the message would be missing from the history for good); the record is written
+    once the store works again."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "one"}, SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        kv_put = node.store.kv_put
+        fail = [True]
+
+        async def flaky(ns, *args):
+            if fail[0] and ns in ("chat", "conv"):
+                raise OSError("database is locked")
+            return await kv_put(ns, *args)
+
+        node.store.kv_put = flaky
+        ack = await cust.send("chat.message", {"conversation": "cv1", "text": "two"},
+                              "chat:acme/cv1")
+        assert orjson.loads(ack.payload) == {"conversation": "cv1", "recipients": 1}
+        assert (await agent.receive(timeout=3)).body["text"] == "two"
+        fail[0] = False
+
+        async def texts():
+            items, _ = await cust.history("chat:acme/cv1", Lane.P1)
+            return [orjson.loads(f.payload)["text"] for f in items]
+
+        for _ in range(50):
+            if await texts() == ["one", "two"]:
+                break
+            await asyncio.sleep(0.1)
+        assert await texts() == ["one", "two"]
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_damaged_conversation_record_is_skipped_at_start(tmp_path):
+    cfg = make_config(str(tmp_path), **{"store.backend": "sqlite"})
+    node = await start_node(cfg)
+    try:
+        await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "hi"}, SERVICE)
+        now = time.time()
+        for key, value in (("acme/cv2", b"{broken"), ("acme/cv3", b'{"updated": 1e12}'),
+                           ("acme/cv4", b"[]")):
+            await node.store.kv_put("conv", key, value, now)
+    finally:
+        await node.stop()
+    node = await start_node(cfg)
+    try:
+        assert list(node.chat.convs) == ["acme/cv1"]
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "again"},
+                        "chat:acme/cv1")
+    finally:
+        await node.stop()

@@ -60,3 +60,21 @@ def test_prefilter_agrees_with_the_full_walk(body, escapes):
 ])
 def test_known_bodies(raw, field):
     assert _screened(raw) == field
+
+
+@pytest.mark.parametrize("kind, body, field", [
+    ("chat.message", {"conversation": "c1", "attachments": [{"mime": "image/png", "size": 1}]},
+     "body.attachments[0].url"),
+    ("chat.message", {"conversation": "c1", "attachments": [
+        {"url": "https://x/a.png", "mime": "image/png", "size": 1},
+        {"url": "https://x/b.png", "mime": "image/png", "size": "big"}]},
+     "body.attachments[1].size"),
+    ("order.event", {"order": "o1", "channel": "mall", "event": "paid",
+                     "items": [{"sku": "A", "qty": 1}, {"qty": 2}]}, "body.items[1].sku"),
+    ("order.event", {"order": "o1", "channel": "mall", "event": "paid",
+                     "items": [{"sku": "A", "qty": 0}]}, "body.items[0].qty"),
+])
+def test_nested_fields_are_named_by_their_path(kind, body, field):
+    with pytest.raises(kinds.MessageError) as info:
+        kinds.check(kind, Lane.P1, orjson.dumps(body))
+    assert info.value.code == Code.BAD_MESSAGE and info.value.field == field

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 
 import orjson
 import pytest
@@ -225,3 +226,90 @@ async def test_admin_publish_reports_the_policy_too(tmp_path):
         second = await env.api.call("POST", "/v1/publish", json_body=body)
         assert (first["delivered"], first["capped"], second["delivered"], second["capped"]) \
             == (1, 0, 0, 1)
+
+
+@aiotest()
+async def test_cap_counts_a_failed_write_did_not_store_are_written_by_the_next_flush(tmp_path):
+    """The store refuses a cap write (or the write is cut short at stop): the count stays
+    due, and the next flush (or the one at stop) writes it, so it survives a restart."""
+    cfg = make_config(str(tmp_path), **{"store.backend": "sqlite", "offers.cap_count": 1})
+    node = await start_node(cfg)
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        app = await connect(node, "app1", store="s1", roles=("customer",), member="m1")
+        kv_put = node.store.kv_put
+
+        async def refused(*args, **kwargs):
+            raise OSError("database is locked")
+
+        node.store.kv_put = refused
+        ack = await be.send("promo.offer", offer(1), "member:acme/m1")
+        assert orjson.loads(ack.payload)["delivered"] == 1
+        await app.receive(timeout=3)
+        with pytest.raises(OSError):
+            await node.offers.flush()
+        node.store.kv_put = kv_put
+    finally:
+        await node.stop()                  # writes what is still due
+    node = await start_node(cfg)
+    try:
+        assert len(node.offers.counts[("acme", "m1")]) == 1
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        await connect(node, "app1", store="s1", roles=("customer",), member="m1")
+        ack = await be.send("promo.offer", offer(2), "member:acme/m1")
+        assert orjson.loads(ack.payload)["capped"] == 1
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_an_offer_replayed_to_a_second_device_counts_once(tmp_path):
+    """One offer on a phone (live) and on a tablet (replayed when it comes back) counts
+    once toward the member's cap, as one offer on two live devices does."""
+    node = await start_node(**{"offers.cap_count": 2})
+    host, port = node.addresses[0]
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
+        state = str(tmp_path / "tablet.json")
+        tok = token("tablet", store="s1", roles=("customer",), member="m1")
+        tablet = await sdk.connect(host, port, token=tok, state_path=state)
+        await be.send("store.news", {"text": "hello"}, "member:acme/m1", lane=Lane.P3, ttl=60)
+        assert (await tablet.receive(timeout=3)).kind == "store.news"
+        assert (await phone.receive(timeout=3)).kind == "store.news"
+        await tablet.close()
+        ack = await be.send("promo.offer", offer(1), "member:acme/m1", ttl=60)
+        assert orjson.loads(ack.payload)["delivered"] == 1
+        assert (await phone.receive(timeout=3)).body == offer(1)
+        tablet = await sdk.connect(host, port, token=tok, state_path=state)
+        try:
+            assert (await tablet.receive(timeout=3)).body == offer(1)     # the same offer
+            assert len(node.offers.counts[("acme", "m1")]) == 1
+            ack = await be.send("promo.offer", offer(2), "member:acme/m1", ttl=60)
+            assert orjson.loads(ack.payload)["delivered"] == 2             # the second of 2
+            assert (await phone.receive(timeout=3)).body == offer(2)
+            assert (await tablet.receive(timeout=3)).body == offer(2)
+            ack = await be.send("promo.offer", offer(3), "member:acme/m1", ttl=60)
+            assert orjson.loads(ack.payload)["capped"] == 2
+        finally:
+            await tablet.close()
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_damaged_cap_record_is_skipped_at_start(tmp_path):
+    cfg = make_config(str(tmp_path), **{"store.backend": "sqlite", "offers.cap_count": 1})
+    node = await start_node(cfg)
+    try:
+        now = time.time()
+        await node.store.kv_put("cap", "acme/m1", orjson.dumps([now]), now)
+        await node.store.kv_put("cap", "acme/m2", b'{"x": 1}', now)
+        await node.store.kv_put("cap", "acme/m3", b'["soon"]', now)
+    finally:
+        await node.stop()
+    node = await start_node(cfg)
+    try:
+        assert set(node.offers.counts) == {("acme", "m1")}
+    finally:
+        await node.stop()

@@ -19,7 +19,7 @@ import pytest
 from support import ServerProcess, aiotest, connect, start_node
 from test_admin import ACME, GLOBEX, admin_env
 from tillwire.client.connection import SendError
-from tillwire.core.codes import KINDS, Code, Lane
+from tillwire.core.codes import KINDS, Code, Flag, Lane
 
 TICKET_ID = re.compile(r"T-[0-9a-z]+-[0-9a-f]{4}\Z")
 
@@ -343,3 +343,181 @@ async def test_escalation_timers_survive_a_server_restart(tmp_path):
         await manager.close()
     finally:
         server.stop()
+
+
+@aiotest()
+async def test_customers_and_service_agents_cannot_open_cashier_tickets():
+    """Tickets come from the store's own devices: a customer's phone (or a service
+    agent) reaching role:<t>/<store>/service must not page the store's staff."""
+    node = await start_node()
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        app = await connect(node, "app1", store="s1", roles=("customer",), member="m1")
+        agent = await connect(node, "a1", store="s1", roles=("service",))
+        for sender in (app, agent):
+            with pytest.raises(SendError) as err:
+                await sender.send("ticket.open", {"code": "E42", "text": "spam"},
+                                  "role:acme/s1/service")
+            assert err.value.code == Code.FORBIDDEN, err.value
+        await nothing_for(staff, 0.2)
+        assert node.tickets.open == {} and node.counters.accepted == 0
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_resent_update_is_acknowledged_again_not_refused_or_counted_twice():
+    """A staff device that lost the SENDACK of its ticket.resolve resends it with the same
+    ref: it must get the (retransmit) SENDACK, not BAD_MESSAGE 'no open ticket', and the
+    till gets the resolution once; a resent reply is not counted twice."""
+    node = await start_node()
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff")
+        tid = orjson.loads(ack.payload)["ticket"]
+        await (await staff.receive(timeout=3)).ack()
+        ref = staff.next_ref()
+        body = {"ticket": tid, "text": "coming"}
+        first = await staff.send("ticket.reply", body, "terminal:acme/t1", ref=ref)
+        again = await staff.send("ticket.reply", body, "terminal:acme/t1", ref=ref)
+        assert again.msg_id == first.msg_id and again.flags & Flag.RETRANSMIT
+        assert (await node.tickets.get("acme", tid))["replies"] == 1
+        await (await till.receive(timeout=3)).ack()
+        ref = staff.next_ref()
+        body = {"ticket": tid, "resolution": "paper loaded"}
+        first = await staff.send("ticket.resolve", body, "terminal:acme/t1", ref=ref)
+        again = await staff.send("ticket.resolve", body, "terminal:acme/t1", ref=ref)
+        assert again.msg_id == first.msg_id and again.flags & Flag.RETRANSMIT
+        msg = await till.receive(timeout=3)
+        assert (msg.kind, msg.body["resolution"]) == ("ticket.resolve", "paper loaded")
+        await msg.ack()
+        await nothing_for(till, 0.2)
+        # A fresh resolve (a new ref) of the resolved ticket is still refused.
+        with pytest.raises(SendError) as err:
+            await staff.send("ticket.resolve", body, "terminal:acme/t1")
+        assert err.value.code == Code.BAD_MESSAGE and "body.ticket" in err.value.message
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_concurrent_directory_updates_keep_every_field(tmp_path):
+    """Two PUTs of different fields at once: 'fields left out keep their value' holds,
+    in memory and in the store."""
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path)}
+    node = await start_node(**overrides)
+    try:
+        d = node.directory
+        await asyncio.gather(d.put("acme", "s1", timezone="Europe/Berlin"),
+                             d.put("acme", "s1", on_duty=("h2",)),
+                             d.put("acme", "s1", managers=("m7",)))
+        info = d.get("acme", "s1")
+        assert (info.timezone, info.on_duty, info.managers) == \
+            ("Europe/Berlin", ("h2",), ("m7",))
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        info = node.directory.get("acme", "s1")
+        assert (info.timezone, info.on_duty, info.managers) == \
+            ("Europe/Berlin", ("h2",), ("m7",))
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_resend_of_an_open_still_in_flight_makes_one_ticket():
+    """The SDK resends with the same ref after a reconnect, possibly before the first
+    SEND was answered: one ticket, one auto-reply, one answer for both."""
+    node = await start_node(**{"tickets.auto_replies": [{"code": "E10", "reply": "reboot"}]})
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        for code in ("E10", "E77"):           # auto-replied, then routed to staff
+            ref = till.next_ref()
+            body = {"code": code}
+            till.session.send(Lane.P1, "role:acme/s1/staff", "ticket.open", orjson.dumps(body),
+                              ref=ref)
+            ack = await till.send("ticket.open", body, "role:acme/s1/staff", ref=ref)
+            tid = orjson.loads(ack.payload)["ticket"]
+            await asyncio.sleep(0.1)
+            if code == "E10":
+                msg = await till.receive(timeout=3)
+                assert (msg.kind, msg.body["ticket"]) == ("ticket.resolve", tid)
+                await msg.ack()
+                await nothing_for(till, 0.2)
+            else:
+                msg = await staff.receive(timeout=3)
+                assert msg.body["ticket"] == tid
+                await msg.ack()
+                await nothing_for(staff, 0.2)
+        tickets = [orjson.loads(v)["code"] for _, v in await node.store.kv_scan("ticket")]
+        assert sorted(tickets) == ["E10", "E77"], tickets
+        assert list(node.tickets.open) == [f"acme/{tid}"]
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_two_staff_assigning_at_once_one_wins_and_a_manager_may_reassign():
+    """Both staff tap 'take it': the first assignment wins, the other is told the
+    ticket is taken (both cannot believe they own it); the assignee may hand it
+    over and a manager may reassign it."""
+    node = await start_node()
+    try:
+        h1 = await connect(node, "h1", store="s1", roles=("staff",))
+        h2 = await connect(node, "h2", store="s1", roles=("staff",))
+        boss = await connect(node, "m1", store="s1", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        results = await asyncio.gather(
+            h1.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1"),
+            h2.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1"),
+            return_exceptions=True)
+        refused = [r for r in results if isinstance(r, SendError)]
+        assert len(refused) == 1, results
+        assert refused[0].code == Code.BAD_MESSAGE and "body.ticket" in refused[0].message
+        winner = "h1" if not isinstance(results[0], SendError) else "h2"
+        assert (await node.tickets.get("acme", tid))["assignee"] == winner
+        assert (await till.receive(timeout=3)).kind == "ticket.assign"
+        await nothing_for(till, 0.2)
+        # The assignee hands it over; the manager reassigns it.
+        owner = h1 if winner == "h1" else h2
+        await owner.send("ticket.assign", {"ticket": tid, "assignee": "h9"}, "terminal:acme/t1")
+        assert (await node.tickets.get("acme", tid))["assignee"] == "h9"
+        await boss.send("ticket.assign", {"ticket": tid, "assignee": winner}, "terminal:acme/t1")
+        assert (await node.tickets.get("acme", tid))["assignee"] == winner
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_damaged_record_does_not_stop_the_node_from_starting(tmp_path):
+    """One unreadable directory or ticket record (a bad write, an older version sharing
+    the store) is skipped and logged at start; the good ones are loaded."""
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path),
+                 "tickets.escalate_after": 600.0}
+    node = await start_node(**overrides)
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E1"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        await node.directory.put("acme", "s1", timezone="Europe/Berlin")
+        now = time.time()
+        for ns, key, value in (("directory", "acme/s2", b"{not json"),
+                               ("directory", "acme/s3", b'{"store": "s3"}'),
+                               ("directory", "acme/s4", b'[1, 2]'),
+                               ("ticket", "acme/T-bad-0000", b"\x00\x01"),
+                               ("ticket", "acme/T-bad-0001", b'{"ticket": "T-bad-0001"}'),
+                               ("ticket", "acme/T-bad-0002", b'"open"')):
+            await node.store.kv_put(ns, key, value, now)
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert node.directory.get("acme", "s1").timezone == "Europe/Berlin"
+        assert set(node.tickets.open) == {f"acme/{tid}"}
+    finally:
+        await node.stop()
