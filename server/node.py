@@ -930,8 +930,8 @@ class Node:
             self._spawn(self._commit())
 
     async def _commit(self) -> None:
-        # Let the rest of this loop iteration add to the batch, then commit it.
-        await asyncio.sleep(0)
+        # A task's first step runs at the next loop iteration: by then every
+        # submit() of this iteration is in the batch.
         batch = self._pending_accepts
         self._pending_accepts = []
         started = time.perf_counter()
