@@ -274,18 +274,23 @@ class Chat:
         node = self.node
         count = min(count or MAX_HISTORY, MAX_HISTORY)
         prefix = key + "/"
-        # offset > 0: messages after that time (unix ms), oldest first.
-        after = f"{prefix}{offset:013d}-~" if offset else ""
-        rows: list = []
-        while True:
-            page = await node.store.kv_scan(CHAT_NS, prefix, after, 1000)
-            rows.extend(page)
-            if offset and len(rows) >= count:
-                break
-            if len(page) < 1000:
-                break
-            after = page[-1][0]
-        rows = rows[:count] if offset else rows[-count:]
+        if offset:
+            # offset > 0: messages after that time (unix ms), oldest first.
+            after = f"{prefix}{offset:013d}-~"
+            rows: list = []
+            while True:
+                page = await node.store.kv_scan(CHAT_NS, prefix, after, 1000)
+                rows.extend(page)
+                if len(rows) >= count or len(page) < 1000:
+                    break
+                after = page[-1][0]
+            rows = rows[:count]
+        else:
+            # No offset: the newest ``count`` (<= MAX_HISTORY) in one bounded
+            # newest-first read, answered oldest first; the cost does not grow
+            # with the conversation.
+            rows = await node.store.kv_scan(CHAT_NS, prefix, "", count, reverse=True)
+            rows.reverse()
         if conn.state != OPEN:
             return
         encode = node.encoder.encode

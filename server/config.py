@@ -789,6 +789,9 @@ class RetentionConfig:
     member_notice: float = _key(
         2592000.0, _POSITIVE,
         "Oldest member.notice kept in a channel's history.")
+    tickets: float = _key(
+        7776000.0, _POSITIVE,
+        "Tickets are deleted this long after their last change (resolved or not).")
 
 
 _SECTIONS: dict[str, type] = {

@@ -1276,9 +1276,10 @@ class Node:
         """Retention of the services' personal data (each maintenance round)."""
         convs, messages = await self.chat.expire(now)
         caps = await self.offers.expire(now)
-        if convs or messages or caps:
-            log.info("retention deleted conversations=%d chat_messages=%d caps=%d",
-                     convs, messages, caps)
+        tickets = await self.tickets.expire(now)
+        if convs or messages or caps or tickets:
+            log.info("retention deleted conversations=%d chat_messages=%d caps=%d tickets=%d",
+                     convs, messages, caps, tickets)
 
     async def _close_services(self) -> None:
         """Stopping: cancel escalation timers, write what is written behind."""

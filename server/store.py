@@ -245,9 +245,20 @@ class Store(Protocol):
     async def kv_get(self, ns: str, key: str) -> bytes | None: ...
 
     async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
-                      limit: int = 1000) -> list[tuple[str, bytes]]:
-        """Records of ``ns`` whose key starts with ``prefix`` and sorts after
-        ``after``, in key order."""
+                      limit: int = 1000, *, reverse: bool = False,
+                      before: str = "") -> list[tuple[str, bytes]]:
+        """At most ``limit`` records of ``ns`` whose key starts with ``prefix``,
+        sorts after ``after`` and (when ``before`` is not empty) before
+        ``before``; ``""`` leaves a bound open.
+
+        In key order, or with ``reverse`` in descending key order: the
+        *highest* keys in range come first, so ``limit`` keeps the newest of
+        time-ordered keys.  A reverse scan pages on by passing the last key it
+        returned as the next call's ``before``.  A durable backend answers
+        either direction with one walk of its key index that stops after
+        ``limit`` records (SQLite: the (ns, key) primary key), so a page costs
+        the same however many records the prefix holds.
+        """
 
     async def kv_delete(self, ns: str, key: str) -> bool: ...
     async def kv_delete_prefix(self, ns: str, prefix: str) -> int: ...

@@ -275,8 +275,12 @@ class MemoryStore:
         return None if found is None else found[0]
 
     async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
-                      limit: int = 1000) -> list[tuple[str, bytes]]:
-        keys = sorted(k for k in self._kv.get(ns, {}) if k.startswith(prefix) and k > after)
+                      limit: int = 1000, *, reverse: bool = False,
+                      before: str = "") -> list[tuple[str, bytes]]:
+        # (Sorts the namespace's matching keys per call: fine for tests and demos.)
+        keys = sorted((k for k in self._kv.get(ns, {})
+                       if k.startswith(prefix) and k > after and (not before or k < before)),
+                      reverse=reverse)
         records = self._kv[ns] if keys else {}
         return [(k, records[k][0]) for k in keys[:limit]]
 

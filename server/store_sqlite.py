@@ -1387,10 +1387,35 @@ class _Reader:
                                 (ns, key)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def kv_scan(self, ns: str, prefix: str, after: str, limit: int) -> list[tuple[str, bytes]]:
-        rows = self.conn.execute(
-            "SELECT key, value FROM kv WHERE ns = ? AND key >= ? AND key < ? AND key > ? "
-            "ORDER BY key LIMIT ?", (ns, prefix, prefix + "\U0010ffff", after, limit))
+    # A kv scan is one range of the primary key (ns, key), walked from either
+    # end: SQLite seeks to the first key of the range and stops after LIMIT
+    # rows, so a page costs O(log n + limit) however many keys the prefix
+    # holds (no sort step, no full scan).  Both bounds are folded in Python so
+    # the statement has one lower and one upper bound to seek with (Python's
+    # str order is SQLite's BINARY order of UTF-8 text).  Lower bound: ``key >
+    # after`` when after >= prefix (it implies key >= prefix), else ``key >=
+    # prefix``.  Indexed by (reverse, lower bound inclusive).
+    _KV_SCAN = {
+        (False, False): "SELECT key, value FROM kv WHERE ns = ? AND key > ? AND key < ? "
+                        "ORDER BY key LIMIT ?",
+        (False, True): "SELECT key, value FROM kv WHERE ns = ? AND key >= ? AND key < ? "
+                       "ORDER BY key LIMIT ?",
+        (True, False): "SELECT key, value FROM kv WHERE ns = ? AND key > ? AND key < ? "
+                       "ORDER BY key DESC LIMIT ?",
+        (True, True): "SELECT key, value FROM kv WHERE ns = ? AND key >= ? AND key < ? "
+                      "ORDER BY key DESC LIMIT ?",
+    }
+
+    def kv_scan(self, ns: str, prefix: str, after: str, limit: int, reverse: bool,
+                before: str) -> list[tuple[str, bytes]]:
+        high = prefix + "\U0010ffff"
+        if before and before < high:
+            high = before
+        if after >= prefix:
+            sql, low = self._KV_SCAN[(reverse, False)], after
+        else:
+            sql, low = self._KV_SCAN[(reverse, True)], prefix
+        rows = self.conn.execute(sql, (ns, low, high, limit))
         return [(k, bytes(v)) for k, v in rows]
 
     def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
@@ -1704,8 +1729,10 @@ class SQLiteStore:
         return await self._read(self._reader.kv_get, (ns, key))
 
     async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
-                      limit: int = 1000) -> list[tuple[str, bytes]]:
-        return await self._read(self._reader.kv_scan, (ns, prefix, after, limit))
+                      limit: int = 1000, *, reverse: bool = False,
+                      before: str = "") -> list[tuple[str, bytes]]:
+        return await self._read(self._reader.kv_scan,
+                                (ns, prefix, after, limit, reverse, before))
 
     async def kv_delete(self, ns: str, key: str) -> bool:
         return await self._write(self._writer.kv_delete, (ns, key))

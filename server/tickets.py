@@ -29,6 +29,13 @@ Every ticket is a key-value record (namespace ``ticket``, key
 (one dict entry each) with their escalation timer, and are loaded and
 re-armed at start, so escalations survive a restart (a due time already past
 fires right after start).
+
+Retention: every record carries ``updated``, the time of its last change
+(opened, assigned, replied to, escalated, resolved), which is also the time
+its key-value record is stored with.  :meth:`Tickets.expire` (each node
+maintenance round) deletes the tickets, resolved or not, last changed more
+than ``retention.tickets`` seconds ago, from memory and from the store; an
+update naming one afterwards is refused like an unknown ticket.
 """
 
 from __future__ import annotations
@@ -82,6 +89,15 @@ def _remember(table: collections.OrderedDict, key, value) -> None:
         table.popitem(last=False)
 
 
+def last_change(rec: dict) -> float:
+    """When a record last changed: ``updated``, or for a record written before
+    that field existed, its latest timestamp (created, escalated, resolved)."""
+    updated = rec.get("updated")
+    if updated is not None:
+        return float(updated)
+    return max(float(rec.get(name) or 0.0) for name in ("created", "escalated_at", "resolved_at"))
+
+
 def new_ticket_id(now: float) -> str:
     """``T-<base36 unix ms>-<4 hex>``: sortable by creation, unique in practice."""
     return f"T-{_base36(int(now * 1000))}-{os.urandom(2).hex()}"
@@ -95,6 +111,7 @@ class Tickets:
         self.directory = directory
         cfg = node.cfg.tickets
         self.escalate_after = cfg.escalate_after
+        self.retention = node.cfg.retention.tickets
         # (tenant or "*", code) -> reply
         self.rules = {(r.tenant, r.code): r.reply for r in cfg.auto_replies}
         self.open: dict[str, dict] = {}           # "<tenant>/<ticket>" -> unresolved record
@@ -121,11 +138,13 @@ class Tickets:
                                                      not _RECORD_KEYS.issubset(rec)):
                         raise ValueError("not a ticket record")
                     float(rec.get("due", 0.0))
+                    last_change(rec)
                 except (ValueError, TypeError) as exc:
                     # (one damaged record must not keep the node from starting)
                     log.warning("ticket record %r skipped: unreadable (%s)", key, exc)
                     continue
                 if rec.get("status") != RESOLVED:
+                    rec.setdefault("updated", last_change(rec))
                     self.open[key] = rec
                     if rec["status"] == OPEN:
                         self._arm(key, rec["due"])
@@ -373,9 +392,37 @@ class Tickets:
     async def _write(self, key: str) -> None:
         rec = self._unsaved.pop(key, None)
         if rec is not None:
-            await self.node.store.kv_put(NS, key, orjson.dumps(rec), time.time())
+            # Stored as of its last change: the store's kv_expire is the retention
+            # of the records not in memory (resolved ones).
+            await self.node.store.kv_put(NS, key, orjson.dumps(rec), last_change(rec))
 
     async def flush(self) -> None:
         while self._unsaved:
             await self._write(next(iter(self._unsaved)))
+
+    # -- retention ------------------------------------------------------------------------
+
+    async def expire(self, now: float) -> int:
+        """Delete the tickets last changed before ``now - retention.tickets``.
+
+        Unresolved ones (in memory) lose their escalation timer and their
+        record; resolved ones are deleted in the store by their stored time
+        (the record's last change).  Returns how many were deleted.  Cost: one
+        pass over the unresolved tickets, one ranged delete in the store.
+        """
+        horizon = now - self.retention
+        doomed = [k for k, rec in self.open.items() if last_change(rec) < horizon]
+        doomed.extend(k for k, rec in self._unsaved.items()
+                      if k not in self.open and last_change(rec) < horizon)
+        store = self.node.store
+        for key in doomed:
+            self._forget(key)
+            self._unsaved.pop(key, None)      # (a write behind must not bring it back)
+        if doomed:
+            gone = set(doomed)
+            for ref in [r for r, (_, key) in self._updates.items() if key in gone]:
+                del self._updates[ref]
+            for key in doomed:
+                await store.kv_delete(NS, key)
+        return len(doomed) + await store.kv_expire(NS, horizon)
 

@@ -323,6 +323,66 @@ async def test_history_keeps_order_and_pages_without_loss_within_one_millisecond
         await node.stop()
 
 
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@aiotest()
+async def test_history_of_a_long_conversation_reads_only_the_newest(tmp_path, backend):
+    """A conversation of more than MAX_HISTORY (1000) messages: HISTORY without an
+    offset answers the newest ``count`` (1000 at most), oldest first, from one
+    bounded newest-first store read, not a scan of the whole conversation."""
+    from tillwire.server.chat import CHAT_NS, MAX_HISTORY
+
+    node = await start_node(make_config(str(tmp_path), **{"store.backend": backend}))
+    try:
+        await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        await cust.send("chat.message", {"conversation": "cv1", "text": "newest"}, SERVICE)
+        # 1500 older messages written straight into the history (as earlier
+        # sends would have), each one ms apart.
+        base = 1_600_000_000_000
+        older = 1500
+        for i in range(older):
+            record = orjson.dumps({"id": 10_000 + i, "from": "terminal:acme/app1",
+                                   "kind": "chat.message",
+                                   "body": {"conversation": "cv1", "text": f"old{i}"},
+                                   "ts": (base + i) / 1000})
+            await node.store.kv_put(CHAT_NS, f"acme/cv1/{base + i:013d}-{10_000 + i}", record,
+                                    time.time())
+        scans = []
+        real_scan = node.store.kv_scan
+
+        async def counted(*args, **kwargs):
+            page = await real_scan(*args, **kwargs)
+            scans.append((args, kwargs, len(page)))
+            return page
+
+        node.store.kv_scan = counted
+        items, end = await cust.history("chat:acme/cv1", Lane.P1, count=3)
+        assert [orjson.loads(f.payload)["text"] for f in items] == ["old1498", "old1499",
+                                                                    "newest"]
+        assert [f.offset for f in items[:2]] == [base + 1498, base + 1499]
+        assert items[2].offset > base + 1499
+        assert [f.msg_id for f in items[:2]] == [11_498, 11_499]
+        assert (end.count, end.offset, end.code) == (3, items[-1].offset, Code.OK)
+        assert len(scans) == 1 and scans[0][1].get("reverse") is True and scans[0][2] == 3
+
+        scans.clear()
+        items, end = await cust.history("chat:acme/cv1", Lane.P1, count=0)    # = MAX_HISTORY
+        texts = [orjson.loads(f.payload)["text"] for f in items]
+        assert len(items) == end.count == MAX_HISTORY
+        assert texts == [f"old{i}" for i in range(older - MAX_HISTORY + 1, older)] + ["newest"]
+        offsets = [f.offset for f in items]
+        assert offsets == sorted(set(offsets)) and end.offset == offsets[-1]
+        assert len(scans) == 1 and scans[0][2] == MAX_HISTORY
+
+        # Paging on from an offset still answers oldest first after it.
+        items, end = await cust.history("chat:acme/cv1", Lane.P1, offset=base + 10, count=4)
+        assert [orjson.loads(f.payload)["text"] for f in items] == \
+            ["old11", "old12", "old13", "old14"]
+        assert end.offset == base + 14
+    finally:
+        await node.stop()
+
+
 @aiotest()
 async def test_history_answers_an_error_when_the_store_fails():
     node = await start_node()

@@ -397,6 +397,7 @@ BAD_VALUES = {
     "offers.cap_window": (0, "0s"),
     "retention.chat": (0, "90 days"),
     "retention.member_notice": (-1, "0"),
+    "retention.tickets": (0, "3 months"),
 }
 
 
@@ -603,6 +604,7 @@ cap_window = "12h"
 [retention]
 chat = "30d"
 member_notice = "7d"
+tickets = "60d"
 """
 
 
@@ -623,6 +625,7 @@ def test_services_sections_from_file(tmp_path):
     assert (cfg.offers.quiet_start, cfg.offers.quiet_end) == ("21:30", "07:00")
     assert cfg.offers.cap_count == 0 and cfg.offers.cap_window == 43200.0
     assert cfg.retention.chat == 30 * 86400.0 and cfg.retention.member_notice == 7 * 86400.0
+    assert cfg.retention.tickets == 60 * 86400.0
     # The tables survive to_dict -> overrides.
     flat = {f"{section}.{name}": value
             for section, table in cfg.to_dict(mask_secrets=False).items()
@@ -637,6 +640,7 @@ def test_services_defaults():
     assert (cfg.offers.quiet_start, cfg.offers.quiet_end) == ("22:00", "08:00")
     assert cfg.offers.cap_count == 3 and cfg.offers.cap_window == 86400.0
     assert cfg.retention.chat == 7776000.0 and cfg.retention.member_notice == 2592000.0
+    assert cfg.retention.tickets == 7776000.0
 
 
 @pytest.mark.parametrize("body, key", [

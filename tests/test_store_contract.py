@@ -1028,6 +1028,129 @@ def test_key_value_records(store_factory):
     run_with(store_factory, body)
 
 
+def test_kv_scan_reverse_is_newest_first_within_prefix_and_limit(store_factory):
+    async def body(store):
+        # Neighbours of the prefix on both sides, and a key equal to the prefix
+        # without its slash: none of them belongs to "acme/cv1/".
+        for key in ("acme/cv0/9", "acme/cv1", "acme/cv1/001", "acme/cv1/002", "acme/cv1/003",
+                    "acme/cv1/004", "acme/cv10/001", "acme/cv2/001", "other/cv1/005"):
+            await store.kv_put("chat", key, key.encode(), 100.0)
+        await store.kv_put("conv", "acme/cv1/999", b"{}", 100.0)      # another namespace
+        newest = await store.kv_scan("chat", "acme/cv1/", reverse=True)
+        assert newest == [(k, k.encode()) for k in
+                          ("acme/cv1/004", "acme/cv1/003", "acme/cv1/002", "acme/cv1/001")]
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", limit=2, reverse=True)] \
+            == ["acme/cv1/004", "acme/cv1/003"]
+        assert await store.kv_scan("chat", "acme/cv1/", limit=0, reverse=True) == []
+        # Without a prefix: the whole namespace, highest key first.
+        everything = [k for k, _ in await store.kv_scan("chat", reverse=True)]
+        assert everything == sorted(everything, reverse=True) and len(everything) == 9
+        assert everything[0] == "other/cv1/005"
+        # after is still an exclusive lower bound; before an exclusive upper bound
+        # (also when scanning forward); "" leaves a bound open.
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", "acme/cv1/002",
+                                                  reverse=True)] == \
+            ["acme/cv1/004", "acme/cv1/003"]
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="acme/cv1/003",
+                                                  reverse=True)] == \
+            ["acme/cv1/002", "acme/cv1/001"]
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="acme/cv1/003")] \
+            == ["acme/cv1/001", "acme/cv1/002"]
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", "acme/cv1/001",
+                                                  before="acme/cv1/004", reverse=True)] == \
+            ["acme/cv1/003", "acme/cv1/002"]
+        # A before above the prefix's keys does not widen the prefix.
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="zzz",
+                                                  reverse=True)] == [k for k, _ in newest]
+        # The forward scan is unchanged.
+        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/")] == \
+            [k for k, _ in reversed(newest)]
+    run_with(store_factory, body)
+
+
+def test_kv_scan_reverse_pages_with_before_without_loss_or_duplicates(store_factory):
+    async def body(store):
+        keys = [f"acme/cv1/{i:013d}-{i}" for i in range(1, 38)]
+        for key in keys:
+            await store.kv_put("chat", key, key.encode(), 100.0)
+        await store.kv_put("chat", "acme/cv1/~", b"{}", 100.0)       # above every page
+        await store.kv_put("chat", "acme/cv2/0000000000001-1", b"{}", 100.0)
+        got: list[str] = []
+        before = "acme/cv1/~"
+        pages = 0
+        while True:
+            page = await store.kv_scan("chat", "acme/cv1/", limit=5, reverse=True, before=before)
+            got += [k for k, _ in page]
+            pages += 1
+            if len(page) < 5:
+                break
+            before = page[-1][0]
+        assert got == keys[::-1]                      # every key once, newest first
+        assert pages == 8                             # 7 full pages and one of 2
+        # The page below the oldest key is empty, as are empty prefixes,
+        # namespaces and ranges.
+        assert await store.kv_scan("chat", "acme/cv1/", reverse=True, before=keys[0]) == []
+        assert await store.kv_scan("chat", "acme/cv9/", reverse=True) == []
+        assert await store.kv_scan("nothing", reverse=True) == []
+        assert await store.kv_scan("chat", "acme/cv1/", keys[20], reverse=True,
+                                   before=keys[20]) == []
+        assert await store.kv_scan("chat", "acme/cv1/", keys[21], before=keys[20]) == []
+    run_with(store_factory, body)
+
+
+_KV_KEYS = st.text(alphabet="ab/\u00e9\U0001f600", max_size=4)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(keys=st.sets(_KV_KEYS, max_size=20),
+       scans=st.lists(st.tuples(st.text(alphabet="ab/\u00e9", max_size=2), _KV_KEYS, _KV_KEYS,
+                                st.integers(0, 6), st.booleans()), min_size=1, max_size=15))
+def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
+    """Any prefix/after/before/limit/direction: both backends answer what filtering a
+    sorted list of the keys answers (non-ASCII keys: SQLite compares UTF-8 bytes,
+    which orders like Python compares code points)."""
+    path = str(tmp_path / f"kv-{time.monotonic_ns()}.db")
+
+    def expected(prefix, after, before, limit, reverse):
+        found = sorted((k for k in keys if k.startswith(prefix) and k > after and
+                        (not before or k < before)), reverse=reverse)
+        return [(k, k.encode()) for k in found[:limit]]
+
+    async def main():
+        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0)]
+        for store in stores:
+            await store.open()
+        try:
+            for store in stores:
+                for key in keys:
+                    await store.kv_put("ns", key, key.encode(), 1.0)
+                for prefix, after, before, limit, reverse in scans:
+                    got = await store.kv_scan("ns", prefix, after, limit, reverse=reverse,
+                                              before=before)
+                    assert got == expected(prefix, after, before, limit, reverse), \
+                        (type(store).__name__, prefix, after, before, limit, reverse)
+        finally:
+            for store in stores:
+                await store.close()
+
+    asyncio.run(main())
+
+
+def test_sqlite_kv_scan_walks_the_primary_key_in_both_directions():
+    """A reverse scan is a bounded walk of the (ns, key) primary key: no sort of
+    the prefix's rows, so its cost does not grow with the conversation."""
+    from tillwire.server.store_sqlite import _Reader
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn)
+    for sql in _Reader._KV_SCAN.values():
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql,
+                                                         ("ns", "a", "b", 10)))
+        assert "USING PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, (sql, plan)
+    conn.close()
+
+
 def test_sqlite_key_value_records_survive_reopen(tmp_path):
     path = str(tmp_path / DB_FILENAME)
 

@@ -521,3 +521,134 @@ async def test_a_damaged_record_does_not_stop_the_node_from_starting(tmp_path):
         assert set(node.tickets.open) == {f"acme/{tid}"}
     finally:
         await node.stop()
+
+
+@aiotest()
+async def test_tickets_resolved_or_not_are_deleted_a_retention_after_their_last_change(tmp_path):
+    """retention.tickets: resolved, assigned, escalated and still-open tickets last changed
+    before the horizon go from memory and the store (their escalation timer too); a
+    recent one stays.  ``expire`` is called with a future ``now`` instead of waiting."""
+    retention = 86400.0
+    async with admin_env(tmp_path, **{"store.backend": "sqlite",
+                                      "tickets.escalate_after": 0.3,
+                                      "retention.tickets": "1d"}) as env:
+        node, api = env.node, env.api
+        tickets = node.tickets
+        assert tickets.retention == retention
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+
+        async def open_ticket(code: str) -> str:
+            ack = await till.send("ticket.open", {"code": code}, "role:acme/s1/staff")
+            tid = orjson.loads(ack.payload)["ticket"]
+            assert (await staff.receive(timeout=3)).body["ticket"] == tid
+            return tid
+
+        resolved = await open_ticket("E1")
+        await staff.send("ticket.resolve", {"ticket": resolved, "resolution": "done"},
+                         "terminal:acme/t1")
+        escalated = await open_ticket("E2")
+        assigned = await open_ticket("E3")
+        await staff.send("ticket.assign", {"ticket": assigned}, "terminal:acme/t1")
+        msg = await manager.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", escalated)
+        await msg.ack()
+        pending = await open_ticket("E4")            # its escalation is still due
+        assert f"acme/{pending}" in tickets._timers
+        horizon = time.time()
+        await asyncio.sleep(0.02)
+        recent = await open_ticket("E5")
+        await staff.send("ticket.assign", {"ticket": recent}, "terminal:acme/t1")
+        got = []
+        for _ in range(3):                            # the opener gets the updates
+            msg = await till.receive(timeout=3)
+            got.append((msg.kind, msg.body["ticket"]))
+            await msg.ack()
+        assert got == [("ticket.resolve", resolved), ("ticket.assign", assigned),
+                       ("ticket.assign", recent)]
+        await tickets.flush()
+        old = [resolved, escalated, assigned, pending]
+        for tid in old + [recent]:
+            assert await node.store.kv_get("ticket", f"acme/{tid}") is not None
+        assert (await tickets.get("acme", escalated))["status"] == "escalated"
+        assert (await tickets.get("acme", resolved))["status"] == "resolved"
+
+        assert await tickets.expire(horizon + retention - 30.0) == 0   # nothing old enough
+        assert await tickets.expire(horizon + retention) == 4
+        assert set(tickets.open) == {f"acme/{recent}"}
+        assert set(tickets._timers) == set()          # pending's timer went with it
+        for tid in old:
+            assert await node.store.kv_get("ticket", f"acme/{tid}") is None
+            assert await tickets.get("acme", tid) is None
+            await api.call("GET", f"/v1/tickets/acme/{tid}", "/v1/tickets/{tenant}/{ticket}",
+                           expect=404)
+        doc = await api.call("GET", f"/v1/tickets/acme/{recent}",
+                             "/v1/tickets/{tenant}/{ticket}")
+        assert (doc["status"], doc["assignee"]) == ("assigned", "h1")
+        assert await node.store.kv_get("ticket", f"acme/{recent}") is not None
+        await nothing_for(manager, 0.5)               # the cancelled escalation never fires
+        assert await tickets.expire(horizon + retention) == 0
+
+        # An update naming an expired ticket is refused like an unknown one.
+        for kind, body in (("ticket.assign", {"ticket": escalated}),
+                           ("ticket.reply", {"ticket": assigned, "text": "still there?"}),
+                           ("ticket.resolve", {"ticket": resolved, "resolution": "again"})):
+            with pytest.raises(SendError) as err:
+                await staff.send(kind, body, "terminal:acme/t1")
+            assert err.value.code == Code.BAD_MESSAGE and "body.ticket" in err.value.message
+        await nothing_for(till, 0.1)
+        # The recent ticket is still handled as usual.
+        await staff.send("ticket.resolve", {"ticket": recent, "resolution": "ok"},
+                         "terminal:acme/t1")
+        assert (await till.receive(timeout=3)).body["resolution"] == "ok"
+        assert (await tickets.get("acme", recent))["status"] == "resolved"
+
+
+@aiotest()
+async def test_records_without_an_updated_time_expire_by_their_latest_timestamp(tmp_path):
+    """Records written before ``updated`` existed: their newest of created, escalated_at
+    and resolved_at is their last change, in memory and in the store, across a restart."""
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path),
+                 "tickets.escalate_after": 600.0, "retention.tickets": 1000.0}
+    now = time.time()
+
+    def legacy(tid: str, status: str, created: float, escalated_at: float = 0.0,
+               resolved_at: float = 0.0) -> bytes:
+        return orjson.dumps({
+            "ticket": tid, "tenant": "acme", "store": "s1", "code": "E9", "text": "",
+            "from": "terminal:acme/t1", "ref": 0, "status": status, "auto": False,
+            "created": created, "due": created + 600.0, "assignee": "",
+            "resolution": "x" if resolved_at else "", "escalated_at": escalated_at,
+            "resolved_at": resolved_at, "resolved_by": "", "replies": 0, "msg_id": 7})
+
+    records = {   # ticket -> (record, stored at, deleted by expire(now)?)
+        "T-old-0001": (legacy("T-old-0001", "escalated", now - 5000, now - 1500), now - 1500, True),
+        "T-new-0002": (legacy("T-new-0002", "escalated", now - 5000, now - 500), now - 500, False),
+        "T-old-0003": (legacy("T-old-0003", "resolved", now - 4000, 0.0, now - 2000),
+                       now - 2000, True),
+        "T-new-0004": (legacy("T-new-0004", "assigned", now - 300), now - 300, False),
+    }
+    node = await start_node(**overrides)
+    try:
+        for tid, (raw, at, _) in records.items():
+            await node.store.kv_put("ticket", f"acme/{tid}", raw, at)
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert set(node.tickets.open) == {"acme/T-old-0001", "acme/T-new-0002",
+                                          "acme/T-new-0004"}
+        assert node.tickets.open["acme/T-old-0001"]["updated"] == now - 1500
+        await node._expire_services(now)             # the maintenance round's retention
+        for tid, (_, _, gone) in records.items():
+            stored = await node.store.kv_get("ticket", f"acme/{tid}")
+            assert (stored is None) == gone, tid
+            assert (f"acme/{tid}" in node.tickets.open) == (not gone and tid != "T-old-0003")
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)             # deleted ones stay deleted
+    try:
+        assert set(node.tickets.open) == {"acme/T-new-0002", "acme/T-new-0004"}
+    finally:
+        await node.stop()
