@@ -166,6 +166,7 @@ class Node:
         self._tick_handle = None
         self._tasks: set[asyncio.Task] = set()
         self._pending_accepts: list = []
+        self._committing = 0           # accept_many batches the store has not answered yet
         self._pending_registers: list[TerminalRecord] = []
         self._resuming: dict = {}      # connection -> highest seqs stored while it resumed
         self._pending_acks: dict[tuple[str, int], int] = {}
@@ -263,9 +264,12 @@ class Node:
         await self._flush_batches()
         # Let in-flight commits and the services' follow-ups (history records,
         # ticket answers) finish: what was accepted keeps its side records.
+        grace_end = self.loop.time() + STOP_GRACE
+        while (self._pending_accepts or self._committing) and self.loop.time() < grace_end:
+            await asyncio.sleep(0.005)
         busy = self._tasks - {self._maintenance_task, asyncio.current_task()}
         if busy:
-            await asyncio.wait(busy, timeout=STOP_GRACE)
+            await asyncio.wait(busy, timeout=max(0.0, grace_end - self.loop.time()))
         for task in list(self._tasks):
             task.cancel()
         if self._tick_handle is not None:
@@ -355,7 +359,7 @@ class Node:
             self.mark_dirty(conn)
         deadline = started + timeout
         while not self._force_stop and self.loop.time() < deadline:
-            if not self._pending_accepts and self.in_flight() == 0:
+            if not self._pending_accepts and not self._committing and self.in_flight() == 0:
                 break
             await asyncio.sleep(0.02)
         left = self.in_flight()
@@ -927,17 +931,29 @@ class Node:
             recipients = self.registry.members(address)
         self._pending_accepts.append((msg, recipients, reply))
         if len(self._pending_accepts) == 1:
-            self._spawn(self._commit())
+            self.loop.call_soon(self._commit)
 
-    async def _commit(self) -> None:
-        # A task's first step runs at the next loop iteration: by then every
-        # submit() of this iteration is in the batch.
+    def _commit(self) -> None:
+        """Hand this iteration's submits to the store as one batch.
+
+        Runs at the next iteration (call_soon), so every submit() of this one
+        is in the batch.  The store calls :meth:`_committed` straight from
+        its completion on the loop: no task to wake up, one iteration less
+        between a payment result's SEND and its delivery."""
         batch = self._pending_accepts
         self._pending_accepts = []
         started = time.perf_counter()
+        self._committing += 1
         try:
-            results = await self.store.accept_many([(m, r) for m, r, _ in batch])
-        except Exception as exc:       # the store is down: nothing was accepted
+            self.store.accept_many_then(
+                [(m, r) for m, r, _ in batch],
+                lambda results, exc: self._committed(batch, started, results, exc))
+        except Exception as exc:       # the store is closed
+            self._committed(batch, started, None, exc)
+
+    def _committed(self, batch: list, started: float, results, exc) -> None:
+        self._committing -= 1
+        if exc is not None:            # the store is down: nothing was accepted
             log.error("store accept failed: %s", exc)
             for msg, _, reply in batch:
                 self._reply_failed(reply, exc)

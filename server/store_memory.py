@@ -8,12 +8,14 @@ all replay from here.
 
 from __future__ import annotations
 
+import asyncio
+
 import random
 from dataclasses import replace
 from typing import Sequence
 
 from .store import (
-    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, DeadLetter, InboxEntry,
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
     NewMessage, ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
 )
 
@@ -59,6 +61,10 @@ class MemoryStore:
 
     async def accept_many(self, items) -> list[Accepted]:
         return [self._accept(msg, recipients) for msg, recipients in items]
+
+    def accept_many_then(self, items, callback) -> None:
+        results = [self._accept(msg, recipients) for msg, recipients in items]
+        asyncio.get_running_loop().call_soon(Completion(callback).set_result, results)
 
     def _accept(self, msg: NewMessage, recipients: Sequence[str]) -> Accepted:
         if msg.ref:

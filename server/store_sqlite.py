@@ -64,7 +64,7 @@ from typing import Callable, Sequence
 import orjson
 
 from .store import (
-    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, DeadLetter, InboxEntry,
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
     ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
 )
 
@@ -1671,6 +1671,15 @@ class SQLiteStore:
         if not items:
             return []
         return await self._write(self._writer.accept_many, (items,), len(items))
+
+    def accept_many_then(self, items: Sequence, callback) -> None:
+        self._check_open()
+        items = list(items)
+        if not items:
+            self._loop.call_soon(Completion(callback).set_result, [])
+            return
+        self._writer.queue.put((self._writer.accept_many, (items,), Completion(callback),
+                                len(items)))
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         return await self._read(self._reader.inbox, (terminal, lane, after, limit))

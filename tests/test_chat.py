@@ -439,19 +439,23 @@ async def test_a_message_in_flight_does_not_bring_back_a_forgotten_member():
         await (await agent.receive(timeout=3)).ack()
         gate = asyncio.Event()
         entered = asyncio.Event()
-        accept_many = node.store.accept_many
+        accept_many_then = node.store.accept_many_then
+        held_back = []
 
-        async def held(batch):
+        def held(batch, callback):          # the store takes its time with this batch
             entered.set()
-            await gate.wait()
-            return await accept_many(batch)
 
-        node.store.accept_many = held
+            async def later():
+                await gate.wait()
+                accept_many_then(batch, callback)
+            held_back.append(asyncio.ensure_future(later()))
+
+        node.store.accept_many_then = held
         sending = asyncio.ensure_future(
             cust.send("chat.message", {"conversation": "cv1", "text": "two"}, "chat:acme/cv1"))
         await asyncio.wait_for(entered.wait(), 3)
         assert await node.chat.forget_member("acme", "m1") == (1, 1)
-        node.store.accept_many = accept_many
+        node.store.accept_many_then = accept_many_then
         gate.set()
         await sending                                   # accepted and delivered all the same
         assert (await agent.receive(timeout=3)).body["text"] == "two"

@@ -173,6 +173,49 @@ def test_dedup_within_window_including_same_batch(store_factory):
     run_with(store_factory, body, dedup_window=100.0)
 
 
+def test_accept_many_then_calls_back_once_on_the_loop(store_factory):
+    async def body(store):
+        loop = asyncio.get_running_loop()
+        calls = []
+        done = loop.create_future()
+
+        def callback(results, exc):
+            calls.append((results, exc))
+            assert asyncio.get_running_loop() is loop         # on the loop, not a thread
+            done.set_result(None)
+
+        store.accept_many_then([(msg(3), [TILL]), (msg(3), [TILL]), (msg(0), [TILL2])],
+                               callback)
+        assert calls == []                                    # never before returning
+        await asyncio.wait_for(done, 10)
+        await asyncio.sleep(0.01)
+        [(results, exc)] = calls
+        assert exc is None and [a.duplicate for a in results] == [False, True, False]
+        assert results[0].seqs == {TILL: 1} and results[2].seqs == {TILL2: 1}
+        assert results[1].msg_id == results[0].msg_id
+        # The same outcome as accept_many: the stored messages are there.
+        assert await store.positions(TILL) == (0, 1, 0, 0)
+        # A callback that raises does not stop the store answering others.
+        failing = loop.create_future()
+
+        def bad(results, exc):
+            failing.set_result(results)
+            raise RuntimeError("callback bug")
+
+        store.accept_many_then([(msg(4), [TILL])], bad)
+        assert [a.seqs for a in await asyncio.wait_for(failing, 10)] == [{TILL: 2}]
+        assert await seqs_of(store, [(msg(5), [TILL])]) == [{TILL: 3}]
+    run_with(store_factory, body)
+
+
+def test_sqlite_accept_many_then_refuses_a_store_not_open(tmp_path):
+    async def main():
+        store = _make("sqlite", str(tmp_path / DB_FILENAME))
+        with pytest.raises(RuntimeError):
+            store.accept_many_then([(msg(1), [TILL])], lambda r, e: None)
+    asyncio.run(main())
+
+
 def test_refs_use_the_whole_unsigned_64_bit_range(store_factory):
     big = (1 << 64) - 1
 
