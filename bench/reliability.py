@@ -7,7 +7,8 @@ retries every unacked result with the same ref (idempotency), reconnecting
 as needed; tills keep their positions across reconnects like the SDK's state
 file and suppress duplicates by inbox sequence.
 
-Then a separate steady phase (no chaos, no restart) measures how many
+Then a separate steady phase (no chaos, no restart; ``--no-steady-tills``:
+without the tills, so the results are only stored) measures how many
 durable P0 messages per second the embedded SQLite store (synchronous=FULL)
 accepts end to end.
 
@@ -61,6 +62,9 @@ def run(quick: bool = False, argv=()) -> dict:
     parser.add_argument("--window", type=int, default=10_000,
                         help="most unacked payment results in flight at the sender")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steady-tills", action=argparse.BooleanOptionalAction, default=True,
+                        help="connect the tills in the steady phase (--no-steady-tills: the "
+                             "results are only stored, measuring the accept path alone)")
     args = parser.parse_args(list(argv))
     k, n = args.messages, args.terminals
     env = {"TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRONOUS": "FULL",
@@ -122,7 +126,7 @@ def run(quick: bool = False, argv=()) -> dict:
     # Phase 2: steady durable throughput.
     server = Server(env=env).start()
     try:
-        tills = _tills(server.port, n, args.workers, chaos=False)
+        tills = _tills(server.port, n, args.workers, chaos=False) if args.steady_tills else []
         payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
         workers = [*tills, payer]
         payer.recv(60)
@@ -139,5 +143,6 @@ def run(quick: bool = False, argv=()) -> dict:
         "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
         "lost": lost, "duplicates_suppressed": suppressed, "reordered": reordered,
         "processed_twice": dup_processed, "durable_msgs_per_s": round(rate),
-        "till_crashes": crashes, "terminals": n, "quick": quick,
+        "till_crashes": crashes, "terminals": n, "steady_tills": args.steady_tills,
+        "quick": quick,
     }

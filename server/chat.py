@@ -7,8 +7,10 @@ conversation (its member is the token's member id, its customer the sending
 terminal) and goes to every service agent; later ones go to the
 conversation's agent once it has one.  A service agent sends to
 ``chat:<t>/<conversation>``: the message goes to the customer, and the
-first agent to answer becomes the conversation's agent.  Nobody else may
-post (``FORBIDDEN``).
+first agent to answer becomes the conversation's agent.  Another customer
+naming the conversation is told its id is taken (``BAD_MESSAGE`` on
+``body.conversation``: ids are chosen by the apps, which must choose random
+ones); nobody else may post (``FORBIDDEN``).
 
 Messages are stored and delivered like every P1 message (acks, receipts,
 retransmits); the SENDACK comes once the message and its history record are
@@ -49,6 +51,9 @@ log = logging.getLogger("tillwire.chat")
 CONV_NS = "conv"
 CHAT_NS = "chat"
 MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
+# Page size of the key-value scans (conversations at load and at a member's
+# deletion, history after an offset): rows per store round trip.
+SCAN_PAGE = 1000
 # What a conversation record needs to route a message.
 _CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
 RETRY_DELAY = 1.0           # seconds before records the store refused are written again
@@ -56,6 +61,8 @@ RETRY_DELAY = 1.0           # seconds before records the store refused are writt
 # no id is a key prefix of another's history records ("cv1" vs "cv1/x").
 _CONVERSATION = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
+_ACK_REQUESTED = int(Flag.ACK_REQUESTED)
+_LANE_MASK = int(Flag.LANE_MASK)
 
 
 class Chat:
@@ -72,10 +79,11 @@ class Chat:
         self._retry_handle = None
 
     async def load(self) -> None:
+        """Load the conversations updated within the retention (node start)."""
         after = ""
         horizon = time.time() - self.retention
         while True:
-            rows = await self.node.store.kv_scan(CONV_NS, "", after, 1000)
+            rows = await self.node.store.kv_scan(CONV_NS, "", after, SCAN_PAGE)
             for key, value in rows:
                 try:
                     rec = orjson.loads(value)
@@ -88,11 +96,12 @@ class Chat:
                     continue
                 if rec["updated"] >= horizon:
                     self.convs[key] = rec
-            if len(rows) < 1000:
+            if len(rows) < SCAN_PAGE:
                 return
             after = rows[-1][0]
 
     def agents(self, tenant: str) -> list[str]:
+        """The service agents of a tenant (members of ``role:<t>/*/service``)."""
         return self.node.registry.members(parse_address(f"role:{tenant}/*/service"))
 
     # -- messages ----------------------------------------------------------------------
@@ -141,6 +150,12 @@ class Chat:
             if not conv["agent"]:
                 conv["agent"] = sender
             recipients = [conv["customer"]]
+        elif "customer" in roles:
+            # Another customer chose an id already in use (ids are the client's
+            # choice): the id is taken, not forbidden; whose it is is not said.
+            raise MessageError(Code.BAD_MESSAGE,
+                               f"chat.message: body.conversation: {conv_id!r} is taken; "
+                               "choose a new random id (e.g. a UUID)", "body.conversation")
         else:
             raise MessageError(Code.FORBIDDEN, f"chat.message: conversation {conv_id!r} is "
                                                "not yours", "body.conversation")
@@ -159,11 +174,12 @@ class Chat:
                          bool(frame.flags & _RECEIPT_REQUESTED))
         fut = node.loop.create_future()
         node.submit(msg, address, fut, recipients)
-        node._spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut))
+        node._spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut,
+                               bool(frame.flags & _ACK_REQUESTED)))
         return True
 
     async def _keep(self, conn, ref: int, key: str, conv: dict, sender: str, body: dict,
-                    now: float, ms: int, fut) -> None:
+                    now: float, ms: int, fut, asked: bool = True) -> None:
         """Once stored: write the history record and the conversation, then SENDACK."""
         node = self.node
         store = node.store
@@ -192,19 +208,19 @@ class Chat:
                 self._pending[(CONV_NS, key)] = (None, now)
                 self._retry_soon()
         if accepted.duplicate:
-            node.service_ack(conn, ref, accepted.msg_id, None, retransmit=True)
+            node.service_ack(conn, ref, accepted.msg_id, None, retransmit=True, asked=asked)
         else:
             node.service_ack(conn, ref, accepted.msg_id,
                              {"conversation": conv["conversation"],
-                              "recipients": len(accepted.seqs)})
+                              "recipients": len(accepted.seqs)}, asked=asked)
 
     def _retry_soon(self) -> None:
-        if self._retry_handle is None and not getattr(self.node, "_stopped", False):
+        if self._retry_handle is None and not self.node._stopped:
             self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
 
     def _retry(self) -> None:
         self._retry_handle = None
-        if not getattr(self.node, "_stopped", False):
+        if not self.node._stopped:
             self.node._spawn(self._write_pending())
 
     async def flush(self) -> None:
@@ -249,7 +265,7 @@ class Chat:
         claims = conn.claims
         if address.tenant != claims.tenant:
             raise AddressError(Code.BAD_ADDRESS, f"address {address}: another tenant's address")
-        if frame.flags & 3 != Lane.P1:
+        if frame.flags & _LANE_MASK != Lane.P1:
             raise AddressError(Code.BAD_REQUEST, "HISTORY: conversations are read on lane P1")
         key = f"{address.tenant}/{address.path[0]}"
         conv = self.convs.get(key)
@@ -279,9 +295,9 @@ class Chat:
             after = f"{prefix}{offset:013d}-~"
             rows: list = []
             while True:
-                page = await node.store.kv_scan(CHAT_NS, prefix, after, 1000)
+                page = await node.store.kv_scan(CHAT_NS, prefix, after, SCAN_PAGE)
                 rows.extend(page)
-                if len(rows) >= count or len(page) < 1000:
+                if len(rows) >= count or len(page) < SCAN_PAGE:
                     break
                 after = page[-1][0]
             rows = rows[:count]
@@ -316,11 +332,11 @@ class Chat:
         # Also records not in memory (written by a node sharing the store).
         after = ""
         while True:
-            rows = await store.kv_scan(CONV_NS, tenant + "/", after, 1000)
+            rows = await store.kv_scan(CONV_NS, tenant + "/", after, SCAN_PAGE)
             for k, value in rows:
                 if k not in self.convs and orjson.loads(value).get("member") == member:
                     keys.append(k)
-            if len(rows) < 1000:
+            if len(rows) < SCAN_PAGE:
                 break
             after = rows[-1][0]
         messages = 0

@@ -22,6 +22,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 
 NS = "directory"
+# Page size of the key-value scan of overrides at load (rows per store round trip).
+SCAN_PAGE = 1000
 
 log = logging.getLogger("tillwire.directory")
 
@@ -82,7 +84,7 @@ class Directory:
         """Apply the overrides kept in the store (node start)."""
         after = ""
         while True:
-            rows = await self.store.kv_scan(NS, "", after, 1000)
+            rows = await self.store.kv_scan(NS, "", after, SCAN_PAGE)
             for key, value in rows:
                 try:
                     info = self._parse(value)
@@ -94,7 +96,7 @@ class Directory:
                     info = StoreInfo(info.tenant, info.store, self.default_timezone,
                                      info.on_duty, info.managers, "admin")
                 self._entries[(info.tenant, info.store)] = info
-            if len(rows) < 1000:
+            if len(rows) < SCAN_PAGE:
                 return
             after = rows[-1][0]
 
@@ -110,12 +112,14 @@ class Directory:
         return StoreInfo(*names, on_duty, managers, "admin")
 
     def get(self, tenant: str, store: str) -> StoreInfo:
+        """The store's entry in effect (admin override, config, else the default)."""
         info = self._entries.get((tenant, store))
         if info is None:
             return StoreInfo(tenant, store, self.default_timezone, (), (), "default")
         return info
 
     def timezone(self, tenant: str, store: str) -> str:
+        """The store's IANA time zone (the default one for a store listed nowhere)."""
         info = self._entries.get((tenant, store))
         return info.timezone if info is not None else self.default_timezone
 

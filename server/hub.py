@@ -104,10 +104,11 @@ class Hub:
         self._by_member: dict[tuple[str, str], dict] = {}
         self._stores_of: dict[str, dict[tuple[str, str], None]] = {}   # tenant -> store keys
         # Shorter history age of some kinds (retention of personal data, e.g.
-        # member.notice): kind -> seconds.  Checked only when the oldest entry
-        # of a stream is older than the smallest of them.
+        # member.notice): kind -> seconds; and per stream id holding such
+        # entries, the loop time its oldest one expires (a stream is scanned
+        # only then, never on every append).
         self.kind_ages: dict[str, float] = {}
-        self._kind_min_age = 0.0
+        self._aged_due: dict[int, float] = {}
         self._streams: dict[tuple[str, int], Stream] = {}
         self._by_id: dict[int, Stream] = {}
         self._next_id = 1
@@ -229,6 +230,8 @@ class Hub:
             return Entry(e.offset, e.kind, e.key, e.version, e.payload, created, deadline, None)
 
         stream.history.extend(entry(e) for e in state.history)
+        for e in stream.history:
+            self._note_aged(stream, e)
         by_offset = {e.offset: e for e in stream.history}
         for e in state.lvc:
             stream.lvc[e.key] = by_offset.get(e.offset) or entry(e)
@@ -252,13 +255,22 @@ class Hub:
         history.append(entry)
         if stream.lane == Lane.P2 and key:
             stream.lvc[key] = entry
+        if self.kind_ages:
+            self._note_aged(stream, entry)
         self._trim(stream, now)
         return entry
 
     def set_kind_ages(self, ages: dict[str, float]) -> None:
         """History ages of particular kinds, shorter than ``history_age``."""
         self.kind_ages = dict(ages)
-        self._kind_min_age = min(ages.values()) if ages else 0.0
+
+    def _note_aged(self, stream: Stream, entry: Entry) -> None:
+        age = self.kind_ages.get(entry.kind)
+        if age is not None:
+            due = entry.created + age
+            current = self._aged_due.get(stream.id)
+            if current is None or due < current:
+                self._aged_due[stream.id] = due
 
     def trim(self, stream: Stream, now: float) -> None:
         """Drop history beyond the count and age bounds (and the kinds' own ages)."""
@@ -269,9 +281,10 @@ class Hub:
         horizon = now - self.history_age
         while history and (len(history) > self.history_max or history[0].created < horizon):
             history.popleft()
-        ages = self.kind_ages
-        if ages and history and history[0].created < now - self._kind_min_age:
-            # Rare (history kept longer than a kind's retention): one pass.
+        due = self._aged_due.get(stream.id) if self._aged_due else None
+        if due is not None and now >= due:
+            # The oldest entry of an aged kind expired: one pass, then the next due.
+            ages = self.kind_ages
             kept = [e for e in history
                     if e.kind not in ages or e.created >= now - ages[e.kind]]
             if len(kept) != len(history):
@@ -280,6 +293,11 @@ class Hub:
                 if stream.lvc:
                     stream.lvc = {k: e for k, e in stream.lvc.items()
                                   if e.kind not in ages or e.created >= now - ages[e.kind]}
+            dues = [e.created + ages[e.kind] for e in history if e.kind in ages]
+            if dues:
+                self._aged_due[stream.id] = min(dues)
+            else:
+                del self._aged_due[stream.id]
 
     def forget(self, stream: Stream) -> int:
         """Drop a stream's history and last values (personal data deletion);
@@ -287,6 +305,7 @@ class Hub:
         count = len(stream.history) + len(stream.lvc)
         stream.history.clear()
         stream.lvc.clear()
+        self._aged_due.pop(stream.id, None)
         return count
 
     def replay_frame(self, stream: Stream, entry: Entry) -> bytes:

@@ -217,6 +217,9 @@ class Node:
         history = self.cfg.history
         self.store.configure_streams(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
+        # Member notices past their retention are not loaded back.
+        await self.store.stream_expire_kind("member.notice",
+                                            unix_now - self.cfg.retention.member_notice)
         for state in await self.store.load_streams(history.max_messages, history.max_age,
                                                    unix_now):
             self.hub.restore(state, loop_now, unix_now)
@@ -255,6 +258,10 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        # Escalation timers go first: one firing during the grace wait below would
+        # send after the commits were waited for (and be lost); a ticket due now
+        # stays open in the store and escalates right after the next start.
+        self.tickets.close()
         for server in self._servers:
             server.close()
         for conn in self.all_connections():
@@ -983,10 +990,34 @@ class Node:
                 self.mark_dirty(conn)
         # Write the deliveries and SENDACKs now, not at the next iteration's
         # flush: under a broadcast flood an iteration is long, and payment
-        # results should not wait one more of them.
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
+        # results should not wait one more of them.  Only the connections
+        # this batch touched (the flush still comes for the rest).
+        self._write_now(batch)
+
+    def _write_now(self, batch: list) -> None:
+        """Write at once what the connections of a committed batch have queued:
+        its senders (SENDACK) and its online recipients (DELIVER)."""
+        sessions = self.hub.sessions
+        conns = {}
+        for msg, recipients, reply in batch:
+            if reply.__class__ is tuple:
+                conns[reply[0]] = None
+            for terminal in recipients:
+                conn = sessions.get(terminal)
+                if conn is not None:
+                    conns[conn] = None
+        now = self.loop.time()
+        chunk = self.write_chunk
+        counters = self.counters
+        for conn in conns:
+            transport = conn.transport
+            if transport is None or conn.paused or not conn.dirty or transport.is_closing():
+                continue
+            data = conn.data_to_send(chunk, now)
+            if data:
+                transport.write(data)
+                counters.writes += 1
+                counters.bytes_out += len(data)
 
     def _reply_failed(self, reply, exc: Exception) -> None:
         if reply is None:
@@ -1275,15 +1306,19 @@ class Node:
     # -- retail services (server/tickets.py, chat.py, offers.py) -------------------------
 
     def service_ack(self, conn: TerminalConnection, ref: int, msg_id: int, doc,
-                    retransmit: bool = False) -> None:
-        """SENDACK a message a service took, with its JSON ``doc`` (None: empty)."""
-        if conn.state == OPEN:
+                    retransmit: bool = False, asked: bool = True) -> None:
+        """SENDACK a message a service took, with its JSON ``doc`` (None: empty).
+
+        ``asked``: the SEND set ACK_REQUESTED; if not, nothing is sent (PROTOCOL.md
+        section 7: a SENDACK only when asked; errors are always sent)."""
+        if asked and conn.state == OPEN:
             conn.control(self.encoder.encode(Frame(
                 FrameType.SENDACK, _RETRANSMIT if retransmit else 0, ref=ref, msg_id=msg_id,
                 payload=orjson.dumps(doc) if doc is not None else b"")))
             self.mark_dirty(conn)
 
     def service_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
+        """Answer a message a service took with an ERROR frame (asked for an ack or not)."""
         if conn.state == OPEN:
             conn.error(code, ref, message)
             self.mark_dirty(conn)
@@ -1293,9 +1328,11 @@ class Node:
         convs, messages = await self.chat.expire(now)
         caps = await self.offers.expire(now)
         tickets = await self.tickets.expire(now)
-        if convs or messages or caps or tickets:
-            log.info("retention deleted conversations=%d chat_messages=%d caps=%d tickets=%d",
-                     convs, messages, caps, tickets)
+        notices = await self.store.stream_expire_kind(
+            "member.notice", now - self.cfg.retention.member_notice)
+        if convs or messages or caps or tickets or notices:
+            log.info("retention deleted conversations=%d chat_messages=%d caps=%d tickets=%d "
+                     "member_notices=%d", convs, messages, caps, tickets, notices)
 
     async def _close_services(self) -> None:
         """Stopping: cancel escalation timers, write what is written behind."""

@@ -40,6 +40,8 @@ NS = "cap"
 POLICY_KINDS = frozenset({"promo.offer", "member.notice"})
 FLUSH_DELAY = 1.0            # seconds cap counts wait before they are written
 PASS, QUIET, CAPPED = 0, 1, 2
+# Page size of the key-value scan of cap counts at load (rows per store round trip).
+SCAN_PAGE = 1000
 
 
 class Offers:
@@ -63,11 +65,12 @@ class Offers:
         self._flush_handle = None
 
     async def load(self) -> None:
+        """Load the cap counts still within the window (node start)."""
         now = time.time()
         horizon = now - self.cap_window
         after = ""
         while True:
-            rows = await self.node.store.kv_scan(NS, "", after, 1000)
+            rows = await self.node.store.kv_scan(NS, "", after, SCAN_PAGE)
             for key, value in rows:
                 tenant, _, member = key.partition("/")
                 try:
@@ -82,13 +85,14 @@ class Offers:
                 stamps = sorted(t for t in stamps if t > horizon)
                 if stamps:
                     self.counts[(tenant, member)] = stamps
-            if len(rows) < 1000:
+            if len(rows) < SCAN_PAGE:
                 return
             after = rows[-1][0]
 
     # -- the policy --------------------------------------------------------------------
 
     def in_quiet_hours(self, timezone: str, now: float) -> bool:
+        """Is unix time ``now`` inside the quiet hours in the IANA zone ``timezone``?"""
         if self.quiet is None:
             return False
         local = datetime.datetime.fromtimestamp(now, zone(timezone))

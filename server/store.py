@@ -335,6 +335,11 @@ class Store(Protocol):
         request; returns how many entries went.  A later append starts the
         stream afresh.  A store that keeps no streams returns 0."""
 
+    async def stream_expire_kind(self, kind: str, before: float) -> int:
+        """Delete kept history entries of ``kind`` created before ``before``
+        (unix s) in every stream: a kind's own retention, shorter than the
+        history's age (``retention.member_notice``).  Returns how many went."""
+
     async def load_streams(self, history_max: int, history_age: float,
                            now: float) -> list[StreamState]:
         """Every kept stream: its epoch and highest offset, the history

@@ -271,6 +271,9 @@ class MemoryStore:
     async def forget_stream(self, name: str) -> int:
         return 0
 
+    async def stream_expire_kind(self, kind: str, before: float) -> int:
+        return 0            # streams are not persisted here: the hub's trim is all there is
+
     # -- key-value records ----------------------------------------------------------------
 
     async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:

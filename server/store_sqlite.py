@@ -239,11 +239,16 @@ _V3 = (
     "CREATE INDEX kv_updated ON kv(ns, updated)",
 )
 
+_V4 = (
+    "CREATE INDEX stream_entries_kind ON stream_entries(kind, created)",
+)
+
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "inboxes, messages, registry, dead letters", _V1),
     (2, "inbox flags and kept-entry times, trim positions, channel streams", _V2),
     (3, "key-value records of the services (tickets, conversations, offer caps, directory)",
      _V3),
+    (4, "history entries by kind and age (retention of member notices)", _V4),
 )
 """(version, description, statements), applied in order; never edit a shipped one."""
 
@@ -1146,6 +1151,12 @@ class _Writer:
             conn.execute("DELETE FROM streams WHERE sid = ?", (sid,))
         return gone
 
+    def stream_expire_kind(self, kind: str, before: float) -> int:
+        """Delete history entries of ``kind`` created before ``before`` (unix s)."""
+        self._flush_streams()
+        return self.conn.execute("DELETE FROM stream_entries WHERE kind = ? AND created < ?",
+                                 (kind, before)).rowcount
+
     def _flush_streams(self) -> None:
         conn = self.conn
         if self.stream_rows:
@@ -1769,6 +1780,9 @@ class SQLiteStore:
 
     async def forget_stream(self, name: str) -> int:
         return await self._write(self._writer.forget_stream, (name,))
+
+    async def stream_expire_kind(self, kind: str, before: float) -> int:
+        return await self._write(self._writer.stream_expire_kind, (kind, before))
 
     # -- operations ----------------------------------------------------------------------
 

@@ -19,16 +19,24 @@ routed like any message (to the opener).  The first assignment wins: staff
 assigning a ticket someone else has are refused (the assignee may hand it
 over, a manager or backend may reassign it).  A resend (same sender and ref)
 of an open or of an update already taken is answered like the first one,
-never applied twice; an open resent while the first is still being stored
-waits for its answer.  A ticket still unassigned and unresolved at its due time is
-escalated: ``ticket.escalate {ticket, code, from, reason}`` goes to the
-store's managers (the directory's, else ``role:<t>/<store>/manager``).
+never applied twice (an update also after a restart: a record keeps the
+(sender, ref, kind) of its newest RECORD_REFS updates, loaded at start); an
+open resent while the first is still being stored waits for its answer.  A
+ticket still unassigned and unresolved at its due time is escalated:
+``ticket.escalate {ticket, code, from, reason}`` goes to the store's managers
+(the directory's, else ``role:<t>/<store>/manager``).
 
 Every ticket is a key-value record (namespace ``ticket``, key
 ``<tenant>/<ticket>``, JSON); the unresolved ones are also kept in memory
 (one dict entry each) with their escalation timer, and are loaded and
 re-armed at start, so escalations survive a restart (a due time already past
-fires right after start).
+fires right after start).  Records are written behind: one stays due until a
+write of it, unchanged since, succeeded (a refused write is retried after
+RETRY_DELAY, each maintenance round and at stop); a ticket whose message the
+store took is kept even if its record write failed.  An escalation marks the
+ticket escalated only once its message is stored (refused: the ticket stays
+open and escalation is tried again RETRY_DELAY later); stopping cancels the
+timers first, so a ticket due then escalates after the next start.
 
 Retention: every record carries ``updated``, the time of its last change
 (opened, assigned, replied to, escalated, resolved), which is also the time
@@ -64,6 +72,10 @@ STAFF_ROLES = frozenset({"staff", "manager", "backend"})
 # agent reaching role:<t>/<store>/service must not page the store's staff).
 OPENER_ROLES = frozenset({"pos", "kiosk", "staff", "manager", "backend"})
 RECENT_REFS = 65536              # (sender, ref) remembered for resends, per table
+RECORD_REFS = 32                 # (sender, ref, kind) of applied updates kept in a record
+RETRY_DELAY = 1.0                # seconds before a refused record write or escalation is retried
+# Page size of the key-value scans at load (rows per store round trip).
+SCAN_PAGE = 1000
 
 # What an unresolved record needs to be routed, updated and escalated.
 _RECORD_KEYS = frozenset({"ticket", "tenant", "store", "code", "from", "status", "due",
@@ -71,6 +83,7 @@ _RECORD_KEYS = frozenset({"ticket", "tenant", "store", "code", "from", "status",
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
+_ACK_REQUESTED = int(Flag.ACK_REQUESTED)
 
 
 def _base36(n: int) -> str:
@@ -122,7 +135,12 @@ class Tickets:
         # (sender, ref) -> (kind, key) of an update already applied: a resend is
         # routed as usual (the store's dedup answers it), never applied twice.
         self._updates: collections.OrderedDict = collections.OrderedDict()
-        self._unsaved: dict[str, dict] = {}       # records waiting to be written
+        # Records waiting to be written: a key leaves only once a write of its
+        # record, as it is now, succeeded (a failed or cancelled one keeps it due).
+        self._unsaved: dict[str, dict] = {}
+        self._writers: dict[str, asyncio.Task] = {}   # key -> its write in progress
+        self._retry_handle = None
+        self._closed = False          # stopping: no timer is armed any more
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -130,7 +148,7 @@ class Tickets:
         """Load the unresolved tickets and re-arm their escalation timers."""
         after = ""
         while True:
-            rows = await self.node.store.kv_scan(NS, "", after, 1000)
+            rows = await self.node.store.kv_scan(NS, "", after, SCAN_PAGE)
             for key, value in rows:
                 try:
                     rec = orjson.loads(value)
@@ -143,29 +161,49 @@ class Tickets:
                     # (one damaged record must not keep the node from starting)
                     log.warning("ticket record %r skipped: unreadable (%s)", key, exc)
                     continue
+                self._load_refs(key, rec)
                 if rec.get("status") != RESOLVED:
                     rec.setdefault("updated", last_change(rec))
                     self.open[key] = rec
                     if rec["status"] == OPEN:
                         self._arm(key, rec["due"])
-            if len(rows) < 1000:
+            if len(rows) < SCAN_PAGE:
                 break
             after = rows[-1][0]
         if self.open:
             log.info("tickets loaded unresolved=%d", len(self.open))
 
+    def _load_refs(self, key: str, rec: dict) -> None:
+        """Remember the updates a stored record says were applied (a resend after
+        a restart is then answered as a duplicate, never applied twice)."""
+        refs = rec.get("refs")
+        if not isinstance(refs, list):
+            return
+        for item in refs:
+            if isinstance(item, list) and len(item) == 3:
+                sender, ref, kind = item
+                _remember(self._updates, (sender, ref), (kind, key))
+
     def close(self) -> None:
+        """Stopping: cancel the escalation and retry timers; none is armed again."""
+        self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
 
     async def get(self, tenant: str, ticket: str) -> dict | None:
+        """A ticket's record (a copy without its resend memory), or None if unknown."""
         key = f"{tenant}/{ticket}"
         rec = self.open.get(key) or self._unsaved.get(key)    # (not yet written)
-        if rec is not None:
-            return rec
-        raw = await self.node.store.kv_get(NS, key)
-        return orjson.loads(raw) if raw is not None else None
+        if rec is None:
+            raw = await self.node.store.kv_get(NS, key)
+            if raw is None:
+                return None
+            rec = orjson.loads(raw)
+        return {k: v for k, v in rec.items() if k != "refs"}
 
     # -- ticket.open -------------------------------------------------------------------
 
@@ -187,15 +225,16 @@ class Tickets:
                                f"store (e.g. role:{tenant}/{store}/staff)", "to")
         opener = conn.address
         ref = frame.ref
+        asked = bool(frame.flags & _ACK_REQUESTED)
         answered = None
         if ref:
             known = self._recent.get((opener, ref))
             if known is not None:             # a resend of an open already taken
                 if known.done():
                     msg_id, doc = known.result()
-                    node.service_ack(conn, ref, msg_id, doc, retransmit=True)
+                    node.service_ack(conn, ref, msg_id, doc, retransmit=True, asked=asked)
                 else:                         # ... and still being stored
-                    node._spawn(self._answer_resend(conn, ref, known))
+                    node._spawn(self._answer_resend(conn, ref, known, asked))
                 return True
             answered = node.loop.create_future()
             _remember(self._recent, (opener, ref), answered)
@@ -220,7 +259,7 @@ class Tickets:
             msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
                              now + ttl, False)
             node.submit(msg, parse_address(opener), fut)
-            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered))
+            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered, asked))
             return True
         rec["due"] = now + self.escalate_after
         self.open[key] = rec
@@ -230,28 +269,34 @@ class Tickets:
         msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out, now,
                          now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
         node.submit(msg, address, fut, self.staff(tenant, store))
-        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered))
+        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered, asked))
         return True
 
-    async def _answer_resend(self, conn, ref: int, answered) -> None:
+    async def _answer_resend(self, conn, ref: int, answered, asked: bool = True) -> None:
         """A resend of an open still being stored gets the first one's answer."""
         result = await answered
         if result is None:
             self.node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                     "the ticket could not be stored; retry")
         else:
-            self.node.service_ack(conn, ref, result[0], result[1], retransmit=True)
+            self.node.service_ack(conn, ref, result[0], result[1], retransmit=True,
+                                  asked=asked)
 
     async def _answer(self, conn, ref: int, key: str, rec: dict, fut, saved, auto: bool,
-                      answered=None) -> None:
+                      answered=None, asked: bool = True) -> None:
+        """Once the message is stored: answer the opener (the record's write may
+        still be retried: a ticket whose message the store took is kept)."""
         node = self.node
         try:
             accepted = await fut
-            await saved
         except Exception as exc:  # noqa: BLE001 - the store refused: nothing was promised
             log.error("ticket %s could not be stored: %s", key, exc)
             self._forget(key)
-            self._unsaved.pop(key, None)
+            self._unsaved.pop(key, None)      # (its write in progress stops after this try)
+            try:
+                await saved                   # ... so its delete comes after any put
+            except Exception:  # noqa: BLE001 - (deleted below either way)
+                pass
             node._spawn(node.store.kv_delete(NS, key))    # (if its record got in)
             if answered is not None:                      # a retry opens it afresh
                 if self._recent.get((conn.address, ref)) is answered:
@@ -260,18 +305,22 @@ class Tickets:
             node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                "the ticket could not be stored; retry")
             return
+        try:
+            await saved
+        except Exception as exc:  # noqa: BLE001 - kept, its write is retried
+            log.error("ticket %s record could not be written (will retry): %s", key, exc)
         if accepted.duplicate:
             # The same (opener, ref) was stored before (a resend across a restart):
             # this ticket is a phantom; answer with the original one if known.
             self._forget(key)
             self._unsaved.pop(key, None)
-            node._spawn(node.store.kv_delete(NS, key))
+            node._spawn(node.store.kv_delete(NS, key))    # (after its write: awaited above)
             original = next((r for r in self.open.values()
                              if r["msg_id"] == accepted.msg_id), None)
             doc = {"ticket": original["ticket"]} if original is not None else {}
             if answered is not None:
                 answered.set_result((accepted.msg_id, doc))
-            node.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True)
+            node.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
         doc = {"ticket": rec["ticket"], "auto_reply": True} if auto else \
             {"ticket": rec["ticket"], "recipients": len(accepted.seqs)}
@@ -280,7 +329,7 @@ class Tickets:
             self._save(key, rec)
         if answered is not None:
             answered.set_result((accepted.msg_id, doc))
-        node.service_ack(conn, ref, accepted.msg_id, doc)
+        node.service_ack(conn, ref, accepted.msg_id, doc, asked=asked)
 
     def _forget(self, key: str) -> None:
         self.open.pop(key, None)
@@ -351,26 +400,33 @@ class Tickets:
                        resolved_by=conn.address)
             self._forget(key)
         rec["updated"] = now
-        self._save(key, rec)
         if ref:
             _remember(self._updates, (conn.address, ref), (kind, key))
+            # Kept in the record too (the newest RECORD_REFS): a resend after a
+            # restart is still known as one.
+            refs = rec.get("refs") or []
+            refs.append([conn.address, ref, kind])
+            rec["refs"] = refs[-RECORD_REFS:]
+        self._save(key, rec)
         return False
 
     # -- escalation -----------------------------------------------------------------------
 
     def _arm(self, key: str, due: float) -> None:
+        if self._closed:              # (stopping: re-armed from its record at start)
+            return
         loop = self.node.loop
         delay = max(0.0, due - time.time())
         self._timers[key] = loop.call_at(loop.time() + delay, self._escalate, key)
 
     def _escalate(self, key: str) -> None:
+        """Send a due ticket's escalation; it is marked escalated once stored."""
         self._timers.pop(key, None)
         rec = self.open.get(key)
-        if rec is None or rec["status"] != OPEN:
+        if rec is None or rec["status"] != OPEN or self._closed:
             return
         node = self.node
         now = time.time()
-        rec.update(status=ESCALATED, escalated_at=now, updated=now)
         tenant, store = rec["tenant"], rec["store"]
         reason = f"not assigned within {self.escalate_after:g} s"
         out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"], "from": rec["from"],
@@ -379,26 +435,90 @@ class Tickets:
         msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out, now,
                          now + node.cfg.delivery.p1_ttl, False)
         recipients = self.managers(tenant, store)
-        node.submit(msg, parse_address(to), None, recipients)
+        fut = node.loop.create_future()
+        node.submit(msg, parse_address(to), fut, recipients)
+        node._spawn(self._escalated(key, rec, fut, len(recipients)))
+
+    async def _escalated(self, key: str, rec: dict, fut, managers: int) -> None:
+        """The escalation stored: mark the ticket; refused: it stays open and is
+        tried again in RETRY_DELAY seconds (at the next start if stopping)."""
+        try:
+            await fut
+        except Exception as exc:  # noqa: BLE001 - the store refused: nothing was sent
+            log.error("ticket %s escalation could not be stored (will retry): %s", key, exc)
+            if self.open.get(key) is rec and rec["status"] == OPEN and not self._closed \
+                    and key not in self._timers:
+                loop = self.node.loop
+                self._timers[key] = loop.call_later(RETRY_DELAY, self._escalate, key)
+            return
+        if self.open.get(key) is not rec or rec["status"] != OPEN:
+            return                    # assigned or resolved meanwhile: that stands
+        now = time.time()
+        rec.update(status=ESCALATED, escalated_at=now, updated=now)
         self._save(key, rec)
-        log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"], tenant,
-                 store, len(recipients))
+        log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"],
+                 rec["tenant"], rec["store"], managers)
+
+    # -- records (written behind) ---------------------------------------------------------
 
     def _save(self, key: str, rec: dict) -> asyncio.Task:
-        """Write ``rec`` behind (a task; :meth:`flush` writes what is left at stop)."""
+        """Write ``rec`` behind; returns the task that writes it (one per key at a
+        time: a change during a write is written by the same task next)."""
         self._unsaved[key] = rec
-        return self.node._spawn(self._write(key))
+        task = self._writers.get(key)
+        if task is None or task.done():
+            task = self._writers[key] = self.node._spawn(self._write(key))
+        return task
 
     async def _write(self, key: str) -> None:
-        rec = self._unsaved.pop(key, None)
-        if rec is not None:
-            # Stored as of its last change: the store's kv_expire is the retention
-            # of the records not in memory (resolved ones).
-            await self.node.store.kv_put(NS, key, orjson.dumps(rec), last_change(rec))
+        """Write the key's record until the store holds it as it is now.
+
+        The key leaves ``_unsaved`` only after a successful write of that same
+        record unchanged since; a failure (raised) or a cancellation keeps it
+        due, and a retry is scheduled (also each maintenance round, and
+        :meth:`flush` at stop)."""
+        try:
+            while True:
+                rec = self._unsaved.get(key)
+                if rec is None:
+                    return
+                data = orjson.dumps(rec)
+                try:
+                    # Stored as of its last change: the store's kv_expire is the
+                    # retention of the records not in memory (resolved ones).
+                    await self.node.store.kv_put(NS, key, data, last_change(rec))
+                except Exception:
+                    self._retry_soon()
+                    raise
+                if self._unsaved.get(key) is rec and orjson.dumps(rec) == data:
+                    del self._unsaved[key]
+                    return
+        finally:
+            if self._writers.get(key) is asyncio.current_task():
+                del self._writers[key]
+
+    def _retry_soon(self) -> None:
+        if self._retry_handle is None and not self._closed and not self.node._stopped:
+            self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if not self._closed and not self.node._stopped:
+            self.node._spawn(self._write_due())
+
+    async def _write_due(self) -> None:
+        try:
+            await self.flush()
+        except Exception as exc:  # noqa: BLE001 - still refused: tried again later
+            log.error("ticket records still not written (%d due): %s", len(self._unsaved), exc)
 
     async def flush(self) -> None:
-        while self._unsaved:
-            await self._write(next(iter(self._unsaved)))
+        """Write the records still due (retries, each maintenance round, at stop);
+        raises if the store refuses one (it stays due)."""
+        for key in list(self._unsaved):
+            rec = self._unsaved.get(key)
+            if rec is not None:
+                await self._save(key, rec)
 
     # -- retention ------------------------------------------------------------------------
 
@@ -410,6 +530,8 @@ class Tickets:
         (the record's last change).  Returns how many were deleted.  Cost: one
         pass over the unresolved tickets, one ranged delete in the store.
         """
+        if self._unsaved:
+            await self._write_due()           # (the records a failed write left due)
         horizon = now - self.retention
         doomed = [k for k, rec in self.open.items() if last_change(rec) < horizon]
         doomed.extend(k for k, rec in self._unsaved.items()

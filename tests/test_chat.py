@@ -15,7 +15,7 @@ import time
 import orjson
 import pytest
 
-from support import aiotest, connect, make_config, start_node, token
+from support import aiotest, connect, eventually, make_config, start_node, token
 from tillwire.client import sdk
 from tillwire.client.connection import SendError
 from tillwire.core.codes import Code, FrameType, Lane, ReceiptStatus
@@ -87,7 +87,7 @@ async def test_nobody_else_may_post_and_bad_messages_name_the_field():
         await cust.send("chat.message", {"conversation": "cv1", "text": "hi"}, SERVICE)
         cases = [
             (intruder, {"conversation": "cv1", "text": "me too"}, "chat:acme/cv1",
-             Code.FORBIDDEN, "not yours"),
+             Code.BAD_MESSAGE, "is taken"),
             (till, {"conversation": "cv1", "text": "hello"}, "chat:acme/cv1",
              Code.FORBIDDEN, "not yours"),
             (till, {"conversation": "cv9", "text": "hello"}, "chat:acme/cv9",
@@ -405,7 +405,8 @@ async def test_history_answers_an_error_when_the_store_fails():
 @aiotest()
 async def test_another_member_on_the_same_terminal_id_is_not_the_customer():
     """The conversation belongs to the member who started it: a token of another
-    member for the same app terminal may neither read nor post to it."""
+    member for the same app terminal may neither read nor post to it (posting, it is
+    told the id is taken)."""
     node = await start_node()
     try:
         agent = await connect(node, "a1", store="cs", roles=("service",))
@@ -421,7 +422,7 @@ async def test_another_member_on_the_same_terminal_id_is_not_the_customer():
         with pytest.raises(SendError) as err:
             await other.send("chat.message", {"conversation": "cv1", "text": "hi"},
                              "chat:acme/cv1")
-        assert err.value.code == Code.FORBIDDEN and "not yours" in err.value.message
+        assert err.value.code == Code.BAD_MESSAGE and "is taken" in err.value.message
         await nothing_for(agent, 0.1)
     finally:
         await node.stop()
@@ -527,5 +528,73 @@ async def test_a_damaged_conversation_record_is_skipped_at_start(tmp_path):
         cust = await customer(node)
         await cust.send("chat.message", {"conversation": "cv1", "text": "again"},
                         "chat:acme/cv1")
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_conversation_id_taken_by_another_customer_asks_for_a_new_random_id():
+    """Two customers choosing the same id: the second is told the id is taken and to
+    choose a new random one (BAD_MESSAGE naming body.conversation, whose it is is not
+    said), not FORBIDDEN for the conversation's whole lifetime; with a new id it works."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        first = await customer(node, "app-b", "m-b")
+        second = await customer(node, "app-a", "m-a")
+        await first.send("chat.message", {"conversation": "c-20250101-7f3a", "text": "hi"},
+                         SERVICE)
+        await (await agent.receive(timeout=3)).ack()
+        for to in (SERVICE, "chat:acme/c-20250101-7f3a"):
+            with pytest.raises(SendError) as err:
+                await second.send("chat.message",
+                                  {"conversation": "c-20250101-7f3a", "text": "order?"}, to)
+            assert err.value.code == Code.BAD_MESSAGE, err.value
+            words = err.value.message
+            assert "body.conversation" in words and "taken" in words and "random" in words
+            assert "m-b" not in words and "app-b" not in words
+        await nothing_for(agent, 0.1)
+        fresh = {"conversation": "9b2f0c1e-4d5a-46b8-a1c3-e7f2d9b0a6c4", "text": "order?"}
+        ack = await second.send("chat.message", fresh, SERVICE)
+        assert orjson.loads(ack.payload)["recipients"] == 1
+        assert (await agent.receive(timeout=3)).body["text"] == "order?"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_no_sendack_for_a_chat_message_that_did_not_ask_for_one():
+    """PROTOCOL.md section 7: a SENDACK only when the SEND set ACK_REQUESTED; a
+    refused one still gets its ERROR."""
+    node = await start_node()
+    try:
+        agent = await connect(node, "a1", store="cs", roles=("service",))
+        cust = await customer(node)
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        seen = []
+        for conn in (cust, till):
+            on_frame = conn._on_frame
+
+            def spy(frame, on_frame=on_frame):
+                if frame.type in (FrameType.SENDACK, FrameType.ERROR):
+                    seen.append(frame)
+                on_frame(frame)
+
+            conn._on_frame = spy
+        cust.session.send(Lane.P1, SERVICE, "chat.message",
+                          orjson.dumps({"conversation": "cv1", "text": "hi"}), ref=91, ack=False)
+        cust._schedule_write()
+        assert (await agent.receive(timeout=3)).body["text"] == "hi"
+        await asyncio.sleep(0.2)
+        assert [f for f in seen if f.ref == 91] == []
+        till.session.send(Lane.P1, "chat:acme/cv1", "chat.message",
+                          orjson.dumps({"conversation": "cv1", "text": "x"}), ref=92, ack=False)
+        till._schedule_write()
+        await eventually(lambda: any(f.ref == 92 for f in seen))
+        assert [(f.type, f.code) for f in seen if f.ref == 92] == \
+            [(FrameType.ERROR, Code.FORBIDDEN)]
+        ack = await cust.send("chat.message", {"conversation": "cv1", "text": "again"},
+                              "chat:acme/cv1")
+        assert orjson.loads(ack.payload)["conversation"] == "cv1"
     finally:
         await node.stop()

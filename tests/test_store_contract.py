@@ -557,6 +557,41 @@ def test_streams_persist_history_and_last_values(store_factory):
     assert [e.offset for e in states[(p3, 3)].history] == [3, 4]
 
 
+def test_sqlite_stream_expire_kind_deletes_only_that_kind_and_older(tmp_path):
+    path = str(tmp_path / DB_FILENAME)
+    now = time.time()
+    name = "member:acme/m1"
+
+    async def write():
+        store = _make("sqlite", path)
+        await store.open()
+        try:
+            store.configure_streams(100, 86400.0)
+            epoch = store.epoch
+            for i, (kind, age) in enumerate([("member.notice", 500), ("promo.offer", 500),
+                                             ("member.notice", 50), ("member.notice", 500)], 1):
+                store.stream_append(name, 3, epoch, _stream_entry(i, created=now - age,
+                                                                  kind=kind))
+            # Appends still queued in the writer are covered too.
+            return await store.stream_expire_kind("member.notice", now - 100)
+        finally:
+            await store.close()
+
+    async def read():
+        store = _make("sqlite", path)
+        await store.open()
+        try:
+            return await store.load_streams(100, 86400.0, now)
+        finally:
+            await store.close()
+
+    assert asyncio.run(write()) == 2
+    [state] = asyncio.run(read())
+    assert [(e.offset, e.kind) for e in state.history] == [(2, "promo.offer"),
+                                                          (3, "member.notice")]
+    assert state.offset == 4
+
+
 def test_forget_stream_deletes_both_lanes_of_one_channel_only(store_factory):
     mine, other = "member:acme/m1", "member:acme/m2"
     now = T0 + 1000

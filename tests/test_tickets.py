@@ -16,10 +16,11 @@ import time
 import orjson
 import pytest
 
-from support import ServerProcess, aiotest, connect, start_node
+from support import ServerProcess, aiotest, connect, eventually, start_node
 from test_admin import ACME, GLOBEX, admin_env
 from tillwire.client.connection import SendError
-from tillwire.core.codes import KINDS, Code, Flag, Lane
+from tillwire.core.codes import KINDS, Code, Flag, FrameType, Lane
+from tillwire.server import tickets as tickets_module
 
 TICKET_ID = re.compile(r"T-[0-9a-z]+-[0-9a-f]{4}\Z")
 
@@ -650,5 +651,294 @@ async def test_records_without_an_updated_time_expire_by_their_latest_timestamp(
     node = await start_node(**overrides)             # deleted ones stay deleted
     try:
         assert set(node.tickets.open) == {"acme/T-new-0002", "acme/T-new-0004"}
+    finally:
+        await node.stop()
+
+
+def _failing_kv_put(node, fail: list):
+    """Make the store's kv_put of ticket records fail while ``fail`` is non-empty
+    (each failure pops one item; ``[...] * n`` fails n times)."""
+    real = node.store.kv_put
+
+    async def flaky(ns, key, value, at):
+        if ns == "ticket" and fail:
+            fail.pop()
+            raise OSError("database is locked")
+        return await real(ns, key, value, at)
+
+    node.store.kv_put = flaky
+    return real
+
+
+@aiotest()
+async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_stays_resolved(
+        tmp_path, monkeypatch):
+    """The store refused the record of a resolve once: the record stays due and is
+    written again (retry, maintenance round, stop); after a restart the ticket is
+    resolved, never open again nor escalated."""
+    monkeypatch.setattr(tickets_module, "RETRY_DELAY", 0.1)
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path),
+                 "tickets.escalate_after": 1.0}
+    node = await start_node(**overrides)
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        await (await staff.receive(timeout=3)).ack()
+        key = f"acme/{tid}"
+        await eventually(lambda: key not in node.tickets._unsaved)
+        fail = [1]
+        real_put = _failing_kv_put(node, fail)
+        await staff.send("ticket.resolve", {"ticket": tid, "resolution": "done"},
+                         "terminal:acme/t1")
+        await eventually(lambda: not fail)                 # the first write failed...
+        stored = {}
+
+        async def status():
+            stored["rec"] = orjson.loads(await node.store.kv_get("ticket", key))
+            return stored["rec"]["status"]
+
+        for _ in range(100):                               # ... and was written again
+            if await status() == "resolved":
+                break
+            await asyncio.sleep(0.05)
+        assert stored["rec"]["status"] == "resolved"
+        assert key not in node.tickets._unsaved
+        # Failing for good while running: kept, then written by the flush at stop.
+        other = orjson.loads((await till.send("ticket.open", {"code": "E43"},
+                                              "role:acme/s1/staff")).payload)["ticket"]
+        await (await staff.receive(timeout=3)).ack()
+        await eventually(lambda: f"acme/{other}" not in node.tickets._unsaved)
+        fail.extend([1] * 1000)
+        await staff.send("ticket.reply", {"ticket": other, "text": "after"},
+                         "terminal:acme/t1")
+        await staff.send("ticket.resolve", {"ticket": other, "resolution": "ok"},
+                         "terminal:acme/t1")
+        await asyncio.sleep(0.3)
+        assert f"acme/{other}" in node.tickets._unsaved
+        fail.clear()
+        node.store.kv_put = real_put
+        await till.close()
+        await staff.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert node.tickets.open == {}
+        assert (await node.tickets.get("acme", tid))["status"] == "resolved"
+        rec = await node.tickets.get("acme", other)
+        assert (rec["status"], rec["replies"]) == ("resolved", 1)
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        await nothing_for(manager, 1.3)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_maintenance_round_writes_the_records_still_due():
+    node = await start_node()
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        fail = [1] * 1000
+        real_put = _failing_kv_put(node, fail)
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E1"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        key = f"acme/{tid}"
+        assert key in node.tickets._unsaved and key in node.tickets.open
+        fail.clear()
+        node.store.kv_put = real_put
+        await node._expire_services(time.time())          # the maintenance round
+        assert key not in node.tickets._unsaved
+        assert orjson.loads(await node.store.kv_get("ticket", key))["status"] == "open"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_an_open_accepted_whose_record_write_failed_keeps_the_ticket(monkeypatch):
+    """The store took the ticket.open message (staff got it) but refused its record:
+    the till gets its ticket id (a 'retry' would only be a duplicate of a message
+    already delivered), the ticket is kept and its record written later."""
+    monkeypatch.setattr(tickets_module, "RETRY_DELAY", 0.1)
+    node = await start_node()
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        fail = [1]
+        _failing_kv_put(node, fail)
+        ack = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff")
+        tid = orjson.loads(ack.payload)["ticket"]
+        msg = await staff.receive(timeout=3)
+        assert msg.body["ticket"] == tid
+        key = f"acme/{tid}"
+        assert key in node.tickets.open
+        await eventually(lambda: key not in node.tickets._unsaved)
+        rec = orjson.loads(await node.store.kv_get("ticket", key))
+        assert (rec["status"], rec["msg_id"]) == ("open", ack.msg_id)
+        # Still handled as usual.
+        await staff.send("ticket.resolve", {"ticket": tid, "resolution": "ok"},
+                         "terminal:acme/t1")
+        assert (await till.receive(timeout=3)).body["resolution"] == "ok"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_an_escalation_due_while_the_node_stops_is_not_lost(tmp_path):
+    """A ticket due while stop() waits for in-flight work: its timer is cancelled at
+    the start of stop, the ticket stays open in the store and escalates after the
+    restart (not marked escalated with the message never sent)."""
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path),
+                 "tickets.escalate_after": 0.5}
+    node = await start_node(**overrides)
+    try:
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        await manager.close()                         # (a known manager, offline)
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        created = node.tickets.open[f"acme/{tid}"]["created"]
+        # In-flight service work at stop lasting past the ticket's due time.
+        node._spawn(asyncio.sleep(max(0.0, created + 0.5 - time.time()) + 0.1))
+        await till.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert (await node.tickets.get("acme", tid))["status"] in ("open", "escalated")
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        msg = await manager.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", tid)
+        await eventually(lambda: node.tickets.open[f"acme/{tid}"]["status"] == "escalated")
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_an_escalation_the_store_refused_stays_open_and_is_tried_again(monkeypatch):
+    monkeypatch.setattr(tickets_module, "RETRY_DELAY", 0.2)
+    node = await start_node(**{"tickets.escalate_after": 0.2})
+    try:
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        real = node.store.accept_many_then
+        refused = []
+
+        def flaky(items, done):
+            if not refused and any(m.kind == "ticket.escalate" for m, _ in items):
+                refused.append(time.monotonic())
+                raise OSError("disk full")
+            return real(items, done)
+
+        node.store.accept_many_then = flaky
+        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
+                                            "role:acme/s1/staff")).payload)["ticket"]
+        key = f"acme/{tid}"
+        await eventually(lambda: refused)
+        await asyncio.sleep(0.05)
+        assert node.tickets.open[key]["status"] == "open"
+        assert key in node.tickets._timers                 # re-armed
+        msg = await manager.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", tid)
+        assert time.monotonic() - refused[0] >= 0.15
+        await eventually(lambda: node.tickets.open[key]["status"] == "escalated")
+        await nothing_for(manager, 0.5)                    # once
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_resent_updates_after_a_restart_are_duplicates_never_refused_or_applied_twice(
+        tmp_path):
+    """The applied (sender, ref) pairs are kept in the ticket record: a staff device
+    resending its reply / resolve after the node restarted gets the retransmit
+    SENDACK, and nothing is applied (or delivered) twice."""
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path)}
+    node = await start_node(**overrides)
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        done = orjson.loads((await till.send("ticket.open", {"code": "E1"},
+                                             "role:acme/s1/staff")).payload)["ticket"]
+        still = orjson.loads((await till.send("ticket.open", {"code": "E2"},
+                                              "role:acme/s1/staff")).payload)["ticket"]
+        first = {
+            501: await staff.send("ticket.reply", {"ticket": done, "text": "x"},
+                                  "terminal:acme/t1", ref=501),
+            502: await staff.send("ticket.resolve", {"ticket": done, "resolution": "ok"},
+                                  "terminal:acme/t1", ref=502),
+            503: await staff.send("ticket.reply", {"ticket": still, "text": "y"},
+                                  "terminal:acme/t1", ref=503),
+        }
+        for _ in range(3):
+            await (await till.receive(timeout=3)).ack()
+        await till.close()
+        await staff.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        resends = [(502, "ticket.resolve", {"ticket": done, "resolution": "ok"}),
+                   (501, "ticket.reply", {"ticket": done, "text": "x"}),
+                   (503, "ticket.reply", {"ticket": still, "text": "y"})]
+        for ref, kind, body in resends:
+            again = await staff.send(kind, body, "terminal:acme/t1", ref=ref)
+            assert again.flags & Flag.RETRANSMIT and again.msg_id == first[ref].msg_id, kind
+        assert (await node.tickets.get("acme", still))["replies"] == 1
+        assert (await node.tickets.get("acme", done))["status"] == "resolved"
+        await nothing_for(till, 0.3)
+        # The record answered by the admin API carries no resend memory.
+        assert "refs" not in await node.tickets.get("acme", still)
+        # A new ref is still a new update.
+        await staff.send("ticket.reply", {"ticket": still, "text": "z"}, "terminal:acme/t1")
+        assert (await node.tickets.get("acme", still))["replies"] == 2
+    finally:
+        await node.stop()
+
+
+def _record_frames(conn) -> list:
+    """Keep every SENDACK and ERROR frame the connection receives."""
+    seen = []
+    on_frame = conn._on_frame
+
+    def spy(frame):
+        if frame.type in (FrameType.SENDACK, FrameType.ERROR):
+            seen.append(frame)
+        on_frame(frame)
+
+    conn._on_frame = spy
+    return seen
+
+
+@aiotest()
+async def test_no_sendack_for_a_ticket_send_that_did_not_ask_for_one_errors_still_come():
+    """PROTOCOL.md section 7: a SENDACK only when the SEND set ACK_REQUESTED."""
+    node = await start_node()
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        seen = _record_frames(till)
+        till.session.send(Lane.P1, "role:acme/s1/staff", "ticket.open",
+                          orjson.dumps({"code": "E42"}), ref=77, ack=False)
+        till._schedule_write()
+        msg = await staff.receive(timeout=3)
+        assert msg.kind == "ticket.open"
+        tid = msg.body["ticket"]
+        await eventually(lambda: f"acme/{tid}" not in node.tickets._unsaved)
+        await asyncio.sleep(0.2)
+        assert [f for f in seen if f.ref == 77] == []
+        # A refused one is still answered with an ERROR.
+        till.session.send(Lane.P1, "role:acme/s1/staff", "ticket.open",
+                          orjson.dumps({"text": "no code"}), ref=78, ack=False)
+        till._schedule_write()
+        await eventually(lambda: any(f.ref == 78 for f in seen))
+        assert [(f.type, f.code) for f in seen if f.ref == 78] == \
+            [(FrameType.ERROR, Code.BAD_MESSAGE)]
+        # Asked: answered.
+        ack = await till.send("ticket.open", {"code": "E43"}, "role:acme/s1/staff")
+        assert "ticket" in orjson.loads(ack.payload)
     finally:
         await node.stop()
