@@ -1,5 +1,7 @@
-"""The card-number screen: the raw-bytes prefilter in ``kinds.check`` never
-lets through a body the full walk (``find_card_number``) would refuse."""
+"""Message kinds (server/kinds.py): the card-number screen's raw-bytes
+prefilter never lets through a body the full walk (``find_card_number``)
+would refuse; nested fields are named by their path; and every routed kind
+arrives end to end through a real server on its lane with its body."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support import aiotest, connect, start_node
 from tillwire.core.codes import Code, Lane
 from tillwire.server import kinds
 
@@ -78,3 +81,37 @@ def test_nested_fields_are_named_by_their_path(kind, body, field):
     with pytest.raises(kinds.MessageError) as info:
         kinds.check(kind, Lane.P1, orjson.dumps(body))
     assert info.value.code == Code.BAD_MESSAGE and info.value.field == field
+
+
+# -- every routed kind end to end through a real server -----------------------------------
+
+GOOD = [
+    ("payment.result", {"order": "o1", "status": "paid", "amount": "12.50", "currency": "CNY",
+                        "transaction": "tx-9", "method": "card"}, "terminal:acme/t1", Lane.P0),
+    ("order.event", {"order": "o2", "channel": "miniprogram", "event": "ready",
+                     "items": [{"sku": "6901234567890", "qty": 2}]}, "store:acme/s1", Lane.P1),
+    ("price.update", {"sku": "6901234567890", "price": "5.00", "currency": "CNY",
+                      "version": 3, "effective": 1795612214}, "store:acme/s1", Lane.P2),
+    ("stock.update", {"sku": "6901234567890", "quantity": 17, "version": 8},
+     "store:acme/s1", Lane.P2),
+    ("promo.offer", {"offer": "xmas-1", "title": "2 for 1", "valid_until": 1795612214},
+     "tenant:acme", Lane.P3),
+    ("member.notice", {"member": "m1", "text": "Your points expire soon"},
+     "member:acme/m1", Lane.P3),
+]
+
+
+@pytest.mark.parametrize("kind, body, to, lane", GOOD, ids=[g[0] for g in GOOD])
+@aiotest()
+async def test_each_routed_kind_arrives_on_its_lane_with_its_body(kind, body, to, lane):
+    node = await start_node()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1", store="s1", roles=("customer",), member="m1")
+        await be.send(kind, body, to)
+        msg = await till.receive(timeout=5)
+        assert (msg.kind, msg.lane, msg.body) == (kind, lane, body)
+        if lane <= Lane.P1:
+            await msg.ack()
+    finally:
+        await node.stop()
