@@ -9,40 +9,18 @@ tests can use them.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 
-from tillwire.core._impl import both
-
-
-def _require(name: str, impl: str):
-    """The ``impl`` ("python" | "native") module of native module ``name``."""
-    found = both(name)
-    if impl in found:
-        return found[impl]
-    if os.environ.get("TILLWIRE_NO_EXTENSIONS") == "1":
-        pytest.skip(f"TILLWIRE_NO_EXTENSIONS=1: native tillwire.core._{name} deliberately not tested")
-    try:
-        importlib.import_module(f"tillwire.core._{name}")
-        reason = "not returned by tillwire.core._impl.both()"
-    except ImportError as exc:
-        reason = f"{exc.__class__.__name__}: {exc}"
-    pytest.fail(
-        f"native module tillwire.core._{name} is not importable ({reason}). "
-        f"Build it with `make compile`, or set TILLWIRE_NO_EXTENSIONS=1 to test only the Python twin.",
-        pytrace=False,
-    )
+from support import require_impl
 
 
 @pytest.fixture(scope="session", params=["python", "native"])
 def codec(request):
     """Each codec implementation in turn (module with Frame, Decoder, Encoder)."""
-    return _require("codec", request.param)
+    return require_impl("codec", request.param)
 
 
 @pytest.fixture(scope="session")
 def codec_pair():
     """``(python, native)`` codec modules, for differential tests."""
-    return _require("codec", "python"), _require("codec", "native")
+    return require_impl("codec", "python"), require_impl("codec", "native")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import os
 import signal
 import socket
@@ -17,14 +18,44 @@ import subprocess
 import sys
 import time
 
+import pytest
 import uvloop
 
 from tillwire.client.connection import Connection
+from tillwire.core._impl import both
 from tillwire.server.auth import issue_token
 from tillwire.server.config import load_config
 
 SECRET = "test-secret-0123456789"
 TENANT = "acme"
+
+
+NO_EXTENSIONS = os.environ.get("TILLWIRE_NO_EXTENSIONS") == "1"
+"""The run is deliberately Python-only: native modules are neither built nor tested."""
+
+
+def require_impl(name: str, impl: str):
+    """The ``impl`` ("python" | "native") module of core module ``name``.
+
+    A missing native module is a FAILURE, not a skip, unless
+    ``TILLWIRE_NO_EXTENSIONS=1`` says the run is deliberately Python-only.
+    """
+    found = both(name)
+    if impl in found:
+        return found[impl]
+    if NO_EXTENSIONS:
+        pytest.skip(f"TILLWIRE_NO_EXTENSIONS=1: native tillwire.core._{name} deliberately "
+                    "not tested")
+    try:
+        importlib.import_module(f"tillwire.core._{name}")
+        reason = "not returned by tillwire.core._impl.both()"
+    except ImportError as exc:
+        reason = f"{exc.__class__.__name__}: {exc}"
+    pytest.fail(
+        f"native module tillwire.core._{name} is not importable ({reason}). Build it with "
+        "`make compile`, or set TILLWIRE_NO_EXTENSIONS=1 to test only the Python twin.",
+        pytrace=False,
+    )
 
 
 def aiotest(timeout: float = 60.0):

@@ -17,37 +17,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import require_impl
 from tillwire.core._impl import both
-
-
-def _require(impl: str):
-    found = both("lanes")
-    if impl in found:
-        return found[impl]
-    if os.environ.get("TILLWIRE_NO_EXTENSIONS") == "1":
-        pytest.skip("TILLWIRE_NO_EXTENSIONS=1: native tillwire.core._lanes deliberately not tested")
-    try:
-        import tillwire.core._lanes  # noqa: F401
-        reason = "not returned by tillwire.core._impl.both()"
-    except ImportError as exc:
-        reason = f"{exc.__class__.__name__}: {exc}"
-    pytest.fail(
-        f"native module tillwire.core._lanes is not importable ({reason}). Build it with "
-        f"`make compile`, or set TILLWIRE_NO_EXTENSIONS=1 to test only the Python twin.",
-        pytrace=False,
-    )
 
 
 @pytest.fixture(scope="session", params=["python", "native"])
 def lanes(request):
     """Each lane scheduler implementation in turn (module)."""
-    return _require(request.param)
+    return require_impl("lanes", request.param)
 
 
 @pytest.fixture(scope="session")
 def lanes_pair():
     """``(python, native)`` lane scheduler modules, for differential tests."""
-    return _require("python"), _require("native")
+    return require_impl("lanes", "python"), require_impl("lanes", "native")
 
 
 def drain_each(sched, now=0.0):

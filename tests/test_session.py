@@ -15,7 +15,6 @@ differently, so there only the frames with that CLOSE's code are compared.
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import sys
 import tracemalloc
@@ -26,34 +25,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import NO_EXTENSIONS, require_impl
 from tillwire.core import _codec_py
 from tillwire.core._impl import both
 from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from tillwire.core.errors import ProtocolError
 
-NATIVE_WANTED = os.environ.get("TILLWIRE_NO_EXTENSIONS") != "1"
-
-
-def _require(impl: str):
-    found = both("session")
-    if impl in found:
-        return found[impl]
-    if not NATIVE_WANTED:
-        pytest.skip("TILLWIRE_NO_EXTENSIONS=1: native tillwire.core._session deliberately not tested")
-    try:
-        importlib.import_module("tillwire.core._session")
-        reason = "not returned by tillwire.core._impl.both()"
-    except ImportError as exc:
-        reason = f"{exc.__class__.__name__}: {exc}"
-    pytest.fail(
-        f"native module tillwire.core._session is not importable ({reason}). Build it with "
-        f"`make compile`, or set TILLWIRE_NO_EXTENSIONS=1 to test only the Python twin.",
-        pytrace=False,
-    )
-
-
 def _family(impl: str) -> SimpleNamespace:
-    session = _require(impl)
+    session = require_impl("session", impl)
     if impl == "python":
         from tillwire.core import _codec_py as codec, _lanes_py as lanes
     else:
@@ -181,7 +160,7 @@ def test_constants(fam):
 def test_selector():
     import tillwire.core.session as selected
 
-    expected = "native" if NATIVE_WANTED else "python"
+    expected = "python" if NO_EXTENSIONS else "native"
     assert selected.IMPLEMENTATION == expected
     module = both("session")[expected]
     assert selected.ServerSession is module.ServerSession

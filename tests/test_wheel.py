@@ -13,9 +13,7 @@ A missing native module FAILS the native cases unless
 from __future__ import annotations
 
 import gc
-import importlib
 import math
-import os
 import sys
 import tracemalloc
 import weakref
@@ -24,39 +22,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tillwire.core._impl import both, load
+from support import NO_EXTENSIONS, require_impl
+from tillwire.core._impl import load
 
-NO_EXTENSIONS = os.environ.get("TILLWIRE_NO_EXTENSIONS") == "1"
 TICK_LIMIT = 1 << 62
-
-
-def _require(impl: str):
-    found = both("wheel")
-    if impl in found:
-        return found[impl]
-    if NO_EXTENSIONS:
-        pytest.skip("TILLWIRE_NO_EXTENSIONS=1: native tillwire.core._wheel deliberately not tested")
-    try:
-        importlib.import_module("tillwire.core._wheel")
-        reason = "not returned by tillwire.core._impl.both()"
-    except ImportError as exc:
-        reason = f"{exc.__class__.__name__}: {exc}"
-    pytest.fail(
-        f"native module tillwire.core._wheel is not importable ({reason}). Build it with "
-        "`make compile`, or set TILLWIRE_NO_EXTENSIONS=1 to test only the Python twin.",
-        pytrace=False,
-    )
 
 
 @pytest.fixture(scope="module", params=["python", "native"])
 def wm(request):
     """Each wheel implementation in turn (a module with Timer and TimingWheel)."""
-    return _require(request.param)
+    return require_impl("wheel", request.param)
 
 
 @pytest.fixture(scope="module")
 def wheel_pair():
-    return _require("python"), _require("native")
+    return require_impl("wheel", "python"), require_impl("wheel", "native")
 
 
 class Recorder:
