@@ -37,7 +37,7 @@ from ..core.codes import KIND_LANES, Code, Lane
 from . import kinds
 from .address import AddressError, parse_address, terminal_address
 from .auth import ROLES
-from .directory import zone_ok
+from .config import zone_ok
 from .offers import POLICY_KINDS
 from .metrics import make_registry, render
 from .store import NewMessage, TerminalRecord

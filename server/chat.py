@@ -44,16 +44,13 @@ from ..core.codes import Code, Flag, FrameType, Lane
 from ..core.session import OPEN, Frame
 from .address import AddressError, parse_address
 from .kinds import MessageError
-from .store import NewMessage
+from .store import NewMessage, kv_records
 
 log = logging.getLogger("tillwire.chat")
 
 CONV_NS = "conv"
 CHAT_NS = "chat"
 MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
-# Page size of the key-value scans (conversations at load and at a member's
-# deletion, history after an offset): rows per store round trip.
-SCAN_PAGE = 1000
 # What a conversation record needs to route a message.
 _CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
 RETRY_DELAY = 1.0           # seconds before records the store refused are written again
@@ -80,25 +77,19 @@ class Chat:
 
     async def load(self) -> None:
         """Load the conversations updated within the retention (node start)."""
-        after = ""
         horizon = time.time() - self.retention
-        while True:
-            rows = await self.node.store.kv_scan(CONV_NS, "", after, SCAN_PAGE)
-            for key, value in rows:
-                try:
-                    rec = orjson.loads(value)
-                    if not isinstance(rec, dict) or not _CONV_KEYS.issubset(rec) or \
-                            not isinstance(rec["updated"], (int, float)):
-                        raise ValueError("not a conversation record")
-                except ValueError as exc:
-                    # (one damaged record must not keep the node from starting)
-                    log.warning("conversation record %r skipped: unreadable (%s)", key, exc)
-                    continue
-                if rec["updated"] >= horizon:
-                    self.convs[key] = rec
-            if len(rows) < SCAN_PAGE:
-                return
-            after = rows[-1][0]
+        async for key, value in kv_records(self.node.store, CONV_NS):
+            try:
+                rec = orjson.loads(value)
+                if not isinstance(rec, dict) or not _CONV_KEYS.issubset(rec) or \
+                        not isinstance(rec["updated"], (int, float)):
+                    raise ValueError("not a conversation record")
+            except ValueError as exc:
+                # (one damaged record must not keep the node from starting)
+                log.warning("conversation record %r skipped: unreadable (%s)", key, exc)
+                continue
+            if rec["updated"] >= horizon:
+                self.convs[key] = rec
 
     def agents(self, tenant: str) -> list[str]:
         """The service agents of a tenant (members of ``role:<t>/*/service``)."""
@@ -292,15 +283,11 @@ class Chat:
         prefix = key + "/"
         if offset:
             # offset > 0: messages after that time (unix ms), oldest first.
-            after = f"{prefix}{offset:013d}-~"
             rows: list = []
-            while True:
-                page = await node.store.kv_scan(CHAT_NS, prefix, after, SCAN_PAGE)
-                rows.extend(page)
-                if len(rows) >= count or len(page) < SCAN_PAGE:
+            async for row in kv_records(node.store, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
+                rows.append(row)
+                if len(rows) >= count:
                     break
-                after = page[-1][0]
-            rows = rows[:count]
         else:
             # No offset: the newest ``count`` (<= MAX_HISTORY) in one bounded
             # newest-first read, answered oldest first; the cost does not grow
@@ -330,15 +317,9 @@ class Chat:
         keys = [k for k, c in self.convs.items()
                 if c["tenant"] == tenant and c["member"] == member]
         # Also records not in memory (written by a node sharing the store).
-        after = ""
-        while True:
-            rows = await store.kv_scan(CONV_NS, tenant + "/", after, SCAN_PAGE)
-            for k, value in rows:
-                if k not in self.convs and orjson.loads(value).get("member") == member:
-                    keys.append(k)
-            if len(rows) < SCAN_PAGE:
-                break
-            after = rows[-1][0]
+        async for k, value in kv_records(store, CONV_NS, tenant + "/"):
+            if k not in self.convs and orjson.loads(value).get("member") == member:
+                keys.append(k)
         messages = 0
         for k in keys:
             self.convs.pop(k, None)

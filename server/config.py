@@ -84,6 +84,7 @@ __all__ = [
     "parse_clock",
     "parse_duration",
     "parse_size",
+    "zone_ok",
 ]
 
 ENV_PREFIX = "TILLWIRE_"
@@ -382,7 +383,7 @@ class _AdminTokens(_Tables):
         return [{"name": t.name, "token": t.token, "tenants": list(t.tenants)} for t in value]
 
 
-def _zone_ok(name: Any) -> bool:
+def zone_ok(name: Any) -> bool:
     """Is ``name`` an IANA time zone this machine knows (``Asia/Shanghai``)?"""
     if not isinstance(name, str) or not name or len(name) > 64:
         return False
@@ -397,7 +398,7 @@ class _Timezone(_Kind):
     expect = "an IANA time zone name like 'UTC' or 'Asia/Shanghai'"
 
     def from_value(self, value: Any) -> str:
-        if not _zone_ok(value):
+        if not zone_ok(value):
             raise ValueError("unknown time zone")
         return value
 
@@ -1051,7 +1052,7 @@ def _store_entries(raw: Any, where: str) -> list[StoreEntry]:
             if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
                 raise ConfigError(f"{key}.{name}", f"must be {_ID_TEXT}, got {value!r}")
         tz = item.get("timezone", "")
-        if tz != "" and not _zone_ok(tz):
+        if tz != "" and not zone_ok(tz):
             raise ConfigError(f"{key}.timezone", f"must be {_Timezone.expect}, got {tz!r}")
         pair = (item["tenant"], item["store"])
         if pair in seen:

@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 
+from .config import zone_ok
+from .store import kv_records
+
 NS = "directory"
-# Page size of the key-value scan of overrides at load (rows per store round trip).
-SCAN_PAGE = 1000
 
 log = logging.getLogger("tillwire.directory")
 
@@ -41,15 +42,6 @@ class StoreInfo:
         return {"tenant": self.tenant, "store": self.store, "timezone": self.timezone,
                 "on_duty": list(self.on_duty), "managers": list(self.managers),
                 "source": self.source}
-
-
-def zone_ok(name: str) -> bool:
-    """Is ``name`` an IANA time zone this system knows?"""
-    try:
-        zone(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
 
 
 _ZONES: dict[str, ZoneInfo] = {}
@@ -82,23 +74,17 @@ class Directory:
 
     async def load(self) -> None:
         """Apply the overrides kept in the store (node start)."""
-        after = ""
-        while True:
-            rows = await self.store.kv_scan(NS, "", after, SCAN_PAGE)
-            for key, value in rows:
-                try:
-                    info = self._parse(value)
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    # (one damaged record must not keep the node from starting)
-                    log.warning("directory record %r skipped: unreadable (%s)", key, exc)
-                    continue
-                if not zone_ok(info.timezone):      # a zone the system no longer knows
-                    info = StoreInfo(info.tenant, info.store, self.default_timezone,
-                                     info.on_duty, info.managers, "admin")
-                self._entries[(info.tenant, info.store)] = info
-            if len(rows) < SCAN_PAGE:
-                return
-            after = rows[-1][0]
+        async for key, value in kv_records(self.store, NS):
+            try:
+                info = self._parse(value)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # (one damaged record must not keep the node from starting)
+                log.warning("directory record %r skipped: unreadable (%s)", key, exc)
+                continue
+            if not zone_ok(info.timezone):      # a zone the system no longer knows
+                info = StoreInfo(info.tenant, info.store, self.default_timezone,
+                                 info.on_duty, info.managers, "admin")
+            self._entries[(info.tenant, info.store)] = info
 
     def _parse(self, value: bytes) -> StoreInfo:
         doc = orjson.loads(value)

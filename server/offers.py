@@ -33,6 +33,7 @@ import orjson
 from ..core.session import fanout
 from .config import parse_clock
 from .directory import zone
+from .store import kv_records
 
 log = logging.getLogger("tillwire.offers")
 
@@ -40,8 +41,6 @@ NS = "cap"
 POLICY_KINDS = frozenset({"promo.offer", "member.notice"})
 FLUSH_DELAY = 1.0            # seconds cap counts wait before they are written
 PASS, QUIET, CAPPED = 0, 1, 2
-# Page size of the key-value scan of cap counts at load (rows per store round trip).
-SCAN_PAGE = 1000
 
 
 class Offers:
@@ -68,26 +67,20 @@ class Offers:
         """Load the cap counts still within the window (node start)."""
         now = time.time()
         horizon = now - self.cap_window
-        after = ""
-        while True:
-            rows = await self.node.store.kv_scan(NS, "", after, SCAN_PAGE)
-            for key, value in rows:
-                tenant, _, member = key.partition("/")
-                try:
-                    stamps = orjson.loads(value)
-                    if not isinstance(stamps, list) or \
-                            not all(isinstance(t, (int, float)) for t in stamps):
-                        raise ValueError("not a list of unix times")
-                except ValueError as exc:
-                    # (one damaged record must not keep the node from starting)
-                    log.warning("cap record %r skipped: unreadable (%s)", key, exc)
-                    continue
-                stamps = sorted(t for t in stamps if t > horizon)
-                if stamps:
-                    self.counts[(tenant, member)] = stamps
-            if len(rows) < SCAN_PAGE:
-                return
-            after = rows[-1][0]
+        async for key, value in kv_records(self.node.store, NS):
+            tenant, _, member = key.partition("/")
+            try:
+                stamps = orjson.loads(value)
+                if not isinstance(stamps, list) or \
+                        not all(isinstance(t, (int, float)) for t in stamps):
+                    raise ValueError("not a list of unix times")
+            except ValueError as exc:
+                # (one damaged record must not keep the node from starting)
+                log.warning("cap record %r skipped: unreadable (%s)", key, exc)
+                continue
+            stamps = sorted(t for t in stamps if t > horizon)
+            if stamps:
+                self.counts[(tenant, member)] = stamps
 
     # -- the policy --------------------------------------------------------------------
 

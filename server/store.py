@@ -169,6 +169,23 @@ class StreamState:
     lvc: list[StreamEntry]           # P2 only: the newest entry of every key (by offset)
 
 
+KV_PAGE = 1000
+"""Rows per ``kv_scan`` round trip when :func:`kv_records` walks a namespace."""
+
+
+async def kv_records(store, ns: str, prefix: str = "", after: str = ""):
+    """Every ``(key, value)`` of namespace ``ns`` under ``prefix`` (keys above
+    ``after``), in key order, read a page of KV_PAGE at a time; stop early by
+    breaking out of the ``async for``."""
+    while True:
+        rows = await store.kv_scan(ns, prefix, after, KV_PAGE)
+        for row in rows:
+            yield row
+        if len(rows) < KV_PAGE:
+            return
+        after = rows[-1][0]
+
+
 class Completion:
     """A callback in a future's place, for backends that settle futures on the
     loop (``done``, ``set_result``, ``set_exception``): ``accept_many_then``

@@ -59,7 +59,7 @@ import orjson
 from ..core.codes import Code, Flag, Lane
 from .address import parse_address, terminal_address
 from .kinds import MessageError
-from .store import NewMessage
+from .store import NewMessage, kv_records
 
 log = logging.getLogger("tillwire.tickets")
 
@@ -74,8 +74,6 @@ OPENER_ROLES = frozenset({"pos", "kiosk", "staff", "manager", "backend"})
 RECENT_REFS = 65536              # (sender, ref) remembered for resends, per table
 RECORD_REFS = 32                 # (sender, ref, kind) of applied updates kept in a record
 RETRY_DELAY = 1.0                # seconds before a refused record write or escalation is retried
-# Page size of the key-value scans at load (rows per store round trip).
-SCAN_PAGE = 1000
 
 # What an unresolved record needs to be routed, updated and escalated.
 _RECORD_KEYS = frozenset({"ticket", "tenant", "store", "code", "from", "status", "due",
@@ -146,30 +144,24 @@ class Tickets:
 
     async def load(self) -> None:
         """Load the unresolved tickets and re-arm their escalation timers."""
-        after = ""
-        while True:
-            rows = await self.node.store.kv_scan(NS, "", after, SCAN_PAGE)
-            for key, value in rows:
-                try:
-                    rec = orjson.loads(value)
-                    if not isinstance(rec, dict) or (rec.get("status") != RESOLVED and
-                                                     not _RECORD_KEYS.issubset(rec)):
-                        raise ValueError("not a ticket record")
-                    float(rec.get("due", 0.0))
-                    last_change(rec)
-                except (ValueError, TypeError) as exc:
-                    # (one damaged record must not keep the node from starting)
-                    log.warning("ticket record %r skipped: unreadable (%s)", key, exc)
-                    continue
-                self._load_refs(key, rec)
-                if rec.get("status") != RESOLVED:
-                    rec.setdefault("updated", last_change(rec))
-                    self.open[key] = rec
-                    if rec["status"] == OPEN:
-                        self._arm(key, rec["due"])
-            if len(rows) < SCAN_PAGE:
-                break
-            after = rows[-1][0]
+        async for key, value in kv_records(self.node.store, NS):
+            try:
+                rec = orjson.loads(value)
+                if not isinstance(rec, dict) or (rec.get("status") != RESOLVED and
+                                                 not _RECORD_KEYS.issubset(rec)):
+                    raise ValueError("not a ticket record")
+                float(rec.get("due", 0.0))
+                last_change(rec)
+            except (ValueError, TypeError) as exc:
+                # (one damaged record must not keep the node from starting)
+                log.warning("ticket record %r skipped: unreadable (%s)", key, exc)
+                continue
+            self._load_refs(key, rec)
+            if rec.get("status") != RESOLVED:
+                rec.setdefault("updated", last_change(rec))
+                self.open[key] = rec
+                if rec["status"] == OPEN:
+                    self._arm(key, rec["due"])
         if self.open:
             log.info("tickets loaded unresolved=%d", len(self.open))
 
