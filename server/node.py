@@ -996,7 +996,11 @@ class Node:
 
     def _write_now(self, batch: list) -> None:
         """Write at once what the connections of a committed batch have queued:
-        its senders (SENDACK) and its online recipients (DELIVER)."""
+        its senders (SENDACK) and its online recipients (DELIVER).
+
+        (The write below repeats _flush's on purpose: _flush runs it for every
+        dirty connection of a fan-out, and a method call there measured about
+        7% of fan-out throughput.)"""
         sessions = self.hub.sessions
         conns = {}
         for msg, recipients, reply in batch:
