@@ -257,7 +257,7 @@ class Hub:
             stream.lvc[key] = entry
         if self.kind_ages:
             self._note_aged(stream, entry)
-        self._trim(stream, now)
+        self.trim(stream, now)
         return entry
 
     def set_kind_ages(self, ages: dict[str, float]) -> None:
@@ -274,9 +274,6 @@ class Hub:
 
     def trim(self, stream: Stream, now: float) -> None:
         """Drop history beyond the count and age bounds (and the kinds' own ages)."""
-        self._trim(stream, now)
-
-    def _trim(self, stream: Stream, now: float) -> None:
         history = stream.history
         horizon = now - self.history_age
         while history and (len(history) > self.history_max or history[0].created < horizon):
@@ -322,7 +319,7 @@ class Hub:
         a resync with the P2 last-value snapshot (P3: nothing).
         """
         epoch, offset = position
-        self._trim(stream, now)
+        self.trim(stream, now)
         if epoch == stream.epoch and offset == stream.offset:
             return "live", []
         in_window = (epoch == stream.epoch and offset <= stream.offset

@@ -1664,8 +1664,12 @@ class SQLiteStore:
             raise RuntimeError(f"SQLiteStore: the store is {self._state}, not open")
         return self._loop
 
-    def _write(self, op: Callable, args: tuple, weight: int = 1) -> asyncio.Future:
-        fut = self._check_open().create_future()
+    def _write(self, op: Callable, args: tuple, weight: int = 1, fut=None):
+        """Queue ``op(*args)`` for the writer; ``fut`` (a new future unless a
+        Completion is given) is settled on the loop after COMMIT."""
+        loop = self._check_open()
+        if fut is None:
+            fut = loop.create_future()
         self._writer.queue.put((op, args, fut, weight))
         return fut
 
@@ -1684,13 +1688,8 @@ class SQLiteStore:
         return await self._write(self._writer.accept_many, (items,), len(items))
 
     def accept_many_then(self, items: Sequence, callback) -> None:
-        self._check_open()
         items = list(items)
-        if not items:
-            self._loop.call_soon(Completion(callback).set_result, [])
-            return
-        self._writer.queue.put((self._writer.accept_many, (items,), Completion(callback),
-                                len(items)))
+        self._write(self._writer.accept_many, (items,), len(items), Completion(callback))
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         return await self._read(self._reader.inbox, (terminal, lane, after, limit))
