@@ -862,6 +862,15 @@ cdef class ServerSession:
             return lanes + PyBytes_GET_SIZE(c)
         return lanes + sum([len(x) for x in c])
 
+    @property
+    def inbox_bytes(self):
+        """Bytes of P0 and P1 frames queued in the lanes: what an inbox budget
+        counts (P2/P3 frames give way to them, see LaneScheduler.push)."""
+        cdef LaneScheduler lanes = self._lanes
+        if lanes is None:
+            return 0
+        return lanes.lane_bytes(0) + lanes.lane_bytes(1)
+
     def take_resync(self):
         """Channels whose P2 frames were shed since the last call (see LaneScheduler)."""
         return [] if self._lanes is None else self._lanes.take_resync()

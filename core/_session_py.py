@@ -290,6 +290,12 @@ class ServerSession:
         lanes = 0 if self._lanes is None else self._lanes.queued_bytes
         return lanes + sum(len(c) for c in self._control)
 
+    @property
+    def inbox_bytes(self) -> int:
+        """Bytes of P0 and P1 frames queued in the lanes."""
+        lanes = self._lanes
+        return 0 if lanes is None else lanes.lane_bytes(0) + lanes.lane_bytes(1)
+
     def take_resync(self) -> list:
         return [] if self._lanes is None else self._lanes.take_resync()
 

@@ -140,8 +140,10 @@ class Node:
         self.secret = cfg.auth.secret
         self.max_frame_size = srv.max_frame_size
         self.max_queued_bytes = cfg.lanes.max_queued_bytes
-        # Inbox replay stops filling a connection's queue at half its budget,
-        # so P0/P1 never overflow it merely because a backlog is replayed.
+        # Inbox delivery stops once a connection's queued P0/P1 frames take
+        # half its budget, so they never overflow it merely because a backlog
+        # is replayed.  Queued P2/P3 frames do not count: a P0/P1 push sheds
+        # them, so a payment result never waits behind a promotion flood.
         self.inbox_budget = self.max_queued_bytes // 2
         self.inflight = cfg.delivery.inflight
         self.lane_weights = tuple(cfg.lanes.weights)
@@ -467,7 +469,7 @@ class Node:
             if resync:
                 self._queue_resync(conn, resync)
             inbox = conn.inbox
-            if inbox.__class__ is InboxState and inbox.blocked and conn.queued_bytes < self.inbox_budget // 2:
+            if inbox.__class__ is InboxState and inbox.blocked and conn.inbox_bytes < self.inbox_budget // 2:
                 inbox.blocked = False
                 inbox.progress = now
                 for lane in (Lane.P0, Lane.P1):
@@ -1059,7 +1061,7 @@ class Node:
             return
         acked = conn.inbox_window(lane)[0]
         if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
-                and conn.queued_bytes < self.inbox_budget):
+                and conn.inbox_bytes < self.inbox_budget):
             inbox.cursor[lane] = seq + 1
             self._deliver(conn, lane, seq, msg_id, kind, body, False)
         else:
@@ -1110,7 +1112,7 @@ class Node:
                 room = self.inflight - (cursor - 1 - acked)
                 if cursor > inbox.last[lane] or room <= 0:
                     break
-                if conn.queued_bytes >= self.inbox_budget:
+                if conn.inbox_bytes >= self.inbox_budget:
                     self._block(conn)         # the flush resumes us once the queue drains
                     break
                 entries = await self.store.inbox(conn.address, lane, cursor - 1,
@@ -1123,7 +1125,7 @@ class Node:
                 for e in entries:
                     if e.seq < inbox.cursor[lane]:
                         continue
-                    if conn.queued_bytes >= self.inbox_budget:
+                    if conn.inbox_bytes >= self.inbox_budget:
                         self._block(conn)
                         break
                     inbox.cursor[lane] = e.seq + 1

@@ -10,7 +10,10 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three threads:
   ``group_commit_ms > 0`` it first waits up to that long for company.  A
   request's future resolves only after its commit, so a SENDACK is never sent
   for data a power loss could take back.  A request that raises is taken
-  out and the others run again; a failed COMMIT fails the whole batch;
+  out and the others run again; a failed COMMIT fails the whole batch.
+  Stream (P2/P3 history) appends are the exception to arrival order: they
+  commit after the rest of their batch, in a transaction of their own
+  without its own fsync (see ``_run_prioritised``);
 * the **reader** owns a second connection (``query_only``) and answers inbox,
   positions, trace, dead_letters, terminal(s), stats, load_streams and backup,
   so reads never wait behind an fsync (WAL readers see the last commit);
@@ -586,7 +589,7 @@ class _Writer:
                 batch.append(item)
                 weight += item[3]
             if batch:
-                self._run_batch(batch)
+                self._run_prioritised(batch)
         # Stopping: everything queued before the stop was committed above.
         exc = None
         try:
@@ -600,6 +603,33 @@ class _Writer:
             self.conn = None
         _post(self.loop, [(stop[2], None, exc)])
 
+    def _run_prioritised(self, batch: list) -> None:
+        """Commit the batch's P0/P1 and other requests before its stream appends.
+
+        P2/P3 history appends (a promotion flood brings thousands a second)
+        go in a transaction of their own after the rest, so a payment result
+        never waits for them; nobody waits for that transaction, so under
+        synchronous FULL/EXTRA it commits without its own fsync (a crash of
+        the process loses nothing; a power loss may lose the newest history,
+        which the next commit's fsync would have covered).  A batch that
+        also deletes history (forget_stream, stream_expire_kind) runs in
+        queue order, so a deletion always covers the appends queued before it.
+        """
+        append = self.stream_append
+        history = [item for item in batch if item[0] == append]
+        if not history:
+            self._run_batch(batch)
+            return
+        if len(history) == len(batch):
+            self._run_batch(batch, relaxed=True)
+            return
+        ordered = (self.forget_stream, self.stream_expire_kind)
+        if any(item[0] in ordered for item in batch):
+            self._run_batch(batch)
+            return
+        self._run_batch([item for item in batch if item[0] != append])
+        self._run_batch(history, relaxed=True)
+
     def _drain_after_stop(self) -> list:
         # Requests put after the stop (a stream_append racing close) still go in.
         out = []
@@ -611,7 +641,7 @@ class _Writer:
             if item[0] is not _STOP:
                 out.append(item)
 
-    def _run_batch(self, batch: list) -> None:
+    def _run_batch(self, batch: list, relaxed: bool = False) -> None:
         """Run a batch of requests in one transaction; settle their futures after COMMIT.
 
         A request that raises is taken out, the transaction rolled back (and
@@ -624,7 +654,7 @@ class _Writer:
         pending = batch
         try:
             while pending:
-                failed, error, results = self._attempt(pending)
+                failed, error, results = self._attempt(pending, relaxed)
                 if failed < 0:
                     self.commits += 1
                     self.requests += len(pending)
@@ -656,11 +686,19 @@ class _Writer:
             done.extend((fut, None, exc) for _, _, fut, _ in pending if id(fut) not in settled)
         _post(self.loop, done)
 
-    def _attempt(self, pending: list) -> tuple[int, BaseException | None, list]:
+    def _attempt(self, pending: list, relaxed: bool = False
+                 ) -> tuple[int, BaseException | None, list]:
         """One transaction over ``pending``: (-1, None, results) once committed,
         else (index of the request that raised, or len(pending) when BEGIN or
-        COMMIT failed, the exception, [])."""
+        COMMIT failed, the exception, []).  ``relaxed``: commit without an
+        fsync of its own (synchronous NORMAL for this transaction)."""
         conn = self.conn
+        if relaxed and self.synchronous.upper() in ("FULL", "EXTRA"):
+            conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                return self._attempt(pending)
+            finally:
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         try:
             conn.execute("BEGIN IMMEDIATE")
         except Exception as exc:

@@ -436,6 +436,35 @@ async def test_p0_goes_ahead_of_queued_promotions():
 
 
 @aiotest()
+async def test_p0_is_not_held_back_by_a_queue_full_of_promotions():
+    # Queued P3 bytes over the inbox budget (half of lanes.max_queued_bytes)
+    # must not keep a payment result in the store: P3 gives way to it.
+    node = await start_node(**{"lanes.max_queued_bytes": 200_000,
+                               "server.max_frame_size": 100_000})
+    try:
+        be = await connect(node, "hq1", store="hq", roles=("backend",))
+        till = await connect(node, "till1", store="s1", rcvbuf=4096)
+        server_side = await _fill_socket(node, till, be)
+        for i in range(150):
+            await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": i,
+                                          "pad": pad(1000)}, "store:acme/s1")
+        assert server_side.queued_bytes > node.inbox_budget
+        await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
+        assert server_side.inbox_bytes > 0          # handed to the lanes at once
+        till.resume_reading()
+        seen_store_promos = 0
+        while True:
+            msg = await till.receive(timeout=5)
+            if msg.kind == "payment.result":
+                break
+            if msg.channel == "store:acme/s1":
+                seen_store_promos += 1
+        assert seen_store_promos == 0
+    finally:
+        await node.stop()
+
+
+@aiotest()
 async def test_slow_consumer_p3_shed_and_queue_bounded():
     node = await start_node(**{"lanes.max_queued_bytes": 200_000,
                                "server.max_frame_size": 100_000})

@@ -541,6 +541,19 @@ def test_server_accept_encodes_welcome(fam):
                                         max_frame=65536, epoch=7, payload=b'{"node":"n1"}')
 
 
+def test_server_inbox_bytes_count_p0_p1_only(fam):
+    s = opened(fam)
+    assert s.inbox_bytes == 0                               # no scheduler yet
+    s.push(Lane.P3, b"offer" * 20)
+    s.push(Lane.P2, b"price", key="k")
+    assert s.inbox_bytes == 0 and s.queued_bytes > 0
+    s.push(Lane.P0, b"p" * 7)
+    s.push(Lane.P1, b"q" * 5)
+    assert s.inbox_bytes == 12
+    s.data_to_send(7, 0)                                    # P0 leaves first
+    assert s.inbox_bytes == 5
+
+
 def test_server_release_lanes(fam):
     s = opened(fam)
     assert s.release_lanes() is None                        # nothing to release

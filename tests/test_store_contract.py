@@ -710,6 +710,25 @@ def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
     sqlite_run(db_path, body, group_commit_ms=50.0)
 
 
+def test_sqlite_history_appends_commit_after_the_messages_of_their_batch(db_path):
+    # One group commit gathers three P3 history appends and a P0 message: the
+    # message commits first (its sender waits for it), the history in a
+    # transaction of its own right after.
+    async def body(store):
+        store.configure_streams(10, 3600.0)
+        before = (await store.stats())["commits"]
+        for i in range(1, 4):
+            store.stream_append("tenant:acme", 3, store.epoch, _stream_entry(i, kind="note"))
+        [accepted] = await store.accept_many([(msg(1), [TILL])])
+        await store.kv_put("ns", "k", b"v", T0)           # a later commit of its own
+        assert (await store.stats())["commits"] - before == 3
+        [state] = await store.load_streams(10, 86400.0, T0 + 1)
+        assert [e.offset for e in state.history] == [1, 2, 3]
+        assert await store.positions(TILL) == (0, 1, 0, 0) and accepted.seqs == {TILL: 1}
+
+    sqlite_run(db_path, body, group_commit_ms=50.0)
+
+
 def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
     async def body(store):
         writer = store._writer                # failure injection: the flush before COMMIT
