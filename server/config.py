@@ -504,6 +504,11 @@ class ServerConfig:
     write_chunk: int = _key(
         65536, _Size(1024),
         "Most bytes drained from the lanes into one transport write.")
+    read_budget_ms: float = _key(
+        2.0, _Number(0.0),
+        "Milliseconds of one connection's received frames handled in one go; the rest waits "
+        "(its reading paused) until commits, other connections and writes had their turn. "
+        "Raised to the last write flush's duration when that is longer (0 = no limit).")
     max_connections: int = _key(
         0, _Int(0),
         "Most concurrent terminal connections (0 = unlimited).")
@@ -622,6 +627,10 @@ class StoreConfig:
     group_commit_ms: float = _key(
         2.0, _Number(0.0),
         "Milliseconds the sqlite store gathers writes into one commit (0 = commit each).")
+    writer: str = _key(
+        "process", _Choice("process", "thread"),
+        "Where the sqlite store's writer runs: process (its own process, in parallel with the "
+        "event loop; the default) or thread (a thread of the server, sharing its GIL).")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,11 @@ All methods run on the event loop.
 
 from __future__ import annotations
 
+import time
+
 from ..core.session import ServerSession
+
+_SMALL_READ = 16      # frames handled without looking at the clock
 
 
 RESUMING = object()
@@ -79,10 +83,57 @@ class TerminalConnection(ServerSession):
         counters = node.counters
         counters.frames_in += len(frames)
         counters.bytes_in += len(data)
-        for frame in frames:
-            node.on_frame(self, frame)
+        if len(frames) <= _SMALL_READ:
+            for frame in frames:
+                node.on_frame(self, frame)
+        else:
+            self._handle(frames, 0)
         if self.pending:
             node.mark_dirty(self)
+
+    def _handle(self, frames: list, start: int) -> None:
+        """Handle ``frames[start:]`` for at most ``node.read_budget`` seconds.
+
+        A terminal that sends a burst (a payment backend's window of
+        thousands of SENDs arrives as megabytes, and libuv reads up to 32
+        buffers of it in one go) would otherwise keep the loop for the whole
+        burst: its group commit and its SENDACKs would wait for the last
+        frame, and every other connection with it.  Past the budget the rest
+        waits in ``extra["backlog"]`` with reading paused (so frames stay in
+        order and the kernel applies backpressure), and goes on at the next
+        iteration, after the commit of what was handled."""
+        node = self.node
+        on_frame = node.on_frame
+        deadline = time.perf_counter() + node.read_budget
+        n = len(frames)
+        i = start
+        while i < n:
+            on_frame(self, frames[i])
+            i += 1
+            if i < n and time.perf_counter() > deadline and self.transport is not None:
+                extra = self.extra if self.extra is not None else {}
+                self.extra = extra
+                extra["backlog"] = (frames, i)
+                self.transport.pause_reading()
+                node.loop.call_soon(self._on_backlog)
+                return
+
+    def _on_backlog(self) -> None:
+        extra = self.extra
+        backlog = extra.pop("backlog", None) if extra is not None else None
+        if extra is not None and not extra:
+            self.extra = None
+        if backlog is None:
+            return
+        frames, start = backlog
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return            # the connection is gone: so is what it sent
+        self._handle(frames, start)
+        if self.extra is None or "backlog" not in self.extra:
+            transport.resume_reading()
+        if self.pending:
+            self.node.mark_dirty(self)
 
     def eof_received(self):
         return False     # close the transport

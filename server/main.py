@@ -46,7 +46,7 @@ def make_store(cfg: Config):
         return SQLiteStore(os.path.join(cfg.server.data_dir, "tillwire.db"),
                            synchronous=cfg.store.synchronous,
                            group_commit_ms=cfg.store.group_commit_ms,
-                           dedup_window=cfg.delivery.dedup_window)
+                           dedup_window=cfg.delivery.dedup_window, writer=cfg.store.writer)
     raise ValueError(f"store.backend: unknown backend {backend!r}")
 
 

@@ -150,6 +150,11 @@ class Node:
         self.send_buffer = srv.send_buffer
         self.write_high_water = srv.write_high_water
         self.write_chunk = srv.write_chunk
+        # Seconds of frames one connection may have handled per turn (see
+        # TerminalConnection.data_received); never below the last flush's
+        # duration, so a fan-out still coalesces many frames per write.
+        self._read_budget = srv.read_budget_ms / 1000.0
+        self.read_budget = self._read_budget or float("inf")
         self.auth_timeout = srv.auth_timeout
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
@@ -446,6 +451,7 @@ class Node:
         now = self.loop.time()
         chunk = self.write_chunk
         counters = self.counters
+        started = time.perf_counter()
         for conn in dirty:
             conn.dirty = False
             transport = conn.transport
@@ -477,6 +483,8 @@ class Node:
                         self._pump(conn, lane)
             if conn.pending and not conn.paused:
                 self.mark_dirty(conn)
+        if self._read_budget:
+            self.read_budget = max(self._read_budget, time.perf_counter() - started)
 
     # -- timers ---------------------------------------------------------------------
 

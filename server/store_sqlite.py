@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import itertools
 import logging
 import os
@@ -79,6 +80,7 @@ DB_FILENAME = "tillwire.db"
 """File name of the store inside ``server.data_dir``."""
 
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+WRITER_MODES = ("process", "thread")
 
 # Inbox keys: k = tid << 41 | lane << 40 | seq.  The cursor key of an inbox is
 # k >> 40 == tid << 1 | lane.
@@ -101,8 +103,11 @@ _ACKED_RANGE = 2
 
 # Box (in-memory inbox state of the writer): a list indexed by these.  _EXP
 # is a lower bound of the expiry of the inbox's pending entries (-inf =
-# unknown, +inf = none); it is not persisted.
-_LAST, _ACK, _DELIV, _TRIM, _EXP = 0, 1, 2, 3, 4
+# unknown, +inf = none); it is not persisted.  _RCPT is an upper bound of the
+# highest seq whose sender asked for receipts (the box's last seq when it was
+# loaded, then raised by accepts): an ack at or below the acked position's
+# range above it looks for receipts, any other ack needs no query.
+_LAST, _ACK, _DELIV, _TRIM, _EXP, _RCPT = 0, 1, 2, 3, 4, 5
 _UNKNOWN = float("-inf")
 _NEVER = float("inf")
 _EXPIRE_BUDGET = 50_000      # pending entries one expire() reads in inboxes of unknown expiry
@@ -430,7 +435,10 @@ class _Writer:
         self.wait = group_commit_ms / 1000.0
         self.dedup_window = dedup_window
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.loop: asyncio.AbstractEventLoop | None = None
+        # Hands a list of (future or request id, result, exception) back to
+        # whoever waits: the loop (thread mode) or the parent process.
+        self.post: Callable[[list], None] = lambda done: None
+        self.mode = "thread"       # or "process" (store_writer.main sets it)
         self.conn: sqlite3.Connection | None = None
         self.checkpointer: _Checkpointer | None = None
         self.history_max = 1000
@@ -521,9 +529,10 @@ class _Writer:
                                (base, base | _SEQ_MASK)).fetchone()[0]
             last = top & _SEQ_MASK if top is not None else 0
             if row is None:
-                box = [last, 0, 0, 0, _UNKNOWN]
+                box = [last, 0, 0, 0, _UNKNOWN, last]
             else:
-                box = [max(row[0], row[1], last), row[1], row[2], row[3], _UNKNOWN]
+                top = max(row[0], row[1], last)
+                box = [top, row[1], row[2], row[3], _UNKNOWN, top]
             self.boxes[key] = box
         return box
 
@@ -538,22 +547,46 @@ class _Writer:
             self.tids[address] = tid
             self.addresses[tid] = address
             self.new_terminals.append((tid, address))
-            self.boxes[tid << 1] = [0, 0, 0, 0, _NEVER]
-            self.boxes[(tid << 1) | 1] = [0, 0, 0, 0, _NEVER]
+            self.boxes[tid << 1] = [0, 0, 0, 0, _NEVER, 0]
+            self.boxes[(tid << 1) | 1] = [0, 0, 0, 0, _NEVER, 0]
         return tid
 
     # -- the thread ------------------------------------------------------------------------
 
-    def run(self, ready: asyncio.Future) -> None:
+    def submit(self, name: str | None, args: tuple, fut, weight: int) -> None:
+        """Queue request ``name`` (a method of this class; None = stop)."""
+        self.queue.put((_STOP if name is None else getattr(self, name), args, fut, weight))
+
+    def configure_streams(self, history_max: int, history_age: float) -> None:
+        self.history_max = max(0, int(history_max))
+        self.history_age = float(history_age)
+
+    def counters(self) -> dict:
+        """The writer's side of stats() (plain reads; torn values are harmless)."""
+        return {"writer": self.mode, "epoch": self.epoch, "synchronous": self.synchronous,
+                "commits": self.commits,
+                "write_requests": self.requests, "accepted": self.accepted,
+                "failed_commits": self.failed_commits,
+                "checkpoints": self.checkpointer.checkpoints if self.checkpointer else 0,
+                "commit_seconds": round(self.commit_seconds, 6)}
+
+    def run(self, ready) -> None:
+        """The writer's life: open, serve the queue until a stop, close.
+
+        Starts (and at the stop, stops) the checkpointer thread."""
         try:
             info = self._open()
         except BaseException as exc:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
-            _post(self.loop, [(ready, None, exc)])
+            self.post([(ready, None, exc)])
             return
-        _post(self.loop, [(ready, info, None)])
+        checkpointer = self.checkpointer = _Checkpointer(self.path, self.synchronous)
+        checkpoints = threading.Thread(target=checkpointer.run, daemon=True,
+                                       name="tillwire-store-checkpointer")
+        checkpoints.start()
+        self.post([(ready, info, None)])
         q = self.queue
         stop = None
         while stop is None:
@@ -591,6 +624,8 @@ class _Writer:
             if batch:
                 self._run_prioritised(batch)
         # Stopping: everything queued before the stop was committed above.
+        checkpointer.stop()
+        checkpoints.join(timeout=5.0)
         exc = None
         try:
             self._run_batch(self._drain_after_stop())
@@ -601,7 +636,7 @@ class _Writer:
         finally:
             self.conn.close()
             self.conn = None
-        _post(self.loop, [(stop[2], None, exc)])
+        self.post([(stop[2], None, exc)])
 
     def _run_prioritised(self, batch: list) -> None:
         """Commit the batch's P0/P1 and other requests before its stream appends.
@@ -684,7 +719,7 @@ class _Writer:
             log.exception("store writer error")
             settled = {id(item[0]) for item in done}
             done.extend((fut, None, exc) for _, _, fut, _ in pending if id(fut) not in settled)
-        _post(self.loop, done)
+        self.post(done)
 
     def _attempt(self, pending: list, relaxed: bool = False
                  ) -> tuple[int, BaseException | None, list]:
@@ -784,6 +819,8 @@ class _Writer:
                     seq = box[0] = box[0] + 1
                     if msg.expires < box[4]:
                         box[4] = msg.expires
+                    if flags & _F_RECEIPT:
+                        box[_RCPT] = seq
                     irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
                     text = f"{tid}:{seq}"
                     seqs = {address: seq}
@@ -800,6 +837,8 @@ class _Writer:
                         seq = box[0] = box[0] + 1
                         if msg.expires < box[4]:
                             box[4] = msg.expires
+                        if flags & _F_RECEIPT:
+                            box[_RCPT] = seq
                         seqs[address] = seq
                         parts.append(f"{tid}:{seq}")
                         irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
@@ -835,12 +874,13 @@ class _Writer:
                 seq = box[_LAST]
             if seq <= acked:
                 continue
-            base = ((tid << 1) | lane) << _SEQ_BITS
-            for msg_id, sender, ref in conn.execute(
-                    "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m ON m.id = i.msg_id "
-                    f"WHERE i.k > ? AND i.k <= ? AND i.state = 0 AND (i.flags & {_F_RECEIPT}) "
-                    "ORDER BY i.k", (base + acked, base + seq)):
-                receipts.append(ReceiptEvent(msg_id, terminal, sender, _ref_out(ref)))
+            if box[_RCPT] > acked:     # else no entry of (acked, seq] wants a receipt
+                base = ((tid << 1) | lane) << _SEQ_BITS
+                for msg_id, sender, ref in conn.execute(
+                        "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m "
+                        f"ON m.id = i.msg_id WHERE i.k > ? AND i.k <= ? AND i.state = 0 "
+                        f"AND (i.flags & {_F_RECEIPT}) ORDER BY i.k", (base + acked, base + seq)):
+                    receipts.append(ReceiptEvent(msg_id, terminal, sender, _ref_out(ref)))
             box[_ACK] = seq
             self.dirty.add((tid << 1) | lane)
             ranges.append((tid, lane, _ACKED_RANGE, acked + 1, seq, now))
@@ -1502,7 +1542,7 @@ class _Reader:
             rows = self.conn.execute(sql + " AND tenant = ? ORDER BY tid", (tenant,))
         return [self._record(row) for row in rows]
 
-    def stats(self, writer: _Writer) -> dict:
+    def stats(self, writer_counters: Callable[[], dict]) -> dict:
         conn = self.conn
         conn.execute("BEGIN")
         try:
@@ -1527,12 +1567,7 @@ class _Reader:
         return {
             "backend": "sqlite", "messages": messages, "unacked": unacked,
             "dead_letters": dead, "terminals": terminals, "bytes": page_count * page_size + wal,
-            "streams": streams, "schema_version": version, "epoch": writer.epoch,
-            "synchronous": writer.synchronous, "commits": writer.commits,
-            "write_requests": writer.requests, "accepted": writer.accepted,
-            "failed_commits": writer.failed_commits,
-            "checkpoints": writer.checkpointer.checkpoints if writer.checkpointer else 0,
-            "commit_seconds": round(writer.commit_seconds, 6),
+            "streams": streams, "schema_version": version, **writer_counters(),
         }
 
     def load_streams(self, history_max: int, history_age: float, now: float) -> list[StreamState]:
@@ -1626,15 +1661,21 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str, *, synchronous: str = "FULL", group_commit_ms: float = 2.0,
-                 dedup_window: float = 86400.0) -> None:
+                 dedup_window: float = 86400.0, writer: str = "process") -> None:
         sync = synchronous.upper()
         if sync not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
         if group_commit_ms < 0:
             raise ValueError(f"group_commit_ms must be >= 0, got {group_commit_ms!r}")
+        if writer not in WRITER_MODES:
+            raise ValueError(f"writer must be one of {', '.join(WRITER_MODES)}, got {writer!r}")
         self.path = path
         self.epoch = 0
-        self._writer = _Writer(path, sync, group_commit_ms, dedup_window)
+        if writer == "thread":
+            self._writer = _Writer(path, sync, group_commit_ms, dedup_window)
+        else:
+            from .store_writer import WriterProcess
+            self._writer = WriterProcess(path, sync, group_commit_ms, dedup_window)
         self._reader = _Reader(path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"         # new -> open -> closed
@@ -1646,13 +1687,18 @@ class SQLiteStore:
         if self._state != "new":
             raise RuntimeError(f"SQLiteStore.open: the store is {self._state}")
         loop = self._loop = asyncio.get_running_loop()
-        self._writer.loop = self._reader.loop = loop
-        ready = loop.create_future()
-        writer = threading.Thread(target=self._writer.run, args=(ready,),
-                                  name="tillwire-store-writer", daemon=True)
-        writer.start()
-        self._threads.append(writer)
-        info = await ready
+        self._reader.loop = loop
+        writer = self._writer
+        if isinstance(writer, _Writer):
+            writer.post = functools.partial(_post, loop)
+            ready = loop.create_future()
+            thread = threading.Thread(target=writer.run, args=(ready,),
+                                      name="tillwire-store-writer", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            info = await ready
+        else:
+            info = await writer.start(loop)
         ready = loop.create_future()
         reader = threading.Thread(target=self._reader.run, args=(ready,),
                                   name="tillwire-store-reader", daemon=True)
@@ -1663,18 +1709,22 @@ class SQLiteStore:
         except BaseException:
             await self._stop_writer()
             raise
-        checkpointer = self._writer.checkpointer = _Checkpointer(self.path, self._writer.synchronous)
-        thread = threading.Thread(target=checkpointer.run, name="tillwire-store-checkpointer",
-                                  daemon=True)
-        thread.start()
-        self._threads.append(thread)
         self.epoch = info["epoch"]
         self._state = "open"
 
     async def _stop_writer(self) -> None:
         fut = self._loop.create_future()
-        self._writer.queue.put((_STOP, (), fut, 0))
-        await fut
+        self._writer.submit(None, (), fut, 0)
+        if isinstance(self._writer, _Writer):
+            await fut
+            return
+        from .store_writer import WriterGone
+        try:
+            await fut
+        except WriterGone as exc:       # it died earlier: nothing left to commit
+            log.warning("%s", exc)
+        finally:
+            await self._writer.wait_exit()
 
     async def close(self) -> None:
         """Commit what is queued, checkpoint the WAL and stop both threads."""
@@ -1688,8 +1738,6 @@ class SQLiteStore:
         self._reader.queue.put((_STOP, (), stopped_reader, 0))
         try:
             await stopped_reader
-            if self._writer.checkpointer is not None:
-                self._writer.checkpointer.stop()
             await self._stop_writer()
         finally:
             self._state = "closed"
@@ -1702,13 +1750,14 @@ class SQLiteStore:
             raise RuntimeError(f"SQLiteStore: the store is {self._state}, not open")
         return self._loop
 
-    def _write(self, op: Callable, args: tuple, weight: int = 1, fut=None):
-        """Queue ``op(*args)`` for the writer; ``fut`` (a new future unless a
-        Completion is given) is settled on the loop after COMMIT."""
+    def _write(self, op: str, args: tuple, weight: int = 1, fut=None):
+        """Queue the writer's request ``op`` (a _Writer method name) with
+        ``args``; ``fut`` (a new future unless a Completion is given) is
+        settled on the loop after COMMIT."""
         loop = self._check_open()
         if fut is None:
             fut = loop.create_future()
-        self._writer.queue.put((op, args, fut, weight))
+        self._writer.submit(op, args, fut, weight)
         return fut
 
     def _read(self, op: Callable, args: tuple) -> asyncio.Future:
@@ -1723,11 +1772,11 @@ class SQLiteStore:
         items = list(items)
         if not items:
             return []
-        return await self._write(self._writer.accept_many, (items,), len(items))
+        return await self._write("accept_many", (items,), len(items))
 
     def accept_many_then(self, items: Sequence, callback) -> None:
         items = list(items)
-        self._write(self._writer.accept_many, (items,), len(items), Completion(callback))
+        self._write("accept_many", (items,), len(items), Completion(callback))
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         return await self._read(self._reader.inbox, (terminal, lane, after, limit))
@@ -1737,18 +1786,18 @@ class SQLiteStore:
 
     async def ack_many(self, acks: Sequence, now: float) -> list[ReceiptEvent]:
         acks = list(acks)
-        return await self._write(self._writer.ack_many, (acks, now), len(acks))
+        return await self._write("ack_many", (acks, now), len(acks))
 
     async def delivered_many(self, ranges: Sequence, now: float) -> None:
         ranges = list(ranges)
-        return await self._write(self._writer.delivered_many, (ranges, now), len(ranges))
+        return await self._write("delivered_many", (ranges, now), len(ranges))
 
     async def reject(self, terminal: str, lane: int, seq: int, reason: str,
                      now: float) -> DeadLetter | None:
-        return await self._write(self._writer.reject, (terminal, lane, seq, reason, now))
+        return await self._write("reject", (terminal, lane, seq, reason, now))
 
     async def expire(self, now: float) -> list[DeadLetter]:
-        return await self._write(self._writer.expire, (now,))
+        return await self._write("expire", (now,))
 
     async def trace(self, msg_id: int) -> Trace | None:
         return await self._read(self._reader.trace, (msg_id,))
@@ -1757,7 +1806,7 @@ class SQLiteStore:
         return await self._read(self._reader.dead_letters, (tenant, limit))
 
     async def register(self, record: TerminalRecord) -> None:
-        return await self._write(self._writer.register, (record,))
+        return await self._write("register", (record,))
 
     async def terminal(self, address: str) -> TerminalRecord | None:
         return await self._read(self._reader.terminal, (address,))
@@ -1766,21 +1815,21 @@ class SQLiteStore:
         return await self._read(self._reader.terminals, (tenant,))
 
     async def retire(self, address: str, retired: bool) -> bool:
-        return await self._write(self._writer.retire, (address, retired))
+        return await self._write("retire", (address, retired))
 
     async def revoke(self, address: str, before: float) -> bool:
-        return await self._write(self._writer.revoke, (address, before))
+        return await self._write("revoke", (address, before))
 
     async def trim(self, now: float, keep_acked: float) -> int:
-        return await self._write(self._writer.trim, (now, keep_acked))
+        return await self._write("trim", (now, keep_acked))
 
     async def stats(self) -> dict:
-        return await self._read(self._reader.stats, (self._writer,))
+        return await self._read(self._reader.stats, (self._writer.counters,))
 
     # -- key-value records ----------------------------------------------------------------
 
     async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:
-        return await self._write(self._writer.kv_put, (ns, key, bytes(value), now))
+        return await self._write("kv_put", (ns, key, bytes(value), now))
 
     async def kv_get(self, ns: str, key: str) -> bytes | None:
         return await self._read(self._reader.kv_get, (ns, key))
@@ -1792,34 +1841,33 @@ class SQLiteStore:
                                 (ns, prefix, after, limit, reverse, before))
 
     async def kv_delete(self, ns: str, key: str) -> bool:
-        return await self._write(self._writer.kv_delete, (ns, key))
+        return await self._write("kv_delete", (ns, key))
 
     async def kv_delete_prefix(self, ns: str, prefix: str) -> int:
-        return await self._write(self._writer.kv_delete_prefix, (ns, prefix))
+        return await self._write("kv_delete_prefix", (ns, prefix))
 
     async def kv_expire(self, ns: str, before: float) -> int:
-        return await self._write(self._writer.kv_expire, (ns, before))
+        return await self._write("kv_expire", (ns, before))
 
     # -- streams --------------------------------------------------------------------------
 
     def configure_streams(self, history_max: int, history_age: float) -> None:
-        self._writer.history_max = max(0, int(history_max))
-        self._writer.history_age = float(history_age)
+        self._writer.configure_streams(history_max, history_age)
 
     def stream_append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
         if self._state in ("closed", "closing"):
             return          # channels are best effort once the store is going away
-        self._writer.queue.put((self._writer.stream_append, (name, lane, epoch, entry), None, 1))
+        self._writer.submit("stream_append", (name, lane, epoch, entry), None, 1)
 
     async def load_streams(self, history_max: int, history_age: float,
                            now: float) -> list[StreamState]:
         return await self._read(self._reader.load_streams, (history_max, history_age, now))
 
     async def forget_stream(self, name: str) -> int:
-        return await self._write(self._writer.forget_stream, (name,))
+        return await self._write("forget_stream", (name,))
 
     async def stream_expire_kind(self, kind: str, before: float) -> int:
-        return await self._write(self._writer.stream_expire_kind, (kind, before))
+        return await self._write("stream_expire_kind", (kind, before))
 
     # -- operations ----------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """One suite of Store contract tests, run against every backend.
 
 ``store_factory`` makes a fresh store of each backend in turn (memory; SQLite
-in ``tmp_path``).  Every test is a plain function that runs its coroutine
+in ``tmp_path``, its writer in a process and in a thread).  Every test is a plain function that runs its coroutine
 with :func:`run_with`; the second half holds the SQLite-only tests
 (durability across reopen, migrations, online backup, a SIGKILL crash test,
 the ``tillwire backup`` command) and a hypothesis differential test that
@@ -32,7 +32,8 @@ from tillwire.server.store_sqlite import (
     DB_FILENAME, SCHEMA_VERSION, SQLiteStore, backup_file, migrate, schema_version,
 )
 
-BACKENDS = ["memory", "sqlite"]
+# sqlite: the writer in its own process (the default); sqlite-thread: in a thread.
+BACKENDS = ["memory", "sqlite", "sqlite-thread"]
 T0 = 1_700_000_000.0
 TTL = 3600.0
 PAY = "terminal:acme/pay1"
@@ -45,7 +46,8 @@ def _make(kind: str, path: str, **kw):
         return MemoryStore(dedup_window=kw.get("dedup_window", 86400.0))
     return SQLiteStore(path, synchronous=kw.get("synchronous", "NORMAL"),
                        group_commit_ms=kw.get("group_commit_ms", 0.0),
-                       dedup_window=kw.get("dedup_window", 86400.0))
+                       dedup_window=kw.get("dedup_window", 86400.0),
+                       writer=kw.get("writer", "thread" if kind == "sqlite-thread" else "process"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -489,7 +491,10 @@ def test_stats(store_factory):
         await store.reject(TILL2, 0, 1, "x", T0 + 1)
         await store.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",)))
         stats = await store.stats()
-        assert stats["backend"] == store_factory.backend
+        assert stats["backend"] == store_factory.backend.split("-")[0]
+        if store_factory.backend != "memory":
+            assert stats["writer"] == ("thread" if store_factory.backend == "sqlite-thread"
+                                       else "process")
         assert (stats["messages"], stats["unacked"], stats["dead_letters"], stats["terminals"]) == \
             (3, 3, 1, 1)
         assert stats["bytes"] > 0
@@ -751,7 +756,7 @@ def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
         assert (again.duplicate, again.msg_id, again.seqs) == (False, 2, {TILL: 2})
         assert (await store.stats())["failed_commits"] == 1
 
-    sqlite_run(db_path, body, group_commit_ms=50.0, synchronous="NORMAL")
+    sqlite_run(db_path, body, group_commit_ms=50.0, synchronous="NORMAL", writer="thread")
 
 
 def test_sqlite_never_blocks_the_event_loop(db_path):
