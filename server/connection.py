@@ -114,6 +114,7 @@ class TerminalConnection(ServerSession):
                 extra = self.extra if self.extra is not None else {}
                 self.extra = extra
                 extra["backlog"] = (frames, i)
+                node.counters.read_yields += 1
                 self.transport.pause_reading()
                 node.loop.call_soon(self._on_backlog)
                 return

@@ -98,7 +98,7 @@ class Counters:
                  "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
-                 "lane_bytes_out", "store_write", "ack_latency")
+                 "lane_bytes_out", "store_write", "ack_latency", "read_yields")
 
     _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 

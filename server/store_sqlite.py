@@ -1,8 +1,10 @@
 """Embedded SQLite Store backend: P0/P1 inboxes that survive crashes and power loss.
 
-One file (``<data_dir>/tillwire.db``) in WAL mode, three threads:
+One file (``<data_dir>/tillwire.db``) in WAL mode, three workers:
 
-* the **writer** owns the only write connection and runs every write request
+* the **writer** (by default in a process of its own, see store_writer.py;
+  ``writer="thread"`` keeps it a thread of the server) owns the only write
+  connection and runs every write request
   (accept_many, ack_many, delivered_many, reject, expire, trim, register,
   retire, revoke, stream appends) in arrival order.  It takes *every* request
   queued at that moment and runs them in ONE transaction with one commit
@@ -17,13 +19,14 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three threads:
 * the **reader** owns a second connection (``query_only``) and answers inbox,
   positions, trace, dead_letters, terminal(s), stats, load_streams and backup,
   so reads never wait behind an fsync (WAL readers see the last commit);
-* the **checkpointer** copies the WAL into the database file (PASSIVE
-  checkpoints on a third connection), which SQLite would otherwise do inside
-  one of the writer's commits.
+* the **checkpointer** (a thread beside the writer) copies the WAL into the
+  database file (PASSIVE checkpoints on a third connection), which SQLite
+  would otherwise do inside one of the writer's commits.
 
 The event loop never touches SQLite: a request is a tuple put on a
-``queue.SimpleQueue`` (never blocks), and each thread hands a whole batch of
-results back with ONE ``loop.call_soon_threadsafe``.
+``queue.SimpleQueue`` (never blocks) or written to the writer process's
+socket, and each batch of results comes back in ONE
+``loop.call_soon_threadsafe`` (threads) or one message (the process).
 
 Writes per single-recipient message: a ``messages`` row and an ``inbox``
 row, plus the dedup index entry (when it has a ref); rows go in with

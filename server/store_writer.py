@@ -161,6 +161,9 @@ class WriterProcess:
         ready = loop.create_future()
         self._pending[0] = ready
         self._transport, _ = await loop.connect_accepted_socket(lambda: _Link(self), ours)
+        early, self._out = self._out, []
+        for name, args, fut, weight in early:     # requests made before the start
+            self.submit(name, args, fut, weight)
         try:
             return await ready
         except BaseException:
@@ -171,6 +174,9 @@ class WriterProcess:
         if self._gone is not None:
             if fut is not None:
                 fut.set_exception(WriterGone(f"store writer process: {self._gone}"))
+            return
+        if self._transport is None:          # not started yet: sent once it is
+            self._out.append((name, args, fut, weight))
             return
         rid = 0
         if fut is not None:
@@ -271,7 +277,10 @@ def main() -> None:
 
     fd, params = int(sys.argv[1]), orjson.loads(sys.argv[2])
     _die_with_parent(params["parent"])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides when we stop
+    # The parent decides when we stop (a Ctrl-C or a service manager's SIGTERM
+    # to the whole group must not cut its writes off while it drains).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     writer = _Writer(params["path"], params["synchronous"], params["group_commit_ms"],
                      params["dedup_window"])

@@ -8,6 +8,7 @@ store and kill it with SIGKILL while messages flow.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 
@@ -131,7 +132,14 @@ async def test_kill_9_while_payments_flow_loses_nothing(tmp_path):
         loop = asyncio.get_running_loop()
         pumps = [asyncio.ensure_future(t.pump(loop.time() + 60)) for t in tills]
         await eventually(lambda: len(payer.acked) >= total // 5, timeout=60, interval=0.001)
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            writers = [int(pid) for pid in f.read().split()]    # the store's writer process
+        assert writers
         server.kill()
+        # It dies with the server: nothing is left holding the database.
+        await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") and
+                                         open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                                         for pid in writers), timeout=10)
         acked_before_kill = len(payer.acked)
         await asyncio.sleep(0.3)
         server.start()

@@ -516,6 +516,42 @@ async def test_slow_consumer_with_p0_is_closed_and_nothing_is_lost():
         await node.stop()
 
 
+@aiotest()
+async def test_a_burst_is_handled_in_turns_in_order_and_completely():
+    # A backend writes 800 payment results in one go; with a tiny read budget
+    # the server handles them over many turns (reading paused in between),
+    # and every one is stored, acked and delivered in the order sent.
+    node = await start_node(**{"server.read_budget_ms": 0.01})
+    host, port = node.addresses[0]
+    till = await connect(node, "till1", store="s1")
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        enc = Encoder()
+        burst = [enc.encode(Frame(FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED,
+                                  b'{"order":"o%d","status":"paid"}' % n, ref=n + 1,
+                                  to="terminal:acme/till1", kind="payment.result"))
+                 for n in range(800)]
+        writer.write(hello(token("hq1", store="hq", roles=("backend",)))
+                     + enc.encode(Frame(FrameType.RESUME)) + b"".join(burst))
+        decoder = Decoder()
+        acked = []
+        while len(acked) < 800:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, "the server closed the backend's connection"
+            acked += [f.ref - 1 for f in decoder.feed(chunk) if f.type == FrameType.SENDACK]
+        assert acked == list(range(800))
+        got = []
+        while len(got) < 800:
+            msg = await till.receive(timeout=5)
+            got.append(int(msg.body["order"][1:]))
+            await msg.ack()
+        assert got == list(range(800))
+        assert node.counters.read_yields > 0
+    finally:
+        writer.close()
+        await node.stop()
+
+
 # -- fan-out -----------------------------------------------------------------------------
 
 

@@ -759,6 +759,33 @@ def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
     sqlite_run(db_path, body, group_commit_ms=50.0, synchronous="NORMAL", writer="thread")
 
 
+def test_sqlite_writer_process_death_fails_requests_instead_of_hanging(db_path):
+    from tillwire.server.store_writer import WriterGone
+
+    async def body(store):
+        proc = store._writer._proc           # the writer process of this store
+        # A SIGTERM or SIGINT to the whole process group (a service manager
+        # stopping the server, a Ctrl-C) leaves it to the server to stop it.
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.2)
+        await store.accept_many([(msg(1), [TILL])])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(WriterGone):
+            await asyncio.wait_for(store.accept_many([(msg(2), [TILL])]), 10)
+        with pytest.raises(WriterGone):      # and every later one, at once
+            await asyncio.wait_for(store.ack_many([(TILL, 0, 1)], T0 + 1), 10)
+        assert await store.positions(TILL) == (0, 1, 0, 0)   # reads still answer
+
+    sqlite_run(db_path, body)
+
+    async def reopened(store):               # what was committed is all there
+        return await store.positions(TILL)
+
+    assert sqlite_run(db_path, reopened) == (0, 1, 0, 0)
+
+
 def test_sqlite_never_blocks_the_event_loop(db_path):
     async def body(store):
         ticks = 0
