@@ -241,6 +241,11 @@ class Handlers:
                 await asyncio.wait_for(node.store.terminal("terminal:readyz/probe"), 2.0)
             except Exception as exc:  # noqa: BLE001 - any store failure means not ready
                 reason = f"store: {exc.__class__.__name__}: {exc}".rstrip(": ")
+            else:
+                # Reads can still answer when writes cannot (the SQLite writer process died).
+                down = getattr(node.store, "write_failure", "")
+                if down:
+                    reason = f"store: {down}"
         if reason:
             return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
         return _json({"ready": True, "node": node.node_id})

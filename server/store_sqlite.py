@@ -108,8 +108,8 @@ _ACKED_RANGE = 2
 # is a lower bound of the expiry of the inbox's pending entries (-inf =
 # unknown, +inf = none); it is not persisted.  _RCPT is an upper bound of the
 # highest seq whose sender asked for receipts (the box's last seq when it was
-# loaded, then raised by accepts): an ack at or below the acked position's
-# range above it looks for receipts, any other ack needs no query.
+# loaded, then raised by accepts): only an ack of a range (acked, seq] with
+# _RCPT > acked looks receipt entries up; any other ack needs no query.
 _LAST, _ACK, _DELIV, _TRIM, _EXP, _RCPT = 0, 1, 2, 3, 4, 5
 _UNKNOWN = float("-inf")
 _NEVER = float("inf")
@@ -1747,6 +1747,12 @@ class SQLiteStore:
             for thread in self._threads:
                 thread.join(timeout=5.0)
             self._threads.clear()
+
+    @property
+    def write_failure(self) -> str:
+        """Why writes fail for good ("" while they can succeed): the writer process is gone."""
+        gone = getattr(self._writer, "gone", None)
+        return f"writer process: {gone}" if gone is not None else ""
 
     def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._state != "open":

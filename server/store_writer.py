@@ -206,6 +206,11 @@ class WriterProcess:
     def counters(self) -> dict:
         return self._counters
 
+    @property
+    def gone(self) -> BaseException | None:
+        """Why the writer process ended (None while it runs)."""
+        return self._gone
+
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()

@@ -759,6 +759,13 @@ def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
     sqlite_run(db_path, body, group_commit_ms=50.0, synchronous="NORMAL", writer="thread")
 
 
+async def eventually_true(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "never became true"
+        await asyncio.sleep(0.01)
+
+
 def test_sqlite_writer_process_death_fails_requests_instead_of_hanging(db_path):
     from tillwire.server.store_writer import WriterGone
 
@@ -770,8 +777,10 @@ def test_sqlite_writer_process_death_fails_requests_instead_of_hanging(db_path):
         proc.send_signal(signal.SIGINT)
         await asyncio.sleep(0.2)
         await store.accept_many([(msg(1), [TILL])])
+        assert store.write_failure == ""
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        await eventually_true(lambda: store.write_failure)   # what /readyz reports
         with pytest.raises(WriterGone):
             await asyncio.wait_for(store.accept_many([(msg(2), [TILL])]), 10)
         with pytest.raises(WriterGone):      # and every later one, at once
