@@ -88,6 +88,7 @@ class TerminalConnection(ServerSession):
                 node.on_frame(self, frame)
         else:
             self._handle(frames, 0)
+        node.commit_now()
         if self.pending:
             node.mark_dirty(self)
 
@@ -131,6 +132,7 @@ class TerminalConnection(ServerSession):
         if transport is None or transport.is_closing():
             return            # the connection is gone: so is what it sent
         self._handle(frames, start)
+        self.node.commit_now()
         if self.extra is None or "backlog" not in self.extra:
             transport.resume_reading()
         if self.pending:

@@ -950,14 +950,25 @@ class Node:
         if len(self._pending_accepts) == 1:
             self.loop.call_soon(self._commit)
 
-    def _commit(self) -> None:
-        """Hand this iteration's submits to the store as one batch.
+    def commit_now(self) -> None:
+        """Hand the submits so far to the store at once: a connection's read
+        ended, and its SENDs need not wait for the next loop iteration (under
+        a broadcast flood an iteration is long).  The SENDs of one read still
+        go in one batch, and the store's group commit gathers the batches."""
+        if self._pending_accepts:
+            self._commit()
 
-        Runs at the next iteration (call_soon), so every submit() of this one
-        is in the batch.  The store calls :meth:`_committed` straight from
-        its completion on the loop: no task to wake up, one iteration less
-        between a payment result's SEND and its delivery."""
+    def _commit(self) -> None:
+        """Hand the pending submits to the store as one batch.
+
+        Runs at the end of the read that submitted them (commit_now) or,
+        for submits made elsewhere (services, the admin API), at the next
+        iteration (call_soon).  The store calls :meth:`_committed` straight
+        from its completion on the loop: no task to wake up, one iteration
+        less between a payment result's SEND and its delivery."""
         batch = self._pending_accepts
+        if not batch:
+            return          # a connection's read already handed them over
         self._pending_accepts = []
         started = time.perf_counter()
         self._committing += 1
