@@ -1288,8 +1288,10 @@ class Node:
         for rec in registers:
             await self.store.register(rec)
         if delivered:
-            await self.store.delivered_many(
+            receipts = await self.store.delivered_many(
                 [(t, lane, rng[0], rng[1]) for (t, lane), rng in delivered.items()], now)
+            for r in receipts or ():
+                self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.DELIVERED, r.terminal)
         if acks:
             receipts = await self.store.ack_many(
                 [(t, lane, seq) for (t, lane), seq in acks.items()], now)

@@ -264,9 +264,11 @@ class Store(Protocol):
         for each newly acked message whose sender asked for receipts."""
 
     async def delivered_many(self, ranges: Sequence[tuple[str, int, int, int]],
-                             now: float) -> None:
+                             now: float) -> list[ReceiptEvent]:
         """Seqs ``first..last`` of (terminal, lane, first, last) were written
-        to the terminal (the trace's "delivered").
+        to the terminal (the trace's "delivered"); returns a ReceiptEvent for
+        each message delivered for the first time whose sender asked for
+        receipts.
 
         The node delivers each inbox in seq order, so a backend may keep a
         delivered *position* per inbox: after a range, every unacked seq up

@@ -141,7 +141,8 @@ class MemoryStore:
         box.acked = seq
         return receipts
 
-    async def delivered_many(self, ranges, now: float) -> None:
+    async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
+        receipts: list[ReceiptEvent] = []
         for terminal, lane, first, last in ranges:
             box = self._inboxes.get((terminal, lane))
             if box is None:
@@ -151,6 +152,10 @@ class MemoryStore:
                 if rec is not None and rec.state == STORED:
                     rec.state = DELIVERED
                     rec.delivered_at = now
+                    msg = self._find(terminal, lane, s)
+                    if msg.receipt:
+                        receipts.append(ReceiptEvent(msg.msg_id, terminal, msg.sender, msg.ref))
+        return receipts
 
     def _dead_letter(self, terminal: str, lane: int, seq: int, state: str, reason: str,
                      now: float) -> DeadLetter | None:

@@ -341,6 +341,10 @@ _DEDUP_MANY = ("SELECT m.sender, m.ref, m.id, m.created FROM json_each(?) j JOIN
 
 
 _INSERT_MESSAGE = ("INSERT INTO messages VALUES ", "(?,?,?,?,?,?,?,?,?,?,?,?)")
+# Pending entries of an inbox key range (k > ?, k <= ?) whose sender asked for receipts.
+_RECEIPTS_IN_RANGE = (
+    "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m ON m.id = i.msg_id "
+    f"WHERE i.k > ? AND i.k <= ? AND i.state = 0 AND (i.flags & {_F_RECEIPT}) ORDER BY i.k")
 _INSERT_INBOX = ("INSERT INTO inbox(k, msg_id, flags) VALUES ", "(?,?,?)")
 
 
@@ -880,9 +884,7 @@ class _Writer:
             if box[_RCPT] > acked:     # else no entry of (acked, seq] wants a receipt
                 base = ((tid << 1) | lane) << _SEQ_BITS
                 for msg_id, sender, ref in conn.execute(
-                        "SELECT m.id, m.sender, m.ref FROM inbox i JOIN messages m "
-                        f"ON m.id = i.msg_id WHERE i.k > ? AND i.k <= ? AND i.state = 0 "
-                        f"AND (i.flags & {_F_RECEIPT}) ORDER BY i.k", (base + acked, base + seq)):
+                        _RECEIPTS_IN_RANGE, (base + acked, base + seq)):
                     receipts.append(ReceiptEvent(msg_id, terminal, sender, _ref_out(ref)))
             box[_ACK] = seq
             self.dirty.add((tid << 1) | lane)
@@ -891,7 +893,8 @@ class _Writer:
             conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
         return receipts
 
-    def delivered_many(self, ranges_in: list, now: float) -> None:
+    def delivered_many(self, ranges_in: list, now: float) -> list[ReceiptEvent]:
+        receipts: list[ReceiptEvent] = []
         ranges = []
         for terminal, lane, first, last in ranges_in:
             tid = self.tids.get(terminal)
@@ -903,11 +906,20 @@ class _Writer:
             if first > last:
                 continue
             if last > box[_DELIV]:
+                # First deliveries: seqs past the delivered position (the node
+                # delivers in order, so the ones below it went out before).
+                new = max(first, box[_DELIV] + 1)
+                if box[_RCPT] >= new:
+                    base = ((tid << 1) | lane) << _SEQ_BITS
+                    for msg_id, sender, ref in self.conn.execute(
+                            _RECEIPTS_IN_RANGE, (base + new - 1, base + last)):
+                        receipts.append(ReceiptEvent(msg_id, terminal, sender, _ref_out(ref)))
                 box[_DELIV] = last
                 self.dirty.add((tid << 1) | lane)
             ranges.append((tid, lane, _DELIVERED_RANGE, first, last, now))
         if ranges:
             self.conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
+        return receipts
 
     def reject(self, terminal: str, lane: int, seq: int, reason: str,
                now: float) -> DeadLetter | None:
@@ -1797,7 +1809,7 @@ class SQLiteStore:
         acks = list(acks)
         return await self._write("ack_many", (acks, now), len(acks))
 
-    async def delivered_many(self, ranges: Sequence, now: float) -> None:
+    async def delivered_many(self, ranges: Sequence, now: float) -> list[ReceiptEvent]:
         ranges = list(ranges)
         return await self._write("delivered_many", (ranges, now), len(ranges))
 

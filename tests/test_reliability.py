@@ -288,6 +288,10 @@ async def test_trace_receipts_nack_and_dead_letters():
         till = await connect(node, "t1")
         ack = await be.send("payment.result", {"order": "o1", "n": 1, "status": "paid"}, "terminal:acme/t1", receipt=True)
         msg = await till.receive(timeout=3)
+        # Handed to the till: DELIVERED (once, when the delivery batch is written).
+        receipt = await asyncio.wait_for(be.receipts.get(), 3)
+        assert receipt.msg_id == ack.msg_id and receipt.code == ReceiptStatus.DELIVERED
+        assert receipt.to == "terminal:acme/t1" and receipt.ref == ack.ref
         await msg.ack()
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
         assert receipt.msg_id == ack.msg_id and receipt.code == ReceiptStatus.ACKED
@@ -300,6 +304,8 @@ async def test_trace_receipts_nack_and_dead_letters():
         # A till that refuses a message for good: dead letter + REJECTED receipt.
         ack2 = await be.send("payment.result", {"order": "o1", "n": 2, "status": "paid"}, "terminal:acme/t1", receipt=True)
         msg2 = await till.receive(timeout=3)
+        receipt = await asyncio.wait_for(be.receipts.get(), 3)
+        assert receipt.code == ReceiptStatus.DELIVERED and receipt.msg_id == ack2.msg_id
         till.nack(msg2.lane, msg2.seq, code=7, reason="unknown order")
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
         assert receipt.code == ReceiptStatus.REJECTED and receipt.msg_id == ack2.msg_id
@@ -317,6 +323,7 @@ async def test_trace_receipts_nack_and_dead_letters():
         assert receipt.code == ReceiptStatus.EXPIRED and receipt.msg_id == ack3.msg_id
         trace = await node.store.trace(ack3.msg_id)
         assert trace.recipients[0].state == "expired"
+        assert be.receipts.empty()       # no DELIVERED for what never left the store
     finally:
         await node.stop()
 

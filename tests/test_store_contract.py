@@ -301,6 +301,23 @@ def test_delivered_many_marks_and_times_delivery(store_factory):
     run_with(store_factory, body)
 
 
+def test_delivered_many_returns_receipts_for_first_deliveries_only(store_factory):
+    async def body(store):
+        got = await store.accept_many([(msg(i, receipt=i % 2 == 0), [TILL]) for i in range(1, 7)]
+                                      + [(msg(9, receipt=True), [TILL2])])
+        first = await store.delivered_many([(TILL, 0, 1, 4), (TILL2, 0, 1, 1)], T0 + 5)
+        assert [(r.msg_id, r.terminal, r.sender, r.ref) for r in first] == \
+            [(got[1].msg_id, TILL, PAY, 2), (got[3].msg_id, TILL, PAY, 4),
+             (got[6].msg_id, TILL2, PAY, 9)]
+        # Delivered again (a retransmit, a resume): no second receipt.
+        assert await store.delivered_many([(TILL, 0, 1, 4)], T0 + 6) == []
+        await store.ack_many([(TILL, 0, 4)], T0 + 7)
+        # Past the acked ones: only what is new.
+        later = await store.delivered_many([(TILL, 0, 5, 6)], T0 + 8)
+        assert [r.msg_id for r in later] == [got[5].msg_id]
+    run_with(store_factory, body)
+
+
 def test_reject_makes_one_dead_letter(store_factory):
     async def body(store):
         got = await store.accept_many([(msg(i, receipt=i == 2), [TILL]) for i in range(1, 5)])
