@@ -150,7 +150,7 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
             await admin.cleanup()
         audit.close()
     log.info("stopped node=%s", node.node_id)
-    return 0
+    return node.exit_code
 
 
 def serve(cfg: Config) -> int:
@@ -158,10 +158,11 @@ def serve(cfg: Config) -> int:
     setup_logging(cfg.log)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration %s", orjson.dumps(cfg.to_dict()).decode())   # secrets masked
-    # The store's writer thread hands the GIL back and forth with the event
-    # loop on every SQLite step; when the loop is busy (a broadcast flood) a
-    # 5 ms switch interval makes each handoff wait up to 5 ms and P0 commits
-    # crawl.  0.1 ms keeps the writer moving at a small cost to the loop.
+    # The store's reader thread (and its writer, with store.writer = "thread")
+    # hands the GIL back and forth with the event loop on every SQLite step;
+    # when the loop is busy (a broadcast flood) a 5 ms switch interval makes
+    # each handoff wait up to 5 ms.  0.1 ms keeps them moving at a small cost
+    # to the loop.
     sys.setswitchinterval(SWITCH_INTERVAL)
     uvloop.install()
     return asyncio.run(run(cfg))

@@ -185,6 +185,7 @@ class Node:
         self.audit = None          # an audit.AuditLog (main.py sets it); None = no audit log
         self._maintenance_task = None
         self._drain_task = None
+        self.exit_code = 0         # what `tillwire serve` exits with (1: the store failed for good)
         self._force_stop = False
         self._stopped = False
         self._stopped_event = asyncio.Event()
@@ -217,6 +218,8 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None, ssl=None) -> None:
+        if hasattr(self.store, "on_write_failure"):
+            self.store.on_write_failure = self._on_store_failure
         await self.store.open()
         self.hub.epoch = self.store.epoch          # known once the store is open
         for rec in await self.store.terminals():
@@ -329,6 +332,18 @@ class Node:
                             (4000 if delay_ms is None else 0) if spread_ms is None else spread_ms,
                             timeout))
         return self._drain_task
+
+    def _on_store_failure(self, reason: str) -> None:
+        """The store can no longer write (its writer process died): nothing
+        more can be acked, so drain and stop; the process exits with 1 and a
+        supervisor restarts it with a working store.  Terminals get GOAWAY
+        and come back to the restarted node; nothing acked is lost."""
+        if self.draining or self.stopped:
+            return
+        log.error("store: %s; draining and stopping (exit status 1) so the node restarts "
+                  "with a working store", reason)
+        self.exit_code = 1
+        self.drain(timeout=2.0)
 
     def force_stop(self) -> None:
         """End a running drain now (a second SIGTERM)."""

@@ -1694,6 +1694,9 @@ class SQLiteStore:
         self._reader = _Reader(path)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"         # new -> open -> closed
+        # Called (on the loop) with a reason when writes fail for good: the
+        # writer process died while the store was open.
+        self.on_write_failure: Callable[[str], None] | None = None
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -1713,6 +1716,7 @@ class SQLiteStore:
             self._threads.append(thread)
             info = await ready
         else:
+            writer.on_gone = self._on_writer_gone
             info = await writer.start(loop)
         ready = loop.create_future()
         reader = threading.Thread(target=self._reader.run, args=(ready,),
@@ -1759,6 +1763,11 @@ class SQLiteStore:
             for thread in self._threads:
                 thread.join(timeout=5.0)
             self._threads.clear()
+
+    def _on_writer_gone(self, reason: str) -> None:
+        log.error("store writer process ended unexpectedly: %s", reason)
+        if self._state == "open" and self.on_write_failure is not None:
+            self.on_write_failure(f"writer process: {reason}")
 
     @property
     def write_failure(self) -> str:

@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Callable
 
 import orjson
 
@@ -144,6 +145,8 @@ class WriterProcess:
         self._transport = None
         self._proc: subprocess.Popen | None = None
         self._gone: BaseException | None = None
+        self._stopping = False                    # a stop was asked: its end is expected
+        self.on_gone: Callable[[str], None] | None = None   # called on an unexpected end
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> dict:
         """Start the child and wait until it has opened (and migrated) the database."""
@@ -178,6 +181,8 @@ class WriterProcess:
         if self._transport is None:          # not started yet: sent once it is
             self._out.append((name, args, fut, weight))
             return
+        if name is None:
+            self._stopping = True
         rid = 0
         if fut is not None:
             rid = self._next_id
@@ -245,6 +250,8 @@ class WriterProcess:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(WriterGone(f"store writer process: {self._gone}"))
+        if not self._stopping and self.on_gone is not None:
+            self.on_gone(str(self._gone))
 
     async def wait_exit(self) -> None:
         """Wait for the child to end (after a stop); kill it past the timeout."""

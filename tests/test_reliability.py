@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import time
 
 import orjson
 import pytest
 
 from support import ServerProcess, aiotest, connect, eventually, start_node
-from tillwire.client.connection import Connection
+from tillwire.client.connection import Connection, SendError
 from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from tillwire.core.errors import SessionClosed
 
@@ -159,6 +160,40 @@ async def test_kill_9_while_payments_flow_loses_nothing(tmp_path):
             assert len(set(t.seqs)) == len(t.seqs)
             assert all(n % 8 == int(t.name[1:]) for n in t.seen)
         assert len(payer.acked) == total
+    finally:
+        server.stop()
+
+
+@aiotest(timeout=60)
+async def test_a_dead_store_writer_stops_the_server_with_status_1_and_loses_nothing(tmp_path):
+    """If the SQLite writer process dies, the server answers STORE_UNAVAILABLE,
+    drains and exits with status 1 (for its supervisor to restart it); after
+    the restart every acked payment result is delivered."""
+    server = ServerProcess(str(tmp_path)).start()
+    try:
+        be = await connect(server.addr, "pay", store="hq", roles=("backend",))
+        acked = [await be.send("payment.result", {"order": f"o{n}", "status": "paid"},
+                               "terminal:acme/t1", ref=n + 1) for n in range(5)]
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            [writer] = [int(pid) for pid in f.read().split()]
+        os.kill(writer, signal.SIGKILL)
+        # Not acked: refused, or the connection is going away with the node.
+        with pytest.raises((SendError, SessionClosed)) as refused:
+            await be.send("payment.result", {"order": "o5", "status": "paid"},
+                          "terminal:acme/t1", ref=6, timeout=5)
+        if isinstance(refused.value, SendError):
+            assert refused.value.code == Code.STORE_UNAVAILABLE
+        assert await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 20) == 1
+        assert "store writer process ended unexpectedly" in server.log()
+        server.start()
+        till = await connect(server.addr, "t1")
+        got = []
+        for _ in acked:
+            msg = await till.receive(timeout=5)
+            got.append(msg.id)
+            await msg.ack()
+        assert got == [a.msg_id for a in acked]
+        await till.close()
     finally:
         server.stop()
 
