@@ -83,6 +83,13 @@ class TerminalConnection(ServerSession):
         counters = node.counters
         counters.frames_in += len(frames)
         counters.bytes_in += len(data)
+        extra = self.extra
+        if extra is not None and "backlog" in extra:
+            # Reading is paused, but a transport may still hand over what it
+            # had (TLS: records already decrypted): it goes after the backlog.
+            rest, start = extra["backlog"]
+            extra["backlog"] = (rest[start:] + frames, 0)
+            return
         if len(frames) <= _SMALL_READ:
             for frame in frames:
                 node.on_frame(self, frame)

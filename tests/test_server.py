@@ -552,6 +552,36 @@ async def test_a_burst_is_handled_in_turns_in_order_and_completely():
         await node.stop()
 
 
+@aiotest()
+async def test_bytes_handed_over_while_a_backlog_waits_go_after_it():
+    # A transport may deliver data after pause_reading (TLS records already
+    # decrypted): those frames must queue behind the backlog, not jump it.
+    node = await start_node(**{"server.read_budget_ms": 0.01})
+    try:
+        be = await connect(node, "hq1", store="hq", roles=("backend",))
+        till = await connect(node, "till1", store="s1")
+        conn = node.hub.sessions["terminal:acme/hq1"]
+        enc = Encoder()
+
+        def sends(first, n):
+            return b"".join(enc.encode(Frame(
+                FrameType.SEND, Lane.P0, b'{"order":"o%d","status":"paid"}' % i, ref=i + 1,
+                to="terminal:acme/till1", kind="payment.result")) for i in range(first, first + n))
+
+        conn.data_received(sends(0, 400))           # over budget: leaves a backlog
+        assert conn.extra is not None and "backlog" in conn.extra
+        conn.data_received(sends(400, 20))          # as if the transport had it already
+        got = []
+        while len(got) < 420:
+            msg = await till.receive(timeout=5)
+            got.append(int(msg.body["order"][1:]))
+            await msg.ack()
+        assert got == list(range(420))
+        assert be.is_open
+    finally:
+        await node.stop()
+
+
 # -- fan-out -----------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import trustme
 
 from support import ServerProcess, aiotest, connect, eventually, token
 from tillwire.core.codec import Decoder, Encoder, Frame
-from tillwire.core.codes import FrameType
+from tillwire.core.codes import Flag, FrameType, Lane
 from tillwire.core.errors import ProtocolError, SessionClosed
 
 
@@ -102,6 +102,39 @@ async def test_tls_terminal_port_carries_the_protocol(tmp_path, pki):
         await till.close()
         await be.close()
     assert "tls=on" in server.log()
+
+
+@aiotest(timeout=60)
+async def test_tls_burst_handled_in_turns_keeps_order(tmp_path, pki):
+    # A tiny read budget pauses reading mid-burst; TLS may still hand over
+    # records it had decrypted: they must go after the backlog, in order.
+    env = tls_env(pki, TILLWIRE_SERVER_READ_BUDGET_MS="0.01")
+    with ServerProcess(str(tmp_path / "srv"), env=env) as server:
+        ctx = client_context(pki)
+        till = await connect(server.addr, "t1", ssl=ctx)
+        reader, writer = await asyncio.open_connection(*server.addr, ssl=ctx)
+        enc = Encoder()
+        burst = b"".join(enc.encode(Frame(
+            FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED, b'{"order":"o%d","status":"paid"}' % n,
+            ref=n + 1, to="terminal:acme/t1", kind="payment.result")) for n in range(600))
+        writer.write(enc.encode(Frame(FrameType.HELLO, version=1,
+                                      token=token("hq", store="hq", roles=("backend",))))
+                     + enc.encode(Frame(FrameType.RESUME)) + burst)
+        decoder = Decoder()
+        acked = []
+        while len(acked) < 600:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk
+            acked += [f.ref - 1 for f in decoder.feed(chunk) if f.type == FrameType.SENDACK]
+        assert acked == list(range(600))
+        got = []
+        while len(got) < 600:
+            msg = await till.receive(timeout=5)
+            got.append(int(msg.body["order"][1:]))
+            await msg.ack()
+        assert got == list(range(600))
+        writer.close()
+        await till.close()
 
 
 @aiotest(timeout=60)
