@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from ..core.session import ServerSession
+from ..core.session import CLOSED, ServerSession
 
 _SMALL_READ = 16      # frames handled without looking at the clock
 
@@ -142,8 +142,8 @@ class TerminalConnection(ServerSession):
         self.node.commit_now()
         if self.extra is None or "backlog" not in self.extra:
             transport.resume_reading()
-        if self.pending:
-            self.node.mark_dirty(self)
+        if self.pending or self.state == CLOSED:
+            self.node.mark_dirty(self)      # (a CLOSED one: the flush closes it now)
 
     def eof_received(self):
         return False     # close the transport

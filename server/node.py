@@ -338,11 +338,13 @@ class Node:
         more can be acked, so drain and stop; the process exits with 1 and a
         supervisor restarts it with a working store.  Terminals get GOAWAY
         and come back to the restarted node; nothing acked is lost."""
-        if self.draining or self.stopped:
+        if self.stopped:
+            return
+        self.exit_code = 1          # also when a drain was already under way
+        if self.draining:
             return
         log.error("store: %s; draining and stopping (exit status 1) so the node restarts "
                   "with a working store", reason)
-        self.exit_code = 1
         self.drain(timeout=2.0)
 
     def force_stop(self) -> None:
@@ -482,7 +484,10 @@ class Node:
                     counters.bytes_out += len(data)
             if conn.state == CLOSED:
                 if not conn.pending:
-                    transport.close()
+                    # (Not while frames it received before closing wait their
+                    # turn: the backlog's end marks it dirty again.)
+                    if conn.extra is None or "backlog" not in conn.extra:
+                        transport.close()
                 elif not conn.paused:
                     self.mark_dirty(conn)
                 continue

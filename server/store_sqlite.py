@@ -740,6 +740,11 @@ class _Writer:
             try:
                 return self._attempt(pending)
             finally:
+                # A failed attempt may leave its transaction open, and SQLite
+                # refuses to change the safety level inside one: roll it back
+                # first (the caller's rollback then finds nothing to undo).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -1737,11 +1742,14 @@ class SQLiteStore:
         if isinstance(self._writer, _Writer):
             await fut
             return
-        from .store_writer import WriterGone
+        from .store_writer import STOP_TIMEOUT, WriterGone
         try:
-            await fut
+            await asyncio.wait_for(fut, STOP_TIMEOUT)
         except WriterGone as exc:       # it died earlier: nothing left to commit
             log.warning("%s", exc)
+        except asyncio.TimeoutError:
+            log.error("store writer process did not stop in %.0f s: killed", STOP_TIMEOUT)
+            self._writer.kill()
         finally:
             await self._writer.wait_exit()
 

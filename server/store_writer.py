@@ -30,13 +30,16 @@ If the parent dies, the child is killed with it (``PR_SET_PDEATHSIG``) and,
 should that not apply, ends at the end of its socket: a server killed with
 SIGKILL leaves no writer behind to hold the database.  If the child dies,
 every waiting request fails and so does every later one (the node answers
-STORE_UNAVAILABLE); it is not restarted behind the operator's back.
+STORE_UNAVAILABLE), and the store tells the node (``on_write_failure``),
+which drains and exits with status 1 for its supervisor to restart it: the
+node's view of the inboxes would not survive a writer restarted in place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 import pickle
 import signal
@@ -51,7 +54,7 @@ import orjson
 from .store import Accepted, NewMessage
 
 _HEADER = 4
-_STOP_TIMEOUT = 30.0      # a stop commits what is queued; past this the child is killed
+STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed
 
 
 class WriterGone(RuntimeError):
@@ -155,22 +158,30 @@ class WriterProcess:
         params = {**self._params, "history_max": self.history_max,
                   "history_age": self.history_age, "parent": os.getpid()}
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from tillwire.server.store_writer import main; main()",
-                 str(theirs.fileno()), orjson.dumps(params).decode()],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
-        finally:
-            theirs.close()
-        ready = loop.create_future()
-        self._pending[0] = ready
-        self._transport, _ = await loop.connect_accepted_socket(lambda: _Link(self), ours)
-        early, self._out = self._out, []
-        for name, args, fut, weight in early:     # requests made before the start
-            self.submit(name, args, fut, weight)
-        try:
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", "from tillwire.server.store_writer import main; main()",
+                     str(theirs.fileno()), orjson.dumps(params).decode()],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+            finally:
+                theirs.close()
+            ready = loop.create_future()
+            self._pending[0] = ready
+            self._transport, _ = await loop.connect_accepted_socket(lambda: _Link(self), ours)
+            early, self._out = self._out, []
+            for name, args, fut, weight in early:     # requests made before the start
+                self.submit(name, args, fut, weight)
             return await ready
         except BaseException:
-            await self.wait_exit()
+            # Failed or cancelled: leave no child and no socket behind.
+            self._stopping = True
+            self.kill()
+            if self._transport is not None:
+                self._transport.close()
+            else:
+                ours.close()
+            if self._proc is not None:
+                await self.wait_exit()
             raise
 
     def submit(self, name: str | None, args: tuple, fut, weight: int) -> None:
@@ -253,12 +264,16 @@ class WriterProcess:
         if not self._stopping and self.on_gone is not None:
             self.on_gone(str(self._gone))
 
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
     async def wait_exit(self) -> None:
         """Wait for the child to end (after a stop); kill it past the timeout."""
         proc = self._proc
         if proc is None:
             return
-        deadline = self._loop.time() + _STOP_TIMEOUT
+        deadline = self._loop.time() + STOP_TIMEOUT
         while proc.poll() is None and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
         if proc.poll() is None:
@@ -289,6 +304,11 @@ def main() -> None:
 
     fd, params = int(sys.argv[1]), orjson.loads(sys.argv[2])
     _die_with_parent(params["parent"])
+    # Its own log records (rare: a failed write, a failed checkpoint) go to the
+    # stderr it shares with the server, in the server's key=value layout.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format='ts=%(asctime)s level=%(levelname)s logger=%(name)s '
+                               'msg="%(message)s" process=store-writer')
     # The parent decides when we stop (a Ctrl-C or a service manager's SIGTERM
     # to the whole group must not cut its writes off while it drains).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

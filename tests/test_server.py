@@ -553,6 +553,46 @@ async def test_a_burst_is_handled_in_turns_in_order_and_completely():
 
 
 @aiotest()
+async def test_frames_before_a_bad_one_are_all_handled_even_past_the_read_budget():
+    # A read of 300 SENDs and then a frame a terminal may not send (WELCOME): the
+    # session closes at the bad frame, and every SEND before it is still
+    # stored, however many turns the read budget splits them into.
+    node = await start_node(**{"server.read_budget_ms": 0.01})
+    host, port = node.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        enc = Encoder()
+        burst = b"".join(enc.encode(Frame(
+            FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED, b'{"order":"o%d","status":"paid"}' % n,
+            ref=n + 1, to="terminal:acme/till1", kind="payment.result")) for n in range(300))
+        bad = enc.encode(Frame(FrameType.WELCOME, version=1))     # server -> terminal only
+        writer.write(hello(token("hq1", store="hq", roles=("backend",)))
+                     + enc.encode(Frame(FrameType.RESUME)) + burst + bad)
+        decoder = Decoder()
+        frames = []
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            frames += decoder.feed(chunk)
+        assert [f.code for f in frames if f.type == FrameType.CLOSE] == [Code.UNEXPECTED_FRAME]
+        # (Their SENDACKs are not sent on a closed session: a sender resends
+        # with the same refs and the dedup window answers.)
+        await eventually(lambda: node.counters.accepted == 300)
+        assert node.counters.read_yields > 0
+        till = await connect(node, "till1", store="s1")
+        got = []
+        while len(got) < 300:
+            msg = await till.receive(timeout=5)
+            got.append(int(msg.body["order"][1:]))
+            await msg.ack()
+        assert got == list(range(300))
+    finally:
+        writer.close()
+        await node.stop()
+
+
+@aiotest()
 async def test_bytes_handed_over_while_a_backlog_waits_go_after_it():
     # A transport may deliver data after pause_reading (TLS records already
     # decrypted): those frames must queue behind the backlog, not jump it.

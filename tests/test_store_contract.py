@@ -751,6 +751,28 @@ def test_sqlite_history_appends_commit_after_the_messages_of_their_batch(db_path
     sqlite_run(db_path, body, group_commit_ms=50.0)
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_sqlite_a_failed_history_append_leaves_later_commits_working_and_synced(db_path, writer):
+    # A history append that fails (its payload is not bytes) in the same batch
+    # as a P0 message: the message commits; the history transaction fails
+    # alone; later commits work, still with synchronous FULL.
+    async def body(store):
+        store.stream_append("tenant:acme", 3, store.epoch,
+                            StreamEntry(1, "note", "", 0, None, T0, 0.0))
+        [first] = await store.accept_many([(msg(1), [TILL])])
+        [second] = await store.accept_many([(msg(2), [TILL])])
+        assert (first.seqs, second.seqs) == ({TILL: 1}, {TILL: 2})
+        stats = await store.stats()
+        assert stats["synchronous"] == "FULL" and stats["failed_commits"] == 0
+
+    sqlite_run(db_path, body, group_commit_ms=50.0, writer=writer)
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2
+    finally:
+        conn.close()
+
+
 def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
     async def body(store):
         writer = store._writer                # failure injection: the flush before COMMIT
