@@ -287,6 +287,15 @@ class Node:
         busy = self._tasks - {self._maintenance_task, asyncio.current_task()}
         if busy:
             await asyncio.wait(busy, timeout=max(0.0, grace_end - self.loop.time()))
+        # Acks and deliveries noted during the grace wait: written now, not
+        # by a batch timer that would fire after the store closed.
+        if self._batch_handle is not None:
+            self._batch_handle.cancel()
+            self._batch_handle = None
+        try:
+            await self._flush_batches()
+        except Exception as exc:        # the store failed: they are redelivered, deduplicated
+            log.warning("stop: pending acks not written: %s", exc)
         for task in list(self._tasks):
             task.cancel()
         if self._tick_handle is not None:
@@ -1289,7 +1298,7 @@ class Node:
                 rng[1] = seq
 
     def _schedule_batches(self) -> None:
-        if self._batch_handle is None:
+        if self._batch_handle is None and not self._stopped:
             delay = self.cfg.delivery.ack_batch_ms / 1000.0
             self._batch_handle = self.loop.call_later(delay, self._run_batches)
 
