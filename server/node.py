@@ -861,10 +861,14 @@ class Node:
         counters.lane_bytes_in[lane] += len(frame.payload)
         try:
             address = parse_address(frame.to)
+            to = str(address)
             recipient_store = None
+            recipients = None            # (None: Registry.members works them out)
             if address.scope == "terminal":
-                rec = self.registry.get(str(address))
+                rec = self.registry.get(to)
                 recipient_store = rec.store if rec is not None else None
+                # Registry.members' answer for a terminal, without a second lookup.
+                recipients = [] if rec is not None and rec.retired else [to]
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
             service = self._services.get(frame.kind)
@@ -889,9 +893,9 @@ class Node:
                 self.cfg.delivery.p0_ttl if lane == Lane.P0 else self.cfg.delivery.p1_ttl)
             now = time.time()
             msg = NewMessage(conn.claims.tenant, conn.address, ref, lane, frame.kind,
-                             str(address), frame.payload, now, now + ttl,
+                             to, frame.payload, now, now + ttl,
                              bool(frame.flags & _RECEIPT_REQUESTED))
-            self.submit(msg, address, (conn, ref) if want_ack else None)
+            self.submit(msg, address, (conn, ref) if want_ack else None, recipients)
             return
         report = {} if lane == Lane.P3 and frame.kind in POLICY_KINDS else None
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
