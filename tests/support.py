@@ -22,6 +22,8 @@ import pytest
 import uvloop
 
 from tillwire.client.connection import Connection
+from tillwire.core.codec import Decoder, Encoder, Frame
+from tillwire.core.codes import Flag, FrameType, Lane
 from tillwire.core._impl import both
 from tillwire.server.auth import issue_token
 from tillwire.server.config import load_config
@@ -126,6 +128,36 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         await asyncio.sleep(interval)
+
+
+def payment_sends(to: str, first: int, count: int, *, ack: bool = True) -> bytes:
+    """Raw SEND frames of payment results o<first>..o<first+count-1> (ref = n + 1)."""
+    enc = Encoder()
+    flags = Lane.P0 | (Flag.ACK_REQUESTED if ack else 0)
+    return b"".join(enc.encode(Frame(
+        FrameType.SEND, flags, b'{"order":"o%d","status":"paid"}' % n, ref=n + 1, to=to,
+        kind="payment.result")) for n in range(first, first + count))
+
+
+async def read_sendacks(reader: asyncio.StreamReader, count: int) -> list[int]:
+    """The payment numbers (ref - 1) of the next ``count`` SENDACKs on a raw connection."""
+    decoder = Decoder()
+    acked: list[int] = []
+    while len(acked) < count:
+        chunk = await asyncio.wait_for(reader.read(65536), 10)
+        assert chunk, "the server closed the sender's connection"
+        acked += [f.ref - 1 for f in decoder.feed(chunk) if f.type == FrameType.SENDACK]
+    return acked
+
+
+async def receive_orders(till: Connection, count: int) -> list[int]:
+    """Receive and ack ``count`` payment results; their order numbers, in arrival order."""
+    got: list[int] = []
+    while len(got) < count:
+        msg = await till.receive(timeout=5)
+        got.append(int(msg.body["order"][1:]))
+        await msg.ack()
+    return got
 
 
 def free_port(host: str = "127.0.0.1") -> int:

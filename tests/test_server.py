@@ -14,10 +14,13 @@ import time
 import orjson
 import pytest
 
-from support import SECRET, aiotest, connect, eventually, start_node, token
+from support import (
+    SECRET, aiotest, connect, eventually, payment_sends, read_sendacks, receive_orders,
+    start_node, token,
+)
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codec import Decoder, Encoder, Frame
-from tillwire.core.codes import Code, Flag, FrameType, Lane
+from tillwire.core.codes import Code, FrameType, Lane
 from tillwire.core.errors import SessionClosed
 
 
@@ -345,6 +348,17 @@ async def _fill_socket(node, target: Connection, backend: Connection, *, timeout
     return conn
 
 
+async def _store_promos_before_payment(till: Connection) -> int:
+    """Receive until a payment result; how many store:acme/s1 offers came first."""
+    seen = 0
+    while True:
+        msg = await till.receive(timeout=5)
+        if msg.kind == "payment.result":
+            return seen
+        if msg.channel == "store:acme/s1":
+            seen += 1
+
+
 @aiotest()
 async def test_p2_conflation_keeps_newest_per_key_for_a_slow_terminal():
     node = await start_node()
@@ -422,13 +436,7 @@ async def test_p0_goes_ahead_of_queued_promotions():
                           "store:acme/s1")
         await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
         till.resume_reading()
-        seen_store_promos = 0
-        while True:
-            msg = await till.receive(timeout=5)
-            if msg.kind == "payment.result":
-                break
-            if msg.channel == "store:acme/s1":
-                seen_store_promos += 1
+        seen_store_promos = await _store_promos_before_payment(till)
         # Whatever the kernel already held may come first; nothing queued after it.
         assert seen_store_promos == 0
     finally:
@@ -452,13 +460,7 @@ async def test_p0_is_not_held_back_by_a_queue_full_of_promotions():
         await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
         assert server_side.inbox_bytes > 0          # handed to the lanes at once
         till.resume_reading()
-        seen_store_promos = 0
-        while True:
-            msg = await till.receive(timeout=5)
-            if msg.kind == "payment.result":
-                break
-            if msg.channel == "store:acme/s1":
-                seen_store_promos += 1
+        seen_store_promos = await _store_promos_before_payment(till)
         assert seen_store_promos == 0
     finally:
         await node.stop()
@@ -526,26 +528,11 @@ async def test_a_burst_is_handled_in_turns_in_order_and_completely():
     till = await connect(node, "till1", store="s1")
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        enc = Encoder()
-        burst = [enc.encode(Frame(FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED,
-                                  b'{"order":"o%d","status":"paid"}' % n, ref=n + 1,
-                                  to="terminal:acme/till1", kind="payment.result"))
-                 for n in range(800)]
         writer.write(hello(token("hq1", store="hq", roles=("backend",)))
-                     + enc.encode(Frame(FrameType.RESUME)) + b"".join(burst))
-        decoder = Decoder()
-        acked = []
-        while len(acked) < 800:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, "the server closed the backend's connection"
-            acked += [f.ref - 1 for f in decoder.feed(chunk) if f.type == FrameType.SENDACK]
-        assert acked == list(range(800))
-        got = []
-        while len(got) < 800:
-            msg = await till.receive(timeout=5)
-            got.append(int(msg.body["order"][1:]))
-            await msg.ack()
-        assert got == list(range(800))
+                     + Encoder().encode(Frame(FrameType.RESUME))
+                     + payment_sends("terminal:acme/till1", 0, 800))
+        assert await read_sendacks(reader, 800) == list(range(800))
+        assert await receive_orders(till, 800) == list(range(800))
         assert node.counters.read_yields > 0
     finally:
         writer.close()
@@ -562,12 +549,10 @@ async def test_frames_before_a_bad_one_are_all_handled_even_past_the_read_budget
     reader, writer = await asyncio.open_connection(host, port)
     try:
         enc = Encoder()
-        burst = b"".join(enc.encode(Frame(
-            FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED, b'{"order":"o%d","status":"paid"}' % n,
-            ref=n + 1, to="terminal:acme/till1", kind="payment.result")) for n in range(300))
         bad = enc.encode(Frame(FrameType.WELCOME, version=1))     # server -> terminal only
         writer.write(hello(token("hq1", store="hq", roles=("backend",)))
-                     + enc.encode(Frame(FrameType.RESUME)) + burst + bad)
+                     + enc.encode(Frame(FrameType.RESUME))
+                     + payment_sends("terminal:acme/till1", 0, 300) + bad)
         decoder = Decoder()
         frames = []
         while True:
@@ -581,12 +566,7 @@ async def test_frames_before_a_bad_one_are_all_handled_even_past_the_read_budget
         await eventually(lambda: node.counters.accepted == 300)
         assert node.counters.read_yields > 0
         till = await connect(node, "till1", store="s1")
-        got = []
-        while len(got) < 300:
-            msg = await till.receive(timeout=5)
-            got.append(int(msg.body["order"][1:]))
-            await msg.ack()
-        assert got == list(range(300))
+        assert await receive_orders(till, 300) == list(range(300))
     finally:
         writer.close()
         await node.stop()
@@ -601,22 +581,12 @@ async def test_bytes_handed_over_while_a_backlog_waits_go_after_it():
         be = await connect(node, "hq1", store="hq", roles=("backend",))
         till = await connect(node, "till1", store="s1")
         conn = node.hub.sessions["terminal:acme/hq1"]
-        enc = Encoder()
-
-        def sends(first, n):
-            return b"".join(enc.encode(Frame(
-                FrameType.SEND, Lane.P0, b'{"order":"o%d","status":"paid"}' % i, ref=i + 1,
-                to="terminal:acme/till1", kind="payment.result")) for i in range(first, first + n))
-
-        conn.data_received(sends(0, 400))           # over budget: leaves a backlog
+        # Over budget: leaves a backlog.
+        conn.data_received(payment_sends("terminal:acme/till1", 0, 400, ack=False))
         assert conn.extra is not None and "backlog" in conn.extra
-        conn.data_received(sends(400, 20))          # as if the transport had it already
-        got = []
-        while len(got) < 420:
-            msg = await till.receive(timeout=5)
-            got.append(int(msg.body["order"][1:]))
-            await msg.ack()
-        assert got == list(range(420))
+        # As if the transport had it already.
+        conn.data_received(payment_sends("terminal:acme/till1", 400, 20, ack=False))
+        assert await receive_orders(till, 420) == list(range(420))
         assert be.is_open
     finally:
         await node.stop()

@@ -25,6 +25,11 @@ from tillwire.server import tickets as tickets_module
 TICKET_ID = re.compile(r"T-[0-9a-z]+-[0-9a-f]{4}\Z")
 
 
+async def open_ticket(till, body: dict, to: str = "role:acme/s1/staff") -> str:
+    """Open a ticket from ``till``; its id, from the SENDACK."""
+    return orjson.loads((await till.send("ticket.open", body, to)).payload)["ticket"]
+
+
 async def nothing_for(conn, seconds: float = 0.3) -> None:
     """Assert the connection receives nothing for a while."""
     with pytest.raises(asyncio.TimeoutError):
@@ -147,10 +152,8 @@ async def test_unassigned_tickets_escalate_to_managers_and_assigning_cancels_it(
         manager = await connect(node, "m1", store="s1", roles=("manager",))
         elsewhere = await connect(node, "m9", store="s2", roles=("manager",))
         till = await connect(node, "t1", store="s1", roles=("pos",))
-        late = orjson.loads((await till.send("ticket.open", {"code": "E5"},
-                                             "role:acme/s1/staff")).payload)["ticket"]
-        quick = orjson.loads((await till.send("ticket.open", {"code": "E6"},
-                                              "role:acme/s1/staff")).payload)["ticket"]
+        late = await open_ticket(till, {"code": "E5"})
+        quick = await open_ticket(till, {"code": "E6"})
         await staff.send("ticket.assign", {"ticket": quick, "assignee": "h1"}, "terminal:acme/t1")
         msg = await manager.receive(timeout=3)
         assert (msg.kind, msg.lane) == ("ticket.escalate", Lane.P1)
@@ -219,8 +222,7 @@ async def test_store_directory_and_ticket_admin_endpoints(tmp_path):
         h1 = await connect(env.node, "h1", store="s1", roles=("staff",))
         h2 = await connect(env.node, "h2", store="s1", roles=("staff",))
         till = await connect(env.node, "t1", store="s1", roles=("pos",))
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E1", "text": "scale"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E1", "text": "scale"})
         assert (await h2.receive(timeout=3)).body["ticket"] == tid
         await nothing_for(h1, 0.1)
         doc = await api.call("GET", f"/v1/tickets/acme/{tid}", "/v1/tickets/{tenant}/{ticket}")
@@ -471,8 +473,7 @@ async def test_two_staff_assigning_at_once_one_wins_and_a_manager_may_reassign()
         h2 = await connect(node, "h2", store="s1", roles=("staff",))
         boss = await connect(node, "m1", store="s1", roles=("manager",))
         till = await connect(node, "t1", store="s1", roles=("pos",))
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E42"})
         results = await asyncio.gather(
             h1.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1"),
             h2.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1"),
@@ -503,8 +504,7 @@ async def test_a_damaged_record_does_not_stop_the_node_from_starting(tmp_path):
     node = await start_node(**overrides)
     try:
         till = await connect(node, "t1", store="s1", roles=("pos",))
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E1"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E1"})
         await node.directory.put("acme", "s1", timezone="Europe/Berlin")
         now = time.time()
         for ns, key, value in (("directory", "acme/s2", b"{not json"),
@@ -540,26 +540,25 @@ async def test_tickets_resolved_or_not_are_deleted_a_retention_after_their_last_
         manager = await connect(node, "m1", store="s1", roles=("manager",))
         till = await connect(node, "t1", store="s1", roles=("pos",))
 
-        async def open_ticket(code: str) -> str:
-            ack = await till.send("ticket.open", {"code": code}, "role:acme/s1/staff")
-            tid = orjson.loads(ack.payload)["ticket"]
+        async def opened(code: str) -> str:
+            tid = await open_ticket(till, {"code": code})
             assert (await staff.receive(timeout=3)).body["ticket"] == tid
             return tid
 
-        resolved = await open_ticket("E1")
+        resolved = await opened("E1")
         await staff.send("ticket.resolve", {"ticket": resolved, "resolution": "done"},
                          "terminal:acme/t1")
-        escalated = await open_ticket("E2")
-        assigned = await open_ticket("E3")
+        escalated = await opened("E2")
+        assigned = await opened("E3")
         await staff.send("ticket.assign", {"ticket": assigned}, "terminal:acme/t1")
         msg = await manager.receive(timeout=3)
         assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", escalated)
         await msg.ack()
-        pending = await open_ticket("E4")            # its escalation is still due
+        pending = await opened("E4")            # its escalation is still due
         assert f"acme/{pending}" in tickets._timers
         horizon = time.time()
         await asyncio.sleep(0.02)
-        recent = await open_ticket("E5")
+        recent = await opened("E5")
         await staff.send("ticket.assign", {"ticket": recent}, "terminal:acme/t1")
         got = []
         for _ in range(3):                            # the opener gets the updates
@@ -683,8 +682,7 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
     try:
         staff = await connect(node, "h1", store="s1", roles=("staff",))
         till = await connect(node, "t1", store="s1", roles=("pos",))
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E42"})
         await (await staff.receive(timeout=3)).ack()
         key = f"acme/{tid}"
         await eventually(lambda: key not in node.tickets._unsaved)
@@ -706,8 +704,7 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
         assert stored["rec"]["status"] == "resolved"
         assert key not in node.tickets._unsaved
         # Failing for good while running: kept, then written by the flush at stop.
-        other = orjson.loads((await till.send("ticket.open", {"code": "E43"},
-                                              "role:acme/s1/staff")).payload)["ticket"]
+        other = await open_ticket(till, {"code": "E43"})
         await (await staff.receive(timeout=3)).ack()
         await eventually(lambda: f"acme/{other}" not in node.tickets._unsaved)
         fail.extend([1] * 1000)
@@ -742,8 +739,7 @@ async def test_a_maintenance_round_writes_the_records_still_due():
         till = await connect(node, "t1", store="s1", roles=("pos",))
         fail = [1] * 1000
         real_put = _failing_kv_put(node, fail)
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E1"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E1"})
         key = f"acme/{tid}"
         assert key in node.tickets._unsaved and key in node.tickets.open
         fail.clear()
@@ -796,8 +792,7 @@ async def test_an_escalation_due_while_the_node_stops_is_not_lost(tmp_path):
         manager = await connect(node, "m1", store="s1", roles=("manager",))
         await manager.close()                         # (a known manager, offline)
         till = await connect(node, "t1", store="s1", roles=("pos",))
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E42"})
         created = node.tickets.open[f"acme/{tid}"]["created"]
         # In-flight service work at stop lasting past the ticket's due time.
         node._spawn(asyncio.sleep(max(0.0, created + 0.5 - time.time()) + 0.1))
@@ -832,8 +827,7 @@ async def test_an_escalation_the_store_refused_stays_open_and_is_tried_again(mon
             return real(items, done)
 
         node.store.accept_many_then = flaky
-        tid = orjson.loads((await till.send("ticket.open", {"code": "E42"},
-                                            "role:acme/s1/staff")).payload)["ticket"]
+        tid = await open_ticket(till, {"code": "E42"})
         key = f"acme/{tid}"
         await eventually(lambda: refused)
         await asyncio.sleep(0.05)
@@ -859,10 +853,8 @@ async def test_resent_updates_after_a_restart_are_duplicates_never_refused_or_ap
     try:
         till = await connect(node, "t1", store="s1", roles=("pos",))
         staff = await connect(node, "h1", store="s1", roles=("staff",))
-        done = orjson.loads((await till.send("ticket.open", {"code": "E1"},
-                                             "role:acme/s1/staff")).payload)["ticket"]
-        still = orjson.loads((await till.send("ticket.open", {"code": "E2"},
-                                              "role:acme/s1/staff")).payload)["ticket"]
+        done = await open_ticket(till, {"code": "E1"})
+        still = await open_ticket(till, {"code": "E2"})
         first = {
             501: await staff.send("ticket.reply", {"ticket": done, "text": "x"},
                                   "terminal:acme/t1", ref=501),

@@ -14,9 +14,12 @@ import orjson
 import pytest
 import trustme
 
-from support import ServerProcess, aiotest, connect, eventually, token
+from support import (
+    ServerProcess, aiotest, connect, eventually, payment_sends, read_sendacks, receive_orders,
+    token,
+)
 from tillwire.core.codec import Decoder, Encoder, Frame
-from tillwire.core.codes import Flag, FrameType, Lane
+from tillwire.core.codes import FrameType
 from tillwire.core.errors import ProtocolError, SessionClosed
 
 
@@ -114,25 +117,12 @@ async def test_tls_burst_handled_in_turns_keeps_order(tmp_path, pki):
         till = await connect(server.addr, "t1", ssl=ctx)
         reader, writer = await asyncio.open_connection(*server.addr, ssl=ctx)
         enc = Encoder()
-        burst = b"".join(enc.encode(Frame(
-            FrameType.SEND, Lane.P0 | Flag.ACK_REQUESTED, b'{"order":"o%d","status":"paid"}' % n,
-            ref=n + 1, to="terminal:acme/t1", kind="payment.result")) for n in range(600))
         writer.write(enc.encode(Frame(FrameType.HELLO, version=1,
                                       token=token("hq", store="hq", roles=("backend",))))
-                     + enc.encode(Frame(FrameType.RESUME)) + burst)
-        decoder = Decoder()
-        acked = []
-        while len(acked) < 600:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk
-            acked += [f.ref - 1 for f in decoder.feed(chunk) if f.type == FrameType.SENDACK]
-        assert acked == list(range(600))
-        got = []
-        while len(got) < 600:
-            msg = await till.receive(timeout=5)
-            got.append(int(msg.body["order"][1:]))
-            await msg.ack()
-        assert got == list(range(600))
+                     + enc.encode(Frame(FrameType.RESUME))
+                     + payment_sends("terminal:acme/t1", 0, 600))
+        assert await read_sendacks(reader, 600) == list(range(600))
+        assert await receive_orders(till, 600) == list(range(600))
         writer.close()
         await till.close()
 
