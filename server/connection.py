@@ -83,12 +83,11 @@ class TerminalConnection(ServerSession):
         counters = node.counters
         counters.frames_in += len(frames)
         counters.bytes_in += len(data)
-        extra = self.extra
-        if extra is not None and "backlog" in extra:
+        if self.has_backlog:
             # Reading is paused, but a transport may still hand over what it
             # had (TLS: records already decrypted): it goes after the backlog.
-            rest, start = extra["backlog"]
-            extra["backlog"] = (rest[start:] + frames, 0)
+            rest, start = self.extra["backlog"]
+            self.extra["backlog"] = (rest[start:] + frames, 0)
             return
         if len(frames) <= _SMALL_READ:
             for frame in frames:
@@ -98,6 +97,12 @@ class TerminalConnection(ServerSession):
         node.commit_now()
         if self.pending:
             node.mark_dirty(self)
+
+    @property
+    def has_backlog(self) -> bool:
+        """Frames received earlier wait for their turn (see _handle); reading is paused."""
+        extra = self.extra
+        return extra is not None and "backlog" in extra
 
     def _handle(self, frames: list, start: int) -> None:
         """Handle ``frames[start:]`` for at most ``node.read_budget`` seconds.
@@ -140,7 +145,7 @@ class TerminalConnection(ServerSession):
             return            # the connection is gone: so is what it sent
         self._handle(frames, start)
         self.node.commit_now()
-        if self.extra is None or "backlog" not in self.extra:
+        if not self.has_backlog:
             transport.resume_reading()
         if self.pending or self.state == CLOSED:
             self.node.mark_dirty(self)      # (a CLOSED one: the flush closes it now)

@@ -495,7 +495,7 @@ class Node:
                 if not conn.pending:
                     # (Not while frames it received before closing wait their
                     # turn: the backlog's end marks it dirty again.)
-                    if conn.extra is None or "backlog" not in conn.extra:
+                    if not conn.has_backlog:
                         transport.close()
                 elif not conn.paused:
                     self.mark_dirty(conn)
@@ -867,8 +867,7 @@ class Node:
             if address.scope == "terminal":
                 rec = self.registry.get(to)
                 recipient_store = rec.store if rec is not None else None
-                # Registry.members' answer for a terminal, without a second lookup.
-                recipients = [] if rec is not None and rec.retired else [to]
+                recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
             service = self._services.get(frame.kind)

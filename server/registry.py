@@ -63,6 +63,12 @@ class Registry:
         by_store = self._by_store
         return [by_store[key] for key in self._stores_of.get(tenant, ())]
 
+    @staticmethod
+    def terminal_members(address: str, rec: TerminalRecord | None) -> list[str]:
+        """The members of terminal ``address`` whose record is ``rec``: itself,
+        registered or not, unless retired."""
+        return [] if rec is not None and rec.retired else [address]
+
     def members(self, address: Address) -> list[str]:
         """Terminal addresses of a (group) address, retired ones excluded.
 
@@ -72,8 +78,8 @@ class Registry:
         scope, t = address.scope, address.tenant
         records = self.records
         if scope == "terminal":
-            rec = records.get(str(address))
-            return [] if rec is not None and rec.retired else [str(address)]
+            to = str(address)
+            return self.terminal_members(to, records.get(to))
         if scope == "tenant":
             found = [a for group in self._stores(t) for a in group]
         elif scope == "store":

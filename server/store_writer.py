@@ -52,6 +52,7 @@ from typing import Callable
 import orjson
 
 from .store import Accepted, NewMessage
+from .store_sqlite import _STOP, _Writer, _settle
 
 _HEADER = 4
 STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed
@@ -239,18 +240,14 @@ class WriterProcess:
         self._counters = counters
         pending = self._pending
         accepts = self._accepts
+        done = []
         for rid, result, exc in results:
-            fut = pending.pop(rid, None)
             if rid in accepts:
                 accepts.discard(rid)
                 if result is not None:
                     result = [Accepted(*a) for a in result]
-            if fut is None or fut.done():
-                continue
-            if exc is None:
-                fut.set_result(result)
-            else:
-                fut.set_exception(exc)
+            done.append((pending.pop(rid, None), result, exc))
+        _settle(done)
 
     def _on_gone(self, exc) -> None:
         code = self._proc.poll() if self._proc is not None else None
@@ -300,8 +297,6 @@ def _die_with_parent(parent: int) -> None:
 
 def main() -> None:
     """Entry point of the writer process: ``main() FD PARAMS-JSON``."""
-    from .store_sqlite import _STOP, _Writer
-
     fd, params = int(sys.argv[1]), orjson.loads(sys.argv[2])
     _die_with_parent(params["parent"])
     # Its own log records (rare: a failed write, a failed checkpoint) go to the

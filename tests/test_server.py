@@ -583,7 +583,7 @@ async def test_bytes_handed_over_while_a_backlog_waits_go_after_it():
         conn = node.hub.sessions["terminal:acme/hq1"]
         # Over budget: leaves a backlog.
         conn.data_received(payment_sends("terminal:acme/till1", 0, 400, ack=False))
-        assert conn.extra is not None and "backlog" in conn.extra
+        assert conn.has_backlog
         # As if the transport had it already.
         conn.data_received(payment_sends("terminal:acme/till1", 400, 20, ack=False))
         assert await receive_orders(till, 420) == list(range(420))
