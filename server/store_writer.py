@@ -130,13 +130,14 @@ class WriterProcess:
     that the store facade uses: submit, configure_streams, counters)."""
 
     def __init__(self, path: str, synchronous: str, group_commit_ms: float,
-                 dedup_window: float) -> None:
+                 dedup_window: float, stage_rows: int) -> None:
         self.path = path
         self.synchronous = synchronous
         self.history_max = 1000
         self.history_age = 3600.0
         self._params = {"path": path, "synchronous": synchronous,
-                        "group_commit_ms": group_commit_ms, "dedup_window": dedup_window}
+                        "group_commit_ms": group_commit_ms, "dedup_window": dedup_window,
+                        "stage_rows": stage_rows}
         self._counters = {"writer": "process", "epoch": 0, "synchronous": synchronous, "commits": 0,
                           "write_requests": 0, "accepted": 0, "failed_commits": 0,
                           "checkpoints": 0, "commit_seconds": 0.0}
@@ -310,7 +311,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     writer = _Writer(params["path"], params["synchronous"], params["group_commit_ms"],
-                     params["dedup_window"])
+                     params["dedup_window"], params["stage_rows"])
     writer.configure_streams(params["history_max"], params["history_age"])
     writer.mode = "process"
     send_lock = threading.Lock()

@@ -29,10 +29,12 @@ from tillwire.server.store import (
 )
 from tillwire.server.store_memory import MemoryStore
 from tillwire.server.store_sqlite import (
-    DB_FILENAME, SCHEMA_VERSION, SQLiteStore, backup_file, migrate, schema_version,
+    DB_FILENAME, SCHEMA_VERSION, STAGE_ROWS, SQLiteStore, backup_file, migrate, schema_version,
 )
 
-# sqlite: the writer in its own process (the default); sqlite-thread: in a thread.
+# sqlite: the writer in its own process (the default; inbox entries stay staged in
+# these small tests); sqlite-thread: in a thread, merging staged entries past 3 (so
+# reads meet merged, staged and mixed inboxes).
 BACKENDS = ["memory", "sqlite", "sqlite-thread"]
 T0 = 1_700_000_000.0
 TTL = 3600.0
@@ -47,7 +49,8 @@ def _make(kind: str, path: str, **kw):
     return SQLiteStore(path, synchronous=kw.get("synchronous", "NORMAL"),
                        group_commit_ms=kw.get("group_commit_ms", 0.0),
                        dedup_window=kw.get("dedup_window", 86400.0),
-                       writer=kw.get("writer", "thread" if kind == "sqlite-thread" else "process"))
+                       writer=kw.get("writer", "thread" if kind == "sqlite-thread" else "process"),
+                       stage_rows=kw.get("stage_rows", 3 if kind == "sqlite-thread" else STAGE_ROWS))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -699,6 +702,68 @@ def test_sqlite_state_survives_close_and_reopen(db_path):
     sqlite_run(db_path, second)
 
 
+def _inbox_tables(path: str) -> tuple[int, int]:
+    """(rows in inbox, rows in inbox_staged) as committed, read from the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return tuple(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                     for t in ("inbox", "inbox_staged"))
+    finally:
+        conn.close()
+
+
+def test_sqlite_staged_inbox_entries_merge_in_bulk_and_read_as_one_inbox(db_path):
+    """Accepts stage their inbox rows; past stage_rows the writer moves them to
+    inbox.  Replay pages, positions, receipts, traces and stats see one inbox
+    whichever table an entry is in, and an open merges what a crash left staged."""
+    async def first(store):
+        ids = []
+        for i in range(1, 4):
+            [a] = await store.accept_many([(msg(i, receipt=True), [TILL])])
+            ids.append(a.msg_id)
+        assert _inbox_tables(db_path) == (0, 3)
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [1, 2, 3]
+        assert await store.positions(TILL) == (0, 3, 0, 0)
+        got = await store.accept_many([(msg(i, receipt=True), [TILL]) for i in (4, 5)])
+        ids += [a.msg_id for a in got]
+        await store.ack_many([(TILL, 0, 0)], T0)    # a write: runs after the merge
+        assert _inbox_tables(db_path) == (5, 0)
+        got = await store.accept_many([(msg(i, receipt=True), [TILL]) for i in (6, 7)])
+        ids += [a.msg_id for a in got]
+        assert _inbox_tables(db_path) == (5, 2)
+        # A page across the two tables, in seq order.
+        assert [e.seq for e in await store.inbox(TILL, 0, 3, 3)] == [4, 5, 6]
+        assert [e.msg_id for e in await store.inbox(TILL, 0, 0, 10)] == ids
+        assert await store.positions(TILL) == (0, 7, 0, 0)
+        assert (await store.stats())["unacked"] == 7
+        assert (await store.trace(ids[6])).recipients[0].state == STORED
+        # First deliveries and acks spanning both tables: receipts in seq order.
+        delivered = await store.delivered_many([(TILL, 0, 4, 7)], T0 + 1)
+        assert [r.msg_id for r in delivered] == ids[3:7]
+        assert (await store.trace(ids[6])).recipients[0].state == DELIVERED
+        acked = await store.ack_many([(TILL, 0, 6)], T0 + 2)
+        assert [r.msg_id for r in acked] == ids[:6]
+        assert (await store.stats())["unacked"] == 1
+        return ids
+
+    ids = sqlite_run(db_path, first, stage_rows=4)
+    assert _inbox_tables(db_path) == (5, 2)        # closed with two entries staged
+
+    async def second(store):
+        assert _inbox_tables(db_path) == (7, 0)    # merged at open
+        assert await store.positions(TILL) == (6, 7, 0, 0)
+        assert [(e.seq, e.msg_id) for e in await store.inbox(TILL, 0, 0, 10)] == [(7, ids[6])]
+        [a] = await store.accept_many([(msg(8), [TILL])])
+        assert a.seqs == {TILL: 8}
+        # Requests that change entries merge first: a reject of a staged entry.
+        dead = await store.reject(TILL, 0, 8, "refused", T0 + 3)
+        assert dead is not None and dead.msg_id == a.msg_id
+        assert _inbox_tables(db_path) == (8, 0)
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [7]
+
+    sqlite_run(db_path, second, stage_rows=100)
+
+
 def test_sqlite_group_commit_shares_commits(db_path):
     async def body(store):
         before = (await store.stats())["commits"]
@@ -1162,13 +1227,14 @@ async def _apply(store, ops) -> list:
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=_ops)
-def test_memory_and_sqlite_agree(tmp_path, ops):
+@given(ops=_ops, stage_rows=st.sampled_from([1, 2, 5, STAGE_ROWS]))
+def test_memory_and_sqlite_agree(tmp_path, ops, stage_rows):
     path = str(tmp_path / f"diff-{time.monotonic_ns()}.db")
 
     async def main():
         memory = MemoryStore(dedup_window=30.0)
-        sqlite = SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0, dedup_window=30.0)
+        sqlite = SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0, dedup_window=30.0,
+                             stage_rows=stage_rows)
         await memory.open()
         await sqlite.open()
         try:
