@@ -509,6 +509,11 @@ class ServerConfig:
         "Milliseconds of one connection's received frames handled in one go; the rest waits "
         "(its reading paused) until commits, other connections and writes had their turn. "
         "Raised to the last write flush's duration when that is longer (0 = no limit).")
+    flush_slice_ms: float = _key(
+        2.0, _Number(0.0),
+        "Milliseconds of writing to connections in one go: past it the rest of a flush waits "
+        "until received frames and commits had their turn (a payment result is not held "
+        "behind a promotion flood's writes to every terminal; 0 = no limit).")
     max_connections: int = _key(
         0, _Int(0),
         "Most concurrent terminal connections (0 = unlimited).")

@@ -39,7 +39,7 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * c ``tillwire_slow_consumer_closes_total``, ``tillwire_heartbeat_timeouts_total``,
   ``tillwire_auth_failures_total``, ``tillwire_auth_ok_total``,
   ``tillwire_acl_denials_total``, ``tillwire_takeovers_total``, ``tillwire_kicks_total``,
-  ``tillwire_read_yields_total``
+  ``tillwire_read_yields_total``, ``tillwire_flush_yields_total``
 * h ``tillwire_store_write_seconds`` time of each ``accept_many`` batch
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
@@ -167,6 +167,8 @@ class NodeCollector:
         yield counter("kicks", "Sessions closed by an operator.", c.kicks)
         yield counter("read_yields", "Bursts whose rest waited for the next turn "
                       "(server.read_budget_ms).", c.read_yields)
+        yield counter("flush_yields", "Write flushes whose rest of connections waited for "
+                      "the next turn (server.flush_slice_ms).", c.flush_yields)
 
         # -- latency -------------------------------------------------------------------
         yield _histogram("tillwire_store_write_seconds",

@@ -98,7 +98,8 @@ class Counters:
                  "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
-                 "lane_bytes_out", "store_write", "ack_latency", "read_yields")
+                 "lane_bytes_out", "store_write", "ack_latency", "read_yields",
+                 "flush_yields")
 
     _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 
@@ -155,6 +156,9 @@ class Node:
         # duration, so a fan-out still coalesces many frames per write.
         self._read_budget = srv.read_budget_ms / 1000.0
         self.read_budget = self._read_budget or float("inf")
+        # Seconds of writes one flush does before the loop polls again; the
+        # connections left keep their place at the head of the next flush.
+        self.flush_slice = srv.flush_slice_ms / 1000.0 or float("inf")
         self.auth_timeout = srv.auth_timeout
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
@@ -470,7 +474,13 @@ class Node:
             self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write every dirty connection once (the write coalescing point)."""
+        """Write every dirty connection once (the write coalescing point).
+
+        A flush writes for at most ``flush_slice`` seconds; the connections
+        left go back to the head of the dirty list for the next iteration,
+        after the loop has read what arrived meanwhile (a payment result's
+        SEND, a commit's results).  Each still gets one write per cycle with
+        everything it has by then."""
         self._flush_handle = None
         dirty = self._dirty
         self._dirty = []
@@ -478,7 +488,14 @@ class Node:
         chunk = self.write_chunk
         counters = self.counters
         started = time.perf_counter()
-        for conn in dirty:
+        deadline = started + self.flush_slice
+        for i, conn in enumerate(dirty):
+            if not i & 15 and i and time.perf_counter() > deadline:
+                self._dirty[:0] = dirty[i:]          # still marked dirty
+                if self._flush_handle is None:
+                    self._flush_handle = self.loop.call_soon(self._flush)
+                counters.flush_yields += 1
+                break
             conn.dirty = False
             transport = conn.transport
             if transport is None or transport.is_closing():

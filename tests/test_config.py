@@ -348,6 +348,7 @@ BAD_VALUES = {
     "server.write_high_water": (1023, "1000"),
     "server.write_chunk": ("1KB", "abc"),
     "server.read_budget_ms": (-1, "soon"),
+    "server.flush_slice_ms": (-0.5, "fast"),
     "server.max_connections": (-1, "1.5"),
     "auth.secret": (5, None),
     "auth.clock_skew": (-1, "-5s"),

@@ -646,6 +646,36 @@ async def test_writes_are_coalesced_per_connection_per_iteration():
 
 
 @aiotest()
+async def test_a_flush_past_its_slice_writes_the_rest_next_turn_once_each_in_order():
+    # With a tiny flush slice, a broadcast's writes to 40 tills are spread
+    # over several turns; each till still gets every offer, in order, and a
+    # payment result sent meanwhile is delivered too.
+    node = await start_node(**{"server.flush_slice_ms": 0.001})
+    try:
+        be = await connect(node, "hq1", store="hq", roles=("backend",))
+        tills = [await connect(node, f"t{i}", store="s1") for i in range(40)]
+        writes_before = node.counters.writes
+        sends = [be.send("promo.offer", {"offer": "promo", "title": "Deal", "i": i}, "store:acme/s1")
+                 for i in range(30)]
+        sends.append(be.send("payment.result", {"order": "o1", "status": "paid"},
+                             "terminal:acme/t7"))
+        await asyncio.gather(*sends)
+        for n, t in enumerate(tills):
+            got = []
+            while len(got) < (31 if n == 7 else 30):
+                msg = await t.receive(timeout=5)
+                got.append(msg.body.get("i", msg.kind))
+                if msg.kind == "payment.result":
+                    await msg.ack()
+            assert [i for i in got if i != "payment.result"] == list(range(30))
+            assert ("payment.result" in got) == (n == 7)
+        assert node.counters.flush_yields > 0
+        assert node.counters.writes - writes_before < 40 * 30 / 2
+    finally:
+        await node.stop()
+
+
+@aiotest()
 async def test_role_and_region_groups():
     node = await start_node()
     try:
