@@ -14,8 +14,8 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three workers:
   for data a power loss could take back.  A request that raises is taken
   out and the others run again; a failed COMMIT fails the whole batch.
   Stream (P2/P3 history) appends are the exception to arrival order: they
-  commit after the rest of their batch, in a transaction of their own
-  without its own fsync (see ``_run_prioritised``);
+  wait until nothing else is queued and commit in slices of their own
+  without their own fsync (see ``_run_prioritised``);
 * the **reader** owns a second connection (``query_only``) and answers inbox,
   positions, trace, dead_letters, terminal(s), stats, load_streams and backup,
   so reads never wait behind an fsync (WAL readers see the last commit);
@@ -124,6 +124,9 @@ _P2 = 2
 _WRITER_CHECKPOINT_PAGES = 16384   # 64 MiB: the writer's own checkpoint, a backstop
 _MAX_BATCH_WEIGHT = 20000     # messages/items per group commit before the writer commits anyway
 STAGE_ROWS = 16384            # staged inbox entries that make the writer merge them
+_HISTORY_SLICE = 128          # stream appends per history transaction (at least)
+_HISTORY_WAIT = 0.1           # seconds history waits for the queue to empty, at most
+_HISTORY_WAIT_ITEMS = 4096    # ... and stream appends
 _STOP = object()
 
 # --------------------------------------------------------------------------
@@ -476,6 +479,8 @@ class _Writer:
                  dedup_window: float, stage_rows: int = STAGE_ROWS) -> None:
         self.path = path
         self.stage_rows = stage_rows
+        self.history: list = []        # stream appends waiting (see _run_prioritised)
+        self.history_since = 0.0       # when the oldest of them began to wait (about)
         self.synchronous = synchronous
         self.wait = group_commit_ms / 1000.0
         self.dedup_window = dedup_window
@@ -635,8 +640,16 @@ class _Writer:
         checkpoints.start()
         self.post([(ready, info, None)])
         q = self.queue
+        history = self.history
         stop = None
         while stop is None:
+            if history and (q.empty() or len(history) >= _HISTORY_WAIT_ITEMS
+                            or time.monotonic() - self.history_since > _HISTORY_WAIT):
+                # Nothing else to do (or history waited long enough): a slice
+                # of it, then look at the queue again.
+                self._run_batch(self._take_history(max(_HISTORY_SLICE, len(history) >> 4)),
+                                relaxed=True)
+                continue
             idle = q.empty()
             batch = [q.get()]
             weight = batch[0][3]
@@ -671,11 +684,14 @@ class _Writer:
             if batch:
                 self._run_prioritised(batch)
                 self._run_merge()
-        # Stopping: everything queued before the stop was committed above.
+        # Stopping: everything queued before the stop was committed above,
+        # but for history still waiting.
         checkpointer.stop()
         checkpoints.join(timeout=5.0)
         exc = None
         try:
+            if history:
+                self._run_batch(self._take_history(len(history)), relaxed=True)
             self._run_batch(self._drain_after_stop())
             self.conn.execute("PRAGMA optimize")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -687,31 +703,44 @@ class _Writer:
         self.post([(stop[2], None, exc)])
 
     def _run_prioritised(self, batch: list) -> None:
-        """Commit the batch's P0/P1 and other requests before its stream appends.
+        """Commit the batch's P0/P1 and other requests; its stream appends wait.
 
         P2/P3 history appends (a promotion flood brings thousands a second)
-        go in a transaction of their own after the rest, so a payment result
-        never waits for them; nobody waits for that transaction, so under
-        synchronous FULL/EXTRA it commits without its own fsync (a crash of
-        the process loses nothing; a power loss may lose the newest history,
-        which the next commit's fsync would have covered).  A batch that
-        also deletes history (forget_stream, stream_expire_kind) runs in
-        queue order, so a deletion always covers the appends queued before it.
+        join ``self.history``, which the writer commits in slices of its own
+        when no other request is queued (see :meth:`run`), so a payment
+        result waits for one slice of them at most; under a steady load of
+        other requests, a slice goes anyway after _HISTORY_WAIT seconds or
+        _HISTORY_WAIT_ITEMS appends.  Nobody waits for those transactions,
+        so under synchronous FULL/EXTRA they commit
+        without their own fsync (a crash of the process loses nothing; a
+        power loss may lose the newest history, which the next commit's
+        fsync would have covered).  A batch that also deletes history
+        (forget_stream, stream_expire_kind) first writes the waiting history,
+        then runs in queue order, so a deletion always covers the appends
+        queued before it.
         """
         append = self.stream_append
-        history = [item for item in batch if item[0] == append]
-        if not history:
-            self._run_batch(batch)
-            return
-        if len(history) == len(batch):
-            self._run_batch(batch, relaxed=True)
-            return
         ordered = (self.forget_stream, self.stream_expire_kind)
         if any(item[0] in ordered for item in batch):
+            if self.history:
+                self._run_batch(self._take_history(len(self.history)), relaxed=True)
             self._run_batch(batch)
             return
-        self._run_batch([item for item in batch if item[0] != append])
-        self._run_batch(history, relaxed=True)
+        rest = [item for item in batch if item[0] != append]
+        if len(rest) < len(batch):
+            if not self.history:
+                self.history_since = time.monotonic()
+            self.history.extend(item for item in batch if item[0] == append)
+        if rest:
+            self._run_batch(rest)
+
+    def _take_history(self, n: int) -> list:
+        """The ``n`` oldest stream appends waiting in ``self.history``."""
+        history = self.history
+        out = history[:n]
+        del history[:n]
+        self.history_since = time.monotonic()
+        return out
 
     def _run_merge(self) -> None:
         """Merge the staged inbox entries once there are ``stage_rows`` of them,

@@ -799,21 +799,40 @@ def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
 
 def test_sqlite_history_appends_commit_after_the_messages_of_their_batch(db_path):
     # One group commit gathers three P3 history appends and a P0 message: the
-    # message commits first (its sender waits for it), the history in a
-    # transaction of its own right after.
+    # message commits first (its sender waits for it); the history waits until
+    # no other request is queued and commits in a transaction of its own.
     async def body(store):
         store.configure_streams(10, 3600.0)
         before = (await store.stats())["commits"]
         for i in range(1, 4):
             store.stream_append("tenant:acme", 3, store.epoch, _stream_entry(i, kind="note"))
         [accepted] = await store.accept_many([(msg(1), [TILL])])
-        await store.kv_put("ns", "k", b"v", T0)           # a later commit of its own
-        assert (await store.stats())["commits"] - before == 3
-        [state] = await store.load_streams(10, 86400.0, T0 + 1)
-        assert [e.offset for e in state.history] == [1, 2, 3]
         assert await store.positions(TILL) == (0, 1, 0, 0) and accepted.seqs == {TILL: 1}
+        deadline = time.monotonic() + 10
+        while not (states := await store.load_streams(10, 86400.0, T0 + 1)):
+            assert time.monotonic() < deadline, "the history was never written"
+            await asyncio.sleep(0.01)
+        assert [e.offset for e in states[0].history] == [1, 2, 3]
+        await store.kv_put("ns", "k", b"v", T0)     # a commit of its own (and fresh counters)
+        assert (await store.stats())["commits"] - before == 3
 
     sqlite_run(db_path, body, group_commit_ms=50.0)
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_sqlite_history_waiting_at_a_stop_is_written(db_path, writer):
+    async def first(store):
+        store.configure_streams(10, 3600.0)
+        for i in range(1, 301):
+            store.stream_append("tenant:acme", 3, store.epoch, _stream_entry(i, kind="note"))
+        await store.accept_many([(msg(1), [TILL])])
+
+    async def second(store):
+        [state] = await store.load_streams(1000, 86400.0, T0 + 1)
+        assert [e.offset for e in state.history] == list(range(291, 301))
+
+    sqlite_run(db_path, first, group_commit_ms=50.0, writer=writer)
+    sqlite_run(db_path, second, writer=writer)
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])
