@@ -44,12 +44,13 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
 * g ``tillwire_inflight_messages``, ``tillwire_channels``, ``tillwire_registered_terminals``,
-  ``tillwire_draining``, ``tillwire_uptime_seconds``
+  ``tillwire_draining``, ``tillwire_uptime_seconds``, ``tillwire_gc_frozen_objects``
 * the process collector's ``tillwire_process_*`` (CPU, memory, file descriptors)
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -187,6 +188,8 @@ class NodeCollector:
         yield gauge("draining", "1 while the node drains.", 1 if node.draining else 0)
         yield gauge("uptime_seconds", "Seconds since the node started.",
                     time.time() - node.started)
+        yield gauge("gc_frozen_objects", "Objects out of the garbage collector's sight "
+                    "(frozen once started: tillwire serve).", gc.get_freeze_count())
 
 
 def make_registry(node) -> CollectorRegistry:
