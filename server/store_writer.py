@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 import os
 import pickle
 import signal
@@ -51,6 +50,7 @@ from typing import Callable
 
 import orjson
 
+from . import logs
 from .store import Accepted, NewMessage
 from .store_sqlite import _STOP, _Writer, _settle
 
@@ -157,8 +157,10 @@ class WriterProcess:
         """Start the child and wait until it has opened (and migrated) the database."""
         self._loop = loop
         ours, theirs = socket.socketpair()
+        fmt, level = logs.current()
         params = {**self._params, "history_max": self.history_max,
-                  "history_age": self.history_age, "parent": os.getpid()}
+                  "history_age": self.history_age, "parent": os.getpid(),
+                  "log_format": fmt, "log_level": level}
         try:
             try:
                 self._proc = subprocess.Popen(
@@ -301,10 +303,8 @@ def main() -> None:
     fd, params = int(sys.argv[1]), orjson.loads(sys.argv[2])
     _die_with_parent(params["parent"])
     # Its own log records (rare: a failed write, a failed checkpoint) go to the
-    # stderr it shares with the server, in the server's key=value layout.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format='ts=%(asctime)s level=%(levelname)s logger=%(name)s '
-                               'msg="%(message)s" process=store-writer')
+    # stderr it shares with the server, in the server's format and level.
+    logs.configure(params["log_format"], params["log_level"], process="store-writer")
     # The parent decides when we stop (a Ctrl-C or a service manager's SIGTERM
     # to the whole group must not cut its writes off while it drains).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,6 +12,7 @@ same answers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -20,6 +21,7 @@ import sys
 import textwrap
 import time
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 from tillwire.server.store import (
     ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store, StreamEntry, TerminalRecord,
 )
+from tillwire.server import logs
 from tillwire.server.store_memory import MemoryStore
 from tillwire.server.store_sqlite import (
     DB_FILENAME, SCHEMA_VERSION, STAGE_ROWS, SQLiteStore, backup_file, migrate, schema_version,
@@ -855,6 +858,30 @@ def test_sqlite_a_failed_history_append_leaves_later_commits_working_and_synced(
         assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2
     finally:
         conn.close()
+
+
+def test_sqlite_writer_process_logs_in_the_servers_format(db_path, capfd):
+    # The writer process logs to the stderr it shares with the server, in the
+    # server's format (JSON lines here) and marked as its own.
+    root = logging.getLogger("tillwire")
+    saved = root.handlers[:], root.level, root.propagate
+    logs.configure("json", "info")
+    try:
+        async def body(store):
+            store.stream_append("tenant:acme", 3, store.epoch,
+                                StreamEntry(1, "note", "", 0, None, T0, 0.0))   # fails
+            await store.accept_many([(msg(1), [TILL])])
+
+        sqlite_run(db_path, body, writer="process")
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    records = [orjson.loads(line) for line in lines if '"store-writer"' in line]
+    assert {r["process"] for r in records} == {"store-writer"}
+    # At the server's level: its migrations (info) and the failed append (error).
+    assert any(r["level"] == "info" and "schema migrated to v5" in r["msg"] for r in records)
+    [error] = [r for r in records if r["level"] == "error"]
+    assert error["logger"] == "tillwire.store.sqlite" and "stream_append" in error["msg"]
 
 
 def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
