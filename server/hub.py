@@ -103,6 +103,10 @@ class Hub:
         self._by_region: dict[tuple[str, str], dict] = {}
         self._by_member: dict[tuple[str, str], dict] = {}
         self._stores_of: dict[str, dict[tuple[str, str], None]] = {}   # tenant -> store keys
+        # Per tenant, the open sessions the offer policy can hold an offer back
+        # from (customers: quiet hours; members: frequency caps).  A tenant
+        # without any skips the policy's per-session loop.
+        self._policy: dict[str, dict] = {}
         # Shorter history age of some kinds (retention of personal data, e.g.
         # member.notice): kind -> seconds; and per stream id holding such
         # entries, the loop time its oldest one expires (a stream is scanned
@@ -128,6 +132,12 @@ class Hub:
             self._by_region.setdefault((t, claims.region), {})[session] = None
         if claims.member:
             self._by_member.setdefault((t, claims.member), {})[session] = None
+        if claims.member or "customer" in claims.roles:
+            self._policy.setdefault(t, {})[session] = None
+
+    def has_policy_sessions(self, tenant: str) -> bool:
+        """Whether an open session of ``tenant`` is a customer's or a member's."""
+        return tenant in self._policy
 
     def detach(self, session, claims) -> None:
         """Forget a session (closed, lost or taken over)."""
@@ -145,7 +155,8 @@ class Hub:
                 if not stores:
                     del self._stores_of[t]
         for index, k in ((self._by_region, (t, claims.region)),
-                         (self._by_member, (t, claims.member))):
+                         (self._by_member, (t, claims.member)),
+                         (self._policy, t)):
             group = index.get(k)
             if group is not None:
                 group.pop(session, None)

@@ -951,8 +951,8 @@ class Node:
             groups = self.hub.groups(address)
             if stream.explicit:
                 groups = [*groups, stream.explicit_list()]
-            reached, overflow = self.offers.fanout(groups, lane, entry.frame, deadline, stream,
-                                                   dirty, report)
+            reached, overflow = self.offers.fanout(address.tenant, groups, lane, entry.frame,
+                                                   deadline, stream, dirty, report)
         else:
             for group in self.hub.groups(address):
                 reached += len(group)

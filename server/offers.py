@@ -145,18 +145,27 @@ class Offers:
             return CAPPED
         return PASS
 
-    def fanout(self, groups, lane: int, frame: bytes, deadline: float, stream, dirty: list,
-               report: dict | None) -> tuple[int, list]:
-        """Push ``frame`` to the sessions of ``groups`` that pass; returns (delivered,
-        overflowed sessions) and fills ``report`` {delivered, quiet, capped}.
+    def fanout(self, tenant: str, groups, lane: int, frame: bytes, deadline: float, stream,
+               dirty: list, report: dict | None) -> tuple[int, list]:
+        """Push ``frame`` to the sessions of ``groups`` (all of ``tenant``: addresses
+        never cross tenants) that pass; returns (delivered, overflowed sessions)
+        and fills ``report`` {delivered, quiet, capped}.
 
-        Every session of one message is of the same tenant (addresses never
-        cross tenants), so quiet hours are cached by store alone.  Per
-        session: an attribute read and a dict probe (a tuple and a list
-        operation more for members)."""
-        now = time.time()
+        Quiet hours are cached by store.  Per session: an attribute read and
+        a dict probe (a tuple and a list operation more for members); none
+        while the tenant has no customer or member session open (tills only)."""
         quiet_on = self.quiet is not None
         capping = self.cap_count > 0
+        if not ((quiet_on or capping) and self.node.hub.has_policy_sessions(tenant)):
+            reached = 0
+            overflow = []
+            for group in groups:
+                reached += len(group)
+                overflow += fanout(group, lane, frame, None, deadline, stream, dirty)
+            if report is not None:
+                report.update(delivered=reached, quiet=0, capped=0)
+            return reached, overflow
+        now = time.time()
         quiet_cache: dict = {}
         members: dict = {}
         # The stream entry of this message (just appended; None if history keeps none).

@@ -16,7 +16,7 @@ import time
 import orjson
 import pytest
 
-from support import aiotest, connect, make_config, start_node, token
+from support import aiotest, connect, eventually, make_config, start_node, token
 from tillwire.client import sdk
 from tillwire.core.codes import Lane
 from tillwire.server.offers import Offers
@@ -77,6 +77,40 @@ async def test_quiet_hours_follow_each_stores_time_zone():
         await node.directory.put("acme", "s1", timezone="Asia/Kolkata")
         await be.send("promo.offer", offer(2), "store:acme/s1")
         assert (await sleeping.receive(timeout=3)).body == offer(2)
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_the_policy_loop_runs_only_while_a_customer_or_member_is_connected():
+    # Quiet now: tills alone get the offer without the per-session policy;
+    # once a customer's app connects its quiet hours hold it back, and after
+    # it left (closed, or taken over and closed) the tenant has none again.
+    node = await start_node(**quiet_around_now_utc())
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        tills = [await connect(node, f"t{i}", store="s1", roles=("pos",)) for i in range(3)]
+        assert not node.hub.has_policy_sessions("acme")
+        ack = await be.send("promo.offer", offer(1), "store:acme/s1")
+        assert orjson.loads(ack.payload) == {"channel": "store:acme/s1", "offset": 1,
+                                             "delivered": 3, "quiet": 0, "capped": 0}
+        for t in tills:
+            assert (await t.receive(timeout=3)).body == offer(1)
+        app = await connect(node, "app1", store="s1", roles=("customer",))
+        other = await connect(node, "app2", store="s9", roles=("customer",), tenant="other")
+        assert node.hub.has_policy_sessions("acme") and node.hub.has_policy_sessions("other")
+        ack = await be.send("promo.offer", offer(2), "store:acme/s1")
+        assert orjson.loads(ack.payload)["quiet"] == 1
+        await nothing_for(app)
+        again = await connect(node, "app1", store="s1", roles=("customer",))   # takes over
+        await asyncio.wait_for(app.closed.wait(), 5)
+        assert node.hub.has_policy_sessions("acme")
+        await again.close()
+        await eventually(lambda: not node.hub.has_policy_sessions("acme"))
+        assert node.hub.has_policy_sessions("other")
+        ack = await be.send("promo.offer", offer(3), "store:acme/s1")
+        assert orjson.loads(ack.payload)["quiet"] == 0
+        await other.close()
     finally:
         await node.stop()
 
