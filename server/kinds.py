@@ -318,6 +318,8 @@ SCHEMAS = {
 }
 
 
+_P2 = int(Lane.P2)      # (an IntEnum member lookup costs 0.2 us on Python 3.11)
+
 # Kinds already seen to be well-formed (the registered ones, then others up
 # to a bound, so a sender inventing kinds cannot grow it without end).
 _GOOD_KINDS = set(SCHEMAS)
@@ -352,6 +354,6 @@ def check(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
     schema = SCHEMAS.get(kind)
     if schema is not None:
         derived_key, version = schema(body, kind)
-        if lane == Lane.P2 and not key:
+        if lane == _P2 and not key:
             key = derived_key
-    return Checked(body, key if lane == Lane.P2 else "", version)
+    return Checked(body, key if lane == _P2 else "", version)
