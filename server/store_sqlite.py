@@ -28,9 +28,9 @@ The event loop never touches SQLite: a request is a tuple put on a
 socket, and each batch of results comes back in ONE
 ``loop.call_soon_threadsafe`` (threads) or one message (the process).
 
-Writes per single-recipient message: a ``messages`` row and an inbox
-row (staged, see below), plus the dedup index entry (when it has a ref); rows go in with
-multi-row INSERTs and all refs of a request are looked up in one query.
+Writes per single-recipient message: a ``messages`` row and an inbox row
+(staged, see below), plus the dedup index entry (when it has a ref); rows go
+in with multi-row INSERTs and all refs of a request are looked up in one query.
 Delivered and acked are not per-row updates: each inbox has a ``cursors``
 row (acked and delivered positions) and ``rangelog`` keeps one row per
 delivered/acked range with its time (the trace's ``delivered_at`` and
@@ -79,8 +79,8 @@ from .store import (
     ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
 )
 
-__all__ = ["DB_FILENAME", "MIGRATIONS", "SCHEMA_VERSION", "STAGE_ROWS", "SQLiteStore", "backup_file",
-           "migrate"]
+__all__ = ["DB_FILENAME", "MIGRATIONS", "SCHEMA_VERSION", "STAGE_ROWS", "SQLiteStore",
+           "backup_file", "migrate"]
 
 log = logging.getLogger("tillwire.store.sqlite")
 
@@ -711,13 +711,12 @@ class _Writer:
         result waits for one slice of them at most; under a steady load of
         other requests, a slice goes anyway after _HISTORY_WAIT seconds or
         _HISTORY_WAIT_ITEMS appends.  Nobody waits for those transactions,
-        so under synchronous FULL/EXTRA they commit
-        without their own fsync (a crash of the process loses nothing; a
-        power loss may lose the newest history, which the next commit's
-        fsync would have covered).  A batch that also deletes history
-        (forget_stream, stream_expire_kind) first writes the waiting history,
-        then runs in queue order, so a deletion always covers the appends
-        queued before it.
+        so under synchronous FULL/EXTRA they commit without their own fsync
+        (a crash of the process loses nothing; a power loss may lose the
+        newest history, which the next commit's fsync would have covered).
+        A batch that also deletes history (forget_stream, stream_expire_kind)
+        first writes the waiting history, then runs in queue order, so a
+        deletion always covers the appends queued before it.
         """
         append = self.stream_append
         ordered = (self.forget_stream, self.stream_expire_kind)

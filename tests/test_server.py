@@ -655,8 +655,8 @@ async def test_a_flush_past_its_slice_writes_the_rest_next_turn_once_each_in_ord
         be = await connect(node, "hq1", store="hq", roles=("backend",))
         tills = [await connect(node, f"t{i}", store="s1") for i in range(40)]
         writes_before = node.counters.writes
-        sends = [be.send("promo.offer", {"offer": "promo", "title": "Deal", "i": i}, "store:acme/s1")
-                 for i in range(30)]
+        sends = [be.send("promo.offer", {"offer": "promo", "title": "Deal", "i": i},
+                         "store:acme/s1") for i in range(30)]
         sends.append(be.send("payment.result", {"order": "o1", "status": "paid"},
                              "terminal:acme/t7"))
         await asyncio.gather(*sends)
