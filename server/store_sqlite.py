@@ -35,9 +35,9 @@ Delivered and acked are not per-row updates: each inbox has a ``cursors``
 row (acked and delivered positions) and ``rangelog`` keeps one row per
 delivered/acked range with its time (the trace's ``delivered_at`` and
 ``acked_at``).  The ``last`` seq of an inbox is *not* written per message:
-it is max(cursors.last, highest seq of the inbox's rows), and ``cursors.last`` is
-written whenever the cursor row is (acks, deliveries) and always before trim
-deletes inbox rows, so a seq is never handed out twice.  There is no index on
+it is max(cursors.last, highest seq of the inbox's rows), and
+``cursors.last`` is written whenever the cursor row is (acks, deliveries) and
+always before trim deletes inbox rows, so a seq is never handed out twice.  There is no index on
 expiry either: the writer keeps, per inbox, a lower bound of its pending
 entries' expiry (see :meth:`_Writer.expire`).
 
@@ -712,8 +712,9 @@ class _Writer:
         other requests, a slice goes anyway after _HISTORY_WAIT seconds or
         _HISTORY_WAIT_ITEMS appends.  Nobody waits for those transactions,
         so under synchronous FULL/EXTRA they commit without their own fsync
-        (a crash of the process loses nothing; a power loss may lose the
-        newest history, which the next commit's fsync would have covered).
+        (a crash of the process loses what still waits, never what was
+        committed; a power loss may also lose the newest committed history,
+        which the next commit's fsync would have covered).
         A batch that also deletes history (forget_stream, stream_expire_kind)
         first writes the waiting history, then runs in queue order, so a
         deletion always covers the appends queued before it.
@@ -1030,9 +1031,11 @@ class _Writer:
         box = self._box(tid, lane)
         if seq <= box[_ACK] or seq > box[_LAST]:
             return None
-        self.merge_staged()
         conn = self.conn
         k = (((tid << 1) | lane) << _SEQ_BITS) | seq
+        if self.staged and conn.execute("SELECT 1 FROM inbox_staged WHERE k = ?",
+                                        (k,)).fetchone() is not None:
+            self.merge_staged()          # (the entry changes state: it must be in inbox)
         row = conn.execute("SELECT msg_id, state FROM inbox WHERE k = ?", (k,)).fetchone()
         if row is None or row[1] != _PENDING:
             return None

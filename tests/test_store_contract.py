@@ -763,6 +763,11 @@ def test_sqlite_staged_inbox_entries_merge_in_bulk_and_read_as_one_inbox(db_path
         assert dead is not None and dead.msg_id == a.msg_id
         assert _inbox_tables(db_path) == (8, 0)
         assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [7]
+        # A reject of a merged entry leaves the staged ones where they are.
+        await store.accept_many([(msg(9), [TILL])])
+        assert (await store.reject(TILL, 0, 7, "refused", T0 + 4)).msg_id == ids[6]
+        assert _inbox_tables(db_path) == (8, 1)
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [9]
 
     sqlite_run(db_path, second, stage_rows=100)
 
