@@ -291,6 +291,7 @@ class Node:
         for conn in self.all_connections():
             conn.close(code, reason)
             self.mark_dirty(conn)
+        self.flush_slice = float("inf")     # every CLOSE goes out now, not in slices
         self._flush()
         await self._flush_batches()
         # Let in-flight commits and the services' follow-ups (history records,

@@ -676,6 +676,18 @@ async def test_a_flush_past_its_slice_writes_the_rest_next_turn_once_each_in_ord
 
 
 @aiotest()
+async def test_a_stop_writes_every_close_frame_whatever_the_flush_slice():
+    # Stopping closes every connection with CLOSE SHUTDOWN; slicing the flush
+    # must not leave some of them to a bare socket close.
+    node = await start_node(**{"server.flush_slice_ms": 0.001})
+    tills = [await connect(node, f"t{i}", store="s1") for i in range(120)]
+    await node.stop()
+    for t in tills:
+        await asyncio.wait_for(t.closed.wait(), 5)
+    assert {t.close_code for t in tills} == {Code.SHUTDOWN}
+
+
+@aiotest()
 async def test_role_and_region_groups():
     node = await start_node()
     try:
