@@ -37,9 +37,9 @@ delivered/acked range with its time (the trace's ``delivered_at`` and
 ``acked_at``).  The ``last`` seq of an inbox is *not* written per message:
 it is max(cursors.last, highest seq of the inbox's rows), and
 ``cursors.last`` is written whenever the cursor row is (acks, deliveries) and
-always before trim deletes inbox rows, so a seq is never handed out twice.  There is no index on
-expiry either: the writer keeps, per inbox, a lower bound of its pending
-entries' expiry (see :meth:`_Writer.expire`).
+always before trim deletes inbox rows, so a seq is never handed out twice.
+There is no index on expiry either: the writer keeps, per inbox, a lower
+bound of its pending entries' expiry (see :meth:`_Writer.expire`).
 
 Inbox rows are keyed ``k = tid << 41 | lane << 40 | seq`` (seq < 2**40,
 tid < 2**22): an inbox is a contiguous key range, so replay, acks and trim are
@@ -408,6 +408,11 @@ def _receipts_in_range(conn: sqlite3.Connection, low: int, high: int) -> list[tu
         conn.execute(staged, (low, high)).fetchall()
 
 
+def _is_staged(conn: sqlite3.Connection, k: int) -> bool:
+    """Whether inbox entry ``k`` is still in ``inbox_staged``."""
+    return conn.execute("SELECT 1 FROM inbox_staged WHERE k = ?", (k,)).fetchone() is not None
+
+
 def _top_key(conn: sqlite3.Connection, base: int) -> int | None:
     """Highest inbox key of the inbox whose keys start at ``base`` (None: no rows)."""
     for sql in _TOP_KEY:
@@ -549,8 +554,7 @@ class _Writer:
             raise
         self.epoch = epoch
         self._load()
-        if self.staged:
-            self._run_batch([(self.merge_staged, (), None, 0)])
+        self._run_merge(1)          # what the last run left staged
         return {"epoch": epoch}
 
     def _load(self) -> None:
@@ -647,8 +651,7 @@ class _Writer:
                             or time.monotonic() - self.history_since > _HISTORY_WAIT):
                 # Nothing else to do (or history waited long enough): a slice
                 # of it, then look at the queue again.
-                self._run_batch(self._take_history(max(_HISTORY_SLICE, len(history) >> 4)),
-                                relaxed=True)
+                self._write_history(max(_HISTORY_SLICE, len(history) >> 4))
                 continue
             idle = q.empty()
             batch = [q.get()]
@@ -683,15 +686,14 @@ class _Writer:
                 weight += item[3]
             if batch:
                 self._run_prioritised(batch)
-                self._run_merge()
+                self._run_merge(self.stage_rows)
         # Stopping: everything queued before the stop was committed above,
         # but for history still waiting.
         checkpointer.stop()
         checkpoints.join(timeout=5.0)
         exc = None
         try:
-            if history:
-                self._run_batch(self._take_history(len(history)), relaxed=True)
+            self._write_history()
             self._run_batch(self._drain_after_stop())
             self.conn.execute("PRAGMA optimize")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -722,8 +724,7 @@ class _Writer:
         append = self.stream_append
         ordered = (self.forget_stream, self.stream_expire_kind)
         if any(item[0] in ordered for item in batch):
-            if self.history:
-                self._run_batch(self._take_history(len(self.history)), relaxed=True)
+            self._write_history()
             self._run_batch(batch)
             return
         rest = [item for item in batch if item[0] != append]
@@ -734,20 +735,25 @@ class _Writer:
         if rest:
             self._run_batch(rest)
 
-    def _take_history(self, n: int) -> list:
-        """The ``n`` oldest stream appends waiting in ``self.history``."""
+    def _write_history(self, n: int | None = None) -> None:
+        """Commit the ``n`` oldest stream appends waiting (all by default) in
+        a transaction of their own without its own fsync."""
         history = self.history
-        out = history[:n]
+        if not history:
+            return
+        if n is None:
+            n = len(history)
+        batch = history[:n]
         del history[:n]
         self.history_since = time.monotonic()
-        return out
+        self._run_batch(batch, relaxed=True)
 
-    def _run_merge(self) -> None:
-        """Merge the staged inbox entries once there are ``stage_rows`` of them,
+    def _run_merge(self, threshold: int) -> None:
+        """Merge the staged inbox entries once there are ``threshold`` of them,
         in a transaction of their own without its own fsync: either side of
         it is a complete state (a power loss that takes the merge back leaves
         the entries staged), and the next commit's fsync covers it."""
-        if self.staged >= self.stage_rows:
+        if self.staged >= threshold:
             self._run_batch([(self.merge_staged, (), None, 0)], relaxed=True)
 
     def _drain_after_stop(self) -> list:
@@ -1033,8 +1039,7 @@ class _Writer:
             return None
         conn = self.conn
         k = (((tid << 1) | lane) << _SEQ_BITS) | seq
-        if self.staged and conn.execute("SELECT 1 FROM inbox_staged WHERE k = ?",
-                                        (k,)).fetchone() is not None:
+        if self.staged and _is_staged(conn, k):
             self.merge_staged()          # (the entry changes state: it must be in inbox)
         row = conn.execute("SELECT msg_id, state FROM inbox WHERE k = ?", (k,)).fetchone()
         if row is None or row[1] != _PENDING:
@@ -1575,8 +1580,7 @@ class _Reader:
                 k = (key << _SEQ_BITS) | seq
                 entry = conn.execute("SELECT state, ended_at, reason, delivered_at FROM inbox "
                                      "WHERE k = ?", (k,)).fetchone()
-                if entry is None and conn.execute("SELECT 1 FROM inbox_staged WHERE k = ?",
-                                                  (k,)).fetchone() is not None:
+                if entry is None and _is_staged(conn, k):
                     entry = (_PENDING, None, None, None)
                 state, ended_at, reason, delivered_at = \
                     entry if entry is not None else (_ACKED_KEPT, None, None, None)
