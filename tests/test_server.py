@@ -348,6 +348,22 @@ async def _fill_socket(node, target: Connection, backend: Connection, *, timeout
     return conn
 
 
+async def _stalled_till(node) -> tuple[Connection, Connection, object]:
+    """A backend hq1 and a till1 (store s1) that stopped reading, with the
+    server's side of till1 paused for writing: (backend, till, server side)."""
+    be = await connect(node, "hq1", store="hq", roles=("backend",))
+    till = await connect(node, "till1", store="s1", rcvbuf=4096)
+    return be, till, await _fill_socket(node, till, be)
+
+
+async def _padded_promos(be: Connection, count: int, size: int) -> None:
+    """``count`` offers to store:acme/s1 (ids 0..count-1), each padded with ``size``
+    incompressible characters (lz4 would shrink a repeated one to nothing)."""
+    for i in range(count):
+        await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": i,
+                                      "pad": pad(size)}, "store:acme/s1")
+
+
 async def _store_promos_before_payment(till: Connection) -> int:
     """Receive until a payment result; how many store:acme/s1 offers came first."""
     seen = 0
@@ -363,9 +379,7 @@ async def _store_promos_before_payment(till: Connection) -> int:
 async def test_p2_conflation_keeps_newest_per_key_for_a_slow_terminal():
     node = await start_node()
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        server_side = await _fill_socket(node, till, be)
+        be, till, server_side = await _stalled_till(node)
         for v in range(1, 101):
             await be.send("price.update", {"sku": "A1", "price": str(v), "version": v},
                           "store:acme/s1")
@@ -405,9 +419,7 @@ async def test_stale_price_version_never_overwrites_newer():
 async def test_p3_ttl_expired_offers_are_never_sent():
     node = await start_node()
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        server_side = await _fill_socket(node, till, be)
+        be, till, server_side = await _stalled_till(node)
         for i in range(20):
             await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": f"short{i}"}, "store:acme/s1", ttl=0.2)
         await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": "long"}, "store:acme/s1", ttl=60)
@@ -428,12 +440,8 @@ async def test_p3_ttl_expired_offers_are_never_sent():
 async def test_p0_goes_ahead_of_queued_promotions():
     node = await start_node()
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        await _fill_socket(node, till, be)
-        for i in range(50):
-            await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": i, "pad": pad(1000)},
-                          "store:acme/s1")
+        be, till, _ = await _stalled_till(node)
+        await _padded_promos(be, 50, 1000)
         await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
         till.resume_reading()
         seen_store_promos = await _store_promos_before_payment(till)
@@ -450,12 +458,8 @@ async def test_p0_is_not_held_back_by_a_queue_full_of_promotions():
     node = await start_node(**{"lanes.max_queued_bytes": 200_000,
                                "server.max_frame_size": 100_000})
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        server_side = await _fill_socket(node, till, be)
-        for i in range(150):
-            await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": i,
-                                          "pad": pad(1000)}, "store:acme/s1")
+        be, till, server_side = await _stalled_till(node)
+        await _padded_promos(be, 150, 1000)
         assert server_side.queued_bytes > node.inbox_budget
         await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
         assert server_side.inbox_bytes > 0          # handed to the lanes at once
@@ -471,13 +475,8 @@ async def test_slow_consumer_p3_shed_and_queue_bounded():
     node = await start_node(**{"lanes.max_queued_bytes": 200_000,
                                "server.max_frame_size": 100_000})
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        server_side = await _fill_socket(node, till, be)
-        for i in range(100):
-            # Incompressible padding: lz4 would shrink a repeated character to nothing.
-            await be.send("promo.offer", {"offer": "promo", "title": "Deal", "id": i, "pad": pad(5000)},
-                          "store:acme/s1")
+        be, till, server_side = await _stalled_till(node)
+        await _padded_promos(be, 100, 5000)
         assert server_side.queued_bytes <= 200_000
         assert server_side.lane_counters()[2] > 50
         assert till.is_open          # P3 shedding never closes a connection
@@ -491,9 +490,7 @@ async def test_slow_consumer_with_p0_is_closed_and_nothing_is_lost():
                                "delivery.slow_consumer_timeout": 1.0,
                                "delivery.retransmit_initial": 0.2})
     try:
-        be = await connect(node, "hq1", store="hq", roles=("backend",))
-        till = await connect(node, "till1", store="s1", rcvbuf=4096)
-        await _fill_socket(node, till, be)
+        be, till, _ = await _stalled_till(node)
         filler = pad(20000)
         sent = []
         for i in range(120):
