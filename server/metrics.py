@@ -44,7 +44,8 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
 * g ``tillwire_inflight_messages``, ``tillwire_channels``, ``tillwire_registered_terminals``,
-  ``tillwire_draining``, ``tillwire_uptime_seconds``, ``tillwire_gc_frozen_objects``
+  ``tillwire_draining``, ``tillwire_uptime_seconds``, ``tillwire_gc_frozen_objects``,
+  ``tillwire_gc_threshold`` (by generation)
 * the process collector's ``tillwire_process_*`` (CPU, memory, file descriptors)
 """
 
@@ -190,6 +191,13 @@ class NodeCollector:
                     time.time() - node.started)
         yield gauge("gc_frozen_objects", "Objects out of the garbage collector's sight "
                     "(frozen once started: tillwire serve).", gc.get_freeze_count())
+        fam = GaugeMetricFamily("tillwire_gc_threshold",
+                                "The garbage collector's threshold per generation (tillwire "
+                                "serve spaces out full collections: generation 2).",
+                                labels=["worker", "generation"])
+        for generation, value in enumerate(gc.get_threshold()):
+            fam.add_metric([w, str(generation)], value)
+        yield fam
 
 
 def make_registry(node) -> CollectorRegistry:

@@ -74,6 +74,7 @@ from typing import Callable, Sequence
 
 import orjson
 
+from . import gcpolicy
 from .store import (
     ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
     ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
@@ -494,6 +495,7 @@ class _Writer:
         # whoever waits: the loop (thread mode) or the parent process.
         self.post: Callable[[list], None] = lambda done: None
         self.mode = "thread"       # or "process" (store_writer.main sets it)
+        self.gc_frozen = 0         # objects frozen once opened (process mode)
         self.conn: sqlite3.Connection | None = None
         self.checkpointer: _Checkpointer | None = None
         self.history_max = 1000
@@ -624,7 +626,8 @@ class _Writer:
                 "write_requests": self.requests, "accepted": self.accepted,
                 "failed_commits": self.failed_commits,
                 "checkpoints": self.checkpointer.checkpoints if self.checkpointer else 0,
-                "commit_seconds": round(self.commit_seconds, 6)}
+                "commit_seconds": round(self.commit_seconds, 6),
+                "writer_gc_frozen_objects": self.gc_frozen}
 
     def run(self, ready) -> None:
         """The writer's life: open, serve the queue until a stop, close.
@@ -642,6 +645,10 @@ class _Writer:
         checkpoints = threading.Thread(target=checkpointer.run, daemon=True,
                                        name="tillwire-store-checkpointer")
         checkpoints.start()
+        if self.mode == "process":
+            # The process is ours alone: its loaded state goes out of the
+            # collector's sight (a thread writer leaves the server's GC be).
+            self.gc_frozen = gcpolicy.settle()
         self.post([(ready, info, None)])
         q = self.queue
         history = self.history

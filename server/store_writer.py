@@ -140,7 +140,7 @@ class WriterProcess:
                         "stage_rows": stage_rows}
         self._counters = {"writer": "process", "epoch": 0, "synchronous": synchronous, "commits": 0,
                           "write_requests": 0, "accepted": 0, "failed_commits": 0,
-                          "checkpoints": 0, "commit_seconds": 0.0}
+                          "checkpoints": 0, "commit_seconds": 0.0, "writer_gc_frozen_objects": 0}
         self._pending: dict[int, object] = {}     # request id -> future or Completion
         self._accepts: set[int] = set()           # ids of accept_many requests (packed results)
         self._next_id = 1

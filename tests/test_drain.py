@@ -203,9 +203,14 @@ async def test_admin_drain_exits_zero_and_logs_are_json_at_debug_level(tmp_path)
             async with http.get("/readyz") as resp:
                 assert resp.status == 200
             async with http.get("/metrics") as resp:     # serve froze its startup objects
-                frozen = [line for line in (await resp.text()).splitlines()
+                text = await resp.text()
+                frozen = [line for line in text.splitlines()
                           if line.startswith("tillwire_gc_frozen_objects{")]
                 assert len(frozen) == 1 and float(frozen[0].rsplit(" ", 1)[1]) > 10_000
+                full_every = [line for line in text.splitlines()
+                              if line.startswith("tillwire_gc_threshold{")
+                              and 'generation="2"' in line]
+                assert len(full_every) == 1 and float(full_every[0].rsplit(" ", 1)[1]) == 100
             async with http.get("/v1/presence?tenant=acme", headers=headers) as resp:
                 assert (await resp.json())["count"] == 1
             async with http.post("/v1/drain", headers=headers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 import aiohttp
 import orjson
@@ -108,6 +109,8 @@ async def test_connections_traffic_by_lane_and_latency_histograms():
         assert m("tillwire_channels") == 1 and m("tillwire_registered_terminals") == 3
         assert m("tillwire_draining") == 0 and m("tillwire_uptime_seconds") >= 0
         assert m("tillwire_gc_frozen_objects") == 0        # only `tillwire serve` freezes
+        assert [m("tillwire_gc_threshold", generation=str(g)) for g in range(3)] == \
+            list(gc.get_threshold())                       # (and only it changes these)
         assert m("tillwire_process_resident_memory_bytes") > 0
         await t2.close()
         await eventually(lambda: node.connection_count == 2)

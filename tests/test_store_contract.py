@@ -518,6 +518,9 @@ def test_stats(store_factory):
         if store_factory.backend != "memory":
             assert stats["writer"] == ("thread" if store_factory.backend == "sqlite-thread"
                                        else "process")
+            # A writer process freezes what it loaded (gcpolicy); a thread leaves it be.
+            frozen = stats["writer_gc_frozen_objects"]
+            assert frozen == 0 if stats["writer"] == "thread" else frozen > 1_000
         assert (stats["messages"], stats["unacked"], stats["dead_letters"], stats["terminals"]) == \
             (3, 3, 1, 1)
         assert stats["bytes"] > 0

@@ -1,0 +1,32 @@
+"""The cyclic garbage collector's settings in the long-lived processes: the
+server (``tillwire serve``) and its SQLite writer process.
+
+Two measures, taken once the process has started:
+
+* ``gc.freeze()``: what exists then (modules, configuration, the registry,
+  the writer's inbox positions) lives as long as the process, and a full
+  collection need not scan it again.
+* Full collections at most every ``FULL_EVERY`` collections of the middle
+  generation instead of 10.  CPython runs a full collection only when the
+  objects promoted since the last one exceed a quarter of those it kept; after
+  the freeze that base is nearly empty, so the quarter rule never held them
+  back and every tenth middle collection became a full one.  Under the durable
+  steady load that meant 10-11 full collections in 8 s, pausing up to 25-45 ms
+  each in either process; with 100, none ran in the same run.  Cyclic garbage
+  that reaches the oldest generation waits longer to be freed; most of the
+  server's garbage is freed by reference counting and never gets there.
+"""
+
+from __future__ import annotations
+
+import gc
+
+FULL_EVERY = 100
+
+
+def settle() -> int:
+    """Freeze what is alive, space out full collections; returns the frozen count."""
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_EVERY)
+    return gc.get_freeze_count()
