@@ -182,6 +182,7 @@ class Node:
         self._unauthenticated: set[TerminalConnection] = set()
         self.connection_count = 0
         self._dirty: list[TerminalConnection] = []
+        self._held = None        # (dirty list, position) a flush stopped at (flush slices)
         self._flush_handle = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tick_handle = None
@@ -488,58 +489,74 @@ class Node:
         """Write every dirty connection once (the write coalescing point).
 
         A flush writes for at most ``flush_slice`` seconds; the connections
-        left go back to the head of the dirty list for the next iteration,
-        after the loop has read what arrived meanwhile (a payment result's
-        SEND, a commit's results).  Each still gets one write per cycle with
-        everything it has by then."""
+        left are held, still marked dirty and in order, for the next
+        iteration, after the loop has read what arrived meanwhile (a payment
+        result's SEND, a commit's results), and go before those marked since.
+        Each still gets one write per cycle with everything it has by then.
+        (Held by position: re-slicing a 10,000-connection list at every slice
+        cost 3-4% of the server's time under fan-out probes.)"""
         self._flush_handle = None
-        dirty = self._dirty
-        self._dirty = []
+        held = self._held
+        if held is not None:
+            self._held = None
+            dirty, start = held
+        else:
+            dirty, start = self._dirty, 0
+            self._dirty = []
         now = self.loop.time()
         chunk = self.write_chunk
         counters = self.counters
         started = time.perf_counter()
         deadline = started + self.flush_slice
-        for i, conn in enumerate(dirty):
-            if not i & 15 and i and time.perf_counter() > deadline:
-                self._dirty[:0] = dirty[i:]          # still marked dirty
-                if self._flush_handle is None:
-                    self._flush_handle = self.loop.call_soon(self._flush)
-                counters.flush_yields += 1
-                break
-            conn.dirty = False
-            transport = conn.transport
-            if transport is None or transport.is_closing():
-                continue
-            if conn.extra is not None and conn.state == OPEN:
-                self._resync_jobs(conn, now)
-            if not conn.paused:
-                data = conn.data_to_send(chunk, now)
-                if data:
-                    transport.write(data)
-                    counters.writes += 1
-                    counters.bytes_out += len(data)
-            if conn.state == CLOSED:
-                if not conn.pending:
-                    # (Not while frames it received before closing wait their
-                    # turn: the backlog's end marks it dirty again.)
-                    if not conn.has_backlog:
-                        transport.close()
-                elif not conn.paused:
+        while True:
+            for i in range(start, len(dirty)):
+                conn = dirty[i]
+                if not i & 15 and i != start and time.perf_counter() > deadline:
+                    self._held = (dirty, i)
+                    if self._flush_handle is None:
+                        self._flush_handle = self.loop.call_soon(self._flush)
+                    counters.flush_yields += 1
+                    break
+                conn.dirty = False
+                transport = conn.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if conn.extra is not None and conn.state == OPEN:
+                    self._resync_jobs(conn, now)
+                if not conn.paused:
+                    data = conn.data_to_send(chunk, now)
+                    if data:
+                        transport.write(data)
+                        counters.writes += 1
+                        counters.bytes_out += len(data)
+                if conn.state == CLOSED:
+                    if not conn.pending:
+                        # (Not while frames it received before closing wait their
+                        # turn: the backlog's end marks it dirty again.)
+                        if not conn.has_backlog:
+                            transport.close()
+                    elif not conn.paused:
+                        self.mark_dirty(conn)
+                    continue
+                resync = conn.take_resync()
+                if resync:
+                    self._queue_resync(conn, resync)
+                inbox = conn.inbox
+                if inbox.__class__ is InboxState and inbox.blocked and \
+                        conn.inbox_bytes < self.inbox_budget // 2:
+                    inbox.blocked = False
+                    inbox.progress = now
+                    for lane in (_P0, _P1):
+                        if inbox.cursor[lane] <= inbox.last[lane]:
+                            self._pump(conn, lane)
+                if conn.pending and not conn.paused:
                     self.mark_dirty(conn)
-                continue
-            resync = conn.take_resync()
-            if resync:
-                self._queue_resync(conn, resync)
-            inbox = conn.inbox
-            if inbox.__class__ is InboxState and inbox.blocked and conn.inbox_bytes < self.inbox_budget // 2:
-                inbox.blocked = False
-                inbox.progress = now
-                for lane in (_P0, _P1):
-                    if inbox.cursor[lane] <= inbox.last[lane]:
-                        self._pump(conn, lane)
-            if conn.pending and not conn.paused:
-                self.mark_dirty(conn)
+            if self._held is not None or held is None or not self._dirty:
+                break
+            # The held ones are written: on to those marked since, in this slice.
+            held = None
+            dirty, start = self._dirty, 0
+            self._dirty = []
         if self._read_budget:
             self.read_budget = max(self._read_budget, time.perf_counter() - started)
 
