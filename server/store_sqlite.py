@@ -368,6 +368,7 @@ _RECEIPTS_IN_RANGE = (
     "SELECT m.id, m.sender, m.ref FROM inbox_staged i JOIN messages m ON m.id = i.msg_id "
     f"WHERE i.k > ? AND i.k <= ? AND (i.flags & {_F_RECEIPT}) ORDER BY i.k")
 _INSERT_INBOX = ("INSERT INTO inbox_staged(k, msg_id, flags) VALUES ", "(?,?,?)")
+_INSERT_RANGE = ("INSERT INTO rangelog VALUES ", "(?,?,?,?,?,?)")
 # Highest key of an inbox range (k BETWEEN ? AND ?): a staged one, else a merged one.
 _TOP_KEY = ("SELECT MAX(k) FROM inbox_staged WHERE k BETWEEN ? AND ?",
             "SELECT MAX(k) FROM inbox WHERE k BETWEEN ? AND ?")
@@ -1005,7 +1006,7 @@ class _Writer:
             self.dirty.add((tid << 1) | lane)
             ranges.append((tid, lane, _ACKED_RANGE, acked + 1, seq, now))
         if ranges:
-            conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
+            _insert_rows(conn, _INSERT_RANGE, ranges, 128)
         return receipts
 
     def delivered_many(self, ranges_in: list, now: float) -> list[ReceiptEvent]:
@@ -1033,7 +1034,7 @@ class _Writer:
                 self.dirty.add((tid << 1) | lane)
             ranges.append((tid, lane, _DELIVERED_RANGE, first, last, now))
         if ranges:
-            self.conn.executemany("INSERT INTO rangelog VALUES (?, ?, ?, ?, ?, ?)", ranges)
+            _insert_rows(self.conn, _INSERT_RANGE, ranges, 128)
         return receipts
 
     def reject(self, terminal: str, lane: int, seq: int, reason: str,
