@@ -103,6 +103,33 @@ class Server:
         self.stop()
 
 
+class BareServer:
+    """``python -m bench.bare``: the bare uvloop fan-out baseline, in a subprocess."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = None
+
+    def start(self, timeout: float = 20.0) -> "BareServer":
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare", str(self.port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":
+            self.stop()
+            raise RuntimeError("the bare baseline server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()       # it stops when its stdin closes
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
 class Worker:
     """A ``python -m bench.worker`` subprocess spoken to in JSON lines."""
 

@@ -18,9 +18,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import Server, Worker, percentile, rss_bytes
+from .common import BareServer, Server, Worker, percentile, rss_bytes
 
 TENANT = "bench"
+
+
+def _latencies(subs: list[Worker], sends: list[float]) -> tuple[list[float], int]:
+    """Per probe, ms from its SEND until the last terminal had it (complete
+    probes only); and how many connections the server closed."""
+    for w in subs:
+        w.send(cmd="stats")
+    stats = [w.recv(60) for w in subs]
+    lat = []
+    for i, t_send in enumerate(sends):
+        arrivals = [s["probes"].get(str(i)) for s in stats]
+        if all(a is not None for a in arrivals):
+            lat.append((max(arrivals) - t_send) * 1000)
+    return lat, sum(s["closed"] for s in stats)
 
 
 def run(quick: bool = False, argv=()) -> dict:
@@ -31,6 +45,9 @@ def run(quick: bool = False, argv=()) -> dict:
                         help="broadcasts per second offered")
     parser.add_argument("--seconds", type=float, default=2.0 if quick else 6.0)
     parser.add_argument("--probes", type=int, default=10 if quick else 40)
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time probes through a bare uvloop fan-out server "
+                             "(bench.bare) with its own terminals, alternating with ours")
     args = parser.parse_args(list(argv))
     n, k = args.connections, args.workers
 
@@ -38,6 +55,7 @@ def run(quick: bool = False, argv=()) -> dict:
                          "TILLWIRE_HEARTBEAT_INTERVAL": "600", "TILLWIRE_HEARTBEAT_MAX": "600",
                          "TILLWIRE_LOG_LEVEL": "warning"}).start()
     workers: list[Worker] = []
+    bare = None
     try:
         # Warm up the server (imports, first stream, allocator) with a few
         # connections before the RSS baseline.
@@ -90,31 +108,55 @@ def run(quick: bool = False, argv=()) -> dict:
               f"{total} delivered in {elapsed:.2f} s -> {deliveries_per_s:,.0f} deliveries/s",
               flush=True)
 
-        # Latency: probes spaced apart, timed until the last terminal has each.
+        # Latency: probes spaced apart, timed until the last terminal has each,
+        # alternating with probes through the bare baseline (bench.bare) and
+        # its own terminals, so both see the machine in the same state.
+        bare = None
+        if args.baseline:
+            bare = BareServer().start()
+            for i in range(k):
+                count = n // k if i < k - 1 else n - n // k * (k - 1)
+                workers.append(Worker("subscribers", port=bare.port, tenant=TENANT,
+                                      start=i * (n // k), count=count))
+            bare_subs = workers[-k:]
+            for w in bare_subs:
+                w.recv(600)
+            bare_pub = Worker("publisher", port=bare.port, tenant=TENANT)
+            workers.append(bare_pub)
+            bare_pub.recv(60)
         time.sleep(1.0)
         gap = 0.25
-        pub.send(cmd="probes", n=args.probes, gap=gap, to=f"tenant:{TENANT}")
-        sends = pub.recv(args.probes * gap + 60)["sends"]
+        sends, bare_sends = [], []
+        for i in range(args.probes):
+            pub.send(cmd="probes", n=1, gap=0, first=i, to=f"tenant:{TENANT}")
+            sends += pub.recv(60)["sends"]
+            time.sleep(gap)
+            if bare is not None:
+                bare_pub.send(cmd="probes", n=1, gap=0, first=i, to=f"tenant:{TENANT}")
+                bare_sends += bare_pub.recv(60)["sends"]
+                time.sleep(gap)
         time.sleep(1.5)
-        for w in subs:
-            w.send(cmd="stats")
-        stats = [w.recv(60) for w in subs]
-        lat = []
-        for i, t_send in enumerate(sends):
-            arrivals = [s["probes"].get(str(i)) for s in stats]
-            if all(a is not None for a in arrivals):
-                lat.append((max(arrivals) - t_send) * 1000)
-        closed = sum(s["closed"] for s in stats)
+        lat, closed = _latencies(subs, sends)
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
         print(f"fan-out latency over {len(lat)}/{len(sends)} complete probes: "
               f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", flush=True)
+        baseline = {}
+        if bare is not None:
+            bare_lat, _ = _latencies(bare_subs, bare_sends)
+            b50, b99 = percentile(bare_lat, 50), percentile(bare_lat, 99)
+            print(f"bare uvloop fan-out (bench.bare), same terminals, alternating probes, "
+                  f"{len(bare_lat)}/{len(bare_sends)} complete: p50 {b50:.1f} ms, "
+                  f"p99 {b99:.1f} ms; tillwire/bare p99 {p99 / b99:.2f}", flush=True)
+            baseline = {"bare_fanout_p50_ms": round(b50, 2), "bare_fanout_p99_ms": round(b99, 2),
+                        "fanout_p99_vs_bare": round(p99 / b99, 2)}
         return {
             "connections": n, "deliveries_per_s": round(deliveries_per_s),
             "fanout_p50_ms": round(p50, 2), "fanout_p99_ms": round(p99, 2),
             "server_rss_per_conn_bytes": round(rss_per_conn),
             "offered_broadcasts_per_s": args.rate, "broadcasts": sent["sent"],
             "deliveries_expected": expected, "deliveries": total,
-            "probes_complete": len(lat), "closed_by_server": closed, "quick": quick,
+            "probes_complete": len(lat), "closed_by_server": closed, **baseline,
+            "quick": quick,
         }
     finally:
         for w in workers:
@@ -124,3 +166,5 @@ def run(quick: bool = False, argv=()) -> dict:
                 pass
             w.close()
         server.stop()
+        if bare is not None:
+            bare.stop()

@@ -166,12 +166,14 @@ class Publisher:
             await asyncio.sleep(tick)
         return {"sent": sent, "t_start": t0, "t_end": time.monotonic()}
 
-    async def probes(self, n: int, gap: float, to: str) -> dict:
+    async def probes(self, n: int, gap: float, to: str, first: int = 0) -> dict:
+        """Probes ``first`` .. ``first + n - 1``, ``gap`` seconds apart."""
         sends = []
-        for i in range(n):
+        for i in range(first, first + n):
             sends.append(time.monotonic())
             self._send("bench.probe", to, b'{"i":%d}' % i)
-            await asyncio.sleep(gap)
+            if gap:
+                await asyncio.sleep(gap)
         return {"sends": sends}
 
 

@@ -22,7 +22,9 @@ KEYS = {
     "codec": {"decode_fps", "encode_fps", "decode_speedup", "encode_speedup", "decode_fps_1k",
               "encode_fps_1k"},
     "fanout": {"connections", "deliveries_per_s", "fanout_p50_ms", "fanout_p99_ms",
-               "server_rss_per_conn_bytes"},
+               "server_rss_per_conn_bytes",
+               # (and the bare uvloop baseline measured in the same run)
+               "bare_fanout_p50_ms", "bare_fanout_p99_ms", "fanout_p99_vs_bare"},
     "lanes": {"p0_p99_ms_idle", "p0_p99_ms_flood", "p0_flood_ratio", "p3_dropped", "p0_lost"},
     "reliability": {"sent", "acked", "delivered_unique", "lost", "duplicates_suppressed",
                     "reordered", "durable_msgs_per_s"},
@@ -56,3 +58,4 @@ def test_quick_benchmark_prints_its_keys(name):
         assert result["lost"] == 0 and result["reordered"] == 0
     if name == "fanout":
         assert result["deliveries"] == result["deliveries_expected"]
+        assert result["fanout_p99_vs_bare"] > 0 and result["probes_complete"] > 0
