@@ -18,7 +18,7 @@ import sys
 from setuptools import Extension, setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
-NATIVE_MODULES = ["_codec", "_wheel", "_lanes", "_session"]
+NATIVE_MODULES = ["_codec", "_wheel", "_lanes", "_session", "_kinds"]
 
 
 def _cython_include_dir() -> str:

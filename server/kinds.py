@@ -327,7 +327,21 @@ _GOOD_KINDS_MAX = 4096
 
 
 def check(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
-    """Validate a message; raise MessageError naming the problem."""
+    """Validate a message; raise MessageError naming the problem.
+
+    The native fast path (``core/_kinds.pyx``) answers for registered kinds
+    with certainly valid bodies; anything else, and every refusal, comes
+    from ``check_reference`` below."""
+    if _fast_check is not None:
+        checked = _fast_check(kind, lane, payload, key)
+        if checked is not None:
+            return checked
+    return check_reference(kind, lane, payload, key)
+
+
+def check_reference(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
+    """The check in plain Python: the specification, and the oracle the
+    native fast path is tested against."""
     if kind not in _GOOD_KINDS:
         if not kind or len(kind) > MAX_KIND_LEN or not _KIND.match(kind):
             raise MessageError(Code.BAD_MESSAGE,
@@ -357,3 +371,20 @@ def check(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
         if lane == _P2 and not key:
             key = derived_key
     return Checked(body, key if lane == _P2 else "", version)
+
+
+def _native_fast_check():
+    """The native fast path with this module's tables, or None (not built, or
+    ``TILLWIRE_NO_EXTENSIONS``)."""
+    from ..core._impl import NO_EXTENSIONS
+    if NO_EXTENSIONS:
+        return None
+    try:
+        from ..core import _kinds
+    except ImportError:
+        return None
+    _kinds.configure(Checked, PAYMENT_STATUSES, ORDER_CHANNELS, ORDER_EVENTS, MAX_CHAT_TEXT, _P2)
+    return _kinds.fast_check
+
+
+_fast_check = _native_fast_check()
