@@ -403,6 +403,15 @@ def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str], rows: list, chu
 _MULTI_ROW: dict[tuple[tuple[str, str], int], str] = {}
 
 
+def message_rows(items) -> list[tuple]:
+    """(NewMessage, recipients) items as the writer takes them: (row,
+    recipients) with row = (tenant, sender, ref, lane, kind, to, body,
+    created, expires, receipt), plain tuples that also pickle in less than
+    half the time of the dataclasses (the writer process's requests)."""
+    return [((m.tenant, m.sender, m.ref, m.lane, m.kind, m.to, m.body, m.created, m.expires,
+              m.receipt), recipients) for m, recipients in items]
+
+
 def _receipts_in_range(conn: sqlite3.Connection, low: int, high: int) -> list[tuple]:
     """(msg_id, sender, ref) of the pending entries in (low, high] that want receipts."""
     merged, staged = _RECEIPTS_IN_RANGE
@@ -874,7 +883,16 @@ class _Writer:
     # -- P0/P1 requests ------------------------------------------------------------------------
 
     def accept_many(self, items: list) -> list[Accepted]:
-        """Cost per single-recipient message: 2 row inserts (+ the dedup and
+        """``accept_rows`` for (NewMessage, recipients) items (the thread writer)."""
+        return [Accepted(*a) for a in self.accept_rows(message_rows(items))]
+
+    def accept_rows(self, items: list) -> list[tuple]:
+        """Store ``items``, (message row, recipients) pairs (see ``message_rows``);
+        one (msg_id, duplicate, {recipient: seq}) per item.  The writer process
+        takes its requests this way straight from the pipe and sends the
+        results back as they are (no dataclass made and taken apart again).
+
+        Cost per single-recipient message: 2 row inserts (+ the dedup and
         expiry index entries) and, with a ref, one probe of the dedup index,
         all refs of the request in ONE query; nothing else is read."""
         conn = self.conn
@@ -882,7 +900,7 @@ class _Writer:
         # Newest (msg_id, created) per (sender, ref) seen in the window so
         # far, from the database and then from this request.
         seen: dict[tuple[str, int], tuple[int, float]] = {}
-        keys = [(m.sender, _ref_in(m.ref)) for m, _ in items if m.ref]
+        keys = [(m[1], _ref_in(m[2])) for m, _ in items if m[2]]
         if len(keys) == 1:
             row = conn.execute(_DEDUP_ONE, keys[0]).fetchone()
             if row is not None:
@@ -895,34 +913,33 @@ class _Writer:
                     seen[(sender, ref)] = (msg_id, created)
         tids = self.tids
         boxes = self.boxes
-        out: list[Accepted] = []
+        out: list[tuple] = []
         mrows = []
         irows = []
         next_id = self.next_id
         try:
-            for msg, recipients in items:
-                ref = msg.ref
+            for (tenant, sender, ref, lane, kind, to, body, created, expires,
+                 receipt), recipients in items:
                 if ref:
                     if ref >= _REF_WRAP:
                         ref -= 1 << 64
-                    hit = seen.get((msg.sender, ref))
-                    if hit is not None and msg.created - hit[1] <= window:
-                        out.append(Accepted(hit[0], True))
+                    hit = seen.get((sender, ref))
+                    if hit is not None and created - hit[1] <= window:
+                        out.append((hit[0], True, {}))
                         continue
-                lane = msg.lane
                 if lane != 0 and lane != 1:
                     raise ValueError(f"accept_many: lane must be P0 or P1, got {lane!r}")
                 msg_id = next_id
                 next_id += 1
-                flags = _F_RECEIPT if msg.receipt else 0
+                flags = _F_RECEIPT if receipt else 0
                 if len(recipients) == 1:        # the common case, without the loop below
                     address = recipients[0]
                     tid = tids.get(address) or self._tid(address)
                     key = (tid << 1) | lane
                     box = boxes.get(key) or self._box(tid, lane)
                     seq = box[0] = box[0] + 1
-                    if msg.expires < box[4]:
-                        box[4] = msg.expires
+                    if expires < box[4]:
+                        box[4] = expires
                     if flags & _F_RECEIPT:
                         box[_RCPT] = seq
                     irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
@@ -939,20 +956,19 @@ class _Writer:
                         key = (tid << 1) | lane
                         box = boxes.get(key) or self._box(tid, lane)
                         seq = box[0] = box[0] + 1
-                        if msg.expires < box[4]:
-                            box[4] = msg.expires
+                        if expires < box[4]:
+                            box[4] = expires
                         if flags & _F_RECEIPT:
                             box[_RCPT] = seq
                         seqs[address] = seq
                         parts.append(f"{tid}:{seq}")
                         irows.append(((key << _SEQ_BITS) | seq, msg_id, flags))
                     text = ",".join(parts)
-                created = msg.created
-                mrows.append((msg_id, msg.tenant, msg.sender, ref, lane, msg.kind, msg.to,
-                              msg.body, created, msg.expires, flags & _F_RECEIPT, text))
+                mrows.append((msg_id, tenant, sender, ref, lane, kind, to,
+                              body, created, expires, flags & _F_RECEIPT, text))
                 if ref:
-                    seen[(msg.sender, ref)] = (msg_id, created)
-                out.append(Accepted(msg_id, False, seqs))
+                    seen[(sender, ref)] = (msg_id, created)
+                out.append((msg_id, False, seqs))
         finally:
             self.next_id = next_id
         if self.new_terminals:

@@ -51,8 +51,8 @@ from typing import Callable
 import orjson
 
 from . import logs
-from .store import Accepted, NewMessage
-from .store_sqlite import _STOP, _Writer, _settle
+from .store import Accepted
+from .store_sqlite import _STOP, _Writer, _settle, message_rows
 
 _HEADER = 4
 STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed
@@ -204,9 +204,8 @@ class WriterProcess:
             self._next_id += 1
             self._pending[rid] = fut
         if name == "accept_many":
-            # Plain tuples pickle in less than half the time of the dataclasses.
-            args = ([((m.tenant, m.sender, m.ref, m.lane, m.kind, m.to, m.body, m.created,
-                       m.expires, m.receipt), recipients) for m, recipients in args[0]],)
+            name = "accept_rows"
+            args = (message_rows(args[0]),)
             if rid:
                 self._accepts.add(rid)
         self._out.append((name, args, rid, weight))
@@ -315,15 +314,11 @@ def main() -> None:
     writer.configure_streams(params["history_max"], params["history_age"])
     writer.mode = "process"
     send_lock = threading.Lock()
-    accepts: set[int] = set()        # ids of accept_many requests (results sent packed)
 
     def post(done: list) -> None:
         # (future, result, exception) -> (request id, ...); None: nobody waits.
-        results = [(0 if fut is _READY else fut,
-                    [(a.msg_id, a.duplicate, a.seqs) for a in result]
-                    if fut in accepts and result is not None else result, exc)
+        results = [(0 if fut is _READY else fut, result, exc)
                    for fut, result, exc in done if fut is not None]
-        accepts.difference_update(fut for fut, _, _ in done)
         if not results:
             return
         data = _results_frame(results, writer.counters())
@@ -349,10 +344,6 @@ def main() -> None:
                     if name == "configure_streams":
                         writer.configure_streams(*args)
                         continue
-                    if name == "accept_many":
-                        args = ([(NewMessage(*m), recipients) for m, recipients in args[0]],)
-                        if rid:
-                            accepts.add(rid)
                     op = _STOP if name is None else getattr(writer, name)
                     submit((op, args, rid or None, weight))
 
