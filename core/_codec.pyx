@@ -83,6 +83,7 @@ cdef int F_COMPRESSED = _codes.Flag.COMPRESSED
 cdef int F_LANE = _codes.Flag.LANE_MASK
 cdef int T_DELIVER = _codes.FrameType.DELIVER
 cdef int T_BROADCAST = _codes.FrameType.BROADCAST
+cdef int T_SENDACK = _codes.FrameType.SENDACK
 
 cdef Py_ssize_t MIN_LIMIT = _codes.MIN_FRAME_SIZE_LIMIT
 cdef Py_ssize_t MAX_LIMIT = _codes.MAX_FRAME_SIZE_LIMIT
@@ -1254,8 +1255,9 @@ cdef class Encoder:
     """Frame encoder (PROTOCOL.md sections 3, 6, 7, 13).
 
     ``encode(frame) -> bytes``; ``encode_batch(frames) -> bytes`` (one buffer,
-    == b"".join(encode(f) for f in frames)); ``encode_deliver`` and
-    ``encode_broadcast`` build and encode the two hot frame types directly.
+    == b"".join(encode(f) for f in frames)); ``encode_deliver``,
+    ``encode_broadcast`` and ``encode_sendack`` build and encode the three hot
+    frame types directly.
     """
 
     def __init__(self, max_frame_size=_codes.DEFAULT_MAX_FRAME_SIZE,
@@ -1338,6 +1340,16 @@ cdef class Encoder:
         _set_int(f, _I_SEQ, seq)
         _set_int(f, _I_MSG_ID, msg_id)
         f._kind = kind
+        f._payload = payload
+        return self._encode_one(f)
+
+    def encode_sendack(self, flags, ref, msg_id, payload):
+        """== encode(Frame(SENDACK, flags, ref=ref, msg_id=msg_id, payload=payload))."""
+        cdef Frame f = _new_frame()
+        f._type = T_SENDACK
+        _set_byte(f, ODD_FLAGS, flags)
+        _set_int(f, _I_REF, ref)
+        _set_int(f, _I_MSG_ID, msg_id)
         f._payload = payload
         return self._encode_one(f)
 

@@ -513,6 +513,10 @@ class Encoder:
             Frame(FrameType.DELIVER, flags | lane, payload, seq=seq, msg_id=msg_id, kind=kind)
         )
 
+    def encode_sendack(self, flags, ref, msg_id, payload):
+        """A SENDACK frame's bytes (see ``encode``)."""
+        return self.encode(Frame(FrameType.SENDACK, flags, payload, ref=ref, msg_id=msg_id))
+
     def encode_broadcast(self, lane, flags, channel, offset, kind, payload):
         """A BROADCAST frame's bytes: nothing recipient-specific, so encode once, send to all."""
         return self.encode(

@@ -56,7 +56,6 @@ _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 # Plain ints for the per-message paths: an IntEnum member lookup costs about
 # 0.2 us on Python 3.11, and a SEND's path took a dozen of them.
 _P0, _P1, _P3 = int(Lane.P0), int(Lane.P1), int(Lane.P3)
-_SENDACK = int(FrameType.SENDACK)
 _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
 
 
@@ -943,10 +942,10 @@ class Node:
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
                                 frame.payload, frame.ttl / 1000.0 if frame.ttl else 0.0, report)
         if want_ack:
-            conn.control(self.encoder.encode(Frame(
-                _SENDACK, ref=ref, msg_id=0,
-                payload=orjson.dumps({"channel": str(address), "offset": offset, **(report or {})})
-                if offset else b'{"stale":true}')))
+            conn.control(self.encoder.encode_sendack(
+                0, ref, 0,
+                orjson.dumps({"channel": str(address), "offset": offset, **(report or {})})
+                if offset else b'{"stale":true}'))
             self.mark_dirty(conn)
 
     def broadcast(self, address, lane: int, kind: str, key: str, version: int,
@@ -1063,6 +1062,7 @@ class Node:
             return
         counters = self.counters
         counters.store_write.observe(time.perf_counter() - started)
+        encode_sendack = self.encoder.encode_sendack
         for (msg, recipients, reply), accepted in zip(batch, results):
             if accepted.duplicate:
                 counters.duplicates += 1
@@ -1078,11 +1078,11 @@ class Node:
                 continue
             conn, ref = reply
             if conn.state == OPEN:
-                conn.control(self.encoder.encode(Frame(
-                    _SENDACK, _RETRANSMIT if accepted.duplicate else 0,
-                    ref=ref, msg_id=accepted.msg_id,
-                    payload=b"" if accepted.duplicate
-                    else _recipients_payload(len(accepted.seqs)))))
+                if accepted.duplicate:
+                    conn.control(encode_sendack(_RETRANSMIT, ref, accepted.msg_id, b""))
+                else:
+                    conn.control(encode_sendack(0, ref, accepted.msg_id,
+                                                _recipients_payload(len(accepted.seqs))))
                 self.mark_dirty(conn)
         # Write the deliveries and SENDACKs now, not at the next iteration's
         # flush: under a broadcast flood an iteration is long, and payment

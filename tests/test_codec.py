@@ -879,6 +879,25 @@ def test_encode_deliver_equals_encode(codec):
         codec.Encoder().encode_deliver(0, A, -1, 1, "order.event", b"")
 
 
+def test_encode_sendack_equals_encode(codec):
+    for compress_threshold in (0, 16, DEFAULT_COMPRESS_THRESHOLD):
+        encoder = codec.Encoder(compress_threshold=compress_threshold)
+        for flags, ref, msg_id, payload in [
+            (0, 1, 1001, b'{"recipients":1}'),
+            (R, 2**21, 2**28, b""),
+            (0, MAX_U64, MAX_U64, b"r" * 5000),
+        ]:
+            expected = encoder.encode(
+                codec.Frame(FrameType.SENDACK, flags, payload, ref=ref, msg_id=msg_id))
+            assert encoder.encode_sendack(flags, ref, msg_id, payload) == expected
+    # PROTOCOL.md: SENDACK 0x11, flags, ref u, msg_id u, then the payload.
+    assert codec.Encoder().encode_sendack(0, 7, 1001, b"") == h("05 11 00 07 e9 07")
+    with pytest.raises(ValueError):
+        codec.Encoder().encode_sendack(A, 7, 1, b"")          # ACK_REQUESTED: not on a SENDACK
+    with pytest.raises(ValueError):
+        codec.Encoder().encode_sendack(0, -1, 1, b"")
+
+
 def test_broadcast_is_encoded_once_for_every_recipient(codec):
     args = (2, R, 3, 42, "price.update", b'{"sku":"A1","price":"5.00","version":7}')
     encoder = codec.Encoder()
