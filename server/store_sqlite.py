@@ -352,11 +352,40 @@ def _ref_out(ref: int) -> int:
 
 _DEDUP_ONE = ("SELECT id, created FROM messages WHERE sender = ? AND ref = ? AND ref != 0 "
               "ORDER BY id DESC LIMIT 1")
-# All (sender, ref) keys of a request in one statement: a JSON array of pairs
-# joined to the dedup index (one GIL round trip instead of one per message).
-_DEDUP_MANY = ("SELECT m.sender, m.ref, m.id, m.created FROM json_each(?) j JOIN messages m "
-               "ON m.sender = json_extract(j.value, '$[0]') "
-               "AND m.ref = json_extract(j.value, '$[1]') AND m.ref != 0")
+# A sender's refs of a request in one statement per 512 (one GIL round trip
+# instead of one per message): the dedup index's (sender, ref) entries looked
+# up with ``ref IN (...)``, the list padded to a power of two by repeating
+# its last ref so that ten statements serve every size.  (A JSON array of
+# (sender, ref) pairs joined to the index took 0.84 us per new ref, this
+# 0.42 us, in a standalone measurement.)
+_DEDUP_CHUNK = 512
+_DEDUP_IN: dict[int, str] = {}
+
+
+def _dedup_rows(conn: sqlite3.Connection, keys: list) -> list[tuple]:
+    """(sender, ref, msg_id, created) of the stored messages with these (sender, ref) keys."""
+    by_sender: dict[str, list[int]] = {}
+    for sender, ref in keys:
+        refs = by_sender.get(sender)
+        if refs is None:
+            by_sender[sender] = [ref]
+        else:
+            refs.append(ref)
+    rows = []
+    for sender, refs in by_sender.items():
+        for start in range(0, len(refs), _DEDUP_CHUNK):
+            part = refs[start:start + _DEDUP_CHUNK]
+            size = 1
+            while size < len(part):
+                size <<= 1
+            part += [part[-1]] * (size - len(part))
+            sql = _DEDUP_IN.get(size)
+            if sql is None:
+                sql = _DEDUP_IN[size] = (
+                    "SELECT sender, ref, id, created FROM messages "
+                    f"WHERE sender = ? AND ref != 0 AND ref IN ({','.join('?' * size)})")
+            rows += conn.execute(sql, (sender, *part))
+    return rows
 
 
 _INSERT_MESSAGE = ("INSERT INTO messages VALUES ", "(?,?,?,?,?,?,?,?,?,?,?,?)")
@@ -906,8 +935,7 @@ class _Writer:
             if row is not None:
                 seen[keys[0]] = row
         elif keys:
-            for sender, ref, msg_id, created in conn.execute(
-                    _DEDUP_MANY, (orjson.dumps(keys).decode(),)):
+            for sender, ref, msg_id, created in _dedup_rows(conn, keys):
                 prev = seen.get((sender, ref))
                 if prev is None or msg_id > prev[0]:
                     seen[(sender, ref)] = (msg_id, created)

@@ -181,6 +181,27 @@ def test_dedup_within_window_including_same_batch(store_factory):
     run_with(store_factory, body, dedup_window=100.0)
 
 
+def test_dedup_of_a_large_request_from_several_senders(store_factory):
+    # More refs per sender than one dedup lookup takes (512), refs stored
+    # before and resent, refs repeated inside the request, two senders.
+    async def body(store):
+        pay2 = "terminal:acme/pay2"
+        first = await store.accept_many([(msg(r), [TILL]) for r in range(1, 601, 2)])
+        ids = {r: a.msg_id for r, a in zip(range(1, 601, 2), first)}
+        items = [(msg(r), [TILL]) for r in range(1, 1201)]             # odd <= 599 stored
+        items += [(msg(r, sender=pay2), [TILL2]) for r in range(1, 4)]  # other sender: new
+        items += [(msg(5), [TILL]), (msg(1000), [TILL])]                # repeated in the request
+        got = await store.accept_many(items)
+        dup = [a.duplicate for a in got]
+        assert dup[:1200] == [r % 2 == 1 and r < 600 for r in range(1, 1201)]
+        assert [got[r - 1].msg_id for r in range(1, 601, 2)] == [ids[r] for r in range(1, 601, 2)]
+        assert dup[1200:] == [False, False, False, True, True]
+        assert got[-1].msg_id == got[999].msg_id and got[-2].msg_id == ids[5]
+        assert await store.positions(TILL) == (0, 300 + 900, 0, 0)
+        assert await store.positions(TILL2) == (0, 3, 0, 0)
+    run_with(store_factory, body)
+
+
 def test_accept_many_then_calls_back_once_on_the_loop(store_factory):
     async def body(store):
         loop = asyncio.get_running_loop()
