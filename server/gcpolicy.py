@@ -13,8 +13,10 @@ Two measures, taken once the process has started:
   back and every tenth middle collection became a full one.  Under the durable
   steady load that meant 10-11 full collections in 8 s, pausing up to 25-45 ms
   each in either process; with 100, none ran in the same run.  Cyclic garbage
-  that reaches the oldest generation waits longer to be freed; most of the
-  server's garbage is freed by reference counting and never gets there.
+  that reaches the oldest generation waits longer to be freed, so the server
+  keeps its per-connection objects out of cycles: a closed connection drops
+  its timers (which held it) and is freed by reference counting at once (a
+  test holds it to that with the collector off).
 """
 
 from __future__ import annotations

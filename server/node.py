@@ -608,11 +608,16 @@ class Node:
     def on_connection_lost(self, conn: TerminalConnection) -> None:
         self._unauthenticated.discard(conn)
         self.connection_count -= 1
+        # Cancel the timers and drop them: each holds the connection, and a
+        # connection left in a cycle waits for a full collection (rare; see
+        # gcpolicy) instead of being freed now.
         if conn.timer is not None:
             conn.timer.cancel()
+            conn.timer = None
         inbox = conn.inbox
         if inbox.__class__ is InboxState and inbox.timer is not None:
             inbox.timer.cancel()
+            inbox.timer = None
         self._add_lane_totals(conn.lane_counters())
         if conn.state != CLOSED:
             conn.close(Code.NORMAL, "connection lost")

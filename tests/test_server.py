@@ -7,6 +7,7 @@ connections; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import string
 import time
@@ -669,6 +670,37 @@ async def test_a_flush_past_its_slice_writes_the_rest_next_turn_once_each_in_ord
         assert node.counters.flush_yields > 0
         assert node.counters.writes - writes_before < 40 * 30 / 2
     finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector():
+    # `tillwire serve` runs full collections rarely (gcpolicy): a closed
+    # connection must not wait for one.  Its heartbeat and retransmit timers
+    # each held it; dropping them at the close lets reference counting free it.
+    from tillwire.server.connection import TerminalConnection
+
+    def alive():
+        return sum(1 for o in gc.get_objects() if isinstance(o, TerminalConnection))
+
+    node = await start_node()
+    gc.collect()
+    gc.disable()
+    try:
+        be = await connect(node, "hq1", store="hq", roles=("backend",))
+        tills = [await connect(node, f"t{i}", store="s1") for i in range(20)]
+        for i in range(20):      # (a P0 in flight gives each an inbox and its timer)
+            await be.send("payment.result", {"order": f"o{i}", "status": "paid"},
+                          f"terminal:acme/t{i}")
+        for t in tills:
+            await t.receive(timeout=5)
+        assert alive() == 21
+        for t in tills:
+            await t.close()
+        await eventually(lambda: node.connection_count == 1)
+        assert alive() == 1
+    finally:
+        gc.enable()
         await node.stop()
 
 
