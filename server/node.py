@@ -59,6 +59,10 @@ _P0, _P1, _P3 = int(Lane.P0), int(Lane.P1), int(Lane.P3)
 _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
 
 
+async def _none():
+    return None
+
+
 def _recipients_payload(n: int) -> bytes:
     """The SENDACK payload of a message stored for ``n`` recipients."""
     return _RECIPIENTS[n] if n < 64 else orjson.dumps({"recipients": n})
@@ -1367,16 +1371,19 @@ class Node:
         now = time.time()
         for rec in registers:
             await self.store.register(rec)
-        if delivered:
-            receipts = await self.store.delivered_many(
+        # Both requests are queued at once, delivered first: the writer runs
+        # them in that order, usually in one commit (awaiting the first before
+        # sending the second cost a commit round trip per batch).
+        delivered_receipts, acked_receipts = await asyncio.gather(
+            self.store.delivered_many(
                 [(t, lane, rng[0], rng[1]) for (t, lane), rng in delivered.items()], now)
-            for r in receipts or ():
-                self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.DELIVERED, r.terminal)
-        if acks:
-            receipts = await self.store.ack_many(
-                [(t, lane, seq) for (t, lane), seq in acks.items()], now)
-            for r in receipts:
-                self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.ACKED, r.terminal)
+            if delivered else _none(),
+            self.store.ack_many([(t, lane, seq) for (t, lane), seq in acks.items()], now)
+            if acks else _none())
+        for r in delivered_receipts or ():
+            self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.DELIVERED, r.terminal)
+        for r in acked_receipts or ():
+            self._send_receipt(r.sender, r.ref, r.msg_id, ReceiptStatus.ACKED, r.terminal)
 
     def _send_receipt(self, sender: str, ref: int, msg_id: int, status: int, terminal: str) -> None:
         conn = self.hub.sessions.get(sender)
