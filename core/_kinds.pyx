@@ -30,7 +30,7 @@ cdef object _STATUSES = frozenset()
 cdef object _CHANNELS = frozenset()
 cdef object _EVENTS = frozenset()
 cdef Py_ssize_t _MAX_CHAT = 0
-cdef long long _P2 = 2
+cdef object _P2 = 2
 cdef object _ABSENT = object()
 
 # Identifier bytes: A-Z a-z 0-9 . _ : / -
@@ -254,11 +254,13 @@ cdef bint _member_notice(dict b):
     return _text(b.get("member", _ABSENT), 64, True) and _text(b.get("text", _ABSENT), 2000, False)
 
 
-def fast_check(str kind, long long lane, object payload, str key=""):
-    """``Checked`` for a registered kind's certainly valid body, else None."""
+def fast_check(kind, lane, payload, key=""):
+    """``Checked`` for a registered kind's certainly valid body, else None
+    (for any argument of an unexpected type too: the reference judges it)."""
     cdef dict b
     cdef bint ok
-    if _Checked is None or type(payload) is not bytes:
+    if (_Checked is None or type(payload) is not bytes or type(kind) is not str
+            or type(lane) is not int or type(key) is not str):
         return None
     try:
         body = _loads(payload)

@@ -238,3 +238,17 @@ def test_the_native_fast_path_answers_for_every_registered_kinds_common_body(kin
 ])
 def test_the_native_fast_path_leaves_the_uncommon_to_the_reference(kind, payload):
     assert _native_fast_check()(kind, 1, payload, "") is None
+
+
+def test_the_native_fast_path_leaves_unexpected_argument_types_to_the_reference():
+    fast = _native_fast_check()
+    body = b'{"order": "o1", "status": "paid"}'
+    assert fast("payment.result", 1, body, "") is not None
+    for args in [(None, 1, body, ""), ("payment.result", None, body, ""),
+                 ("payment.result", Lane.P1, body, ""), ("payment.result", 1, bytearray(body), ""),
+                 ("payment.result", 1, body.decode(), ""), ("payment.result", 1, body, None)]:
+        assert fast(*args) is None, args
+    # ... which still answers them (an enum lane, a str body) or refuses them by name.
+    assert kinds.check("payment.result", Lane.P1, body.decode()).body["order"] == "o1"
+    with pytest.raises(kinds.MessageError):
+        kinds.check("Bad Kind", 1, body)
