@@ -388,7 +388,7 @@ def _dedup_rows(conn: sqlite3.Connection, keys: list) -> list[tuple]:
     return rows
 
 
-_INSERT_MESSAGE = ("INSERT INTO messages VALUES ", "(?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_MESSAGE = ("INSERT INTO messages VALUES ", "(?,?,?,?,?,?,?,?,?,?,?,?)", "")
 # Pending entries of an inbox key range (k > ?, k <= ?) whose sender asked for
 # receipts: merged ones first (an inbox's staged seqs are above its merged ones).
 _RECEIPTS_IN_RANGE = (
@@ -396,15 +396,20 @@ _RECEIPTS_IN_RANGE = (
     f"WHERE i.k > ? AND i.k <= ? AND i.state = 0 AND (i.flags & {_F_RECEIPT}) ORDER BY i.k",
     "SELECT m.id, m.sender, m.ref FROM inbox_staged i JOIN messages m ON m.id = i.msg_id "
     f"WHERE i.k > ? AND i.k <= ? AND (i.flags & {_F_RECEIPT}) ORDER BY i.k")
-_INSERT_INBOX = ("INSERT INTO inbox_staged(k, msg_id, flags) VALUES ", "(?,?,?)")
-_INSERT_RANGE = ("INSERT INTO rangelog VALUES ", "(?,?,?,?,?,?)")
+_INSERT_INBOX = ("INSERT INTO inbox_staged(k, msg_id, flags) VALUES ", "(?,?,?)", "")
+_INSERT_RANGE = ("INSERT INTO rangelog VALUES ", "(?,?,?,?,?,?)", "")
+_UPSERT_CURSORS = ("INSERT INTO cursors(k, last, acked, delivered, trimmed) VALUES ", "(?,?,?,?,?)",
+                   " ON CONFLICT(k) DO UPDATE SET last = excluded.last, acked = excluded.acked, "
+                   "delivered = excluded.delivered, trimmed = excluded.trimmed")
 # Highest key of an inbox range (k BETWEEN ? AND ?): a staged one, else a merged one.
 _TOP_KEY = ("SELECT MAX(k) FROM inbox_staged WHERE k BETWEEN ? AND ?",
             "SELECT MAX(k) FROM inbox WHERE k BETWEEN ? AND ?")
 
 
-def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str], rows: list, chunk: int) -> None:
-    """Insert ``rows`` with multi-row VALUES statements.
+def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str, str], rows: list,
+                 chunk: int) -> None:
+    """Insert ``rows`` with multi-row VALUES statements (``sql``: the text
+    before the VALUES rows, one row's placeholders, the text after them).
 
     One sqlite3_step per statement instead of one per row: the GIL is
     released and retaken once per statement, and statement overhead is
@@ -421,7 +426,7 @@ def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str], rows: list, chu
             size >>= 1
         statement = _MULTI_ROW.get((sql, size))
         if statement is None:
-            statement = _MULTI_ROW[(sql, size)] = sql[0] + ",".join([sql[1]] * size)
+            statement = _MULTI_ROW[(sql, size)] = sql[0] + ",".join([sql[1]] * size) + sql[2]
         while left >= size:
             conn.execute(statement, list(chain(rows[start:start + size])) if size > 1
                          else rows[start])
@@ -902,11 +907,7 @@ class _Writer:
             self._flush_streams()
         if self.dirty:
             boxes = self.boxes
-            conn.executemany(
-                "INSERT INTO cursors(k, last, acked, delivered, trimmed) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(k) DO UPDATE SET last = excluded.last, acked = excluded.acked, "
-                "delivered = excluded.delivered, trimmed = excluded.trimmed",
-                [(k, *boxes[k][:4]) for k in self.dirty])
+            _insert_rows(conn, _UPSERT_CURSORS, [(k, *boxes[k][:4]) for k in self.dirty], 128)
             self.dirty.clear()
 
     # -- P0/P1 requests ------------------------------------------------------------------------
