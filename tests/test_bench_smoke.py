@@ -27,7 +27,7 @@ KEYS = {
                "bare_fanout_p50_ms", "bare_fanout_p99_ms", "fanout_p99_vs_bare"},
     "lanes": {"p0_p99_ms_idle", "p0_p99_ms_flood", "p0_flood_ratio", "p3_dropped", "p0_lost"},
     "reliability": {"sent", "acked", "delivered_unique", "lost", "duplicates_suppressed",
-                    "reordered", "durable_msgs_per_s"},
+                    "reordered", "durable_msgs_per_s", "stored_only_msgs_per_s"},
 }
 
 
