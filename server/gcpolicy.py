@@ -13,11 +13,11 @@ Two measures, taken once the process has started:
   back and every tenth middle collection became a full one.  Under the durable
   steady load that meant, in 8 s, 10-11 full collections in the server (pauses
   up to 25-38 ms) and 4-5 in the writer (up to 25-45 ms); with 100, at most
-  one ran in the same runs.  Cyclic garbage
-  that reaches the oldest generation waits longer to be freed, so the server
-  keeps its per-connection objects out of cycles: a closed connection drops
-  its timers (which held it) and is freed by reference counting at once (a
-  test holds it to that with the collector off).
+  one ran in the same runs.  Cyclic garbage that reaches the oldest
+  generation waits longer to be freed, so the server keeps its per-connection
+  objects out of cycles: a closed connection drops its timers (which held it)
+  and is freed by reference counting at once (a test holds it to that with
+  the collector off).
 """
 
 from __future__ import annotations
