@@ -73,9 +73,10 @@ ctypedef struct _P2Lane:
     int32_t head           # oldest node (next delivered / next shed), -1 when empty
     int32_t tail           # newest node, -1 when empty
     int32_t free           # first node of the free list, -1 when none
-    int32_t tmask          # key table size - 1; the table is NULL until the first keyed push
-    int32_t tused          # keyed entries (each is in the table exactly once)
-    int32_t *table         # linear probing, no tombstones (backward-shift delete): node index or -1
+    int32_t tmask          # key table size - 1 (0 while the table is NULL)
+    int32_t tused          # keyed entries (each in the table exactly once while there is one)
+    int32_t *table         # NULL until more than _SMALL_P2 keyed entries were queued;
+                           # linear probing, no tombstones (backward-shift delete): node index or -1
 
 # Everything but the constructor arguments; allocated by the first push.
 ctypedef struct _State:
@@ -108,6 +109,13 @@ cdef class LaneScheduler:
 # when a lane's storage grows.
 cdef int lanes_push(LaneScheduler s, int lane, object frame, object key, Py_hash_t key_hash,
                     double deadline, object channel) except -1
+
+# Hints for the cache before a push to this scheduler (fan-out pipelines them
+# over the sessions ahead).  Stage 1 prefetches the state block, stage 2 the
+# lane's queue header, stage 3 where the push will write (the P2 key's table
+# slot and free node, or a ring's tail slot).  Reads only memory the scheduler
+# owns at the time of the call; changes nothing, never fails.
+cdef void lanes_prefetch(LaneScheduler s, int stage, int lane, Py_hash_t key_hash) noexcept
 
 # Remove frames in schedule order until their total size reaches limit (at least
 # one frame if any is deliverable) and return them as one bytes object (the frame

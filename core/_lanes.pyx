@@ -11,9 +11,14 @@ Lanes and their queues:
   a P0/P1 push over ``max_bytes`` stays queued and returns OVERFLOW.
 * P2: a doubly-linked list of nodes (in one array, linked by index) plus an
   open-addressing table from conflation key to node.  A push whose key is
-  queued reuses that node, moved to the tail (O(1)).  The table keeps each
+  queued reuses that node, moved to the tail (O(1)).  Each node keeps its
   key's hash, so removing an entry never calls back into Python, and
-  ``push_many`` hashes the key once for all schedulers.
+  ``push_many`` hashes the key once for all schedulers.  The table exists
+  once more than ``_SMALL_P2`` keyed entries have been queued (built then
+  from the list, kept until the lane's storage is given back); a lane that
+  never held more finds a key by walking its list, which lies next to the
+  header.  (Between drains a fan-out target usually holds a few frames, and
+  for 10,000 connections the table is one more cache miss per push.)
 * P3: a ring of (frame, deadline); expired entries are dropped at push time
   (against the ``now`` attribute) and when they reach the head during
   ``drain`` (against drain's ``now`` argument).  A ``now`` of 0.0 means the
@@ -46,6 +51,9 @@ from cpython.object cimport Py_EQ, PyObject, PyObject_Hash, PyObject_RichCompare
 from libc.stdint cimport int32_t, uint16_t, uint64_t
 from libc.string cimport memcpy
 
+cdef extern from *:
+    void _prefetch "__builtin_prefetch"(const void *addr) noexcept nogil
+
 cdef extern from "Python.h":
     # Reference counting and sizes on raw pointers (the queues store PyObject*).
     void _incref "Py_INCREF"(PyObject *o)
@@ -68,6 +76,7 @@ cdef enum:
                             # usually holds one or two P2 frames between drains)
     _KEEP_CAP = 64          # a lane that empties with more capacity than this gives it back
     _FIRST_TABLE = 4        # first size of the P2 key table (kept at most half full)
+    _SMALL_P2 = 8           # keyed P2 entries found by walking the list, without a table
     _MAX_WEIGHT = 65535     # weights (and credits) are uint16
     _STACK_FRAMES = 32      # drain collects up to this many frames without a heap buffer
 
@@ -315,16 +324,18 @@ cdef _P2Lane *_p2_grow(_P2Lane *p) except NULL:
     return g
 
 
-cdef int _table_reserve(_P2Lane *p) except -1:
-    """Make room in the key table for one more key (allocating or doubling it)."""
+cdef int _table_reserve(_P2Lane *p, int32_t keys) except -1:
+    """Make room in the key table for ``keys`` keys (allocating or growing it)."""
     cdef int32_t size, new_size, i, n
     cdef int32_t *table
     cdef size_t j
     cdef _P2Node *nodes = _nodes(p)
-    if p.table != NULL and 2 * (p.tused + 1) <= p.tmask + 1:
+    if p.table != NULL and 2 * keys <= p.tmask + 1:
         return 0
     size = p.tmask + 1 if p.table != NULL else 0
     new_size = 2 * size if size else _FIRST_TABLE
+    while new_size < 2 * keys:
+        new_size *= 2
     table = <int32_t *>PyMem_Malloc(new_size * sizeof(int32_t))
     if table == NULL:
         PyErr_NoMemory()
@@ -365,6 +376,32 @@ cdef int32_t _table_find(_P2Lane *p, object key, Py_hash_t h) except -2:
                 or PyObject_RichCompareBool(<object>nodes[n].key, key, Py_EQ)):
             return n
         j = (j + 1) & <size_t>p.tmask
+
+
+cdef int32_t _list_find(_P2Lane *p, object key, Py_hash_t h) except -2:
+    """_table_find for a lane without a table: walk the list, newest first."""
+    cdef _P2Node *nodes = _nodes(p)
+    cdef int32_t n = p.tail
+    while n >= 0:
+        if nodes[n].key != NULL and nodes[n].hash == h and (
+                nodes[n].key == <PyObject *>key
+                or PyObject_RichCompareBool(<object>nodes[n].key, key, Py_EQ)):
+            return n
+        n = nodes[n].prev
+    return -1
+
+
+cdef int _table_build(_P2Lane *p) except -1:
+    """Index every keyed entry (the lane outgrew _SMALL_P2), with room for one more."""
+    cdef _P2Node *nodes = _nodes(p)
+    cdef int32_t n = p.head
+    _table_reserve(p, p.tused + 1)
+    p.tused = 0                 # counted again by _table_add
+    while n >= 0:
+        if nodes[n].key != NULL:
+            _table_add(p, n)
+        n = nodes[n].next
+    return 0
 
 
 cdef inline void _table_add(_P2Lane *p, int32_t n) noexcept:
@@ -439,7 +476,7 @@ cdef int _p2_push(_State *st, PyObject *frame, Py_ssize_t n, object key, Py_hash
     if p == NULL:
         p = st.p2 = _p2_new()
     if key is not None:
-        i = _table_find(p, key, h)
+        i = _table_find(p, key, h) if p.table != NULL else _list_find(p, key, h)
         if i >= 0:
             # Reuse the node: new frame and channel, moved to the tail.  The old
             # references are released last (their __del__ sees a consistent lane).
@@ -460,7 +497,10 @@ cdef int _p2_push(_State *st, PyObject *frame, Py_ssize_t n, object key, Py_hash
             _decref(old_frame)
             _xdecref(old_channel)
             return PUSH_CONFLATED
-        _table_reserve(p)
+        if p.table != NULL:
+            _table_reserve(p, p.tused + 1)
+        elif p.tused >= _SMALL_P2:
+            _table_build(p)
     if p.free < 0:
         p = st.p2 = _p2_grow(p)
     # Nothing below can fail.
@@ -473,7 +513,10 @@ cdef int _p2_push(_State *st, PyObject *frame, Py_ssize_t n, object key, Py_hash
         _incref(<PyObject *>key)
         node.key = <PyObject *>key
         node.hash = h
-        _table_add(p, i)
+        if p.table != NULL:
+            _table_add(p, i)
+        else:
+            p.tused += 1
     else:
         node.key = NULL
         node.hash = 0
@@ -496,7 +539,10 @@ cdef PyObject *_p2_pop(_State *st, _P2Lane *p, PyObject **channel) noexcept:
     cdef PyObject *key = node.key
     cdef Py_ssize_t n = _frame_size(frame)
     if key != NULL:
-        _table_remove(p, i)
+        if p.table != NULL:
+            _table_remove(p, i)
+        else:
+            p.tused -= 1
     _unlink(p, i)
     channel[0] = node.channel
     node.frame = NULL
@@ -670,6 +716,43 @@ cdef _State *_state(LaneScheduler s) except NULL:
     st.credit[2] = s._weights[2]
     s._st = st
     return st
+
+
+cdef void lanes_prefetch(LaneScheduler s, int stage, int lane, Py_hash_t key_hash) noexcept:
+    cdef _State *st = s._st
+    cdef _P2Lane *p
+    cdef _P3Ring *r
+    cdef _Fifo *f
+    if st == NULL:
+        return
+    if stage == 1:
+        _prefetch(st)
+        return
+    if lane == 2:
+        p = st.p2
+        if p == NULL:
+            return
+        if stage == 2:
+            _prefetch(p)
+            _prefetch(<char *>p + 64)       # the first nodes follow the header
+        elif p.table != NULL:
+            _prefetch(&p.table[_home(key_hash, p.tmask)])
+            if p.free >= 0:
+                _prefetch(&_nodes(p)[p.free])
+    elif lane == 3:
+        r = st.p3
+        if r != NULL:
+            if stage == 2:
+                _prefetch(r)
+            else:
+                _prefetch(&_p3_slots(r)[(r.head + r.count) & r.mask])
+    elif 0 <= lane <= 1:
+        f = st.fifo[lane]
+        if f != NULL:
+            if stage == 2:
+                _prefetch(f)
+            else:
+                _prefetch(&_fifo_slots(f)[(f.head + f.count) & f.mask])
 
 
 cdef int lanes_push(LaneScheduler s, int lane, object frame, object key, Py_hash_t key_hash,

@@ -750,6 +750,32 @@ def _long_run_ops(seed, count=6000):
     return ops
 
 
+def _threshold_ops(count):
+    """Around the size where the native P2 lane starts indexing its keys:
+    ``count`` distinct keys (equal-but-not-identical ones and ones whose
+    hashes share their low bits among them), each conflated once, a partial
+    drain, more keys, a drain to empty, then the same keys again."""
+    keys = [i * 64 if i % 3 else float(i) for i in range(count)]
+    ops = [("push", 0, 2, 4 + i % 5, k, 0.0, "x" if i % 2 else None) for i, k in enumerate(keys)]
+    ops[1:1] = [("push", 0, 2, 3, None, 0.0, None)]        # an unkeyed entry among them
+    ops += [("push", 0, 2, 3, int(k) if isinstance(k, float) else k, 0.0, "y")
+            for k in reversed(keys)]
+    ops += [("drain", 0, count * 3, 0.0)]
+    ops += [("push", 0, 2, 2, ("sku", i), 0.0, None) for i in range(count)]
+    ops += [("push", 0, 2, 5, keys[i], 0.0, None) for i in range(0, count, 2)]
+    ops += [("drain", 0, 1 << 20, 0.0)]
+    ops += [("push", 0, 2, 1, k, 0.0, None) for k in keys]
+    ops += [("push", 0, 2, 6, k, 0.0, None) for k in keys[::3]]
+    return ops
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 10, 17, 40])
+def test_differential_p2_key_index_threshold(lanes_pair, count):
+    # The native lane walks its list up to 8 keyed entries and builds its key
+    # table past that (then keeps it); the twin has one dict throughout.
+    _run_both(lanes_pair, (1, 1, 1), [1 << 20] * 3, _threshold_ops(count))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_differential_long_run(lanes_pair, seed):
     # Long sequences grow and shrink every queue far beyond what the short

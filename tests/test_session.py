@@ -681,6 +681,100 @@ def test_fanout_iterable_errors(fam):
         fam.session.fanout(None, 1, b"x")
 
 
+def test_fanout_large_mixed_groups(fam):
+    # Enough sessions for the native fanout's prefetch pipeline (which looks
+    # up to 8 sessions ahead) to run over every kind of member: sessions with
+    # no scheduler yet, with a released one, with a P2 key table (more than 8
+    # keys queued), closed ones, subclasses overriding push() and non-sessions.
+    calls = []
+
+    class Counting(fam.session.ServerSession):
+        __slots__ = ()
+
+        def push(self, lane, frame, key=None, deadline=0.0, channel=None):
+            calls.append(self)
+            return super().push(lane, frame, key, deadline, channel)
+
+    members, backlogged = [], []
+    for i in range(60):
+        if i % 11 == 5:
+            members.append(_Fake(0))
+        elif i % 13 == 7:
+            c = Counting(fam.Encoder())
+            c.receive_data(HELLO + RESUME, 0.0)
+            c.accept(1, 30000, 1000, 1 << 20, 1)
+            c.data_to_send(1 << 20, 0.0)
+            members.append(c)
+        else:
+            s = opened(fam)
+            if i % 4 == 1:
+                for k in range(12):
+                    s.push(Lane.P2, b"old%d" % k, ("sku", k))
+                backlogged.append(s)
+            elif i % 4 == 2:
+                s.push(Lane.P3, b"gone")
+                s.data_to_send(1 << 20, 0.0)
+                s.release_lanes()
+            elif i % 9 == 3:
+                s.close(Code.NORMAL)
+                s.data_to_send(1 << 20, 0.0)
+            members.append(s)
+    live = [m for m in members if not isinstance(m, _Fake) and m.state == fam.session.OPEN]
+    frames = [broadcast(3, 1), broadcast(3, 2)]
+    for container, frame in zip((dict.fromkeys(members), list(members)), frames):
+        for m in members:
+            m.dirty = False
+        dirty = []
+        assert fam.session.fanout(container, Lane.P2, frame, ("sku", 3), 0.0, "ch", dirty) == []
+        assert dirty == [m for m in members if isinstance(m, _Fake) or m.state == fam.session.OPEN]
+    assert len(calls) == 2 * sum(isinstance(m, Counting) for m in members) > 0
+    for m in members:
+        if isinstance(m, _Fake):
+            assert [p[2] for p in m.pushed] == [("sku", 3)] * 2
+            continue
+        out = m.data_to_send(1 << 20, 0.0)
+        if m not in live:
+            assert out == b""
+            continue
+        # The second broadcast replaced the first (same key); older keys stay ahead.
+        expected = b"".join(b"old%d" % k for k in range(12) if k != 3) if m in backlogged else b""
+        assert out == expected + frames[1]
+
+
+def test_fanout_container_changed_by_a_push(fam):
+    # A push that removes (and so frees) the sessions ahead, whose memory the
+    # native fanout may have started prefetching: a list is read live by
+    # index, as Python's own iteration does; a dict stops with RuntimeError.
+    class Pruning(fam.session.ServerSession):
+        __slots__ = ("container",)
+
+        def push(self, lane, frame, key=None, deadline=0.0, channel=None):
+            if type(self.container) is list:
+                del self.container[3:20]
+            else:
+                for m in list(self.container)[3:20]:
+                    del self.container[m]
+            return super().push(lane, frame, key, deadline, channel)
+
+    for kind in (list, dict.fromkeys):
+        head = [opened(fam) for _ in range(2)]
+        pruner = Pruning(fam.Encoder())
+        pruner.receive_data(HELLO + RESUME, 0.0)
+        pruner.accept(1, 30000, 1000, 1 << 20, 1)
+        pruner.data_to_send(1 << 20, 0.0)
+        tail = [opened(fam) for _ in range(10)]
+        container = kind([*head, pruner, *(opened(fam) for _ in range(17)), *tail])
+        pruner.container = container
+        if kind is list:
+            assert fam.session.fanout(container, Lane.P2, b"f", "k") == []
+            assert all(m.data_to_send(100, 0.0) == b"f" for m in [*head, pruner, *tail])
+        else:
+            with pytest.raises(RuntimeError):
+                fam.session.fanout(container, Lane.P2, b"f", "k")
+            assert all(m.data_to_send(100, 0.0) == b"f" for m in [*head, pruner])
+            assert all(m.data_to_send(100, 0.0) == b"" for m in tail)
+
+
 class _Fake:
     """Not a session: fanout just calls push() and uses .dirty."""
 
