@@ -26,9 +26,10 @@ one list append; frames answered here (PING) or ignored are taken off the
 list again (without shrinking it).
 
 Costs.  ``fanout`` is one type check, one C call into the scheduler and a
-flag test per session, with the memory of the sessions ahead prefetched; ``receive_data`` of an ACK is the decode plus a few
-C comparisons.  Error texts built here are exactly the twin's; the texts of
-decoder errors are the native codec's (they end up in the CLOSE payload).
+flag test per session (the memory of the sessions ahead prefetched);
+``receive_data`` of an ACK is the decode plus a few C comparisons.  Error
+texts built here are exactly the twin's; the texts of decoder errors are the
+native codec's (they end up in the CLOSE payload).
 
 Differences from the twin (observable only through misuse):
 
@@ -920,7 +921,7 @@ cdef enum:
     _AHEAD_STATE = 4        # the scheduler's state block
     _AHEAD_QUEUE = 2        # the lane's queue header
     _AHEAD_SLOT = 1         # where the push will write
-    _CURSORS = 5
+    _CURSORS = 5            # the five hops above (a dict: one PyDict_Next cursor each)
 
 
 cdef inline void _prefetch_ahead(PyObject *o, PyObject *fast, int hop, int ln,
