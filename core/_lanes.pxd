@@ -41,6 +41,7 @@ ctypedef struct _Fifo:
     Py_ssize_t count       # number of queued frames
     Py_ssize_t mask        # capacity - 1 (capacity is a power of two)
     Py_ssize_t nbytes      # sum of len(frame) over queued frames
+    Py_ssize_t peak        # high-water mark of queued frames, reset by _trim
 
 # One P3 slot: a frame and its expiry time.
 ctypedef struct _P3Slot:
@@ -53,6 +54,7 @@ ctypedef struct _P3Ring:
     Py_ssize_t count       # number of queued entries (expired ones included until purged)
     Py_ssize_t mask        # capacity - 1 (capacity is a power of two)
     Py_ssize_t nbytes      # sum of len(frame) over queued entries
+    Py_ssize_t peak        # high-water mark of queued entries, reset by _trim
 
 # One P2 entry.  Nodes live in an array after the _P2Lane header and are
 # linked by index in delivery order, so an entry conflated away is unlinked
@@ -75,6 +77,7 @@ ctypedef struct _P2Lane:
     int32_t free           # first node of the free list, -1 when none
     int32_t tmask          # key table size - 1 (0 while the table is NULL)
     int32_t tused          # keyed entries (each in the table exactly once while there is one)
+    int32_t peak           # high-water mark of queued entries, reset by _trim
     int32_t *table         # NULL until more than _SMALL_P2 keyed entries were queued;
                            # linear probing, no tombstones (backward-shift delete): node index or -1
 

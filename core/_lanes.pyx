@@ -75,6 +75,7 @@ cdef enum:
     _FIRST_P2_CAP = 2       # nodes of the P2 lane's first allocation (a fan-out target
                             # usually holds one or two P2 frames between drains)
     _KEEP_CAP = 64          # a lane that empties with more capacity than this gives it back
+                            # (unless its last cycle used a quarter of it: _trim)
     _FIRST_TABLE = 4        # first size of the P2 key table (kept at most half full)
     _SMALL_P2 = 8           # keyed P2 entries found by walking the list, without a table
     _MAX_WEIGHT = 65535     # weights (and credits) are uint16
@@ -139,6 +140,7 @@ cdef _Fifo *_fifo_new() except NULL:
     f.count = 0
     f.mask = _FIRST_CAP - 1
     f.nbytes = 0
+    f.peak = 0
     return f
 
 
@@ -164,6 +166,8 @@ cdef inline int _fifo_push(_State *st, int lane, PyObject *frame, Py_ssize_t n) 
     _incref(frame)
     _fifo_slots(f)[(f.head + f.count) & f.mask] = frame
     f.count += 1
+    if f.count > f.peak:
+        f.peak = f.count
     f.nbytes += n
     st.queued_bytes += n
     return 0
@@ -206,6 +210,7 @@ cdef _P3Ring *_p3_new() except NULL:
     r.count = 0
     r.mask = _FIRST_CAP - 1
     r.nbytes = 0
+    r.peak = 0
     return r
 
 
@@ -233,6 +238,8 @@ cdef inline int _p3_push(_State *st, PyObject *frame, Py_ssize_t n, double deadl
     slot.frame = frame
     slot.deadline = deadline
     r.count += 1
+    if r.count > r.peak:
+        r.peak = r.count
     r.nbytes += n
     st.queued_bytes += n
     return 0
@@ -304,6 +311,7 @@ cdef _P2Lane *_p2_new() except NULL:
     p.free = 0
     p.tmask = 0
     p.tused = 0
+    p.peak = 0
     p.table = NULL
     _link_free(_nodes(p), 0, _FIRST_P2_CAP)
     return p
@@ -525,6 +533,8 @@ cdef int _p2_push(_State *st, PyObject *frame, Py_ssize_t n, object key, Py_hash
     node.channel = chan
     _append(p, i)
     p.count += 1
+    if p.count > p.peak:
+        p.peak = p.count
     p.nbytes += n
     st.queued_bytes += n
     return PUSH_ACCEPTED
@@ -662,18 +672,33 @@ cdef PyObject *_take(LaneScheduler s, _State *st, double now) noexcept:
 
 
 cdef void _trim(_State *st) noexcept:
-    """Give back the storage of lanes that are empty after having grown large."""
+    """Give back the storage of lanes that are empty after having grown large,
+    unless the cycle that just ended (since the lane last emptied) filled a
+    quarter of it or more: a lane under steady load keeps its storage instead
+    of growing it again, node by node and table by table, every cycle.  (The
+    server releases an idle connection's whole scheduler, ``release_lanes``.)"""
     cdef int i
+    cdef _Fifo *f
     for i in range(2):
-        if st.fifo[i] != NULL and st.fifo[i].count == 0 and st.fifo[i].mask >= _KEEP_CAP:
-            _fifo_free(st.fifo[i])
-            st.fifo[i] = NULL
+        f = st.fifo[i]
+        if f != NULL and f.count == 0 and f.mask >= _KEEP_CAP:
+            if 4 * f.peak <= f.mask + 1:
+                _fifo_free(f)
+                st.fifo[i] = NULL
+            else:
+                f.peak = 0
     if st.p2 != NULL and st.p2.count == 0 and st.p2.cap > _KEEP_CAP:
-        _p2_free(st.p2)
-        st.p2 = NULL
+        if 4 * <Py_ssize_t>st.p2.peak <= st.p2.cap:
+            _p2_free(st.p2)
+            st.p2 = NULL
+        else:
+            st.p2.peak = 0
     if st.p3 != NULL and st.p3.count == 0 and st.p3.mask >= _KEEP_CAP:
-        _p3_free(st.p3)
-        st.p3 = NULL
+        if 4 * st.p3.peak <= st.p3.mask + 1:
+            _p3_free(st.p3)
+            st.p3 = NULL
+        else:
+            st.p3.peak = 0
 
 
 cdef inline Py_ssize_t _lane_count(_State *st, int lane) noexcept:

@@ -12,6 +12,7 @@ import gc
 import os
 import random
 import sys
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -564,6 +565,32 @@ def test_native_idle_scheduler_is_small(lanes_pair):
     s = native.LaneScheduler()
     assert sys.getsizeof(s) <= 48
     assert not gc.is_tracked(s)
+
+
+def test_native_lane_storage_kept_under_load_given_back_after(lanes_pair):
+    # A lane that empties after growing large keeps its storage while its
+    # cycles fill a quarter of it or more, and gives it back after the first
+    # cycle that does not (traced through PyMem by tracemalloc).
+    _, native = lanes_pair
+    frames = [b"%06d" % i for i in range(2000)]
+    keys = [("sku", i) for i in range(2000)]       # (made before tracing starts)
+    for lane, keyed in ((0, False), (1, False), (2, True), (3, False)):
+        s = native.LaneScheduler(max_bytes=1 << 30)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            sizes = []
+            for cycle in range(3):          # three busy cycles, then a light one
+                count = 1 if cycle == 2 else 1000
+                for i in range(count):
+                    s.push(lane, frames[i], keys[i] if keyed else None)
+                assert s.drain(1 << 30) == b"".join(frames[:count])
+                sizes.append(tracemalloc.get_traced_memory()[0] - base)
+        finally:
+            tracemalloc.stop()
+        assert sizes[0] > 1000 * 8, (lane, sizes)           # kept after a busy cycle
+        assert sizes[1] <= sizes[0] * 1.1 + 512, (lane, sizes)   # not grown again
+        assert sizes[2] < 1024, (lane, sizes)               # given back after a light one
 
 
 def test_native_releases_references(lanes_pair):
