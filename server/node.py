@@ -1072,13 +1072,19 @@ class Node:
         counters = self.counters
         counters.store_write.observe(time.perf_counter() - started)
         encode_sendack = self.encoder.encode_sendack
+        live = self._live
+        touched = {}        # the connections this batch queued frames for, senders first
         for (msg, recipients, reply), accepted in zip(batch, results):
+            if reply.__class__ is tuple:
+                touched[reply[0]] = None
             if accepted.duplicate:
                 counters.duplicates += 1
             else:
                 counters.accepted += 1
                 for terminal, seq in accepted.seqs.items():
-                    self._live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
+                    conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
+                    if conn is not None:
+                        touched[conn] = None
             if reply is None:
                 continue
             if isinstance(reply, asyncio.Future):
@@ -1097,24 +1103,15 @@ class Node:
         # flush: under a broadcast flood an iteration is long, and payment
         # results should not wait one more of them.  Only the connections
         # this batch touched (the flush still comes for the rest).
-        self._write_now(batch)
+        self._write_now(touched)
 
-    def _write_now(self, batch: list) -> None:
-        """Write at once what the connections of a committed batch have queued:
-        its senders (SENDACK) and its online recipients (DELIVER).
+    def _write_now(self, conns) -> None:
+        """Write at once what ``conns`` (a committed batch's senders and online
+        recipients) have queued: SENDACKs and DELIVERs.
 
         (The write below repeats _flush's on purpose: _flush runs it for every
         dirty connection of a fan-out, and a method call there measured about
         7% of fan-out throughput.)"""
-        sessions = self.hub.sessions
-        conns = {}
-        for msg, recipients, reply in batch:
-            if reply.__class__ is tuple:
-                conns[reply[0]] = None
-            for terminal in recipients:
-                conn = sessions.get(terminal)
-                if conn is not None:
-                    conns[conn] = None
         now = self.loop.time()
         chunk = self.write_chunk
         counters = self.counters
@@ -1143,25 +1140,26 @@ class Node:
     # -- inbox delivery -------------------------------------------------------------------
 
     def _live(self, terminal: str, lane: int, seq: int, msg_id: int, kind: str,
-              body: bytes) -> None:
-        """A message was stored for ``terminal``: hand it over if it is next in line."""
+              body: bytes):
+        """A message was stored for ``terminal``: hand it over if it is next in
+        line.  Returns the terminal's open connection (None when it has none)."""
         conn = self.hub.sessions.get(terminal)
         if conn is None or conn.state != OPEN or self.draining:
-            return      # (draining: it waits in the store for the next connection)
+            return None     # (draining: it waits in the store for the next connection)
         inbox = conn.inbox
         if inbox is RESUMING:
             # The resume task is reading the store's positions; make sure it
             # learns of this message even if its read came first.
             seen = self._resuming.setdefault(conn, [0, 0])
             seen[lane] = max(seen[lane], seq)
-            return
+            return conn
         if inbox is None:
             inbox = conn.inbox = InboxState(conn.inbox_window(0)[0], conn.inbox_window(1)[0])
             inbox.progress = self.loop.time()
         if seq > inbox.last[lane]:
             inbox.last[lane] = seq
         if inbox.pumping[lane]:
-            return
+            return conn
         acked = conn.inbox_window(lane)[0]
         if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
                 and conn.inbox_bytes < self.inbox_budget):
@@ -1169,6 +1167,7 @@ class Node:
             self._deliver(conn, lane, seq, msg_id, kind, body, False)
         else:
             self._pump(conn, lane)
+        return conn
 
     def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit) -> None:
         if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:
