@@ -775,6 +775,71 @@ def test_fanout_container_changed_by_a_push(fam):
             assert all(m.data_to_send(100, 0.0) == b"" for m in tail)
 
 
+_FANOUT_STATES = st.sampled_from(["open", "open", "open", "backlog", "released", "closed",
+                                   "fresh", "small"])
+_FANOUT_OP = st.tuples(
+    st.one_of(                                       # members, by index (repeats dropped)
+        st.none(),                                   # all of them
+        st.tuples(st.integers(0, 5), st.integers(1, 3)),    # a slice: start, step
+        st.lists(st.integers(0, 39), max_size=40)),
+    st.booleans(),                                   # a dict (else a list)
+    st.integers(0, 3),                               # lane
+    st.sampled_from([None, ("sku", 1), ("sku", 2), "k", 3]),   # key
+    st.integers(0, 3),                               # frame
+    st.sampled_from([0.0, 5.0]),                     # deadline
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(states=st.lists(_FANOUT_STATES, min_size=12, max_size=40),
+       ops=st.lists(_FANOUT_OP, min_size=1, max_size=12), drain_every=st.integers(1, 5))
+def test_differential_fanout_groups(fam_pair, states, ops, drain_every):
+    # Both families fan out over the same groups of sessions in every state
+    # (the native one prefetching the sessions ahead); what each pushed,
+    # marked dirty, overflowed and finally wrote must be the same.
+    worlds = []
+    for fam in fam_pair:
+        sessions = []
+        for i, state in enumerate(states):
+            if state == "fresh":
+                s = server(fam)
+            else:
+                s = opened(fam, max_queued_bytes=120 if state == "small" else 1 << 20)
+                if state == "backlog":
+                    for k in range(12):
+                        s.push(Lane.P2, b"old%d" % k, ("sku", k + 10))
+                elif state == "released":
+                    s.push(Lane.P3, b"gone")
+                    s.data_to_send(1 << 20, 0.0)
+                    s.release_lanes()
+                elif state == "closed":
+                    s.close(Code.NORMAL)
+            sessions.append(s)
+        worlds.append((fam, sessions))
+    for n, (members, as_dict, lane, key, frame_i, deadline) in enumerate(ops):
+        if members is None:
+            members = list(range(len(states)))
+        elif isinstance(members, tuple):
+            members = list(range(len(states)))[members[0]::members[1]]
+        else:
+            members = list(dict.fromkeys(i for i in members if i < len(states)))
+        seen = []
+        for fam, sessions in worlds:
+            group = [sessions[i] for i in members]
+            dirty = []
+            over = fam.session.fanout(dict.fromkeys(group) if as_dict else group, lane,
+                                      _PUSH_FRAMES[frame_i], key, deadline, "ch", dirty)
+            result = [[sessions.index(s) for s in over], [sessions.index(s) for s in dirty]]
+            if n % drain_every == 0:
+                for s in sessions:
+                    s.dirty = False
+                    result.append(s.data_to_send(300, 1.0))
+            seen.append(result)
+        assert seen[0] == seen[1], (n, members)
+    finals = [[s.data_to_send(1 << 30, 2.0) for s in sessions] for _, sessions in worlds]
+    assert finals[0] == finals[1]
+
+
 class _Fake:
     """Not a session: fanout just calls push() and uses .dirty."""
 
