@@ -752,6 +752,7 @@ cdef void lanes_prefetch(LaneScheduler s, int stage, int lane, Py_hash_t key_has
         return
     if stage == 1:
         _prefetch(st)
+        _prefetch(&st.resync)           # the block spans two cache lines
         return
     if lane == 2:
         p = st.p2

@@ -932,7 +932,9 @@ cdef inline void _prefetch_ahead(PyObject *o, PyObject *fast, int hop, int ln,
     if o == NULL:
         return
     if hop == _AHEAD_SESSION:
-        _prefetch(o)
+        # (Address arithmetic only: nothing of ``o`` is read yet.)
+        _prefetch(o)                                # its type and scheduler pointer
+        _prefetch(&(<ServerSession>o).state)        # state and dirty, 150 bytes further
         return
     if _type_of(o) != fast:
         return                      # not (yet) known to be a plain session
@@ -941,6 +943,7 @@ cdef inline void _prefetch_ahead(PyObject *o, PyObject *fast, int hop, int ln,
         return
     if hop == _AHEAD_LANES:
         _prefetch(lanes)
+        _prefetch(&(<LaneScheduler>lanes)._busy)    # (the object may straddle two lines)
     elif hop == _AHEAD_STATE:
         lanes_prefetch(<LaneScheduler>lanes, 1, ln, h)
     elif hop == _AHEAD_QUEUE:
