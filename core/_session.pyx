@@ -976,7 +976,7 @@ def fanout(sessions, lane, frame, key=None, deadline=0.0, channel=None, dirty=No
     cdef PyObject *k
     cdef PyObject *ahead
     cdef object it = None
-    # Prefetch cursors of a dict, hop i running _HOPS[i] entries ahead of pos
+    # Prefetch cursors of a dict, cursor i running hops[i] entries ahead of pos
     # (each moves one entry per session, like pos).  Only ever read from:
     # if the dict changes, the size check below stops the loop anyway.
     cdef Py_ssize_t cursor[_CURSORS]
