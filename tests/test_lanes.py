@@ -580,7 +580,7 @@ def test_native_lane_storage_kept_under_load_given_back_after(lanes_pair):
         try:
             base = tracemalloc.get_traced_memory()[0]
             sizes = []
-            for cycle in range(3):          # three busy cycles, then a light one
+            for cycle in range(3):          # two busy cycles, then a light one
                 count = 1 if cycle == 2 else 1000
                 for i in range(count):
                     s.push(lane, frames[i], keys[i] if keyed else None)
