@@ -541,7 +541,7 @@ class Payer:
                 for f in self.decoder.feed(data):
                     if f.type == SENDACK:
                         n = f.ref - 1
-                        if f.flags & Flag.RETRANSMIT:
+                        if f.flags & RETRANSMIT:
                             payer.dup_acks += 1
                         payer.acked[n] = f.msg_id
                         payer.unacked.pop(n, None)

@@ -434,7 +434,7 @@ def _insert_rows(conn: sqlite3.Connection, sql: tuple[str, str, str], rows: list
             left -= size
 
 
-_MULTI_ROW: dict[tuple[tuple[str, str], int], str] = {}
+_MULTI_ROW: dict[tuple[tuple[str, str, str], int], str] = {}
 
 
 def message_rows(items) -> list[tuple]:
