@@ -8,6 +8,12 @@ Phase 1 is idle; in phase 2 a second backend floods P3 offers to the whole
 tenant faster than the terminals can take them, so the lanes must shed P3
 while P0 keeps going first.
 
+With ``--link BYTES_PER_S`` each terminal sits behind a weak store link
+instead (it takes what it reads only when the link has carried it, and a
+small receive buffer stands for the bytes in flight): the flood then
+saturates the links, not the CPU, the lanes shed P3, and a payment result
+waits only behind what was already handed to the kernel.
+
 Keys: p0_p99_ms_idle, p0_p99_ms_flood, p0_flood_ratio (flood p99 / idle
 p99), p3_dropped (offers addressed to terminals that never reached them:
 shed or expired), p0_lost (payment results the server acked that no
@@ -44,6 +50,12 @@ def run(quick: bool = False, argv=()) -> dict:
                         help="P3 offers per second to the whole tenant")
     parser.add_argument("--offer-size", type=int, default=1024)
     parser.add_argument("--store", default="sqlite", choices=["sqlite", "memory"])
+    parser.add_argument("--link", type=float, default=0.0, metavar="BYTES_PER_S",
+                        help="each terminal behind a weak store link of this many bytes/s "
+                             "(0: loopback speed, the flood then saturates the CPU instead)")
+    parser.add_argument("--link-buffer", type=int, default=4096, metavar="BYTES",
+                        help="with --link: the terminals' SO_RCVBUF, standing for the bytes "
+                             "in flight on the link (the kernel doubles it)")
     args = parser.parse_args(list(argv))
     t = args.terminals
     server = Server(env={"TILLWIRE_STORE_BACKEND": args.store,
@@ -53,7 +65,8 @@ def run(quick: bool = False, argv=()) -> dict:
     try:
         per = t // args.workers
         terms = [Worker("terminals", port=server.port, tenant=TENANT, start=i * per,
-                        count=per if i < args.workers - 1 else t - per * (args.workers - 1))
+                        count=per if i < args.workers - 1 else t - per * (args.workers - 1),
+                        link=args.link, link_buffer=args.link_buffer if args.link else 0)
                  for i in range(args.workers)]
         workers += terms
         for w in terms:
@@ -89,6 +102,16 @@ def run(quick: bool = False, argv=()) -> dict:
             if acked <= set(p0) and len(acked) == idle_sent + flood_sent:
                 break
         p0, p3, closed = _collect(terms)
+        if args.link:
+            # Offers still queued behind the slow links are not dropped: count
+            # them once they have arrived (the count stops growing).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(1.5)
+                before = p3
+                p0, p3, closed = _collect(terms)
+                if p3 == before:
+                    break
         idle = [v for k, v in p0.items() if k < first]
         flood = [v for k, v in p0.items() if k >= first]
         p99_idle, p99_flood = percentile(idle, 99), percentile(flood, 99)
@@ -106,7 +129,7 @@ def run(quick: bool = False, argv=()) -> dict:
             "p3_dropped": dropped, "p0_lost": lost,
             "p0_sent": idle_sent + flood_sent, "p0_acked": len(acked),
             "p3_offers": promos_sent, "p3_delivered": p3, "terminals": t, "store": args.store,
-            "closed_by_server": closed, "quick": quick,
+            "closed_by_server": closed, "link_bytes_per_s": args.link, "quick": quick,
         }
     finally:
         for w in workers:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 
@@ -195,12 +196,35 @@ class Terminal(asyncio.Protocol):
         self.welcomed = owner.loop.create_future()
         self.hello = handshake(tok)
         self.p0_seen = 0
+        self.credit = 0.0
+        self.credit_at = time.monotonic()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.write(self.hello)
 
     def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner.link:
+            # A weak store link of `link` bytes/s: what was read arrives when
+            # the link has carried it, and nothing more is read until then
+            # (the bytes behind it wait in the kernel, as in the link's queue).
+            now = time.monotonic()
+            credit = min(owner.link_burst, self.credit + (now - self.credit_at) * owner.link)
+            self.credit = credit - len(data)
+            self.credit_at = now
+            if self.credit < 0:
+                self.transport.pause_reading()
+                owner.loop.call_later(-self.credit / owner.link, self._carried, data)
+                return
+        self._arrived(data)
+
+    def _carried(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._arrived(data)
+
+    def _arrived(self, data: bytes) -> None:
         owner = self.owner
         now = time.monotonic()
         acks = [0, 0]
@@ -238,6 +262,8 @@ class Terminals(Subscribers):
         super().__init__(params)
         self.p0: dict[int, float] = {}     # message number -> latency ms
         self.p3 = 0
+        self.link = float(params.get("link", 0))   # bytes/s of each till's link (0: loopback)
+        self.link_burst = 4096.0
 
     async def connect(self) -> dict:
         p = self.p
@@ -245,8 +271,17 @@ class Terminals(Subscribers):
         for i in range(p["start"], p["start"] + p["count"]):
             tok = issue_token(SECRET, tenant=p["tenant"], store=f"s{i % 10}",
                               terminal=f"t{i}", roles=["pos"], ttl=86400)
+            sock = None
+            if p.get("link_buffer"):
+                # The receive buffer stands for the link's queue: the bytes in
+                # flight between the server's socket and the till.
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, p["link_buffer"])
+                sock.setblocking(False)
+                await self.loop.sock_connect(sock, ("127.0.0.1", p["port"]))
             _, proto = await self.loop.create_connection(
-                lambda: Terminal(self, tok), "127.0.0.1", p["port"])
+                lambda: Terminal(self, tok), None if sock else "127.0.0.1",
+                None if sock else p["port"], sock=sock)
             await asyncio.wait_for(proto.welcomed, 30)
             self.conns.append(proto)
         return {"connected": len(self.conns), "seconds": time.monotonic() - t0}

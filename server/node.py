@@ -162,6 +162,7 @@ class Node:
         self.inflight = cfg.delivery.inflight
         self.lane_weights = tuple(cfg.lanes.weights)
         self.send_buffer = srv.send_buffer
+        self.notsent_lowat = srv.notsent_lowat
         self.write_high_water = srv.write_high_water
         self.write_chunk = srv.write_chunk
         # Seconds of frames one connection may have handled per turn (see
@@ -265,15 +266,27 @@ class Node:
         self._maintenance_task = self._spawn(self._maintenance())
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
-        """The terminal listener.  Accepted sockets inherit its SO_SNDBUF, so the
-        small kernel send buffer (a P0 never waits behind megabytes already
-        handed to the kernel) costs nothing per connection."""
+        """The terminal listener.  Accepted sockets inherit its SO_SNDBUF and
+        TCP_NOTSENT_LOWAT, so the small kernel buffers (a P0 never waits
+        behind megabytes already handed to the kernel) cost nothing per
+        connection.
+
+        The low-water mark is what keeps a slow terminal's P0 near the head:
+        without it the kernel takes P3 up to the whole send buffer, and the
+        transport's buffer queues more behind that, all of it ahead of any
+        later payment result (on a 2 Mbit/s link, most of a second).  With
+        it the kernel holds about ``notsent_lowat`` unsent bytes and the rest
+        stays in the lanes, where P0 goes first and P3 can be shed."""
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, kind, proto, _, addr = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        if self.notsent_lowat and lowat is not None and family in (socket.AF_INET,
+                                                                    socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, lowat, self.notsent_lowat)
         sock.bind(addr)
         sock.setblocking(False)
         return sock

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import pathlib
 import time
@@ -21,8 +20,8 @@ import jsonschema
 import orjson
 import pytest
 
-from support import SECRET, TENANT, aiotest, connect, eventually, make_config, start_node, token
-from tillwire.core.codes import Code, FrameType, Lane
+from support import SECRET, aiotest, connect, eventually, make_config, start_node, token
+from tillwire.core.codes import Code, Lane
 from tillwire.client.connection import SendError
 from tillwire.core.errors import SessionClosed
 from tillwire.server.admin import start_admin

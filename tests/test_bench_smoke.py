@@ -31,8 +31,9 @@ KEYS = {
 }
 
 
-def run_bench(name: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--json"], cwd=ROOT,
+def run_bench(name: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--json", *args],
+                          cwd=ROOT,
                           capture_output=True, timeout=600,
                           env={k: v for k, v in os.environ.items()
                                if not k.startswith("TILLWIRE_")})
@@ -59,3 +60,14 @@ def test_quick_benchmark_prints_its_keys(name):
     if name == "fanout":
         assert result["deliveries"] == result["deliveries_expected"]
         assert result["fanout_p99_vs_bare"] > 0 and result["probes_complete"] > 0
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_quick_lanes_behind_weak_links_prints_its_keys():
+    # The same keys when every terminal sits behind a 2 Mbit/s link.
+    result = run_bench("lanes", "--link", "262144")
+    assert KEYS["lanes"] <= set(result), result
+    assert result["link_bytes_per_s"] == 262144
+    assert result["p0_lost"] == 0 and result["p0_sent"] == result["p0_acked"] > 0
+    assert result["p3_delivered"] + result["p3_dropped"] == result["p3_offers"] * result["terminals"]

@@ -345,6 +345,7 @@ BAD_VALUES = {
     "server.auth_timeout": (0, "0s"),
     "server.backlog": (0, "0"),
     "server.send_buffer": (4095, "1KiB"),
+    "server.notsent_lowat": (-1, "low"),
     "server.write_high_water": (1023, "1000"),
     "server.write_chunk": ("1KB", "abc"),
     "server.read_budget_ms": (-1, "soon"),

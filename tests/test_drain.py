@@ -7,7 +7,6 @@ structured (JSON) process log at debug level."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 from support import ServerProcess, aiotest, connect, eventually, free_port
-from tillwire.core.codes import Code, Flag
+from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
 
 

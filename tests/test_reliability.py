@@ -18,7 +18,7 @@ import pytest
 
 from support import ServerProcess, aiotest, connect, eventually, start_node
 from tillwire.client.connection import Connection, SendError
-from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
+from tillwire.core.codes import Code, Flag, Lane, ReceiptStatus
 from tillwire.core.errors import SessionClosed
 
 

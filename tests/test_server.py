@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import socket
 import string
 import time
 
@@ -16,13 +17,12 @@ import orjson
 import pytest
 
 from support import (
-    SECRET, aiotest, connect, eventually, payment_sends, read_sendacks, receive_orders,
+    aiotest, connect, eventually, payment_sends, read_sendacks, receive_orders,
     start_node, token,
 )
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codec import Decoder, Encoder, Frame
 from tillwire.core.codes import Code, FrameType, Lane
-from tillwire.core.errors import SessionClosed
 
 
 async def raw_frames(host, port, data: bytes, *, wait: float = 2.0) -> list:
@@ -450,6 +450,39 @@ async def test_p0_goes_ahead_of_queued_promotions():
         assert seen_store_promos == 0
     finally:
         await node.stop()
+
+
+async def _frames_ahead_of_a_payment(**overrides) -> tuple[int, int]:
+    """Stall a till behind a P3 flood, then send it a payment result: how many
+    offers it receives before the payment, and the listener's low-water mark."""
+    node = await start_node(**overrides)
+    try:
+        listener = node._servers[0].sockets[0]
+        lowat = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        be, till, _ = await _stalled_till(node)
+        await be.send("payment.result", {"order": "o9", "status": "paid"}, "terminal:acme/till1")
+        till.resume_reading()
+        ahead = 0
+        while (await till.receive(timeout=5)).kind != "payment.result":
+            ahead += 1
+        return ahead, lowat
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_slow_terminals_payment_waits_behind_little_already_written():
+    # What the server already handed to the kernel and the transport cannot
+    # be reordered: on a weak link a P0 waits until it has gone through.  The
+    # low-water mark (and the small transport buffer) keep that little; the
+    # rest stays in the lanes, where the P0 goes first.
+    ahead, lowat = await _frames_ahead_of_a_payment()
+    assert lowat == 16384
+    unbounded, system = await _frames_ahead_of_a_payment(**{
+        "server.notsent_lowat": 0, "server.write_high_water": 65536,
+        "server.write_chunk": 65536})
+    assert system != 16384                       # 0 leaves the system's default
+    assert 0 < ahead and ahead * 3 < unbounded, (ahead, unbounded)
 
 
 @aiotest()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from support import SECRET, ServerProcess, aiotest, connect, token
+from support import ServerProcess, aiotest, connect, token
 
 
 @pytest.mark.slow

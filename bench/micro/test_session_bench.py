@@ -37,7 +37,7 @@ import pytest
 
 from tillwire.core import _codec_py
 from tillwire.core._impl import both
-from tillwire.core.codes import Flag, FrameType, Lane
+from tillwire.core.codes import FrameType, Lane
 
 N = 10_000
 _WIRE = _codec_py.Encoder()
