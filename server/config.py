@@ -499,15 +499,15 @@ class ServerConfig:
         65536, _Size(4096),
         "SO_SNDBUF of each terminal socket (bytes).")
     notsent_lowat: int = _key(
-        16384, _Size(0),
+        24576, _Size(0),
         "TCP_NOTSENT_LOWAT of each terminal socket: unsent bytes the kernel holds for a slow "
         "terminal before it takes no more, so a P0 waits behind little P3 already written "
         "(0 = the system's default, net.ipv4.tcp_notsent_lowat).")
     write_high_water: int = _key(
-        16384, _Size(1024),
+        8192, _Size(1024),
         "Transport write buffer high-water mark: above it the connection stops draining its lanes.")
     write_chunk: int = _key(
-        16384, _Size(1024),
+        24576, _Size(1024),
         "Most bytes drained from the lanes into one transport write.")
     read_budget_ms: float = _key(
         2.0, _Number(0.0),
