@@ -16,6 +16,7 @@ import time
 import orjson
 import pytest
 
+from linkem import Link
 from support import ServerProcess, aiotest, connect, eventually, start_node
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codes import Code, Flag, Lane, ReceiptStatus
@@ -227,6 +228,58 @@ async def test_random_disconnects_and_resume_lose_and_reorder_nothing():
             assert t.seqs == sorted(t.seqs) and len(set(t.seqs)) == len(t.seqs)
     finally:
         await node.stop()
+
+
+@aiotest(timeout=120)
+async def test_links_that_go_silent_lose_and_reorder_nothing():
+    # Store links fail silently: the path goes dead mid-stream with both
+    # sockets open; the server's writes and the till's acks vanish and nobody
+    # is told.  The till gives up on the connection, comes back over a new
+    # path, takes its session over and resumes: every payment result is
+    # processed once, in order, and the server lets go of the dead sockets.
+    node = await start_node(**{"delivery.retransmit_initial": 0.3})
+    rnd = random.Random(11)
+    links = []
+    try:
+        till = Till(None, "t1")
+        payer = Payer(node.addresses[0])
+        total = 300
+
+        async def pay_in_order() -> None:
+            for n in range(total):
+                await payer.pay(n, "t1")
+                await asyncio.sleep(0.004)      # a steady stream over a few seconds
+
+        sending = asyncio.ensure_future(pay_in_order())
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cuts = 0
+        while len(till.seen) < total:
+            link = await Link(node.addresses[0], rate=200_000, delay=0.005).start()
+            links.append(link)
+            till.addr = link.address
+            await till.open()
+            await till.pump(loop.time() + rnd.uniform(0.1, 0.3))
+            if len(till.seen) < total:
+                link.blackhole()
+                till.conn.abort()        # its own timeout; the abort reaches nobody
+                cuts += 1
+            assert loop.time() - started < 100, "deliveries stalled"
+        await sending
+        assert cuts >= 2
+        assert till.seen == list(range(total))
+        assert till.seqs == list(range(1, total + 1))
+        assert node.counters.takeovers == cuts
+        # Results were lost on the silent links (written, or acked unheard)
+        # and went again over the new ones.
+        assert node.counters.lane_frames_out[0] > total
+        # The sessions on silent links were closed by the takeovers and their
+        # sockets cut when they did not read the CLOSE: only the last is left.
+        await eventually(lambda: node.connection_count == 2, timeout=10)   # till and payer
+    finally:
+        await node.stop()
+        for link in links:
+            await link.close()
 
 
 @aiotest()
