@@ -636,7 +636,8 @@ class StoreConfig:
         "SQLite PRAGMA synchronous of the sqlite store.")
     group_commit_ms: float = _key(
         2.0, _Number(0.0),
-        "Milliseconds the sqlite store gathers writes into one commit (0 = commit each).")
+        "Milliseconds the sqlite store gathers writes into one commit (0 = commit each); a "
+        "write coming longer than this after the one before it commits at once.")
     writer: str = _key(
         "process", _Choice("process", "thread"),
         "Where the sqlite store's writer runs: process (its own process, in parallel with the "

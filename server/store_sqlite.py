@@ -533,6 +533,7 @@ class _Writer:
         self.history_since = 0.0       # when the oldest of them began to wait (about)
         self.synchronous = synchronous
         self.wait = group_commit_ms / 1000.0
+        self.last_request = 0.0          # when the writer took its last request (not history)
         self.dedup_window = dedup_window
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         # Hands a list of (future or request id, result, exception) back to
@@ -707,10 +708,20 @@ class _Writer:
             idle = q.empty()
             batch = [q.get()]
             weight = batch[0][3]
+            lone = False
+            if batch[0][0] != self.stream_append:
+                now = time.monotonic()
+                lone = now - self.last_request > self.wait
+                self.last_request = now
             if batch[0][0] is _STOP:
                 stop = batch.pop()
-            elif idle and self.wait > 0:
-                # The writer was idle: give this commit company for up to `wait`.
+            elif idle and self.wait > 0 and not lone:
+                # The writer was idle: give this commit company for up to
+                # `wait`.  Not when the request before it (history appends
+                # aside: they never ride in this commit) came longer than
+                # `wait` ago: at that pace none would come, and the wait
+                # would only delay the result (a payment result at a quiet
+                # moment, or amid a promotion flood).
                 deadline = time.monotonic() + self.wait
                 while weight < _MAX_BATCH_WEIGHT:
                     remaining = deadline - time.monotonic()

@@ -812,6 +812,28 @@ def test_sqlite_group_commit_shares_commits(db_path):
     assert sqlite_run(db_path, body, group_commit_ms=30.0) >= 11
 
 
+def test_sqlite_a_lone_request_is_not_held_for_company(db_path):
+    # The group-commit wait is for requests that come close together; one
+    # coming longer than the wait after the one before it (a payment result
+    # at a quiet moment) commits at once.
+    async def body(store):
+        await store.accept_many([(msg(1), [TILL])])
+        await asyncio.sleep(1.2)
+        started = time.monotonic()
+        await store.accept_many([(msg(2), [TILL])])
+        assert time.monotonic() - started < 0.5        # not held the 1 s wait
+        # The next comes right after it, so it waits for company; a third
+        # joins it in the same commit.
+        before = (await store.stats())["commits"]
+        third = asyncio.ensure_future(store.accept_many([(msg(3), [TILL])]))
+        await asyncio.sleep(0.1)
+        fourth = await store.accept_many([(msg(4), [TILL])])
+        assert (await third)[0].seqs == {TILL: 3} and fourth[0].seqs == {TILL: 4}
+        assert (await store.stats())["commits"] - before == 1
+
+    sqlite_run(db_path, body, group_commit_ms=1000.0)
+
+
 def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
     async def body(store):
         good1, bad, good2 = await asyncio.gather(
