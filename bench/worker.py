@@ -263,7 +263,7 @@ class Terminals(Subscribers):
         self.p0: dict[int, float] = {}     # message number -> latency ms
         self.p3 = 0
         self.link = float(params.get("link", 0))   # bytes/s of each till's link (0: loopback)
-        self.link_burst = 4096.0
+        self.link_burst = 4096.0                   # bytes a till takes at once after a pause
 
     async def connect(self) -> dict:
         p = self.p
@@ -276,9 +276,13 @@ class Terminals(Subscribers):
                 # The receive buffer stands for the link's queue: the bytes in
                 # flight between the server's socket and the till.
                 sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, p["link_buffer"])
-                sock.setblocking(False)
-                await self.loop.sock_connect(sock, ("127.0.0.1", p["port"]))
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, p["link_buffer"])
+                    sock.setblocking(False)
+                    await self.loop.sock_connect(sock, ("127.0.0.1", p["port"]))
+                except BaseException:
+                    sock.close()
+                    raise
             _, proto = await self.loop.create_connection(
                 lambda: Terminal(self, tok), None if sock else "127.0.0.1",
                 None if sock else p["port"], sock=sock)

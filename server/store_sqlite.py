@@ -9,7 +9,8 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three workers:
   retire, revoke, stream appends) in arrival order.  It takes *every* request
   queued at that moment and runs them in ONE transaction with one commit
   (one fsync with ``synchronous=FULL``): group commit.  When it was idle and
-  ``group_commit_ms > 0`` it first waits up to that long for company.  A
+  ``group_commit_ms > 0`` it first waits up to that long for company, unless
+  the request came longer than that after the one before it.  A
   request's future resolves only after its commit, so a SENDACK is never sent
   for data a power loss could take back.  A request that raises is taken
   out and the others run again; a failed COMMIT fails the whole batch.
@@ -708,20 +709,12 @@ class _Writer:
             idle = q.empty()
             batch = [q.get()]
             weight = batch[0][3]
-            lone = False
-            if batch[0][0] != self.stream_append:
-                now = time.monotonic()
-                lone = now - self.last_request > self.wait
-                self.last_request = now
+            lone = self._lone(batch[0])
             if batch[0][0] is _STOP:
                 stop = batch.pop()
             elif idle and self.wait > 0 and not lone:
                 # The writer was idle: give this commit company for up to
-                # `wait`.  Not when the request before it (history appends
-                # aside: they never ride in this commit) came longer than
-                # `wait` ago: at that pace none would come, and the wait
-                # would only delay the result (a payment result at a quiet
-                # moment, or amid a promotion flood).
+                # `wait` (see _lone for when it does not).
                 deadline = time.monotonic() + self.wait
                 while weight < _MAX_BATCH_WEIGHT:
                     remaining = deadline - time.monotonic()
@@ -736,6 +729,10 @@ class _Writer:
                         break
                     batch.append(item)
                     weight += item[3]
+                    if self._lone(item):
+                        # What waited was history (it never rides in this
+                        # commit): nobody else is coming for this one.
+                        break
             while stop is None and weight < _MAX_BATCH_WEIGHT:
                 try:
                     item = q.get_nowait()
@@ -746,6 +743,7 @@ class _Writer:
                     break
                 batch.append(item)
                 weight += item[3]
+                self._lone(item)
             if batch:
                 self._run_prioritised(batch)
                 self._run_merge(self.stage_rows)
@@ -765,6 +763,20 @@ class _Writer:
             self.conn.close()
             self.conn = None
         self.post([(stop[2], None, exc)])
+
+    def _lone(self, item) -> bool:
+        """Whether a request comes alone: longer than the group-commit wait
+        after the request before it.  At that pace no company would come
+        within the wait, which would only delay the result (a payment result
+        at a quiet moment, or amid a promotion flood), so it commits at once.
+        History appends neither count nor come alone: they never ride in a
+        request's commit (see _run_prioritised)."""
+        if item[0] == self.stream_append or item[0] is _STOP:
+            return False
+        now = time.monotonic()
+        lone = now - self.last_request > self.wait
+        self.last_request = now
+        return lone
 
     def _run_prioritised(self, batch: list) -> None:
         """Commit the batch's P0/P1 and other requests; its stream appends wait.
@@ -1857,7 +1869,8 @@ class SQLiteStore:
     ``synchronous``: SQLite's PRAGMA (OFF, NORMAL, FULL, EXTRA); with FULL
     (the default) an accepted message survives a power loss.
     ``group_commit_ms``: how long an idle writer waits for more requests to
-    share a commit (0 = commit at once).  ``dedup_window``: seconds a
+    share a commit (0 = commit at once; a request coming longer than this
+    after the one before it commits at once too).  ``dedup_window``: seconds a
     (sender, ref) is remembered.  ``stage_rows``: staged inbox entries that
     make the writer merge them (see ``_Writer.merge_staged``; tests set it
     low to merge often).

@@ -4,8 +4,9 @@ The kernel here has no netem, so the tests that need a store's weak link put
 this proxy between a terminal and the server: every connection made to
 ``Link.address`` is relayed to the target over real loopback sockets, with
 
-* ``rate``: bytes per second from the server to the terminal (0: no limit);
-* ``delay``: one-way latency added to every chunk, both directions;
+* ``rate``: bytes per second from the server to the terminal (0: no limit;
+  the terminal's direction, acks and requests, is never limited);
+* ``delay``: one-way latency of every byte, both directions;
 * ``queue``: bytes the link holds on the way down; past it the proxy stops
   reading from the server, whose socket then fills as behind a real link
   (the proxy's own receive buffer is kept small for the same reason);
@@ -14,6 +15,8 @@ this proxy between a terminal and the server: every connection made to
   nobody is told.  The proxy stops reading, so what each side sends piles up
   in its own socket, as when its segments go unacknowledged; each side
   learns of the loss only from its own timeouts.
+
+An end of stream is passed on as a half-close, as TCP does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import socket
 
 _READ = 4096
+_UP_QUEUE = 65536
 
 
 class Link:
@@ -32,13 +36,14 @@ class Link:
         self.delay = delay
         self.queue = queue
         self.silent = False
-        self.bytes_down = 0
+        self._closed = False
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> "Link":
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(
+            lambda r, w: self._spawn(self._relay(r, w)), "127.0.0.1", 0)
         return self
 
     @property
@@ -49,11 +54,8 @@ class Link:
         """From now on nothing passes, and no connection is closed."""
         self.silent = True
 
-    async def _hang(self) -> None:
-        """Wait until the link is closed (a silent link never reads again)."""
-        await asyncio.get_running_loop().create_future()
-
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
         for w in self._writers:
@@ -62,39 +64,39 @@ class Link:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hang(self) -> None:
+        """Wait until the link is closed (a silent link never reads again)."""
+        await asyncio.get_running_loop().create_future()
+
     async def _relay(self, t_reader: asyncio.StreamReader, t_writer: asyncio.StreamWriter) -> None:
+        self._writers.append(t_writer)
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _READ)
-        sock.setblocking(False)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _READ)
+            sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, self.target)
+            s_reader, s_writer = await asyncio.open_connection(sock=sock, limit=_READ)
         except OSError:
             sock.close()
             t_writer.transport.abort()
             return
-        s_reader, s_writer = await asyncio.open_connection(sock=sock, limit=_READ)
-        self._writers += [t_writer, s_writer]
-        for coro in (self._up(t_reader, s_writer), self._down(s_reader, t_writer)):
-            task = asyncio.ensure_future(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._writers.append(s_writer)
+        if self._closed:
+            s_writer.transport.abort()
+            t_writer.transport.abort()
+            return
+        self._spawn(self._pump(t_reader, s_writer, 0.0, _UP_QUEUE))
+        self._spawn(self._pump(s_reader, t_writer, self.rate, self.queue))
 
-    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Terminal to server: each chunk after ``delay`` (a terminal sends
-        little: acks, requests)."""
-        while data := await reader.read(_READ):
-            await asyncio.sleep(self.delay)
-            if self.silent:
-                await self._hang()
-            writer.write(data)
-            await writer.drain()
-        if self.silent:
-            await self._hang()
-        writer.close()
-
-    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Server to terminal: at most ``queue`` bytes in the link, each chunk
-        sent at ``rate`` and arriving ``delay`` later."""
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    rate: float, limit: int) -> None:
+        """One direction: at most ``limit`` bytes in the link, each chunk sent
+        at ``rate`` (0: at once) and arriving ``delay`` after it was sent."""
         loop = asyncio.get_running_loop()
         held: asyncio.Queue = asyncio.Queue()
         room = asyncio.Condition()
@@ -103,39 +105,42 @@ class Link:
         async def deliver() -> None:
             nonlocal queued
             free_at = loop.time()           # when the link has sent what it holds
-            while True:
-                due, data = await held.get()
-                if data is None:
-                    break
-                if self.rate:
-                    free_at = max(free_at, due - self.delay) + len(data) / self.rate
-                    due = max(due, free_at + self.delay)
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                async with room:
-                    queued -= len(data)
-                    room.notify_all()
+            try:
+                while True:
+                    due, data = await held.get()
+                    if data is None:
+                        break
+                    if rate:
+                        free_at = max(free_at, due - self.delay) + len(data) / rate
+                        due = max(due, free_at + self.delay)
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+                    async with room:
+                        queued -= len(data)
+                        room.notify_all()
+                    if self.silent:
+                        await self._hang()
+                    writer.write(data)
+                    await writer.drain()
                 if self.silent:
                     await self._hang()
-                self.bytes_down += len(data)
-                writer.write(data)
-                await writer.drain()
-            if self.silent:
-                await self._hang()
-            writer.close()
+                if writer.can_write_eof():
+                    writer.write_eof()
+            except (ConnectionError, OSError):
+                writer.transport.abort()
 
-        sender = asyncio.ensure_future(deliver())
-        self._tasks.add(sender)
-        sender.add_done_callback(self._tasks.discard)
+        self._spawn(deliver())
         try:
             while True:
                 async with room:
-                    await room.wait_for(lambda: queued < self.queue)
+                    await room.wait_for(lambda: queued < limit)
                 if self.silent:
                     await self._hang()
-                data = await reader.read(min(_READ, self.queue - queued))
+                data = await reader.read(min(_READ, limit - queued))
                 if not data:
                     break
                 queued += len(data)
                 held.put_nowait((loop.time() + self.delay, data))
+        except (ConnectionError, OSError):
+            pass
         finally:
             held.put_nowait((0.0, None))

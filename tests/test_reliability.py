@@ -240,6 +240,7 @@ async def test_links_that_go_silent_lose_and_reorder_nothing():
     node = await start_node(**{"delivery.retransmit_initial": 0.3})
     rnd = random.Random(11)
     links = []
+    sending = None
     try:
         till = Till(None, "t1")
         payer = Payer(node.addresses[0])
@@ -277,6 +278,8 @@ async def test_links_that_go_silent_lose_and_reorder_nothing():
         # sockets cut when they did not read the CLOSE: only the last is left.
         await eventually(lambda: node.connection_count == 2, timeout=10)   # till and payer
     finally:
+        if sending is not None:
+            sending.cancel()
         await node.stop()
         for link in links:
             await link.close()

@@ -822,8 +822,8 @@ def test_sqlite_a_lone_request_is_not_held_for_company(db_path):
         started = time.monotonic()
         await store.accept_many([(msg(2), [TILL])])
         assert time.monotonic() - started < 0.5        # not held the 1 s wait
-        # The next comes right after it, so it waits for company; a third
-        # joins it in the same commit.
+        # The third comes right after it, so it waits for company, and the
+        # fourth joins the third's commit.
         before = (await store.stats())["commits"]
         third = asyncio.ensure_future(store.accept_many([(msg(3), [TILL])]))
         await asyncio.sleep(0.1)
@@ -836,6 +836,8 @@ def test_sqlite_a_lone_request_is_not_held_for_company(db_path):
 
 def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
     async def body(store):
+        # A write just before, so the three below are not lone: they share a batch.
+        await store.kv_put("ns", "k", b"v", T0)
         good1, bad, good2 = await asyncio.gather(
             store.accept_many([(msg(1), [TILL])]),
             store.accept_many([(msg(2), [TILL]), (msg(3, lane=5), [TILL])]),
@@ -946,6 +948,7 @@ def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
 
         await store.accept_many([(msg(1), [TILL])])
         writer._flush = failing_flush
+        writer.last_request = time.monotonic()    # not a lone request: it waits for company
         results = await asyncio.gather(
             store.accept_many([(msg(2), [TILL])]), store.accept_many([(msg(3), [TILL2])]),
             store.ack_many([(TILL, 0, 1)], T0 + 1), return_exceptions=True)
