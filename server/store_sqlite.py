@@ -707,14 +707,20 @@ class _Writer:
                 self._write_history(max(_HISTORY_SLICE, len(history) >> 4))
                 continue
             idle = q.empty()
+            asked = time.monotonic()
             batch = [q.get()]
             weight = batch[0][3]
-            lone = self._lone(batch[0])
+            quiet = time.monotonic() - asked
+            gap = self._gap(batch[0])
+            # A request after a quiet spell longer than `wait` comes alone: at
+            # that pace no company would come within the wait, which would
+            # only delay the result (a payment result at a quiet moment).
+            lone = gap > self.wait and quiet > self.wait
+            history_only = gap < 0
             if batch[0][0] is _STOP:
                 stop = batch.pop()
             elif idle and self.wait > 0 and not lone:
-                # The writer was idle: give this commit company for up to
-                # `wait` (see _lone for when it does not).
+                # The writer was idle: give this commit company for up to `wait`.
                 deadline = time.monotonic() + self.wait
                 while weight < _MAX_BATCH_WEIGHT:
                     remaining = deadline - time.monotonic()
@@ -729,10 +735,14 @@ class _Writer:
                         break
                     batch.append(item)
                     weight += item[3]
-                    if self._lone(item):
-                        # What waited was history (it never rides in this
-                        # commit): nobody else is coming for this one.
+                    gap = self._gap(item)
+                    if history_only and gap > self.wait:
+                        # What waited was history (it never rides in a
+                        # request's commit), and this request comes alone:
+                        # amid a promotion flood, a payment result commits
+                        # at once.
                         break
+                    history_only = history_only and gap < 0
             while stop is None and weight < _MAX_BATCH_WEIGHT:
                 try:
                     item = q.get_nowait()
@@ -743,7 +753,7 @@ class _Writer:
                     break
                 batch.append(item)
                 weight += item[3]
-                self._lone(item)
+                self._gap(item)
             if batch:
                 self._run_prioritised(batch)
                 self._run_merge(self.stage_rows)
@@ -764,19 +774,16 @@ class _Writer:
             self.conn = None
         self.post([(stop[2], None, exc)])
 
-    def _lone(self, item) -> bool:
-        """Whether a request comes alone: longer than the group-commit wait
-        after the request before it.  At that pace no company would come
-        within the wait, which would only delay the result (a payment result
-        at a quiet moment, or amid a promotion flood), so it commits at once.
-        History appends neither count nor come alone: they never ride in a
-        request's commit (see _run_prioritised)."""
+    def _gap(self, item) -> float:
+        """Seconds since the writer took the request before ``item``; -1 for
+        a history append or a stop (they never ride in a request's commit,
+        see _run_prioritised, so they neither count nor wait for company)."""
         if item[0] == self.stream_append or item[0] is _STOP:
-            return False
+            return -1.0
         now = time.monotonic()
-        lone = now - self.last_request > self.wait
+        gap = now - self.last_request
         self.last_request = now
-        return lone
+        return gap
 
     def _run_prioritised(self, batch: list) -> None:
         """Commit the batch's P0/P1 and other requests; its stream appends wait.
