@@ -637,7 +637,8 @@ class StoreConfig:
     group_commit_ms: float = _key(
         2.0, _Number(0.0),
         "Milliseconds the sqlite store gathers writes into one commit (0 = commit each); a "
-        "write coming longer than this after the one before it commits at once.")
+        "write reaching a writer idle for longer than this commits at once (while commits "
+        "take less than this).")
     writer: str = _key(
         "process", _Choice("process", "thread"),
         "Where the sqlite store's writer runs: process (its own process, in parallel with the "

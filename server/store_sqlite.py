@@ -10,7 +10,7 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three workers:
   queued at that moment and runs them in ONE transaction with one commit
   (one fsync with ``synchronous=FULL``): group commit.  When it was idle and
   ``group_commit_ms > 0`` it first waits up to that long for company, unless
-  the request came longer than that after the one before it.  A
+  it had been idle for longer than that (and commits take less).  A
   request's future resolves only after its commit, so a SENDACK is never sent
   for data a power loss could take back.  A request that raises is taken
   out and the others run again; a failed COMMIT fails the whole batch.
@@ -535,6 +535,7 @@ class _Writer:
         self.synchronous = synchronous
         self.wait = group_commit_ms / 1000.0
         self.last_request = 0.0          # when the writer took its last request (not history)
+        self.batch_time = 0.0            # running mean of a request batch's run, seconds
         self.dedup_window = dedup_window
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         # Hands a list of (future or request id, result, exception) back to
@@ -712,10 +713,13 @@ class _Writer:
             weight = batch[0][3]
             quiet = time.monotonic() - asked
             gap = self._gap(batch[0])
-            # A request after a quiet spell longer than `wait` comes alone: at
-            # that pace no company would come within the wait, which would
-            # only delay the result (a payment result at a quiet moment).
-            lone = gap > self.wait and quiet > self.wait
+            # A request reaching a writer idle for longer than `wait` comes
+            # alone: at that pace no company would come within the wait,
+            # which would only delay the result (a payment result at a quiet
+            # moment).  Not while commits take longer than the wait: then
+            # what comes during this one would wait for it and then for its
+            # own, where the wait would have let it join.
+            lone = gap >= 0 and quiet > self.wait and self.batch_time < self.wait
             history_only = gap < 0
             if batch[0][0] is _STOP:
                 stop = batch.pop()
@@ -736,7 +740,7 @@ class _Writer:
                     batch.append(item)
                     weight += item[3]
                     gap = self._gap(item)
-                    if history_only and gap > self.wait:
+                    if history_only and gap > self.wait and self.batch_time < self.wait:
                         # What waited was history (it never rides in a
                         # request's commit), and this request comes alone:
                         # amid a promotion flood, a payment result commits
@@ -859,6 +863,7 @@ class _Writer:
         """
         done: list = []
         pending = batch
+        started = time.monotonic()
         try:
             while pending:
                 failed, error, results = self._attempt(pending, relaxed)
@@ -891,6 +896,8 @@ class _Writer:
             log.exception("store writer error")
             settled = {id(item[0]) for item in done}
             done.extend((fut, None, exc) for _, _, fut, _ in pending if id(fut) not in settled)
+        if not relaxed:
+            self.batch_time += (time.monotonic() - started - self.batch_time) * 0.25
         self.post(done)
 
     def _attempt(self, pending: list, relaxed: bool = False
@@ -1876,8 +1883,9 @@ class SQLiteStore:
     ``synchronous``: SQLite's PRAGMA (OFF, NORMAL, FULL, EXTRA); with FULL
     (the default) an accepted message survives a power loss.
     ``group_commit_ms``: how long an idle writer waits for more requests to
-    share a commit (0 = commit at once; a request coming longer than this
-    after the one before it commits at once too).  ``dedup_window``: seconds a
+    share a commit (0 = commit at once; a request reaching a writer idle for
+    longer than this commits at once too, while commits take less).
+    ``dedup_window``: seconds a
     (sender, ref) is remembered.  ``stage_rows``: staged inbox entries that
     make the writer merge them (see ``_Writer.merge_staged``; tests set it
     low to merge often).

@@ -814,8 +814,8 @@ def test_sqlite_group_commit_shares_commits(db_path):
 
 def test_sqlite_a_lone_request_is_not_held_for_company(db_path):
     # The group-commit wait is for requests that come close together; one
-    # coming longer than the wait after the one before it (a payment result
-    # at a quiet moment) commits at once.
+    # reaching a writer idle for longer than the wait (a payment result at a
+    # quiet moment) commits at once.
     async def body(store):
         await store.accept_many([(msg(1), [TILL])])
         await asyncio.sleep(1.2)
