@@ -636,9 +636,7 @@ class StoreConfig:
         "SQLite PRAGMA synchronous of the sqlite store.")
     group_commit_ms: float = _key(
         2.0, _Number(0.0),
-        "Milliseconds the sqlite store gathers writes into one commit (0 = commit each); a "
-        "write reaching a writer idle for longer than this commits at once (while commits "
-        "take less than this).")
+        "Milliseconds the sqlite store gathers writes into one commit (0 = commit each).")
     writer: str = _key(
         "process", _Choice("process", "thread"),
         "Where the sqlite store's writer runs: process (its own process, in parallel with the "

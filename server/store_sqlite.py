@@ -9,8 +9,7 @@ One file (``<data_dir>/tillwire.db``) in WAL mode, three workers:
   retire, revoke, stream appends) in arrival order.  It takes *every* request
   queued at that moment and runs them in ONE transaction with one commit
   (one fsync with ``synchronous=FULL``): group commit.  When it was idle and
-  ``group_commit_ms > 0`` it first waits up to that long for company, unless
-  it had been idle for longer than that (and commits take less).  A
+  ``group_commit_ms > 0`` it first waits up to that long for company.  A
   request's future resolves only after its commit, so a SENDACK is never sent
   for data a power loss could take back.  A request that raises is taken
   out and the others run again; a failed COMMIT fails the whole batch.
@@ -534,8 +533,6 @@ class _Writer:
         self.history_since = 0.0       # when the oldest of them began to wait (about)
         self.synchronous = synchronous
         self.wait = group_commit_ms / 1000.0
-        self.last_request = 0.0          # when the writer took its last request (not history)
-        self.batch_time = 0.0            # running mean of a request batch's run, seconds
         self.dedup_window = dedup_window
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         # Hands a list of (future or request id, result, exception) back to
@@ -708,22 +705,11 @@ class _Writer:
                 self._write_history(max(_HISTORY_SLICE, len(history) >> 4))
                 continue
             idle = q.empty()
-            asked = time.monotonic()
             batch = [q.get()]
             weight = batch[0][3]
-            quiet = time.monotonic() - asked
-            gap = self._gap(batch[0])
-            # A request reaching a writer idle for longer than `wait` comes
-            # alone: at that pace no company would come within the wait,
-            # which would only delay the result (a payment result at a quiet
-            # moment).  Not while commits take longer than the wait: then
-            # what comes during this one would wait for it and then for its
-            # own, where the wait would have let it join.
-            lone = gap >= 0 and quiet > self.wait and self.batch_time < self.wait
-            history_only = gap < 0
             if batch[0][0] is _STOP:
                 stop = batch.pop()
-            elif idle and self.wait > 0 and not lone:
+            elif idle and self.wait > 0:
                 # The writer was idle: give this commit company for up to `wait`.
                 deadline = time.monotonic() + self.wait
                 while weight < _MAX_BATCH_WEIGHT:
@@ -739,14 +725,6 @@ class _Writer:
                         break
                     batch.append(item)
                     weight += item[3]
-                    gap = self._gap(item)
-                    if history_only and gap > self.wait and self.batch_time < self.wait:
-                        # What waited was history (it never rides in a
-                        # request's commit), and this request comes alone:
-                        # amid a promotion flood, a payment result commits
-                        # at once.
-                        break
-                    history_only = history_only and gap < 0
             while stop is None and weight < _MAX_BATCH_WEIGHT:
                 try:
                     item = q.get_nowait()
@@ -757,7 +735,6 @@ class _Writer:
                     break
                 batch.append(item)
                 weight += item[3]
-                self._gap(item)
             if batch:
                 self._run_prioritised(batch)
                 self._run_merge(self.stage_rows)
@@ -777,17 +754,6 @@ class _Writer:
             self.conn.close()
             self.conn = None
         self.post([(stop[2], None, exc)])
-
-    def _gap(self, item) -> float:
-        """Seconds since the writer took the request before ``item``; -1 for
-        a history append or a stop (they never ride in a request's commit,
-        see _run_prioritised, so they neither count nor wait for company)."""
-        if item[0] == self.stream_append or item[0] is _STOP:
-            return -1.0
-        now = time.monotonic()
-        gap = now - self.last_request
-        self.last_request = now
-        return gap
 
     def _run_prioritised(self, batch: list) -> None:
         """Commit the batch's P0/P1 and other requests; its stream appends wait.
@@ -863,7 +829,6 @@ class _Writer:
         """
         done: list = []
         pending = batch
-        started = time.monotonic()
         try:
             while pending:
                 failed, error, results = self._attempt(pending, relaxed)
@@ -896,8 +861,6 @@ class _Writer:
             log.exception("store writer error")
             settled = {id(item[0]) for item in done}
             done.extend((fut, None, exc) for _, _, fut, _ in pending if id(fut) not in settled)
-        if not relaxed:
-            self.batch_time += (time.monotonic() - started - self.batch_time) * 0.25
         self.post(done)
 
     def _attempt(self, pending: list, relaxed: bool = False
@@ -1883,9 +1846,7 @@ class SQLiteStore:
     ``synchronous``: SQLite's PRAGMA (OFF, NORMAL, FULL, EXTRA); with FULL
     (the default) an accepted message survives a power loss.
     ``group_commit_ms``: how long an idle writer waits for more requests to
-    share a commit (0 = commit at once; a request reaching a writer idle for
-    longer than this commits at once too, while commits take less).
-    ``dedup_window``: seconds a
+    share a commit (0 = commit at once).  ``dedup_window``: seconds a
     (sender, ref) is remembered.  ``stage_rows``: staged inbox entries that
     make the writer merge them (see ``_Writer.merge_staged``; tests set it
     low to merge often).

@@ -812,32 +812,8 @@ def test_sqlite_group_commit_shares_commits(db_path):
     assert sqlite_run(db_path, body, group_commit_ms=30.0) >= 11
 
 
-def test_sqlite_a_lone_request_is_not_held_for_company(db_path):
-    # The group-commit wait is for requests that come close together; one
-    # reaching a writer idle for longer than the wait (a payment result at a
-    # quiet moment) commits at once.
-    async def body(store):
-        await store.accept_many([(msg(1), [TILL])])
-        await asyncio.sleep(1.2)
-        started = time.monotonic()
-        await store.accept_many([(msg(2), [TILL])])
-        assert time.monotonic() - started < 0.5        # not held the 1 s wait
-        # The third comes right after it, so it waits for company, and the
-        # fourth joins the third's commit.
-        before = (await store.stats())["commits"]
-        third = asyncio.ensure_future(store.accept_many([(msg(3), [TILL])]))
-        await asyncio.sleep(0.1)
-        fourth = await store.accept_many([(msg(4), [TILL])])
-        assert (await third)[0].seqs == {TILL: 3} and fourth[0].seqs == {TILL: 4}
-        assert (await store.stats())["commits"] - before == 1
-
-    sqlite_run(db_path, body, group_commit_ms=1000.0)
-
-
 def test_sqlite_a_failing_request_does_not_fail_its_batch(db_path):
     async def body(store):
-        # A write just before, so the three below are not lone: they share a batch.
-        await store.kv_put("ns", "k", b"v", T0)
         good1, bad, good2 = await asyncio.gather(
             store.accept_many([(msg(1), [TILL])]),
             store.accept_many([(msg(2), [TILL]), (msg(3, lane=5), [TILL])]),
@@ -948,7 +924,6 @@ def test_sqlite_a_failed_commit_fails_the_whole_batch(db_path):
 
         await store.accept_many([(msg(1), [TILL])])
         writer._flush = failing_flush
-        writer.last_request = time.monotonic()    # not a lone request: it waits for company
         results = await asyncio.gather(
             store.accept_many([(msg(2), [TILL])]), store.accept_many([(msg(3), [TILL2])]),
             store.ack_many([(TILL, 0, 1)], T0 + 1), return_exceptions=True)
