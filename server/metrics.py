@@ -33,7 +33,8 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
   subscriber a broadcast was queued for; payload bytes)
 * c ``tillwire_messages_accepted_total``, ``tillwire_duplicates_total``,
   ``tillwire_broadcasts_total``, ``tillwire_retransmits_total``
-* g ``tillwire_queued_bytes`` outbound bytes waiting in sessions' queues
+* g ``tillwire_queued_bytes`` outbound bytes waiting in sessions' queues;
+  g ``tillwire_connections_write_paused`` sessions whose socket is backed up
 * c ``tillwire_conflated_total``, ``tillwire_p2_dropped_total``,
   ``tillwire_p3_dropped_total`` (lane scheduler, all sessions so far)
 * c ``tillwire_slow_consumer_closes_total``, ``tillwire_heartbeat_timeouts_total``,
@@ -102,6 +103,7 @@ class NodeCollector:
         # -- connections (walks the live sessions) ---------------------------------
         by_role: dict[tuple[str, str], int] = {}
         queued = 0
+        paused = 0
         for conn in list(node.hub.sessions.values()):
             claims = conn.claims
             if claims is not None:
@@ -109,6 +111,7 @@ class NodeCollector:
                     key = (claims.tenant, role)
                     by_role[key] = by_role.get(key, 0) + 1
             queued += conn.queued_bytes
+            paused += conn.paused
         unauth = list(node._unauthenticated)
         for conn in unauth:
             queued += conn.queued_bytes
@@ -125,6 +128,9 @@ class NodeCollector:
                     node.connection_count)
         yield counter("connections_accepted", "Terminal connections accepted.", c.connections)
         yield gauge("queued_bytes", "Outbound bytes queued in terminal sessions.", queued)
+        yield gauge("connections_write_paused",
+                    "Sessions whose socket is backed up (a slow link or terminal): their "
+                    "lanes hold what they cannot take yet.", paused)
 
         # -- traffic -----------------------------------------------------------------
         yield counter("frames_received", "Frames received from terminals.", c.frames_in)

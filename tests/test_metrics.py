@@ -177,6 +177,7 @@ async def test_slow_terminal_queued_bytes_and_conflation():
         await m.scrape()
         assert m("tillwire_conflated_total") >= 49
         assert m("tillwire_queued_bytes") >= conn.queued_bytes > 0
+        assert m("tillwire_connections_write_paused") == 1      # the till, not the backend
         assert m("tillwire_messages_out_total", lane="P2") == 50
         assert m("tillwire_messages_out_total", lane="P3") == i
         # OpenMetrics is served when asked for.
