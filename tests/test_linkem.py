@@ -5,6 +5,7 @@ on, and goes silent on a black hole."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -40,13 +41,25 @@ class Peer:
             w.transport.abort()
 
 
+@contextlib.asynccontextmanager
+async def linked(**options):
+    """A Link (with ``options``) to a Peer and one connection through it:
+    yields the peer, the link, and the (reader, writer) of each end."""
+    peer = Peer()
+    link = Link(await peer.start(), **options)
+    try:
+        await link.start()
+        near = await peer.connect(link)
+        far = await asyncio.wait_for(peer.accepted.get(), 5)
+        yield peer, link, near, far
+    finally:
+        await link.close()
+        peer.close()
+
+
 @aiotest()
 async def test_relays_both_ways_and_passes_the_end_on():
-    peer = Peer()
-    link = await Link(await peer.start(), delay=0.01).start()
-    try:
-        reader, writer = await peer.connect(link)
-        s_reader, s_writer = await asyncio.wait_for(peer.accepted.get(), 5)
+    async with linked(delay=0.01) as (_, _, (reader, writer), (s_reader, s_writer)):
         writer.write(b"hello")
         assert await asyncio.wait_for(s_reader.readexactly(5), 5) == b"hello"
         s_writer.write(b"x" * 100_000)
@@ -56,18 +69,11 @@ async def test_relays_both_ways_and_passes_the_end_on():
         s_writer.write(b"bye")              # ... which can still answer
         s_writer.close()
         assert await asyncio.wait_for(reader.read(), 5) == b"bye"
-    finally:
-        await link.close()
-        peer.close()
 
 
 @aiotest()
 async def test_paces_the_way_down_at_its_rate():
-    peer = Peer()
-    link = await Link(await peer.start(), rate=200_000, queue=8192).start()
-    try:
-        reader, _ = await peer.connect(link)
-        _, s_writer = await asyncio.wait_for(peer.accepted.get(), 5)
+    async with linked(rate=200_000, queue=8192) as (_, _, (reader, _), (_, s_writer)):
         loop = asyncio.get_running_loop()
         started = loop.time()
         s_writer.write(b"y" * 100_000)
@@ -75,33 +81,19 @@ async def test_paces_the_way_down_at_its_rate():
         # 100 kB at 200 kB/s cannot take less than half a second (a lower
         # bound only: a loaded machine may take longer).
         assert loop.time() - started >= 0.45
-    finally:
-        await link.close()
-        peer.close()
 
 
 @aiotest()
 async def test_a_reset_is_passed_on():
-    peer = Peer()
-    link = await Link(await peer.start()).start()
-    try:
-        _, writer = await peer.connect(link)
-        s_reader, _ = await asyncio.wait_for(peer.accepted.get(), 5)
+    async with linked() as (_, _, (_, writer), (s_reader, _)):
         reset(writer)
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(s_reader.read(), 5)
-    finally:
-        await link.close()
-        peer.close()
 
 
 @aiotest()
 async def test_a_black_hole_passes_nothing_and_closes_nothing():
-    peer = Peer()
-    link = await Link(await peer.start()).start()
-    try:
-        reader, writer = await peer.connect(link)
-        s_reader, s_writer = await asyncio.wait_for(peer.accepted.get(), 5)
+    async with linked() as (peer, link, (reader, writer), (s_reader, s_writer)):
         link.blackhole()
         writer.write(b"lost")
         s_writer.write(b"lost too")
@@ -113,6 +105,3 @@ async def test_a_black_hole_passes_nothing_and_closes_nothing():
         await peer.connect(link)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(peer.accepted.get(), 0.3)
-    finally:
-        await link.close()
-        peer.close()

@@ -453,6 +453,12 @@ async def test_p0_goes_ahead_of_queued_promotions():
         await node.stop()
 
 
+# The buffers before the low-water mark: no TCP_NOTSENT_LOWAT, 64 KiB of
+# transport buffer and write chunk.
+_PREVIOUS_BUFFERS = {"server.notsent_lowat": 0, "server.write_high_water": 65536,
+                     "server.write_chunk": 65536}
+
+
 async def _frames_ahead_of_a_payment(**overrides) -> tuple[int, int]:
     """Stall a till behind a P3 flood, then send it a payment result: how many
     offers it receives before the payment, and the low-water mark of the
@@ -480,9 +486,7 @@ async def test_a_slow_terminals_payment_waits_behind_little_already_written():
     # rest stays in the lanes, where the P0 goes first.
     ahead, lowat = await _frames_ahead_of_a_payment()
     assert lowat == make_config().server.notsent_lowat
-    unbounded, system = await _frames_ahead_of_a_payment(**{
-        "server.notsent_lowat": 0, "server.write_high_water": 65536,
-        "server.write_chunk": 65536})
+    unbounded, system = await _frames_ahead_of_a_payment(**_PREVIOUS_BUFFERS)
     assert system == 0                           # 0 leaves the system's default (unset)
     assert 0 < ahead and ahead * 3 < unbounded, (ahead, unbounded)
 
@@ -531,9 +535,7 @@ async def _bytes_ahead_over_a_weak_link(**overrides) -> int:
 @aiotest()
 async def test_a_payment_over_a_weak_link_waits_behind_little_of_the_flood():
     ahead = await _bytes_ahead_over_a_weak_link()
-    unbounded = await _bytes_ahead_over_a_weak_link(**{
-        "server.notsent_lowat": 0, "server.write_high_water": 65536,
-        "server.write_chunk": 65536})
+    unbounded = await _bytes_ahead_over_a_weak_link(**_PREVIOUS_BUFFERS)
     # (Measured: about 70 KB against 164 KB: the rest of the lead is the
     # link's own queue and the socket buffers on its way.)
     assert 0 < ahead and ahead * 3 < unbounded * 2, (ahead, unbounded)
