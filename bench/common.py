@@ -104,14 +104,17 @@ class Server:
 
 
 class BareServer:
-    """``python -m bench.bare``: the bare uvloop fan-out baseline, in a subprocess."""
+    """``python -m bench.bare``: a bare uvloop baseline (``mode`` fanout or
+    relay), in a subprocess."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "fanout") -> None:
         self.port = free_port()
+        self.mode = mode
         self.proc = None
 
     def start(self, timeout: float = 20.0) -> "BareServer":
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare", str(self.port),
+                                      self.mode],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready or self.proc.stdout.readline().strip() != b"ready":

@@ -14,10 +14,19 @@ and one more, on a fresh server, without the tills, the results only stored
 (``stored_only_msgs_per_s``: the accept path alone).  ``--no-steady-tills``
 runs only the second and reports it under both keys.
 
+The same payer and tills then run once more against a bare uvloop relay
+(``bench.bare``, ``relay`` mode: each SEND written to its till as a DELIVER,
+the SENDACK at once, the ACK read and dropped; no store, no bookkeeping):
+``bare_relay_msgs_per_s`` is the most these load generators and this
+machine's sockets carry at this moment with no server work at all, and
+``durable_vs_bare`` the steady rate with tills as a share of it.
+``--no-baseline`` skips it.
+
 Keys: sent, acked, delivered_unique, lost (acked but never delivered),
 duplicates_suppressed (duplicate SENDs answered from the dedup window plus
 redelivered messages the tills recognised), reordered (deliveries out of
-inbox order), durable_msgs_per_s, stored_only_msgs_per_s.
+inbox order), durable_msgs_per_s, stored_only_msgs_per_s,
+bare_relay_msgs_per_s, durable_vs_bare.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import Server, Worker
+from .common import BareServer, Server, Worker
 
 TENANT = "rel"
 
@@ -55,9 +64,12 @@ def _stop(workers: list[Worker]) -> None:
         w.close()
 
 
-def _steady(env: dict, n: int, args, tills_on: bool) -> float:
-    """Durable P0 messages per second accepted in a steady run (no chaos, no restart)."""
-    server = Server(env=env).start()
+def _steady(env: dict, n: int, args, tills_on: bool, bare: bool = False
+            ) -> tuple[float, int | None]:
+    """(durable P0 messages per second accepted in a steady run (no chaos, no
+    restart), how many distinct results the tills received (None without
+    tills)); ``bare``: the same run through the bare relay instead."""
+    server = BareServer("relay").start() if bare else Server(env=env).start()
     workers: list[Worker] = []
     try:
         tills = _tills(server.port, n, args.workers, chaos=False) if tills_on else []
@@ -68,10 +80,22 @@ def _steady(env: dict, n: int, args, tills_on: bool) -> float:
         while "progress" in (steady := payer.recv(600)):
             pass
         rate = steady["acked"] / steady["seconds"]
-        print(f"steady ({'tills connected' if tills_on else 'results only stored'}): "
-              f"{steady['acked']} durable P0 messages in {steady['seconds']:.2f} s "
-              f"-> {rate:,.0f} msgs/s (SQLite, synchronous=FULL)", flush=True)
-        return rate
+        delivered = None
+        if tills:
+            deadline = time.monotonic() + 30
+            while True:       # (the last results may still be on their way to the tills)
+                delivered = sum(len(s["seen"]) for s in _stats(tills))
+                if delivered >= steady["acked"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        if bare:
+            print(f"bare uvloop relay (bench.bare), same payer and tills: {steady['acked']} "
+                  f"results in {steady['seconds']:.2f} s -> {rate:,.0f} msgs/s", flush=True)
+        else:
+            print(f"steady ({'tills connected' if tills_on else 'results only stored'}): "
+                  f"{steady['acked']} durable P0 messages in {steady['seconds']:.2f} s "
+                  f"-> {rate:,.0f} msgs/s (SQLite, synchronous=FULL)", flush=True)
+        return rate, delivered
     finally:
         _stop(workers)
         server.stop()
@@ -89,6 +113,9 @@ def run(quick: bool = False, argv=()) -> dict:
     parser.add_argument("--steady-tills", action=argparse.BooleanOptionalAction, default=True,
                         help="connect the tills in the steady phase (--no-steady-tills: the "
                              "results are only stored, measuring the accept path alone)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the steady load with tills through a bare uvloop relay "
+                             "(bench.bare): the floor the load generators and sockets set")
     args = parser.parse_args(list(argv))
     k, n = args.messages, args.terminals
     env = {"TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRONOUS": "FULL",
@@ -149,13 +176,19 @@ def run(quick: bool = False, argv=()) -> dict:
 
     # Phase 2: steady durable throughput, with the tills connected (unless
     # --no-steady-tills), then results only stored, each on a fresh server.
-    rate = _steady(env, n, args, tills_on=args.steady_tills)
-    stored_only = _steady(env, n, args, tills_on=False) if args.steady_tills else rate
+    rate, steady_delivered = _steady(env, n, args, tills_on=args.steady_tills)
+    stored_only = _steady(env, n, args, tills_on=False)[0] if args.steady_tills else rate
+    bare, bare_delivered = _steady(env, n, args, tills_on=True, bare=True) \
+        if args.baseline else (None, None)
     return {
         "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
         "lost": lost, "duplicates_suppressed": suppressed, "reordered": reordered,
         "processed_twice": dup_processed, "durable_msgs_per_s": round(rate),
         "stored_only_msgs_per_s": round(stored_only),
+        "bare_relay_msgs_per_s": round(bare) if bare else None,
+        "durable_vs_bare": round(rate / bare, 3) if bare and args.steady_tills else None,
+        "steady_sent": args.steady, "steady_delivered": steady_delivered,
+        "bare_relay_delivered": bare_delivered,
         "till_crashes": crashes, "terminals": n, "steady_tills": args.steady_tills,
         "quick": quick,
     }

@@ -27,7 +27,9 @@ KEYS = {
                "bare_fanout_p50_ms", "bare_fanout_p99_ms", "fanout_p99_vs_bare"},
     "lanes": {"p0_p99_ms_idle", "p0_p99_ms_flood", "p0_flood_ratio", "p3_dropped", "p0_lost"},
     "reliability": {"sent", "acked", "delivered_unique", "lost", "duplicates_suppressed",
-                    "reordered", "durable_msgs_per_s", "stored_only_msgs_per_s"},
+                    "reordered", "durable_msgs_per_s", "stored_only_msgs_per_s",
+                    # (and the bare uvloop relay, same payer and tills, same run)
+                    "bare_relay_msgs_per_s", "durable_vs_bare"},
 }
 
 
@@ -56,6 +58,9 @@ def test_quick_benchmark_prints_its_keys(name):
         assert result["p0_lost"] == 0
     if name == "reliability":
         assert result["lost"] == 0 and result["reordered"] == 0
+        # Both steady runs with tills carried every result to its till.
+        assert result["steady_delivered"] == result["steady_sent"]
+        assert result["bare_relay_delivered"] == result["steady_sent"]
     if name == "fanout":
         assert result["deliveries"] == result["deliveries_expected"]
         assert result["fanout_p99_vs_bare"] > 0 and result["probes_complete"] > 0
