@@ -49,6 +49,21 @@ class InboxState:
         self.sample_seq = [0, 0]   # the in-flight seq timed for the ack latency metric (0 = none)
         self.sample_at = [0.0, 0.0]   # time.perf_counter() when it was handed to the lanes
 
+    def reset(self, acked0: int, acked1: int) -> None:
+        """Start over at these acked positions (a pooled state taken again:
+        the node keeps the states of fully acked inboxes for reuse, and
+        their lists, instead of eight new objects per payment result)."""
+        cursor, last, delivered = self.cursor, self.last, self.delivered
+        cursor[0] = acked0 + 1
+        cursor[1] = acked1 + 1
+        last[0] = delivered[0] = acked0
+        last[1] = delivered[1] = acked1
+        self.pumping[0] = self.pumping[1] = False
+        self.rto = self.progress = self.blocked_since = 0.0
+        self.blocked = False
+        self.sample_seq[0] = self.sample_seq[1] = 0
+        self.sample_at[0] = self.sample_at[1] = 0.0
+
 
 class TerminalConnection(ServerSession):
     """The server side of one terminal's TCP (or TLS) connection."""

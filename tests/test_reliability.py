@@ -310,6 +310,42 @@ async def test_unacked_message_is_retransmitted_flagged_while_connected():
 
 
 @aiotest()
+async def test_a_reused_inbox_state_retransmits_to_its_new_terminal_only():
+    # The node pools the inbox state (and retransmit timer) of a fully acked
+    # inbox and hands it to the next terminal that gets a message: its
+    # positions and its timer must then be that terminal's alone.
+    node = await start_node(**{"delivery.retransmit_initial": 0.2})
+    try:
+        t1 = await connect(node, "t1")
+        t2 = await connect(node, "t2")
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        for n in range(3):
+            await be.send("payment.result", {"order": f"o{n}", "n": n, "status": "paid"},
+                          "terminal:acme/t1")
+            msg = await t1.receive(timeout=3)
+            assert msg.seq == n + 1 and not msg.duplicate
+            await msg.ack()
+            await eventually(lambda: node.hub.sessions["terminal:acme/t1"].inbox is None,
+                             timeout=3)
+        pooled = node._inbox_pool[-1]
+        assert pooled.timer is not None and pooled.timer.arg is None and not pooled.timer.scheduled
+
+        await be.send("payment.result", {"order": "o9", "n": 9, "status": "paid"},
+                      "terminal:acme/t2")
+        first = await t2.receive(timeout=3)
+        server_t2 = node.hub.sessions["terminal:acme/t2"]
+        assert server_t2.inbox is pooled and pooled.timer.arg is server_t2
+        assert first.seq == 1 and pooled.cursor == [2, 1] and pooled.last == [1, 0]
+        # t2 does not ack: it gets the copy, t1 nothing.
+        await eventually(lambda: t2.session.duplicates >= 1, timeout=3)
+        assert t1._inbox.empty() and t1.session.duplicates == 0
+        await first.ack()
+        await eventually(lambda: server_t2.inbox is None, timeout=3)
+        assert t1.is_open and t2.is_open
+    finally:
+        await node.stop()
+
+@aiotest()
 async def test_offline_terminal_gets_its_messages_on_return_in_order():
     node = await start_node()
     try:
