@@ -337,8 +337,14 @@ class Node:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         for conn in self.all_connections():
-            if conn.transport is not None:
-                conn.transport.close()
+            transport = conn.transport
+            if transport is not None:
+                if transport.get_write_buffer_size():
+                    # A terminal that stopped reading would hold a closing
+                    # transport open for ever (close() waits for the buffer).
+                    transport.abort()
+                else:
+                    transport.close()
         await asyncio.sleep(0)
         await self._close_services()
         await self.store.close()

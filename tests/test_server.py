@@ -571,7 +571,12 @@ async def test_slow_consumer_p3_shed_and_queue_bounded():
         assert server_side.lane_counters()[2] > 50
         assert till.is_open          # P3 shedding never closes a connection
     finally:
+        # The stopping server drops the till it cannot write to (a close
+        # would wait for it to read what is buffered).
         await node.stop()
+    await eventually(lambda: server_side.transport is None, timeout=3)
+    await asyncio.wait_for(be.closed.wait(), 5)
+    till.abort()
 
 
 @aiotest()
