@@ -671,33 +671,48 @@ cdef PyObject *_take(LaneScheduler s, _State *st, double now) noexcept:
         st.credit[2] = s._weights[2]
 
 
+cdef enum:      # what _trim does with a lane's storage (_verdict)
+    _LEAVE          # in use, or small enough to keep for ever
+    _NEW_CYCLE      # empty after a busy cycle: kept, and a new cycle starts
+    _GIVE_BACK      # empty after a light cycle: freed
+
+
+cdef inline int _verdict(Py_ssize_t count, Py_ssize_t capacity, Py_ssize_t peak) noexcept:
+    if count != 0 or capacity <= _KEEP_CAP:
+        return _LEAVE
+    return _GIVE_BACK if 4 * peak <= capacity else _NEW_CYCLE
+
+
 cdef void _trim(_State *st) noexcept:
     """Give back the storage of lanes that are empty after having grown large,
     unless the cycle that just ended (since the lane last emptied) filled a
     quarter of it or more: a lane under steady load keeps its storage instead
     of growing it again, node by node and table by table, every cycle.  (The
     server releases an idle connection's whole scheduler, ``release_lanes``.)"""
-    cdef int i
+    cdef int i, v
     cdef _Fifo *f
     for i in range(2):
         f = st.fifo[i]
-        if f != NULL and f.count == 0 and f.mask >= _KEEP_CAP:
-            if 4 * f.peak <= f.mask + 1:
+        if f != NULL:
+            v = _verdict(f.count, f.mask + 1, f.peak)
+            if v == _GIVE_BACK:
                 _fifo_free(f)
                 st.fifo[i] = NULL
-            else:
+            elif v == _NEW_CYCLE:
                 f.peak = 0
-    if st.p2 != NULL and st.p2.count == 0 and st.p2.cap > _KEEP_CAP:
-        if 4 * <Py_ssize_t>st.p2.peak <= st.p2.cap:
+    if st.p2 != NULL:
+        v = _verdict(st.p2.count, st.p2.cap, st.p2.peak)
+        if v == _GIVE_BACK:
             _p2_free(st.p2)
             st.p2 = NULL
-        else:
+        elif v == _NEW_CYCLE:
             st.p2.peak = 0
-    if st.p3 != NULL and st.p3.count == 0 and st.p3.mask >= _KEEP_CAP:
-        if 4 * st.p3.peak <= st.p3.mask + 1:
+    if st.p3 != NULL:
+        v = _verdict(st.p3.count, st.p3.mask + 1, st.p3.peak)
+        if v == _GIVE_BACK:
             _p3_free(st.p3)
             st.p3 = NULL
-        else:
+        elif v == _NEW_CYCLE:
             st.p3.peak = 0
 
 
