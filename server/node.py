@@ -68,7 +68,7 @@ def _recipients_payload(n: int) -> bytes:
     return _RECIPIENTS[n] if n < 64 else orjson.dumps({"recipients": n})
 
 PUMP_BATCH = 128             # store rows read per pump step
-INBOX_POOL = 1024            # InboxStates kept for reuse (about 0.8 KB each with their timer)
+INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
 STOP_GRACE = 2.0             # seconds stop() waits for in-flight commits and service tasks
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
 

@@ -189,12 +189,15 @@ class ServerProcess:
         self.args = list(args)
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(data_dir, f"server-{self.port}.log")
+        self._log = None
 
     def start(self) -> "ServerProcess":
         os.makedirs(self.data_dir, exist_ok=True)
         cmd = [sys.executable, "-m", "tillwire", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--data-dir", self.data_dir,
                "--admin-port", str(self.admin_port), *self.args]
+        if self._log is not None:
+            self._log.close()          # (a restart after kill(): the server before had it)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=self._log)
         wait_port("127.0.0.1", self.port, proc=self.proc)

@@ -185,3 +185,4 @@ async def test_slow_terminal_queued_bytes_and_conflation():
                 "Accept": "application/openmetrics-text; version=1.0.0"}) as resp:
             assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
             assert (await resp.text()).rstrip().endswith("# EOF")
+        till.abort()         # (it stopped reading: it would never see the server close)

@@ -64,6 +64,15 @@ class Till:
             return
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def open_until_up(till: Till, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -139,9 +148,7 @@ async def test_kill_9_while_payments_flow_loses_nothing(tmp_path):
         assert writers
         server.kill()
         # It dies with the server: nothing is left holding the database.
-        await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") and
-                                         open(f"/proc/{pid}/stat").read().split()[2] != "Z"
-                                         for pid in writers), timeout=10)
+        await eventually(lambda: not any(_running(pid) for pid in writers), timeout=10)
         acked_before_kill = len(payer.acked)
         await asyncio.sleep(0.3)
         server.start()
