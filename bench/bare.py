@@ -104,8 +104,8 @@ class BareRelay(asyncio.Protocol):
             t = f.type
             if t == _SEND:
                 till = self.terminals.get(f.to)
-                lane = f.flags & 1
-                if till is not None and till.transport is not None:
+                lane = f.flags & 3       # (the payer sends P0: inbox lanes only)
+                if lane <= 1 and till is not None and till.transport is not None:
                     seq = till.seq[lane] = till.seq[lane] + 1
                     till.transport.write(encoder.encode_deliver(lane, 0, seq, seq, f.kind,
                                                                 f.payload))
