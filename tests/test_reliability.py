@@ -352,6 +352,7 @@ async def test_a_reused_inbox_state_retransmits_to_its_new_terminal_only():
     finally:
         await node.stop()
 
+
 @aiotest()
 async def test_offline_terminal_gets_its_messages_on_return_in_order():
     node = await start_node()
