@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 import time
 
 import orjson
 import uvloop
 
+from tillwire.client.connection import connected_socket
 from tillwire.core.codec import Decoder, Encoder, Frame
 from tillwire.core.codes import Flag, FrameType, Lane
 from tillwire.server.auth import issue_token
@@ -275,14 +275,7 @@ class Terminals(Subscribers):
             if p.get("link_buffer"):
                 # The receive buffer stands for the link's queue: the bytes in
                 # flight between the server's socket and the till.
-                sock = socket.socket()
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, p["link_buffer"])
-                    sock.setblocking(False)
-                    await self.loop.sock_connect(sock, ("127.0.0.1", p["port"]))
-                except BaseException:
-                    sock.close()
-                    raise
+                sock = await connected_socket("127.0.0.1", p["port"], rcvbuf=p["link_buffer"])
             _, proto = await self.loop.create_connection(
                 lambda: Terminal(self, tok), None if sock else "127.0.0.1",
                 None if sock else p["port"], sock=sock)

@@ -87,6 +87,24 @@ class _Protocol(asyncio.Protocol):
         self.conn._on_lost(exc)
 
 
+async def connected_socket(host: str, port: int, *, rcvbuf: int,
+                           local_addr=None) -> socket.socket:
+    """A non-blocking TCP socket connected to (host, port) with SO_RCVBUF set
+    to ``rcvbuf`` before connecting (the window it offers is set then); for
+    ``loop.create_connection(sock=...)``.  Closed again if connecting fails."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if local_addr is not None:
+            sock.bind(local_addr)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Connection:
     """A terminal's live session with a server (one TCP connection)."""
 
@@ -129,12 +147,7 @@ class Connection:
             connect = conn.loop.create_connection(
                 lambda: _Protocol(conn), host, port, ssl=ssl, local_addr=local_addr)
         else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            if local_addr is not None:
-                sock.bind(local_addr)
-            sock.setblocking(False)
-            await conn.loop.sock_connect(sock, (host, port))
+            sock = await connected_socket(host, port, rcvbuf=rcvbuf, local_addr=local_addr)
             connect = conn.loop.create_connection(
                 lambda: _Protocol(conn), sock=sock, ssl=ssl,
                 server_hostname=host if ssl is not None else None)

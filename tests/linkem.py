@@ -28,6 +28,8 @@ import asyncio
 import socket
 import struct
 
+from tillwire.client.connection import connected_socket
+
 _READ = 4096
 _UP_QUEUE = 65536
 
@@ -107,14 +109,13 @@ class Link:
         if self.silent:
             t_writer.transport.pause_reading()
             await self._hang()
-        sock = socket.socket()
+        sock = None
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _READ)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, self.target)
+            sock = await connected_socket(*self.target, rcvbuf=_READ)
             s_reader, s_writer = await asyncio.open_connection(sock=sock, limit=_READ)
         except BaseException as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             t_writer.transport.abort()
             self._writers.discard(t_writer)
             if isinstance(exc, OSError):
