@@ -37,30 +37,34 @@ class InboxState:
                  "blocked_since", "sample_seq", "sample_at")
 
     def __init__(self, acked0: int = 0, acked1: int = 0) -> None:
-        self.cursor = [acked0 + 1, acked1 + 1]
-        self.last = [acked0, acked1]
+        self.cursor = [0, 0]
+        self.last = [0, 0]
         self.pumping = [False, False]
-        self.rto = 0.0             # current retransmit timeout (0 = initial)
-        self.progress = 0.0        # loop time of the last ack progress
         self.timer = None          # retransmit timer (a wheel Timer)
-        self.delivered = [acked0, acked1]   # highest seq already reported as delivered
-        self.blocked = False       # a pump stopped because the lane queue was full
-        self.blocked_since = 0.0   # loop time it stopped
-        self.sample_seq = [0, 0]   # the in-flight seq timed for the ack latency metric (0 = none)
-        self.sample_at = [0.0, 0.0]   # time.perf_counter() when it was handed to the lanes
+        self.delivered = [0, 0]
+        self.sample_seq = [0, 0]
+        self.sample_at = [0.0, 0.0]
+        self.reset(acked0, acked1)
 
     def reset(self, acked0: int, acked1: int) -> None:
-        """Start over at these acked positions (a pooled state taken again:
-        the node keeps the states of fully acked inboxes for reuse, and
-        their lists, instead of eight new objects per payment result)."""
+        """Start over at these acked positions (also a pooled state taken
+        again: the node keeps the states of fully acked inboxes for reuse,
+        their lists and timer included, instead of eight new objects per
+        payment result)."""
         cursor, last, delivered = self.cursor, self.last, self.delivered
         cursor[0] = acked0 + 1
         cursor[1] = acked1 + 1
-        last[0] = delivered[0] = acked0
-        last[1] = delivered[1] = acked1
+        last[0] = acked0
+        last[1] = acked1
+        delivered[0] = acked0      # highest seq already reported as delivered
+        delivered[1] = acked1
         self.pumping[0] = self.pumping[1] = False
-        self.rto = self.progress = self.blocked_since = 0.0
-        self.blocked = False
+        self.rto = 0.0             # current retransmit timeout (0 = initial)
+        self.progress = 0.0        # loop time of the last ack progress
+        self.blocked = False       # a pump stopped because the lane queue was full
+        self.blocked_since = 0.0   # loop time it stopped
+        # The in-flight seq timed for the ack latency metric (0 = none), and
+        # time.perf_counter() when it was handed to the lanes.
         self.sample_seq[0] = self.sample_seq[1] = 0
         self.sample_at[0] = self.sample_at[1] = 0.0
 
