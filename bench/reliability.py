@@ -64,6 +64,34 @@ def _stop(workers: list[Worker]) -> None:
         w.close()
 
 
+STALL = 60.0     # seconds without a new payer ack that end a run as stalled
+
+
+def _paid(payer: Worker, tills: list[Worker], on_progress=None) -> dict:
+    """Wait for the payer's ``pay`` to end (its result), passing each progress
+    report to ``on_progress``.  A run that stops making progress fails after
+    STALL seconds and says where it stood, instead of waiting out the long
+    timeouts (and a test runner's own)."""
+    last, since = -1, time.monotonic()
+    while True:
+        try:
+            msg = payer.recv(STALL)
+        except TimeoutError:
+            msg = None          # (no report at all: the payer is stuck reconnecting)
+        if msg is not None and "progress" not in msg:
+            return msg
+        now = time.monotonic()
+        if msg is not None and msg["progress"] != last:
+            last, since = msg["progress"], now
+        elif now - since > STALL:
+            # (The payer answers nothing else until its pay ends; the tills do.)
+            connected = [s["connected"] for s in _stats(tills)]
+            raise RuntimeError(f"the payer made no progress for {STALL:.0f} s at {last} acked; "
+                               f"tills connected per worker: {connected}")
+        if msg is not None and on_progress is not None:
+            on_progress(msg)
+
+
 def _steady(env: dict, n: int, args, tills_on: bool, bare: bool = False
             ) -> tuple[float, int | None]:
     """(durable P0 messages per second accepted in a steady run (no chaos, no
@@ -77,8 +105,7 @@ def _steady(env: dict, n: int, args, tills_on: bool, bare: bool = False
         workers = [*tills, payer]
         payer.recv(60)
         payer.send(cmd="pay", first=0, count=args.steady, window=args.window, timeout=600)
-        while "progress" in (steady := payer.recv(600)):
-            pass
+        steady = _paid(payer, tills)
         rate = steady["acked"] / steady["seconds"]
         delivered = None
         if tills:
@@ -133,11 +160,9 @@ def run(quick: bool = False, argv=()) -> dict:
         t0 = time.monotonic()
         payer.send(cmd="pay", first=0, count=k, window=args.window, timeout=900)
         killed = False
-        while True:
-            msg = payer.recv(900)
-            if "progress" not in msg:
-                result = msg
-                break
+
+        def kill_at_half(msg: dict) -> None:
+            nonlocal killed
             if not killed and msg["progress"] >= k // 2:
                 server.kill()
                 killed_at = time.monotonic() - t0
@@ -146,6 +171,8 @@ def run(quick: bool = False, argv=()) -> dict:
                 killed = True
                 print(f"server killed (SIGKILL) and restarted at {killed_at:.1f} s, "
                       f"{msg['progress']} acked so far", flush=True)
+
+        result = _paid(payer, tills, kill_at_half)
         print(f"payer: {result['acked']}/{k} acked after {result['sends']} sends "
               f"in {result['seconds']:.1f} s", flush=True)
         for w in tills:
