@@ -21,13 +21,29 @@ from ..core.errors import SessionClosed, TillwireError
 from ..core.session import CLOSED, OPEN, ClientSession, Encoder
 
 
+RETRY_CODES = frozenset({Code.RATE_LIMITED, Code.TOO_MANY_UNACKED})
+"""ERROR codes whose text starts with a retry hint (PROTOCOL.md section 7, ERROR)."""
+
+
+def retry_hint(code: int, text: str) -> float | None:
+    """The seconds an ERROR of ``code`` with ``text`` asks to wait before a
+    retry (``retry_ms=<n> ...``), or None when it carries no hint."""
+    if code not in RETRY_CODES or not text.startswith("retry_ms="):
+        return None
+    digits = text[9:].split(" ", 1)[0]
+    return int(digits) / 1000.0 if digits.isdigit() else None
+
+
 class SendError(TillwireError):
-    """The server refused a SEND (ERROR frame); ``code`` says why."""
+    """The server refused a SEND (ERROR frame); ``code`` says why, and
+    ``retry_after`` how many seconds to wait before trying again (for
+    RATE_LIMITED and TOO_MANY_UNACKED; else None)."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"{Code(code).name}: {message}")
         self.code = Code(code)
         self.message = message
+        self.retry_after = retry_hint(code, message)
 
 
 class Message:
@@ -343,7 +359,9 @@ class Connection:
 
     async def history(self, name: str, lane: int = Lane.P2, epoch: int = 0, offset: int = 0,
                       count: int = 100, timeout: float = 10.0):
-        """Returns (items, HISTORY_END frame)."""
+        """One page of history: (items, HISTORY_END frame).  The END's code is
+        PARTIAL when the server's page limit cut the answer: ask again from
+        its offset (``Client.history`` does)."""
         ref = self.next_ref()
         fut = self.loop.create_future()
         self._requests[ref] = (fut, [])

@@ -329,7 +329,9 @@ class Client:
                    receipt: bool = False, timeout: float = 10.0):
         """Publish; resolves with the SENDACK once the server accepted it (P0/P1:
         stored durably).  Retries across reconnects with the same ref, so the
-        message is created once.  Raises SendError when refused,
+        message is created once; a refusal that asks to retry (STORE_UNAVAILABLE,
+        and RATE_LIMITED or TOO_MANY_UNACKED after their retry hint) is
+        retried the same way.  Raises SendError when refused,
         asyncio.TimeoutError when not accepted within ``timeout`` seconds."""
         if lane is None:
             lane = KIND_LANES.get(kind, Lane.P1)
@@ -353,9 +355,14 @@ class Client:
                 await asyncio.sleep(0)
             except SendError as exc:
                 if exc.code == Code.STORE_UNAVAILABLE:
-                    await asyncio.sleep(min(0.5, max(0.0, deadline - self.loop.time())))
-                    continue
-                raise
+                    pause = 0.5
+                elif exc.retry_after is not None:
+                    # The server's hint, spread a little so a store's tills do
+                    # not all come back in the same millisecond.
+                    pause = exc.retry_after * (1.0 + random.random() / 2)
+                else:
+                    raise
+                await asyncio.sleep(min(pause, max(0.0, deadline - self.loop.time())))
 
     async def subscribe(self, name: str, lane: int = Lane.P2):
         """Subscribe to a channel stream (topics, segments), from the kept position."""
@@ -363,10 +370,22 @@ class Client:
         epoch, offset = self.state.channels.get((name, lane), (0, 0))
         return await self.conn.subscribe(name, lane, epoch, offset)
 
-    async def history(self, name: str, lane: int = Lane.P2, count: int = 100):
-        """Recent history of a channel stream or a conversation: (items, end frame)."""
-        await self._connected.wait()
-        return await self.conn.history(name, lane, count=count)
+    async def history(self, name: str, lane: int = Lane.P2, count: int = 100,
+                      offset: int = 0, epoch: int = 0):
+        """History of a channel stream or a conversation: (items, the last END
+        frame).  ``offset`` 0: the newest ``count`` items (0: all the server
+        keeps); else the ``count`` after ``offset``; oldest first.  The
+        server answers in pages (``limits.history_page``); this asks for page
+        after page until ``count`` items came or there are no more."""
+        items: list = []
+        while True:
+            await self._connected.wait()
+            want = count - len(items) if count else 0
+            page, end = await self.conn.history(name, lane, epoch, offset, want)
+            items += page
+            if end.code != Code.PARTIAL or not page or (count and len(items) >= count):
+                return items, end
+            offset = end.offset         # (epoch 0 after the first page: the current one)
 
     async def read(self, msg: Message) -> None:
         """Send a read receipt for a received message (chat)."""

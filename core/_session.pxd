@@ -18,7 +18,7 @@ set.  Frame handlers return a combination of the R_* bits below.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
 from tillwire.core._codec cimport Encoder
 from tillwire.core._lanes cimport LaneScheduler
@@ -29,6 +29,7 @@ cdef enum:
     R_KEEP = 0          # the frame stays in the returned list; go on
     R_DROP = 1          # remove it from the list (answered here, or ignored)
     R_STOP = 2          # the session ended (CLOSE received or sent): stop reading
+    R_HOLD = 4          # stop before this frame and keep it and the rest, raw, for later
 
 
 # Receive-side framing state, embedded in each session.  Only the bytes of
@@ -42,6 +43,9 @@ ctypedef struct _Inbuf:
     int32_t max         # frame limit: the largest accepted length field (64 .. 2**28 - 1)
     uint8_t hdr         # size of the pending frame's length prefix (valid when need > 0)
     uint8_t busy        # 1 inside receive_data (a re-entrant call raises RuntimeError)
+    uint8_t held        # 1: buf holds input (whole frames, maybe a tail) waiting for `pong` to clear
+    uint8_t pong        # server: a PONG is queued and not yet drained (a further PING waits)
+    int32_t full_max    # server: the frame limit once a HELLO is received (max is the handshake limit before)
 
 
 # Not final: the server subclasses it from Python (TerminalConnection, with
@@ -61,6 +65,7 @@ cdef class ServerSession:
     cdef _Inbuf _in                   # incomplete inbound frame
     cdef public unsigned char state   # AWAIT_HELLO, AWAIT_RESUME, OPEN or CLOSED
     cdef public bint dirty            # set by fanout()/the node: queued in a flush list
+    cdef uint32_t _control_bytes      # bytes in the control queue (fits the padding after dirty)
 
 
 # One per terminal connection on the client side; nothing subclasses it.

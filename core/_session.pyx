@@ -60,7 +60,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject, PyObject_Hash
 from cpython.unicode cimport PyUnicode_AsUTF8String
-from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from tillwire.core._codec cimport Decoder, Encoder, Frame, frame_get_int, frame_set_int, new_frame
@@ -355,6 +355,32 @@ cdef inline void _inbuf_free(_Inbuf *ib) noexcept:
     ib.buf = NULL
     ib.cap = ib.len = ib.need = 0
     ib.hdr = 0
+    ib.held = 0
+
+
+cdef int _inbuf_hold(_Inbuf *ib, const uchar *head, Py_ssize_t head_len, const uchar *rest,
+                     Py_ssize_t rest_len) except -1:
+    """Keep ``head`` + ``rest`` (raw input not handled yet) in ib.buf, held
+    until the queued PONG is drained; ``head`` may point into ib.buf itself
+    (the pending frame that was just completed)."""
+    cdef Py_ssize_t total = head_len + rest_len
+    cdef uchar *nb
+    if total > 0x7FFFFFFF:
+        raise MemoryError("held input too large")
+    nb = <uchar *>PyMem_Realloc(NULL, <size_t>(total if total else 1))
+    if nb == NULL:
+        raise MemoryError()
+    if head_len:
+        memcpy(nb, head, <size_t>head_len)
+    if rest_len:
+        memcpy(nb + head_len, rest, <size_t>rest_len)
+    PyMem_Free(ib.buf)
+    ib.buf = nb
+    ib.cap = ib.len = <int32_t>total
+    ib.need = 0
+    ib.hdr = 0
+    ib.held = 1
+    return 0
 
 
 # The shared parser: its _decode_frame turns one complete frame into a Frame.
@@ -387,7 +413,9 @@ cdef object _decode(const uchar *p, Py_ssize_t length, int32_t limit, list out):
 
 cdef int _receive(_Inbuf *ib, object session, bint server, object data, list events) except -1:
     """Feed `data` (bytes-like) to a session: every complete frame is decoded
-    into `events` and handled at once; the tail is kept in ib."""
+    into `events` and handled at once; the tail is kept in ib.  Input held
+    for a PONG (ib.held) goes first, once the PONG is drained; until then new
+    data is added to it."""
     cdef Py_buffer view
     cdef bint have_view = False
     cdef const uchar *p
@@ -411,12 +439,27 @@ cdef int _receive(_Inbuf *ib, object session, bint server, object data, list eve
         n = PyBytes_GET_SIZE(data)
     ib.busy = 1
     try:
+        if ib.held:
+            if n:
+                _inbuf_hold(ib, ib.buf, ib.len, p, n)
+            if ib.pong:
+                return 0
+            # The PONG went out: handle what was held (and was just added).
+            held = PyBytes_FromStringAndSize(<char *>ib.buf, ib.len)
+            _inbuf_free(ib)
+            if have_view:
+                PyBuffer_Release(&view)
+                have_view = False
+            p = <const uchar *>PyBytes_AS_STRING(held)
+            n = PyBytes_GET_SIZE(held)
         _frames(ib, session, server, p, n, events)
     finally:
         ib.busy = 0
         if have_view:
             PyBuffer_Release(&view)
-        if ib.buf != NULL and (ib.len == 0 or _closed(session, server)):
+        if ib.buf != NULL and not ib.held and (ib.len == 0 or _closed(session, server)):
+            _inbuf_free(ib)
+        elif ib.held and _closed(session, server):
             _inbuf_free(ib)
     return 0
 
@@ -429,10 +472,10 @@ cdef inline bint _closed(object session, bint server) noexcept:
 
 cdef int _frames(_Inbuf *ib, object session, bint server, const uchar *data, Py_ssize_t n,
                  list events) except -1:
-    """The framing loop of _receive; returns when the data is used up or the
-    session ended."""
+    """The framing loop of _receive; returns when the data is used up, the
+    session ended or a frame must wait (R_HOLD: the rest is kept in ib)."""
     cdef Py_ssize_t pos = 0, take, length = 0
-    cdef int rc, plen = 0
+    cdef int rc, r, plen = 0
     cdef object err
     if ib.len:
         # Finish the pending frame, taking from `data` only what it lacks.
@@ -465,10 +508,15 @@ cdef int _frames(_Inbuf *ib, object session, bint server, const uchar *data, Py_
         if ib.len < ib.need:
             return 0
         err = _decode(ib.buf + ib.hdr, ib.need - ib.hdr, ib.max, events)
-        _inbuf_free(ib)
         if err is not None:
+            _inbuf_free(ib)
             return _protocol_error(session, server, err)
-        if _handle(session, server, events):
+        r = _handle(session, server, events)
+        if r == 2:
+            _inbuf_hold(ib, ib.buf, ib.need, data + pos, n - pos)
+            return 0
+        _inbuf_free(ib)
+        if r:
             return 0
     while pos < n:
         rc = _parse_prefix(data + pos, n - pos, ib.max, &length, &plen)
@@ -476,8 +524,12 @@ cdef int _frames(_Inbuf *ib, object session, bint server, const uchar *data, Py_
             err = _decode(data + pos + plen, length, ib.max, events)
             if err is not None:
                 return _protocol_error(session, server, err)
+            r = _handle(session, server, events)
+            if r == 2:
+                _inbuf_hold(ib, NULL, 0, data + pos, n - pos)
+                return 0
             pos += plen + length
-            if _handle(session, server, events):
+            if r:
                 return 0
             continue
         if rc > 0:
@@ -506,7 +558,8 @@ cdef int _protocol_error(object session, bint server, tuple err) except -1:
 
 
 cdef int _handle(object session, bint server, list events) except -1:
-    """Handle the frame the decoder just appended to `events`; 1 = stop reading."""
+    """Handle the frame the decoder just appended to `events`; 1 = stop
+    reading, 2 = hold this frame and the rest (it was taken off `events`)."""
     cdef Py_ssize_t last = PyList_GET_SIZE(events) - 1
     cdef Frame f = <Frame>PyList_GET_ITEM(events, last)
     cdef int r
@@ -519,6 +572,8 @@ cdef int _handle(object session, bint server, list events) except -1:
         # when a dropped frame was its only item, as it is for every PING.
         Py_SET_SIZE(events, last)
         Py_DECREF(<PyObject *>f)      # the list's reference; `f` still holds one
+    if r & R_HOLD:
+        return 2
     return (r & R_STOP) != 0
 
 
@@ -526,9 +581,13 @@ cdef int _handle(object session, bint server, list events) except -1:
 # ServerSession internals (module functions: the class has no vtable)
 
 cdef int _ctl_add(ServerSession s, object frame) except -1:
-    """Queue a control frame.  One exact bytes object is kept as is; a second
-    frame (or any other object) makes the queue a list."""
+    """Queue a control frame (bytes).  One exact bytes object is kept as is;
+    a second frame makes the queue a list."""
     cdef object c = s._control
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
+    if <Py_ssize_t>s._control_bytes + size > 0xFFFFFFFF:
+        raise OverflowError("control queue above 4 GiB")
+    s._control_bytes += <uint32_t>size
     if c is None:
         s._control = frame if type(frame) is bytes else [frame]
     elif type(c) is list:
@@ -581,12 +640,16 @@ cdef int _srv_frame(ServerSession s, Frame f) except -1:
     if state == S_AWAIT_HELLO:
         if t == T_HELLO:
             s.state = S_AWAIT_RESUME
+            s._in.max = s._in.full_max      # the handshake limit ends with HELLO
             return R_KEEP
         return _srv_unexpected(s, t, "the first frame must be HELLO")
     if EXT_FIRST <= t <= EXT_LAST:
         return R_DROP
     if t == T_PING:
+        if s._in.pong:
+            return R_DROP | R_HOLD      # one PONG pending at a time: this PING waits
         _ctl_add(s, _encode(s._encoder, _frame(T_PONG, f._payload)))
+        s._in.pong = 1
         return R_DROP
     if t == T_CLOSE:
         s.state = S_CLOSED
@@ -656,15 +719,19 @@ cdef class ServerSession:
     def __cinit__(self):
         # C fields start zeroed, object fields None.
         self._in.max = _DEFAULT_MAX_FRAME
+        self._in.full_max = _DEFAULT_MAX_FRAME
         self.state = S_AWAIT_HELLO
 
     def __init__(self, encoder, *, max_frame_size=_DEFAULT_MAX_FRAME,
-                 max_queued_bytes=1 << 20, lane_weights=(8, 4, 1), double now=0.0):
+                 max_queued_bytes=1 << 20, lane_weights=(8, 4, 1), double now=0.0,
+                 handshake_frame_size=None):
         if not isinstance(encoder, Encoder):
             raise TypeError("ServerSession needs a native tillwire.core._codec.Encoder, "
                             f"not {type(encoder).__name__}")
         weights = tuple(lane_weights)
         limit = _frame_limit(max_frame_size)
+        hello_limit = limit if handshake_frame_size is None else \
+            min(limit, _frame_limit(handshake_frame_size))
         if self._in.busy:
             raise RuntimeError("ServerSession.__init__() called inside receive_data()")
         self._encoder = <Encoder>encoder
@@ -677,8 +744,11 @@ cdef class ServerSession:
         self.max_queued_bytes = max_queued_bytes
         self.lane_weights = weights
         _inbuf_free(&self._in)
-        self._in.max = limit
+        self._in.max = hello_limit
+        self._in.full_max = limit
+        self._in.pong = 0
         self._control = None
+        self._control_bytes = 0
         self._lanes = None
         self._sent[0] = self._sent[1] = 0
         self._acked[0] = self._acked[1] = 0
@@ -793,6 +863,7 @@ cdef class ServerSession:
     def control(self, frame):
         """Queue an encoded control frame; control frames go before any lane.
         Ignored after CLOSE (CLOSE is always the last frame)."""
+        _frame_arg(frame)
         if self.state != S_CLOSED:
             _ctl_add(self, frame)
 
@@ -820,28 +891,59 @@ cdef class ServerSession:
             _inbuf_free(&self._in)
 
     def data_to_send(self, max_bytes, double now):
-        """Everything in the control queue, then up to ``max_bytes`` of lanes."""
+        """The control queue, then the lanes: up to ``max_bytes`` in all, but
+        at least one whole frame (control frames are never split; the
+        control frames left wait for the next call, ahead of any lane)."""
         cdef object c = self._control
         cdef LaneScheduler lanes = self._lanes
-        cdef Py_ssize_t used, limit
+        cdef Py_ssize_t used, limit, k, size, total
         cdef long long m
         cdef int overflow = 0
+        cdef list frames
+        if PyLong_CheckExact(max_bytes):
+            m = PyLong_AsLongLongAndOverflow(max_bytes, &overflow)
+            if overflow > 0 or m > PY_SSIZE_T_MAX:
+                limit = PY_SSIZE_T_MAX
+            elif overflow < 0 or m < 0:
+                limit = 0
+            else:
+                limit = <Py_ssize_t>m
+        else:
+            limit = -1                  # (any other number: compared as an object below)
         if c is None:
             out = b""
         elif type(c) is bytes:
             out = c
+            self._control = None
+            self._control_bytes = 0
         else:
-            out = b"".join(c)           # a failure keeps the queue (as the twin)
-        self._control = None
+            frames = <list>c
+            if limit < 0 or <Py_ssize_t>self._control_bytes <= limit:
+                out = b"".join(frames)      # a failure keeps the queue (as the twin)
+                self._control = None
+                self._control_bytes = 0
+            else:
+                total = 0
+                k = 0
+                while k < PyList_GET_SIZE(frames):
+                    size = PyBytes_GET_SIZE(<bytes>PyList_GET_ITEM(frames, k))
+                    if k and total + size > limit:
+                        break
+                    total += size
+                    k += 1
+                out = b"".join(frames[:k])
+                del frames[:k]
+                self._control_bytes -= <uint32_t>total
+                return out              # the control frames left go first next time
+        if self._control is None:
+            self._in.pong = 0           # every PONG queued went with it
         if lanes is None:
             return out
         used = PyBytes_GET_SIZE(out)
-        if PyLong_CheckExact(max_bytes):
-            m = PyLong_AsLongLongAndOverflow(max_bytes, &overflow)
-            if overflow < 0 or (overflow == 0 and m <= used):
+        if limit >= 0:
+            if limit <= used:
                 return out
-            limit = PY_SSIZE_T_MAX if overflow > 0 or m - used > PY_SSIZE_T_MAX else <Py_ssize_t>(m - used)
-            more = lanes_drain(lanes, limit, now)
+            more = lanes_drain(lanes, limit - used, now)
         elif used < max_bytes:
             more = lanes.drain(max_bytes - used, now)
         else:
@@ -853,6 +955,20 @@ cdef class ServerSession:
         return out + more
 
     @property
+    def control_bytes(self):
+        """Bytes waiting in the control queue (answers to the terminal's own
+        requests, receipts, announcements): what the connection's budget
+        counts besides the lanes."""
+        return self._control_bytes
+
+    @property
+    def input_held(self):
+        """True while received input waits for the queued PONG to go out (a
+        PING arrived with one pending); the driver stops reading meanwhile
+        and calls ``receive_data(b"", now)`` once data_to_send drained it."""
+        return self._in.held != 0
+
+    @property
     def pending(self):
         """True while anything is queued (control frames or lane frames)."""
         return self._control is not None or (self._lanes is not None and len(self._lanes) > 0)
@@ -860,13 +976,8 @@ cdef class ServerSession:
     @property
     def queued_bytes(self):
         """Bytes queued in the lanes and the control queue."""
-        cdef object c = self._control
         lanes = 0 if self._lanes is None else self._lanes.queued_bytes
-        if c is None:
-            return lanes
-        if type(c) is bytes:
-            return lanes + PyBytes_GET_SIZE(c)
-        return lanes + sum([len(x) for x in c])
+        return lanes + self._control_bytes
 
     @property
     def inbox_bytes(self):

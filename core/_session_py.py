@@ -62,6 +62,9 @@ _CLIENT_WELCOME_TYPES = frozenset({
 })
 
 
+_HOLD = object()       # ServerSession._accept: the frame waits (see receive_data)
+
+
 def _is_extension(frame_type: int) -> bool:
     return 0x40 <= frame_type <= 0x7F
 
@@ -77,7 +80,8 @@ class ServerSession:
     """
 
     def __init__(self, encoder, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 max_queued_bytes: int = 1 << 20, lane_weights=(8, 4, 1), now: float = 0.0):
+                 max_queued_bytes: int = 1 << 20, lane_weights=(8, 4, 1), now: float = 0.0,
+                 handshake_frame_size: int | None = None):
         self.encoder = encoder
         self.state = AWAIT_HELLO
         self.started = now
@@ -87,8 +91,16 @@ class ServerSession:
         self.dirty = False
         self.max_queued_bytes = max_queued_bytes
         self.lane_weights = tuple(lane_weights)
+        # Until a HELLO arrives the frame limit is the handshake limit: a
+        # stranger can make the server buffer only what a HELLO needs.
         self._decoder = _codec_py.Decoder(max_frame_size)
+        self._frame_limit = self._decoder._limit
+        if handshake_frame_size is not None:
+            self._decoder._limit = min(self._frame_limit,
+                                       _codec_py.Decoder(handshake_frame_size)._limit)
         self._control: list[bytes] = []
+        self._pong_pending = False   # a PONG is queued: a further PING waits for it to go out
+        self._held = None            # (frames, error) received but not handled yet
         self._lanes: _lanes_py.LaneScheduler | None = None
         self._sent = [0, 0]    # highest inbox seq handed to the lanes, per inbox lane
         self._acked = [0, 0]   # highest inbox seq acknowledged, per inbox lane
@@ -103,26 +115,62 @@ class ServerSession:
         CLOSE.  PING is answered here; PONG and extension frames are dropped.
         A protocol error queues CLOSE with its code (the frames before the
         bad one are still returned).
+
+        One PONG at a time: a PING that arrives while a PONG is still queued
+        waits, with everything received after it (``input_held``), until
+        ``data_to_send`` has drained the queue; ``receive_data(b"", now)``
+        then goes on with it.
         """
         if self.state == CLOSED:
             return []
         self.last_seen = now
-        try:
-            frames = self._decoder.feed(data)
-            error = None
-        except ProtocolError as exc:
-            frames = exc.frames
-            error = exc
+        if self._held is not None:
+            frames, error = self._held
+            if data and error is None:
+                more, error = self._decode(data)
+                frames = frames + more
+            if self._pong_pending:
+                self._held = (frames, error)
+                return []
+            self._held = None
+        else:
+            frames, error = self._decode(data)
         events = []
-        for frame in frames:
-            if not self._accept(frame, events):
+        for i, frame in enumerate(frames):
+            accepted = self._accept(frame, events)
+            if accepted is _HOLD:
+                self._held = (frames[i:], error)
+                return events
+            if not accepted:
                 return events
         if error is not None:
             self.close(error.code, error.message)
         return events
 
-    def _accept(self, frame, events: list) -> bool:
-        """Validate one frame against the state; False once the session ended."""
+    def _decode(self, data) -> tuple[list, ProtocolError | None]:
+        """Frames of ``data`` and the error that ended them (or None).  Before
+        HELLO, bytes go in one at a time until the first frame is complete,
+        so the frames after it are judged by the full frame limit."""
+        frames: list = []
+        try:
+            if self.state == AWAIT_HELLO and self._decoder._limit != self._frame_limit:
+                data = bytes(data)
+                for i in range(len(data)):
+                    frames += self._decoder.feed(data[i:i + 1])
+                    if frames:
+                        if frames[0].type == FrameType.HELLO:
+                            self._decoder._limit = self._frame_limit
+                        frames += self._decoder.feed(data[i + 1:])
+                        break
+            else:
+                frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            return frames + exc.frames, exc
+        return frames, None
+
+    def _accept(self, frame, events: list):
+        """Validate one frame against the state; False once the session
+        ended, _HOLD when the frame must wait for the queued PONG."""
         ftype = frame.type
         state = self.state
         if state == AWAIT_HELLO:
@@ -134,8 +182,11 @@ class ServerSession:
         if _is_extension(ftype):
             return True
         if ftype == FrameType.PING:
+            if self._pong_pending:
+                return _HOLD
             self._control.append(self.encoder.encode(
                 _codec_py.Frame(FrameType.PONG, payload=frame.payload)))
+            self._pong_pending = True
             return True
         if ftype == FrameType.CLOSE:
             self.state = CLOSED
@@ -237,6 +288,8 @@ class ServerSession:
     def control(self, frame: bytes) -> None:
         """Queue an encoded control frame; control frames go before any lane.
         Ignored after CLOSE (CLOSE is always the last frame)."""
+        if not isinstance(frame, bytes):
+            raise TypeError("control: frame must be bytes")
         if self.state != CLOSED:
             self._control.append(frame)
 
@@ -264,6 +317,7 @@ class ServerSession:
             return
         self.state = CLOSED
         self.close_code = code
+        self._held = None
         self._drop_lanes()
         self._control.append(self.encoder.encode(_codec_py.Frame(
             FrameType.CLOSE, code=code, payload=reason.encode())))
@@ -273,13 +327,37 @@ class ServerSession:
             self._lanes.clear()
 
     def data_to_send(self, max_bytes: int, now: float) -> bytes:
-        """Everything in the control queue, then up to ``max_bytes`` of lanes."""
-        out = b"".join(self._control)
-        self._control.clear()
+        """The control queue, then the lanes: up to ``max_bytes`` in all, but
+        at least one whole frame (control frames are never split; the
+        control frames left wait for the next call, ahead of any lane)."""
+        control = self._control
+        taken = 0
+        size = 0
+        for frame in control:
+            if taken and size + len(frame) > max_bytes:
+                break
+            size += len(frame)
+            taken += 1
+        out = b"".join(control[:taken])
+        del control[:taken]
+        if control:
+            return out
+        self._pong_pending = False      # every PONG queued went with it
         lanes = self._lanes
         if lanes is not None and len(out) < max_bytes:
             out += lanes.drain(max_bytes - len(out), now)
         return out
+
+    @property
+    def control_bytes(self) -> int:
+        """Bytes waiting in the control queue (answers to the terminal's own
+        requests, receipts, announcements)."""
+        return sum(len(c) for c in self._control)
+
+    @property
+    def input_held(self) -> bool:
+        """True while received input waits for the queued PONG to go out."""
+        return self._held is not None
 
     @property
     def pending(self) -> bool:
@@ -288,7 +366,7 @@ class ServerSession:
     @property
     def queued_bytes(self) -> int:
         lanes = 0 if self._lanes is None else self._lanes.queued_bytes
-        return lanes + sum(len(c) for c in self._control)
+        return lanes + self.control_bytes
 
     @property
     def inbox_bytes(self) -> int:

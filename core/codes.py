@@ -182,6 +182,8 @@ class Code(enum.IntEnum):
     STORE_UNAVAILABLE = 38
     TOO_MANY_UNACKED = 39
     BAD_REQUEST = 40
+    TOO_MANY_SUBSCRIPTIONS = 41
+    PARTIAL = 42
 
     NORMAL = 48
     TAKEOVER = 49
@@ -191,6 +193,7 @@ class Code(enum.IntEnum):
     KICKED = 53
     INTERNAL_ERROR = 54
     SHUTDOWN = 55
+    CONNECTION_LIMIT = 56
 
 
 class ReceiptStatus(enum.IntEnum):

@@ -48,6 +48,7 @@ MAX_TTL = 366 * 86400.0            # longest ttl a publish may ask for (seconds)
 MAX_REF = 2**63 - 1
 MAX_REASON = 200
 MAX_DEAD_LETTERS = 1000
+MAX_CHANNELS = 1000                # channels in one page of GET /v1/channels
 MAX_KEY = 128
 _LANE_NAMES = {"P0": 0, "P1": 1, "P2": 2, "P3": 3}
 _STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
@@ -107,8 +108,10 @@ def _error_doc(message: str, field: str = "", code: str = "") -> dict:
 # -- request helpers -----------------------------------------------------------------------
 
 
-async def _body(request: web.Request, *, required: bool, allowed: tuple[str, ...]) -> dict:
-    """The JSON object of the request (``{}`` when optional and absent)."""
+async def _body(request: web.Request, *, required: bool, allowed: tuple[str, ...],
+                max_depth: int = 0) -> dict:
+    """The JSON object of the request (``{}`` when optional and absent);
+    ``max_depth``: how deep its fields may nest (0: not checked)."""
     limit = request.app[_MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body: larger than {limit} bytes (server.max_frame_size)",
@@ -126,6 +129,9 @@ async def _body(request: web.Request, *, required: bool, allowed: tuple[str, ...
         if required:
             raise ApiError(400, "request body: a JSON object is required", "body")
         return {}
+    if max_depth and kinds.nested_deeper(raw, max_depth + 1):    # (+1: the request object)
+        raise ApiError(400, f"body: nested more than {max_depth} levels deep "
+                            "(limits.max_body_depth)", "body", Code.BAD_MESSAGE.name)
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -258,7 +264,8 @@ class Handlers:
     async def publish(self, request: web.Request) -> web.Response:
         node = self.node
         doc = await _body(request, required=True,
-                          allowed=("to", "kind", "body", "lane", "ttl", "key", "ref", "receipt"))
+                          allowed=("to", "kind", "body", "lane", "ttl", "key", "ref", "receipt"),
+                          max_depth=self.cfg.limits.max_body_depth)
         to = doc.get("to")
         if not isinstance(to, str) or not to:
             raise ApiError(400, "to: required, an address like terminal:acme/till7", "to")
@@ -306,7 +313,8 @@ class Handlers:
                                 "chat services; it cannot be published here", "kind")
         payload = orjson.dumps(body)
         try:
-            checked = kinds.check(kind, lane, payload, key)
+            checked = kinds.check(kind, lane, payload, key,
+                                  max_depth=self.cfg.limits.max_body_depth)
         except kinds.MessageError as exc:
             field = exc.field or "body"
             raise ApiError(400, str(exc), field, exc.code.name) from None
@@ -471,24 +479,33 @@ class Handlers:
                       "count": len(terminals), "terminals": terminals})
 
     async def channels(self, request: web.Request) -> web.Response:
-        node = self.node
+        """A tenant's channel streams, a page at a time in (name, lane) order:
+        ``limit`` (1-1000, default 100) and ``after`` (the ``next`` of the
+        page before)."""
+        hub = self.node.hub
         tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
         _allow(request, tenant)
         call = _call(request)
         call.tenant, call.target = tenant, f"tenant:{tenant}"
-        out = []
-        # The hub has no public iteration over streams; read its index.
-        for stream in list(node.hub._streams.values()):
-            try:
-                if parse_address(stream.name).tenant != tenant:
-                    continue
-            except AddressError:
-                continue
-            out.append({"name": stream.name, "lane": f"P{stream.lane}", "offset": stream.offset,
-                        "epoch": stream.epoch, "history": len(stream.history),
-                        "lvc": len(stream.lvc), "explicit": len(stream.explicit)})
-        out.sort(key=lambda c: (c["name"], c["lane"]))
-        return _json({"tenant": tenant, "channels": out})
+        limit = _int_param(request, "limit", 100, 1, MAX_CHANNELS)
+        after = request.query.get("after")
+        cursor = None
+        if after is not None:
+            name, sep, lane = after.rpartition("#")
+            if not sep or lane not in ("P2", "P3") or not name or len(name) > 256:
+                raise ApiError(400, f"after: {after[:300]!r} is not a cursor (the next of a "
+                                    "page, like store:acme/s1#P2)", "after")
+            cursor = (name, int(lane[1]))
+        streams = hub.page(tenant, cursor, limit + 1)
+        more = len(streams) > limit
+        streams = streams[:limit]
+        out = [{"name": s.name, "lane": f"P{s.lane}", "offset": s.offset, "epoch": s.epoch,
+                "history": len(s.history), "lvc": len(s.lvc), "explicit": len(s.explicit)}
+               for s in streams]
+        doc = {"tenant": tenant, "channels": out, "total": hub.tenant_stream_count(tenant)}
+        if more:
+            doc["next"] = f"{streams[-1].name}#P{streams[-1].lane}"
+        return _json(doc)
 
     async def message(self, request: web.Request) -> web.Response:
         raw = request.match_info["id"]
@@ -497,10 +514,11 @@ class Handlers:
         if not _DIGITS.match(raw) or int(raw) > MAX_REF:
             raise ApiError(400, f"id: {raw!r} is not a message id (a positive integer)", "id")
         trace = await self.node.store.trace(int(raw))
-        if trace is None:
+        # Another tenant's message is answered exactly like a missing one: a
+        # token must not learn which ids exist.
+        if trace is None or not call.token.allows(trace.tenant):
             raise ApiError(404, f"id: no message {raw}", "id")
         call.tenant = trace.tenant
-        _allow(request, trace.tenant)
         return _json(trace.to_dict())
 
     async def dead_letters(self, request: web.Request) -> web.Response:
@@ -662,12 +680,17 @@ def _middleware(cfg, audit):
                 token, why = _authenticate(request, tokens)
                 if token is None:
                     status = 401
+                    # Repeats from one address are summed (audit.write_repeated):
+                    # a flood of bad tokens cannot rotate the trail away.
+                    first = True
                     if audit is not None:
-                        audit.write("admin.unauthorized", "", peer=request.remote or "",
-                                    detail={"method": request.method, "path": request.path,
-                                            "reason": why})
-                    log.warning("admin: unauthorized method=%s path=%s from=%s reason=%s",
-                                request.method, request.path, request.remote, why)
+                        first = audit.write_repeated(
+                            "admin.unauthorized", request.remote or "", why,
+                            detail={"method": request.method, "path": request.path,
+                                    "reason": why})
+                    if first:
+                        log.warning("admin: unauthorized method=%s path=%s from=%s reason=%s",
+                                    request.method, request.path, request.remote, why)
                     return _json(_error_doc(why, "Authorization"), 401,
                                  headers={"WWW-Authenticate": 'Bearer realm="tillwire"'})
                 call.token = token

@@ -24,15 +24,28 @@ callers pass only identities, addresses, kinds, ids and reasons, and
 
 The file is rotated by size: when a line would take it past ``max_bytes``
 it becomes ``<path>.1`` (``.1`` becomes ``.2`` ... up to ``backups``; the
-oldest is removed).  Writes are synchronous and unbuffered past the line
-(one ``write`` per event, on the event loop): audit events are rare next to
-message traffic, and a line must not be lost when the process is killed.
+oldest is removed).
+
+Lines are written off the event loop: ``write`` formats the line and hands
+it to a writer thread (one ``write`` per line, unbuffered, so a line the
+thread wrote survives the process being killed), so a slow disk never
+stalls terminals.  :meth:`AuditLog.flush` waits until everything handed
+over is written; :meth:`AuditLog.close` does too.
+
+Floods are summarised, not written line by line: repeated failures from one
+source address (``auth.fail``, ``admin.unauthorized``) are written once per
+``AGGREGATE_WINDOW`` seconds, and when the window ends one line with
+``detail.aggregated`` (how many more), ``detail.seconds`` and the reasons'
+counts says what else came (``"412 auth failures from 127.0.0.9 in the
+last 10 s"``).  A flood of bad logins therefore writes about two lines per
+source per window and cannot rotate the trail away.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -48,32 +61,66 @@ EVENTS = frozenset({
 # Detail keys that could carry a secret or a message payload: never written.
 _FORBIDDEN_KEYS = frozenset({"token", "authorization", "body", "payload", "secret", "password"})
 
+AGGREGATE_WINDOW = 10.0        # seconds a source's repeated failures are summed over
+MAX_AGGREGATES = 65536         # sources summed at once (beyond: summed as one "*")
+QUEUE_LINES = 100_000          # lines waiting for the writer thread (beyond: dropped, counted)
+_STOP = object()
+
 
 class AuditLog:
-    """Append-only JSON lines with size-based rotation."""
+    """Append-only JSON lines with size-based rotation, written by a thread."""
 
     def __init__(self, path: str, max_bytes: int = 10 * 2**20, backups: int = 5) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self._lock = threading.Lock()   # the log is written from the loop; the lock is for tools
         self._file = None
         self._size = 0
+        self._queue: queue.Queue = queue.Queue(QUEUE_LINES)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()       # open/close against the writer thread
+        # (event, source) -> [first ts, extra count, {reason: count}, who, tenant, terminal]
+        self._aggregates: dict[tuple[str, str], list] = {}
         self.lines = 0                  # lines written by this process
         self.failures = 0               # lines that could not be written (disk errors)
+        self.dropped = 0                # lines dropped because the writer fell behind
+        self.aggregated = 0             # lines summed into summaries instead of written
 
     def open(self) -> "AuditLog":
+        with self._lock:
+            self._open_file()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tillwire-audit",
+                                                 daemon=True)
+                self._thread.start()
+        return self
+
+    def _open_file(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         self._file = open(self.path, "ab", buffering=0)
         self._size = self._file.tell()
-        return self
 
     def close(self) -> None:
+        """Write the summaries still open and every line handed over, then close."""
+        self.flush_aggregates(force=True)
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every line handed over so far is written (tests, tools)."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
 
     def write(self, event: str, who: str, *, tenant: str = "", terminal: str = "",
               peer: str = "", detail: dict | None = None) -> None:
@@ -86,18 +133,94 @@ class AuditLog:
             "ts": round(time.time(), 6), "event": event, "who": who, "tenant": tenant,
             "terminal": terminal, "from": peer, "detail": detail or None,
         }, option=orjson.OPT_APPEND_NEWLINE)
-        with self._lock:
-            try:
-                if self._file is None:
-                    self.open()
-                if self._size and self._size + len(line) > self.max_bytes:
-                    self._rotate()
-                self._file.write(line)
-                self._size += len(line)
-                self.lines += 1
-            except OSError as exc:
-                self.failures += 1
-                log.error("audit log write failed path=%s error=%s", self.path, exc)
+        if self._thread is None:
+            self._write_line(line)          # (not opened: write in place, e.g. a tool)
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or not self.dropped % 10000:
+                log.error("audit log writer behind: %d lines dropped path=%s", self.dropped,
+                          self.path)
+
+    def write_repeated(self, event: str, source: str, reason: str, who: str = "", *,
+                       tenant: str = "", terminal: str = "", detail: dict | None = None) -> bool:
+        """Write a failure that may repeat from ``source`` (an IP address):
+        the first of a window is written as is, the rest are counted into
+        the window's summary.  Returns True when this one was written."""
+        key = (event, source)
+        agg = self._aggregates.get(key)
+        now = time.time()
+        if agg is not None and now - agg[0] > AGGREGATE_WINDOW:
+            self._summarise(key, agg)
+            agg = None
+        if agg is None:
+            if len(self._aggregates) >= MAX_AGGREGATES:
+                self.flush_aggregates()
+                if len(self._aggregates) >= MAX_AGGREGATES:
+                    key = (event, "*")          # every other source, summed as one
+                    agg = self._aggregates.get(key)
+            if agg is None:
+                self._aggregates[key] = [now, 0, {}, who, tenant, terminal]
+                self.write(event, who, tenant=tenant, terminal=terminal, peer=source,
+                           detail=detail)
+                return True
+        agg[1] += 1
+        agg[2][reason] = agg[2].get(reason, 0) + 1
+        self.aggregated += 1
+        return False
+
+    def flush_aggregates(self, force: bool = False) -> int:
+        """Write the summaries of the windows that ended (all with ``force``);
+        returns how many lines were written.  The node calls it every few
+        seconds, so a summary is never more than a window late."""
+        now = time.time()
+        written = 0
+        for key, agg in list(self._aggregates.items()):
+            if force or now - agg[0] > AGGREGATE_WINDOW:
+                written += self._summarise(key, agg)
+        return written
+
+    def _summarise(self, key: tuple[str, str], agg: list) -> int:
+        self._aggregates.pop(key, None)
+        event, source = key
+        first, count, reasons, who, tenant, terminal = agg
+        if not count:
+            return 0
+        seconds = round(time.time() - first, 3)
+        self.write(event, who, tenant=tenant, terminal=terminal, peer=source,
+                   detail={"aggregated": count, "seconds": seconds, "reasons": reasons})
+        log.warning("%d more %s from %s in the last %.0f s (summarised in the audit log)",
+                    count, event, source or "unknown", seconds)
+        return 1
+
+    # -- the writer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            with self._lock:
+                self._write_line(item)
+
+    def _write_line(self, line: bytes) -> None:
+        try:
+            if self._file is None:
+                self._open_file()
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._size += len(line)
+            self.lines += 1
+        except OSError as exc:
+            self.failures += 1
+            log.error("audit log write failed path=%s error=%s", self.path, exc)
 
     def _rotate(self) -> None:
         self._file.close()
@@ -110,7 +233,7 @@ class AuditLog:
                 if os.path.exists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
-        self.open()
+        self._open_file()
         log.debug("audit log rotated path=%s backups=%d", self.path, self.backups)
 
 

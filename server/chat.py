@@ -274,19 +274,24 @@ class Chat:
             await self._answer_history(conn, ref, key, offset, count)
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never hang
             log.error("history of %s could not be read: %s", key, exc)
-            self.node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+            self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,
                                     "HISTORY: the conversation could not be read; retry")
 
     async def _answer_history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
+        """Answer a conversation's HISTORY: a page of at most ``limits.history_page``
+        messages (HISTORY_END ``PARTIAL`` when the window goes on: the terminal
+        asks again from its offset)."""
         node = self.node
         count = min(count or MAX_HISTORY, MAX_HISTORY)
+        page = min(count, node.cfg.limits.history_page)
         prefix = key + "/"
         if offset:
-            # offset > 0: messages after that time (unix ms), oldest first.
+            # offset > 0: messages after that time (unix ms), oldest first; one
+            # more than the page tells whether the window goes on.
             rows: list = []
             async for row in kv_records(node.store, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
                 rows.append(row)
-                if len(rows) >= count:
+                if len(rows) > page:
                     break
         else:
             # No offset: the newest ``count`` (<= MAX_HISTORY) in one bounded
@@ -296,18 +301,22 @@ class Chat:
             rows.reverse()
         if conn.state != OPEN:
             return
-        encode = node.encoder.encode
+        more = len(rows) > page
+        rows = rows[:page]
+        items = []
         last = 0
         for k, value in rows:
-            rec = orjson.loads(value)
             last = int(k[len(prefix):].split("-", 1)[0])
-            conn.control(encode(Frame(
-                FrameType.HISTORY_ITEM, Lane.P1, orjson.dumps(rec["body"]), ref=ref,
-                offset=last, msg_id=rec["id"], kind=rec["kind"])))
-        conn.control(encode(Frame(
-            FrameType.HISTORY_END, ref=ref, offset=last or offset, count=len(rows),
-            code=Code.OK)))
-        node.mark_dirty(conn)
+            items.append((last, value))
+        encode = node.encoder.encode
+
+        def item(entry) -> bytes:
+            at, value = entry
+            rec = orjson.loads(value)
+            return encode(Frame(FrameType.HISTORY_ITEM, Lane.P1, orjson.dumps(rec["body"]),
+                                ref=ref, offset=at, msg_id=rec["id"], kind=rec["kind"]))
+
+        node.answer(conn, ref, items, item, last or offset, Code.PARTIAL if more else Code.OK)
 
     # -- personal data and retention ---------------------------------------------------
 

@@ -67,6 +67,7 @@ __all__ = [
     "HeartbeatConfig",
     "HistoryConfig",
     "LanesConfig",
+    "LimitsConfig",
     "LogConfig",
     "NON_CONFIG_ENV",
     "OffersConfig",
@@ -84,6 +85,7 @@ __all__ = [
     "parse_clock",
     "parse_duration",
     "parse_size",
+    "role_value",
     "zone_ok",
 ]
 
@@ -422,6 +424,76 @@ class _Clock(_Kind):
         return value
 
 
+ROLE_NAMES = ("pos", "kiosk", "staff", "manager", "service", "customer", "backend")
+"""The token roles (server/auth.py ROLES; a test keeps the two equal)."""
+
+
+class _RoleMap(_Kind):
+    """Integers by token role, ``"*"`` for every role not named: a TOML table
+    ``{backend = 16384, "*" = 256}``, in the environment ``backend=16384,*=256``.
+    A value names overrides the default's entry of the same role; the rest of
+    the default stays."""
+
+    def __init__(self, default: dict[str, int], lo: int = 0, hi: int = 10**9) -> None:
+        self.default, self.lo, self.hi = dict(default), lo, hi
+        self.expect = (f'a table of integers {lo}-{hi} by role (pos, kiosk, staff, manager, '
+                       'service, customer, backend, "*" for the rest), e.g. '
+                       '{backend = 16384, "*" = 256} (in the environment backend=16384,*=256)')
+
+    def from_value(self, value: Any) -> tuple[tuple[str, int], ...]:
+        if not isinstance(value, Mapping):
+            raise ValueError("not a table")
+        merged = dict(self.default)
+        for role, number in value.items():
+            if role != "*" and role not in ROLE_NAMES:
+                raise ValueError("unknown role")
+            if isinstance(number, bool) or not isinstance(number, int) \
+                    or not self.lo <= number <= self.hi:
+                raise ValueError("bad number")
+            merged[role] = number
+        return tuple(sorted(merged.items()))
+
+    def from_text(self, text: str) -> tuple[tuple[str, int], ...]:
+        table = {}
+        for part in text.split(","):
+            role, sep, number = part.strip().partition("=")
+            if not sep or re.fullmatch(r"\d+", number.strip()) is None:
+                raise ValueError("bad entry")
+            table[role.strip()] = int(number)
+        return self.from_value(table)
+
+    def plain(self, value) -> dict[str, int]:
+        return dict(value)
+
+
+def role_value(table, roles) -> int:
+    """The most generous value a token with ``roles`` gets from a role table
+    (0 = no limit beats any number): each role's entry, or ``"*"``'s."""
+    entries = dict(table)
+    other = entries.get("*", 0)
+    values = [entries.get(r, other) for r in roles] or [other]
+    return 0 if 0 in values else max(values)
+
+
+class _Roles(_Kind):
+    """A list of token roles (in the environment comma separated)."""
+
+    expect = ("a list of roles (pos, kiosk, staff, manager, service, customer, backend), "
+              'e.g. ["customer", "backend"]')
+
+    def from_value(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(r, str) and r in ROLE_NAMES for r in value):
+            raise ValueError("bad roles")
+        return tuple(dict.fromkeys(value))
+
+    def from_text(self, text: str) -> tuple[str, ...]:
+        return self.from_value([r.strip() for r in text.split(",") if r.strip()])
+
+    def plain(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+
 class _StoreTables(_Tables):
     """``directory.stores``: checked item by item in :func:`_store_entries`."""
 
@@ -521,7 +593,9 @@ class ServerConfig:
         "behind a promotion flood's writes to every terminal; 0 = no limit).")
     max_connections: int = _key(
         0, _Int(0),
-        "Most concurrent terminal connections (0 = unlimited).")
+        "Most concurrent terminal connections; more are refused at once with CLOSE "
+        "CONNECTION_LIMIT (0 = the process's open-file limit less 256 for the store, logs and "
+        "admin connections).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,9 +669,6 @@ class DeliveryConfig:
     dedup_window: float = _key(
         86400.0, _POSITIVE,
         "How long a SEND ref is remembered for idempotency.")
-    max_unacked_sends: int = _key(
-        1024, _Int(1),
-        "Most SENDs a terminal may have awaiting SENDACK (TOO_MANY_UNACKED above).")
     ack_batch_ms: float = _key(
         2.0, _Number(0.0),
         "Milliseconds the server gathers terminals' ACKs (and delivery traces) before writing them "
@@ -609,6 +680,79 @@ class DeliveryConfig:
         30.0, _POSITIVE,
         "A terminal whose P0/P1 backlog cannot be written for this long is closed with "
         "SLOW_CONSUMER (its messages stay in the store).")
+
+
+_UNACKED = {"*": 256, "backend": 16384}
+_SEND_RATE = {"*": 50, "customer": 5, "backend": 0}
+_SEND_BURST = {"*": 100, "customer": 20, "backend": 0}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: what one connection, source address or tenant may cost the server."""
+
+    handshake_frame: int = _key(
+        8192, _Size(MIN_FRAME_SIZE_LIMIT, MAX_FRAME_SIZE_LIMIT),
+        "Largest frame a connection may send before its HELLO (bytes): all a stranger can make "
+        "the server buffer; longer is CLOSE FRAME_TOO_LARGE.")
+    max_send_body: int = _key(
+        65536, _Size(64, MAX_FRAME_SIZE_LIMIT),
+        "Largest SEND body a terminal may send (bytes, after decompression); larger is "
+        "BAD_MESSAGE. Admin publishes are limited by server.max_frame_size.")
+    max_body_depth: int = _key(
+        32, _Int(1, 128),
+        "Deepest nesting of a message body's JSON (terminal SENDs and admin publishes); deeper "
+        "is BAD_MESSAGE (HTTP 400).")
+    unacked_sends: tuple = _key(
+        tuple(sorted(_UNACKED.items())), _RoleMap(_UNACKED),
+        "P0/P1 SENDs a connection may have awaiting their SENDACK, by role (a token's most "
+        "generous role counts; 0 = no limit); one more is refused with ERROR TOO_MANY_UNACKED "
+        "and a retry hint.")
+    send_rate: tuple = _key(
+        tuple(sorted(_SEND_RATE.items())), _RoleMap(_SEND_RATE),
+        "SENDs per second per lane of one connection, by role (0 = no limit): over it the "
+        "server stops reading the connection until the lane's token bucket refills.")
+    send_burst: tuple = _key(
+        tuple(sorted(_SEND_BURST.items())), _RoleMap(_SEND_BURST),
+        "Size of each lane's token bucket of send_rate, by role (0 = the rate's one second).")
+    send_wait_max: float = _key(
+        5.0, _POSITIVE,
+        "Longest a SEND may wait behind its connection's rate; one that would wait longer is "
+        "refused with ERROR RATE_LIMITED and a retry hint.")
+    request_rate: int = _key(
+        20, _Int(0),
+        "SUBSCRIBE, UNSUBSCRIBE and HISTORY requests per second of one connection (0 = no "
+        "limit): over it the server stops reading the connection until its bucket refills.")
+    request_burst: int = _key(
+        100, _Int(1),
+        "Size of the request_rate token bucket.")
+    max_subscriptions: int = _key(
+        64, _Int(0),
+        "Channels one connection may SUBSCRIBE to (besides those its token implies); one more "
+        "is refused with ERROR TOO_MANY_SUBSCRIPTIONS.")
+    topic_roles: tuple = _key(
+        ("pos", "kiosk", "staff", "manager", "service", "backend"), _Roles(),
+        "Roles that may SUBSCRIBE to topic: channels.")
+    segment_roles: tuple = _key(
+        ("customer", "backend"), _Roles(),
+        "Roles that may SUBSCRIBE to segment: channels (member segments' offers).")
+    history_page: int = _key(
+        256, _Int(1, 100000),
+        "Most items one HISTORY answer carries; a longer history is paged (HISTORY_END code "
+        "PARTIAL: ask again from its offset).")
+    max_connections_per_source: int = _key(
+        0, _Int(0),
+        "Most concurrent connections from one IP address (0 = no cap: stores sit behind NAT "
+        "and phones behind carrier NAT); more are refused with CLOSE CONNECTION_LIMIT.")
+    max_connections_per_tenant: int = _key(
+        0, _Int(0),
+        "Most concurrent sessions of one tenant (0 = no cap); more are refused after HELLO "
+        "with CLOSE CONNECTION_LIMIT.")
+    auth_fail_delay_max: float = _key(
+        5.0, _Duration(0.0, strict=False),
+        "Longest delay before CLOSE AUTH_FAILED for a source address that keeps failing: the "
+        "delay doubles from 50 ms after its third failure within a minute (0 = no delay). A "
+        "valid token is never delayed.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -820,6 +964,7 @@ _SECTIONS: dict[str, type] = {
     "heartbeat": HeartbeatConfig,
     "lanes": LanesConfig,
     "delivery": DeliveryConfig,
+    "limits": LimitsConfig,
     "history": HistoryConfig,
     "store": StoreConfig,
     "admin": AdminConfig,
@@ -842,6 +987,7 @@ class Config:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     lanes: LanesConfig = field(default_factory=LanesConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)

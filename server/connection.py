@@ -69,25 +69,32 @@ class InboxState:
         self.sample_at[0] = self.sample_at[1] = 0.0
 
 
+# Why a connection's reading is paused (``extra["holds"]``, a bitmask): it
+# reads again once every reason is gone.
+HOLD_BACKLOG = 1     # frames of an earlier read wait their turn (read budget, SEND rate)
+HOLD_PONG = 2        # the session holds input until its queued PONG went out
+HOLD_BUDGET = 4      # its control frames are over their budget (see Node.check_budget)
+HOLD_AUTH = 8        # a refused login's answer is being held back (auth throttling)
+
+
 class TerminalConnection(ServerSession):
     """The server side of one terminal's TCP (or TLS) connection."""
 
-    __slots__ = ("transport", "claims", "address", "paused", "timer", "inbox", "extra")
+    __slots__ = ("transport", "claims", "address", "paused", "timer", "inbox", "extra", "node")
 
-    node = None   # the process's Node; set once by the node (class attribute, no per-object cost)
-
-    def __init__(self) -> None:
-        node = self.node
+    def __init__(self, node) -> None:
         super().__init__(node.encoder, max_frame_size=node.max_frame_size,
                          max_queued_bytes=node.max_queued_bytes,
-                         lane_weights=node.lane_weights, now=node.loop.time())
+                         lane_weights=node.lane_weights, now=node.loop.time(),
+                         handshake_frame_size=node.handshake_frame)
+        self.node = node
         self.transport = None
         self.claims = None
         self.address = ""
         self.paused = False
         self.timer = None
         self.inbox = None       # InboxState while the terminal has P0/P1 in flight or waiting
-        self.extra = None       # rarely used state (explicit subscriptions, jobs), a dict
+        self.extra = None       # rarely used state (explicit subscriptions, jobs, holds), a dict
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -102,18 +109,23 @@ class TerminalConnection(ServerSession):
         counters = node.counters
         counters.frames_in += len(frames)
         counters.bytes_in += len(data)
+        self._take(frames)
+
+    def _take(self, frames: list) -> None:
+        """Handle frames just received (or released from a hold)."""
+        node = self.node
         if self.has_backlog:
             # Reading is paused, but a transport may still hand over what it
             # had (TLS: records already decrypted): it goes after the backlog.
             rest, start = self.extra["backlog"]
             self.extra["backlog"] = (rest[start:] + frames, 0)
-            return
-        if len(frames) <= _SMALL_READ:
-            for frame in frames:
-                node.on_frame(self, frame)
         else:
             self._handle(frames, 0)
-        node.commit_now()
+            node.commit_now()
+        if self.input_held:
+            node.counters.ping_holds += 1
+            self.hold(HOLD_PONG)
+        node.check_budget(self)
         if self.pending:
             node.mark_dirty(self)
 
@@ -133,29 +145,52 @@ class TerminalConnection(ServerSession):
         frame, and every other connection with it.  Past the budget the rest
         waits in ``extra["backlog"]`` with reading paused (so frames stay in
         order and the kernel applies backpressure), and goes on at the next
-        iteration, after the commit of what was handled."""
+        iteration, after the commit of what was handled.  A frame the node
+        cannot take yet (a SEND over its connection's rate: ``on_frame``
+        returns the seconds to wait) waits there the same way, with the
+        frames behind it, for that long."""
         node = self.node
         on_frame = node.on_frame
-        deadline = time.perf_counter() + node.read_budget
         n = len(frames)
         i = start
+        if n - start <= _SMALL_READ:
+            while i < n:
+                wait = on_frame(self, frames[i])
+                if wait is not None:
+                    self._defer(frames, i, wait)
+                    return
+                i += 1
+            return
+        deadline = time.perf_counter() + node.read_budget
         while i < n:
-            on_frame(self, frames[i])
-            i += 1
-            if i < n and time.perf_counter() > deadline and self.transport is not None:
-                extra = self.extra if self.extra is not None else {}
-                self.extra = extra
-                extra["backlog"] = (frames, i)
-                node.counters.read_yields += 1
-                self.transport.pause_reading()
-                node.loop.call_soon(self._on_backlog)
+            wait = on_frame(self, frames[i])
+            if wait is not None:
+                self._defer(frames, i, wait)
                 return
+            i += 1
+            if i < n and time.perf_counter() > deadline:
+                node.counters.read_yields += 1
+                self._defer(frames, i, 0.0)
+                return
+
+    def _defer(self, frames: list, start: int, delay: float) -> None:
+        """Keep ``frames[start:]`` for later (``delay`` s; 0: the next iteration)."""
+        if self.transport is None:
+            return            # the connection is gone: so is what it sent
+        extra = self.extra if self.extra is not None else {}
+        self.extra = extra
+        extra["backlog"] = (frames, start)
+        loop = self.node.loop
+        extra.setdefault("since", loop.time())      # when these frames were read
+        self.hold(HOLD_BACKLOG)
+        if delay > 0.0:
+            loop.call_later(delay, self._on_backlog)
+        else:
+            loop.call_soon(self._on_backlog)
 
     def _on_backlog(self) -> None:
         extra = self.extra
         backlog = extra.pop("backlog", None) if extra is not None else None
-        if extra is not None and not extra:
-            self.extra = None
         if backlog is None:
             return
         frames, start = backlog
@@ -165,9 +200,55 @@ class TerminalConnection(ServerSession):
         self._handle(frames, start)
         self.node.commit_now()
         if not self.has_backlog:
-            transport.resume_reading()
+            self.extra.pop("since", None)
+            self.release(HOLD_BACKLOG)
+        self.node.check_budget(self)
         if self.pending or self.state == CLOSED:
             self.node.mark_dirty(self)      # (a CLOSED one: the flush closes it now)
+
+    def resume_input(self) -> None:
+        """The PONG that held input went out: go on with what waited."""
+        node = self.node
+        frames = self.receive_data(b"", node.loop.time())
+        if not self.input_held:
+            self.release(HOLD_PONG)
+        node.counters.frames_in += len(frames)
+        self._take(frames)
+
+    # -- reading holds -------------------------------------------------------------
+
+    def hold(self, reason: int) -> None:
+        """Stop reading for ``reason`` (one of HOLD_*) until :meth:`release`."""
+        extra = self.extra if self.extra is not None else {}
+        self.extra = extra
+        holds = extra.get("holds", 0)
+        if not holds:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+        extra["holds"] = holds | reason
+
+    def release(self, reason: int) -> None:
+        """``reason`` no longer holds reading; read again if nothing else does."""
+        extra = self.extra
+        if extra is None or not extra.get("holds", 0) & reason:
+            return
+        holds = extra["holds"] & ~reason
+        if holds:
+            extra["holds"] = holds
+            return
+        del extra["holds"]
+        if not extra:
+            self.extra = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    @property
+    def holds(self) -> int:
+        """The HOLD_* reasons reading is paused for (0: reading)."""
+        extra = self.extra
+        return 0 if extra is None else extra.get("holds", 0)
 
     def eof_received(self):
         return False     # close the transport

@@ -11,11 +11,22 @@ state to about five dictionary entries.
 
 A channel carries two streams, P2 and P3 (PROTOCOL.md 12), each a
 ``Stream`` with a process-wide id, an epoch, offsets, a bounded history and,
-for P2, a last-value cache.  Everything here runs on the event loop.
+for P2, a last-value cache (kept in offset order: an update moves its key to
+the end, so the snapshot is the cache's order).  Everything here runs on the
+event loop.
+
+Streams exist because something was published to them (or the store kept
+them).  A SUBSCRIBE to a channel nobody published to yet does not make one:
+its subscribers wait on a *pending* stream (an id and an epoch, no history,
+not listed), which the first publish turns into the stream.  A stream with
+no subscriber and nothing retained (history or last values) is freed; if
+it comes back it has a new epoch, so no terminal mistakes its new offsets
+for old ones.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import random
 import time
@@ -47,7 +58,7 @@ class Stream:
     """One lane of one channel: id, epoch, offsets, history, last values."""
 
     __slots__ = ("name", "lane", "id", "epoch", "offset", "history", "lvc", "explicit",
-                 "_explicit_list", "__weakref__")
+                 "_explicit_list", "snapshot", "__weakref__")
 
     def __init__(self, name: str, lane: int, stream_id: int, epoch: int) -> None:
         self.name = name
@@ -59,6 +70,7 @@ class Stream:
         self.lvc: dict[str, Entry] = {}
         self.explicit: dict = {}            # sessions subscribed explicitly
         self._explicit_list: list | None = None
+        self.snapshot = None                # (offset, [last values]) for HISTORY, while current
 
     def explicit_list(self) -> list:
         lst = self._explicit_list
@@ -114,8 +126,12 @@ class Hub:
         self.kind_ages: dict[str, float] = {}
         self._aged_due: dict[int, float] = {}
         self._streams: dict[tuple[str, int], Stream] = {}
+        self._pending: dict[tuple[str, int], Stream] = {}    # subscribed, never published
         self._by_id: dict[int, Stream] = {}
         self._next_id = 1
+        self._last_epoch = 0
+        # Per tenant, its streams' (name, lane), sorted: the admin API pages them.
+        self._names: dict[str, list[tuple[str, int]]] = {}
 
     # -- sessions -------------------------------------------------------------
 
@@ -203,15 +219,120 @@ class Hub:
 
     # -- streams ---------------------------------------------------------------
 
+    def new_epoch(self) -> int:
+        """An epoch for a stream made now: above every one made before (a
+        freed stream that comes back is a new history, and terminals holding
+        positions in the old one must resync)."""
+        self._last_epoch = max(self._last_epoch + 1, int(time.time()) << 16)
+        return self._last_epoch
+
     def stream(self, name: str, lane: int, create: bool = True) -> Stream | None:
+        """The stream of a channel; with ``create``, made on first use (a
+        pending stream subscribers wait on becomes it)."""
         key = (name, lane)
         s = self._streams.get(key)
         if s is None and create:
-            s = Stream(name, lane, self._next_id, self.epoch)
-            self._next_id += 1
+            s = self._pending.pop(key, None)
+            if s is None:
+                s = Stream(name, lane, self._next_id, self.new_epoch())
+                self._next_id += 1
+                self._by_id[s.id] = s
             self._streams[key] = s
-            self._by_id[s.id] = s
+            self._index(key)
         return s
+
+    def _index(self, key: tuple[str, int]) -> None:
+        try:
+            tenant = parse_address(key[0]).tenant
+        except ValueError:
+            return
+        bisect.insort(self._names.setdefault(tenant, []), key)
+
+    def _unindex(self, key: tuple[str, int]) -> None:
+        try:
+            tenant = parse_address(key[0]).tenant
+        except ValueError:
+            return
+        names = self._names.get(tenant)
+        if names is None:
+            return
+        i = bisect.bisect_left(names, key)
+        if i < len(names) and names[i] == key:
+            del names[i]
+            if not names:
+                del self._names[tenant]
+
+    def subscribe(self, name: str, lane: int, session) -> Stream:
+        """Add an explicit subscriber; the stream, or a pending one if nothing
+        was published to the channel yet."""
+        key = (name, lane)
+        s = self._streams.get(key)
+        if s is None:
+            s = self._pending.get(key)
+            if s is None:
+                s = self._pending[key] = Stream(name, lane, self._next_id, self.new_epoch())
+                self._next_id += 1
+                self._by_id[s.id] = s
+        s.add_explicit(session)
+        return s
+
+    def unsubscribe(self, stream: Stream, session, now: float) -> None:
+        """Remove an explicit subscriber; a stream left with nobody and
+        nothing retained (at loop time ``now``) is freed."""
+        stream.remove_explicit(session)
+        if stream.explicit:
+            return
+        key = (stream.name, stream.lane)
+        if self._pending.get(key) is stream:
+            del self._pending[key]
+            self._by_id.pop(stream.id, None)
+        else:
+            self.free_if_idle(stream, now)
+
+    def free_if_idle(self, stream: Stream, now: float) -> bool:
+        """Free a stream nobody subscribes to (explicitly or by their token)
+        that retains nothing (after trimming its history at ``now``)."""
+        if stream.explicit:
+            return False
+        self.trim(stream, now)
+        if stream.history or stream.lvc:
+            return False
+        try:
+            address = parse_address(stream.name)
+        except ValueError:
+            address = None
+        if address is not None and any(self.groups(address)):
+            return False
+        key = (stream.name, stream.lane)
+        if self._streams.get(key) is not stream:
+            return False
+        del self._streams[key]
+        self._by_id.pop(stream.id, None)
+        self._aged_due.pop(stream.id, None)
+        self._unindex(key)
+        return True
+
+    def stream_keys(self) -> list[tuple[str, int]]:
+        """Every stream's (name, lane), a snapshot (for a sweep in slices)."""
+        return list(self._streams)
+
+    def sweep(self, keys, now: float) -> int:
+        """Free the idle streams among ``keys``; returns how many went."""
+        freed = 0
+        for key in keys:
+            s = self._streams.get(key)
+            if s is not None and self.free_if_idle(s, now):
+                freed += 1
+        return freed
+
+    def page(self, tenant: str, after: tuple[str, int] | None, limit: int) -> list[Stream]:
+        """Up to ``limit`` streams of a tenant in (name, lane) order, after ``after``."""
+        names = self._names.get(tenant, [])
+        i = 0 if after is None else bisect.bisect_right(names, after)
+        return [self._streams[key] for key in names[i:i + limit]]
+
+    def tenant_stream_count(self, tenant: str) -> int:
+        return len(self._names.get(tenant, ()))
 
     def streams_of(self, names: Iterable[str]) -> list[Stream]:
         """Existing streams (both lanes) of these channel names."""
@@ -233,6 +354,7 @@ class Hub:
         """Rebuild a stream from what the store kept (times converted to loop time)."""
         stream = self.stream(state.name, state.lane)
         stream.epoch = state.epoch
+        self._last_epoch = max(self._last_epoch, state.epoch)
         stream.offset = state.offset
 
         def entry(e) -> Entry:
@@ -244,12 +366,16 @@ class Hub:
         for e in stream.history:
             self._note_aged(stream, e)
         by_offset = {e.offset: e for e in stream.history}
-        for e in state.lvc:
+        for e in sorted(state.lvc, key=lambda e: e.offset):     # (the cache's order)
             stream.lvc[e.key] = by_offset.get(e.offset) or entry(e)
         return stream
 
     def stream_count(self) -> int:
         return len(self._streams)
+
+    def pending_count(self) -> int:
+        """Channels subscribed to that nothing was published to yet."""
+        return len(self._pending)
 
     def append(self, stream: Stream, kind: str, key: str, version: int, payload: bytes,
                now: float, deadline: float) -> Entry | None:
@@ -265,7 +391,9 @@ class Hub:
         history = stream.history
         history.append(entry)
         if stream.lane == Lane.P2 and key:
-            stream.lvc[key] = entry
+            lvc = stream.lvc
+            lvc.pop(key, None)              # to the end: the cache stays in offset order
+            lvc[key] = entry
         if self.kind_ages:
             self._note_aged(stream, entry)
         self.trim(stream, now)
@@ -313,8 +441,20 @@ class Hub:
         count = len(stream.history) + len(stream.lvc)
         stream.history.clear()
         stream.lvc.clear()
+        stream.snapshot = None
         self._aged_due.pop(stream.id, None)
         return count
+
+    def history(self, stream: Stream, now: float) -> list[Entry]:
+        """What HISTORY reads, in offset order: a P2 stream's last values (the
+        list is kept until the next append), a P3 stream's unexpired history."""
+        self.trim(stream, now)
+        if stream.lane == Lane.P2:
+            snap = stream.snapshot
+            if snap is None or snap[0] != stream.offset or len(snap[1]) != len(stream.lvc):
+                snap = stream.snapshot = (stream.offset, list(stream.lvc.values()))
+            return snap[1]
+        return [e for e in stream.history if not e.deadline or e.deadline > now]
 
     def replay_frame(self, stream: Stream, entry: Entry) -> bytes:
         if entry.replay is None:
@@ -337,7 +477,7 @@ class Hub:
                      and offset + 1 >= stream.first_offset)
         if not in_window:
             if stream.lane == Lane.P2:
-                return "resync", sorted(stream.lvc.values(), key=lambda e: e.offset)
+                return "resync", list(stream.lvc.values())      # (in offset order)
             return "resync", []
         entries = [e for e in stream.history if e.offset > offset]
         if stream.lane == Lane.P2:

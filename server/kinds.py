@@ -2,19 +2,37 @@
 
 Every message body is a JSON object.  Registered kinds (``core.codes.KINDS``)
 have a schema here; a bad body is refused with ``BAD_MESSAGE`` and a message
-naming the field, before anything is stored or routed.  Any body of any kind
-that looks like it holds a payment card number (13-19 digits passing the
-Luhn check, spaces or dashes allowed between digit groups) is refused with
-``CARD_DATA``: no card data ever enters the system.
+naming the field, before anything is stored or routed.  A body nested deeper
+than the depth limit is refused with ``BAD_MESSAGE`` naming the depth.  Any
+body of any kind that holds something that looks like a payment card number
+is refused with ``CARD_DATA``: no card data ever enters the system.
+
+The card-number rule (PROTOCOL.md section 8.1), applied to the body's JSON
+text: every object key, every string (after unescaping) and the integer
+part of every number as written is scanned; a *run* is a maximal sequence of decimal digits (of
+any script) in which each pair of digits is separated by at most one
+separator (``CARD_SEPARATORS``: spaces and dashes); a run of 13-19 digits
+that passes the Luhn check is a card number.  Strings and integers at the
+paths a registered kind declares as identifiers or barcodes
+(``EXEMPT_PATHS``: an order id, a transaction id, a product's ``sku``...)
+are exempt, because such ids are often long numbers that pass Luhn by
+chance; nothing else is (a key named ``sku`` elsewhere is scanned).
 
 ``check`` also derives what routing needs: the P2 conflation key (channel +
 SKU for price and stock updates) and the source version ("newest version
 wins", in the queues and in the last-value cache).
+
+This module is the specification in Python (``check_reference``, the
+oracle of the differential tests).  ``core/_kinds.pyx`` does the same work
+natively: the screen, the depth limit and the card scan in one pass over
+the bytes each (so a body at the size limit is checked in well under 2 ms
+whatever its characters), and the schemas of the common bodies.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import orjson
@@ -23,21 +41,12 @@ from ..core.codes import Code, Lane
 
 _KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+\Z")
 MAX_KIND_LEN = 64
+MAX_DEPTH = 32
+"""Default nesting limit of a body (``limits.max_body_depth``)."""
 _DECIMAL = re.compile(r"-?\d{1,12}(\.\d{1,4})?\Z")
 # Identifier characters (order, ticket, offer ids...): an identifier strips
 # to "" (a C loop; a regular expression took 3x longer).
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/-"
-# A run of digits, possibly grouped by single spaces or dashes ("4111 1111
-# 1111 1111"), not touching other digits.
-_DIGIT_RUN = re.compile(r"(?<![\d])\d(?:[ -]?\d)*(?![\d])")
-# Every card-number run is thirteen or more bytes of digits, spaces and
-# dashes, so a body whose raw JSON has no such run, no \u escape and no
-# non-ASCII byte cannot hold one and ``check`` skips walking it (most bodies).
-# The screen maps those bytes to "0" and the rest to "x" and looks for thirteen
-# "0"s: two C loops, about 5x faster than a regular expression's scan.
-_CARD_BYTES = bytes(0x30 if 0x30 <= b <= 0x39 or b in (0x20, 0x2D) else 0x78
-                    for b in range(256))
-_CARD_RUN = b"0" * 13
 
 
 class MessageError(ValueError):
@@ -58,6 +67,48 @@ class Checked:
 
 # -- card numbers ----------------------------------------------------------------------
 
+CARD_SEPARATORS = frozenset(
+    " -\u00a0\u202f\u205f\u2212\u3000\ufe58\ufe63\uff0d"
+    + "".join(map(chr, range(0x2000, 0x200B)))      # en quad .. hair space
+    + "".join(map(chr, range(0x2010, 0x2016))))     # hyphen .. horizontal bar
+"""What may stand (alone) between two digits of a card number."""
+
+# Paths exempt from the card scan, per registered kind: identifiers and
+# barcodes (a path is keys and None for "any array index").  A product
+# barcode (EAN-13, GTIN-14) or a numeric order id passes Luhn one time in
+# ten; a source version is often a 13-digit millisecond time.
+EXEMPT_PATHS: dict[str, tuple[tuple, ...]] = {
+    "payment.result": (("order",), ("transaction",)),
+    "order.event": (("order",), ("items", None, "sku")),
+    "ticket.open": (("ticket",),),
+    "ticket.assign": (("ticket",), ("assignee",)),
+    "ticket.reply": (("ticket",),),
+    "ticket.resolve": (("ticket",),),
+    "ticket.escalate": (("ticket",),),
+    "chat.message": (("conversation",),),
+    "price.update": (("sku",), ("version",)),
+    "stock.update": (("sku",), ("version",)),
+    "promo.offer": (("offer",),),
+    "member.notice": (("member",),),
+}
+
+# Every card number is thirteen or more bytes of digits, spaces and dashes,
+# so a body whose raw JSON has no such run, no \u escape and no non-ASCII
+# byte cannot hold one and the scan is skipped (most bodies).  The screen
+# maps those bytes to "0" and the rest to "x" and looks for thirteen "0"s:
+# two C loops.
+_CARD_BYTES = bytes(0x30 if 0x30 <= b <= 0x39 or b in (0x20, 0x2D) else 0x78
+                    for b in range(256))
+_CARD_RUN = b"0" * 13
+_SEP = "[" + "".join(sorted(CARD_SEPARATORS)).replace("-", r"\-") + "]"
+# A run of at least 13 digits (shorter ones cannot be card numbers); the
+# lookarounds and the greedy repeat make it a maximal run.
+_LONG_RUN = re.compile(rf"(?<!\d)\d(?:{_SEP}?\d){{12,}}(?!\d)")
+# A number's integer part (before its fraction or exponent).
+_INTEGER_PART = re.compile(rb"-?[0-9]*")
+# The JSON text's tokens, in document order (the body is valid JSON).
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|[{}\[\],:]|true|false|null')
+
 
 def luhn_ok(digits: str) -> bool:
     total = 0
@@ -71,41 +122,89 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _has_card_number(text: str) -> bool:
-    """A digit run of 13-19 digits passing Luhn (longer runs are not card numbers:
-    hashes, ids and timestamps in series are left alone)."""
-    for match in _DIGIT_RUN.finditer(text):
-        digits = match.group().replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+def has_card_number(text: str) -> bool:
+    """Does ``text`` hold a run of 13-19 digits passing Luhn?"""
+    for match in _LONG_RUN.finditer(text):
+        digits = "".join(str(unicodedata.decimal(c)) for c in match.group() if c.isdecimal())
+        if len(digits) <= 19 and luhn_ok(digits):
             return True
     return False
 
 
-# Product barcodes (EAN-13, GTIN-14) are 13-14 digit numbers with their own
-# check digit; about one in ten also passes Luhn.  They are what ``sku``
-# fields hold, so those are not scanned.
-_NOT_CARD_FIELDS = frozenset({"sku", "gtin", "ean", "barcode"})
+def _exempt(paths, path: list) -> bool:
+    for pattern in paths:
+        if len(pattern) == len(path) and all(
+                (p is None and isinstance(c, int)) or (isinstance(c, str) and p == c)
+                for p, c in zip(pattern, path)):
+            return True
+    return False
 
 
-def find_card_number(value, path: str = "body") -> str | None:
-    """The path of the first string or integer that contains a card number."""
-    if isinstance(value, str):
-        return path if _has_card_number(value) else None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return path if 13 <= len(str(abs(value))) and _has_card_number(str(abs(value))) else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k in _NOT_CARD_FIELDS:
-                continue
-            found = find_card_number(v, f"{path}.{k}")
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = find_card_number(v, f"{path}[{i}]")
-            if found:
-                return found
+def _path_text(path: list) -> str:
+    return "body" + "".join(f"[{c}]" if isinstance(c, int) else f".{c}" for c in path)
+
+
+def find_card_number(kind: str, raw: bytes) -> tuple[str, bool] | None:
+    """Where the first card number sits in the body's JSON text, in document
+    order: None, or (path, is_key) (for a key, the path of its object).
+    ``raw`` must be valid JSON (the caller parsed it)."""
+    paths = EXEMPT_PATHS.get(kind, ())
+    # stack: one [is_object, component] per open container; component is the
+    # current key (object; None until read) or index (array).
+    stack: list[list] = []
+    expect_key = False
+    for token in _TOKEN.findall(raw):
+        first = token[:1]
+        if first in b"{[":
+            stack.append([first == b"{", None if first == b"{" else 0])
+            expect_key = first == b"{"
+        elif first in b"}]":
+            stack.pop()
+            expect_key = False
+        elif first == b",":
+            top = stack[-1]
+            if top[0]:
+                expect_key = True
+            else:
+                top[1] += 1
+        elif first == b":":
+            expect_key = False
+        elif first == b'"':
+            text = orjson.loads(token)
+            if expect_key:
+                if has_card_number(text):
+                    return _path_text(_plain([c for _, c in stack[:-1]])), True
+                stack[-1][1] = text if token.find(b"\\") < 0 else (text, "escaped")
+            elif has_card_number(text):
+                path = [c for _, c in stack]
+                if not _exempt(paths, path):
+                    return _path_text(_plain(path)), False
+        elif first not in b"tfn":                       # a number: its integer part
+            whole = _INTEGER_PART.match(token).group()  # as written
+            if has_card_number(whole.decode()):
+                path = [c for _, c in stack]
+                if not (len(whole) == len(token) and _exempt(paths, path)):
+                    return _path_text(_plain(path)), False
     return None
+
+
+def _plain(path: list) -> list:
+    """Keys that were written with escapes, as their text (for messages)."""
+    return [c[0] if isinstance(c, tuple) else c for c in path]
+
+
+def depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Does the JSON text nest containers deeper than ``limit``?"""
+    depth = 0
+    for token in _TOKEN.findall(raw):
+        first = token[:1]
+        if first in b"{[":
+            depth += 1
+            if depth > limit:
+                return True
+        elif first in b"}]":
+            depth -= 1
+    return False
 
 
 # -- field helpers ----------------------------------------------------------------------
@@ -326,44 +425,58 @@ _GOOD_KINDS = set(SCHEMAS)
 _GOOD_KINDS_MAX = 4096
 
 
-def check(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
+def check(kind: str, lane: int, payload: bytes, key: str = "", *,
+          max_depth: int = MAX_DEPTH) -> Checked:
     """Validate a message; raise MessageError naming the problem.
 
     The native fast path (``core/_kinds.pyx``) answers for registered kinds
     with certainly valid bodies; anything else, and every refusal, comes
-    from ``check_reference`` below."""
-    if _fast_check is not None:
-        checked = _fast_check(kind, lane, payload, key)
+    from the same steps as ``check_reference`` with the native depth limit
+    and card scan (bounded in time whatever the body holds) and the Python
+    schemas."""
+    if _native is not None:
+        checked = _native.fast_check(kind, lane, payload, key, max_depth)
         if checked is not None:
             return checked
-    return check_reference(kind, lane, payload, key)
+        return _check(kind, lane, payload, key, max_depth, _native.depth_exceeds,
+                      _native.find_card)
+    return _check(kind, lane, payload, key, max_depth, depth_exceeds, find_card_number)
 
 
-def check_reference(kind: str, lane: int, payload: bytes, key: str = "") -> Checked:
+def check_reference(kind: str, lane: int, payload: bytes, key: str = "", *,
+                    max_depth: int = MAX_DEPTH) -> Checked:
     """The check in plain Python: the specification, and the oracle the
-    native fast path is tested against."""
+    native module is tested against."""
+    return _check(kind, lane, payload, key, max_depth, depth_exceeds, find_card_number)
+
+
+def _check(kind, lane, payload, key, max_depth, too_deep, find_card) -> Checked:
     if kind not in _GOOD_KINDS:
-        if not kind or len(kind) > MAX_KIND_LEN or not _KIND.match(kind):
+        if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN \
+                or not _KIND.match(kind):
             raise MessageError(Code.BAD_MESSAGE,
                                f"kind {kind!r}: dotted lower-case name like 'price.update'",
                                "kind")
         if len(_GOOD_KINDS) < _GOOD_KINDS_MAX:
             _GOOD_KINDS.add(kind)
+    raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+    if too_deep(raw, max_depth):
+        raise MessageError(Code.BAD_MESSAGE, f"{kind}: body: nested more than {max_depth} "
+                                             "levels deep", "body")
     try:
-        body = orjson.loads(payload)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MessageError(Code.BAD_MESSAGE, f"{kind}: body is not valid JSON ({exc})",
                            "body") from None
     if not isinstance(body, dict):
         raise MessageError(Code.BAD_MESSAGE, f"{kind}: body must be a JSON object", "body")
-    raw = payload.encode() if isinstance(payload, str) else bytes(payload)
-    where = None
     if _CARD_RUN in raw.translate(_CARD_BYTES) or b"\\u" in raw or not raw.isascii():
-        where = find_card_number(body)
-    if where is not None:
-        raise MessageError(Code.CARD_DATA,
-                           f"{kind}: {where} looks like a payment card number; card data is "
-                           "never accepted", where)
+        found = find_card(kind, raw)
+        if found is not None:
+            where, is_key = found
+            what = f"{where} has an object key that looks" if is_key else f"{where} looks"
+            raise MessageError(Code.CARD_DATA, f"{kind}: {what} like a payment card number; "
+                                               "card data is never accepted", where)
     version = 0
     schema = SCHEMAS.get(kind)
     if schema is not None:
@@ -373,9 +486,9 @@ def check_reference(kind: str, lane: int, payload: bytes, key: str = "") -> Chec
     return Checked(body, key if lane == _P2 else "", version)
 
 
-def _native_fast_check():
-    """The native fast path with this module's tables, or None (not built, or
-    ``TILLWIRE_NO_EXTENSIONS``)."""
+def _native_module():
+    """The native module configured with this module's tables, or None (not
+    built, or ``TILLWIRE_NO_EXTENSIONS``)."""
     from ..core._impl import NO_EXTENSIONS
     if NO_EXTENSIONS:
         return None
@@ -383,8 +496,15 @@ def _native_fast_check():
         from ..core import _kinds
     except ImportError:
         return None
-    _kinds.configure(Checked, PAYMENT_STATUSES, ORDER_CHANNELS, ORDER_EVENTS, MAX_CHAT_TEXT, _P2)
-    return _kinds.fast_check
+    _kinds.configure(Checked, PAYMENT_STATUSES, ORDER_CHANNELS, ORDER_EVENTS, MAX_CHAT_TEXT, _P2,
+                     EXEMPT_PATHS)
+    return _kinds
 
 
-_fast_check = _native_fast_check()
+_native = _native_module()
+_fast_check = _native.fast_check if _native is not None else None
+
+
+def nested_deeper(raw: bytes, limit: int) -> bool:
+    """Does a JSON text nest containers deeper than ``limit``?  (Native when built.)"""
+    return (_native.depth_exceeds if _native is not None else depth_exceeds)(raw, limit)

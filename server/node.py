@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import os
 import random
 import socket
@@ -36,8 +37,10 @@ from ..core.session import CLOSED, OPEN, OVERFLOW, Encoder, Frame, fanout
 from . import kinds
 from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
 from .auth import verify_token
-from .connection import RESUMING, InboxState, TerminalConnection
+from .connection import (HOLD_AUTH, HOLD_BUDGET, HOLD_PONG, RESUMING, InboxState,
+                         TerminalConnection)
 from .hub import Hub, parse_positions
+from .limits import Bucket, Policy, SendLimits, Sources, default_max_connections
 from .chat import Chat
 from .directory import Directory
 from .offers import POLICY_KINDS, Offers
@@ -57,10 +60,21 @@ _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 # 0.2 us on Python 3.11, and a SEND's path took a dozen of them.
 _P0, _P1, _P3 = int(Lane.P0), int(Lane.P1), int(Lane.P3)
 _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
+WINDOW_RETRY_MS = 100        # the retry hint of TOO_MANY_UNACKED (a commit takes a few ms)
 
 
 async def _none():
     return None
+
+
+def _offset_of(entry) -> int:
+    return entry.offset
+
+
+def retry_hint(seconds: float, text: str) -> str:
+    """The text of an ERROR RATE_LIMITED or TOO_MANY_UNACKED: ``retry_ms=<n> ``
+    then the reason (PROTOCOL.md section 7, ERROR)."""
+    return f"retry_ms={max(1, math.ceil(seconds * 1000))} {text}"
 
 
 def _recipients_payload(n: int) -> bytes:
@@ -71,6 +85,8 @@ PUMP_BATCH = 128             # store rows read per pump step
 INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
 STOP_GRACE = 2.0             # seconds stop() waits for in-flight commits and service tasks
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
+STREAM_SWEEP = 60.0          # seconds between sweeps for idle streams
+SWEEP_SLICE = 1000           # streams looked at per loop iteration of a sweep
 
 
 class Histogram:
@@ -113,7 +129,9 @@ class Counters:
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
                  "lane_bytes_out", "store_write", "ack_latency", "read_yields",
-                 "flush_yields")
+                 "flush_yields", "rate_waits", "rate_refusals", "window_refusals",
+                 "connections_refused", "auth_delays", "budget_holds", "ping_holds",
+                 "subscription_refusals")
 
     _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
 
@@ -175,6 +193,18 @@ class Node:
         # connections left keep their place at the head of the next flush.
         self.flush_slice = srv.flush_slice_ms / 1000.0 or float("inf")
         self.auth_timeout = srv.auth_timeout
+        limits = cfg.limits
+        self.limits = Policy(cfg)
+        self.sources = Sources(limits.max_connections_per_source, limits.auth_fail_delay_max)
+        self.max_connections = srv.max_connections or default_max_connections()
+        self.handshake_frame = limits.handshake_frame
+        self.max_send_body = limits.max_send_body
+        self.max_body_depth = limits.max_body_depth
+        # Control frames (answers to a terminal's own requests, receipts,
+        # announcements) may take the half of the connection's budget that
+        # the inbox does not: past it the node stops reading the connection.
+        self.control_budget = self.max_queued_bytes // 2
+        self._tenant_sessions: dict[str, int] = {}   # (only with max_connections_per_tenant)
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
                        history_age=cfg.history.max_age, epoch=store.epoch)
@@ -236,7 +266,6 @@ class Node:
         }
         self.service_kinds = frozenset(self._services)
         self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
-        TerminalConnection.node = self
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -263,7 +292,7 @@ class Node:
         srv = self.cfg.server
         if sock is None:
             sock = self._listen_socket(srv.host, srv.port)
-        server = await self.loop.create_server(TerminalConnection, sock=sock,
+        server = await self.loop.create_server(lambda: TerminalConnection(self), sock=sock,
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
         self._schedule_tick()
@@ -548,14 +577,17 @@ class Node:
                 transport = conn.transport
                 if transport is None or transport.is_closing():
                     continue
-                if conn.extra is not None and conn.state == OPEN:
-                    self._resync_jobs(conn, now)
+                extra = conn.extra
+                if extra is not None and conn.state == OPEN:
+                    self._jobs(conn, now)
                 if not conn.paused:
                     data = conn.data_to_send(chunk, now)
                     if data:
                         transport.write(data)
                         counters.writes += 1
                         counters.bytes_out += len(data)
+                    if extra is not None and "holds" in extra:
+                        self._after_write(conn)
                 if conn.state == CLOSED:
                     if not conn.pending:
                         # (Not while frames it received before closing wait their
@@ -623,10 +655,24 @@ class Node:
         self._unauthenticated.add(conn)
         self.connection_count += 1
         self.counters.connections += 1
-        limit = self.cfg.server.max_connections
-        if self.draining or (limit and self.connection_count > limit):
-            conn.close(Code.DRAINING if self.draining else Code.RATE_LIMITED,
-                       "server is draining" if self.draining else "too many connections")
+        if self.draining:
+            conn.close(Code.DRAINING, "server is draining")
+            self.mark_dirty(conn)
+            return
+        refused = ""
+        if self.connection_count > self.max_connections:
+            refused = f"this server holds its most connections ({self.max_connections})"
+        elif self.sources.per_source:
+            source = self._peer(conn)
+            if self.sources.connect(source):
+                conn.extra = {"source": source}     # counted: uncounted when it goes
+            else:
+                refused = (f"too many connections from {source} "
+                           f"(limits.max_connections_per_source {self.sources.per_source})")
+        if refused:
+            # Refused before any byte is read: CLOSE and go (no read, no timer).
+            self.counters.connections_refused += 1
+            conn.close(Code.CONNECTION_LIMIT, refused + "; reconnect later")
             self.mark_dirty(conn)
             return
         conn.timer = _wheel.Timer(_deadline_due, conn)
@@ -649,18 +695,110 @@ class Node:
         if conn.state != CLOSED:
             conn.close(Code.NORMAL, "connection lost")
         claims = conn.claims
+        extra = conn.extra
         if claims is not None:
             self.hub.detach(conn, claims)
-            extra = conn.extra
             if extra:
                 for stream in extra.get("explicit", ()):
-                    stream.remove_explicit(conn)
+                    self.hub.unsubscribe(stream, conn, self.loop.time())
+            if self._tenant_sessions and extra and extra.get("tenant_counted"):
+                self._tenant_left(claims.tenant)
+        if extra:
+            source = extra.get("source")
+            if source is not None:
+                self.sources.disconnect(source)
+            for handle in (extra.get("budget_timer"), extra.get("auth_timer")):
+                if handle is not None:
+                    handle.cancel()
         conn.transport = None
 
-    def on_frame(self, conn: TerminalConnection, frame) -> None:
+    def on_frame(self, conn: TerminalConnection, frame):
+        """Handle one frame; None, or the seconds the frame (and the ones
+        after it) must wait before it can be taken (a rate)."""
         handler = self._handlers.get(frame.type)
         if handler is not None:
-            handler(conn, frame)
+            return handler(conn, frame)
+        return None
+
+    # -- budgets and rates ------------------------------------------------------------
+
+    def check_budget(self, conn: TerminalConnection) -> None:
+        """Stop reading a connection whose control frames are over their
+        budget (answers it asked for and does not read); read again once
+        they drained to half of it.  One whose control frames pass the
+        connection's whole budget, or stay over theirs for
+        ``delivery.slow_consumer_timeout``, is closed with SLOW_CONSUMER
+        (its P0/P1 messages stay in the store)."""
+        queued = conn.control_bytes
+        if queued > self.control_budget:
+            if queued > self.max_queued_bytes:
+                self._slow_consumer(conn)
+                return
+            if not conn.holds & HOLD_BUDGET:
+                self.counters.budget_holds += 1
+                conn.hold(HOLD_BUDGET)
+                conn.extra["budget_timer"] = self.loop.call_later(
+                    self.cfg.delivery.slow_consumer_timeout, self._budget_timeout, conn)
+        elif queued <= self.control_budget // 2 and conn.holds & HOLD_BUDGET:
+            handle = conn.extra.pop("budget_timer", None)
+            if handle is not None:
+                handle.cancel()
+            conn.release(HOLD_BUDGET)
+
+    def _budget_timeout(self, conn: TerminalConnection) -> None:
+        extra = conn.extra
+        if extra is not None:
+            extra.pop("budget_timer", None)
+        if conn.holds & HOLD_BUDGET:
+            self._slow_consumer(conn)
+
+    def _after_write(self, conn: TerminalConnection) -> None:
+        """A flush wrote to a connection that has reading holds: lift what
+        the write resolved (its PONG went out, its control frames drained)."""
+        holds = conn.holds
+        if holds & HOLD_PONG and not conn.control_bytes and conn.state != CLOSED:
+            self.loop.call_soon(conn.resume_input)
+        if holds & HOLD_BUDGET:
+            self.check_budget(conn)
+
+    def _send_limits(self, conn: TerminalConnection) -> SendLimits:
+        """The connection's SEND limits (made on its first SEND)."""
+        extra = conn.extra if conn.extra is not None else {}
+        conn.extra = extra
+        limits = extra.get("limits")
+        if limits is None:
+            limits = extra["limits"] = SendLimits(self.limits.for_roles(conn.claims.roles))
+        return limits
+
+    def _request_wait(self, conn: TerminalConnection) -> float:
+        """0.0 when a SUBSCRIBE/UNSUBSCRIBE/HISTORY may go now, else seconds to wait."""
+        rate = self.cfg.limits.request_rate
+        if not rate:
+            return 0.0
+        extra = conn.extra if conn.extra is not None else {}
+        conn.extra = extra
+        bucket = extra.get("requests")
+        now = self.loop.time()
+        if bucket is None:
+            bucket = extra["requests"] = Bucket(rate, self.cfg.limits.request_burst, now)
+        wait = bucket.take(now)
+        if wait:
+            self.counters.rate_waits += 1
+        return wait
+
+    def _unacked_done(self, conn: TerminalConnection) -> None:
+        """A P0/P1 SEND of ``conn`` was answered (stored or refused)."""
+        extra = conn.extra
+        limits = extra.get("limits") if extra is not None else None
+        if limits is not None and limits.unacked > 0:
+            limits.unacked -= 1
+
+    def _tenant_left(self, tenant: str) -> None:
+        n = self._tenant_sessions.get(tenant, 0) - 1
+        if n > 0:
+            self._tenant_sessions[tenant] = n
+        else:
+            self._tenant_sessions.pop(tenant, None)
 
     def _on_close_frame(self, conn: TerminalConnection, frame) -> None:
         self.mark_dirty(conn)
@@ -693,6 +831,24 @@ class Node:
                          "this terminal is retired" if record.retired
                          else "this terminal's tokens were revoked", claims)
             return
+        cap = self.cfg.limits.max_connections_per_tenant
+        if cap:
+            old = self.hub.sessions.get(address)
+            if old is not None and old.extra and old.extra.pop("tenant_counted", None):
+                pass                    # a takeover: the session's count moves to this one
+            elif self._tenant_sessions.get(claims.tenant, 0) >= cap:
+                self.counters.connections_refused += 1
+                conn.close(Code.CONNECTION_LIMIT,
+                           f"tenant {claims.tenant} holds its most sessions ({cap}, "
+                           "limits.max_connections_per_tenant); reconnect later")
+                self.mark_dirty(conn)
+                return
+            else:
+                self._tenant_sessions[claims.tenant] = \
+                    self._tenant_sessions.get(claims.tenant, 0) + 1
+            if conn.extra is None:
+                conn.extra = {}
+            conn.extra["tenant_counted"] = True
         old = self.hub.sessions.get(address)
         if old is not None and old is not conn:
             self.counters.takeovers += 1
@@ -726,11 +882,35 @@ class Node:
         conn.claims = self._register(conn, claims, now)
 
     def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None) -> None:
+        """Refuse a login.  A source address that keeps failing gets its
+        answer later and later (``limits.auth_fail_delay_max``): the
+        connection is held, unread, meanwhile."""
         self.counters.auth_failures += 1
+        peer = self._peer(conn)
         if self.audit is not None:
-            self._audit_conn("auth.fail", conn, claims, code=Code(code).name, reason=reason)
+            name = Code(code).name
+            self.audit.write_repeated(
+                "auth.fail", peer, name, conn.address or "",
+                tenant=claims.tenant if claims is not None else "",
+                terminal=claims.terminal if claims is not None else "",
+                detail={"code": name, "reason": reason})
+        delay = 0.0
+        if code != Code.UNSUPPORTED_VERSION:
+            delay = self.sources.auth_failed(peer, self.loop.time())
+        if delay:
+            self.counters.auth_delays += 1
+            conn.hold(HOLD_AUTH)
+            conn.extra["auth_timer"] = self.loop.call_later(delay, self._refuse_late, conn,
+                                                            code, reason)
+            return
         conn.close(code, reason)
         self.mark_dirty(conn)
+
+    def _refuse_late(self, conn: TerminalConnection, code: int, reason: str) -> None:
+        conn.extra.pop("auth_timer", None)
+        if conn.transport is not None:
+            conn.close(code, reason)
+            self.mark_dirty(conn)
 
     @staticmethod
     def _peer(conn) -> str:
@@ -756,7 +936,7 @@ class Node:
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims
-        if claims is None:          # HELLO was refused; the session is closing
+        if claims is None:          # HELLO was refused; the session is closing (or held)
             return
         try:
             positions = parse_positions(frame.payload)
@@ -808,13 +988,23 @@ class Node:
                         self.mark_dirty(conn)
         return stream
 
-    def _on_subscribe(self, conn: TerminalConnection, frame) -> None:
+    def _on_subscribe(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
         lane = frame.flags & _LANE_MASK
+        limits = self.cfg.limits
         try:
             if lane < Lane.P2:
                 raise AddressError(Code.BAD_REQUEST, "SUBSCRIBE: lane must be P2 or P3")
             address = parse_address(frame.to)
             check_subscribe(conn.claims, address)
+            allowed = {"topic": limits.topic_roles, "segment": limits.segment_roles}.get(
+                address.scope)
+            if allowed is not None and not set(allowed).intersection(conn.claims.roles):
+                raise AddressError(Code.FORBIDDEN,
+                                   f"subscribe {address}: {address.scope} channels are for "
+                                   f"roles {', '.join(allowed)} (limits.{address.scope}_roles)")
         except AddressError as exc:
             if exc.code == Code.FORBIDDEN:
                 self.counters.acl_denials += 1
@@ -823,43 +1013,78 @@ class Node:
                                      lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, frame.ref, str(exc))
             self.mark_dirty(conn)
-            return
+            return None
         name = str(address)
-        stream = self._stream(name, lane, address)
-        if name not in implied_channels(conn.claims):
-            extra = conn.extra if conn.extra is not None else {}
-            conn.extra = extra
-            subs = extra.setdefault("explicit", set())
-            if stream not in subs:
-                subs.add(stream)
-                stream.add_explicit(conn)
+        hub = self.hub
+        now = self.loop.time()
         position = (frame.epoch, frame.offset) if frame.epoch or frame.offset else None
-        self._join(conn, stream, position, self.loop.time())
+        if name in implied_channels(conn.claims):
+            # The token subscribes it already: catch up, or (no message yet)
+            # confirm with channel 0 until its first message announces its id.
+            stream = hub.stream(name, lane, create=False)
+            if stream is not None:
+                self._join(conn, stream, position, now)
+            else:
+                conn.control(self.encoder.encode(Frame(FrameType.SUBSCRIBED, lane, channel=0,
+                                                       to=name)))
+            self.mark_dirty(conn)
+            return None
+        extra = conn.extra if conn.extra is not None else {}
+        conn.extra = extra
+        subs = extra.setdefault("explicit", set())
+        stream = self._subscribed(conn, name, lane)
+        if stream is None:
+            if len(subs) >= limits.max_subscriptions:
+                self.counters.subscription_refusals += 1
+                conn.error(Code.TOO_MANY_SUBSCRIPTIONS, frame.ref,
+                           f"SUBSCRIBE {name}: this connection holds {len(subs)} subscriptions, "
+                           f"the most it may (limits.max_subscriptions)")
+                self.mark_dirty(conn)
+                return None
+            stream = hub.subscribe(name, lane, conn)       # (never makes a stream)
+            subs.add(stream)
+        self._join(conn, stream, position, now)
         self.mark_dirty(conn)
+        return None
 
-    def _on_unsubscribe(self, conn: TerminalConnection, frame) -> None:
-        lane = frame.flags & _LANE_MASK
-        stream = self.hub.stream(frame.to, lane, create=False)
+    @staticmethod
+    def _subscribed(conn: TerminalConnection, name: str, lane: int):
+        """The stream (or pending stream) ``conn`` explicitly subscribed to, or None."""
         subs = conn.extra.get("explicit") if conn.extra else None
-        if stream is None or not subs or stream not in subs:
+        for stream in subs or ():
+            if stream.lane == lane and stream.name == name:
+                return stream
+        return None
+
+    def _on_unsubscribe(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
+        lane = frame.flags & _LANE_MASK
+        stream = self._subscribed(conn, frame.to, lane)
+        if stream is None:
             conn.error(Code.UNKNOWN_CHANNEL, frame.ref,
                        f"UNSUBSCRIBE: not subscribed to P{lane} of {frame.to!r} "
                        "(channels implied by the token cannot be left)")
         else:
-            subs.discard(stream)
-            stream.remove_explicit(conn)
+            conn.extra["explicit"].discard(stream)
+            self.hub.unsubscribe(stream, conn, self.loop.time())
             conn.control(self.encoder.encode(Frame(
                 FrameType.UNSUBSCRIBED, channel=stream.id, code=Code.OK)))
         self.mark_dirty(conn)
+        return None
 
-    def _on_history(self, conn: TerminalConnection, frame) -> None:
+    def _on_history(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
         lane = frame.flags & _LANE_MASK
         ref = frame.ref
         try:
             address = parse_address(frame.to)
             if address.scope == "chat":
                 self.chat.on_history(conn, frame, address)     # answers asynchronously
-                return
+                return None
             if lane < Lane.P2:
                 raise AddressError(Code.BAD_REQUEST,
                                    "HISTORY: lane must be P2 or P3 (P1: conversations, chat:)")
@@ -867,28 +1092,66 @@ class Node:
         except AddressError as exc:
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
-            return
+            return None
         stream = self.hub.stream(str(address), lane, create=False)
-        items = []
+        page = self.cfg.limits.history_page
+        items: list = []
+        more = False
+        next_offset = 0
         if stream is not None:
             now = self.loop.time()
-            self.hub.trim(stream, now)
-            if frame.offset == 0 and lane == Lane.P2:
-                items = sorted(stream.lvc.values(), key=lambda e: e.offset)
-            elif frame.offset == 0:
-                items = list(stream.history)
-            elif frame.epoch == stream.epoch:
-                items = [e for e in stream.history if e.offset > frame.offset]
-            items = [e for e in items if not e.deadline or e.deadline > now]
-            if frame.count:
-                items = items[-frame.count:] if frame.offset == 0 else items[:frame.count]
-        for e in items:
-            conn.control(self.encoder.encode(Frame(
-                FrameType.HISTORY_ITEM, lane, e.payload, ref=ref, offset=e.offset, kind=e.kind)))
-        next_offset = items[-1].offset if items else (stream.offset if stream else 0)
-        conn.control(self.encoder.encode(Frame(
-            FrameType.HISTORY_END, ref=ref, offset=next_offset, count=len(items), code=Code.OK)))
+            source = self.hub.history(stream, now)      # P2: the last values; in offset order
+            want = frame.count
+            if frame.offset == 0:
+                window = source[-want:] if want else source
+            elif frame.epoch in (stream.epoch, 0):      # (0: the current epoch)
+                start = bisect.bisect_right(source, frame.offset, key=_offset_of)
+                window = source[start:start + want] if want else source[start:]
+            else:
+                window = []
+            items = window[:page]
+            more = len(window) > page
+            next_offset = items[-1].offset if items else stream.offset
+        encode = self.encoder.encode
+
+        def item(e) -> bytes:
+            return encode(Frame(FrameType.HISTORY_ITEM, lane, e.payload, ref=ref,
+                                offset=e.offset, kind=e.kind))
+
+        self.answer(conn, ref, items, item, next_offset, Code.PARTIAL if more else Code.OK)
+        return None
+
+    def answer(self, conn: TerminalConnection, ref: int, items: list, encode, next_offset: int,
+               code: int) -> None:
+        """Answer a HISTORY request: HISTORY_ITEM ``encode(item)`` for each of
+        ``items``, then HISTORY_END.  Paced like a resync: items are queued
+        only while the connection's control frames take less than half their
+        budget, the rest at the next flushes as the terminal reads."""
+        if conn.state == CLOSED:
+            return
+        extra = conn.extra if conn.extra is not None else {}
+        conn.extra = extra
+        extra.setdefault("answers", []).append([ref, items, 0, encode, next_offset, code])
+        self._answer_jobs(conn)
         self.mark_dirty(conn)
+
+    def _answer_jobs(self, conn: TerminalConnection) -> None:
+        jobs = conn.extra.get("answers")
+        room = self.control_budget // 2
+        while jobs and conn.control_bytes < room:
+            job = jobs[0]
+            ref, items, i, encode, next_offset, code = job
+            while i < len(items) and conn.control_bytes < room:
+                conn.control(encode(items[i]))
+                i += 1
+            job[2] = i
+            if i < len(items):
+                break
+            conn.control(self.encoder.encode(Frame(
+                FrameType.HISTORY_END, ref=ref, offset=next_offset, count=len(items), code=code)))
+            jobs.pop(0)
+        if not jobs:
+            conn.extra.pop("answers", None)
 
     def _queue_resync(self, conn: TerminalConnection, streams) -> None:
         extra = conn.extra if conn.extra is not None else {}
@@ -896,6 +1159,14 @@ class Node:
         pending = extra.setdefault("resync", {})
         for stream in streams:
             pending[stream] = None
+
+    def _jobs(self, conn: TerminalConnection, now: float) -> None:
+        """Paced work of a connection (resync snapshots, HISTORY answers)."""
+        extra = conn.extra
+        if "resync" in extra or "jobs" in extra:
+            self._resync_jobs(conn, now)
+        if "answers" in extra:
+            self._answer_jobs(conn)
 
     def _resync_jobs(self, conn: TerminalConnection, now: float) -> None:
         """Send pending RESYNC snapshots, paced so they fit the connection's queue."""
@@ -906,8 +1177,7 @@ class Node:
         if pending and conn.queued_bytes < room // 2:
             jobs = extra.setdefault("jobs", [])
             for stream in list(pending):
-                entries = sorted(stream.lvc.values(), key=lambda e: e.offset) \
-                    if stream.lane == Lane.P2 else []
+                entries = list(stream.lvc.values()) if stream.lane == Lane.P2 else []
                 conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
                 jobs.append([stream, entries, 0])
             pending.clear()
@@ -927,13 +1197,38 @@ class Node:
 
     # -- publishing -----------------------------------------------------------------------
 
-    def _on_send(self, conn: TerminalConnection, frame) -> None:
+    def _on_send(self, conn: TerminalConnection, frame):
         lane = frame.flags & _LANE_MASK
         ref = frame.ref
         counters = self.counters
+        extra = conn.extra
+        limits = extra.get("limits") if extra is not None else None
+        if limits is None:
+            limits = self._send_limits(conn)
+        if limits.role.rate:
+            now = self.loop.time()
+            wait = limits.take(lane, now)
+            if wait:
+                # (The frames of this read have waited since it was deferred.)
+                waited = now - conn.extra.get("since", now)
+                if waited + wait <= self.cfg.limits.send_wait_max:
+                    counters.rate_waits += 1
+                    return wait         # stop reading this connection until its next token
+                counters.rate_refusals += 1
+                conn.error(Code.RATE_LIMITED, ref, retry_hint(
+                    wait, f"over this connection's P{lane} send rate "
+                          f"({limits.role.rate}/s, limits.send_rate) for more than "
+                          f"{self.cfg.limits.send_wait_max:g} s"))
+                self.mark_dirty(conn)
+                return None
         counters.lane_frames_in[lane] += 1
         counters.lane_bytes_in[lane] += len(frame.payload)
         try:
+            if len(frame.payload) > self.max_send_body:
+                raise kinds.MessageError(
+                    Code.BAD_MESSAGE, f"{frame.kind}: body: {len(frame.payload)} bytes, more "
+                    f"than the {self.max_send_body} a terminal may send (limits.max_send_body)",
+                    "body")
             address = parse_address(frame.to)
             to = str(address)
             recipient_store = None
@@ -943,14 +1238,19 @@ class Node:
                 recipient_store = rec.store if rec is not None else None
                 recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
-            checked = kinds.check(frame.kind, lane, frame.payload, frame.key)
+            checked = kinds.check(frame.kind, lane, frame.payload, frame.key,
+                                  max_depth=self.max_body_depth)
             service = self._services.get(frame.kind)
             if service is not None:
                 if lane != _P1:
                     raise kinds.MessageError(Code.BAD_MESSAGE,
                                              f"{frame.kind}: lane: must be P1", "lane")
+                if self._window_full(conn, limits, ref):
+                    return None
+                limits.unacked += 1
                 if service(conn, frame, address, checked.body):
-                    return          # the service stores, routes and answers it
+                    return None     # the service stores, routes and answers it
+                limits.unacked -= 1
         except (AddressError, kinds.MessageError) as exc:
             if exc.code == Code.FORBIDDEN:
                 counters.acl_denials += 1
@@ -959,17 +1259,20 @@ class Node:
                                      kind=frame.kind, lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
-            return
+            return None
         want_ack = frame.flags & _ACK_REQUESTED
         if lane <= _P1:
+            if self._window_full(conn, limits, ref):
+                return None
+            limits.unacked += 1
             ttl = frame.ttl / 1000.0 if frame.ttl else (
                 self.cfg.delivery.p0_ttl if lane == _P0 else self.cfg.delivery.p1_ttl)
             now = time.time()
             msg = NewMessage(conn.claims.tenant, conn.address, ref, lane, frame.kind,
                              to, frame.payload, now, now + ttl,
                              bool(frame.flags & _RECEIPT_REQUESTED))
-            self.submit(msg, address, (conn, ref) if want_ack else None, recipients)
-            return
+            self.submit(msg, address, (conn, ref, want_ack), recipients)
+            return None
         report = {} if lane == _P3 and frame.kind in POLICY_KINDS else None
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
                                 frame.payload, frame.ttl / 1000.0 if frame.ttl else 0.0, report)
@@ -979,6 +1282,18 @@ class Node:
                 orjson.dumps({"channel": str(address), "offset": offset, **(report or {})})
                 if offset else b'{"stale":true}'))
             self.mark_dirty(conn)
+        return None
+
+    def _window_full(self, conn: TerminalConnection, limits: SendLimits, ref: int) -> bool:
+        """Refuse a P0/P1 SEND beyond the connection's window (TOO_MANY_UNACKED)."""
+        if not limits.window_full():
+            return False
+        self.counters.window_refusals += 1
+        conn.error(Code.TOO_MANY_UNACKED, ref, retry_hint(
+            WINDOW_RETRY_MS / 1000.0, f"{limits.unacked} SENDs of this connection await their "
+                                      f"SENDACK, the most it may have (limits.unacked_sends)"))
+        self.mark_dirty(conn)
+        return True
 
     def broadcast(self, address, lane: int, kind: str, key: str, version: int,
                   payload: bytes, ttl: float = 0.0, report: dict | None = None) -> int:
@@ -1045,8 +1360,10 @@ class Node:
     def submit(self, msg: NewMessage, address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.
 
-        ``reply`` is (connection, ref) to SENDACK once stored, a future to
-        resolve with the Accepted result (admin API, services), or None.
+        ``reply`` is (connection, ref, asked): a terminal's SEND, answered
+        with SENDACK once stored when ``asked`` (and counted in its window
+        until then); a future to resolve with the Accepted result (admin API,
+        services); or None.
         ``recipients`` (terminal addresses) replaces the members of ``address``
         (services route by their own rules: rosters, conversations).
         """
@@ -1114,8 +1431,9 @@ class Node:
                 if not reply.done():
                     reply.set_result(accepted)
                 continue
-            conn, ref = reply
-            if conn.state == OPEN:
+            conn, ref, asked = reply
+            self._unacked_done(conn)
+            if asked and conn.state == OPEN:
                 if accepted.duplicate:
                     conn.control(encode_sendack(_RETRANSMIT, ref, accepted.msg_id, b""))
                 else:
@@ -1155,7 +1473,8 @@ class Node:
             if not reply.done():
                 reply.set_exception(exc)
             return
-        conn, ref = reply
+        conn, ref, _ = reply
+        self._unacked_done(conn)
         if conn.state == OPEN:
             conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
             self.mark_dirty(conn)
@@ -1473,7 +1792,9 @@ class Node:
         """SENDACK a message a service took, with its JSON ``doc`` (None: empty).
 
         ``asked``: the SEND set ACK_REQUESTED; if not, nothing is sent (PROTOCOL.md
-        section 7: a SENDACK only when asked; errors are always sent)."""
+        section 7: a SENDACK only when asked; errors are always sent).  Either
+        way the SEND leaves the connection's window."""
+        self._unacked_done(conn)
         if asked and conn.state == OPEN:
             conn.control(self.encoder.encode(Frame(
                 FrameType.SENDACK, _RETRANSMIT if retransmit else 0, ref=ref, msg_id=msg_id,
@@ -1482,6 +1803,11 @@ class Node:
 
     def service_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
         """Answer a message a service took with an ERROR frame (asked for an ack or not)."""
+        self._unacked_done(conn)
+        self.request_error(conn, ref, code, message)
+
+    def request_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
+        """Answer a request (HISTORY, SUBSCRIBE...) with an ERROR frame."""
         if conn.state == OPEN:
             conn.error(code, ref, message)
             self.mark_dirty(conn)
@@ -1510,10 +1836,15 @@ class Node:
     # -- maintenance ----------------------------------------------------------------------
 
     async def _maintenance(self) -> None:
-        """Expire undelivered P0/P1 into dead letters, trim old acked entries."""
+        """Expire undelivered P0/P1 into dead letters, trim old acked entries,
+        free idle streams, write the audit log's summaries."""
+        sweep_at = 0.0
         while True:
             await asyncio.sleep(5.0 + random.random())
             try:
+                if self.audit is not None:
+                    self.audit.flush_aggregates()
+                self.sources.sweep(self.loop.time())
                 now = time.time()
                 for dead in await self.store.expire(now):
                     if dead.receipt:
@@ -1521,8 +1852,24 @@ class Node:
                                            ReceiptStatus.EXPIRED, dead.terminal)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
                 await self._expire_services(now)
+                if self.loop.time() >= sweep_at:
+                    sweep_at = self.loop.time() + STREAM_SWEEP
+                    await self._sweep_streams()
             except Exception:
                 log.exception("maintenance failed")
+
+    async def _sweep_streams(self) -> int:
+        """Free the streams nobody subscribes to that retain nothing any more
+        (their history aged out), a slice per loop iteration."""
+        keys = self.hub.stream_keys()
+        freed = 0
+        for i in range(0, len(keys), SWEEP_SLICE):
+            freed += self.hub.sweep(keys[i:i + SWEEP_SLICE], self.loop.time())
+            await asyncio.sleep(0)
+        if freed:
+            log.info("streams freed=%d (nobody subscribed, nothing retained) left=%d", freed,
+                     self.hub.stream_count())
+        return freed
 
     def _add_lane_totals(self, counters) -> None:
         if counters:

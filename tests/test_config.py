@@ -33,6 +33,7 @@ from tillwire.server.config import (
     node_id,
     parse_duration,
     parse_size,
+    role_value,
 )
 
 ALL_KEYS = [row[0] for row in describe_keys()]
@@ -53,6 +54,8 @@ def toml_value(value) -> str:
         return orjson.dumps(value).decode()
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -367,10 +370,25 @@ BAD_VALUES = {
     "delivery.p0_ttl": (0, "0"),
     "delivery.p1_ttl": ("0d", "-1"),
     "delivery.dedup_window": (0, "x"),
-    "delivery.max_unacked_sends": (0, "0"),
     "delivery.ack_batch_ms": (-1, "nan"),
     "delivery.inflight": (0, "many"),
     "delivery.slow_consumer_timeout": (0, "-1s"),
+    "limits.handshake_frame": (63, "1KB"),
+    "limits.max_send_body": (63, "big"),
+    "limits.max_body_depth": (0, "129"),
+    "limits.unacked_sends": ({"till": 5}, "pos"),
+    "limits.send_rate": ({"pos": -1}, "pos=-1"),
+    "limits.send_burst": ("many", "*=x"),
+    "limits.send_wait_max": (0, "0s"),
+    "limits.request_rate": (-1, "x"),
+    "limits.request_burst": (0, "0"),
+    "limits.max_subscriptions": (-1, "x"),
+    "limits.topic_roles": (["admin"], "admin"),
+    "limits.segment_roles": ("admin", "x,y"),
+    "limits.history_page": (0, "0"),
+    "limits.max_connections_per_source": (-1, "x"),
+    "limits.max_connections_per_tenant": (-1, "x"),
+    "limits.auth_fail_delay_max": (-1, "x"),
     "history.max_messages": (-1, "x"),
     "history.max_age": (0, "0"),
     "store.backend": ("postgres", "redis"),
@@ -485,6 +503,35 @@ def test_boundaries(tmp_path, key, value, expected):
         assert info.value.key == key
     else:
         assert getattr(getattr(load_config(path, env={}), section), name) == expected
+
+
+def test_role_tables_override_the_defaults_entry_by_entry(tmp_path):
+    path = toml_file(tmp_path, """
+        [limits]
+        unacked_sends = {pos = 10}
+        send_rate = {"*" = 7, backend = 100}
+        topic_roles = ["staff", "staff"]
+        """)
+    lim = load_config(path, env={"TILLWIRE_LIMITS_SEND_BURST": "customer=3, kiosk=9"}).limits
+    # What a table names replaces the default's entry; the rest of the default stays.
+    assert dict(lim.unacked_sends) == {"*": 256, "backend": 16384, "pos": 10}
+    assert dict(lim.send_rate) == {"*": 7, "backend": 100, "customer": 5}
+    assert dict(lim.send_burst) == {"*": 100, "backend": 0, "customer": 3, "kiosk": 9}
+    assert lim.topic_roles == ("staff",)
+    # A token's most generous role counts, and 0 (no limit) beats any number.
+    assert role_value(lim.unacked_sends, ("pos",)) == 10
+    assert role_value(lim.unacked_sends, ("pos", "staff")) == 256
+    assert role_value(lim.unacked_sends, ("staff", "backend")) == 16384
+    assert role_value(load_config(env={}).limits.send_rate, ("customer", "backend")) == 0
+    # The table's plain form round-trips (config --print, describe_keys).
+    assert load_config(env={}, overrides={"limits.unacked_sends": {"pos": 10}}).limits \
+        .unacked_sends == lim.unacked_sends
+
+
+def test_role_names_of_the_config_are_the_token_roles():
+    from tillwire.server.auth import ROLES
+    from tillwire.server.config import ROLE_NAMES
+    assert ROLE_NAMES == ROLES
 
 
 # --------------------------------------------------------------------------

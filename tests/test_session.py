@@ -269,14 +269,64 @@ def test_server_receipt_must_be_read(fam):
     assert s.state == fam.session.OPEN
 
 
-def test_server_ping_pong_echo(fam):
+def test_server_ping_pong_echo_one_pong_at_a_time(fam):
+    # One PONG pending per connection: a further PING, and all that came
+    # after it, waits until data_to_send drained the PONG before it.
     s = opened(fam)
     big = bytes(range(256)) * 4                     # compressed both ways
-    data = wire(FrameType.PING, payload=b"abc") + wire(FrameType.PING) + wire(FrameType.PING, payload=big)
+    data = wire(FrameType.PING, payload=b"abc") + wire(FrameType.PING) + \
+        wire(FrameType.PING, payload=big) + SEND
     assert s.receive_data(data, 0) == []
-    out = s.data_to_send(10, 0)                     # control frames ignore max_bytes
-    assert out == wire(FrameType.PONG, payload=b"abc") + wire(FrameType.PONG) + \
-        wire(FrameType.PONG, payload=big)
+    assert s.input_held and s.control_bytes == len(wire(FrameType.PONG, payload=b"abc"))
+    assert s.receive_data(b"", 0) == [] and s.input_held      # its PONG is still queued
+    assert s.data_to_send(10, 0) == wire(FrameType.PONG, payload=b"abc")
+    assert s.receive_data(b"", 0) == [] and s.input_held      # the second answered, the third waits
+    assert s.data_to_send(10, 0) == wire(FrameType.PONG)
+    frames = s.receive_data(b"", 0)
+    assert not s.input_held and tuples(frames) == decode(SEND)
+    assert s.data_to_send(10, 0) == wire(FrameType.PONG, payload=big)
+    assert not s.pending and s.control_bytes == 0
+
+
+def test_server_held_input_takes_new_data_after_it(fam):
+    s = opened(fam)
+    assert s.receive_data(PING + PING + SEND[:5], 0) == [] and s.input_held
+    assert s.receive_data(SEND[5:] + SEND, 0) == []           # added behind what waits
+    s.data_to_send(100, 0)
+    assert tuples(s.receive_data(b"", 0)) == decode(SEND + SEND)
+    assert not s.input_held and s.data_to_send(100, 0) == wire(FrameType.PONG, payload=b"hi")
+
+
+def test_server_held_input_is_dropped_by_close(fam):
+    s = opened(fam)
+    s.receive_data(PING + PING + SEND, 0)
+    s.close(Code.SLOW_CONSUMER, "x")
+    assert not s.input_held and s.receive_data(b"", 0) == []
+
+
+def test_server_control_frames_drain_by_max_bytes_at_least_one(fam):
+    s = opened(fam)
+    frames = [wire(FrameType.PONG, payload=bytes([i]) * 10) for i in range(5)]
+    for f in frames:
+        s.control(f)
+    assert s.control_bytes == sum(map(len, frames)) == s.queued_bytes
+    assert s.data_to_send(1, 0) == frames[0]                  # at least one whole frame
+    assert s.data_to_send(2 * len(frames[1]), 0) == frames[1] + frames[2]
+    assert s.control_bytes == 2 * len(frames[3])
+    assert s.data_to_send(1 << 20, 0) == frames[3] + frames[4]
+    assert s.control_bytes == 0 and not s.pending
+
+
+def test_server_frame_limit_before_hello_is_the_handshake_limit(fam):
+    s = fam.session.ServerSession(fam.Encoder(), max_frame_size=1 << 20, handshake_frame_size=64)
+    assert s.receive_data(b"\x80\x01", 0) == []             # a 128-byte frame announced
+    assert s.state == fam.session.CLOSED and s.close_code == Code.FRAME_TOO_LARGE
+    s = fam.session.ServerSession(fam.Encoder(), max_frame_size=1 << 20, handshake_frame_size=64)
+    payload = b"x" * 200
+    data = HELLO + RESUME + wire(FrameType.PING, payload=payload)
+    assert types_of(s.receive_data(data, 0)) == [FrameType.HELLO, FrameType.RESUME]
+    assert s.state == fam.session.OPEN                        # the full limit after HELLO
+    assert s.data_to_send(1 << 20, 0) == wire(FrameType.PONG, payload=payload)
 
 
 def test_server_ping_split_byte_by_byte(fam):
@@ -512,13 +562,12 @@ def test_server_push_errors(fam):
     assert s.lane_counters() == (1, 0, 0)
 
 
-def test_server_control_queue_join_failure_keeps_queue(fam):
+def test_server_control_frames_must_be_bytes(fam):
     s = opened(fam)
     s.control(PING)
-    s.control(12345)
     with pytest.raises(TypeError):
-        s.data_to_send(100, 0)
-    assert s.pending
+        s.control(12345)
+    assert s.control_bytes == len(PING) and s.data_to_send(100, 0) == PING
 
 
 def test_server_deadline(fam):
@@ -913,10 +962,15 @@ def test_subclass_cycle_is_collected(fam):
 
     a = Conn(fam.Encoder())
     a.me = (a, Marker())
+    class Held(bytes):
+        pass
+
     b = Conn(fam.Encoder())
     b.me = Marker()
-    b.control([b])
-    del a, b
+    frame = Held(PING)
+    frame.owner = b
+    b.control(frame)
+    del a, b, frame
     gc.collect()
     assert freed == [1, 1]
 
@@ -1312,15 +1366,18 @@ def _server_script(draw):
                         min_size=1, max_size=4))
     ops += draw(st.lists(_SERVER_OPS, min_size=4, max_size=40))
     kw = draw(st.sampled_from([{}, {"max_frame_size": 64}, {"max_queued_bytes": 120},
-                               {"lane_weights": (1, 2, 3)}]))
+                               {"lane_weights": (1, 2, 3)}, {"handshake_frame_size": 64},
+                               {"handshake_frame_size": 70, "max_frame_size": 4096}]))
     return b"".join(pieces), ops, kw
 
 
 def _server_observe(s):
     # After a decoder-error CLOSE the queue holds that CLOSE's (codec-worded) text.
     queued = s.queued_bytes if not 1 <= s.close_code <= 8 else None
-    return (s.state, s.close_code, s.pending, queued, s.inbox_window(0), s.inbox_window(1),
-            s.lane_counters(), s.heartbeat_ms, s.deadline(10.0), s.dirty, s.last_seen)
+    control = s.control_bytes if not 1 <= s.close_code <= 8 else None
+    return (s.state, s.close_code, s.pending, queued, control, s.input_held, s.inbox_window(0),
+            s.inbox_window(1), s.lane_counters(), s.heartbeat_ms, s.deadline(10.0), s.dirty,
+            s.last_seen)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
