@@ -169,6 +169,10 @@ class Connection:
                 server_hostname=host if ssl is not None else None)
         await asyncio.wait_for(connect, timeout)
         session = conn.session
+        if session.state == CLOSED:
+            # Refused at once (CONNECTION_LIMIT, DRAINING): nothing to say to it.
+            conn.abort()
+            raise SessionClosed(session.close_code, session.close_reason)
         session.hello(token, int(heartbeat * 1000),
                       orjson.dumps(client_info) if client_info else b"")
         session.resume(epoch, p0, p1, channels)

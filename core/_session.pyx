@@ -1216,7 +1216,8 @@ cdef int _cli_frame(ClientSession c, Frame f) except -1:
     if EXT_FIRST <= t <= EXT_LAST:
         return R_DROP
     allowed = _CLIENT_WELCOME[t] if c.state == S_AWAIT_WELCOME else _CLIENT_OPEN[t]
-    if c.state == S_AWAIT_HELLO or not allowed:
+    if (c.state == S_AWAIT_HELLO and t != T_CLOSE) or not allowed:
+        # (A CLOSE may come first: a server refusing a connection at once.)
         return _cli_unexpected(c, <str>_TYPE_NAMES[t] + ": unexpected from the server now")
     if t == T_DELIVER:
         lane = f._flags & F_LANE

@@ -610,7 +610,8 @@ class ClientSession:
         if _is_extension(ftype):
             return True
         allowed = _CLIENT_WELCOME_TYPES if self.state == AWAIT_WELCOME else _CLIENT_OPEN_TYPES
-        if self.state == AWAIT_HELLO or ftype not in allowed:
+        if (self.state == AWAIT_HELLO and ftype != FrameType.CLOSE) or ftype not in allowed:
+            # (A CLOSE may come first: a server refusing a connection at once.)
             name = FrameType(ftype).name if ftype in FrameType._value2member_map_ \
                 else f"0x{ftype:02x}"
             self.close(Code.UNEXPECTED_FRAME, f"{name}: unexpected from the server now")

@@ -75,6 +75,10 @@ HOLD_BACKLOG = 1     # frames of an earlier read wait their turn (read budget, S
 HOLD_PONG = 2        # the session holds input until its queued PONG went out
 HOLD_BUDGET = 4      # its control frames are over their budget (see Node.check_budget)
 HOLD_AUTH = 8        # a refused login's answer is being held back (auth throttling)
+HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads them slowly)
+# Holds that also stop the handling of frames already read (the rest of a
+# read waits in the backlog until they are lifted).
+_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
 
 
 class TerminalConnection(ServerSession):
@@ -151,30 +155,36 @@ class TerminalConnection(ServerSession):
         frames behind it, for that long."""
         node = self.node
         on_frame = node.on_frame
+        budget = node.control_budget
         n = len(frames)
         i = start
-        if n - start <= _SMALL_READ:
-            while i < n:
-                wait = on_frame(self, frames[i])
-                if wait is not None:
-                    self._defer(frames, i, wait)
-                    return
-                i += 1
-            return
-        deadline = time.perf_counter() + node.read_budget
+        small = n - start <= _SMALL_READ
+        deadline = 0.0 if small else time.perf_counter() + node.read_budget
         while i < n:
             wait = on_frame(self, frames[i])
             if wait is not None:
                 self._defer(frames, i, wait)
                 return
             i += 1
-            if i < n and time.perf_counter() > deadline:
-                node.counters.read_yields += 1
-                self._defer(frames, i, 0.0)
-                return
+            if i < n:
+                if self.control_bytes > budget:
+                    node.check_budget(self)         # answers pile up: stop here
+                    if self.holds & _STOP_HANDLING:
+                        self._defer(frames, i, -1.0)
+                        return
+                else:
+                    extra = self.extra
+                    if extra is not None and extra.get("holds", 0) & _STOP_HANDLING:
+                        self._defer(frames, i, -1.0)
+                        return
+                if not small and time.perf_counter() > deadline:
+                    node.counters.read_yields += 1
+                    self._defer(frames, i, 0.0)
+                    return
 
     def _defer(self, frames: list, start: int, delay: float) -> None:
-        """Keep ``frames[start:]`` for later (``delay`` s; 0: the next iteration)."""
+        """Keep ``frames[start:]`` for later (``delay`` s; 0: the next
+        iteration; < 0: when the holds that stop handling are lifted)."""
         if self.transport is None:
             return            # the connection is gone: so is what it sent
         extra = self.extra if self.extra is not None else {}
@@ -185,14 +195,14 @@ class TerminalConnection(ServerSession):
         self.hold(HOLD_BACKLOG)
         if delay > 0.0:
             loop.call_later(delay, self._on_backlog)
-        else:
+        elif delay == 0.0:
             loop.call_soon(self._on_backlog)
 
     def _on_backlog(self) -> None:
         extra = self.extra
-        backlog = extra.pop("backlog", None) if extra is not None else None
-        if backlog is None:
-            return
+        if extra is None or "backlog" not in extra or extra.get("holds", 0) & _STOP_HANDLING:
+            return            # (nothing waits; or a hold's release calls again)
+        backlog = extra.pop("backlog")
         frames, start = backlog
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -229,11 +239,14 @@ class TerminalConnection(ServerSession):
         extra["holds"] = holds | reason
 
     def release(self, reason: int) -> None:
-        """``reason`` no longer holds reading; read again if nothing else does."""
+        """``reason`` no longer holds reading; read again if nothing else does
+        (and go on with frames already read that waited for it)."""
         extra = self.extra
         if extra is None or not extra.get("holds", 0) & reason:
             return
         holds = extra["holds"] & ~reason
+        if reason & _STOP_HANDLING and not holds & _STOP_HANDLING and "backlog" in extra:
+            self.node.loop.call_soon(self._on_backlog)
         if holds:
             extra["holds"] = holds
             return

@@ -59,9 +59,19 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 
+from .connection import HOLD_ANSWERS, HOLD_AUTH, HOLD_BACKLOG, HOLD_BUDGET, HOLD_PONG
+
 __all__ = ["NodeCollector", "make_registry", "render"]
 
 LANES = ("P0", "P1", "P2", "P3")
+HOLD_NAMES = {HOLD_BACKLOG: "backlog", HOLD_PONG: "pong", HOLD_BUDGET: "budget",
+              HOLD_AUTH: "auth_delay", HOLD_ANSWERS: "answers"}
+
+
+def _count_holds(holds: int, held: dict) -> None:
+    for bit, name in HOLD_NAMES.items():
+        if holds & bit:
+            held[name] += 1
 
 
 def _histogram(name: str, doc: str, hist, worker: str) -> HistogramMetricFamily:
@@ -104,6 +114,7 @@ class NodeCollector:
         by_role: dict[tuple[str, str], int] = {}
         queued = 0
         paused = 0
+        held = dict.fromkeys(HOLD_NAMES.values(), 0)
         for conn in list(node.hub.sessions.values()):
             claims = conn.claims
             if claims is not None:
@@ -112,9 +123,13 @@ class NodeCollector:
                     by_role[key] = by_role.get(key, 0) + 1
             queued += conn.queued_bytes
             paused += conn.paused
+            if conn.extra is not None:
+                _count_holds(conn.holds, held)
         unauth = list(node._unauthenticated)
         for conn in unauth:
             queued += conn.queued_bytes
+            if conn.extra is not None:
+                _count_holds(conn.holds, held)
         fam = GaugeMetricFamily("tillwire_connections",
                                 "Authenticated terminal sessions by tenant and role "
                                 "(a session counts once per role).",
@@ -131,6 +146,13 @@ class NodeCollector:
         yield gauge("connections_write_paused",
                     "Sessions whose socket is backed up (a slow link or terminal): their "
                     "lanes hold what they cannot take yet.", paused)
+        fam = GaugeMetricFamily("tillwire_connections_read_held",
+                                "Connections the server is not reading, by reason (a "
+                                "connection held for two reasons counts under both).",
+                                labels=["worker", "reason"])
+        for reason, n in held.items():
+            fam.add_metric([w, reason], n)
+        yield fam
 
         # -- traffic -----------------------------------------------------------------
         yield counter("frames_received", "Frames received from terminals.", c.frames_in)
@@ -178,6 +200,32 @@ class NodeCollector:
         yield counter("flush_yields", "Write flushes whose rest of connections waited for "
                       "the next turn (server.flush_slice_ms).", c.flush_yields)
 
+        # -- limits (PROTOCOL.md section 14) -------------------------------------------
+        yield counter("rate_waits", "SENDs and requests that waited for their connection's "
+                      "token bucket (limits.send_rate, limits.request_rate).", c.rate_waits)
+        yield counter("rate_refusals", "SENDs refused with RATE_LIMITED (they would have waited "
+                      "longer than limits.send_wait_max).", c.rate_refusals)
+        yield counter("window_refusals", "P0/P1 SENDs refused with TOO_MANY_UNACKED "
+                      "(limits.unacked_sends).", c.window_refusals)
+        yield counter("subscription_refusals", "SUBSCRIBEs refused with TOO_MANY_SUBSCRIPTIONS "
+                      "(limits.max_subscriptions).", c.subscription_refusals)
+        yield counter("connections_refused", "Connections refused with CONNECTION_LIMIT "
+                      "(server.max_connections, limits.max_connections_per_*).",
+                      c.connections_refused)
+        yield counter("auth_delays", "Refused logins whose answer was held back (a source "
+                      "address that kept failing: limits.auth_fail_delay_max).", c.auth_delays)
+        yield counter("budget_holds", "Times a connection stopped being read because its "
+                      "control frames passed their budget.", c.budget_holds)
+        yield counter("ping_holds", "Times a connection's input waited for its PONG to go out.",
+                      c.ping_holds)
+        audit = node.audit
+        if audit is not None:
+            yield counter("audit_lines", "Audit log lines written.", audit.lines)
+            yield counter("audit_aggregated", "Repeated failures summed into an audit summary "
+                          "line instead of written one by one.", audit.aggregated)
+            yield counter("audit_dropped", "Audit lines dropped because the writer fell "
+                          "behind (and failed writes).", audit.dropped + audit.failures)
+
         # -- latency -------------------------------------------------------------------
         yield _histogram("tillwire_store_write_seconds",
                          "Time to store one batch of P0/P1 messages (accept_many).",
@@ -191,6 +239,8 @@ class NodeCollector:
                     node.in_flight())
         yield gauge("channels", "Channel streams (P2 and P3 counted apart).",
                     node.hub.stream_count())
+        yield gauge("pending_subscriptions", "Channels subscribed to that nothing was published "
+                    "to yet (no stream is made for them).", node.hub.pending_count())
         yield gauge("registered_terminals", "Terminals in the registry.", len(node.registry))
         yield gauge("draining", "1 while the node drains.", 1 if node.draining else 0)
         yield gauge("uptime_seconds", "Seconds since the node started.",

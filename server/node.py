@@ -37,8 +37,8 @@ from ..core.session import CLOSED, OPEN, OVERFLOW, Encoder, Frame, fanout
 from . import kinds
 from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
 from .auth import verify_token
-from .connection import (HOLD_AUTH, HOLD_BUDGET, HOLD_PONG, RESUMING, InboxState,
-                         TerminalConnection)
+from .connection import (HOLD_ANSWERS, HOLD_AUTH, HOLD_BUDGET, HOLD_PONG, RESUMING,
+                         InboxState, TerminalConnection)
 from .hub import Hub, parse_positions
 from .limits import Bucket, Policy, SendLimits, Sources, default_max_connections
 from .chat import Chat
@@ -1126,13 +1126,17 @@ class Node:
         """Answer a HISTORY request: HISTORY_ITEM ``encode(item)`` for each of
         ``items``, then HISTORY_END.  Paced like a resync: items are queued
         only while the connection's control frames take less than half their
-        budget, the rest at the next flushes as the terminal reads."""
+        budget, the rest at the next flushes as the terminal reads; until
+        the answer is all queued the connection is not read (a terminal
+        that asks and does not read holds one answer, not a pile of them)."""
         if conn.state == CLOSED:
             return
         extra = conn.extra if conn.extra is not None else {}
         conn.extra = extra
         extra.setdefault("answers", []).append([ref, items, 0, encode, next_offset, code])
         self._answer_jobs(conn)
+        if "answers" in extra:
+            conn.hold(HOLD_ANSWERS)     # no further request is read until this one is out
         self.mark_dirty(conn)
 
     def _answer_jobs(self, conn: TerminalConnection) -> None:
@@ -1152,6 +1156,7 @@ class Node:
             jobs.pop(0)
         if not jobs:
             conn.extra.pop("answers", None)
+            conn.release(HOLD_ANSWERS)
 
     def _queue_resync(self, conn: TerminalConnection, streams) -> None:
         extra = conn.extra if conn.extra is not None else {}

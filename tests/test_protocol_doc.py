@@ -306,9 +306,9 @@ def test_flags_table():
 
 
 def test_codes_table():
-    rows = table("code", "name", "meaning")
+    rows = table("code", "name", "meaning", "what the terminal does")
     documented = {}
-    for code_cell, name_cell, _meaning in rows:
+    for code_cell, name_cell, _meaning, _todo in rows:
         value, name = int(code_cell), code_span(name_cell)
         assert value not in documented, f"codes table lists {value} twice"
         documented[value] = name
@@ -380,3 +380,14 @@ def test_limits():
     assert number(default_limit.group(1)) == DEFAULT_MAX_FRAME_SIZE, (
         f"PROTOCOL.md section 3 default frame limit {default_limit.group(1)} != {DEFAULT_MAX_FRAME_SIZE}"
     )
+
+
+def test_the_retry_hint_of_the_example_is_what_the_sdk_reads():
+    # PROTOCOL.md section 7 (ERROR) and its example: "retry_ms=100 too many SENDs".
+    from tillwire.client.connection import retry_hint
+    from tillwire.server.node import retry_hint as server_hint
+    assert "`retry_ms=`" in PROTOCOL and '"retry_ms=100 too many SENDs"' in PROTOCOL
+    assert retry_hint(Code.TOO_MANY_UNACKED, "retry_ms=100 too many SENDs") == 0.1
+    assert retry_hint(Code.RATE_LIMITED, server_hint(0.0123, "over the rate")) == 0.013
+    assert retry_hint(Code.BAD_MESSAGE, "retry_ms=100 x") is None       # only those two codes
+    assert retry_hint(Code.RATE_LIMITED, "retry_ms=x1 y") is None
