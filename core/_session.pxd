@@ -64,7 +64,7 @@ cdef class ServerSession:
     cdef public uint64_t close_code   # code of the CLOSE sent or received (0 while open)
     cdef _Inbuf _in                   # incomplete inbound frame
     cdef public unsigned char state   # AWAIT_HELLO, AWAIT_RESUME, OPEN or CLOSED
-    cdef public bint dirty            # set by fanout()/the node: queued in a flush list
+    cdef public unsigned char dirty   # set by fanout()/the node: queued in a flush list (0/1; a byte, so _control_bytes fits beside it)
     cdef uint32_t _control_bytes      # bytes in the control queue (fits the padding after dirty)
 
 
