@@ -1253,7 +1253,12 @@ class Node:
                 if self._window_full(conn, limits, ref):
                     return None
                 limits.unacked += 1
-                if service(conn, frame, address, checked.body):
+                try:
+                    taken = service(conn, frame, address, checked.body)
+                except BaseException:
+                    limits.unacked -= 1     # refused: answered below, not counted
+                    raise
+                if taken:
                     return None     # the service stores, routes and answers it
                 limits.unacked -= 1
         except (AddressError, kinds.MessageError) as exc:

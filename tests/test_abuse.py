@@ -642,3 +642,29 @@ def test_the_audit_log_is_written_off_the_calling_thread(tmp_path):
     log.close()
     assert writers == ["tillwire-audit"]
     assert orjson.loads((tmp_path / "a.log").read_bytes())["event"] == "kick"
+
+
+@aiotest()
+async def test_refused_and_answered_sends_leave_the_window():
+    # Every way a SEND is answered (stored, refused by a service, stored by a
+    # service, refused at the edge) gives its place in the window back.
+    node = await start_node(**{"limits.unacked_sends": {"pos": 2, "customer": 2}})
+    try:
+        till = await connect(node, "t1", store="s1")
+        await connect(node, "st1", store="s1", roles=("staff",))
+        app = await connect(node, "app1", store="s1", roles=("customer",), member="m1")
+        for i in range(5):
+            await till.send("x.note", {"n": i}, "store:acme/s1")
+            await till.send("ticket.open", {"code": f"E{i}"}, "role:acme/s1/staff")
+            with pytest.raises(SendError) as info:   # refused by the ticket service
+                await till.send("ticket.open", {"code": "E1"}, "terminal:acme/st1")
+            assert info.value.code == Code.BAD_MESSAGE and "opener's store" in str(info.value)
+            with pytest.raises(SendError):           # FORBIDDEN by the ACL
+                await app.send("ticket.open", {"code": "E1"}, "role:acme/s1/staff")
+            with pytest.raises(SendError):           # BAD_MESSAGE at the edge
+                await till.send("x.note", b"[1]", "store:acme/s1")
+        for name in ("t1", "app1"):
+            assert session_of(node, name).extra["limits"].unacked == 0
+        assert node.counters.window_refusals == 0
+    finally:
+        await node.stop()
