@@ -41,6 +41,14 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
   ``tillwire_auth_failures_total``, ``tillwire_auth_ok_total``,
   ``tillwire_acl_denials_total``, ``tillwire_takeovers_total``, ``tillwire_kicks_total``,
   ``tillwire_read_yields_total``, ``tillwire_flush_yields_total``
+* g ``tillwire_connections_read_held{reason}`` connections not being read
+  (backlog, pong, budget, answers, auth_delay); c ``tillwire_rate_waits_total``,
+  ``tillwire_rate_refusals_total``, ``tillwire_window_refusals_total``,
+  ``tillwire_subscription_refusals_total``, ``tillwire_connections_refused_total``,
+  ``tillwire_auth_delays_total``, ``tillwire_budget_holds_total``,
+  ``tillwire_ping_holds_total`` (the limits, README "What one terminal may cost");
+  c ``tillwire_audit_lines_total``, ``tillwire_audit_aggregated_total``,
+  ``tillwire_audit_dropped_total``; g ``tillwire_pending_subscriptions``
 * h ``tillwire_store_write_seconds`` time of each ``accept_many`` batch
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
