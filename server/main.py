@@ -95,11 +95,11 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
     node.audit = audit
     await node.start(ssl=tls)
     for host, port in node.addresses:
-        log.info("listening host=%s port=%s node=%s store=%s tls=%s", host, port, node.node_id,
-                 cfg.store.backend,
+        log.info("listening host=%s port=%s node=%s store=%s tls=%s max_connections=%d",
+                 host, port, node.node_id, cfg.store.backend,
                  "off" if tls is None else
                  "mutual-required" if cfg.tls.require_client_cert else
-                 "mutual-optional" if cfg.tls.client_ca else "on")
+                 "mutual-optional" if cfg.tls.client_ca else "on", node.max_connections)
     admin = None
     if cfg.admin.port:
         from .admin import start_admin
