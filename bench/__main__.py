@@ -9,6 +9,7 @@ import sys
 import orjson
 
 BENCHMARKS = {
+    "abuse": "bench.abuse",
     "codec": "bench.codec",
     "fanout": "bench.fanout",
     "lanes": "bench.lanes",

@@ -134,8 +134,7 @@ class Conn(asyncio.Protocol):
         self.opened = time.monotonic()
         self.welcomed = attack.loop.create_future()
         self.lost = attack.loop.create_future()
-        self.answered = attack.loop.create_future()   # the first CLOSE or ERROR
-        self.by_server = False      # the server ended the connection
+        self.answered = attack.loop.create_future()   # the first CLOSE or ERROR, or None
         self.shut_by_us = False
         self.paused = False         # the server is not taking our bytes (write buffer full)
         self.broken = False         # the server's bytes stopped decoding (counted once)
@@ -170,10 +169,9 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.attack.open_conns.discard(self)
         if not self.shut_by_us:
-            self.by_server = True
             tally = self.attack.tally
             tally.note("closed_by_server")
-            tally.sample("lifetime_s", time.monotonic() - self.opened)
+            tally.sample("lifetime_ms", (time.monotonic() - self.opened) * 1000)
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("closed before WELCOME"))
             self.welcomed.exception()        # (retrieved: nobody may be waiting)
@@ -230,16 +228,17 @@ class Attack:
         """A new connection from ``source`` (default: the class's)."""
         local = (source or self.source, 0)
         sock = None
-        if rcvbuf:
-            sock = await connected_socket("127.0.0.1", self.port, rcvbuf=rcvbuf, local_addr=local)
         try:
+            if rcvbuf:
+                sock = await connected_socket("127.0.0.1", self.port, rcvbuf=rcvbuf,
+                                              local_addr=local)
             _, conn = await self.loop.create_connection(
                 lambda: Conn(self, on_frame), None if sock else "127.0.0.1",
                 None if sock else self.port, sock=sock, local_addr=None if sock else local)
         except OSError:
             self.tally.note("connect_errors")
             raise
-        self.tally.note("connections")
+        self.tally.note("connections_opened")
         return conn
 
     def spawn(self, coro) -> None:
@@ -336,6 +335,7 @@ class Frames(Attack):
 
     async def oversized(self) -> None:
         conn = await self.open()
+        self.tally.note("oversized_sent")
         t0 = time.monotonic()
         conn.write(_uvarint(FRAME_LIMIT - 16) + b"\x01\x00" + bytes(64 * 1024))
         try:
@@ -347,6 +347,7 @@ class Frames(Attack):
 
     async def truncated(self) -> None:
         conn = await self.open()
+        self.tally.note("truncated_sent")
         body = b"\x01\x00" + bytes(3998)
         conn.write(_uvarint(len(body)) + body[:100])
         await asyncio.shield(conn.lost)
@@ -356,6 +357,7 @@ class Frames(Attack):
         conn = await self.open()
         conn.write(handshake(self.token("x-frames", f"f{i}")))
         await asyncio.wait_for(asyncio.shield(conn.welcomed), 10)
+        self.tally.note("partial_send_sent")
         rest = _unprefixed(_RAW.encode(Frame(FrameType.SEND, Lane.P1, b"", ref=0,
                                              to=f"store:{self.tenant}/x-frames", kind="x.note")))
         # Announce ~1 MiB; send 256 KiB of it.
@@ -555,7 +557,6 @@ class Terminals(Attack):
                 pass
 
     async def run(self, seconds: float) -> None:
-        self.t_end = time.monotonic() + seconds
         await asyncio.gather(*(self.one(k, seconds, self.reads(k)) for k in range(self.conns)),
                              return_exceptions=True)
 
@@ -563,7 +564,8 @@ class Terminals(Attack):
         return self.read
 
     def describe(self) -> dict:
-        return {"rate": self.rate * self.conns, "unit": self.unit, "connections": self.conns}
+        return {"rate": self.rate * self.conns, "rate_per_connection": self.rate,
+                "unit": self.unit.format(conns=self.conns), "connections": self.conns}
 
 
 class Bombs(Terminals):
@@ -574,7 +576,7 @@ class Bombs(Terminals):
     rate = 100.0
     conns = 4
     store = "x-bomb"
-    unit = "compressed SENDs/s (4 KiB expanding to 1 MiB each), 4 connections"
+    unit = "compressed SENDs/s per connection (4 KiB expanding to 1 MiB each), {conns} connections"
     source = "127.0.0.5"
 
     def __init__(self, params: dict) -> None:
@@ -600,7 +602,8 @@ class SendFlood(Terminals):
     rate = 2000.0
     conns = 2
     store = "x-send"
-    unit = "P1 SENDs/s per connection (ticket.open and x.note in turn), 2 connections: one reads, one never reads"
+    unit = ("P1 SENDs/s per connection (ticket.open and x.note in turn), {conns} connections: "
+            "the first reads, the others never read")
     source = "127.0.0.7"
 
     def reads(self, k: int) -> bool:
@@ -627,7 +630,7 @@ class PingFlood(Terminals):
     read = False
     rcvbuf = 4096
     store = "x-ping"
-    unit = "PINGs/s per connection (1 KiB payload), 4 connections that never read"
+    unit = "PINGs/s per connection (1 KiB payload), {conns} connections that never read"
     source = "127.0.0.8"
 
     def __init__(self, params: dict) -> None:
@@ -652,7 +655,7 @@ class SubscribeFlood(Terminals):
     rate = 100.0
     conns = 10
     store = "x-sub"
-    unit = "SUBSCRIBE/UNSUBSCRIBE requests/s per connection (random topics), 10 connections"
+    unit = "SUBSCRIBE/UNSUBSCRIBE requests/s per connection (random topics), {conns} connections"
     source = "127.0.0.9"
 
     def __init__(self, params: dict) -> None:
@@ -719,14 +722,15 @@ def pathological_bodies(rnd: random.Random, limit: int = 65536) -> list[tuple[st
     out.append(("nested_10000", b'{"a":' + b"[" * 10000 + b"]" * 10000 + b"}"))
     out.append(("nested_31", b'{"a":' + b"[" * 30 + b"1" + b"]" * 30 + b"}"))
     out.append(("nested_objects_5000", b'{"a":' * 5000 + b"1" + b"}" * 5000))
-    # Many 13-19 digit runs that fail the Luhn check (no card, all scanned).
+    # Many 13-19 digit runs that fail the Luhn check (no card, all scanned),
+    # apart (", ": a comma ends a run; one space alone would join them).
     runs = []
     size = 20
     while size < limit - 200:
         run = _digit_run(rnd, luhn=False)
         runs.append(run)
-        size += len(run) + 1
-    out.append(("digit_runs_not_cards", orjson.dumps({"ids": " ".join(runs)})))
+        size += len(run) + 2
+    out.append(("digit_runs_not_cards", orjson.dumps({"ids": ", ".join(runs)})))
     # Card-like numbers: Luhn-valid, plain, grouped, dashed, full-width, a number literal.
     card = "4111111111111111"
     out.append(("card_plain", orjson.dumps({"memo": f"card {card} thanks"})))
@@ -738,8 +742,8 @@ def pathological_bodies(rnd: random.Random, limit: int = 65536) -> list[tuple[st
         {"memo": "".join(chr(0xFF10 + int(c)) for c in card)})))
     out.append(("card_number_literal", b'{"pan":%s}' % card.encode()))
     out.append(("card_in_key", b'{"%s":1}' % card.encode()))
-    out.append(("card_deep_in_many_runs", orjson.dumps(
-        {"ids": " ".join(runs[:2000] + [_digit_run(rnd, luhn=True)])})))
+    out.append(("card_after_2000_runs", orjson.dumps(
+        {"ids": ", ".join(runs[:2000] + [_digit_run(rnd, luhn=True)])})))
     # Non-ASCII in bulk, and an escaped lone surrogate.
     out.append(("non_ascii_20k", orjson.dumps({"t": "é中😀" * 5000})))
     out.append(("lone_surrogate", b'{"t":"\\ud800 x"}'))
@@ -756,7 +760,7 @@ class Bodies(Terminals):
     rate = 100.0
     conns = 4
     store = "x-body"
-    unit = "SENDs/s per connection (pathological bodies in turn), 4 connections"
+    unit = "SENDs/s per connection (pathological bodies in turn), {conns} connections"
     source = "127.0.0.11"
 
     def __init__(self, params: dict) -> None:

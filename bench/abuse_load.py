@@ -132,12 +132,13 @@ class Payer(asyncio.Protocol):
 
     def __init__(self, load: "Load") -> None:
         self.load = load
-        self.decoder = Decoder()
+        self.decoder = None
         self.transport = None
         self.connected = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.decoder = Decoder()
         token = issue_token(SECRET, tenant=self.load.tenant, store="hq", terminal="payer",
                             roles=["backend"], ttl=86400)
         transport.write(_handshake(token))
@@ -258,9 +259,10 @@ class Load:
         now = time.monotonic()
         out = {}
         for name, t0, t1 in windows:
+            numbers = self._results(t0, t1)
             lat = []
             acked = delivered = pending = lost = 0
-            for n in self._results(t0, t1):
+            for n in numbers:
                 sent = self.sent[n]
                 got = self.received.get(n)
                 if n in self.acked:
@@ -280,8 +282,8 @@ class Load:
                 key = f"{who}: {what}"
                 counts[key] = counts.get(key, 0) + 1
             out[name] = {
-                "sent": len(self._results(t0, t1)), "acked": acked, "delivered": delivered,
-                "pending": pending, "lost": lost,
+                "sent": len(numbers), "acked": acked, "delivered": delivered,
+                "pending": pending, "lost": lost, "unacked": len(numbers) - acked,
                 "p50_ms": round(percentile(lat, 50), 2) if lat else None,
                 "p99_ms": round(percentile(lat, 99), 2) if lat else None,
                 "max_ms": round(max(lat), 2) if lat else None,

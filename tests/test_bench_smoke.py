@@ -76,3 +76,38 @@ def test_quick_lanes_behind_weak_links_prints_its_keys():
     assert result["p0_lost"] == 0 and result["p0_sent"] == result["p0_acked"] > 0
     assert result["p3_delivered"] > 0
     assert 0 <= result["p3_dropped"] < result["p3_offers"] * result["terminals"]
+
+
+ABUSE_KEYS = {"cases", "server_crashes", "good_p99_ms_baseline", "good_p99_ms_worst",
+              "abuse_ratio", "worst_case", "rss_growth_mb_max", "lost"}
+ABUSE_CASES = {"garbage", "frames", "bombs", "slowloris", "bad_token", "send_flood",
+               "ping_flood", "subscribe_flood", "churn", "bodies", "admin"}
+ABUSE_CASE_FIGURES = ("rate", "good_p50_ms_baseline", "good_p99_ms_baseline",
+                      "good_p50_ms_attack", "good_p99_ms_attack", "ratio", "target_p99_ms",
+                      "rss_before_mb", "rss_after_settle_mb", "rss_growth_mb")
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_quick_abuse_prints_its_keys():
+    # Every attack class runs against the good tills, the server survives and
+    # no acked payment result is lost; the figures themselves are not judged.
+    result = run_bench("abuse")
+    missing = ABUSE_KEYS - set(result)
+    assert not missing, f"abuse: missing keys {sorted(missing)} in {result}"
+    assert result["server_crashes"] == 0 and result["lost"] == 0
+    cases = {case["name"]: case for case in result["cases"]}
+    assert set(cases) == ABUSE_CASES
+    for name, case in cases.items():
+        for key in ABUSE_CASE_FIGURES:
+            value = case[key]
+            assert isinstance(value, (int, float)) and value == value, f"{name}.{key} = {value!r}"
+        assert case["rate"] > 0 and case["good_p99_ms_attack"] > 0 and case["bound"]
+        assert isinstance(case["met"], bool) and not case["server_crashed"]
+        for phase in ("baseline", "attack"):
+            results = case["results"][phase]
+            assert results["sent"] > 0 and results["lost"] == 0, (name, phase, results)
+    worst = cases[result["worst_case"]]
+    assert result["abuse_ratio"] == worst["ratio"] == max(c["ratio"] for c in cases.values())
+    assert result["good_p99_ms_worst"] == worst["good_p99_ms_attack"]
+    assert result["good_p99_ms_baseline"] == worst["good_p99_ms_baseline"]
