@@ -4,6 +4,7 @@
 #   make install  set up .venv and build only
 #   make compile  rebuild the Cython extensions in place after editing core/*.pyx
 #   make bench    pytest-benchmark micro-benchmarks + every `python -m bench` --quick run
+#   make fuzz     coverage-guided fuzzing of the native core (fuzz/, SECONDS=300 by default)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ NATIVE := $(wildcard core/*.pyx core/*.pxd)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev compile run test bench clean distclean
+.PHONY: install install-dev fuzz-deps compile run test bench fuzz clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,13 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# clang and ASan's static runtime build the instrumented core that
+# tests/test_fuzz.py fuzzes with atheris (Debian's packages; CI runs as root).
+fuzz-deps:
+	@dpkg -s clang libclang-rt-14-dev >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  clang libclang-rt-14-dev; }
+
 compile: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
@@ -51,12 +59,15 @@ run: install
 	TILLWIRE_ADMIN_TOKEN="$${TILLWIRE_ADMIN_TOKEN:-$$(cat data/dev-admin-token)}" \
 	$(BIN)/tillwire serve --data-dir data $(ARGS)
 
-test: install-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install-dev fuzz-deps
+	FUZZ_REQUIRE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-dev
 	$(PY) -m pytest bench/micro -q --benchmark-only $(PYTEST_ARGS)
 	$(PY) -m bench all --quick
+
+fuzz: install-dev fuzz-deps
+	$(PY) -m fuzz run all --seconds $(or $(SECONDS),300)
 
 clean:
 	rm -rf build core/*.c core/*.so *.egg-info src/*.egg-info .pytest_cache

@@ -329,6 +329,12 @@ class Connection:
         ref = self.next_ref() if ref is None else ref
         if not self.is_open:
             raise SessionClosed(self.close_code or Code.NORMAL, "connection is closed")
+        limit = self.session.peer_max_frame
+        if limit and len(payload) + len(to) + len(kind) + len(key) + 32 > limit:
+            # The server would close the connection for it (FRAME_TOO_LARGE).
+            raise SendError(Code.BAD_MESSAGE, f"body: {len(payload)} bytes, more than this "
+                                              f"server takes in a frame ({limit}, WELCOME "
+                                              "max_frame)")
         fut = self.loop.create_future()
         self._sends[ref] = fut
         self.session.send(lane, to, kind, payload, ref=ref, ttl_ms=int(ttl * 1000), key=key,

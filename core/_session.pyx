@@ -789,7 +789,8 @@ cdef class ServerSession:
     # -- output -------------------------------------------------------------
 
     def accept(self, version, heartbeat_ms, time_ms, max_frame, epoch, payload=b""):
-        """Queue WELCOME for the HELLO the application has verified."""
+        """Queue WELCOME for the HELLO the application has verified (ignored
+        after CLOSE: CLOSE is always the last frame)."""
         cdef Frame f = _frame(T_WELCOME, payload)
         frame_set_int(f, I_VERSION, version)
         frame_set_int(f, I_HEARTBEAT, heartbeat_ms)
@@ -797,6 +798,8 @@ cdef class ServerSession:
         frame_set_int(f, I_MAX_FRAME, max_frame)
         frame_set_int(f, I_EPOCH, epoch)
         frame = _encode(self._encoder, f)
+        if self.state == S_CLOSED:
+            return
         self.heartbeat_ms = heartbeat_ms
         _ctl_add(self, frame)
 
@@ -934,6 +937,9 @@ cdef class ServerSession:
                 out = b"".join(frames[:k])
                 del frames[:k]
                 self._control_bytes -= <uint32_t>total
+                if PyList_GET_SIZE(frames) == 0:
+                    self._control = None    # (a list is never empty)
+                    self._in.pong = 0       # every PONG queued went with it
                 return out              # the control frames left go first next time
         if self._control is None:
             self._in.pong = 0           # every PONG queued went with it

@@ -241,11 +241,15 @@ class ServerSession:
 
     def accept(self, version: int, heartbeat_ms: int, time_ms: int, max_frame: int,
                epoch: int, payload: bytes = b"") -> None:
-        """Queue WELCOME for the HELLO the application has verified."""
-        self.heartbeat_ms = heartbeat_ms
-        self._control.append(self.encoder.encode(_codec_py.Frame(
+        """Queue WELCOME for the HELLO the application has verified (ignored
+        after CLOSE: CLOSE is always the last frame)."""
+        frame = self.encoder.encode(_codec_py.Frame(
             FrameType.WELCOME, version=version, heartbeat=heartbeat_ms, time=time_ms,
-            max_frame=max_frame, epoch=epoch, payload=payload)))
+            max_frame=max_frame, epoch=epoch, payload=payload))
+        if self.state == CLOSED:
+            return
+        self.heartbeat_ms = heartbeat_ms
+        self._control.append(frame)
 
     def set_inbox(self, lane: int, acked: int) -> None:
         """Set the inbox window after RESUME: ``acked`` is the position both

@@ -43,7 +43,7 @@ def _encoders(limit):
     return _PY_REENCODE[limit], _NATIVE_REENCODE[limit]
 
 
-def _as(form: int, chunk: bytes):
+def as_buffer(form: int, chunk: bytes):
     """``chunk`` as bytes, bytearray, a memoryview, or a non-contiguous memoryview."""
     form &= 3
     if form == 1:
@@ -77,7 +77,7 @@ def feed_record(codec, chunks, limit, forms=0):
     failed = False
     for i, chunk in enumerate(chunks + [b""]):
         try:
-            frames = decoder.feed(_as(forms >> (2 * (i % 4)), chunk))
+            frames = decoder.feed(as_buffer(forms >> (2 * (i % 4)), chunk))
         except ProtocolError as exc:
             record.append(("error", int(exc.code), [f.as_tuple() for f in exc.frames]))
             assert not failed or exc.frames == [], "a failed decoder returned frames"
@@ -93,6 +93,8 @@ def feed_record(codec, chunks, limit, forms=0):
 def _outcome(call):
     try:
         return ("ok", call())
+    except ProtocolError as exc:        # FRAME_TOO_LARGE: a decompressed payload re-encoded
+        return ("ProtocolError", int(exc.code))
     except (ValueError, TypeError, OverflowError) as exc:
         return (type(exc).__name__,)
 

@@ -79,6 +79,8 @@ HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads the
 # Holds that also stop the handling of frames already read (the rest of a
 # read waits in the backlog until they are lifted).
 _STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
+# Holds that only the terminal's reading lifts: held so too long is a slow consumer.
+STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
 
 
 class TerminalConnection(ServerSession):
@@ -129,6 +131,7 @@ class TerminalConnection(ServerSession):
         if self.input_held:
             node.counters.ping_holds += 1
             self.hold(HOLD_PONG)
+            node.watch_stall(self)
         node.check_budget(self)
         if self.pending:
             node.mark_dirty(self)

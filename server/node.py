@@ -38,7 +38,7 @@ from . import kinds
 from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
 from .auth import verify_token
 from .connection import (HOLD_ANSWERS, HOLD_AUTH, HOLD_BUDGET, HOLD_PONG, RESUMING,
-                         InboxState, TerminalConnection)
+                         STALL_HOLDS, InboxState, TerminalConnection)
 from .hub import Hub, parse_positions
 from .limits import Bucket, Policy, SendLimits, Sources, default_max_connections
 from .chat import Chat
@@ -85,6 +85,7 @@ PUMP_BATCH = 128             # store rows read per pump step
 INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
 STOP_GRACE = 2.0             # seconds stop() waits for in-flight commits and service tasks
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
+SEND_HEADER_ROOM = 1024      # bytes of a SEND's fields (ref, ttl, to, kind, key) over its body
 STREAM_SWEEP = 60.0          # seconds between sweeps for idle streams
 SWEEP_SLICE = 1000           # streams looked at per loop iteration of a sweep
 
@@ -171,7 +172,12 @@ class Node:
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         srv = cfg.server
         self.secret = cfg.auth.secret
-        self.max_frame_size = srv.max_frame_size
+        # What a terminal may send: a SEND body of limits.max_send_body and its
+        # header (announced in WELCOME; frames the server sends may be longer,
+        # up to server.max_frame_size).  A compressed payload decompresses to
+        # no more either: a small compression bomb costs nothing.
+        self.max_frame_size = min(srv.max_frame_size,
+                                  cfg.limits.max_send_body + SEND_HEADER_ROOM)
         self.max_queued_bytes = cfg.lanes.max_queued_bytes
         # Inbox delivery stops once a connection's queued P0/P1 frames take
         # half its budget, so they never overflow it merely because a backlog
@@ -707,7 +713,7 @@ class Node:
             source = extra.get("source")
             if source is not None:
                 self.sources.disconnect(source)
-            for handle in (extra.get("budget_timer"), extra.get("auth_timer")):
+            for handle in (extra.get("stall_timer"), extra.get("auth_timer")):
                 if handle is not None:
                     handle.cancel()
         conn.transport = None
@@ -726,9 +732,8 @@ class Node:
         """Stop reading a connection whose control frames are over their
         budget (answers it asked for and does not read); read again once
         they drained to half of it.  One whose control frames pass the
-        connection's whole budget, or stay over theirs for
-        ``delivery.slow_consumer_timeout``, is closed with SLOW_CONSUMER
-        (its P0/P1 messages stay in the store)."""
+        connection's whole budget is closed with SLOW_CONSUMER at once (its
+        P0/P1 messages stay in the store); see also :meth:`watch_stall`."""
         queued = conn.control_bytes
         if queued > self.control_budget:
             if queued > self.max_queued_bytes:
@@ -737,20 +742,37 @@ class Node:
             if not conn.holds & HOLD_BUDGET:
                 self.counters.budget_holds += 1
                 conn.hold(HOLD_BUDGET)
-                conn.extra["budget_timer"] = self.loop.call_later(
-                    self.cfg.delivery.slow_consumer_timeout, self._budget_timeout, conn)
+                self.watch_stall(conn)
         elif queued <= self.control_budget // 2 and conn.holds & HOLD_BUDGET:
-            handle = conn.extra.pop("budget_timer", None)
-            if handle is not None:
-                handle.cancel()
             conn.release(HOLD_BUDGET)
 
-    def _budget_timeout(self, conn: TerminalConnection) -> None:
+    def watch_stall(self, conn: TerminalConnection) -> None:
+        """A connection stopped being read because it does not read what it
+        asked for (a PONG, answers over the budget, a HISTORY answer): if it
+        stays so for ``delivery.slow_consumer_timeout``, close it with
+        SLOW_CONSUMER."""
         extra = conn.extra
-        if extra is not None:
-            extra.pop("budget_timer", None)
-        if conn.holds & HOLD_BUDGET:
+        extra.setdefault("stall_since", self.loop.time())
+        if extra.get("stall_timer") is None:
+            extra["stall_timer"] = self.loop.call_later(self.cfg.delivery.slow_consumer_timeout,
+                                                        self._on_stall, conn)
+
+    def _on_stall(self, conn: TerminalConnection) -> None:
+        extra = conn.extra
+        if extra is None:
+            return
+        extra.pop("stall_timer", None)
+        if not conn.holds & STALL_HOLDS or conn.state == CLOSED:
+            extra.pop("stall_since", None)
+            return
+        now = self.loop.time()
+        timeout = self.cfg.delivery.slow_consumer_timeout
+        since = extra.get("stall_since", now)
+        if now - since >= timeout:
             self._slow_consumer(conn)
+        else:                       # (held again lately: wait out its own time)
+            extra["stall_timer"] = self.loop.call_later(since + timeout - now, self._on_stall,
+                                                        conn)
 
     def _after_write(self, conn: TerminalConnection) -> None:
         """A flush wrote to a connection that has reading holds: lift what
@@ -760,6 +782,8 @@ class Node:
             self.loop.call_soon(conn.resume_input)
         if holds & HOLD_BUDGET:
             self.check_budget(conn)
+        if not conn.holds & STALL_HOLDS and conn.extra is not None:
+            conn.extra.pop("stall_since", None)     # it reads again: a new stall starts afresh
 
     def _send_limits(self, conn: TerminalConnection) -> SendLimits:
         """The connection's SEND limits (made on its first SEND)."""
@@ -812,6 +836,8 @@ class Node:
     # -- handshake ----------------------------------------------------------------------
 
     def _on_hello(self, conn: TerminalConnection, frame) -> None:
+        if conn.state == CLOSED:
+            return      # (what came after it in the same read closed the session)
         if frame.version < MIN_PROTOCOL_VERSION:
             self._refuse(conn, Code.UNSUPPORTED_VERSION,
                          f"this server speaks protocol versions {MIN_PROTOCOL_VERSION}-"
@@ -908,6 +934,7 @@ class Node:
 
     def _refuse_late(self, conn: TerminalConnection, code: int, reason: str) -> None:
         conn.extra.pop("auth_timer", None)
+        conn.extra.pop("backlog", None)     # (what it sent after HELLO goes unread)
         if conn.transport is not None:
             conn.close(code, reason)
             self.mark_dirty(conn)
@@ -936,7 +963,7 @@ class Node:
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims
-        if claims is None:          # HELLO was refused; the session is closing (or held)
+        if claims is None or conn.state == CLOSED:   # HELLO refused (or held); closing
             return
         try:
             positions = parse_positions(frame.payload)
@@ -1137,6 +1164,7 @@ class Node:
         self._answer_jobs(conn)
         if "answers" in extra:
             conn.hold(HOLD_ANSWERS)     # no further request is read until this one is out
+            self.watch_stall(conn)
         self.mark_dirty(conn)
 
     def _answer_jobs(self, conn: TerminalConnection) -> None:

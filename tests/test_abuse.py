@@ -87,27 +87,40 @@ async def test_big_and_deep_bodies_are_bad_messages_and_the_session_goes_on():
     node = await start_node()
     try:
         till = await connect(node, "t1", store="s1")
-        # 1 MiB of "1,1,1..." with one non-ASCII character: over the SEND body limit.
+        # What a terminal may send is announced: a SEND body of limits.max_send_body
+        # and its header.  Just over the body limit: BAD_MESSAGE naming it.
+        assert till.welcome.max_frame == 65536 + 1024
+        over = b'{"t":"\xc3\xa9","a":[' + b"1," * 32_761 + b'1]}'
+        assert 65536 < len(over) < 65536 + 512
+        with pytest.raises(SendError) as info:
+            await till.send("x.note", over, "store:acme/s1")
+        assert info.value.code == Code.BAD_MESSAGE
+        assert "limits.max_send_body" in info.value.message
+        # 1 MiB of "1,1,1..." with one non-ASCII character: refused by the SDK
+        # before it is sent (the server would close the connection for it).
         big = b'{"t":"\xc3\xa9","a":[' + b"1," * 400_000 + b'1]}'
         with pytest.raises(SendError) as info:
             await till.send("x.note", big, "store:acme/s1")
-        assert info.value.code == Code.BAD_MESSAGE
-        assert "limits.max_send_body" in info.value.message
-        # The same as a 4 KB compression bomb: decompressed, then refused by size.
+        assert info.value.code == Code.BAD_MESSAGE and "max_frame" in info.value.message
+        # ... and sent anyway, raw, or as a 4 KB compression bomb: FRAME_TOO_LARGE,
+        # before buffering or decompressing it.
         bomb = b'{"a":[' + b"1," * 500_000 + b'1]}'
         packed = lz4.block.compress(bomb, store_size=False)
         assert len(packed) < 8192 < len(bomb)
-        host, port = node.addresses[0]
-        reader, writer = await raw_session(node, "t2", store="s1")
-        size = bomb.__len__()
-        payload = bytes(_uvarint(size)) + packed
-        writer.write(frame(FrameType.SEND, Lane.P1 | Flag.ACK_REQUESTED | Flag.COMPRESSED,
-                           payload, ref=9, to="store:acme/s1", kind="x.note"))
-        [error] = [f for f in await read_frames(
-            reader, lambda fs: any(f.type == FrameType.ERROR for f in fs))
-            if f.type == FrameType.ERROR]
-        assert (error.code, error.ref) == (Code.BAD_MESSAGE, 9)
-        writer.close()
+        plain = Encoder(1 << 20, 0)                 # (an encoder that never compresses)
+        sends = [plain.encode(Frame(FrameType.SEND, Lane.P1 | Flag.ACK_REQUESTED, big, ref=9,
+                                    to="store:acme/s1", kind="x.note")),
+                 _compressed(plain.encode(Frame(FrameType.SEND, Lane.P1 | Flag.ACK_REQUESTED,
+                                                bytes(_uvarint(len(bomb))) + packed, ref=9,
+                                                to="store:acme/s1", kind="x.note")))]
+        for n, data in enumerate(sends):
+            reader, writer = await raw_session(node, f"t{n + 2}", store="s1")
+            writer.write(data)
+            frames = await read_frames(reader, lambda fs: any(
+                f.type == FrameType.CLOSE for f in fs))
+            assert frames[-1].type == FrameType.CLOSE, (n, frames)
+            assert frames[-1].code == Code.FRAME_TOO_LARGE
+            writer.close()
         # 1,000 levels with a non-ASCII character: BAD_MESSAGE naming the depth (it
         # was a RecursionError that aborted the connection without CLOSE).
         deep = b'{"a":' * 1000 + b'"\xc3\xa9"' + b"}" * 1000
@@ -120,6 +133,12 @@ async def test_big_and_deep_bodies_are_bad_messages_and_the_session_goes_on():
         assert ack.type == FrameType.SENDACK
     finally:
         await node.stop()
+
+
+def _compressed(data: bytes) -> bytes:
+    """An encoded frame with COMPRESSED set (its payload already is an lz4 block)."""
+    prefix = next(i for i, b in enumerate(data) if not b & 0x80) + 1
+    return data[:prefix + 1] + bytes([data[prefix + 1] | Flag.COMPRESSED]) + data[prefix + 2:]
 
 
 def _uvarint(n: int) -> bytearray:
@@ -137,7 +156,7 @@ def _uvarint(n: int) -> bytearray:
 
 @aiotest()
 async def test_a_ping_flood_that_never_reads_holds_one_pong_and_stops_being_read():
-    node = await start_node()
+    node = await start_node(**{"delivery.slow_consumer_timeout": 4.0})
     try:
         reader, writer = await raw_session(node, "pinger", store="s1", rcvbuf=4096)
         conn = session_of(node, "pinger")
@@ -157,6 +176,9 @@ async def test_a_ping_flood_that_never_reads_holds_one_pong_and_stops_being_read
         assert read < len(pings) // 4
         assert conn.control_bytes <= 1100
         assert conn.state != 3 and node.counters.ping_holds >= 1
+        # Held so for delivery.slow_consumer_timeout: a slow consumer.
+        await eventually(lambda: conn.state == 3, timeout=5)
+        assert conn.close_code == Code.SLOW_CONSUMER
         writer.transport.abort()
     finally:
         await node.stop()
@@ -195,7 +217,7 @@ async def test_control_frames_over_their_budget_stop_reading_then_close_slow_con
                          for i in range(40_000))
         writer.write(sends)
         await eventually(lambda: conn.holds & HOLD_BUDGET, timeout=10)
-        assert node.control_budget < conn.control_bytes <= node.max_queued_bytes
+        assert conn.control_bytes <= node.max_queued_bytes
         assert node.counters.budget_holds == 1
         accepted = node.hub.stream("store:acme/s1", Lane.P2, False).offset
         await asyncio.sleep(0.3)
@@ -571,8 +593,11 @@ async def test_repeated_bad_tokens_wait_longer_and_longer_but_a_good_one_never_w
             [close] = await read_frames(reader, lambda fs: any(
                 f.type == FrameType.CLOSE for f in fs))
             assert close.code == Code.AUTH_FAILED
+            took = time.monotonic() - started
+            # ... and the server lets go of it at once (not at the auth timeout).
+            assert await asyncio.wait_for(reader.read(1), 1.0) == b""
             writer.close()
-            return time.monotonic() - started
+            return took
 
         waits = [await bad_login() for _ in range(7)]
         assert max(waits[:3]) < 0.2                      # the first three: at once
@@ -666,5 +691,28 @@ async def test_refused_and_answered_sends_leave_the_window():
         for name in ("t1", "app1"):
             assert session_of(node, name).extra["limits"].unacked == 0
         assert node.counters.window_refusals == 0
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_hello_with_garbage_behind_it_neither_logs_in_nor_takes_over():
+    # Found by the fuzzer: HELLO (a valid token) and a bad byte in one write.
+    # The session closed on the byte; its HELLO must not then log in, nor
+    # close the terminal's live session as a takeover.
+    node = await start_node()
+    try:
+        live = await connect(node, "t1", store="s1")
+        host, port = node.addresses[0]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(hello(token("t1", store="s1")) + b"\x00")
+        frames = await read_frames(reader, lambda fs: any(f.type == FrameType.CLOSE for f in fs))
+        assert [f.type for f in frames] == [FrameType.CLOSE]
+        assert frames[0].code == Code.MALFORMED
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert node.counters.takeovers == 0 and not live.closed.is_set()
+        assert node.hub.sessions["terminal:acme/t1"].transport is not None
+        await live.close()
     finally:
         await node.stop()

@@ -1575,3 +1575,27 @@ def test_server_chunking_does_not_matter(fam, pieces, cuts):
     assert got == expected
     assert (split.state, split.close_code) == (whole.state, whole.close_code)
     assert split.data_to_send(1 << 20, 0) == whole.data_to_send(1 << 20, 0)
+
+
+def test_server_partial_drain_of_the_last_control_frame_empties_the_queue(fam):
+    # Found by the fuzzer (fuzz/crashes/session/session-pending-after-partial-drain):
+    # a control frame larger than max_bytes, drained alone, left an empty queue
+    # behind (pending stayed True and the PONG's hold with it).
+    s = opened(fam)
+    s.receive_data(wire(FrameType.PING, payload=b"x" * 100) + PING + SEND, 0)
+    assert s.input_held
+    out = s.data_to_send(30, 0)
+    assert out == wire(FrameType.PONG, payload=b"x" * 100) and not s.pending
+    assert tuples(s.receive_data(b"", 0)) == decode(SEND) and not s.input_held
+    assert s.data_to_send(30, 0) == wire(FrameType.PONG, payload=b"hi") and not s.pending
+
+
+def test_server_accept_after_close_queues_nothing(fam):
+    # Found by the fuzzer (fuzz/crashes/session/session-accept-after-close): a
+    # HELLO and bad bytes in one read; the application then accepted the HELLO.
+    s = server(fam)
+    assert types_of(s.receive_data(HELLO + b"\x00", 0)) == [FrameType.HELLO]
+    assert s.state == fam.session.CLOSED
+    s.accept(1, 30000, 0, 1 << 20, 1)
+    frames = decode(s.data_to_send(1 << 20, 0))
+    assert [f[0] for f in frames] == [FrameType.CLOSE] and s.heartbeat_ms == 0
