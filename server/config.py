@@ -557,7 +557,9 @@ class ServerConfig:
         "This node's id in a cluster; empty = derive '<hostname>-<pid>' at start.")
     max_frame_size: int = _key(
         DEFAULT_MAX_FRAME_SIZE, _Size(MIN_FRAME_SIZE_LIMIT, MAX_FRAME_SIZE_LIMIT),
-        "Largest frame length accepted and announced in WELCOME (bytes).")
+        "Largest frame the server sends, and the largest admin publish body (bytes); what "
+        "terminals may send, announced in WELCOME, is the smaller of this and "
+        "limits.max_send_body + 1024.")
     compress_threshold: int = _key(
         DEFAULT_COMPRESS_THRESHOLD, _Size(0),
         "Payloads of at least this many bytes are lz4-compressed when it helps (0 = never).")
@@ -698,7 +700,9 @@ class LimitsConfig:
     max_send_body: int = _key(
         65536, _Size(64, MAX_FRAME_SIZE_LIMIT),
         "Largest SEND body a terminal may send (bytes, after decompression); larger is "
-        "BAD_MESSAGE. Admin publishes are limited by server.max_frame_size.")
+        "BAD_MESSAGE, and a frame more than 1 KiB larger (or a payload decompressing to more) is "
+        "CLOSE FRAME_TOO_LARGE before it is buffered. Admin publishes are limited by "
+        "server.max_frame_size.")
     max_body_depth: int = _key(
         32, _Int(1, 128),
         "Deepest nesting of a message body's JSON (terminal SENDs and admin publishes); deeper "
