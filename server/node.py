@@ -61,6 +61,7 @@ _RECEIPT_REQUESTED = int(Flag.RECEIPT_REQUESTED)
 _P0, _P1, _P3 = int(Lane.P0), int(Lane.P1), int(Lane.P3)
 _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
 WINDOW_RETRY_MS = 100        # the retry hint of TOO_MANY_UNACKED (a commit takes a few ms)
+_HANDSHAKE = frozenset({int(FrameType.HELLO), int(FrameType.RESUME), int(FrameType.CLOSE)})
 
 
 async def _none():
@@ -722,9 +723,11 @@ class Node:
         """Handle one frame; None, or the seconds the frame (and the ones
         after it) must wait before it can be taken (a rate)."""
         handler = self._handlers.get(frame.type)
-        if handler is not None:
-            return handler(conn, frame)
-        return None
+        if handler is None:
+            return None
+        if conn.claims is None and frame.type not in _HANDSHAKE:
+            return None     # its HELLO was refused (or is held): what follows is not read
+        return handler(conn, frame)
 
     # -- budgets and rates ------------------------------------------------------------
 
@@ -836,8 +839,9 @@ class Node:
     # -- handshake ----------------------------------------------------------------------
 
     def _on_hello(self, conn: TerminalConnection, frame) -> None:
-        if conn.state == CLOSED:
-            return      # (what came after it in the same read closed the session)
+        # (Handled even when bytes after it in the same read closed the session:
+        # frames before a bad one are valid, PROTOCOL.md 16; its WELCOME then
+        # is not sent, as nothing follows a CLOSE.)
         if frame.version < MIN_PROTOCOL_VERSION:
             self._refuse(conn, Code.UNSUPPORTED_VERSION,
                          f"this server speaks protocol versions {MIN_PROTOCOL_VERSION}-"
@@ -963,7 +967,7 @@ class Node:
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims
-        if claims is None or conn.state == CLOSED:   # HELLO refused (or held); closing
+        if claims is None:          # HELLO was refused (or its answer is held); closing
             return
         try:
             positions = parse_positions(frame.payload)

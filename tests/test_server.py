@@ -67,7 +67,7 @@ async def test_welcome_carries_time_heartbeat_and_identity():
         assert w.version == 1
         assert w.heartbeat == 30000
         assert before * 1000 - 5 <= w.time <= time.time() * 1000 + 5
-        assert w.max_frame == 1 << 20
+        assert w.max_frame == 65536 + 1024          # what it takes: limits.max_send_body + 1 KiB
         assert w.epoch == node.store.epoch
         assert conn.info["terminal"] == "terminal:acme/till1"
         assert conn.info["roles"] == ["pos"] and conn.info["region"] == "north"
