@@ -26,11 +26,16 @@ The file is rotated by size: when a line would take it past ``max_bytes``
 it becomes ``<path>.1`` (``.1`` becomes ``.2`` ... up to ``backups``; the
 oldest is removed).
 
-Lines are written off the event loop: ``write`` formats the line and hands
-it to a writer thread (one ``write`` per line, unbuffered, so a line the
-thread wrote survives the process being killed), so a slow disk never
-stalls terminals.  :meth:`AuditLog.flush` waits until everything handed
-over is written; :meth:`AuditLog.close` does too.
+Lines are written off the event loop: ``write`` formats the line and adds
+it to a byte buffer, and a writer thread takes the buffer at least every
+``WRITE_INTERVAL`` seconds (at once past ``WRITE_CHUNK`` bytes) and writes
+it, line by line as the rotation needs, so a slow disk never stalls
+terminals.  A kill -9 can take back the lines of the last interval; a
+graceful stop writes them (:meth:`AuditLog.close`), and
+:meth:`AuditLog.flush` writes what was added so far before it returns.
+(One buffer, not one object per line in a queue: under a burst of logins
+the lines waiting would interleave with the connections' long-lived
+objects in the allocator's pools and keep memory after they went.)
 
 Floods are summarised, not written line by line: repeated failures from one
 source address (``auth.fail``, ``admin.unauthorized``) are written once per
@@ -45,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 
@@ -63,8 +67,9 @@ _FORBIDDEN_KEYS = frozenset({"token", "authorization", "body", "payload", "secre
 
 AGGREGATE_WINDOW = 10.0        # seconds a source's repeated failures are summed over
 MAX_AGGREGATES = 65536         # sources summed at once (beyond: summed as one "*")
-QUEUE_LINES = 100_000          # lines waiting for the writer thread (beyond: dropped, counted)
-_STOP = object()
+WRITE_INTERVAL = 0.05         # seconds at most a line waits for the writer thread
+WRITE_CHUNK = 65536            # bytes waiting that wake the writer at once
+MAX_WAITING = 64 * 2**20       # bytes waiting at most (beyond: lines dropped, counted)
 
 
 class AuditLog:
@@ -76,9 +81,12 @@ class AuditLog:
         self.backups = backups
         self._file = None
         self._size = 0
-        self._queue: queue.Queue = queue.Queue(QUEUE_LINES)
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()       # open/close against the writer thread
+        self._lock = threading.Lock()       # the file: writes, rotation, open and close
+        self._buf = bytearray()             # lines added and not written yet
+        self._buf_lock = threading.Lock()   # the buffer (held for an append or a swap)
+        self._wake = threading.Event()
+        self._stopping = False
         # (event, source) -> [first ts, extra count, {reason: count}, who, tenant, terminal]
         self._aggregates: dict[tuple[str, str], list] = {}
         self.lines = 0                  # lines written by this process
@@ -102,25 +110,23 @@ class AuditLog:
         self._size = self._file.tell()
 
     def close(self) -> None:
-        """Write the summaries still open and every line handed over, then close."""
+        """Write the summaries still open and every line added, then close."""
         self.flush_aggregates(force=True)
-        with self._lock:
-            thread, self._thread = self._thread, None
+        thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(_STOP)
+            self._stopping = True
+            self._wake.set()
             thread.join()
+        self.flush()
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Block until every line handed over so far is written (tests, tools)."""
-        if self._thread is None:
-            return
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
+    def flush(self) -> None:
+        """Write every line added so far before returning (tests, tools, close)."""
+        with self._lock:
+            self._write_waiting()
 
     def write(self, event: str, who: str, *, tenant: str = "", terminal: str = "",
               peer: str = "", detail: dict | None = None) -> None:
@@ -134,15 +140,20 @@ class AuditLog:
             "terminal": terminal, "from": peer, "detail": detail or None,
         }, option=orjson.OPT_APPEND_NEWLINE)
         if self._thread is None:
-            self._write_line(line)          # (not opened: write in place, e.g. a tool)
+            with self._lock:
+                self._write_line(line)      # (not opened: write in place, e.g. a tool)
             return
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
+        with self._buf_lock:
+            waiting = len(self._buf)
+            if waiting < MAX_WAITING:
+                self._buf += line
+        if waiting >= MAX_WAITING:
             self.dropped += 1
             if self.dropped == 1 or not self.dropped % 10000:
                 log.error("audit log writer behind: %d lines dropped path=%s", self.dropped,
                           self.path)
+        elif waiting + len(line) >= WRITE_CHUNK:
+            self._wake.set()
 
     def write_repeated(self, event: str, source: str, reason: str, who: str = "", *,
                        tenant: str = "", terminal: str = "", detail: dict | None = None) -> bool:
@@ -198,16 +209,23 @@ class AuditLog:
     # -- the writer thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is _STOP:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
+        while not self._stopping:
+            self._wake.wait(WRITE_INTERVAL)
+            self._wake.clear()
             with self._lock:
-                self._write_line(item)
+                self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        """Take the buffer and write its lines (the caller holds the file lock)."""
+        with self._buf_lock:
+            if not self._buf:
+                return
+            data, self._buf = bytes(self._buf), bytearray()
+        start = 0
+        while start < len(data):
+            end = data.index(b"\n", start) + 1
+            self._write_line(data[start:end])
+            start = end
 
     def _write_line(self, line: bytes) -> None:
         try:
