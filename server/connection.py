@@ -81,6 +81,10 @@ HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads the
 _STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
 # Holds that only the terminal's reading lifts: held so too long is a slow consumer.
 STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
+STOP_AFTER = -1.0
+"""What ``Node.on_frame`` returns for a frame it handled that set a hold stopping
+the handling of the frames after it (a HISTORY answer still going out, a
+refused login being held back)."""
 
 
 class TerminalConnection(ServerSession):
@@ -166,19 +170,18 @@ class TerminalConnection(ServerSession):
         while i < n:
             wait = on_frame(self, frames[i])
             if wait is not None:
-                self._defer(frames, i, wait)
+                if wait == STOP_AFTER:
+                    if i + 1 < n:
+                        self._defer(frames, i + 1, STOP_AFTER)
+                else:
+                    self._defer(frames, i, wait)
                 return
             i += 1
             if i < n:
                 if self.control_bytes > budget:
                     node.check_budget(self)         # answers pile up: stop here
                     if self.holds & _STOP_HANDLING:
-                        self._defer(frames, i, -1.0)
-                        return
-                else:
-                    extra = self.extra
-                    if extra is not None and extra.get("holds", 0) & _STOP_HANDLING:
-                        self._defer(frames, i, -1.0)
+                        self._defer(frames, i, STOP_AFTER)
                         return
                 if not small and time.perf_counter() > deadline:
                     node.counters.read_yields += 1

@@ -38,7 +38,7 @@ from . import kinds
 from .address import AddressError, check_publish, check_subscribe, implied_channels, parse_address
 from .auth import verify_token
 from .connection import (HOLD_ANSWERS, HOLD_AUTH, HOLD_BUDGET, HOLD_PONG, RESUMING,
-                         STALL_HOLDS, InboxState, TerminalConnection)
+                         STALL_HOLDS, STOP_AFTER, InboxState, TerminalConnection)
 from .hub import Hub, parse_positions
 from .limits import Bucket, Policy, SendLimits, Sources, default_max_connections
 from .chat import Chat
@@ -838,29 +838,26 @@ class Node:
 
     # -- handshake ----------------------------------------------------------------------
 
-    def _on_hello(self, conn: TerminalConnection, frame) -> None:
+    def _on_hello(self, conn: TerminalConnection, frame):
         # (Handled even when bytes after it in the same read closed the session:
         # frames before a bad one are valid, PROTOCOL.md 16; its WELCOME then
         # is not sent, as nothing follows a CLOSE.)
         if frame.version < MIN_PROTOCOL_VERSION:
-            self._refuse(conn, Code.UNSUPPORTED_VERSION,
-                         f"this server speaks protocol versions {MIN_PROTOCOL_VERSION}-"
-                         f"{PROTOCOL_VERSION}")
-            return
+            return self._refuse(conn, Code.UNSUPPORTED_VERSION,
+                                f"this server speaks protocol versions {MIN_PROTOCOL_VERSION}-"
+                                f"{PROTOCOL_VERSION}")
         now = time.time()
         try:
             claims = verify_token(self.secret, frame.token, now=now,
                                   leeway=self.cfg.auth.clock_skew)
         except AuthError as exc:
-            self._refuse(conn, exc.code, str(exc))
-            return
+            return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
         record = self.registry.get(address)
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
-            self._refuse(conn, Code.TOKEN_REVOKED,
-                         "this terminal is retired" if record.retired
-                         else "this terminal's tokens were revoked", claims)
-            return
+            return self._refuse(conn, Code.TOKEN_REVOKED,
+                                "this terminal is retired" if record.retired
+                                else "this terminal's tokens were revoked", claims)
         cap = self.cfg.limits.max_connections_per_tenant
         if cap:
             old = self.hub.sessions.get(address)
@@ -911,10 +908,10 @@ class Node:
         # with the registry instead of a second object per connection.
         conn.claims = self._register(conn, claims, now)
 
-    def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None) -> None:
+    def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None):
         """Refuse a login.  A source address that keeps failing gets its
         answer later and later (``limits.auth_fail_delay_max``): the
-        connection is held, unread, meanwhile."""
+        connection is held, unread, meanwhile (returns STOP_AFTER then)."""
         self.counters.auth_failures += 1
         peer = self._peer(conn)
         if self.audit is not None:
@@ -932,9 +929,10 @@ class Node:
             conn.hold(HOLD_AUTH)
             conn.extra["auth_timer"] = self.loop.call_later(delay, self._refuse_late, conn,
                                                             code, reason)
-            return
+            return STOP_AFTER
         conn.close(code, reason)
         self.mark_dirty(conn)
+        return None
 
     def _refuse_late(self, conn: TerminalConnection, code: int, reason: str) -> None:
         conn.extra.pop("auth_timer", None)
@@ -1150,7 +1148,7 @@ class Node:
                                 offset=e.offset, kind=e.kind))
 
         self.answer(conn, ref, items, item, next_offset, Code.PARTIAL if more else Code.OK)
-        return None
+        return STOP_AFTER if conn.holds & HOLD_ANSWERS else None
 
     def answer(self, conn: TerminalConnection, ref: int, items: list, encode, next_offset: int,
                code: int) -> None:
@@ -1282,8 +1280,9 @@ class Node:
                 if lane != _P1:
                     raise kinds.MessageError(Code.BAD_MESSAGE,
                                              f"{frame.kind}: lane: must be P1", "lane")
-                if self._window_full(conn, limits, ref):
-                    return None
+                window = limits.role.window
+                if window and limits.unacked >= window:
+                    return self._window_full(conn, limits, ref)
                 limits.unacked += 1
                 try:
                     taken = service(conn, frame, address, checked.body)
@@ -1304,8 +1303,9 @@ class Node:
             return None
         want_ack = frame.flags & _ACK_REQUESTED
         if lane <= _P1:
-            if self._window_full(conn, limits, ref):
-                return None
+            window = limits.role.window
+            if window and limits.unacked >= window:
+                return self._window_full(conn, limits, ref)
             limits.unacked += 1
             ttl = frame.ttl / 1000.0 if frame.ttl else (
                 self.cfg.delivery.p0_ttl if lane == _P0 else self.cfg.delivery.p1_ttl)
@@ -1313,7 +1313,7 @@ class Node:
             msg = NewMessage(conn.claims.tenant, conn.address, ref, lane, frame.kind,
                              to, frame.payload, now, now + ttl,
                              bool(frame.flags & _RECEIPT_REQUESTED))
-            self.submit(msg, address, (conn, ref, want_ack), recipients)
+            self.submit(msg, address, (conn, ref, want_ack, limits), recipients)
             return None
         report = {} if lane == _P3 and frame.kind in POLICY_KINDS else None
         offset = self.broadcast(address, lane, frame.kind, checked.key, checked.version,
@@ -1326,16 +1326,13 @@ class Node:
             self.mark_dirty(conn)
         return None
 
-    def _window_full(self, conn: TerminalConnection, limits: SendLimits, ref: int) -> bool:
+    def _window_full(self, conn: TerminalConnection, limits: SendLimits, ref: int) -> None:
         """Refuse a P0/P1 SEND beyond the connection's window (TOO_MANY_UNACKED)."""
-        if not limits.window_full():
-            return False
         self.counters.window_refusals += 1
         conn.error(Code.TOO_MANY_UNACKED, ref, retry_hint(
             WINDOW_RETRY_MS / 1000.0, f"{limits.unacked} SENDs of this connection await their "
                                       f"SENDACK, the most it may have (limits.unacked_sends)"))
         self.mark_dirty(conn)
-        return True
 
     def broadcast(self, address, lane: int, kind: str, key: str, version: int,
                   payload: bytes, ttl: float = 0.0, report: dict | None = None) -> int:
@@ -1402,10 +1399,10 @@ class Node:
     def submit(self, msg: NewMessage, address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.
 
-        ``reply`` is (connection, ref, asked): a terminal's SEND, answered
-        with SENDACK once stored when ``asked`` (and counted in its window
-        until then); a future to resolve with the Accepted result (admin API,
-        services); or None.
+        ``reply`` is (connection, ref, asked, its SendLimits): a terminal's
+        SEND, answered with SENDACK once stored when ``asked`` (and counted in
+        its window until then); a future to resolve with the Accepted result
+        (admin API, services); or None.
         ``recipients`` (terminal addresses) replaces the members of ``address``
         (services route by their own rules: rosters, conversations).
         """
@@ -1473,8 +1470,8 @@ class Node:
                 if not reply.done():
                     reply.set_result(accepted)
                 continue
-            conn, ref, asked = reply
-            self._unacked_done(conn)
+            conn, ref, asked, limits = reply
+            limits.unacked -= 1
             if asked and conn.state == OPEN:
                 if accepted.duplicate:
                     conn.control(encode_sendack(_RETRANSMIT, ref, accepted.msg_id, b""))
@@ -1515,8 +1512,8 @@ class Node:
             if not reply.done():
                 reply.set_exception(exc)
             return
-        conn, ref, _ = reply
-        self._unacked_done(conn)
+        conn, ref, _, limits = reply
+        limits.unacked -= 1
         if conn.state == OPEN:
             conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
             self.mark_dirty(conn)
