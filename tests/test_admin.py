@@ -672,3 +672,45 @@ async def test_openapi_document_is_served_valid_and_complete(tmp_path):
         documented = {(m.upper(), p) for p, item in SPEC["paths"].items()
                       for m in item if m != "parameters"}
         assert documented == routes
+
+
+@aiotest()
+async def test_publish_nested_past_the_depth_limit_is_a_400_naming_it(tmp_path):
+    async with admin_env(tmp_path) as env:
+        for depth in (33, 300, 2000):           # (300 was a 500: orjson's own limit)
+            body = "{}"
+            for _ in range(depth - 1):
+                body = '{"a":' + body + "}"
+            raw = ('{"to": "store:acme/s1", "kind": "x.note", "body": ' + body + "}").encode()
+            async with env.api.http.post("/v1/publish", data=raw, headers={
+                    "Authorization": f"Bearer {OPS}", "Content-Type": "application/json"}) as resp:
+                doc = await resp.json()
+                assert resp.status == 400, (depth, doc)
+                check_response("/v1/publish", "POST", 400, doc)
+            assert doc["field"] == "body" and "limits.max_body_depth" in doc["error"]
+        ok = await env.api.call("POST", "/v1/publish", json_body={
+            "to": "store:acme/s1", "kind": "x.note", "body": {"a": {"b": [1, {"c": 2}]}}})
+        assert ok["duplicate"] is False and ok["id"]
+
+
+@aiotest()
+async def test_channels_are_listed_a_page_at_a_time(tmp_path):
+    async with admin_env(tmp_path) as env:
+        for i in range(25):
+            await env.api.call("POST", "/v1/publish", json_body={
+                "to": f"topic:acme/t{i:02d}", "kind": "x.note", "body": {"n": i}, "lane": "P3"})
+        names, after, pages = [], None, 0
+        while True:
+            query = "/v1/channels?tenant=acme&limit=10" + (f"&after={after}" if after else "")
+            page = await env.api.call("GET", query.replace("#", "%23"), "/v1/channels")
+            pages += 1
+            assert page["total"] == 25 and len(page["channels"]) <= 10
+            names += [c["name"] for c in page["channels"]]
+            after = page.get("next")
+            if after is None:
+                break
+        assert pages == 3 and names == [f"topic:acme/t{i:02d}" for i in range(25)]
+        bad = await env.api.call("GET", "/v1/channels?tenant=acme&after=nolane", "/v1/channels",
+                                 expect=400)
+        assert bad["field"] == "after"
+        await env.api.call("GET", "/v1/channels?tenant=acme&limit=0", "/v1/channels", expect=400)
