@@ -193,8 +193,7 @@ class TerminalConnection(ServerSession):
         iteration; < 0: when the holds that stop handling are lifted)."""
         if self.transport is None:
             return            # the connection is gone: so is what it sent
-        extra = self.extra if self.extra is not None else {}
-        self.extra = extra
+        extra = self.extras()
         extra["backlog"] = (frames, start)
         loop = self.node.loop
         extra.setdefault("since", loop.time())      # when these frames were read
@@ -231,12 +230,18 @@ class TerminalConnection(ServerSession):
         node.counters.frames_in += len(frames)
         self._take(frames)
 
+    def extras(self) -> dict:
+        """``extra``, the connection's rarely used state, made on first use."""
+        extra = self.extra
+        if extra is None:
+            extra = self.extra = {}
+        return extra
+
     # -- reading holds -------------------------------------------------------------
 
     def hold(self, reason: int) -> None:
         """Stop reading for ``reason`` (one of HOLD_*) until :meth:`release`."""
-        extra = self.extra if self.extra is not None else {}
-        self.extra = extra
+        extra = self.extras()
         holds = extra.get("holds", 0)
         if not holds:
             transport = self.transport

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import random
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -96,16 +95,11 @@ class Hub:
     """Live sessions and streams of one server process."""
 
     def __init__(self, encoder, frame_cls, *, history_max: int = 1000,
-                 history_age: float = 3600.0, epoch: int | None = None) -> None:
+                 history_age: float = 3600.0) -> None:
         self.encoder = encoder
         self._frame = frame_cls
         self.history_max = history_max
         self.history_age = history_age
-        # One epoch for every stream: the store's, so offsets stay valid across
-        # a restart when the store keeps the streams (SQLite), and a new store
-        # (or the memory store's new process) is a new epoch: terminals resync.
-        self.epoch = epoch if epoch is not None else \
-            (int(time.time()) << 8 | random.randrange(256)) & 0x7FFFFFFFFFFF
         self.sessions: dict[str, object] = {}          # terminal address -> session
         # Live sessions that are open (after RESUME), indexed the few ways
         # addresses select them.  A session sits in its store's dict, and in
@@ -232,27 +226,22 @@ class Hub:
         key = (name, lane)
         s = self._streams.get(key)
         if s is None and create:
-            s = self._pending.pop(key, None)
-            if s is None:
-                s = Stream(name, lane, self._next_id, self.new_epoch())
-                self._next_id += 1
-                self._by_id[s.id] = s
+            s = self._pending.pop(key, None) or self._new_stream(name, lane)
             self._streams[key] = s
-            self._index(key)
+            tenant = _tenant_of(name)
+            if tenant is not None:
+                bisect.insort(self._names.setdefault(tenant, []), key)
         return s
 
-    def _index(self, key: tuple[str, int]) -> None:
-        try:
-            tenant = parse_address(key[0]).tenant
-        except ValueError:
-            return
-        bisect.insort(self._names.setdefault(tenant, []), key)
+    def _new_stream(self, name: str, lane: int) -> Stream:
+        """A stream with a new id and a new epoch (listed by the caller)."""
+        s = Stream(name, lane, self._next_id, self.new_epoch())
+        self._next_id += 1
+        self._by_id[s.id] = s
+        return s
 
     def _unindex(self, key: tuple[str, int]) -> None:
-        try:
-            tenant = parse_address(key[0]).tenant
-        except ValueError:
-            return
+        tenant = _tenant_of(key[0])
         names = self._names.get(tenant)
         if names is None:
             return
@@ -270,9 +259,7 @@ class Hub:
         if s is None:
             s = self._pending.get(key)
             if s is None:
-                s = self._pending[key] = Stream(name, lane, self._next_id, self.new_epoch())
-                self._next_id += 1
-                self._by_id[s.id] = s
+                s = self._pending[key] = self._new_stream(name, lane)
         s.add_explicit(session)
         return s
 
@@ -297,10 +284,7 @@ class Hub:
         self.trim(stream, now)
         if stream.history or stream.lvc:
             return False
-        try:
-            address = parse_address(stream.name)
-        except ValueError:
-            address = None
+        address = _address_of(stream.name)
         if address is not None and any(self.groups(address)):
             return False
         key = (stream.name, stream.lane)
@@ -494,6 +478,18 @@ class Hub:
         return self.encoder.encode(self._frame(
             FrameType.RESYNC, channel=stream.id, epoch=stream.epoch, offset=stream.offset,
             count=count))
+
+
+def _address_of(name: str) -> Address | None:
+    try:
+        return parse_address(name)
+    except ValueError:          # (AddressError: a name the store kept from long ago)
+        return None
+
+
+def _tenant_of(name: str) -> str | None:
+    address = _address_of(name)
+    return address.tenant if address is not None else None
 
 
 def parse_positions(payload: bytes) -> dict[tuple[str, int], tuple[int, int]]:

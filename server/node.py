@@ -214,7 +214,7 @@ class Node:
         self._tenant_sessions: dict[str, int] = {}   # (only with max_connections_per_tenant)
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
-                       history_age=cfg.history.max_age, epoch=store.epoch)
+                       history_age=cfg.history.max_age)
         self.registry = Registry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
@@ -280,7 +280,6 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
-        self.hub.epoch = self.store.epoch          # known once the store is open
         for rec in await self.store.terminals():
             self.registry.put(rec)
         history = self.cfg.history
@@ -790,8 +789,7 @@ class Node:
 
     def _send_limits(self, conn: TerminalConnection) -> SendLimits:
         """The connection's SEND limits (made on its first SEND)."""
-        extra = conn.extra if conn.extra is not None else {}
-        conn.extra = extra
+        extra = conn.extras()
         limits = extra.get("limits")
         if limits is None:
             limits = extra["limits"] = SendLimits(self.limits.for_roles(conn.claims.roles))
@@ -802,8 +800,7 @@ class Node:
         rate = self.cfg.limits.request_rate
         if not rate:
             return 0.0
-        extra = conn.extra if conn.extra is not None else {}
-        conn.extra = extra
+        extra = conn.extras()
         bucket = extra.get("requests")
         now = self.loop.time()
         if bucket is None:
@@ -873,9 +870,7 @@ class Node:
             else:
                 self._tenant_sessions[claims.tenant] = \
                     self._tenant_sessions.get(claims.tenant, 0) + 1
-            if conn.extra is None:
-                conn.extra = {}
-            conn.extra["tenant_counted"] = True
+            conn.extras()["tenant_counted"] = True
         old = self.hub.sessions.get(address)
         if old is not None and old is not conn:
             self.counters.takeovers += 1
@@ -1058,8 +1053,7 @@ class Node:
                                                        to=name)))
             self.mark_dirty(conn)
             return None
-        extra = conn.extra if conn.extra is not None else {}
-        conn.extra = extra
+        extra = conn.extras()
         subs = extra.setdefault("explicit", set())
         stream = self._subscribed(conn, name, lane)
         if stream is None:
@@ -1160,8 +1154,7 @@ class Node:
         that asks and does not read holds one answer, not a pile of them)."""
         if conn.state == CLOSED:
             return
-        extra = conn.extra if conn.extra is not None else {}
-        conn.extra = extra
+        extra = conn.extras()
         extra.setdefault("answers", []).append([ref, items, 0, encode, next_offset, code])
         self._answer_jobs(conn)
         if "answers" in extra:
@@ -1189,8 +1182,7 @@ class Node:
             conn.release(HOLD_ANSWERS)
 
     def _queue_resync(self, conn: TerminalConnection, streams) -> None:
-        extra = conn.extra if conn.extra is not None else {}
-        conn.extra = extra
+        extra = conn.extras()
         pending = extra.setdefault("resync", {})
         for stream in streams:
             pending[stream] = None
@@ -1276,14 +1268,15 @@ class Node:
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key,
                                   max_depth=self.max_body_depth)
             service = self._services.get(frame.kind)
-            if service is not None:
-                if lane != _P1:
-                    raise kinds.MessageError(Code.BAD_MESSAGE,
-                                             f"{frame.kind}: lane: must be P1", "lane")
+            if service is not None and lane != _P1:
+                raise kinds.MessageError(Code.BAD_MESSAGE, f"{frame.kind}: lane: must be P1",
+                                         "lane")
+            if lane <= _P1:
                 window = limits.role.window
                 if window and limits.unacked >= window:
                     return self._window_full(conn, limits, ref)
-                limits.unacked += 1
+                limits.unacked += 1         # until answered (a service's or the commit's)
+            if service is not None:
                 try:
                     taken = service(conn, frame, address, checked.body)
                 except BaseException:
@@ -1291,7 +1284,7 @@ class Node:
                     raise
                 if taken:
                     return None     # the service stores, routes and answers it
-                limits.unacked -= 1
+                # (not taken: routed as any P1 below, still counted)
         except (AddressError, kinds.MessageError) as exc:
             if exc.code == Code.FORBIDDEN:
                 counters.acl_denials += 1
@@ -1303,10 +1296,6 @@ class Node:
             return None
         want_ack = frame.flags & _ACK_REQUESTED
         if lane <= _P1:
-            window = limits.role.window
-            if window and limits.unacked >= window:
-                return self._window_full(conn, limits, ref)
-            limits.unacked += 1
             ttl = frame.ttl / 1000.0 if frame.ttl else (
                 self.cfg.delivery.p0_ttl if lane == _P0 else self.cfg.delivery.p1_ttl)
             now = time.time()

@@ -76,6 +76,17 @@ def aiotest(timeout: float = 60.0):
     return wrap
 
 
+def uvarint(value: int) -> bytes:
+    """The shortest LEB128 uvarint of ``value`` (PROTOCOL.md 2.1): the tests'
+    own writer, independent of both codecs."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def token(terminal: str, *, store: str = "s1", roles=("pos",), tenant: str = TENANT,
           region: str = "", member: str = "", ttl: float = 3600.0, now: float | None = None,
           secret: str = SECRET) -> str:

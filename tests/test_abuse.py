@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import resource
-import socket
 import time
 
 import lz4.block
@@ -21,7 +20,7 @@ import orjson
 import pytest
 
 from support import (
-    aiotest, connect, eventually, make_config, start_node, token,
+    aiotest, connect, eventually, start_node, token, uvarint,
 )
 from tillwire.client.connection import Connection, SendError, connected_socket
 from tillwire.client.sdk import Client
@@ -111,7 +110,7 @@ async def test_big_and_deep_bodies_are_bad_messages_and_the_session_goes_on():
         sends = [plain.encode(Frame(FrameType.SEND, Lane.P1 | Flag.ACK_REQUESTED, big, ref=9,
                                     to="store:acme/s1", kind="x.note")),
                  _compressed(plain.encode(Frame(FrameType.SEND, Lane.P1 | Flag.ACK_REQUESTED,
-                                                bytes(_uvarint(len(bomb))) + packed, ref=9,
+                                                uvarint(len(bomb)) + packed, ref=9,
                                                 to="store:acme/s1", kind="x.note")))]
         for n, data in enumerate(sends):
             reader, writer = await raw_session(node, f"t{n + 2}", store="s1")
@@ -139,16 +138,6 @@ def _compressed(data: bytes) -> bytes:
     """An encoded frame with COMPRESSED set (its payload already is an lz4 block)."""
     prefix = next(i for i, b in enumerate(data) if not b & 0x80) + 1
     return data[:prefix + 1] + bytes([data[prefix + 1] | Flag.COMPRESSED]) + data[prefix + 2:]
-
-
-def _uvarint(n: int) -> bytearray:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return out
 
 
 # -- 3: control frames ---------------------------------------------------------------------
@@ -676,15 +665,20 @@ def test_the_audit_log_is_written_off_the_calling_thread(tmp_path):
 @aiotest()
 async def test_refused_and_answered_sends_leave_the_window():
     # Every way a SEND is answered (stored, refused by a service, stored by a
-    # service, refused at the edge) gives its place in the window back.
-    node = await start_node(**{"limits.unacked_sends": {"pos": 2, "customer": 2}})
+    # service, passed on by a service to be stored as any P1, refused at the
+    # edge) gives its place in the window back.
+    node = await start_node(**{"limits.unacked_sends": {"pos": 2, "customer": 2,
+                                                        "staff": 2}})
     try:
         till = await connect(node, "t1", store="s1")
-        await connect(node, "st1", store="s1", roles=("staff",))
+        staff = await connect(node, "st1", store="s1", roles=("staff",))
         app = await connect(node, "app1", store="s1", roles=("customer",), member="m1")
         for i in range(5):
             await till.send("x.note", {"n": i}, "store:acme/s1")
-            await till.send("ticket.open", {"code": f"E{i}"}, "role:acme/s1/staff")
+            ack = await till.send("ticket.open", {"code": f"E{i}"}, "role:acme/s1/staff")
+            ticket = orjson.loads(ack.payload)["ticket"]
+            await staff.send("ticket.reply", {"ticket": ticket, "text": "coming"},
+                             "terminal:acme/t1")
             with pytest.raises(SendError) as info:   # refused by the ticket service
                 await till.send("ticket.open", {"code": "E1"}, "terminal:acme/st1")
             assert info.value.code == Code.BAD_MESSAGE and "opener's store" in str(info.value)
@@ -692,7 +686,7 @@ async def test_refused_and_answered_sends_leave_the_window():
                 await app.send("ticket.open", {"code": "E1"}, "role:acme/s1/staff")
             with pytest.raises(SendError):           # BAD_MESSAGE at the edge
                 await till.send("x.note", b"[1]", "store:acme/s1")
-        for name in ("t1", "app1"):
+        for name in ("t1", "app1", "st1"):
             assert session_of(node, name).extra["limits"].unacked == 0
         assert node.counters.window_refusals == 0
     finally:

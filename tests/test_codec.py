@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import uvarint
+
 from tillwire.core.codes import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,
@@ -48,17 +50,7 @@ MAX_U64 = 2**64 - 1
 # helpers
 
 
-def uv(value: int) -> bytes:
-    """A test-local LEB128 writer (independent of both codecs)."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+uv = uvarint      # (tests/support.py: independent of both codecs)
 
 
 def raw_frame(frame_type: int, flags: int, body: bytes) -> bytes:

@@ -384,12 +384,7 @@ def _near_valid(draw):
 
 
 def _native_fast_check():
-    if kinds._fast_check is None:
-        from support import NO_EXTENSIONS
-        if NO_EXTENSIONS:
-            pytest.skip("TILLWIRE_NO_EXTENSIONS=1: the native fast path is deliberately not tested")
-        pytest.fail("tillwire.core._kinds is not built (make compile)")
-    return kinds._fast_check
+    return _native().fast_check
 
 
 @settings(max_examples=1500, deadline=None)

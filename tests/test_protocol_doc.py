@@ -17,6 +17,7 @@ import re
 
 import pytest
 
+from support import uvarint
 from tillwire.core.codes import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,
@@ -117,15 +118,6 @@ def number(text):
     base, exponent, minus = match.groups()
     value = int(base) ** int(exponent) if exponent else int(base)
     return value - int(minus or 0)
-
-
-def uvarint(value):
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def hex_bytes(lines, where):
