@@ -99,10 +99,6 @@ class SendLimits:
         self.unacked = 0                  # P0/P1 SENDs awaiting SENDACK
         self.buckets = None               # per lane, made on the lane's first SEND
 
-    def window_full(self) -> bool:
-        window = self.role.window
-        return bool(window) and self.unacked >= window
-
     def take(self, lane: int, now: float) -> float:
         """0.0: go ahead; else seconds to wait for the lane's next token."""
         role = self.role
