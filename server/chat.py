@@ -165,7 +165,7 @@ class Chat:
                          bool(frame.flags & _RECEIPT_REQUESTED))
         fut = node.loop.create_future()
         node.submit(msg, address, fut, recipients)
-        node._spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut,
+        node.spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut,
                                bool(frame.flags & _ACK_REQUESTED)))
         return True
 
@@ -206,13 +206,13 @@ class Chat:
                               "recipients": len(accepted.seqs)}, asked=asked)
 
     def _retry_soon(self) -> None:
-        if self._retry_handle is None and not self.node._stopped:
+        if self._retry_handle is None and not self.node.stopping:
             self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
 
     def _retry(self) -> None:
         self._retry_handle = None
-        if not self.node._stopped:
-            self.node._spawn(self._write_pending())
+        if not self.node.stopping:
+            self.node.spawn(self._write_pending())
 
     async def flush(self) -> None:
         """Stopping: write the records still due once more (before the store closes)."""
@@ -267,7 +267,7 @@ class Chat:
                                            claims.member != conv["member"])):
             raise AddressError(Code.FORBIDDEN,
                                f"HISTORY: {address} is not a conversation of this terminal")
-        self.node._spawn(self._history(conn, frame.ref, key, frame.offset, frame.count))
+        self.node.spawn(self._history(conn, frame.ref, key, frame.offset, frame.count))
 
     async def _history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
         try:

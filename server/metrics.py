@@ -133,7 +133,7 @@ class NodeCollector:
             paused += conn.paused
             if conn.extra is not None:
                 _count_holds(conn.holds, held)
-        unauth = list(node._unauthenticated)
+        unauth = node.handshaking()
         for conn in unauth:
             queued += conn.queued_bytes
             if conn.extra is not None:

@@ -302,7 +302,7 @@ class Node:
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
         self._schedule_tick()
-        self._maintenance_task = self._spawn(self._maintenance())
+        self._maintenance_task = self.spawn(self._maintenance())
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         """The terminal listener.  Accepted sockets inherit its SO_SNDBUF and
@@ -392,6 +392,19 @@ class Node:
     @property
     def stopped(self) -> bool:
         return self._stopped_event.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` began: services start no new background work."""
+        return self._stopped
+
+    def handshaking(self) -> list[TerminalConnection]:
+        """The connections still in their handshake (a snapshot)."""
+        return list(self._unauthenticated)
+
+    async def members(self, address) -> list[str]:
+        """The terminal addresses a message to ``address`` is stored for."""
+        return self.registry.members(address)
 
     @property
     def listening(self) -> bool:
@@ -526,7 +539,8 @@ class Node:
         """Every open connection, authenticated or not (a snapshot)."""
         return [*self.hub.sessions.values(), *self._unauthenticated]
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` as a task the node waits for at stop (a failure is logged)."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -828,10 +842,10 @@ class Node:
         self.mark_dirty(conn)
 
     def _on_nack_frame(self, conn: TerminalConnection, frame) -> None:
-        self._spawn(self._on_nack(conn, frame))
+        self.spawn(self._on_nack(conn, frame))
 
     def _on_receipt_frame(self, conn: TerminalConnection, frame) -> None:
-        self._spawn(self._on_read_receipt(conn, frame))
+        self.spawn(self._on_read_receipt(conn, frame))
 
     # -- handshake ----------------------------------------------------------------------
 
@@ -974,7 +988,7 @@ class Node:
             self._join(conn, stream, positions.get((stream.name, stream.lane)), now)
         same_epoch = frame.epoch == self.store.epoch
         conn.inbox = RESUMING
-        self._spawn(self._resume_inbox(conn, frame.p0 if same_epoch else 0,
+        self.spawn(self._resume_inbox(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
         self.mark_dirty(conn)
 
@@ -1574,7 +1588,7 @@ class Node:
         inbox = conn.inbox
         if not inbox.pumping[lane]:
             inbox.pumping[lane] = True
-            self._spawn(self._pump_task(conn, lane))
+            self.spawn(self._pump_task(conn, lane))
 
     async def _pump_task(self, conn: TerminalConnection, lane: int) -> None:
         inbox = conn.inbox
@@ -1755,7 +1769,7 @@ class Node:
 
     def _run_batches(self) -> None:
         self._batch_handle = None
-        self._spawn(self._flush_batches())
+        self.spawn(self._flush_batches())
 
     async def _flush_batches(self) -> None:
         acks = self._pending_acks

@@ -214,7 +214,7 @@ class Offers:
 
     def _flush_soon(self) -> None:
         self._flush_handle = None
-        self.node._spawn(self._flush_retrying())
+        self.node.spawn(self._flush_retrying())
 
     async def _flush_retrying(self) -> None:
         try:

@@ -226,7 +226,7 @@ class Tickets:
                     msg_id, doc = known.result()
                     node.service_ack(conn, ref, msg_id, doc, retransmit=True, asked=asked)
                 else:                         # ... and still being stored
-                    node._spawn(self._answer_resend(conn, ref, known, asked))
+                    node.spawn(self._answer_resend(conn, ref, known, asked))
                 return True
             answered = node.loop.create_future()
             _remember(self._recent, (opener, ref), answered)
@@ -251,7 +251,7 @@ class Tickets:
             msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
                              now + ttl, False)
             node.submit(msg, parse_address(opener), fut)
-            node._spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered, asked))
+            node.spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered, asked))
             return True
         rec["due"] = now + self.escalate_after
         self.open[key] = rec
@@ -261,7 +261,7 @@ class Tickets:
         msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out, now,
                          now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
         node.submit(msg, address, fut, self.staff(tenant, store))
-        node._spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered, asked))
+        node.spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered, asked))
         return True
 
     async def _answer_resend(self, conn, ref: int, answered, asked: bool = True) -> None:
@@ -289,7 +289,7 @@ class Tickets:
                 await saved                   # ... so its delete comes after any put
             except Exception:  # noqa: BLE001 - (deleted below either way)
                 pass
-            node._spawn(node.store.kv_delete(NS, key))    # (if its record got in)
+            node.spawn(node.store.kv_delete(NS, key))    # (if its record got in)
             if answered is not None:                      # a retry opens it afresh
                 if self._recent.get((conn.address, ref)) is answered:
                     del self._recent[(conn.address, ref)]
@@ -306,7 +306,7 @@ class Tickets:
             # this ticket is a phantom; answer with the original one if known.
             self._forget(key)
             self._unsaved.pop(key, None)
-            node._spawn(node.store.kv_delete(NS, key))    # (after its write: awaited above)
+            node.spawn(node.store.kv_delete(NS, key))    # (after its write: awaited above)
             original = next((r for r in self.open.values()
                              if r["msg_id"] == accepted.msg_id), None)
             doc = {"ticket": original["ticket"]} if original is not None else {}
@@ -429,7 +429,7 @@ class Tickets:
         recipients = self.managers(tenant, store)
         fut = node.loop.create_future()
         node.submit(msg, parse_address(to), fut, recipients)
-        node._spawn(self._escalated(key, rec, fut, len(recipients)))
+        node.spawn(self._escalated(key, rec, fut, len(recipients)))
 
     async def _escalated(self, key: str, rec: dict, fut, managers: int) -> None:
         """The escalation stored: mark the ticket; refused: it stays open and is
@@ -459,7 +459,7 @@ class Tickets:
         self._unsaved[key] = rec
         task = self._writers.get(key)
         if task is None or task.done():
-            task = self._writers[key] = self.node._spawn(self._write(key))
+            task = self._writers[key] = self.node.spawn(self._write(key))
         return task
 
     async def _write(self, key: str) -> None:
@@ -490,13 +490,13 @@ class Tickets:
                 del self._writers[key]
 
     def _retry_soon(self) -> None:
-        if self._retry_handle is None and not self._closed and not self.node._stopped:
+        if self._retry_handle is None and not self._closed and not self.node.stopping:
             self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
 
     def _retry(self) -> None:
         self._retry_handle = None
-        if not self._closed and not self.node._stopped:
-            self.node._spawn(self._write_due())
+        if not self._closed and not self.node.stopping:
+            self.node.spawn(self._write_due())
 
     async def _write_due(self) -> None:
         try:

@@ -61,7 +61,7 @@ class Link:
 
     async def start(self) -> "Link":
         self._server = await asyncio.start_server(
-            lambda r, w: self._spawn(self._relay(r, w)), "127.0.0.1", 0, limit=_READ)
+            lambda r, w: self.spawn(self._relay(r, w)), "127.0.0.1", 0, limit=_READ)
         return self
 
     @property
@@ -86,7 +86,7 @@ class Link:
         if self._errors:
             raise self._errors[0]
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -171,7 +171,7 @@ class Link:
             else:
                 reset(writer)
 
-        sender = self._spawn(deliver())
+        sender = self.spawn(deliver())
         end = None
         try:
             while True:

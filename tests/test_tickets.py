@@ -797,7 +797,7 @@ async def test_an_escalation_due_while_the_node_stops_is_not_lost(tmp_path):
         tid = await open_ticket(till, {"code": "E42"})
         created = node.tickets.open[f"acme/{tid}"]["created"]
         # In-flight service work at stop lasting past the ticket's due time.
-        node._spawn(asyncio.sleep(max(0.0, created + 0.5 - time.time()) + 0.1))
+        node.spawn(asyncio.sleep(max(0.0, created + 0.5 - time.time()) + 0.1))
         await till.close()
     finally:
         await node.stop()
