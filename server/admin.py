@@ -2,7 +2,7 @@
 
 An aiohttp application that runs in the node's event loop, so handlers read
 the node's state directly (no locks, no copies) and publish through the same
-``Node.submit`` / ``Node.broadcast`` paths as terminals.  ``make_app`` does
+``Node.submit`` / ``Node.publish`` paths as terminals.  ``make_app`` does
 not start anything: ``server/main.py`` serves it on ``admin.host:admin.port``
 (:func:`start_admin`) and tests run it on a loopback port.
 
@@ -337,8 +337,8 @@ class Handlers:
             return _json({"id": str(accepted.msg_id), "duplicate": accepted.duplicate,
                           "recipients": len(accepted.seqs)})
         report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
-        offset = node.broadcast(address, lane, kind, checked.key, checked.version, payload,
-                                float(ttl), report)
+        offset = await node.publish(address, lane, kind, checked.key, checked.version, payload,
+                                    float(ttl), report)
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})

@@ -90,14 +90,15 @@ refused login being held back)."""
 class TerminalConnection(ServerSession):
     """The server side of one terminal's TCP (or TLS) connection."""
 
-    __slots__ = ("transport", "claims", "address", "paused", "timer", "inbox", "extra", "node")
+    __slots__ = ("transport", "claims", "address", "paused", "timer", "inbox", "extra")
+    node = None         # the Node: each node makes a subclass that sets it (Node.connection_class)
 
-    def __init__(self, node) -> None:
+    def __init__(self) -> None:
+        node = self.node
         super().__init__(node.encoder, max_frame_size=node.max_frame_size,
                          max_queued_bytes=node.max_queued_bytes,
                          lane_weights=node.lane_weights, now=node.loop.time(),
                          handshake_frame_size=node.handshake_frame)
-        self.node = node
         self.transport = None
         self.claims = None
         self.address = ""
@@ -147,7 +148,7 @@ class TerminalConnection(ServerSession):
         return extra is not None and "backlog" in extra
 
     def _handle(self, frames: list, start: int) -> None:
-        """Handle ``frames[start:]`` for at most ``node.read_budget`` seconds.
+        """Handle ``frames[start:]`` for at most ``node.output.read_budget`` seconds.
 
         A terminal that sends a burst (a payment backend's window of
         thousands of SENDs arrives as megabytes, and libuv reads up to 32
@@ -166,7 +167,7 @@ class TerminalConnection(ServerSession):
         n = len(frames)
         i = start
         small = n - start <= _SMALL_READ
-        deadline = 0.0 if small else time.perf_counter() + node.read_budget
+        deadline = 0.0 if small else time.perf_counter() + node.output.read_budget
         while i < n:
             wait = on_frame(self, frames[i])
             if wait is not None:

@@ -1,7 +1,7 @@
 """Prometheus metrics, read from the node at scrape time.
 
 Nothing here runs per message: the node keeps plain integers (``Counters``
-in ``server/node.py``, lists indexed by lane, two fixed-bucket histograms)
+below, lists indexed by lane, two fixed-bucket histograms)
 and :class:`NodeCollector` turns them into metric families only when
 ``/metrics`` is scraped.  Gauges (connections, queued bytes, channels) are
 computed by walking the live sessions at scrape time, O(connections).
@@ -60,6 +60,7 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 
 from __future__ import annotations
 
+import bisect
 import gc
 import time
 
@@ -68,6 +69,73 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 
 from .connection import HOLD_ANSWERS, HOLD_AUTH, HOLD_BACKLOG, HOLD_BUDGET, HOLD_PONG
+
+
+class Histogram:
+    """A fixed-bucket histogram of seconds: one bisect and three int/float
+    additions per observation (the collector below turns it into the
+    Prometheus form at scrape time)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds) -> None:
+        self.bounds = tuple(bounds)              # upper bounds, ascending; +Inf implied
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+STORE_WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                       2.5, 5.0)
+ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0, 30.0)
+
+
+class Counters:
+    """Plain counters the metrics module reads (one object, no per-event cost).
+
+    The ``lane_*`` lists are indexed by lane (P0..P3): SEND frames and their
+    payload bytes received, and messages (and payload bytes) handed to
+    terminals' lanes: P0/P1 deliveries (retransmits included) and P2/P3
+    fan-out (one per subscriber the broadcast was queued for).
+    """
+
+    __slots__ = ("connections", "auth_failures", "heartbeat_timeouts", "slow_consumer_closes",
+                 "takeovers", "acl_denials", "frames_in", "deliveries", "broadcasts",
+                 "accepted", "duplicates", "conflated", "p2_dropped", "p3_dropped",
+                 "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
+                 "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
+                 "lane_bytes_out", "store_write", "ack_latency", "read_yields",
+                 "flush_yields", "rate_waits", "rate_refusals", "window_refusals",
+                 "connections_refused", "auth_delays", "budget_holds", "ping_holds",
+                 "subscription_refusals")
+
+    _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+        for name in self._LISTS:
+            setattr(self, name, [0, 0, 0, 0])
+        self.store_write = Histogram(STORE_WRITE_BUCKETS)    # seconds per accept_many batch
+        self.ack_latency = Histogram(ACK_LATENCY_BUCKETS)    # P0/P1 delivery -> ack (sampled)
+
+    def as_dict(self) -> dict:
+        out = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = list(value)
+            elif isinstance(value, Histogram):
+                value = {"count": value.count, "sum": value.sum}
+            out[name] = value
+        return out
+
 
 __all__ = ["NodeCollector", "make_registry", "render"]
 

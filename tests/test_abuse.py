@@ -366,7 +366,7 @@ async def test_a_stream_nobody_holds_that_retains_nothing_is_freed_and_comes_bac
 
 
 async def _freed(node) -> int:
-    return await node._sweep_streams()
+    return await node.sweep_streams()
 
 
 @aiotest()
@@ -562,11 +562,11 @@ async def test_per_source_and_per_tenant_caps_are_off_by_default_and_hold_when_s
         await eventually(lambda: c.closed.is_set())
         assert c.close_code == Code.TAKEOVER
         await a.close()
-        await eventually(lambda: node._tenant_sessions.get("acme") == 2)
+        await eventually(lambda: node.commands._tenant_sessions.get("acme") == 2)
         d = await Connection.open(host, port, token("d1", store="s1"), local_addr=("127.0.0.5", 0))
         for conn in (b, c_again, d):
             await conn.close()
-        await eventually(lambda: not node._tenant_sessions and not node.sources.connections)
+        await eventually(lambda: not node.commands._tenant_sessions and not node.sources.connections)
     finally:
         await node.stop()
 

@@ -168,7 +168,7 @@ async def test_publish_p0_is_stored_delivered_deduplicated_and_traced(tmp_path):
         second = await till.receive(timeout=3)
         await second.ack()
         await eventually(lambda: env.node.in_flight() == 0)
-        await env.node._flush_batches()
+        await env.node.delivery.flush_batches()
         trace = await env.api.call("GET", f"/v1/messages/{first['id']}", "/v1/messages/{id}")
         assert trace["sender"] == "admin:ops" and trace["ref"] == 42 and trace["lane"] == "P0"
         assert trace["kind"] == "payment.result" and trace["to"] == "terminal:acme/till7"
@@ -469,7 +469,7 @@ async def test_terminal_record_presence_and_kick(tmp_path):
         assert t["inbox"]["P0"] == {"acked": 0, "last": 1}
         await msg.ack()
         await eventually(lambda: env.node.in_flight() == 0)
-        await env.node._flush_batches()
+        await env.node.delivery.flush_batches()
         t = await api.call("GET", "/v1/terminals/acme/till1", "/v1/terminals/{tenant}/{terminal}")
         assert t["inbox"]["P0"] == {"acked": 1, "last": 1}
 

@@ -377,7 +377,7 @@ def test_limits():
 def test_the_retry_hint_of_the_example_is_what_the_sdk_reads():
     # PROTOCOL.md section 7 (ERROR) and its example: "retry_ms=100 too many SENDs".
     from tillwire.client.connection import retry_hint
-    from tillwire.server.node import retry_hint as server_hint
+    from tillwire.server.commands import retry_hint as server_hint
     assert "`retry_ms=`" in DOC and '"retry_ms=100 too many SENDs"' in DOC
     assert retry_hint(Code.TOO_MANY_UNACKED, "retry_ms=100 too many SENDs") == 0.1
     assert retry_hint(Code.RATE_LIMITED, server_hint(0.0123, "over the rate")) == 0.013

@@ -334,7 +334,7 @@ async def test_a_reused_inbox_state_retransmits_to_its_new_terminal_only():
             await msg.ack()
             await eventually(lambda: node.hub.sessions["terminal:acme/t1"].inbox is None,
                              timeout=3)
-        pooled = node._inbox_pool[-1]
+        pooled = node.delivery._inbox_pool[-1]
         assert pooled.timer is not None and pooled.timer.arg is None and not pooled.timer.scheduled
 
         await be.send("payment.result", {"order": "o9", "n": 9, "status": "paid"},
@@ -431,7 +431,7 @@ async def test_trace_receipts_nack_and_dead_letters():
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
         assert receipt.msg_id == ack.msg_id and receipt.code == ReceiptStatus.ACKED
         assert receipt.to == "terminal:acme/t1"
-        await node._flush_batches()
+        await node.delivery.flush_batches()
         trace = await node.store.trace(ack.msg_id)
         assert trace.recipients[0].state == "acked"
         assert trace.recipients[0].delivered_at is not None
@@ -452,7 +452,7 @@ async def test_trace_receipts_nack_and_dead_letters():
                              receipt=True)
         await asyncio.sleep(0.2)
         for dead in await node.store.expire(time.time()):
-            node._send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.EXPIRED,
+            node.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.EXPIRED,
                                dead.terminal)
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
         assert receipt.code == ReceiptStatus.EXPIRED and receipt.msg_id == ack3.msg_id

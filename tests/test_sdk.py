@@ -111,7 +111,7 @@ async def test_auto_ack_acks_when_the_next_message_is_taken():
         for n in range(3):
             assert (await client.receive(timeout=3)).body["n"] == n
         await client.close()                  # acks the last one too
-        await node._flush_batches()
+        await node.delivery.flush_batches()
         acked0, last0, _, _ = await node.store.positions("terminal:acme/till1")
         assert acked0 == last0 == 3
     finally:

@@ -1,0 +1,367 @@
+"""P2/P3 channels: streams, SUBSCRIBE, UNSUBSCRIBE, HISTORY, resync and fan-out.
+
+A channel message is appended to its stream in the hub (offset, version
+check, last-value cache, history), then fanned out with one encode to the
+sessions the hub groups by address and to the stream's explicit
+subscribers.  Catch-up after RESUME or SUBSCRIBE replays from the stream,
+or sends RESYNC and the last-value snapshot, paced to the connection's
+queue; HISTORY answers are paged and paced the same way (PROTOCOL.md
+sections 9 and 10).
+
+State owned here is per connection only (in ``conn.extra``: explicit
+subscriptions, pending snapshots and answers, the request bucket); the
+streams themselves are the hub's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+
+from ..core.codes import Code, Flag, FrameType, Lane
+from ..core.session import CLOSED, OPEN, OVERFLOW, Frame, fanout
+from .address import AddressError, check_subscribe, implied_channels, parse_address
+from .connection import HOLD_ANSWERS, STOP_AFTER, TerminalConnection
+from .limits import Bucket
+from .offers import POLICY_KINDS
+from .store import StreamEntry
+
+_LANE_MASK = int(Flag.LANE_MASK)
+_P3 = int(Lane.P3)
+SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
+
+
+def _offset_of(entry) -> int:
+    return entry.offset
+
+
+class Channels:
+    """The node's P2/P3 channels (one per node)."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.cfg = node.cfg
+        self.loop = node.loop
+        self.hub = node.hub
+        self.store = node.store
+        self.encoder = node.encoder
+        self.counters = node.counters
+        self.control_budget = node.control_budget
+        self.output = node.output
+        self.mark_dirty = node.mark_dirty
+        self.slow_consumer = node.slow_consumer
+        self.offers = node.offers
+        self.chat = node.chat
+
+    def _request_wait(self, conn: TerminalConnection) -> float:
+        """0.0 when a SUBSCRIBE/UNSUBSCRIBE/HISTORY may go now, else seconds to wait."""
+        rate = self.cfg.limits.request_rate
+        if not rate:
+            return 0.0
+        extra = conn.extras()
+        bucket = extra.get("requests")
+        now = self.loop.time()
+        if bucket is None:
+            bucket = extra["requests"] = Bucket(rate, self.cfg.limits.request_burst, now)
+        wait = bucket.take(now)
+        if wait:
+            self.counters.rate_waits += 1
+        return wait
+
+
+    def join(self, conn: TerminalConnection, stream, position, now: float) -> None:
+        """Announce a stream to a connection and catch it up from ``position``."""
+        conn.control(self.hub.announce_frame(stream))
+        if position is None:
+            return
+        how, entries = self.hub.catch_up(stream, position, now)
+        if how == "live":
+            return
+        if how == "resync":
+            conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
+        elif stream.lane == Lane.P3 and entries:
+            entries = self.offers.filter_replay(conn, entries)   # skipped, never bypassed
+        for entry in entries:
+            if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
+                         entry.deadline, stream) == OVERFLOW:
+                break
+
+    def _stream(self, name: str, lane: int, address):
+        """The stream of a channel, created (and announced to the implied
+        subscribers of its name) on first use."""
+        hub = self.hub
+        stream = hub.stream(name, lane, create=False)
+        if stream is None:
+            stream = hub.stream(name, lane)
+            frame = hub.announce_frame(stream)
+            for group in hub.groups(address):
+                for conn in group:
+                    if conn.state == OPEN:
+                        conn.control(frame)
+                        self.mark_dirty(conn)
+        return stream
+
+    def on_subscribe(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
+        lane = frame.flags & _LANE_MASK
+        limits = self.cfg.limits
+        try:
+            if lane < Lane.P2:
+                raise AddressError(Code.BAD_REQUEST, "SUBSCRIBE: lane must be P2 or P3")
+            address = parse_address(frame.to)
+            check_subscribe(conn.claims, address)
+            allowed = {"topic": limits.topic_roles, "segment": limits.segment_roles}.get(
+                address.scope)
+            if allowed is not None and not set(allowed).intersection(conn.claims.roles):
+                raise AddressError(Code.FORBIDDEN,
+                                   f"subscribe {address}: {address.scope} channels are for "
+                                   f"roles {', '.join(allowed)} (limits.{address.scope}_roles)")
+        except AddressError as exc:
+            if exc.code == Code.FORBIDDEN:
+                self.counters.acl_denials += 1
+                if self.node.audit is not None:
+                    self.node.audit_conn("acl.deny", conn, None, op="subscribe", to=frame.to,
+                                     lane=f"P{lane}", reason=str(exc))
+            conn.error(exc.code, frame.ref, str(exc))
+            self.mark_dirty(conn)
+            return None
+        name = str(address)
+        hub = self.hub
+        now = self.loop.time()
+        position = (frame.epoch, frame.offset) if frame.epoch or frame.offset else None
+        if name in implied_channels(conn.claims):
+            # The token subscribes it already: catch up, or (no message yet)
+            # confirm with channel 0 until its first message announces its id.
+            stream = hub.stream(name, lane, create=False)
+            if stream is not None:
+                self.join(conn, stream, position, now)
+            else:
+                conn.control(self.encoder.encode(Frame(FrameType.SUBSCRIBED, lane, channel=0,
+                                                       to=name)))
+            self.mark_dirty(conn)
+            return None
+        extra = conn.extras()
+        subs = extra.setdefault("explicit", set())
+        stream = self._subscribed(conn, name, lane)
+        if stream is None:
+            if len(subs) >= limits.max_subscriptions:
+                self.counters.subscription_refusals += 1
+                conn.error(Code.TOO_MANY_SUBSCRIPTIONS, frame.ref,
+                           f"SUBSCRIBE {name}: this connection holds {len(subs)} subscriptions, "
+                           f"the most it may (limits.max_subscriptions)")
+                self.mark_dirty(conn)
+                return None
+            stream = hub.subscribe(name, lane, conn)       # (never makes a stream)
+            subs.add(stream)
+        self.join(conn, stream, position, now)
+        self.mark_dirty(conn)
+        return None
+
+    @staticmethod
+    def _subscribed(conn: TerminalConnection, name: str, lane: int):
+        """The stream (or pending stream) ``conn`` explicitly subscribed to, or None."""
+        subs = conn.extra.get("explicit") if conn.extra else None
+        for stream in subs or ():
+            if stream.lane == lane and stream.name == name:
+                return stream
+        return None
+
+    def on_unsubscribe(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
+        lane = frame.flags & _LANE_MASK
+        stream = self._subscribed(conn, frame.to, lane)
+        if stream is None:
+            conn.error(Code.UNKNOWN_CHANNEL, frame.ref,
+                       f"UNSUBSCRIBE: not subscribed to P{lane} of {frame.to!r} "
+                       "(channels implied by the token cannot be left)")
+        else:
+            conn.extra["explicit"].discard(stream)
+            self.hub.unsubscribe(stream, conn, self.loop.time())
+            conn.control(self.encoder.encode(Frame(
+                FrameType.UNSUBSCRIBED, channel=stream.id, code=Code.OK)))
+        self.mark_dirty(conn)
+        return None
+
+    def on_history(self, conn: TerminalConnection, frame):
+        wait = self._request_wait(conn)
+        if wait:
+            return wait
+        lane = frame.flags & _LANE_MASK
+        ref = frame.ref
+        try:
+            address = parse_address(frame.to)
+            if address.scope == "chat":
+                self.chat.on_history(conn, frame, address)     # answers asynchronously
+                return None
+            if lane < Lane.P2:
+                raise AddressError(Code.BAD_REQUEST,
+                                   "HISTORY: lane must be P2 or P3 (P1: conversations, chat:)")
+            check_subscribe(conn.claims, address)
+        except AddressError as exc:
+            conn.error(exc.code, ref, str(exc))
+            self.mark_dirty(conn)
+            return None
+        stream = self.hub.stream(str(address), lane, create=False)
+        page = self.cfg.limits.history_page
+        items: list = []
+        more = False
+        next_offset = 0
+        if stream is not None:
+            now = self.loop.time()
+            source = self.hub.history(stream, now)      # P2: the last values; in offset order
+            want = frame.count
+            if frame.offset == 0:
+                window = source[-want:] if want else source
+            elif frame.epoch in (stream.epoch, 0):      # (0: the current epoch)
+                start = bisect.bisect_right(source, frame.offset, key=_offset_of)
+                window = source[start:start + want] if want else source[start:]
+            else:
+                window = []
+            items = window[:page]
+            more = len(window) > page
+            next_offset = items[-1].offset if items else stream.offset
+        encode = self.encoder.encode
+
+        def item(e) -> bytes:
+            return encode(Frame(FrameType.HISTORY_ITEM, lane, e.payload, ref=ref,
+                                offset=e.offset, kind=e.kind))
+
+        self.answer(conn, ref, items, item, next_offset, Code.PARTIAL if more else Code.OK)
+        return STOP_AFTER if conn.holds & HOLD_ANSWERS else None
+
+    def answer(self, conn: TerminalConnection, ref: int, items: list, encode, next_offset: int,
+               code: int) -> None:
+        """Answer a HISTORY request: HISTORY_ITEM ``encode(item)`` for each of
+        ``items``, then HISTORY_END.  Paced like a resync: items are queued
+        only while the connection's control frames take less than half their
+        budget, the rest at the next flushes as the terminal reads; until
+        the answer is all queued the connection is not read (a terminal
+        that asks and does not read holds one answer, not a pile of them)."""
+        if conn.state == CLOSED:
+            return
+        extra = conn.extras()
+        extra.setdefault("answers", []).append([ref, items, 0, encode, next_offset, code])
+        self._answer_jobs(conn)
+        if "answers" in extra:
+            conn.hold(HOLD_ANSWERS)     # no further request is read until this one is out
+            self.node.commands.watch_stall(conn)
+        self.mark_dirty(conn)
+
+    def _answer_jobs(self, conn: TerminalConnection) -> None:
+        jobs = conn.extra.get("answers")
+        room = self.control_budget // 2
+        while jobs and conn.control_bytes < room:
+            job = jobs[0]
+            ref, items, i, encode, next_offset, code = job
+            while i < len(items) and conn.control_bytes < room:
+                conn.control(encode(items[i]))
+                i += 1
+            job[2] = i
+            if i < len(items):
+                break
+            conn.control(self.encoder.encode(Frame(
+                FrameType.HISTORY_END, ref=ref, offset=next_offset, count=len(items), code=code)))
+            jobs.pop(0)
+        if not jobs:
+            conn.extra.pop("answers", None)
+            conn.release(HOLD_ANSWERS)
+
+    def queue_resync(self, conn: TerminalConnection, streams) -> None:
+        extra = conn.extras()
+        pending = extra.setdefault("resync", {})
+        for stream in streams:
+            pending[stream] = None
+
+    def jobs(self, conn: TerminalConnection, now: float) -> None:
+        """Paced work of a connection (resync snapshots, HISTORY answers)."""
+        extra = conn.extra
+        if "resync" in extra or "jobs" in extra:
+            self._resync_jobs(conn, now)
+        if "answers" in extra:
+            self._answer_jobs(conn)
+
+    def _resync_jobs(self, conn: TerminalConnection, now: float) -> None:
+        """Send pending RESYNC snapshots, paced so they fit the connection's queue."""
+        extra = conn.extra
+        pending = extra.get("resync")
+        jobs = extra.get("jobs")
+        room = conn.max_queued_bytes // 2
+        if pending and conn.queued_bytes < room // 2:
+            jobs = extra.setdefault("jobs", [])
+            for stream in list(pending):
+                entries = list(stream.lvc.values()) if stream.lane == Lane.P2 else []
+                conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
+                jobs.append([stream, entries, 0])
+            pending.clear()
+        while jobs and conn.queued_bytes < room:
+            job = jobs[0]
+            stream, entries, i = job
+            for entry in entries[i:i + SNAPSHOT_SLICE]:
+                # A newer value for the key may have replaced this one: send the newest.
+                current = stream.lvc.get(entry.key, entry)
+                conn.push(stream.lane, self.hub.replay_frame(stream, current), None, 0.0, stream)
+            job[2] = i + SNAPSHOT_SLICE
+            if job[2] >= len(entries):
+                jobs.pop(0)
+        if not jobs and not pending:
+            extra.pop("jobs", None)
+            extra.pop("resync", None)
+
+    def broadcast(self, address, lane: int, kind: str, key: str, version: int,
+                  payload: bytes, ttl: float, report: dict | None, then) -> None:
+        """Publish a P2/P3 message to the stream of ``address``; ``then(offset)``
+        is called once it has its place in the stream (offset 0: a newer
+        version of ``key`` made it stale).  Callers are written for a
+        stream that lives across a network: ``then`` may come later (the
+        in-process hub calls it at once).
+
+        P3 offers (``offers.POLICY_KINDS``) go only to the sessions that pass
+        the offer policy; ``report`` (a dict) then gets {delivered, quiet, capped}."""
+        then(self._append(address, lane, kind, key, version, payload, ttl, report))
+
+    def _append(self, address, lane: int, kind: str, key: str, version: int,
+                payload: bytes, ttl: float, report: dict | None) -> int:
+        now = self.loop.time()
+        name = str(address)
+        stream = self._stream(name, lane, address)
+        if lane == _P3:
+            ttl = ttl or self.cfg.lanes.p3_ttl
+        deadline = now + ttl if lane == _P3 else 0.0
+        entry = self.hub.append(stream, kind, key, version, payload, now, deadline)
+        if entry is None:
+            return 0
+        unix = time.time()
+        self.store.stream_append(name, lane, stream.epoch, StreamEntry(
+            entry.offset, kind, key, version, payload, unix,
+            unix + (deadline - now) if deadline else 0.0))
+        ckey = (stream.id, key) if key else None
+        dirty = self.output.dirty
+        overflow = []
+        reached = 0
+        if lane == _P3 and kind in POLICY_KINDS:
+            groups = self.hub.groups(address)
+            if stream.explicit:
+                groups = [*groups, stream.explicit_list()]
+            reached, overflow = self.offers.fanout(address.tenant, groups, lane, entry.frame,
+                                                   deadline, stream, dirty, report)
+        else:
+            for group in self.hub.groups(address):
+                reached += len(group)
+                overflow += fanout(group, lane, entry.frame, ckey, deadline, stream, dirty)
+            if stream.explicit:
+                explicit = stream.explicit_list()
+                reached += len(explicit)
+                overflow += fanout(explicit, lane, entry.frame, ckey, deadline, stream, dirty)
+        if dirty:
+            self.output.wake()
+        counters = self.counters
+        counters.broadcasts += 1
+        counters.lane_frames_out[lane] += reached
+        counters.lane_bytes_out[lane] += reached * len(payload)
+        for conn in overflow:       # only P0/P1 overflow; kept for symmetry
+            self.slow_consumer(conn)
+        return entry.offset
