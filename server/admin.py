@@ -38,8 +38,8 @@ from . import kinds
 from .address import AddressError, parse_address, terminal_address
 from .auth import ROLES
 from .config import zone_ok
-from .offers import POLICY_KINDS
 from .metrics import make_registry, render
+from .offers import POLICY_KINDS
 from .store import NewMessage, TerminalRecord
 
 log = logging.getLogger("tillwire.admin")

@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import orjson
+from tillwire.core.errors import ConfigError
 
 from tillwire import __version__
-from tillwire.core.errors import ConfigError
 
 from .auth import ROLES, issue_token, verify_token
 from .config import NON_CONFIG_ENV, SECRET_ENV, Config, describe_keys, load_config, parse_duration
@@ -150,7 +150,6 @@ def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
     import ssl as _ssl
 
     import uvloop
-
     from tillwire.client.term import run
 
     ctx = _ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None

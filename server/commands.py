@@ -21,14 +21,29 @@ import time
 import orjson
 
 from ..core import wheel as _wheel
-from ..core.codes import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Code, Flag, FrameType, Lane
+from ..core.codes import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Code,
+    Flag,
+    FrameType,
+    Lane,
+)
 from ..core.errors import AuthError
 from ..core.session import CLOSED, OPEN
 from . import kinds
 from .address import AddressError, check_publish, implied_channels, parse_address
 from .auth import verify_token
-from .connection import (HOLD_AUTH, HOLD_BUDGET, RESUMING, STALL_HOLDS, STOP_AFTER, InboxState,
-                         TerminalConnection)
+from .connection import (
+    HOLD_AUTH,
+    HOLD_BUDGET,
+    RESUMING,
+    STALL_HOLDS,
+    STOP_AFTER,
+    InboxState,
+    TerminalConnection,
+)
+from .delivery import SATURATED_WAIT
 from .hub import parse_positions
 from .limits import SendLimits
 from .offers import POLICY_KINDS
@@ -193,6 +208,21 @@ class Commands:
                     handle.cancel()
         conn.transport = None
 
+    def audit_conn(self, event: str, conn, claims=None, **detail) -> None:
+        """Write one audit line about a terminal connection (audit is set)."""
+        claims = claims or conn.claims
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if transport is not None:
+            cert = transport.get_extra_info("peercert")
+            if cert:
+                subject = dict(x[0] for x in cert.get("subject", ()) if x)
+                detail["cert"] = subject.get("commonName", "")
+        self.node.audit.write(event, conn.address or "",
+                         tenant=claims.tenant if claims is not None else "",
+                         terminal=claims.terminal if claims is not None else "",
+                         peer=peer[0] if peer else "", detail=detail or None)
+
     def on_frame(self, conn: TerminalConnection, frame):
         """Handle one frame; None, or the seconds the frame (and the ones
         after it) must wait before it can be taken (a rate)."""
@@ -315,7 +345,7 @@ class Commands:
         if old is not None and old is not conn:
             self.counters.takeovers += 1
             if self.node.audit is not None:
-                self.node.audit_conn("takeover", old, None, by=self._peer(conn))
+                self.audit_conn("takeover", old, None, by=self._peer(conn))
             self.close(old, Code.TAKEOVER, "the terminal logged in on another connection")
             self.hub.detach(old, old.claims)
         conn.claims = claims
@@ -334,7 +364,7 @@ class Commands:
                     int(now * 1000), self.max_frame_size, self.store.epoch, info)
         self.counters.auth_ok += 1
         if self.node.audit is not None:
-            self.node.audit_conn("auth.ok", conn, claims, roles=list(claims.roles),
+            self.audit_conn("auth.ok", conn, claims, roles=list(claims.roles),
                              store=claims.store)
         # From now on the deadline is the heartbeat's, not the auth timeout's.
         self.wheel.schedule(conn.timer, conn.deadline(self.auth_timeout))
@@ -425,6 +455,11 @@ class Commands:
         limits = extra.get("limits") if extra is not None else None
         if limits is None:
             limits = self._send_limits(conn)
+        if lane <= _P1 and self.delivery.saturated:
+            # The store is behind: stop reading this sender until it caught up
+            # (the frame is handled then), rather than queue without bound.
+            counters.store_waits += 1
+            return SATURATED_WAIT
         if limits.role.rate:
             now = self.loop.time()
             wait = limits.take(lane, now)
@@ -482,7 +517,7 @@ class Commands:
             if exc.code == Code.FORBIDDEN:
                 counters.acl_denials += 1
                 if self.node.audit is not None:
-                    self.node.audit_conn("acl.deny", conn, None, op="send", to=frame.to,
+                    self.audit_conn("acl.deny", conn, None, op="send", to=frame.to,
                                      kind=frame.kind, lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)

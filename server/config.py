@@ -678,6 +678,11 @@ class DeliveryConfig:
     inflight: int = _key(
         256, _Int(1),
         "Most unacknowledged P0 (and P1) messages in flight to one terminal.")
+    max_uncommitted: int = _key(
+        20000, _Int(1),
+        "Most P0/P1 messages waiting for the store at once: past it the server stops reading "
+        "terminals' P0/P1 SENDs until the store catches up (a slow store costs senders latency, "
+        "not server memory).")
     slow_consumer_timeout: float = _key(
         30.0, _POSITIVE,
         "A terminal whose P0/P1 backlog cannot be written for this long is closed with "

@@ -13,6 +13,7 @@ All methods run on the event loop.
 
 from __future__ import annotations
 
+import socket
 import time
 
 from ..core.session import CLOSED, ServerSession
@@ -291,3 +292,30 @@ class TerminalConnection(ServerSession):
 
     def __repr__(self) -> str:
         return f"<TerminalConnection {self.address or 'unauthenticated'}>"
+
+
+def listen_socket(host: str, port: int, send_buffer: int, notsent_lowat: int) -> socket.socket:
+    """The terminal listener.  Accepted sockets inherit its SO_SNDBUF and
+    TCP_NOTSENT_LOWAT, so the small kernel buffers (a P0 never waits
+    behind megabytes already handed to the kernel) cost nothing per
+    connection.
+
+    The low-water mark is what keeps a slow terminal's P0 near the head:
+    without it the kernel takes P3 up to the whole send buffer, and the
+    transport's buffer queues more behind that, all of it ahead of any
+    later payment result (on a 2 Mbit/s link, most of a second).  With
+    it the kernel holds about ``notsent_lowat`` unsent bytes and the rest
+    stays in the lanes, where P0 goes first and P3 can be shed."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if notsent_lowat and lowat is not None and family in (socket.AF_INET,
+                                                                socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, lowat, notsent_lowat)
+    sock.bind(addr)
+    sock.setblocking(False)
+    return sock

@@ -16,9 +16,9 @@ connections saw a message stored meanwhile.
 Failure paths (every await on the store): a commit that fails answers its
 senders STORE_UNAVAILABLE and keeps nothing; a failed batch write keeps its
 items and retries them; a failed pump read or resume read retries with
-backoff while the connection is open; and past ``MAX_UNCOMMITTED`` messages
-waiting for the store the node stops reading P0/P1 senders (``saturated``)
-instead of growing.
+backoff while the connection is open; and past ``delivery.max_uncommitted``
+messages waiting for the store the node stops reading P0/P1 senders
+(``saturated``) instead of growing.
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ PUMP_BATCH = 128             # store rows read per pump step
 INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
 RETRY_FIRST = 0.05           # seconds before a failed store read or batch write is retried...
 RETRY_MAX = 5.0              # ...doubling up to this
-# Messages handed to the store (or waiting for their batch) and not answered
-# yet: past this the node stops reading terminals' P0/P1 SENDs until the
-# store catches up, so a slow store costs senders latency, not server memory.
-MAX_UNCOMMITTED = 20_000
 SATURATED_WAIT = 0.01        # seconds a sender's read waits before it looks again
 
 
@@ -99,6 +95,9 @@ class Delivery:
         self._resolving = False        # a batch's group recipients are being looked up
         self._committing = 0           # accept_many batches the store has not answered yet
         self.uncommitted = 0           # messages submitted and not answered by the store
+        # Past this many, the node stops reading terminals' P0/P1 SENDs until
+        # the store catches up: a slow store costs senders latency, not memory.
+        self.max_uncommitted = node.cfg.delivery.max_uncommitted
         self._pending_registers: list[TerminalRecord] = []
         self._resuming: dict = {}      # connection -> highest seqs stored while it resumed
         # InboxStates of fully acked inboxes, with their retransmit timers,
@@ -118,7 +117,19 @@ class Delivery:
     @property
     def saturated(self) -> bool:
         """Too much waits for the store: stop reading P0/P1 senders."""
-        return self.uncommitted >= MAX_UNCOMMITTED
+        return self.uncommitted >= self.max_uncommitted
+
+    def in_flight(self) -> int:
+        """P0/P1 messages handed to terminals and not acknowledged yet."""
+        total = 0
+        for conn in self.hub.sessions.values():
+            inbox = conn.inbox
+            if inbox.__class__ is InboxState and conn.state == OPEN:
+                for lane in (Lane.P0, Lane.P1):
+                    acked = conn.inbox_window(lane)[0]
+                    if inbox.cursor[lane] - 1 > acked:
+                        total += inbox.cursor[lane] - 1 - acked
+        return total
 
     def sendack(self, conn: TerminalConnection, ref: int, msg_id: int, payload: bytes = b"",
                 retransmit: bool = False) -> None:

@@ -16,8 +16,8 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import ssl
+import sys
 
 import orjson
 import uvloop

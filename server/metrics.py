@@ -43,6 +43,7 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
   ``tillwire_read_yields_total``, ``tillwire_flush_yields_total``
 * g ``tillwire_connections_read_held{reason}`` connections not being read
   (backlog, pong, budget, answers, auth_delay); c ``tillwire_rate_waits_total``,
+  ``tillwire_store_waits_total``,
   ``tillwire_rate_refusals_total``, ``tillwire_window_refusals_total``,
   ``tillwire_subscription_refusals_total``, ``tillwire_connections_refused_total``,
   ``tillwire_auth_delays_total``, ``tillwire_budget_holds_total``,
@@ -65,7 +66,11 @@ import gc
 import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import choose_encoder
 
 from .connection import HOLD_ANSWERS, HOLD_AUTH, HOLD_BACKLOG, HOLD_BUDGET, HOLD_PONG
@@ -111,7 +116,7 @@ class Counters:
                  "retransmits", "writes", "bytes_out", "protocol_errors", "bytes_in",
                  "auth_ok", "kicks", "lane_frames_in", "lane_bytes_in", "lane_frames_out",
                  "lane_bytes_out", "store_write", "ack_latency", "read_yields",
-                 "flush_yields", "rate_waits", "rate_refusals", "window_refusals",
+                 "flush_yields", "store_waits", "rate_waits", "rate_refusals", "window_refusals",
                  "connections_refused", "auth_delays", "budget_holds", "ping_holds",
                  "subscription_refusals")
 
@@ -277,6 +282,8 @@ class NodeCollector:
                       "the next turn (server.flush_slice_ms).", c.flush_yields)
 
         # -- limits (PROTOCOL.md section 14) -------------------------------------------
+        yield counter("store_waits", "P0/P1 SENDs whose connection was not read for a while "
+                      "because too many messages waited for the store.", c.store_waits)
         yield counter("rate_waits", "SENDs and requests that waited for their connection's "
                       "token bucket (limits.send_rate, limits.request_rate).", c.rate_waits)
         yield counter("rate_refusals", "SENDs refused with RATE_LIMITED (they would have waited "
@@ -312,7 +319,7 @@ class NodeCollector:
 
         # -- state ---------------------------------------------------------------------
         yield gauge("inflight_messages", "P0/P1 messages delivered and not yet acknowledged.",
-                    node.in_flight())
+                    node.delivery.in_flight())
         yield gauge("channels", "Channel streams (P2 and P3 counted apart).",
                     node.hub.stream_count())
         yield gauge("pending_subscriptions", "Channels subscribed to that nothing was published "

@@ -29,12 +29,12 @@ import socket
 import time
 
 from ..core import wheel as _wheel
-from ..core.codes import Code, Lane, ReceiptStatus
-from ..core.session import CLOSED, OPEN, Encoder, Frame
+from ..core.codes import Code, ReceiptStatus
+from ..core.session import CLOSED, Encoder, Frame
 from .channels import Channels
 from .chat import Chat
 from .commands import Commands
-from .connection import InboxState, TerminalConnection
+from .connection import TerminalConnection, listen_socket
 from .delivery import Delivery
 from .directory import Directory
 from .hub import Hub
@@ -82,8 +82,6 @@ class Node:
         self.inflight = cfg.delivery.inflight
         self.lane_weights = tuple(cfg.lanes.weights)
         self.write_high_water = srv.write_high_water
-        self.send_buffer = srv.send_buffer
-        self.notsent_lowat = srv.notsent_lowat
         self.handshake_frame = cfg.limits.handshake_frame
         self.limits = Policy(cfg)
         self.sources = Sources(cfg.limits.max_connections_per_source,
@@ -172,38 +170,12 @@ class Node:
         await self.offers.load()
         srv = self.cfg.server
         if sock is None:
-            sock = self._listen_socket(srv.host, srv.port)
+            sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat)
         server = await self.loop.create_server(self.connection_class, sock=sock,
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
         self._schedule_tick()
         self._maintenance_task = self.spawn(self._maintenance())
-
-    def _listen_socket(self, host: str, port: int) -> socket.socket:
-        """The terminal listener.  Accepted sockets inherit its SO_SNDBUF and
-        TCP_NOTSENT_LOWAT, so the small kernel buffers (a P0 never waits
-        behind megabytes already handed to the kernel) cost nothing per
-        connection.
-
-        The low-water mark is what keeps a slow terminal's P0 near the head:
-        without it the kernel takes P3 up to the whole send buffer, and the
-        transport's buffer queues more behind that, all of it ahead of any
-        later payment result (on a 2 Mbit/s link, most of a second).  With
-        it the kernel holds about ``notsent_lowat`` unsent bytes and the rest
-        stays in the lanes, where P0 goes first and P3 can be shed."""
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, kind, proto, _, addr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-        if self.notsent_lowat and lowat is not None and family in (socket.AF_INET,
-                                                                    socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, lowat, self.notsent_lowat)
-        sock.bind(addr)
-        sock.setblocking(False)
-        return sock
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -331,18 +303,6 @@ class Node:
         """End a running drain now (a second SIGTERM)."""
         self._force_stop = True
 
-    def in_flight(self) -> int:
-        """P0/P1 messages handed to terminals and not acknowledged yet."""
-        total = 0
-        for conn in self.hub.sessions.values():
-            inbox = conn.inbox
-            if inbox.__class__ is InboxState and conn.state == OPEN:
-                for lane in (Lane.P0, Lane.P1):
-                    acked = conn.inbox_window(lane)[0]
-                    if inbox.cursor[lane] - 1 > acked:
-                        total += inbox.cursor[lane] - 1 - acked
-        return total
-
     async def _drain(self, delay_ms: int, spread_ms: int, timeout: float) -> None:
         try:
             await self._drain_steps(delay_ms, spread_ms, timeout)
@@ -358,7 +318,7 @@ class Node:
             server.close()
         conns = self.all_connections()
         log.info("draining node=%s connections=%d in_flight=%d delay_ms=%d-%d",
-                 self.node_id, len(conns), self.in_flight(), delay_ms, delay_ms + spread_ms)
+                 self.node_id, len(conns), self.delivery.in_flight(), delay_ms, delay_ms + spread_ms)
         for conn in conns:
             if conn.state == CLOSED:
                 continue
@@ -370,10 +330,10 @@ class Node:
             self.mark_dirty(conn)
         deadline = started + timeout
         while not self._force_stop and self.loop.time() < deadline:
-            if not self.delivery.busy and self.in_flight() == 0:
+            if not self.delivery.busy and self.delivery.in_flight() == 0:
                 break
             await asyncio.sleep(0.02)
-        left = self.in_flight()
+        left = self.delivery.in_flight()
         await self._settle()
         log.info("drain %s node=%s in_flight=%d seconds=%.3f",
                  "complete" if left == 0 else "timed out" if not self._force_stop else "forced",
@@ -398,21 +358,6 @@ class Node:
         self.counters.kicks += 1
         self.close(conn, code, reason)
         return True
-
-    def audit_conn(self, event: str, conn, claims=None, **detail) -> None:
-        """Write one audit line about a terminal connection (audit is set)."""
-        claims = claims or conn.claims
-        transport = conn.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        if transport is not None:
-            cert = transport.get_extra_info("peercert")
-            if cert:
-                subject = dict(x[0] for x in cert.get("subject", ()) if x)
-                detail["cert"] = subject.get("commonName", "")
-        self.audit.write(event, conn.address or "",
-                         tenant=claims.tenant if claims is not None else "",
-                         terminal=claims.terminal if claims is not None else "",
-                         peer=peer[0] if peer else "", detail=detail or None)
 
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""

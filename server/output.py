@@ -17,7 +17,13 @@ import time
 
 from ..core.codes import Lane
 from ..core.session import CLOSED, OPEN
-from .connection import HOLD_BUDGET, HOLD_PONG, STALL_HOLDS, InboxState, TerminalConnection
+from .connection import (
+    HOLD_BUDGET,
+    HOLD_PONG,
+    STALL_HOLDS,
+    InboxState,
+    TerminalConnection,
+)
 
 _P0, _P1 = int(Lane.P0), int(Lane.P1)
 

@@ -9,14 +9,27 @@ all replay from here.
 from __future__ import annotations
 
 import asyncio
-
 import random
 from dataclasses import replace
 from typing import Sequence
 
 from .store import (
-    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
-    NewMessage, ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
+    ACKED,
+    DELIVERED,
+    EXPIRED,
+    REJECTED,
+    STORED,
+    Accepted,
+    Completion,
+    DeadLetter,
+    InboxEntry,
+    NewMessage,
+    ReceiptEvent,
+    Recipient,
+    StreamEntry,
+    StreamState,
+    TerminalRecord,
+    Trace,
 )
 
 

@@ -76,8 +76,21 @@ import orjson
 
 from . import gcpolicy
 from .store import (
-    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
-    ReceiptEvent, Recipient, StreamEntry, StreamState, TerminalRecord, Trace,
+    ACKED,
+    DELIVERED,
+    EXPIRED,
+    REJECTED,
+    STORED,
+    Accepted,
+    Completion,
+    DeadLetter,
+    InboxEntry,
+    ReceiptEvent,
+    Recipient,
+    StreamEntry,
+    StreamState,
+    TerminalRecord,
+    Trace,
 )
 
 __all__ = ["DB_FILENAME", "MIGRATIONS", "SCHEMA_VERSION", "STAGE_ROWS", "SQLiteStore",

@@ -52,7 +52,7 @@ import orjson
 
 from . import logs
 from .store import Accepted
-from .store_sqlite import _STOP, _Writer, _settle, message_rows
+from .store_sqlite import _STOP, _settle, _Writer, message_rows
 
 _HEADER = 4
 STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed

@@ -141,6 +141,11 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01):
         await asyncio.sleep(interval)
 
 
+def hello(tok: str, version: int = 1, heartbeat: int = 0) -> bytes:
+    """A raw HELLO frame carrying ``tok``."""
+    return Encoder().encode(Frame(FrameType.HELLO, version=version, heartbeat=heartbeat, token=tok))
+
+
 def payment_sends(to: str, first: int, count: int, *, ack: bool = True) -> bytes:
     """Raw SEND frames of payment results o<first>..o<first+count-1> (ref = n + 1)."""
     enc = Encoder()

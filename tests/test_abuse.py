@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from support import (
-    aiotest, connect, eventually, start_node, token, uvarint,
+    aiotest, connect, eventually, hello, start_node, token, uvarint,
 )
 from tillwire.client.connection import Connection, SendError, connected_socket
 from tillwire.client.sdk import Client
@@ -34,10 +34,6 @@ ENC = Encoder()
 
 def frame(ftype, flags=0, payload=b"", **fields) -> bytes:
     return ENC.encode(Frame(ftype, flags, payload, **fields))
-
-
-def hello(tok: str) -> bytes:
-    return frame(FrameType.HELLO, version=1, heartbeat=0, token=tok)
 
 
 RESUME = frame(FrameType.RESUME, epoch=0, p0=0, p1=0)

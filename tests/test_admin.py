@@ -167,7 +167,7 @@ async def test_publish_p0_is_stored_delivered_deduplicated_and_traced(tmp_path):
         await msg.ack()
         second = await till.receive(timeout=3)
         await second.ack()
-        await eventually(lambda: env.node.in_flight() == 0)
+        await eventually(lambda: env.node.delivery.in_flight() == 0)
         await env.node.delivery.flush_batches()
         trace = await env.api.call("GET", f"/v1/messages/{first['id']}", "/v1/messages/{id}")
         assert trace["sender"] == "admin:ops" and trace["ref"] == 42 and trace["lane"] == "P0"
@@ -468,7 +468,7 @@ async def test_terminal_record_presence_and_kick(tmp_path):
         t = await api.call("GET", "/v1/terminals/acme/till1", "/v1/terminals/{tenant}/{terminal}")
         assert t["inbox"]["P0"] == {"acked": 0, "last": 1}
         await msg.ack()
-        await eventually(lambda: env.node.in_flight() == 0)
+        await eventually(lambda: env.node.delivery.in_flight() == 0)
         await env.node.delivery.flush_batches()
         t = await api.call("GET", "/v1/terminals/acme/till1", "/v1/terminals/{tenant}/{terminal}")
         assert t["inbox"]["P0"] == {"acked": 1, "last": 1}
@@ -642,7 +642,7 @@ async def test_drain_endpoint_sends_goaway_waits_for_acks_then_stops(tmp_path):
         await msg.ack()
         await asyncio.wait_for(env.node.wait_stopped(), 3)
         assert time.monotonic() - started < 2
-        assert env.node.in_flight() == 0
+        assert env.node.delivery.in_flight() == 0
         await asyncio.wait_for(till.closed.wait(), 3)
         assert till.close_code == Code.SHUTDOWN
         acked0, last0, _, _ = await env.node.store.positions("terminal:acme/t1")

@@ -372,6 +372,7 @@ BAD_VALUES = {
     "delivery.dedup_window": (0, "x"),
     "delivery.ack_batch_ms": (-1, "nan"),
     "delivery.inflight": (0, "many"),
+    "delivery.max_uncommitted": (0, "lots"),
     "delivery.slow_consumer_timeout": (0, "-1s"),
     "limits.handshake_frame": (63, "1KB"),
     "limits.max_send_body": (63, "big"),

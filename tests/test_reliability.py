@@ -452,8 +452,8 @@ async def test_trace_receipts_nack_and_dead_letters():
                              receipt=True)
         await asyncio.sleep(0.2)
         for dead in await node.store.expire(time.time()):
-            node.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.EXPIRED,
-                               dead.terminal)
+            node.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                       ReceiptStatus.EXPIRED, dead.terminal)
         receipt = await asyncio.wait_for(be.receipts.get(), 3)
         assert receipt.code == ReceiptStatus.EXPIRED and receipt.msg_id == ack3.msg_id
         trace = await node.store.trace(ack3.msg_id)

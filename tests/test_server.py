@@ -18,7 +18,7 @@ import pytest
 
 from linkem import Link
 from support import (
-    aiotest, connect, eventually, make_config, payment_sends, read_sendacks, receive_orders,
+    aiotest, connect, eventually, hello, make_config, payment_sends, read_sendacks, receive_orders,
     start_node, token,
 )
 from tillwire.client.connection import Connection, SendError
@@ -48,10 +48,6 @@ def pad(n: int) -> str:
     character, and digit runs could look like card numbers)."""
     rnd = random.Random(n)
     return "".join(rnd.choices(string.ascii_letters, k=n))
-
-
-def hello(tok: str, version: int = 1, heartbeat: int = 0) -> bytes:
-    return Encoder().encode(Frame(FrameType.HELLO, version=version, heartbeat=heartbeat, token=tok))
 
 
 # -- handshake and auth -------------------------------------------------------------
