@@ -597,11 +597,7 @@ class Handlers:
         call.tenant, call.target = tenant, channel
         conversations, messages = await node.chat.forget_member(tenant, member)
         caps = await node.offers.forget_member(tenant, member)
-        entries = 0
-        for lane in (Lane.P2, Lane.P3):
-            stream = node.hub.stream(channel, lane, create=False)
-            if stream is not None:
-                entries += node.hub.forget(stream)
+        entries = await node.history.forget(channel)
         stored = await node.store.forget_stream(channel)
         result = {"tenant": tenant, "member": member, "conversations": conversations,
                   "chat_messages": messages, "caps": caps,

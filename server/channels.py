@@ -15,7 +15,6 @@ streams themselves are the hub's.
 
 from __future__ import annotations
 
-import bisect
 import time
 
 from ..core.codes import Code, Flag, FrameType, Lane
@@ -29,10 +28,6 @@ from .store import StreamEntry
 _LANE_MASK = int(Flag.LANE_MASK)
 _P3 = int(Lane.P3)
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
-
-
-def _offset_of(entry) -> int:
-    return entry.offset
 
 
 class Channels:
@@ -205,33 +200,43 @@ class Channels:
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
             return None
-        stream = self.hub.stream(str(address), lane, create=False)
-        page = self.cfg.limits.history_page
-        items: list = []
-        more = False
-        next_offset = 0
-        if stream is not None:
-            now = self.loop.time()
-            source = self.hub.history(stream, now)      # P2: the last values; in offset order
-            want = frame.count
-            if frame.offset == 0:
-                window = source[-want:] if want else source
-            elif frame.epoch in (stream.epoch, 0):      # (0: the current epoch)
-                start = bisect.bisect_right(source, frame.offset, key=_offset_of)
-                window = source[start:start + want] if want else source[start:]
+        # One request at a time: nothing more is read from the connection
+        # until this answer is queued (answer() releases the hold).
+        conn.hold(HOLD_ANSWERS)
+        self.node.spawn(self._history(conn, ref, str(address), lane, frame.epoch,
+                                      frame.offset, frame.count))
+        return STOP_AFTER
+
+    async def _history(self, conn: TerminalConnection, ref: int, name: str, lane: int,
+                       epoch: int, offset: int, want: int) -> None:
+        """Read a HISTORY request's page from the history and answer it: P2
+        reads the last values, P3 the unexpired messages; offset 0 reads the
+        last ``want`` (0: all), else those after ``offset`` in ``epoch``."""
+        page_size = self.cfg.limits.history_page
+        history = self.node.history
+        try:
+            if offset == 0:
+                page = await history.tail(name, lane, want)
+                items, more = page.items[:page_size], len(page.items) > page_size
             else:
-                window = []
-            items = window[:page]
-            more = len(window) > page
-            next_offset = items[-1].offset if items else stream.offset
+                limit = min(want, page_size + 1) if want else page_size + 1
+                page = await history.snapshot(name, lane, epoch, offset, limit)
+                items = page.items[:page_size]
+                more = len(page.items) > page_size or (page.more and len(items) != want)
+        except Exception as exc:
+            conn.release(HOLD_ANSWERS)
+            self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                    f"HISTORY {name}: the history could not be read ({exc}); "
+                                    "retry")
+            return
         encode = self.encoder.encode
 
         def item(e) -> bytes:
             return encode(Frame(FrameType.HISTORY_ITEM, lane, e.payload, ref=ref,
                                 offset=e.offset, kind=e.kind))
 
-        self.answer(conn, ref, items, item, next_offset, Code.PARTIAL if more else Code.OK)
-        return STOP_AFTER if conn.holds & HOLD_ANSWERS else None
+        self.answer(conn, ref, items, item, items[-1].offset if items else page.offset,
+                    Code.PARTIAL if more else Code.OK)
 
     def answer(self, conn: TerminalConnection, ref: int, items: list, encode, next_offset: int,
                code: int) -> None:

@@ -37,6 +37,7 @@ from .commands import Commands
 from .connection import TerminalConnection, listen_socket
 from .delivery import Delivery
 from .directory import Directory
+from .history_memory import MemoryHistory
 from .hub import Hub
 from .limits import Policy, Sources, default_max_connections
 from .metrics import Counters
@@ -91,6 +92,7 @@ class Node:
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
                        history_age=cfg.history.max_age)
         self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
+        self.history = MemoryHistory(self.hub, self.loop.time)
         self.registry = Registry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
