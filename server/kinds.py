@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import orjson
 
 from ..core.codes import Code, Lane
+from ..core.kinds import NATIVE
 
 _KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+\Z")
 MAX_KIND_LEN = 64
@@ -489,16 +490,10 @@ def _check(kind, lane, payload, key, max_depth, too_deep, find_card) -> Checked:
 def _native_module():
     """The native module configured with this module's tables, or None (not
     built, or ``TILLWIRE_NO_EXTENSIONS``)."""
-    from ..core._impl import NO_EXTENSIONS
-    if NO_EXTENSIONS:
-        return None
-    try:
-        from ..core import _kinds
-    except ImportError:
-        return None
-    _kinds.configure(Checked, PAYMENT_STATUSES, ORDER_CHANNELS, ORDER_EVENTS, MAX_CHAT_TEXT, _P2,
-                     EXEMPT_PATHS)
-    return _kinds
+    if NATIVE is not None:
+        NATIVE.configure(Checked, PAYMENT_STATUSES, ORDER_CHANNELS, ORDER_EVENTS, MAX_CHAT_TEXT,
+                         _P2, EXEMPT_PATHS)
+    return NATIVE
 
 
 _native = _native_module()
