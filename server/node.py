@@ -45,7 +45,9 @@ from .chat import Chat
 from .directory import Directory
 from .offers import POLICY_KINDS, Offers
 from .registry import Registry
-from .store import NewMessage, StreamEntry, TerminalRecord
+from .archive import StreamEntry
+from .store import NewMessage
+from .terminals import TerminalRecord
 from .tickets import Tickets
 
 log = logging.getLogger("tillwire.node")
@@ -280,15 +282,15 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
-        for rec in await self.store.terminals():
+        for rec in await self.store.terminals.all():
             self.registry.put(rec)
         history = self.cfg.history
-        self.store.configure_streams(history.max_messages, history.max_age)
+        self.store.archive.configure(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
         # Member notices past their retention are not loaded back.
-        await self.store.stream_expire_kind("member.notice",
-                                            unix_now - self.cfg.retention.member_notice)
-        for state in await self.store.load_streams(history.max_messages, history.max_age,
+        await self.store.archive.expire_kind("member.notice",
+                                             unix_now - self.cfg.retention.member_notice)
+        for state in await self.store.archive.load(history.max_messages, history.max_age,
                                                    unix_now):
             self.hub.restore(state, loop_now, unix_now)
         await self.directory.load()
@@ -1354,7 +1356,7 @@ class Node:
         if entry is None:
             return 0
         unix = time.time()
-        self.store.stream_append(name, lane, stream.epoch, StreamEntry(
+        self.store.archive.append(name, lane, stream.epoch, StreamEntry(
             entry.offset, kind, key, version, payload, unix,
             unix + (deadline - now) if deadline else 0.0))
         ckey = (stream.id, key) if key else None
@@ -1780,7 +1782,7 @@ class Node:
         self._pending_registers = []
         now = time.time()
         for rec in registers:
-            await self.store.register(rec)
+            await self.store.terminals.register(rec)
         # Both requests are queued at once, delivered first: the writer runs
         # them in that order, usually in one commit (awaiting the first before
         # sending the second cost a commit round trip per batch).
@@ -1859,7 +1861,7 @@ class Node:
         convs, messages = await self.chat.expire(now)
         caps = await self.offers.expire(now)
         tickets = await self.tickets.expire(now)
-        notices = await self.store.stream_expire_kind(
+        notices = await self.store.archive.expire_kind(
             "member.notice", now - self.cfg.retention.member_notice)
         if convs or messages or caps or tickets or notices:
             log.info("retention deleted conversations=%d chat_messages=%d caps=%d tickets=%d "
