@@ -193,7 +193,7 @@ _V4 = (
 )
 
 _V5 = (
-    # The newest inbox entries, moved to `inbox` in bulk (see Writer.merge_staged).
+    # The newest inbox entries, moved to `inbox` in bulk (see Writer.merge_staged in store_sqlite_writer.py).
     """CREATE TABLE inbox_staged(
         k INTEGER PRIMARY KEY,
         msg_id INTEGER NOT NULL,

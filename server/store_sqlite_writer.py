@@ -174,8 +174,9 @@ def _receipts_in_range(conn: sqlite3.Connection, low: int, high: int) -> list[tu
 class Writer:
     """Owns the write connection and every piece of state derived from it.
 
-    Everything here runs on the writer thread (the facade only sets
-    ``history_max``/``history_age`` before open).  The caches (tids, boxes,
+    Everything here runs on the writer thread (but for
+    :meth:`configure_streams`, which the archive's ``configure`` calls on the
+    loop: it only sets ``history_max``/``history_age``).  The caches (tids, boxes,
     streams, next ids) always equal what the database holds plus the
     current transaction's changes; after a rollback they are reloaded.
     """
