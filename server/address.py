@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from ..core.codes import Code, Lane
 from .auth import ROLES
-
 MAX_ADDRESS_LEN = 256
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 

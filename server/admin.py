@@ -40,7 +40,8 @@ from .auth import ROLES
 from .config import zone_ok
 from .metrics import make_registry, render
 from .offers import POLICY_KINDS
-from .store import NewMessage, TerminalRecord
+from .store import NewMessage
+from .terminals import TerminalRecord
 
 log = logging.getLogger("tillwire.admin")
 
@@ -244,7 +245,7 @@ class Handlers:
         else:
             try:
                 # A point read: cheap on every backend, and it fails when the store is down.
-                await asyncio.wait_for(node.store.terminal("terminal:readyz/probe"), 2.0)
+                await asyncio.wait_for(node.store.terminals.get("terminal:readyz/probe"), 2.0)
             except Exception as exc:  # noqa: BLE001 - any store failure means not ready
                 reason = f"store: {exc.__class__.__name__}: {exc}".rstrip(": ")
             else:
@@ -394,7 +395,7 @@ class Handlers:
                              old.first_seen if old is not None and old.first_seen else now,
                              old.last_seen if old is not None else 0.0, False,
                              old.revoked_before if old is not None else 0.0)
-        await node.store.register(rec)
+        await node.store.terminals.register(rec)
         node.registry.put(rec)
         _call(request).detail = {"store": store, "roles": list(roles)}
         return _json(_record_doc(rec), 200 if old is not None else 201)
@@ -405,7 +406,7 @@ class Handlers:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
         # The node writes login registrations in batches: make sure the store has
         # this one before it is flagged (register keeps retired and revoked_before).
-        await self.node.store.register(rec)
+        await self.node.store.terminals.register(rec)
         return rec
 
     def _kick(self, request: web.Request, address: str, reason: str, event: str,
@@ -437,7 +438,7 @@ class Handlers:
         doc = await _body(request, required=False, allowed=("reason",))
         reason = _text(doc, "reason", "terminal retired")
         rec = await self._known(address)
-        await node.store.retire(address, True)
+        await node.store.terminals.retire(address, True)
         node.registry.put(dataclasses.replace(rec, retired=True))
         kicked = self._kick(request, address, reason, "retire")
         return _json({"terminal": address, "retired": True, "kicked": kicked})
@@ -449,7 +450,7 @@ class Handlers:
         reason = _text(doc, "reason", "tokens revoked")
         rec = await self._known(address)
         before = time.time()
-        await node.store.revoke(address, before)
+        await node.store.terminals.revoke(address, before)
         node.registry.put(dataclasses.replace(rec, revoked_before=before))
         kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
         return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
@@ -598,7 +599,7 @@ class Handlers:
         conversations, messages = await node.chat.forget_member(tenant, member)
         caps = await node.offers.forget_member(tenant, member)
         entries = await node.history.forget(channel)
-        stored = await node.store.forget_stream(channel)
+        stored = await node.store.archive.forget(channel)
         result = {"tenant": tenant, "member": member, "conversations": conversations,
                   "chat_messages": messages, "caps": caps,
                   "channel_entries": max(entries, stored)}

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
+
 from tillwire.core.codes import Code
 from tillwire.core.errors import AuthError
 

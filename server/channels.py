@@ -23,7 +23,7 @@ from .address import AddressError, check_subscribe, implied_channels, parse_addr
 from .connection import HOLD_ANSWERS, STOP_AFTER, TerminalConnection
 from .limits import Bucket
 from .offers import POLICY_KINDS
-from .store import StreamEntry
+from .archive import StreamEntry
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _P3 = int(Lane.P3)
@@ -340,7 +340,7 @@ class Channels:
         if entry is None:
             return 0
         unix = time.time()
-        self.store.stream_append(name, lane, stream.epoch, StreamEntry(
+        self.store.archive.append(name, lane, stream.epoch, StreamEntry(
             entry.offset, kind, key, version, payload, unix,
             unix + (deadline - now) if deadline else 0.0))
         ckey = (stream.id, key) if key else None

@@ -44,7 +44,8 @@ from ..core.codes import Code, Flag, FrameType, Lane
 from ..core.session import OPEN, Frame
 from .address import AddressError, parse_address
 from .kinds import MessageError
-from .store import NewMessage, kv_records
+from .records import scan_all
+from .store import NewMessage
 
 log = logging.getLogger("tillwire.chat")
 
@@ -78,7 +79,7 @@ class Chat:
     async def load(self) -> None:
         """Load the conversations updated within the retention (node start)."""
         horizon = time.time() - self.retention
-        async for key, value in kv_records(self.node.store, CONV_NS):
+        async for key, value in scan_all(self.node.store.records, CONV_NS):
             try:
                 rec = orjson.loads(value)
                 if not isinstance(rec, dict) or not _CONV_KEYS.issubset(rec) or \
@@ -188,8 +189,8 @@ class Chat:
                                    "kind": "chat.message", "body": body, "ts": now})
             hkey = f"{key}/{ms:013d}-{accepted.msg_id}"
             try:
-                await asyncio.gather(store.kv_put(CHAT_NS, hkey, record, now),
-                                     store.kv_put(CONV_NS, key, orjson.dumps(conv), now))
+                await asyncio.gather(store.records.put(CHAT_NS, hkey, record, now),
+                                     store.records.put(CONV_NS, key, orjson.dumps(conv), now))
             except Exception as exc:  # noqa: BLE001
                 # The message itself is stored and delivered: it is acknowledged
                 # (a resend would only be a duplicate), and its records are
@@ -240,7 +241,7 @@ class Chat:
             elif self.convs.get(key.rsplit("/", 1)[0]) is None:
                 continue
             try:
-                await store.kv_put(ns, key, value, now)
+                await store.records.put(ns, key, value, now)
             except Exception as exc:  # noqa: BLE001
                 self._pending.setdefault(item, found)
                 log.error("chat records still not written (%d due): %s", len(self._pending),
@@ -289,7 +290,7 @@ class Chat:
             # offset > 0: messages after that time (unix ms), oldest first; one
             # more than the page tells whether the window goes on.
             rows: list = []
-            async for row in kv_records(node.store, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
+            async for row in scan_all(node.store.records, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
                 rows.append(row)
                 if len(rows) > page:
                     break
@@ -297,7 +298,7 @@ class Chat:
             # No offset: the newest ``count`` (<= MAX_HISTORY) in one bounded
             # newest-first read, answered oldest first; the cost does not grow
             # with the conversation.
-            rows = await node.store.kv_scan(CHAT_NS, prefix, "", count, reverse=True)
+            rows = await node.store.records.scan(CHAT_NS, prefix, "", count, reverse=True)
             rows.reverse()
         if conn.state != OPEN:
             return
@@ -326,7 +327,7 @@ class Chat:
         keys = [k for k, c in self.convs.items()
                 if c["tenant"] == tenant and c["member"] == member]
         # Also records not in memory (written by a node sharing the store).
-        async for k, value in kv_records(store, CONV_NS, tenant + "/"):
+        async for k, value in scan_all(store.records, CONV_NS, tenant + "/"):
             if k not in self.convs and orjson.loads(value).get("member") == member:
                 keys.append(k)
         messages = 0
@@ -334,8 +335,8 @@ class Chat:
             self.convs.pop(k, None)
             for item in [i for i in self._pending if i[1] == k or i[1].startswith(k + "/")]:
                 del self._pending[item]
-            messages += await store.kv_delete_prefix(CHAT_NS, k + "/")
-            await store.kv_delete(CONV_NS, k)
+            messages += await store.records.delete_prefix(CHAT_NS, k + "/")
+            await store.records.delete(CONV_NS, k)
         return len(keys), messages
 
     async def expire(self, now: float) -> tuple[int, int]:
@@ -346,5 +347,5 @@ class Chat:
         if self._pending:
             await self._write_pending()
         store = self.node.store
-        return (await store.kv_expire(CONV_NS, horizon),
-                await store.kv_expire(CHAT_NS, horizon))
+        return (await store.records.expire(CONV_NS, horizon),
+                await store.records.expire(CHAT_NS, horizon))

@@ -306,7 +306,8 @@ def _cmd_backup(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, e
     cfg = _load(args, env, {"server.data_dir": args.data_dir})
     import sqlite3
 
-    from .store_sqlite import DB_FILENAME, backup_file
+    from .store_sqlite import DB_FILENAME
+    from .store_sqlite_backup import backup_file
 
     source = os.path.join(cfg.server.data_dir, DB_FILENAME)
     try:

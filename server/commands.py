@@ -47,7 +47,8 @@ from .delivery import SATURATED_WAIT
 from .hub import parse_positions
 from .limits import SendLimits
 from .offers import POLICY_KINDS
-from .store import NewMessage, TerminalRecord
+from .store import NewMessage
+from .terminals import TerminalRecord
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)

@@ -33,7 +33,8 @@ from ..core import wheel as _wheel
 from ..core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from ..core.session import OPEN, OVERFLOW, Frame
 from .connection import RESUMING, InboxState, TerminalConnection
-from .store import NewMessage, TerminalRecord
+from .store import NewMessage
+from .terminals import TerminalRecord
 
 log = logging.getLogger("tillwire.delivery")
 
@@ -590,7 +591,7 @@ class Delivery:
         failed = None
         while registers:
             try:
-                await self.store.register(registers[0])
+                await self.store.terminals.register(registers[0])
             except Exception as exc:
                 failed = exc
                 break

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from .config import zone_ok
-from .store import kv_records
+from .records import scan_all
 
 NS = "directory"
 
@@ -74,7 +74,7 @@ class Directory:
 
     async def load(self) -> None:
         """Apply the overrides kept in the store (node start)."""
-        async for key, value in kv_records(self.store, NS):
+        async for key, value in scan_all(self.store.records, NS):
             try:
                 info = self._parse(value)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -121,7 +121,7 @@ class Directory:
         info = StoreInfo(tenant, store, timezone if timezone is not None else old.timezone,
                          on_duty if on_duty is not None else old.on_duty,
                          managers if managers is not None else old.managers, "admin")
-        await self.store.kv_put(NS, f"{tenant}/{store}", orjson.dumps({
+        await self.store.records.put(NS, f"{tenant}/{store}", orjson.dumps({
             "tenant": tenant, "store": store, "timezone": info.timezone,
             "on_duty": list(info.on_duty), "managers": list(info.managers)}), time.time())
         self._entries[(tenant, store)] = info

@@ -16,8 +16,8 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
 import sys
+import ssl
 
 import orjson
 import uvloop

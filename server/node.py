@@ -155,16 +155,16 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
-        for rec in await self.store.terminals():
+        for rec in await self.store.terminals.all():
             self.registry.put(rec)
         history = self.cfg.history
-        self.store.configure_streams(history.max_messages, history.max_age)
+        self.store.archive.configure(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
         # Member notices past their retention are not loaded back.
-        await self.store.stream_expire_kind("member.notice",
-                                            unix_now - self.cfg.retention.member_notice)
-        for state in await self.store.load_streams(history.max_messages, history.max_age,
-                                                   unix_now):
+        await self.store.archive.expire_kind("member.notice",
+                                             unix_now - self.cfg.retention.member_notice)
+        for state in await self.store.archive.load(history.max_messages, history.max_age,
+                                                    unix_now):
             self.hub.restore(state, loop_now, unix_now)
         await self.directory.load()
         await self.tickets.load()         # re-arms the escalation timers
@@ -413,7 +413,7 @@ class Node:
         convs, messages = await self.chat.expire(now)
         caps = await self.offers.expire(now)
         tickets = await self.tickets.expire(now)
-        notices = await self.store.stream_expire_kind(
+        notices = await self.store.archive.expire_kind(
             "member.notice", now - self.cfg.retention.member_notice)
         if convs or messages or caps or tickets or notices:
             log.info("retention deleted conversations=%d chat_messages=%d caps=%d tickets=%d "

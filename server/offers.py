@@ -33,7 +33,7 @@ import orjson
 from ..core.session import fanout
 from .config import parse_clock
 from .directory import zone
-from .store import kv_records
+from .records import scan_all
 
 log = logging.getLogger("tillwire.offers")
 
@@ -67,7 +67,7 @@ class Offers:
         """Load the cap counts still within the window (node start)."""
         now = time.time()
         horizon = now - self.cap_window
-        async for key, value in kv_records(self.node.store, NS):
+        async for key, value in scan_all(self.node.store.records, NS):
             tenant, _, member = key.partition("/")
             try:
                 stamps = orjson.loads(value)
@@ -243,9 +243,9 @@ class Offers:
             name = f"{key[0]}/{key[1]}"
             try:
                 if stamps:
-                    await store.kv_put(NS, name, orjson.dumps(stamps), now)
+                    await store.records.put(NS, name, orjson.dumps(stamps), now)
                 else:
-                    await store.kv_delete(NS, name)
+                    await store.records.delete(NS, name)
             except BaseException:
                 if key in self.counts or stamps is None:
                     self._dirty.add(key)
@@ -256,7 +256,7 @@ class Offers:
         self.counts.pop(key, None)
         self.counted.pop(key, None)
         self._dirty.discard(key)
-        return int(await self.node.store.kv_delete(NS, f"{tenant}/{member}"))
+        return int(await self.node.store.records.delete(NS, f"{tenant}/{member}"))
 
     async def expire(self, now: float) -> int:
         """Drop members whose counts all left the window (memory), and the
@@ -266,4 +266,4 @@ class Offers:
             del self.counts[key]
             self.counted.pop(key, None)
             self._dirty.discard(key)
-        return await self.node.store.kv_expire(NS, horizon - 2 * FLUSH_DELAY)
+        return await self.node.store.records.expire(NS, horizon - 2 * FLUSH_DELAY)

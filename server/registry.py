@@ -14,7 +14,7 @@ one or two index entries.
 from __future__ import annotations
 
 from .address import Address
-from .store import TerminalRecord
+from .terminals import TerminalRecord
 
 
 class Registry:

@@ -3,7 +3,9 @@
 Used when durability is not wanted (tests, demos, ``store.backend =
 "memory"``).  It honours the whole Store contract, so a message is still
 never lost while the process lives: slow consumers, reconnects and takeovers
-all replay from here.
+all replay from here.  Its records, terminals and archive
+(``records_memory.py``, ``terminals_memory.py``, ``archive_memory.py``)
+share nothing with it or each other.
 """
 
 from __future__ import annotations
@@ -13,24 +15,13 @@ import random
 from dataclasses import replace
 from typing import Sequence
 
+from .archive_memory import MemoryArchive
+from .records_memory import MemoryRecords
 from .store import (
-    ACKED,
-    DELIVERED,
-    EXPIRED,
-    REJECTED,
-    STORED,
-    Accepted,
-    Completion,
-    DeadLetter,
-    InboxEntry,
-    NewMessage,
-    ReceiptEvent,
-    Recipient,
-    StreamEntry,
-    StreamState,
-    TerminalRecord,
-    Trace,
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
+    NewMessage, ReceiptEvent, Recipient, Trace,
 )
+from .terminals_memory import MemoryTerminals
 
 
 class _Inbox:
@@ -43,7 +34,10 @@ class _Inbox:
 
 
 class MemoryStore:
-    """Store backend held in this process's memory."""
+    """Store backend held in this process's memory.
+
+    Besides the Store protocol, the backend's own operation :meth:`stats`.
+    """
 
     def __init__(self, *, dedup_window: float = 86400.0, epoch: int | None = None) -> None:
         self.epoch = epoch if epoch is not None else random.randrange(1, 1 << 31)
@@ -53,11 +47,12 @@ class MemoryStore:
         self._dedup: dict[tuple[str, int], tuple[int, float]] = {}
         self._inboxes: dict[tuple[str, int], _Inbox] = {}
         self._dead: list[DeadLetter] = []
-        self._registry: dict[str, TerminalRecord] = {}
         self._bodies: dict[int, bytes] = {}
-        self._kv: dict[str, dict[str, tuple[bytes, float]]] = {}   # ns -> key -> (value, updated)
         # (terminal, lane, seq) -> msg_id, for every entry still held.
         self._index: dict[tuple[str, int, int], int] = {}
+        self.records = MemoryRecords()
+        self.terminals = MemoryTerminals()
+        self.archive = MemoryArchive()
 
     async def open(self) -> None:
         return None
@@ -213,39 +208,6 @@ class MemoryStore:
                if tenant is None or d.terminal.startswith(f"terminal:{tenant}/")]
         return out[:limit]
 
-    # Records are copied in and out: a caller mutating a record it passed or
-    # got back must not change the registry (nor retire() the caller's object).
-
-    async def register(self, record: TerminalRecord) -> None:
-        old = self._registry.get(record.address)
-        if old is not None:
-            record = replace(record, first_seen=old.first_seen or record.first_seen,
-                             retired=old.retired, revoked_before=old.revoked_before)
-        else:
-            record = replace(record)
-        self._registry[record.address] = record
-
-    async def terminal(self, address: str) -> TerminalRecord | None:
-        rec = self._registry.get(address)
-        return replace(rec) if rec is not None else None
-
-    async def terminals(self, tenant: str | None = None) -> list[TerminalRecord]:
-        return [replace(r) for r in self._registry.values() if tenant is None or r.tenant == tenant]
-
-    async def retire(self, address: str, retired: bool) -> bool:
-        rec = self._registry.get(address)
-        if rec is None:
-            return False
-        rec.retired = retired
-        return True
-
-    async def revoke(self, address: str, before: float) -> bool:
-        rec = self._registry.get(address)
-        if rec is None:
-            return False
-        rec.revoked_before = before
-        return True
-
     async def trim(self, now: float, keep_acked: float) -> int:
         removed = 0
         for msg_id in list(self._messages):
@@ -266,64 +228,11 @@ class MemoryStore:
         return removed
 
     async def stats(self) -> dict:
+        """Sizes: messages, unacked entries, dead letters, registered terminals, bytes."""
         unacked = sum(1 for box in self._inboxes.values() for r in box.entries.values()
                       if r.state in (STORED, DELIVERED))
         return {
             "backend": "memory", "messages": len(self._messages), "unacked": unacked,
-            "dead_letters": len(self._dead), "terminals": len(self._registry),
+            "dead_letters": len(self._dead), "terminals": len(self.terminals),
             "bytes": sum(len(b) for b in self._bodies.values()),
         }
-
-    # -- streams: nothing is kept (history lives in the hub, per process) -------
-
-    def configure_streams(self, history_max: int, history_age: float) -> None:
-        return None
-
-    def stream_append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
-        return None
-
-    async def load_streams(self, history_max: int, history_age: float,
-                           now: float) -> list[StreamState]:
-        return []
-
-    async def forget_stream(self, name: str) -> int:
-        return 0
-
-    async def stream_expire_kind(self, kind: str, before: float) -> int:
-        return 0            # streams are not persisted here: the hub's trim is all there is
-
-    # -- key-value records ----------------------------------------------------------------
-
-    async def kv_put(self, ns: str, key: str, value: bytes, now: float) -> None:
-        self._kv.setdefault(ns, {})[key] = (bytes(value), now)
-
-    async def kv_get(self, ns: str, key: str) -> bytes | None:
-        found = self._kv.get(ns, {}).get(key)
-        return None if found is None else found[0]
-
-    async def kv_scan(self, ns: str, prefix: str = "", after: str = "",
-                      limit: int = 1000, *, reverse: bool = False,
-                      before: str = "") -> list[tuple[str, bytes]]:
-        # (Sorts the namespace's matching keys per call: fine for tests and demos.)
-        keys = sorted((k for k in self._kv.get(ns, {})
-                       if k.startswith(prefix) and k > after and (not before or k < before)),
-                      reverse=reverse)
-        records = self._kv[ns] if keys else {}
-        return [(k, records[k][0]) for k in keys[:limit]]
-
-    async def kv_delete(self, ns: str, key: str) -> bool:
-        return self._kv.get(ns, {}).pop(key, None) is not None
-
-    async def kv_delete_prefix(self, ns: str, prefix: str) -> int:
-        records = self._kv.get(ns, {})
-        doomed = [k for k in records if k.startswith(prefix)]
-        for k in doomed:
-            del records[k]
-        return len(doomed)
-
-    async def kv_expire(self, ns: str, before: float) -> int:
-        records = self._kv.get(ns, {})
-        doomed = [k for k, (_, updated) in records.items() if updated < before]
-        for k in doomed:
-            del records[k]
-        return len(doomed)

@@ -6,7 +6,7 @@ handover of the GIL waits for the other thread's switch interval, or for
 the OS to schedule a thread preempted while holding it; a payment result's
 group commit then waits tens of milliseconds behind a promotion flood the
 loop is fanning out.  In its own process the writer runs the same
-:class:`~tillwire.server.store_sqlite._Writer` (same transactions, same
+:class:`~tillwire.server.store_sqlite_writer.Writer` (same transactions, same
 group commit, same caches) on its own interpreter, in parallel with the loop.
 
 Wire between the two (a ``socketpair``; each message is a 4-byte big-endian
@@ -14,7 +14,7 @@ length and a pickle; both ends are this module, so pickle is a private
 format here, never read from anywhere else):
 
 * parent -> child: a list of requests ``(name, args, request_id, weight)``;
-  ``name`` is a ``_Writer`` method, ``None`` stops the writer,
+  ``name`` is a ``Writer`` method, ``None`` stops the writer,
   ``"configure_streams"`` is applied at once (not queued); ``request_id`` 0
   means nobody waits for the result (stream appends).  Requests are written
   as they come, except stream appends, which gather until the end of the
@@ -52,7 +52,8 @@ import orjson
 
 from . import logs
 from .store import Accepted
-from .store_sqlite import _STOP, _settle, _Writer, message_rows
+from .store_sqlite_requests import STOP, settle
+from .store_sqlite_writer import Writer, message_rows
 
 _HEADER = 4
 STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed
@@ -126,7 +127,7 @@ class _Link(asyncio.Protocol):
 
 
 class WriterProcess:
-    """The event loop's handle on a writer process (the interface of ``_Writer``
+    """The event loop's handle on a writer process (the interface of ``Writer``
     that the store facade uses: submit, configure_streams, counters)."""
 
     def __init__(self, path: str, synchronous: str, group_commit_ms: float,
@@ -249,7 +250,7 @@ class WriterProcess:
                 if result is not None:
                     result = [Accepted(*a) for a in result]
             done.append((pending.pop(rid, None), result, exc))
-        _settle(done)
+        settle(done)
 
     def _on_gone(self, exc) -> None:
         code = self._proc.poll() if self._proc is not None else None
@@ -309,7 +310,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    writer = _Writer(params["path"], params["synchronous"], params["group_commit_ms"],
+    writer = Writer(params["path"], params["synchronous"], params["group_commit_ms"],
                      params["dedup_window"], params["stage_rows"])
     writer.configure_streams(params["history_max"], params["history_age"])
     writer.mode = "process"
@@ -337,14 +338,14 @@ def main() -> None:
             except OSError:
                 data = b""
             if not data:
-                submit((_STOP, (), None, 0))
+                submit((STOP, (), None, 0))
                 return
             for payload in frames.feed(data):
                 for name, args, rid, weight in pickle.loads(payload):
                     if name == "configure_streams":
                         writer.configure_streams(*args)
                         continue
-                    op = _STOP if name is None else getattr(writer, name)
+                    op = STOP if name is None else getattr(writer, name)
                     submit((op, args, rid or None, weight))
 
     writer.post = post

@@ -59,7 +59,8 @@ import orjson
 from ..core.codes import Code, Flag, Lane
 from .address import parse_address, terminal_address
 from .kinds import MessageError
-from .store import NewMessage, kv_records
+from .records import scan_all
+from .store import NewMessage
 
 log = logging.getLogger("tillwire.tickets")
 
@@ -144,7 +145,7 @@ class Tickets:
 
     async def load(self) -> None:
         """Load the unresolved tickets and re-arm their escalation timers."""
-        async for key, value in kv_records(self.node.store, NS):
+        async for key, value in scan_all(self.node.store.records, NS):
             try:
                 rec = orjson.loads(value)
                 if not isinstance(rec, dict) or (rec.get("status") != RESOLVED and
@@ -191,7 +192,7 @@ class Tickets:
         key = f"{tenant}/{ticket}"
         rec = self.open.get(key) or self._unsaved.get(key)    # (not yet written)
         if rec is None:
-            raw = await self.node.store.kv_get(NS, key)
+            raw = await self.node.store.records.get(NS, key)
             if raw is None:
                 return None
             rec = orjson.loads(raw)
@@ -289,7 +290,7 @@ class Tickets:
                 await saved                   # ... so its delete comes after any put
             except Exception:  # noqa: BLE001 - (deleted below either way)
                 pass
-            node.spawn(node.store.kv_delete(NS, key))    # (if its record got in)
+            node.spawn(node.store.records.delete(NS, key))    # (if its record got in)
             if answered is not None:                      # a retry opens it afresh
                 if self._recent.get((conn.address, ref)) is answered:
                     del self._recent[(conn.address, ref)]
@@ -306,7 +307,7 @@ class Tickets:
             # this ticket is a phantom; answer with the original one if known.
             self._forget(key)
             self._unsaved.pop(key, None)
-            node.spawn(node.store.kv_delete(NS, key))    # (after its write: awaited above)
+            node.spawn(node.store.records.delete(NS, key))    # (after its write: awaited above)
             original = next((r for r in self.open.values()
                              if r["msg_id"] == accepted.msg_id), None)
             doc = {"ticket": original["ticket"]} if original is not None else {}
@@ -478,7 +479,7 @@ class Tickets:
                 try:
                     # Stored as of its last change: the store's kv_expire is the
                     # retention of the records not in memory (resolved ones).
-                    await self.node.store.kv_put(NS, key, data, last_change(rec))
+                    await self.node.store.records.put(NS, key, data, last_change(rec))
                 except Exception:
                     self._retry_soon()
                     raise
@@ -537,6 +538,6 @@ class Tickets:
             for ref in [r for r, (_, key) in self._updates.items() if key in gone]:
                 del self._updates[ref]
             for key in doomed:
-                await store.kv_delete(NS, key)
-        return len(doomed) + await store.kv_expire(NS, horizon)
+                await store.records.delete(NS, key)
+        return len(doomed) + await store.records.expire(NS, horizon)
 

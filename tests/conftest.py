@@ -1,16 +1,18 @@
-"""Shared fixtures: the codec implementations under test.
+"""Shared fixtures: the codec implementations and the store backends under test.
 
 ``codec`` runs a test once per implementation ("python" twin, "native"
 Cython module).  A missing native module is a FAILURE, not a skip, unless
 ``TILLWIRE_NO_EXTENSIONS=1`` says the run is deliberately Python-only.
-The fixtures are session-scoped (the modules are stateless) so hypothesis
-tests can use them.
+The codec fixtures are session-scoped (the modules are stateless) so
+hypothesis tests can use them.  ``store_factory`` runs a contract test once
+per store backend (see backends.py).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from backends import BACKENDS, make_backend
 from support import require_impl
 
 
@@ -24,3 +26,17 @@ def codec(request):
 def codec_pair():
     """``(python, native)`` codec modules, for differential tests."""
     return require_impl("codec", "python"), require_impl("codec", "native")
+
+
+@pytest.fixture(params=BACKENDS)
+def store_factory(request, tmp_path):
+    """``make(**kw)`` -> a new, unopened store of the backend under test
+    (SQLite stores made by one test share one file, so a second one reopens it)."""
+    path = str(tmp_path / "tillwire.db")
+
+    def make(**kw):
+        return make_backend(request.param, path, **kw)
+
+    make.backend = request.param
+    make.path = path
+    return make

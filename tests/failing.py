@@ -10,7 +10,10 @@ SQLite) unchanged, except the methods a test told it to break:
   slower than the senders), then go to the real backend in arrival order.
 
 ``calls[name]`` counts every call, failed or not, so a test can see a retry.
-Nothing is simulated: what is not broken is the real backend's answer.
+The backend's parts (``store.terminals``, ``store.records``,
+``store.archive``) are wrapped too, their methods named ``"terminals.register"``
+and so on.  Nothing is simulated: what is not broken is the real backend's
+answer.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ class BackendDown(ConnectionError):
     """What a broken method raises (a store across a network that went away)."""
 
 
+PARTS = ("terminals", "records", "archive")
+
+
 class Failing:
-    def __init__(self, backend) -> None:
+    def __init__(self, backend, *, _parent=None, _prefix: str = "") -> None:
         object.__setattr__(self, "_backend", backend)
-        object.__setattr__(self, "_failures", {})
-        object.__setattr__(self, "_held", {})
-        object.__setattr__(self, "calls", Counter())
+        object.__setattr__(self, "_prefix", _prefix)
+        object.__setattr__(self, "_failures", _parent._failures if _parent else {})
+        object.__setattr__(self, "_held", _parent._held if _parent else {})
+        object.__setattr__(self, "calls", _parent.calls if _parent else Counter())
 
     def fail(self, name: str, times: int = 1) -> None:
         self._failures[name] = times
@@ -52,8 +59,13 @@ class Failing:
 
     def __getattr__(self, name: str):
         real = getattr(self._backend, name)
+        if not self._prefix and name in PARTS:
+            part = Failing(real, _parent=self, _prefix=name + ".")
+            object.__setattr__(self, name, part)        # (one wrapper per part)
+            return part
         if not callable(real) or name.startswith("_"):
             return real
+        name = self._prefix + name
         if name == "accept_many_then":
             return self._wrap_then(real)
         if not asyncio.iscoroutinefunction(real):

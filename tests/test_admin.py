@@ -520,7 +520,7 @@ async def test_register_retire_and_revoke(tmp_path):
         rec = await api.call("PUT", "/v1/terminals/acme/k9", path, json_body={
             "store": "s9", "roles": ["kiosk", "staff"]})
         assert rec["roles"] == ["kiosk", "staff"] and rec["region"] == ""
-        assert (await env.node.store.terminal("terminal:acme/k9")).roles == ("kiosk", "staff")
+        assert (await env.node.store.terminals.get("terminal:acme/k9")).roles == ("kiosk", "staff")
         # A registered terminal is a member of its store group before it ever logs in.
         res = await api.call("POST", "/v1/publish", json_body={
             "to": "store:acme/s9", "kind": "order.event",
@@ -543,7 +543,7 @@ async def test_register_retire_and_revoke(tmp_path):
         with pytest.raises(SessionClosed) as refused:
             await connect(env.node, "k9", store="s9", roles=("kiosk",))
         assert refused.value.code == Code.TOKEN_REVOKED
-        assert (await env.node.store.terminal("terminal:acme/k9")).retired is True
+        assert (await env.node.store.terminals.get("terminal:acme/k9")).retired is True
         doc = await api.call("PUT", "/v1/terminals/acme/k9", path, json_body={
             "store": "s9", "roles": ["kiosk"]}, expect=409)
         assert doc["field"] == "terminal"
@@ -565,7 +565,7 @@ async def test_register_retire_and_revoke(tmp_path):
         with pytest.raises(SessionClosed) as refused:
             await connect(env.node, "h1", token=old_token)
         assert refused.value.code == Code.TOKEN_REVOKED
-        assert (await env.node.store.terminal("terminal:acme/h1")).revoked_before == \
+        assert (await env.node.store.terminals.get("terminal:acme/h1")).revoked_before == \
             doc["revoked_before"]
         fresh = await connect(env.node, "h1", token=token("h1", store="s1",
                                                           now=time.time() + 2))

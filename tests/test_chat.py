@@ -244,7 +244,7 @@ async def test_conversations_and_history_survive_a_restart_and_retention_deletes
         convs, messages = await node.chat.expire(time.time() + cfg.retention.chat + 10)
         assert (convs, messages) == (1, 3)
         assert node.chat.convs == {}
-        assert await node.store.kv_scan("chat") == []
+        assert await node.store.records.scan("chat") == []
         with pytest.raises(SendError) as err:
             await agent.history("chat:acme/cv1", Lane.P1)
         assert err.value.code == Code.UNKNOWN_CHANNEL
@@ -352,17 +352,17 @@ async def test_history_of_a_long_conversation_reads_only_the_newest(tmp_path, ba
                                    "kind": "chat.message",
                                    "body": {"conversation": "cv1", "text": f"old{i}"},
                                    "ts": (base + i) / 1000})
-            await node.store.kv_put(CHAT_NS, f"acme/cv1/{base + i:013d}-{10_000 + i}", record,
-                                    time.time())
+            await node.store.records.put(CHAT_NS, f"acme/cv1/{base + i:013d}-{10_000 + i}", record,
+                                         time.time())
         scans = []
-        real_scan = node.store.kv_scan
+        real_scan = node.store.records.scan
 
         async def counted(*args, **kwargs):
             page = await real_scan(*args, **kwargs)
             scans.append((args, kwargs, len(page)))
             return page
 
-        node.store.kv_scan = counted
+        node.store.records.scan = counted
         items, end = await cust.history("chat:acme/cv1", Lane.P1, count=3)
         assert [orjson.loads(f.payload)["text"] for f in items] == ["old1498", "old1499",
                                                                     "newest"]
@@ -409,7 +409,7 @@ async def test_history_answers_an_error_when_the_store_fails():
         async def broken(*args, **kwargs):
             raise OSError("disk on fire")
 
-        node.store.kv_scan = broken
+        node.store.records.scan = broken
         with pytest.raises(SendError) as err:
             await cust.history("chat:acme/cv1", Lane.P1, timeout=3)
         assert err.value.code == Code.STORE_UNAVAILABLE
@@ -477,8 +477,8 @@ async def test_a_message_in_flight_does_not_bring_back_a_forgotten_member():
         assert (await agent.receive(timeout=3)).body["text"] == "two"
         await asyncio.sleep(0.05)
         assert node.chat.convs == {}
-        assert await node.store.kv_scan("conv") == []
-        assert await node.store.kv_scan("chat") == []
+        assert await node.store.records.scan("conv") == []
+        assert await node.store.records.scan("chat") == []
     finally:
         await node.stop()
 
@@ -495,7 +495,7 @@ async def test_an_accepted_message_whose_history_write_failed_is_acked_and_kept_
         cust = await customer(node)
         await cust.send("chat.message", {"conversation": "cv1", "text": "one"}, SERVICE)
         await (await agent.receive(timeout=3)).ack()
-        kv_put = node.store.kv_put
+        kv_put = node.store.records.put
         fail = [True]
 
         async def flaky(ns, *args):
@@ -503,7 +503,7 @@ async def test_an_accepted_message_whose_history_write_failed_is_acked_and_kept_
                 raise OSError("database is locked")
             return await kv_put(ns, *args)
 
-        node.store.kv_put = flaky
+        node.store.records.put = flaky
         ack = await cust.send("chat.message", {"conversation": "cv1", "text": "two"},
                               "chat:acme/cv1")
         assert orjson.loads(ack.payload) == {"conversation": "cv1", "recipients": 1}
@@ -534,7 +534,7 @@ async def test_a_damaged_conversation_record_is_skipped_at_start(tmp_path):
         now = time.time()
         for key, value in (("acme/cv2", b"{broken"), ("acme/cv3", b'{"updated": 1e12}'),
                            ("acme/cv4", b"[]")):
-            await node.store.kv_put("conv", key, value, now)
+            await node.store.records.put("conv", key, value, now)
     finally:
         await node.stop()
     node = await start_node(cfg)

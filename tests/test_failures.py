@@ -127,13 +127,13 @@ async def test_a_failed_batch_write_keeps_acks_deliveries_and_registrations(back
     node, store = await _node(backend, tmp_path)
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
-        store.fail("register", 2)
+        store.fail("terminals.register", 2)
         till = await connect(node, "t1")
         for _ in range(100):
-            if await store.terminal(TILL) is not None:
+            if await store.terminals.get(TILL) is not None:
                 break
             await asyncio.sleep(0.05)
-        assert await store.terminal(TILL) is not None and store.calls["register"] >= 3
+        assert await store.terminals.get(TILL) is not None and store.calls["terminals.register"] >= 3
 
         store.fail("delivered_many", 1)
         store.fail("ack_many", 2)

@@ -36,23 +36,23 @@ async def test_deleting_a_member_removes_their_conversations_caps_and_channel(tm
             await be.send("member.notice", {"member": app.info["member"], "text": "Points"},
                           f"member:acme/{app.info['member']}", ttl=600)
         await node.offers.flush()
-        assert await node.store.kv_get("cap", "acme/m1") is not None
+        assert await node.store.records.get("cap", "acme/m1") is not None
 
         doc = await env.api.call("DELETE", "/v1/members/acme/m1", PATH, auth=ACME)
         assert doc == {"tenant": "acme", "member": "m1", "conversations": 2,
                        "chat_messages": 4, "caps": 1, "channel_entries": 1}
         # m1's data is gone ...
         assert sorted(node.chat.convs) == ["acme/cv3"]
-        assert [k for k, _ in await node.store.kv_scan("conv")] == ["acme/cv3"]
-        assert {k.split("/")[1] for k, _ in await node.store.kv_scan("chat")} == {"cv3"}
-        assert await node.store.kv_get("cap", "acme/m1") is None
+        assert [k for k, _ in await node.store.records.scan("conv")] == ["acme/cv3"]
+        assert {k.split("/")[1] for k, _ in await node.store.records.scan("chat")} == {"cv3"}
+        assert await node.store.records.get("cap", "acme/m1") is None
         assert ("acme", "m1") not in node.offers.counts
         items, _ = await m1.history("member:acme/m1", Lane.P3)
         assert items == []
         # ... m2's stays.
         items, _ = await m2.history("member:acme/m2", Lane.P3)
         assert [f.kind for f in items] == ["member.notice"]
-        assert await node.store.kv_get("cap", "acme/m2") is not None
+        assert await node.store.records.get("cap", "acme/m2") is not None
         # Deleting again finds nothing.
         doc = await env.api.call("DELETE", "/v1/members/acme/m1", PATH)
         assert (doc["conversations"], doc["chat_messages"], doc["caps"]) == (0, 0, 0)
@@ -78,6 +78,6 @@ async def test_deleting_a_member_removes_their_conversations_caps_and_channel(tm
         assert node.hub.stream("member:acme/m1", Lane.P3, create=False) is None
         kept = node.hub.stream("member:acme/m2", Lane.P3, create=False)
         assert [e.kind for e in kept.history] == ["member.notice"]
-        assert orjson.loads((await node.store.kv_scan("conv"))[0][1])["member"] == "m2"
+        assert orjson.loads((await node.store.records.scan("conv"))[0][1])["member"] == "m2"
     finally:
         await node.stop()

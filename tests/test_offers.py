@@ -271,18 +271,18 @@ async def test_cap_counts_a_failed_write_did_not_store_are_written_by_the_next_f
     try:
         be = await connect(node, "hq", store="hq", roles=("backend",))
         app = await connect(node, "app1", store="s1", roles=("customer",), member="m1")
-        kv_put = node.store.kv_put
+        kv_put = node.store.records.put
 
         async def refused(*args, **kwargs):
             raise OSError("database is locked")
 
-        node.store.kv_put = refused
+        node.store.records.put = refused
         ack = await be.send("promo.offer", offer(1), "member:acme/m1")
         assert orjson.loads(ack.payload)["delivered"] == 1
         await app.receive(timeout=3)
         with pytest.raises(OSError):
             await node.offers.flush()
-        node.store.kv_put = kv_put
+        node.store.records.put = kv_put
     finally:
         await node.stop()                  # writes what is still due
     node = await start_node(cfg)
@@ -337,9 +337,9 @@ async def test_a_damaged_cap_record_is_skipped_at_start(tmp_path):
     node = await start_node(cfg)
     try:
         now = time.time()
-        await node.store.kv_put("cap", "acme/m1", orjson.dumps([now]), now)
-        await node.store.kv_put("cap", "acme/m2", b'{"x": 1}', now)
-        await node.store.kv_put("cap", "acme/m3", b'["soon"]', now)
+        await node.store.records.put("cap", "acme/m1", orjson.dumps([now]), now)
+        await node.store.records.put("cap", "acme/m2", b'{"x": 1}', now)
+        await node.store.records.put("cap", "acme/m3", b'["soon"]', now)
     finally:
         await node.stop()
     node = await start_node(cfg)

@@ -37,7 +37,7 @@ async def test_maintenance_deletes_old_member_notices_from_the_store(tmp_path):
     try:
         await publish(node)
         await asyncio.sleep(0.1)
-        await node.store.stream_expire_kind("none", 0)       # a write barrier
+        await node.store.archive.expire_kind("none", 0)       # a write barrier
         assert notice_rows(str(tmp_path)) == 1
         await node._expire_services(time.time())
         assert notice_rows(str(tmp_path)) == 1                # not old yet

@@ -1,8 +1,9 @@
 """One suite of Store contract tests, run against every backend.
 
-``store_factory`` makes a fresh store of each backend in turn (memory; SQLite
-in ``tmp_path``, its writer in a process and in a thread).  Every test is a plain function that runs its coroutine
-with :func:`run_with`; the second half holds the SQLite-only tests
+``store_factory`` (conftest.py) makes a fresh store of each backend in turn
+(memory; SQLite in ``tmp_path``, its writer in a process and in a thread; see
+backends.py).  Every test is a plain function that runs its coroutine with
+:func:`run_with`; the second half holds the SQLite-only tests
 (durability across reopen, migrations, online backup, a SIGKILL crash test,
 the ``tillwire backup`` command) and a hypothesis differential test that
 feeds the memory and SQLite backends the same operations and requires the
@@ -26,60 +27,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tillwire.server.store import (
-    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store, StreamEntry, TerminalRecord,
-)
+from backends import T0, make_backend, run_with, stream_entry
 from tillwire.server import logs
+from tillwire.server.archive import StreamEntry
+from tillwire.server.store import ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store
 from tillwire.server.store_memory import MemoryStore
-from tillwire.server.store_sqlite import (
-    DB_FILENAME, SCHEMA_VERSION, STAGE_ROWS, SQLiteStore, backup_file, migrate, schema_version,
-)
+from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
+from tillwire.server.store_sqlite_backup import backup_file
+from tillwire.server.store_sqlite_schema import SCHEMA_VERSION, migrate, schema_version
+from tillwire.server.store_sqlite_writer import STAGE_ROWS
+from tillwire.server.terminals import TerminalRecord
 
-# sqlite: the writer in its own process (the default; inbox entries stay staged in
-# these small tests); sqlite-thread: in a thread, merging staged entries past 3 (so
-# reads meet merged, staged and mixed inboxes).
-BACKENDS = ["memory", "sqlite", "sqlite-thread"]
-T0 = 1_700_000_000.0
 TTL = 3600.0
 PAY = "terminal:acme/pay1"
 TILL = "terminal:acme/till1"
 TILL2 = "terminal:acme/till2"
-
-
-def _make(kind: str, path: str, **kw):
-    if kind == "memory":
-        return MemoryStore(dedup_window=kw.get("dedup_window", 86400.0))
-    return SQLiteStore(path, synchronous=kw.get("synchronous", "NORMAL"),
-                       group_commit_ms=kw.get("group_commit_ms", 0.0),
-                       dedup_window=kw.get("dedup_window", 86400.0),
-                       writer=kw.get("writer", "thread" if kind == "sqlite-thread" else "process"),
-                       stage_rows=kw.get("stage_rows", 3 if kind == "sqlite-thread" else STAGE_ROWS))
-
-
-@pytest.fixture(params=BACKENDS)
-def store_factory(request, tmp_path):
-    """``make(**kw)`` -> a new, unopened store of the backend under test
-    (SQLite stores made by one test share one file, so a second one reopens it)."""
-    path = str(tmp_path / DB_FILENAME)
-
-    def make(**kw):
-        return _make(request.param, path, **kw)
-
-    make.backend = request.param
-    make.path = path
-    return make
-
-
-def run_with(make, body, **kw):
-    """Open a store from ``make``, run ``await body(store)``, close it; return the result."""
-    async def main():
-        store = make(**kw)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-    return asyncio.run(main())
 
 
 def msg(ref: int = 0, *, sender: str = PAY, to: str = TILL, lane: int = 0, created: float = T0,
@@ -239,7 +201,7 @@ def test_accept_many_then_calls_back_once_on_the_loop(store_factory):
 
 def test_sqlite_accept_many_then_refuses_a_store_not_open(tmp_path):
     async def main():
-        store = _make("sqlite", str(tmp_path / DB_FILENAME))
+        store = make_backend("sqlite", str(tmp_path / DB_FILENAME))
         with pytest.raises(RuntimeError):
             store.accept_many_then([(msg(1), [TILL])], lambda r, e: None)
     asyncio.run(main())
@@ -437,47 +399,6 @@ def test_dead_letters_newest_first_by_tenant(store_factory):
     run_with(store_factory, body)
 
 
-def test_registry(store_factory):
-    rec = TerminalRecord(TILL, "acme", "till1", "s1", "north", ("till", "pos"), member="",
-                         first_seen=T0, last_seen=T0)
-
-    async def body(store):
-        assert await store.terminal(TILL) is None
-        await store.register(rec)
-        assert await store.terminal(TILL) == rec
-        rec.store = "mutated by the caller"                   # the store holds its own copy
-        assert (await store.terminal(TILL)).store == "s1"
-        got = await store.terminal(TILL)
-        got.retired = True
-        assert not (await store.terminal(TILL)).retired
-        assert await store.retire(TILL, True) is True
-        assert await store.revoke(TILL, T0 + 50) is True
-        # Re-registering keeps first_seen, retired and revoked_before.
-        await store.register(TerminalRecord(TILL, "acme", "till1", "s2", "south", ("till",),
-                                            first_seen=T0 + 100, last_seen=T0 + 100))
-        now = await store.terminal(TILL)
-        assert (now.store, now.region, now.roles, now.first_seen, now.last_seen, now.retired,
-                now.revoked_before) == ("s2", "south", ("till",), T0, T0 + 100, True, T0 + 50)
-        assert await store.retire(TILL, False) is True and not (await store.terminal(TILL)).retired
-        assert await store.retire("terminal:acme/nobody", True) is False
-        assert await store.revoke("terminal:acme/nobody", T0) is False
-        # A recipient that never logged in is no registered terminal...
-        await store.accept_many([(msg(1, to=TILL2), [TILL2])])
-        assert await store.terminal(TILL2) is None
-        assert await store.retire(TILL2, True) is False
-        await store.register(TerminalRecord("terminal:zeta/t9", "zeta", "t9", "z1", "", ("kiosk",)))
-        assert [r.address for r in await store.terminals()] == [TILL, "terminal:zeta/t9"]
-        # ...until it does: then it is one like any other, with its own values.
-        await store.register(TerminalRecord(TILL2, "acme", "till2", "s1", "", ("till",),
-                                            first_seen=T0 + 7, last_seen=T0 + 7))
-        t2 = await store.terminal(TILL2)
-        assert (t2.first_seen, t2.retired, t2.revoked_before) == (T0 + 7, False, 0.0)
-        assert sorted(r.address for r in await store.terminals("acme")) == [TILL, TILL2]
-        assert [r.terminal for r in await store.terminals("zeta")] == ["t9"]
-        assert await store.terminals("nobody") == []
-    run_with(store_factory, body)
-
-
 def test_trim_deletes_only_what_is_done_and_old(store_factory):
     async def body(store):
         got = await store.accept_many([
@@ -533,7 +454,7 @@ def test_stats(store_factory):
         await store.accept_many([(msg(i), [TILL, TILL2]) for i in range(1, 4)])
         await store.ack_many([(TILL, 0, 2)], T0 + 1)
         await store.reject(TILL2, 0, 1, "x", T0 + 1)
-        await store.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",)))
+        await store.terminals.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",)))
         stats = await store.stats()
         assert stats["backend"] == store_factory.backend.split("-")[0]
         if store_factory.backend != "memory":
@@ -548,140 +469,6 @@ def test_stats(store_factory):
     run_with(store_factory, body)
 
 
-def _stream_entry(offset, key="", version=0, created=T0, expires=0.0, kind="price"):
-    return StreamEntry(offset, kind, key, version, b'{"o":%d}' % offset, created, expires)
-
-
-def test_streams_persist_history_and_last_values(store_factory):
-    p2, p3 = "store:acme/s1", "tenant:acme"
-    now = T0 + 1000
-
-    async def write(store):
-        store.configure_streams(5, 3600.0)
-        epoch = store.epoch
-        for i in range(1, 13):
-            store.stream_append(p2, 2, epoch, _stream_entry(i, f"sku{i % 3}", version=i,
-                                                            created=now - 100 + i))
-        # A stale version of sku0 (newest is version 12) never replaces it.
-        store.stream_append(p2, 2, epoch, _stream_entry(13, "sku0", version=3, created=now - 80))
-        # Equal versions: the later offset wins.
-        store.stream_append(p2, 2, epoch, _stream_entry(14, "sku1", version=10, created=now - 79))
-        for i in range(1, 5):
-            store.stream_append(p3, 3, epoch, _stream_entry(
-                i, created=now - 5000 if i == 1 else now - 10,
-                expires=now - 1 if i == 2 else 0.0, kind="note"))
-        return epoch
-
-    async def read(store):
-        return store.epoch, await store.load_streams(5, 3600.0, now)
-
-    epoch = run_with(store_factory, write)
-    epoch2, states = run_with(store_factory, read)
-    if store_factory.backend == "memory":
-        assert states == []               # keeps nothing; each process has its own epoch
-        return
-    assert epoch2 == epoch
-    by_name = {(s.name, s.lane): s for s in states}
-    s2 = by_name[(p2, 2)]
-    assert (s2.epoch, s2.offset) == (epoch, 14)
-    assert [e.offset for e in s2.history] == [10, 11, 12, 13, 14]
-    assert s2.history[0] == _stream_entry(10, "sku1", version=10, created=now - 90)
-    assert {e.key: (e.offset, e.version) for e in s2.lvc} == \
-        {"sku0": (12, 12), "sku1": (14, 10), "sku2": (11, 11)}
-    assert [e.offset for e in s2.lvc] == sorted(e.offset for e in s2.lvc)
-    s3 = by_name[(p3, 3)]
-    # Entry 1 is older than history_age, entry 2 expired: neither is loaded.
-    assert (s3.offset, [e.offset for e in s3.history], s3.lvc) == (4, [3, 4], [])
-
-    # A different epoch resets that stream's history and last values.
-    async def reset(store):
-        store.configure_streams(5, 3600.0)
-        store.stream_append(p2, 2, epoch + 1, _stream_entry(1, "sku9", version=1, created=now))
-        return await store.load_streams(5, 3600.0, now)
-
-    async def after_reset(store):
-        return await store.load_streams(5, 3600.0, now)
-
-    run_with(store_factory, reset)
-    states = {(s.name, s.lane): s for s in run_with(store_factory, after_reset)}
-    assert (states[(p2, 2)].epoch, states[(p2, 2)].offset) == (epoch + 1, 1)
-    assert [e.key for e in states[(p2, 2)].lvc] == ["sku9"]
-    assert [e.offset for e in states[(p3, 3)].history] == [3, 4]
-
-
-def test_sqlite_stream_expire_kind_deletes_only_that_kind_and_older(tmp_path):
-    path = str(tmp_path / DB_FILENAME)
-    now = time.time()
-    name = "member:acme/m1"
-
-    async def write():
-        store = _make("sqlite", path)
-        await store.open()
-        try:
-            store.configure_streams(100, 86400.0)
-            epoch = store.epoch
-            for i, (kind, age) in enumerate([("member.notice", 500), ("promo.offer", 500),
-                                             ("member.notice", 50), ("member.notice", 500)], 1):
-                store.stream_append(name, 3, epoch, _stream_entry(i, created=now - age,
-                                                                  kind=kind))
-            # Appends still queued in the writer are covered too.
-            return await store.stream_expire_kind("member.notice", now - 100)
-        finally:
-            await store.close()
-
-    async def read():
-        store = _make("sqlite", path)
-        await store.open()
-        try:
-            return await store.load_streams(100, 86400.0, now)
-        finally:
-            await store.close()
-
-    assert asyncio.run(write()) == 2
-    [state] = asyncio.run(read())
-    assert [(e.offset, e.kind) for e in state.history] == [(2, "promo.offer"),
-                                                          (3, "member.notice")]
-    assert state.offset == 4
-
-
-def test_forget_stream_deletes_both_lanes_of_one_channel_only(store_factory):
-    mine, other = "member:acme/m1", "member:acme/m2"
-    now = T0 + 1000
-
-    async def write(store):
-        store.configure_streams(10, 3600.0)
-        epoch = store.epoch
-        for i in range(1, 4):
-            store.stream_append(mine, 3, epoch, _stream_entry(i, created=now, kind="note"))
-            store.stream_append(other, 3, epoch, _stream_entry(i, created=now, kind="note"))
-        store.stream_append(mine, 2, epoch, _stream_entry(1, "k", version=1, created=now))
-        # Forgotten in the same commit as the appends before it: they go too.
-        gone = await store.forget_stream(mine)
-        assert await store.forget_stream("member:acme/nobody") == 0
-        return gone
-
-    async def read(store):
-        return await store.load_streams(10, 3600.0, now)
-
-    gone = run_with(store_factory, write)
-    states = run_with(store_factory, read)
-    if store_factory.backend == "memory":
-        assert gone == 0 and states == []      # keeps no streams
-        return
-    assert gone == 3 + 1 + 1                   # P3 history, P2 history and its last value
-    assert [(s.name, s.lane, [e.offset for e in s.history]) for s in states] == \
-        [(other, 3, [1, 2, 3])]
-
-    # The channel starts afresh afterwards.
-    async def again(store):
-        store.configure_streams(10, 3600.0)
-        store.stream_append(mine, 3, store.epoch, _stream_entry(7, created=now, kind="note"))
-
-    run_with(store_factory, again)
-    by = {(s.name, s.lane): s for s in run_with(store_factory, read)}
-    assert [e.offset for e in by[(mine, 3)].history] == [7]
-
-
 # --------------------------------------------------------------------------
 # SQLite only
 
@@ -693,7 +480,7 @@ def db_path(tmp_path):
 
 def sqlite_run(path, body, **kw):
     kw.setdefault("synchronous", "FULL")
-    return run_with(lambda **k: _make("sqlite", path, **k), body, **kw)
+    return run_with(lambda **k: make_backend("sqlite", path, **k), body, **kw)
 
 
 def test_sqlite_state_survives_close_and_reopen(db_path):
@@ -703,8 +490,9 @@ def test_sqlite_state_survives_close_and_reopen(db_path):
         await store.delivered_many([(TILL, 0, 1, 3)], T0 + 1)
         await store.ack_many([(TILL, 0, 2)], T0 + 2)
         await store.expire(T0 + 5)
-        await store.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",), first_seen=T0))
-        await store.retire(TILL, True)
+        await store.terminals.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",),
+                                                      first_seen=T0))
+        await store.terminals.retire(TILL, True)
         return store.epoch, [a.msg_id for a in got]
 
     epoch, ids = sqlite_run(db_path, first)
@@ -718,7 +506,7 @@ def test_sqlite_state_survives_close_and_reopen(db_path):
             [(3, ids[2], True), (4, ids[3], False), (5, ids[4], False)]
         assert [r.msg_id for r in await store.ack_many([(TILL, 0, 5)], T0 + 6)] == ids[2:5]
         assert [d.msg_id for d in await store.dead_letters(None, 5)] == [ids[5]]
-        assert (await store.terminal(TILL)).retired
+        assert (await store.terminals.get(TILL)).retired
         [dup] = await store.accept_many([(msg(3, created=T0 + 10), [TILL])])
         assert dup.duplicate and dup.msg_id == ids[2]
         [new] = await store.accept_many([(msg(10), [TILL])])
@@ -834,18 +622,18 @@ def test_sqlite_history_appends_commit_after_the_messages_of_their_batch(db_path
     # message commits first (its sender waits for it); the history waits until
     # no other request is queued and commits in a transaction of its own.
     async def body(store):
-        store.configure_streams(10, 3600.0)
+        store.archive.configure(10, 3600.0)
         before = (await store.stats())["commits"]
         for i in range(1, 4):
-            store.stream_append("tenant:acme", 3, store.epoch, _stream_entry(i, kind="note"))
+            store.archive.append("tenant:acme", 3, store.epoch, stream_entry(i, kind="note"))
         [accepted] = await store.accept_many([(msg(1), [TILL])])
         assert await store.positions(TILL) == (0, 1, 0, 0) and accepted.seqs == {TILL: 1}
         deadline = time.monotonic() + 10
-        while not (states := await store.load_streams(10, 86400.0, T0 + 1)):
+        while not (states := await store.archive.load(10, 86400.0, T0 + 1)):
             assert time.monotonic() < deadline, "the history was never written"
             await asyncio.sleep(0.01)
         assert [e.offset for e in states[0].history] == [1, 2, 3]
-        await store.kv_put("ns", "k", b"v", T0)     # a commit of its own (and fresh counters)
+        await store.records.put("ns", "k", b"v", T0)     # a commit of its own (and fresh counters)
         assert (await store.stats())["commits"] - before == 3
 
     sqlite_run(db_path, body, group_commit_ms=50.0)
@@ -854,13 +642,13 @@ def test_sqlite_history_appends_commit_after_the_messages_of_their_batch(db_path
 @pytest.mark.parametrize("writer", ["process", "thread"])
 def test_sqlite_history_waiting_at_a_stop_is_written(db_path, writer):
     async def first(store):
-        store.configure_streams(10, 3600.0)
+        store.archive.configure(10, 3600.0)
         for i in range(1, 301):
-            store.stream_append("tenant:acme", 3, store.epoch, _stream_entry(i, kind="note"))
+            store.archive.append("tenant:acme", 3, store.epoch, stream_entry(i, kind="note"))
         await store.accept_many([(msg(1), [TILL])])
 
     async def second(store):
-        [state] = await store.load_streams(1000, 86400.0, T0 + 1)
+        [state] = await store.archive.load(1000, 86400.0, T0 + 1)
         assert [e.offset for e in state.history] == list(range(291, 301))
 
     sqlite_run(db_path, first, group_commit_ms=50.0, writer=writer)
@@ -873,8 +661,8 @@ def test_sqlite_a_failed_history_append_leaves_later_commits_working_and_synced(
     # as a P0 message: the message commits; the history transaction fails
     # alone; later commits work, still with synchronous FULL.
     async def body(store):
-        store.stream_append("tenant:acme", 3, store.epoch,
-                            StreamEntry(1, "note", "", 0, None, T0, 0.0))
+        store.archive.append("tenant:acme", 3, store.epoch,
+                             StreamEntry(1, "note", "", 0, None, T0, 0.0))
         [first] = await store.accept_many([(msg(1), [TILL])])
         [second] = await store.accept_many([(msg(2), [TILL])])
         assert (first.seqs, second.seqs) == ({TILL: 1}, {TILL: 2})
@@ -897,8 +685,8 @@ def test_sqlite_writer_process_logs_in_the_servers_format(db_path, capfd):
     logs.configure("json", "info")
     try:
         async def body(store):
-            store.stream_append("tenant:acme", 3, store.epoch,
-                                StreamEntry(1, "note", "", 0, None, T0, 0.0))   # fails
+            store.archive.append("tenant:acme", 3, store.epoch,
+                                 StreamEntry(1, "note", "", 0, None, T0, 0.0))   # fails
             await store.accept_many([(msg(1), [TILL])])
 
         sqlite_run(db_path, body, writer="process")
@@ -1012,7 +800,7 @@ def test_sqlite_refuses_bad_settings_and_use_before_open(db_path):
         await store.close()
         with pytest.raises(RuntimeError):
             await store.accept_many([(msg(1), [TILL])])
-        store.stream_append("x", 2, 1, _stream_entry(1))          # ignored once closed
+        store.archive.append("x", 2, 1, stream_entry(1))          # ignored once closed
     asyncio.run(main())
 
 
@@ -1058,7 +846,7 @@ def test_sqlite_migration_from_v1_keeps_every_message(db_path):
         assert dup.duplicate and dup.msg_id == 4
         [new] = await store.accept_many([(msg(6), [TILL])])
         assert (new.msg_id, new.seqs) == (6, {TILL: 6})
-        assert [r.address for r in await store.terminals()] == [TILL]
+        assert [r.address for r in await store.terminals.all()] == [TILL]
         assert len(await store.expire(T0 + TTL)) == 2     # v1 entries expire like new ones
 
     sqlite_run(db_path, body)
@@ -1323,163 +1111,3 @@ def test_memory_and_sqlite_agree(tmp_path, ops, stage_rows):
         assert a == b, f"result {i} differs"
     assert len(expected) == len(got)
 
-
-def test_key_value_records(store_factory):
-    async def body(store):
-        await store.kv_put("ticket", "acme/T-2", b'{"n":2}', 100.0)
-        await store.kv_put("ticket", "acme/T-1", b'{"n":1}', 50.0)
-        await store.kv_put("ticket", "other/T-1", b'{"n":9}', 100.0)
-        await store.kv_put("conv", "acme/c1", b"{}", 100.0)
-        await store.kv_put("ticket", "acme/T-2", b'{"n":22}', 120.0)     # replace
-        assert await store.kv_get("ticket", "acme/T-2") == b'{"n":22}'
-        assert await store.kv_get("ticket", "acme/T-9") is None
-        assert [k for k, _ in await store.kv_scan("ticket", "acme/")] == ["acme/T-1", "acme/T-2"]
-        assert [k for k, _ in await store.kv_scan("ticket", "acme/", after="acme/T-1")] == \
-            ["acme/T-2"]
-        assert len(await store.kv_scan("ticket", limit=2)) == 2
-        assert await store.kv_expire("ticket", 60.0) == 1             # acme/T-1 is older
-        assert await store.kv_delete("ticket", "other/T-1") is True
-        assert await store.kv_delete("ticket", "other/T-1") is False
-        assert await store.kv_delete_prefix("ticket", "acme/") == 1
-        assert await store.kv_scan("ticket") == []
-        assert await store.kv_get("conv", "acme/c1") == b"{}"
-    run_with(store_factory, body)
-
-
-def test_kv_scan_reverse_is_newest_first_within_prefix_and_limit(store_factory):
-    async def body(store):
-        # Neighbours of the prefix on both sides, and a key equal to the prefix
-        # without its slash: none of them belongs to "acme/cv1/".
-        for key in ("acme/cv0/9", "acme/cv1", "acme/cv1/001", "acme/cv1/002", "acme/cv1/003",
-                    "acme/cv1/004", "acme/cv10/001", "acme/cv2/001", "other/cv1/005"):
-            await store.kv_put("chat", key, key.encode(), 100.0)
-        await store.kv_put("conv", "acme/cv1/999", b"{}", 100.0)      # another namespace
-        newest = await store.kv_scan("chat", "acme/cv1/", reverse=True)
-        assert newest == [(k, k.encode()) for k in
-                          ("acme/cv1/004", "acme/cv1/003", "acme/cv1/002", "acme/cv1/001")]
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", limit=2, reverse=True)] \
-            == ["acme/cv1/004", "acme/cv1/003"]
-        assert await store.kv_scan("chat", "acme/cv1/", limit=0, reverse=True) == []
-        # Without a prefix: the whole namespace, highest key first.
-        everything = [k for k, _ in await store.kv_scan("chat", reverse=True)]
-        assert everything == sorted(everything, reverse=True) and len(everything) == 9
-        assert everything[0] == "other/cv1/005"
-        # after is still an exclusive lower bound; before an exclusive upper bound
-        # (also when scanning forward); "" leaves a bound open.
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", "acme/cv1/002",
-                                                  reverse=True)] == \
-            ["acme/cv1/004", "acme/cv1/003"]
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="acme/cv1/003",
-                                                  reverse=True)] == \
-            ["acme/cv1/002", "acme/cv1/001"]
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="acme/cv1/003")] \
-            == ["acme/cv1/001", "acme/cv1/002"]
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", "acme/cv1/001",
-                                                  before="acme/cv1/004", reverse=True)] == \
-            ["acme/cv1/003", "acme/cv1/002"]
-        # A before above the prefix's keys does not widen the prefix.
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/", before="zzz",
-                                                  reverse=True)] == [k for k, _ in newest]
-        # The forward scan is unchanged.
-        assert [k for k, _ in await store.kv_scan("chat", "acme/cv1/")] == \
-            [k for k, _ in reversed(newest)]
-    run_with(store_factory, body)
-
-
-def test_kv_scan_reverse_pages_with_before_without_loss_or_duplicates(store_factory):
-    async def body(store):
-        keys = [f"acme/cv1/{i:013d}-{i}" for i in range(1, 38)]
-        for key in keys:
-            await store.kv_put("chat", key, key.encode(), 100.0)
-        await store.kv_put("chat", "acme/cv1/~", b"{}", 100.0)       # above every page
-        await store.kv_put("chat", "acme/cv2/0000000000001-1", b"{}", 100.0)
-        got: list[str] = []
-        before = "acme/cv1/~"
-        pages = 0
-        while True:
-            page = await store.kv_scan("chat", "acme/cv1/", limit=5, reverse=True, before=before)
-            got += [k for k, _ in page]
-            pages += 1
-            if len(page) < 5:
-                break
-            before = page[-1][0]
-        assert got == keys[::-1]                      # every key once, newest first
-        assert pages == 8                             # 7 full pages and one of 2
-        # The page below the oldest key is empty, as are empty prefixes,
-        # namespaces and ranges.
-        assert await store.kv_scan("chat", "acme/cv1/", reverse=True, before=keys[0]) == []
-        assert await store.kv_scan("chat", "acme/cv9/", reverse=True) == []
-        assert await store.kv_scan("nothing", reverse=True) == []
-        assert await store.kv_scan("chat", "acme/cv1/", keys[20], reverse=True,
-                                   before=keys[20]) == []
-        assert await store.kv_scan("chat", "acme/cv1/", keys[21], before=keys[20]) == []
-    run_with(store_factory, body)
-
-
-_KV_KEYS = st.text(alphabet="ab/\u00e9\U0001f600", max_size=4)
-
-
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(keys=st.sets(_KV_KEYS, max_size=20),
-       scans=st.lists(st.tuples(st.text(alphabet="ab/\u00e9", max_size=2), _KV_KEYS, _KV_KEYS,
-                                st.integers(0, 6), st.booleans()), min_size=1, max_size=15))
-def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
-    """Any prefix/after/before/limit/direction: both backends answer what filtering a
-    sorted list of the keys answers (non-ASCII keys: SQLite compares UTF-8 bytes,
-    which orders like Python compares code points)."""
-    path = str(tmp_path / f"kv-{time.monotonic_ns()}.db")
-
-    def expected(prefix, after, before, limit, reverse):
-        found = sorted((k for k in keys if k.startswith(prefix) and k > after and
-                        (not before or k < before)), reverse=reverse)
-        return [(k, k.encode()) for k in found[:limit]]
-
-    async def main():
-        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0)]
-        for store in stores:
-            await store.open()
-        try:
-            for store in stores:
-                for key in keys:
-                    await store.kv_put("ns", key, key.encode(), 1.0)
-                for prefix, after, before, limit, reverse in scans:
-                    got = await store.kv_scan("ns", prefix, after, limit, reverse=reverse,
-                                              before=before)
-                    assert got == expected(prefix, after, before, limit, reverse), \
-                        (type(store).__name__, prefix, after, before, limit, reverse)
-        finally:
-            for store in stores:
-                await store.close()
-
-    asyncio.run(main())
-
-
-def test_sqlite_kv_scan_walks_the_primary_key_in_both_directions():
-    """A reverse scan is a bounded walk of the (ns, key) primary key: no sort of
-    the prefix's rows, so its cost does not grow with the conversation."""
-    from tillwire.server.store_sqlite import _Reader
-
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    migrate(conn)
-    for sql in _Reader._KV_SCAN.values():
-        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql,
-                                                         ("ns", "a", "b", 10)))
-        assert "USING PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, (sql, plan)
-    conn.close()
-
-
-def test_sqlite_key_value_records_survive_reopen(tmp_path):
-    path = str(tmp_path / DB_FILENAME)
-
-    def make(**kw):
-        return _make("sqlite", path, **kw)
-
-    async def write(store):
-        await store.kv_put("directory", "acme/s1", b'{"timezone":"Asia/Shanghai"}', 1.0)
-
-    async def read(store):
-        return await store.kv_get("directory", "acme/s1")
-
-    run_with(make, write)
-    assert run_with(make, read) == b'{"timezone":"Asia/Shanghai"}'

@@ -455,7 +455,7 @@ async def test_a_resend_of_an_open_still_in_flight_makes_one_ticket():
                 assert msg.body["ticket"] == tid
                 await msg.ack()
                 await nothing_for(staff, 0.2)
-        tickets = [orjson.loads(v)["code"] for _, v in await node.store.kv_scan("ticket")]
+        tickets = [orjson.loads(v)["code"] for _, v in await node.store.records.scan("ticket")]
         assert sorted(tickets) == ["E10", "E77"], tickets
         assert list(node.tickets.open) == [f"acme/{tid}"]
     finally:
@@ -513,7 +513,7 @@ async def test_a_damaged_record_does_not_stop_the_node_from_starting(tmp_path):
                                ("ticket", "acme/T-bad-0000", b"\x00\x01"),
                                ("ticket", "acme/T-bad-0001", b'{"ticket": "T-bad-0001"}'),
                                ("ticket", "acme/T-bad-0002", b'"open"')):
-            await node.store.kv_put(ns, key, value, now)
+            await node.store.records.put(ns, key, value, now)
     finally:
         await node.stop()
     node = await start_node(**overrides)
@@ -570,7 +570,7 @@ async def test_tickets_resolved_or_not_are_deleted_a_retention_after_their_last_
         await tickets.flush()
         old = [resolved, escalated, assigned, pending]
         for tid in old + [recent]:
-            assert await node.store.kv_get("ticket", f"acme/{tid}") is not None
+            assert await node.store.records.get("ticket", f"acme/{tid}") is not None
         assert (await tickets.get("acme", escalated))["status"] == "escalated"
         assert (await tickets.get("acme", resolved))["status"] == "resolved"
 
@@ -579,14 +579,14 @@ async def test_tickets_resolved_or_not_are_deleted_a_retention_after_their_last_
         assert set(tickets.open) == {f"acme/{recent}"}
         assert set(tickets._timers) == set()          # pending's timer went with it
         for tid in old:
-            assert await node.store.kv_get("ticket", f"acme/{tid}") is None
+            assert await node.store.records.get("ticket", f"acme/{tid}") is None
             assert await tickets.get("acme", tid) is None
             await api.call("GET", f"/v1/tickets/acme/{tid}", "/v1/tickets/{tenant}/{ticket}",
                            expect=404)
         doc = await api.call("GET", f"/v1/tickets/acme/{recent}",
                              "/v1/tickets/{tenant}/{ticket}")
         assert (doc["status"], doc["assignee"]) == ("assigned", "h1")
-        assert await node.store.kv_get("ticket", f"acme/{recent}") is not None
+        assert await node.store.records.get("ticket", f"acme/{recent}") is not None
         await nothing_for(manager, 0.5)               # the cancelled escalation never fires
         assert await tickets.expire(horizon + retention) == 0
 
@@ -632,7 +632,7 @@ async def test_records_without_an_updated_time_expire_by_their_latest_timestamp(
     node = await start_node(**overrides)
     try:
         for tid, (raw, at, _) in records.items():
-            await node.store.kv_put("ticket", f"acme/{tid}", raw, at)
+            await node.store.records.put("ticket", f"acme/{tid}", raw, at)
     finally:
         await node.stop()
     node = await start_node(**overrides)
@@ -642,7 +642,7 @@ async def test_records_without_an_updated_time_expire_by_their_latest_timestamp(
         assert node.tickets.open["acme/T-old-0001"]["updated"] == now - 1500
         await node._expire_services(now)             # the maintenance round's retention
         for tid, (_, _, gone) in records.items():
-            stored = await node.store.kv_get("ticket", f"acme/{tid}")
+            stored = await node.store.records.get("ticket", f"acme/{tid}")
             assert (stored is None) == gone, tid
             assert (f"acme/{tid}" in node.tickets.open) == (not gone and tid != "T-old-0003")
     finally:
@@ -655,9 +655,9 @@ async def test_records_without_an_updated_time_expire_by_their_latest_timestamp(
 
 
 def _failing_kv_put(node, fail: list):
-    """Make the store's kv_put of ticket records fail while ``fail`` is non-empty
+    """Make the store's records.put of ticket records fail while ``fail`` is non-empty
     (each failure pops one item; ``[...] * n`` fails n times)."""
-    real = node.store.kv_put
+    real = node.store.records.put
 
     async def flaky(ns, key, value, at):
         if ns == "ticket" and fail:
@@ -665,7 +665,7 @@ def _failing_kv_put(node, fail: list):
             raise OSError("database is locked")
         return await real(ns, key, value, at)
 
-    node.store.kv_put = flaky
+    node.store.records.put = flaky
     return real
 
 
@@ -694,7 +694,7 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
         stored = {}
 
         async def status():
-            stored["rec"] = orjson.loads(await node.store.kv_get("ticket", key))
+            stored["rec"] = orjson.loads(await node.store.records.get("ticket", key))
             return stored["rec"]["status"]
 
         for _ in range(100):                               # ... and was written again
@@ -717,7 +717,7 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
         await asyncio.sleep(0.3)
         assert f"acme/{other}" in node.tickets._unsaved
         fail.clear()
-        node.store.kv_put = real_put
+        node.store.records.put = real_put
         await till.close()
         await staff.close()
     finally:
@@ -745,10 +745,10 @@ async def test_a_maintenance_round_writes_the_records_still_due():
         key = f"acme/{tid}"
         assert key in node.tickets._unsaved and key in node.tickets.open
         fail.clear()
-        node.store.kv_put = real_put
+        node.store.records.put = real_put
         await node._expire_services(time.time())          # the maintenance round
         assert key not in node.tickets._unsaved
-        assert orjson.loads(await node.store.kv_get("ticket", key))["status"] == "open"
+        assert orjson.loads(await node.store.records.get("ticket", key))["status"] == "open"
     finally:
         await node.stop()
 
@@ -772,7 +772,7 @@ async def test_an_open_accepted_whose_record_write_failed_keeps_the_ticket(monke
         key = f"acme/{tid}"
         assert key in node.tickets.open
         await eventually(lambda: key not in node.tickets._unsaved)
-        rec = orjson.loads(await node.store.kv_get("ticket", key))
+        rec = orjson.loads(await node.store.records.get("ticket", key))
         assert (rec["status"], rec["msg_id"]) == ("open", ack.msg_id)
         # Still handled as usual.
         await staff.send("ticket.resolve", {"ticket": tid, "resolution": "ok"},
