@@ -61,6 +61,7 @@ class WriteBehind:
         self._retry_at = 0.0       # loop time the refused keys are tried again
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at = 0.0
+        self._soon = False         # the armed pass comes within ``delay``: a put arms nothing
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()       # one pass at a time (writer, write_due, flush)
         self._waiters: dict[Hashable, list[tuple[int, asyncio.Future]]] = {}
@@ -86,8 +87,7 @@ class WriteBehind:
         self._generation += 1
         self._due[key] = (self._generation, value)
         self._fresh.add(key)
-        if self._task is None and (self._handle is None or
-                                   self._handle_at > self._host.loop.time() + self._delay):
+        if self._task is None and not self._soon:
             self._schedule()
 
     def discard(self, key) -> None:
@@ -121,6 +121,7 @@ class WriteBehind:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+            self._soon = False
         failed = await self._pass(list(self._due))
         self._schedule()
         if failed is not None:
@@ -136,6 +137,7 @@ class WriteBehind:
             return
         loop = self._host.loop
         at = loop.time() + self._delay if self._fresh else self._retry_at
+        self._soon = bool(self._fresh)
         if self._handle is not None:
             if self._handle_at <= at:
                 return
@@ -145,6 +147,7 @@ class WriteBehind:
 
     def _on_due(self) -> None:
         self._handle = None
+        self._soon = False
         if self._host.stopping:
             # (stop's flush writes them; nobody is left waiting till then)
             for key in list(self._waiters):
