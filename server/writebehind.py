@@ -157,10 +157,12 @@ class WriteBehind:
 
     async def _run(self) -> None:
         try:
-            if self._host.loop.time() >= self._retry_at:
-                keys = list(self._due)
-            else:
+            # Fresh keys alone until the refused ones' retry is due (a pass armed
+            # for the retry has no fresh keys: timers may fire a little early).
+            if self._fresh and self._host.loop.time() < self._retry_at:
                 keys = list(self._fresh)
+            else:
+                keys = list(self._due)
             await self._pass(keys)
         finally:
             self._task = None
@@ -170,6 +172,8 @@ class WriteBehind:
         """Write ``keys`` concurrently; returns the first refusal (None: all written)."""
         async with self._lock:
             batch = [(key, self._due[key]) for key in keys if key in self._due]
+            if not batch:
+                return None
             self._fresh.difference_update(key for key, _ in batch)
             results = await asyncio.gather(
                 *(self._write_one(key, value) for key, (_, value) in batch),
