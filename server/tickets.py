@@ -15,9 +15,9 @@ gets an id and then either
 Only the store's own devices (tills, kiosks, staff, managers; backends for
 any store) open tickets.  ``ticket.assign`` / ``ticket.reply`` /
 ``ticket.resolve`` from the store's staff are stored and routed like any
-message (to the opener) and update the ticket.  The first assignment wins: staff
-assigning a ticket someone else has are refused (the assignee may hand it
-over, a manager or backend may reassign it).  A resend (same sender and ref)
+message (to the opener) and update the ticket.  The first assignment wins:
+staff assigning a ticket someone else has are refused (the assignee may
+hand it over, a manager or backend may reassign it).  A resend (same sender and ref)
 of an open or of an update already taken is answered like the first one,
 never applied twice (an update also after a restart: a record keeps the
 (sender, ref, kind) of its newest RECORD_REFS updates, loaded at start); an

@@ -9,9 +9,10 @@ says *what* is due (``put(key, value)``) and *how* one record is written
   ``put`` of the same key since (a write that raised, or was cancelled,
   keeps it due: nothing is dropped unwritten);
 * one writer task at a time (``host.spawn``), started ``delay`` seconds
-  after a put; it writes every due key of its pass concurrently (the
-  store's group commit gathers them), so writes of one key never overlap
-  and an older value never lands after a newer one;
+  after a put; a pass writes its keys concurrently (the store's group
+  commit gathers them), and one pass runs at a time (the writer's, a
+  maintenance round's :meth:`write_due`, stop's :meth:`flush`), so writes
+  of one key never overlap and an older value never lands after a newer one;
 * a pass that failed sets a retry with capped exponential backoff
   (``retry``, doubled per failed pass, at most ``retry_max``); keys put in
   the meantime are still written after ``delay`` (each is tried once, so a
