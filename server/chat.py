@@ -13,8 +13,14 @@ naming the conversation is told its id is taken (``BAD_MESSAGE`` on
 ones); nobody else may post (``FORBIDDEN``).
 
 Messages are stored and delivered like every P1 message (acks, receipts,
-retransmits); the SENDACK comes once the message and its history record are
-both kept.  Records (key-value namespaces, JSON):
+retransmits).  A conversation changes (is created, gets its agent, its
+``updated`` and ``last_ms``) only once the message is committed: refused
+by the store, nothing changed, the sender gets ``STORE_UNAVAILABLE`` and may
+resend the same SEND.  The messages of one conversation take turns
+(:mod:`.turns`): each is routed by what the ones before it committed, in
+the order they came.  Records are written behind (:mod:`.writebehind`,
+retried until the store takes them); the SENDACK comes once the message is
+stored and its records were tried.  Records (key-value namespaces, JSON):
 
 * ``conv``, key ``<tenant>/<conversation>``: {conversation, tenant, member,
   customer, agent, created, updated, last_ms (the newest message's history
@@ -33,7 +39,6 @@ written more than ``retention.chat`` seconds ago.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -43,9 +48,12 @@ import orjson
 from ..core.codes import Code, Flag, FrameType, Lane
 from ..core.session import OPEN, Frame
 from .address import AddressError, parse_address
+from .host import ServiceHost, commit
 from .kinds import MessageError
 from .records import scan_all
 from .store import NewMessage
+from .turns import Turns
+from .writebehind import WriteBehind
 
 log = logging.getLogger("tillwire.chat")
 
@@ -55,6 +63,9 @@ MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
 # What a conversation record needs to route a message.
 _CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
 RETRY_DELAY = 1.0           # seconds before records the store refused are written again
+RETRY_MAX = 30.0            # the longest wait between retries of refused records
+# What a sender is to a conversation (Chat._role).
+STARTER, CUSTOMER, AGENT = "starter", "customer", "agent"
 # A conversation id is one address segment (``chat:<t>/<id>`` must name it), so
 # no id is a key prefix of another's history records ("cv1" vs "cv1/x").
 _CONVERSATION = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -66,20 +77,26 @@ _LANE_MASK = int(Flag.LANE_MASK)
 class Chat:
     """The chat service of one node."""
 
-    def __init__(self, node) -> None:
-        self.node = node
-        self.retention = node.cfg.retention.chat
+    def __init__(self, host: ServiceHost) -> None:
+        self.host = host
+        self.retention = host.cfg.retention.chat
         self.convs: dict[str, dict] = {}          # "<tenant>/<conversation>" -> record
-        # Records of accepted messages the store refused, written again later:
-        # (ns, key) -> (value, time); a conv record's value is None (its current
-        # in-memory state is written, if the conversation still exists).
-        self._pending: dict[tuple[str, str], tuple[bytes | None, float]] = {}
-        self._retry_handle = None
+        # Conversations whose first message is being stored -> the record it
+        # creates once committed (a member's data request drops it meanwhile).
+        self._starting: dict[str, dict] = {}
+        # The messages of one conversation take turns: each is routed by what
+        # the ones before it committed (its agent, its last history time).
+        self._turns = Turns(host.loop)
+        # Records of accepted messages not written yet: (ns, key) -> value.  A
+        # history record's value is (record, time); a conv record's is None (its
+        # current in-memory state is written, if the conversation still exists).
+        self.unsaved = WriteBehind(host, self._write, retry=RETRY_DELAY, retry_max=RETRY_MAX,
+                                   what="chat records")
 
     async def load(self) -> None:
         """Load the conversations updated within the retention (node start)."""
         horizon = time.time() - self.retention
-        async for key, value in scan_all(self.node.store.records, CONV_NS):
+        async for key, value in scan_all(self.host.store.records, CONV_NS):
             try:
                 rec = orjson.loads(value)
                 if not isinstance(rec, dict) or not _CONV_KEYS.issubset(rec) or \
@@ -92,17 +109,20 @@ class Chat:
             if rec["updated"] >= horizon:
                 self.convs[key] = rec
 
-    def agents(self, tenant: str) -> list[str]:
+    async def flush(self) -> None:
+        """Stopping: write the records still due (before the store closes);
+        raises if the store refuses one."""
+        await self.unsaved.flush()
+
+    async def agents(self, tenant: str) -> list[str]:
         """The service agents of a tenant (members of ``role:<t>/*/service``)."""
-        return self.node.registry.members(parse_address(f"role:{tenant}/*/service"))
+        return await self.host.members(parse_address(f"role:{tenant}/*/service"))
 
     # -- messages ----------------------------------------------------------------------
 
     def on_message(self, conn, frame, address, body: dict) -> bool:
-        """Route a chat.message (validated, allowed by the ACL); always consumes it."""
-        node = self.node
-        claims = conn.claims
-        tenant = claims.tenant
+        """Take a chat.message (validated, allowed by the ACL); always consumes it."""
+        tenant = conn.claims.tenant
         conv_id = body["conversation"]
         if not _CONVERSATION.match(conv_id):
             raise MessageError(Code.BAD_MESSAGE,
@@ -120,134 +140,144 @@ class Chat:
                                f"chat:{tenant}/<conversation> (or role:{tenant}/*/service "
                                "from a customer)", "to")
         key = f"{tenant}/{conv_id}"
+        before, mine = self._turns.take(key)
+        if before is None:
+            # Nothing in progress in the conversation: a sender who may not post
+            # is refused now, by the node (ACL denials are counted and audited).
+            try:
+                self._role(conn, key, conv_id)
+            except BaseException:
+                self._turns.done(key, mine)
+                raise
+        flags = frame.flags
+        ttl = frame.ttl / 1000.0 if frame.ttl else self.host.cfg.delivery.p1_ttl
+        self.host.spawn(self._send(conn, frame.ref, address, body, key, ttl,
+                                   bool(flags & _RECEIPT_REQUESTED), bool(flags & _ACK_REQUESTED),
+                                   before, mine))
+        return True
+
+    def _role(self, conn, key: str, conv_id: str) -> str:
+        """What the sender is to the conversation as committed: STARTER (a
+        customer's first message), CUSTOMER or AGENT; raises MessageError if
+        they may not post to it."""
         conv = self.convs.get(key)
-        sender = conn.address
+        claims = conn.claims
         roles = claims.roles
-        now = time.time()
         if conv is None:
-            if "customer" not in roles:
-                if "service" in roles:
-                    raise MessageError(Code.BAD_MESSAGE,
-                                       f"chat.message: body.conversation: no conversation "
-                                       f"{conv_id!r}", "body.conversation")
-                raise MessageError(Code.FORBIDDEN, "chat.message: only customers start "
-                                                   "conversations", "body.conversation")
-            conv = {"conversation": conv_id, "tenant": tenant, "member": claims.member,
-                    "customer": sender, "agent": "", "created": now, "updated": now}
-            self.convs[key] = conv
-            recipients = self.agents(tenant)
-        elif sender == conv["customer"] and claims.member == conv["member"]:
-            recipients = [conv["agent"]] if conv["agent"] else self.agents(tenant)
-        elif "service" in roles:
-            if not conv["agent"]:
-                conv["agent"] = sender
-            recipients = [conv["customer"]]
-        elif "customer" in roles:
+            if "customer" in roles:
+                return STARTER
+            if "service" in roles:
+                raise MessageError(Code.BAD_MESSAGE,
+                                   f"chat.message: body.conversation: no conversation "
+                                   f"{conv_id!r}", "body.conversation")
+            raise MessageError(Code.FORBIDDEN, "chat.message: only customers start "
+                                               "conversations", "body.conversation")
+        if conn.address == conv["customer"] and claims.member == conv["member"]:
+            return CUSTOMER
+        if "service" in roles:
+            return AGENT
+        if "customer" in roles:
             # Another customer chose an id already in use (ids are the client's
             # choice): the id is taken, not forbidden; whose it is is not said.
             raise MessageError(Code.BAD_MESSAGE,
                                f"chat.message: body.conversation: {conv_id!r} is taken; "
                                "choose a new random id (e.g. a UUID)", "body.conversation")
-        else:
-            raise MessageError(Code.FORBIDDEN, f"chat.message: conversation {conv_id!r} is "
-                                               "not yours", "body.conversation")
-        conv["updated"] = now
-        # The message's history key (and HISTORY offset) is its time in unix ms,
-        # made strictly increasing per conversation: two messages of one
-        # millisecond keep their order and paging by offset skips neither.
-        ms = max(int(now * 1000), conv.get("last_ms", 0) + 1)
-        conv["last_ms"] = ms
-        # Who wrote it, stamped by the server (a "from" the client put in is
-        # replaced): recipients and history readers see it in the body.
-        body = {**body, "from": sender}
-        ttl = frame.ttl / 1000.0 if frame.ttl else node.cfg.delivery.p1_ttl
-        msg = NewMessage(tenant, sender, frame.ref, Lane.P1, "chat.message",
-                         f"chat:{key}", orjson.dumps(body), now, now + ttl,
-                         bool(frame.flags & _RECEIPT_REQUESTED))
-        fut = node.loop.create_future()
-        node.submit(msg, address, fut, recipients)
-        node.spawn(self._keep(conn, frame.ref, key, conv, sender, body, now, ms, fut,
-                               bool(frame.flags & _ACK_REQUESTED)))
-        return True
+        raise MessageError(Code.FORBIDDEN, f"chat.message: conversation {conv_id!r} is "
+                                           "not yours", "body.conversation")
 
-    async def _keep(self, conn, ref: int, key: str, conv: dict, sender: str, body: dict,
-                    now: float, ms: int, fut, asked: bool = True) -> None:
-        """Once stored: write the history record and the conversation, then SENDACK."""
-        node = self.node
-        store = node.store
+    async def _send(self, conn, ref: int, address, body: dict, key: str, ttl: float,
+                    receipt: bool, asked: bool, before, mine) -> None:
+        """In the conversation's turn: route the message by what the messages
+        before it committed and store it; only once it is committed does the
+        conversation change (created, its agent, updated, last_ms) and its
+        records become due; the SENDACK comes once they were tried.  Refused
+        by the store: nothing changed, the sender is told to retry."""
+        host = self.host
+        claims = conn.claims
+        sender = conn.address
+        conv_id = body["conversation"]
         try:
-            accepted = await fut
-        except Exception as exc:  # noqa: BLE001 - the store refused: nothing was promised
-            log.error("chat message of %s could not be stored: %s", key, exc)
-            node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
-                               "the message could not be stored; retry")
+            if before is not None:
+                await before
+            try:
+                # (routed again: the conversation may have changed since on_message)
+                role = self._role(conn, key, conv_id)
+            except MessageError as exc:
+                host.service_error(conn, ref, exc.code, str(exc))
+                return
+            now = time.time()
+            if role == STARTER:
+                conv = self._starting[key] = {
+                    "conversation": conv_id, "tenant": claims.tenant, "member": claims.member,
+                    "customer": sender, "agent": "", "created": now, "updated": now}
+            else:
+                conv = self.convs[key]
+            # The message's history key (and HISTORY offset) is its time in unix
+            # ms, made strictly increasing per conversation: two messages of one
+            # millisecond keep their order and paging by offset skips neither.
+            ms = max(int(now * 1000), conv.get("last_ms", 0) + 1)
+            # Who wrote it, stamped by the server (a "from" the client put in is
+            # replaced): recipients and history readers see it in the body.
+            body = {**body, "from": sender}
+            msg = NewMessage(claims.tenant, sender, ref, Lane.P1, "chat.message",
+                             f"chat:{key}", orjson.dumps(body), now, now + ttl, receipt)
+            try:
+                if role == AGENT:
+                    recipients = [conv["customer"]]
+                elif role == CUSTOMER and conv["agent"]:
+                    recipients = [conv["agent"]]
+                else:
+                    recipients = await self.agents(claims.tenant)
+                accepted = await commit(host, msg, address, recipients)
+            except Exception as exc:  # noqa: BLE001 - not stored: nothing changed
+                log.error("chat message of %s could not be stored: %s", key, exc)
+                accepted = None
+            # (A conversation being created exists from now on, or not at all.)
+            started = role == STARTER and self._starting.pop(key, None) is conv
+            if accepted is None:
+                host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                   "the message could not be stored; retry")
+                return
+            # A conversation deleted meanwhile (a member's data request, retention)
+            # is not brought back, nor is a resend applied twice.
+            kept = not accepted.duplicate and (started or self.convs.get(key) is conv)
+            if kept:
+                if started:
+                    self.convs[key] = conv
+                if role == AGENT and not conv["agent"]:
+                    conv["agent"] = sender        # the first agent to answer
+                conv["updated"] = now
+                conv["last_ms"] = ms
+        finally:
+            self._turns.done(key, mine)
+        if accepted.duplicate:
+            host.service_ack(conn, ref, accepted.msg_id, None, retransmit=True, asked=asked)
             return
-        # (A conversation deleted meanwhile, by a member's data request or
-        # retention, is not written back.)
-        if not accepted.duplicate and self.convs.get(key) is conv:
+        if kept:
+            # The message is stored and delivered whatever comes of these writes:
+            # it is acknowledged (a resend would only be a duplicate), and a
+            # refused record is written again until the store takes it.
+            history = (CHAT_NS, f"{key}/{ms:013d}-{accepted.msg_id}")
             record = orjson.dumps({"id": accepted.msg_id, "from": sender,
                                    "kind": "chat.message", "body": body, "ts": now})
-            hkey = f"{key}/{ms:013d}-{accepted.msg_id}"
-            try:
-                await asyncio.gather(store.records.put(CHAT_NS, hkey, record, now),
-                                     store.records.put(CONV_NS, key, orjson.dumps(conv), now))
-            except Exception as exc:  # noqa: BLE001
-                # The message itself is stored and delivered: it is acknowledged
-                # (a resend would only be a duplicate), and its records are
-                # written again until the store takes them.
-                log.error("chat records of %s could not be written (will retry): %s", key, exc)
-                self._pending[(CHAT_NS, hkey)] = (record, now)
-                self._pending[(CONV_NS, key)] = (None, now)
-                self._retry_soon()
-        if accepted.duplicate:
-            node.service_ack(conn, ref, accepted.msg_id, None, retransmit=True, asked=asked)
-        else:
-            node.service_ack(conn, ref, accepted.msg_id,
-                             {"conversation": conv["conversation"],
-                              "recipients": len(accepted.seqs)}, asked=asked)
+            self.unsaved.put(history, (record, now))
+            self.unsaved.put((CONV_NS, key))
+            await self.unsaved.written(history)
+            await self.unsaved.written((CONV_NS, key))
+        host.service_ack(conn, ref, accepted.msg_id,
+                         {"conversation": conv_id, "recipients": len(accepted.seqs)},
+                         asked=asked)
 
-    def _retry_soon(self) -> None:
-        if self._retry_handle is None and not self.node.stopping:
-            self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
-
-    def _retry(self) -> None:
-        self._retry_handle = None
-        if not self.node.stopping:
-            self.node.spawn(self._write_pending())
-
-    async def flush(self) -> None:
-        """Stopping: write the records still due once more (before the store closes)."""
-        if self._retry_handle is not None:
-            self._retry_handle.cancel()
-            self._retry_handle = None
-        if self._pending:
-            await self._write_pending()
-
-    async def _write_pending(self) -> None:
-        """Write the records still due; what the store refuses again waits for the
-        next try (also each maintenance round)."""
-        store = self.node.store
-        for item in list(self._pending):
-            found = self._pending.pop(item, None)
-            if found is None:
-                continue
-            ns, key = item
-            value, now = found
-            if ns == CONV_NS:
-                conv = self.convs.get(key)
-                if conv is None:                    # deleted meanwhile
-                    continue
-                value = orjson.dumps(conv)
-            elif self.convs.get(key.rsplit("/", 1)[0]) is None:
-                continue
-            try:
-                await store.records.put(ns, key, value, now)
-            except Exception as exc:  # noqa: BLE001
-                self._pending.setdefault(item, found)
-                log.error("chat records still not written (%d due): %s", len(self._pending),
-                          exc)
-                self._retry_soon()
-                return
+    async def _write(self, item: tuple[str, str], value) -> None:
+        """Write one record, unless its conversation was deleted meanwhile."""
+        ns, key = item
+        if ns == CONV_NS:
+            conv = self.convs.get(key)
+            if conv is not None:
+                await self.host.store.records.put(CONV_NS, key, orjson.dumps(conv), conv["updated"])
+        elif key.rsplit("/", 1)[0] in self.convs:
+            record, at = value
+            await self.host.store.records.put(CHAT_NS, key, record, at)
 
     # -- history -----------------------------------------------------------------------
 
@@ -268,29 +298,29 @@ class Chat:
                                            claims.member != conv["member"])):
             raise AddressError(Code.FORBIDDEN,
                                f"HISTORY: {address} is not a conversation of this terminal")
-        self.node.spawn(self._history(conn, frame.ref, key, frame.offset, frame.count))
+        self.host.spawn(self._history(conn, frame.ref, key, frame.offset, frame.count))
 
     async def _history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
         try:
             await self._answer_history(conn, ref, key, offset, count)
         except Exception as exc:  # noqa: BLE001 - the store failed: say so, never hang
             log.error("history of %s could not be read: %s", key, exc)
-            self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,
+            self.host.request_error(conn, ref, Code.STORE_UNAVAILABLE,
                                     "HISTORY: the conversation could not be read; retry")
 
     async def _answer_history(self, conn, ref: int, key: str, offset: int, count: int) -> None:
         """Answer a conversation's HISTORY: a page of at most ``limits.history_page``
         messages (HISTORY_END ``PARTIAL`` when the window goes on: the terminal
         asks again from its offset)."""
-        node = self.node
+        host = self.host
         count = min(count or MAX_HISTORY, MAX_HISTORY)
-        page = min(count, node.cfg.limits.history_page)
+        page = min(count, host.cfg.limits.history_page)
         prefix = key + "/"
         if offset:
             # offset > 0: messages after that time (unix ms), oldest first; one
             # more than the page tells whether the window goes on.
             rows: list = []
-            async for row in scan_all(node.store.records, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
+            async for row in scan_all(host.store.records, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
                 rows.append(row)
                 if len(rows) > page:
                     break
@@ -298,7 +328,7 @@ class Chat:
             # No offset: the newest ``count`` (<= MAX_HISTORY) in one bounded
             # newest-first read, answered oldest first; the cost does not grow
             # with the conversation.
-            rows = await node.store.records.scan(CHAT_NS, prefix, "", count, reverse=True)
+            rows = await host.store.records.scan(CHAT_NS, prefix, "", count, reverse=True)
             rows.reverse()
         if conn.state != OPEN:
             return
@@ -309,7 +339,7 @@ class Chat:
         for k, value in rows:
             last = int(k[len(prefix):].split("-", 1)[0])
             items.append((last, value))
-        encode = node.encoder.encode
+        encode = host.encoder.encode
 
         def item(entry) -> bytes:
             at, value = entry
@@ -317,13 +347,16 @@ class Chat:
             return encode(Frame(FrameType.HISTORY_ITEM, Lane.P1, orjson.dumps(rec["body"]),
                                 ref=ref, offset=at, msg_id=rec["id"], kind=rec["kind"]))
 
-        node.answer(conn, ref, items, item, last or offset, Code.PARTIAL if more else Code.OK)
+        host.answer(conn, ref, items, item, last or offset, Code.PARTIAL if more else Code.OK)
 
     # -- personal data and retention ---------------------------------------------------
 
     async def forget_member(self, tenant: str, member: str) -> tuple[int, int]:
         """Delete a member's conversations and their messages: (conversations, messages)."""
-        store = self.node.store
+        store = self.host.store
+        for k in [k for k, c in self._starting.items()
+                  if c["tenant"] == tenant and c["member"] == member]:
+            del self._starting[k]         # (its first message, being stored, creates nothing)
         keys = [k for k, c in self.convs.items()
                 if c["tenant"] == tenant and c["member"] == member]
         # Also records not in memory (written by a node sharing the store).
@@ -333,8 +366,9 @@ class Chat:
         messages = 0
         for k in keys:
             self.convs.pop(k, None)
-            for item in [i for i in self._pending if i[1] == k or i[1].startswith(k + "/")]:
-                del self._pending[item]
+            for item, _ in self.unsaved.items():
+                if item[1] == k or item[1].startswith(k + "/"):
+                    self.unsaved.discard(item)
             messages += await store.records.delete_prefix(CHAT_NS, k + "/")
             await store.records.delete(CONV_NS, k)
         return len(keys), messages
@@ -344,8 +378,7 @@ class Chat:
         horizon = now - self.retention
         for k in [k for k, c in self.convs.items() if c["updated"] < horizon]:
             del self.convs[k]
-        if self._pending:
-            await self._write_pending()
-        store = self.node.store
+        await self.unsaved.write_due()        # (the records a refused write left due)
+        store = self.host.store
         return (await store.records.expire(CONV_NS, horizon),
                 await store.records.expire(CHAT_NS, horizon))

@@ -422,12 +422,12 @@ class Node:
     async def _close_services(self) -> None:
         """Stopping: cancel escalation timers, write what is written behind."""
         self.tickets.close()
-        try:
-            await self.tickets.flush()
-            await self.offers.flush()
-            await self.chat.flush()
-        except Exception:
-            log.exception("services: writing their state at stop failed")
+        for service in (self.tickets, self.offers, self.chat):
+            try:                    # (one failing leaves the others' writes to go)
+                await service.flush()
+            except Exception as exc:
+                log.error("services: writing %s's records at stop failed: %s",
+                          type(service).__name__, exc)
 
     # -- maintenance ----------------------------------------------------------------------
 

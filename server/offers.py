@@ -18,8 +18,9 @@ that pass the policy (the same encoded frame to each):
 
 Replays of these kinds (RESUME or SUBSCRIBE catching up on a P3 stream) go
 through the same policy: skipped, never bypassed.  Cap counts are kept in
-memory and written behind (namespace ``cap``, key ``<tenant>/<member>``, a
-JSON list of unix times within the window), loaded at start.
+memory and written behind (:mod:`.writebehind`; namespace ``cap``, key
+``<tenant>/<member>``, a JSON list of unix times within the window), loaded
+at start.
 """
 
 from __future__ import annotations
@@ -33,23 +34,26 @@ import orjson
 from ..core.session import fanout
 from .config import parse_clock
 from .directory import zone
+from .host import ServiceHost
 from .records import scan_all
+from .writebehind import WriteBehind
 
 log = logging.getLogger("tillwire.offers")
 
 NS = "cap"
 POLICY_KINDS = frozenset({"promo.offer", "member.notice"})
 FLUSH_DELAY = 1.0            # seconds cap counts wait before they are written
+RETRY_MAX = 30.0             # the longest wait between retries of refused writes
 PASS, QUIET, CAPPED = 0, 1, 2
 
 
 class Offers:
     """The offer policy of one node."""
 
-    def __init__(self, node, directory) -> None:
-        self.node = node
+    def __init__(self, host: ServiceHost, directory) -> None:
+        self.host = host
         self.directory = directory
-        cfg = node.cfg.offers
+        cfg = host.cfg.offers
         start, end = parse_clock(cfg.quiet_start), parse_clock(cfg.quiet_end)
         self.quiet = (start, end) if start != end else None     # minutes after midnight
         self.cap_count = cfg.cap_count
@@ -60,14 +64,16 @@ class Offers:
         # device of the member later (a replay on resume) does not count again.
         # The entry is held so its id is not reused; at most cap_count each.
         self.counted: dict[tuple[str, str], dict[int, tuple[float, object]]] = {}
-        self._dirty: set[tuple[str, str]] = set()
-        self._flush_handle = None
+        # Members whose counts changed and are not written yet (FLUSH_DELAY
+        # gathers the changes of a broadcast and the ones right after it).
+        self.unsaved = WriteBehind(host, self._write, delay=FLUSH_DELAY, retry=FLUSH_DELAY,
+                                   retry_max=RETRY_MAX, what="cap counts")
 
     async def load(self) -> None:
         """Load the cap counts still within the window (node start)."""
         now = time.time()
         horizon = now - self.cap_window
-        async for key, value in scan_all(self.node.store.records, NS):
+        async for key, value in scan_all(self.host.store.records, NS):
             tenant, _, member = key.partition("/")
             try:
                 stamps = orjson.loads(value)
@@ -128,7 +134,7 @@ class Offers:
         verdict = len(stamps) >= self.cap_count
         if not verdict:
             stamps.append(now)
-            self._mark(key)
+            self.unsaved.put(key)
             if entry is not None:
                 if counted is None:
                     counted = self.counted[key] = {}
@@ -156,7 +162,7 @@ class Offers:
         while the tenant has no customer or member session open (tills only)."""
         quiet_on = self.quiet is not None
         capping = self.cap_count > 0
-        if not ((quiet_on or capping) and self.node.hub.has_policy_sessions(tenant)):
+        if not ((quiet_on or capping) and self.host.hub.has_policy_sessions(tenant)):
             reached = 0
             overflow = []
             for group in groups:
@@ -207,56 +213,26 @@ class Offers:
 
     # -- cap persistence (write-behind) ------------------------------------------------------
 
-    def _mark(self, key: tuple[str, str]) -> None:
-        self._dirty.add(key)
-        if self._flush_handle is None:
-            self._flush_handle = self.node.loop.call_later(FLUSH_DELAY, self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self._flush_handle = None
-        self.node.spawn(self._flush_retrying())
-
-    async def _flush_retrying(self) -> None:
-        try:
-            await self.flush()
-        except Exception as exc:  # noqa: BLE001 - the store refused: try again later
-            log.error("cap counts could not be written (will retry): %s", exc)
-            if self._dirty and self._flush_handle is None:
-                self._flush_handle = self.node.loop.call_later(FLUSH_DELAY, self._flush_soon)
+    async def _write(self, key: tuple[str, str], _value) -> None:
+        """Write a member's current counts (none left: delete the record)."""
+        stamps = self.counts.get(key)
+        name = f"{key[0]}/{key[1]}"
+        if stamps:
+            await self.host.store.records.put(NS, name, orjson.dumps(stamps), time.time())
+        else:
+            await self.host.store.records.delete(NS, name)
 
     async def flush(self) -> None:
-        """Write the changed cap counts (also at stop).
-
-        A key leaves the dirty set as its write starts and goes back if the
-        write fails or is cancelled: counts are never dropped unwritten (the
-        next flush, or the one at stop, writes them)."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        store = self.node.store
-        now = time.time()
-        for key in list(self._dirty):
-            if key not in self._dirty:          # (forgotten meanwhile)
-                continue
-            self._dirty.discard(key)
-            stamps = self.counts.get(key)
-            name = f"{key[0]}/{key[1]}"
-            try:
-                if stamps:
-                    await store.records.put(NS, name, orjson.dumps(stamps), now)
-                else:
-                    await store.records.delete(NS, name)
-            except BaseException:
-                if key in self.counts or stamps is None:
-                    self._dirty.add(key)
-                raise
+        """Write the changed cap counts now (also at stop); raises if the store
+        refuses one (it stays due: the next flush writes it)."""
+        await self.unsaved.flush()
 
     async def forget_member(self, tenant: str, member: str) -> int:
         key = (tenant, member)
         self.counts.pop(key, None)
         self.counted.pop(key, None)
-        self._dirty.discard(key)
-        return int(await self.node.store.records.delete(NS, f"{tenant}/{member}"))
+        self.unsaved.discard(key)
+        return int(await self.host.store.records.delete(NS, f"{tenant}/{member}"))
 
     async def expire(self, now: float) -> int:
         """Drop members whose counts all left the window (memory), and the
@@ -265,5 +241,5 @@ class Offers:
         for key in [k for k, s in self.counts.items() if not s or s[-1] <= horizon]:
             del self.counts[key]
             self.counted.pop(key, None)
-            self._dirty.discard(key)
-        return await self.node.store.records.expire(NS, horizon - 2 * FLUSH_DELAY)
+            self.unsaved.discard(key)
+        return await self.host.store.records.expire(NS, horizon - 2 * FLUSH_DELAY)

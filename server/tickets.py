@@ -14,10 +14,10 @@ gets an id and then either
 
 Only the store's own devices (tills, kiosks, staff, managers; backends for
 any store) open tickets.  ``ticket.assign`` / ``ticket.reply`` /
-``ticket.resolve`` from the store's staff update the ticket and are then
-routed like any message (to the opener).  The first assignment wins: staff
-assigning a ticket someone else has are refused (the assignee may hand it
-over, a manager or backend may reassign it).  A resend (same sender and ref)
+``ticket.resolve`` from the store's staff are stored and routed like any
+message (to the opener) and update the ticket.  The first assignment wins:
+staff assigning a ticket someone else has are refused (the assignee may
+hand it over, a manager or backend may reassign it).  A resend (same sender and ref)
 of an open or of an update already taken is answered like the first one,
 never applied twice (an update also after a restart: a record keeps the
 (sender, ref, kind) of its newest RECORD_REFS updates, loaded at start); an
@@ -26,14 +26,24 @@ ticket still unassigned and unresolved at its due time is escalated:
 ``ticket.escalate {ticket, code, from, reason}`` goes to the store's managers
 (the directory's, else ``role:<t>/<store>/manager``).
 
+Nothing changes before its message is committed: a ticket exists (in
+memory, armed, its record due) only once the store took its ticket.open (or
+auto-reply), and an update or escalation changes the ticket only once the
+store took it.  If the store refuses, nothing changed: the terminal gets
+``STORE_UNAVAILABLE`` and may resend the same SEND (a new try, applied once).
+The updates and escalations of one ticket take turns (:mod:`.turns`): each is
+checked against what the ones before it committed, so of two staff assigning
+a free ticket the first committed has it and the second is refused.
+
 Every ticket is a key-value record (namespace ``ticket``, key
 ``<tenant>/<ticket>``, JSON); the unresolved ones are also kept in memory
 (one dict entry each) with their escalation timer, and are loaded and
 re-armed at start, so escalations survive a restart (a due time already past
-fires right after start).  Records are written behind: one stays due until a
-write of it, unchanged since, succeeded (a refused write is retried after
-RETRY_DELAY, each maintenance round and at stop); a ticket whose message the
-store took is kept even if its record write failed.  An escalation marks the
+fires right after start).  Records are written behind (:mod:`.writebehind`):
+one stays due until a write of it, unchanged since, succeeded (a refused
+write is retried from RETRY_DELAY on, backing off to RETRY_MAX, each
+maintenance round and at stop); a ticket whose message the store took is
+kept even if its record write failed.  An escalation marks the
 ticket escalated only once its message is stored (refused: the ticket stays
 open and escalation is tried again RETRY_DELAY later); stopping cancels the
 timers first, so a ticket due then escalates after the next start.
@@ -58,9 +68,12 @@ import orjson
 
 from ..core.codes import Code, Flag, Lane
 from .address import parse_address, terminal_address
+from .host import ServiceHost, commit
 from .kinds import MessageError
 from .records import scan_all
 from .store import NewMessage
+from .turns import Turns
+from .writebehind import WriteBehind
 
 log = logging.getLogger("tillwire.tickets")
 
@@ -75,6 +88,7 @@ OPENER_ROLES = frozenset({"pos", "kiosk", "staff", "manager", "backend"})
 RECENT_REFS = 65536              # (sender, ref) remembered for resends, per table
 RECORD_REFS = 32                 # (sender, ref, kind) of applied updates kept in a record
 RETRY_DELAY = 1.0                # seconds before a refused record write or escalation is retried
+RETRY_MAX = 30.0                 # the longest wait between retries of refused record writes
 
 # What an unresolved record needs to be routed, updated and escalated.
 _RECORD_KEYS = frozenset({"ticket", "tenant", "store", "code", "from", "status", "due",
@@ -118,12 +132,12 @@ def new_ticket_id(now: float) -> str:
 class Tickets:
     """The ticket service of one node."""
 
-    def __init__(self, node, directory) -> None:
-        self.node = node
+    def __init__(self, host: ServiceHost, directory) -> None:
+        self.host = host
         self.directory = directory
-        cfg = node.cfg.tickets
+        cfg = host.cfg.tickets
         self.escalate_after = cfg.escalate_after
-        self.retention = node.cfg.retention.tickets
+        self.retention = host.cfg.retention.tickets
         # (tenant or "*", code) -> reply
         self.rules = {(r.tenant, r.code): r.reply for r in cfg.auto_replies}
         self.open: dict[str, dict] = {}           # "<tenant>/<ticket>" -> unresolved record
@@ -134,18 +148,20 @@ class Tickets:
         # (sender, ref) -> (kind, key) of an update already applied: a resend is
         # routed as usual (the store's dedup answers it), never applied twice.
         self._updates: collections.OrderedDict = collections.OrderedDict()
-        # Records waiting to be written: a key leaves only once a write of its
-        # record, as it is now, succeeded (a failed or cancelled one keeps it due).
-        self._unsaved: dict[str, dict] = {}
-        self._writers: dict[str, asyncio.Task] = {}   # key -> its write in progress
-        self._retry_handle = None
+        # The updates and escalations of one ticket run one at a time, in the
+        # order they came: each is checked against what the ones before it
+        # committed (two staff assigning: the first committed has it).
+        self._turns = Turns(host.loop)
+        # Records changed and not written yet ("<tenant>/<ticket>" -> record).
+        self.unsaved = WriteBehind(host, self._write, retry=RETRY_DELAY, retry_max=RETRY_MAX,
+                                   what="ticket records")
         self._closed = False          # stopping: no timer is armed any more
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load the unresolved tickets and re-arm their escalation timers."""
-        async for key, value in scan_all(self.node.store.records, NS):
+        async for key, value in scan_all(self.host.store.records, NS):
             try:
                 rec = orjson.loads(value)
                 if not isinstance(rec, dict) or (rec.get("status") != RESOLVED and
@@ -178,21 +194,23 @@ class Tickets:
                 _remember(self._updates, (sender, ref), (kind, key))
 
     def close(self) -> None:
-        """Stopping: cancel the escalation and retry timers; none is armed again."""
+        """Stopping: cancel the escalation timers; none is armed again."""
         self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        if self._retry_handle is not None:
-            self._retry_handle.cancel()
-            self._retry_handle = None
+
+    async def flush(self) -> None:
+        """Write the records still due (at stop); raises if the store refuses
+        one (it stays due)."""
+        await self.unsaved.flush()
 
     async def get(self, tenant: str, ticket: str) -> dict | None:
         """A ticket's record (a copy without its resend memory), or None if unknown."""
         key = f"{tenant}/{ticket}"
-        rec = self.open.get(key) or self._unsaved.get(key)    # (not yet written)
+        rec = self.open.get(key) or self.unsaved.get(key)    # (not yet written)
         if rec is None:
-            raw = await self.node.store.records.get(NS, key)
+            raw = await self.host.store.records.get(NS, key)
             if raw is None:
                 return None
             rec = orjson.loads(raw)
@@ -202,7 +220,7 @@ class Tickets:
 
     def on_open(self, conn, frame, address, body: dict) -> bool:
         """Take a ticket.open (validated, allowed by the ACL); always consumes it."""
-        node = self.node
+        host = self.host
         claims = conn.claims
         if not OPENER_ROLES.intersection(claims.roles):
             raise MessageError(Code.FORBIDDEN,
@@ -225,104 +243,95 @@ class Tickets:
             if known is not None:             # a resend of an open already taken
                 if known.done():
                     msg_id, doc = known.result()
-                    node.service_ack(conn, ref, msg_id, doc, retransmit=True, asked=asked)
+                    host.service_ack(conn, ref, msg_id, doc, retransmit=True, asked=asked)
                 else:                         # ... and still being stored
-                    node.spawn(self._answer_resend(conn, ref, known, asked))
+                    host.spawn(self._answer_resend(conn, ref, known, asked))
                 return True
-            answered = node.loop.create_future()
+            answered = host.loop.create_future()
             _remember(self._recent, (opener, ref), answered)
         now = time.time()
         tid = new_ticket_id(now)
-        key = f"{tenant}/{tid}"
         rec = {"ticket": tid, "tenant": tenant, "store": store, "code": body["code"],
                "text": body.get("text", ""), "from": opener, "ref": ref, "status": OPEN,
                "auto": False, "created": now, "due": 0.0, "assignee": "", "resolution": "",
                "escalated_at": 0.0, "resolved_at": 0.0, "resolved_by": "", "replies": 0,
                "msg_id": 0, "updated": now}
-        ttl = frame.ttl / 1000.0 if frame.ttl else node.cfg.delivery.p1_ttl
+        ttl = frame.ttl / 1000.0 if frame.ttl else host.cfg.delivery.p1_ttl
         reply = self.rules.get((tenant, rec["code"]))
         if reply is None:
             reply = self.rules.get(("*", rec["code"]))
-        fut = node.loop.create_future()
         if reply is not None:
             rec.update(status=RESOLVED, auto=True, resolution=reply, resolved_at=now,
                        resolved_by=SENDER)
-            saved = self._save(key, rec)
             out = orjson.dumps({"ticket": tid, "resolution": reply, "auto": True})
             msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
                              now + ttl, False)
-            node.submit(msg, parse_address(opener), fut)
-            node.spawn(self._answer(conn, ref, key, rec, fut, saved, True, answered, asked))
-            return True
-        rec["due"] = now + self.escalate_after
-        self.open[key] = rec
-        self._arm(key, rec["due"])
-        saved = self._save(key, rec)
-        out = orjson.dumps({**body, "ticket": tid, "from": opener})
-        msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out, now,
-                         now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
-        node.submit(msg, address, fut, self.staff(tenant, store))
-        node.spawn(self._answer(conn, ref, key, rec, fut, saved, False, answered, asked))
+            to = parse_address(opener)
+        else:
+            rec["due"] = now + self.escalate_after
+            out = orjson.dumps({**body, "ticket": tid, "from": opener})
+            msg = NewMessage(tenant, opener, ref, Lane.P1, "ticket.open", str(address), out,
+                             now, now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
+            to = address
+        host.spawn(self._open(conn, ref, rec, msg, to, answered, asked))
         return True
 
     async def _answer_resend(self, conn, ref: int, answered, asked: bool = True) -> None:
         """A resend of an open still being stored gets the first one's answer."""
         result = await answered
         if result is None:
-            self.node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+            self.host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                     "the ticket could not be stored; retry")
         else:
-            self.node.service_ack(conn, ref, result[0], result[1], retransmit=True,
+            self.host.service_ack(conn, ref, result[0], result[1], retransmit=True,
                                   asked=asked)
 
-    async def _answer(self, conn, ref: int, key: str, rec: dict, fut, saved, auto: bool,
-                      answered=None, asked: bool = True) -> None:
-        """Once the message is stored: answer the opener (the record's write may
-        still be retried: a ticket whose message the store took is kept)."""
-        node = self.node
+    async def _open(self, conn, ref: int, rec: dict, msg: NewMessage, to, answered,
+                    asked: bool) -> None:
+        """Store the ticket's message (to the staff, or the auto-reply to the
+        opener), then answer the opener.
+
+        The ticket comes into being only once the message is committed: then
+        it is kept (open and armed, or resolved), its record is due, and the
+        answer waits for the record's first write (a refused one is retried:
+        a ticket whose message the store took is kept).  Refused: nothing
+        changed, the opener is told to retry, and a retry opens it afresh."""
+        host = self.host
+        key = f"{rec['tenant']}/{rec['ticket']}"
         try:
-            accepted = await fut
-        except Exception as exc:  # noqa: BLE001 - the store refused: nothing was promised
+            recipients = None if rec["auto"] else await self.staff(rec["tenant"], rec["store"])
+            accepted = await commit(host, msg, to, recipients)
+        except Exception as exc:  # noqa: BLE001 - not stored: nothing was promised
             log.error("ticket %s could not be stored: %s", key, exc)
-            self._forget(key)
-            self._unsaved.pop(key, None)      # (its write in progress stops after this try)
-            try:
-                await saved                   # ... so its delete comes after any put
-            except Exception:  # noqa: BLE001 - (deleted below either way)
-                pass
-            node.spawn(node.store.records.delete(NS, key))    # (if its record got in)
-            if answered is not None:                      # a retry opens it afresh
+            if answered is not None:
                 if self._recent.get((conn.address, ref)) is answered:
                     del self._recent[(conn.address, ref)]
                 answered.set_result(None)
-            node.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+            host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                "the ticket could not be stored; retry")
             return
-        try:
-            await saved
-        except Exception as exc:  # noqa: BLE001 - kept, its write is retried
-            log.error("ticket %s record could not be written (will retry): %s", key, exc)
         if accepted.duplicate:
-            # The same (opener, ref) was stored before (a resend across a restart):
-            # this ticket is a phantom; answer with the original one if known.
-            self._forget(key)
-            self._unsaved.pop(key, None)
-            node.spawn(node.store.records.delete(NS, key))    # (after its write: awaited above)
+            # The same (opener, ref) was stored before (a resend across a
+            # restart): no new ticket; answer with the original one if known.
             original = next((r for r in self.open.values()
                              if r["msg_id"] == accepted.msg_id), None)
             doc = {"ticket": original["ticket"]} if original is not None else {}
             if answered is not None:
                 answered.set_result((accepted.msg_id, doc))
-            node.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
+            host.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
-        doc = {"ticket": rec["ticket"], "auto_reply": True} if auto else \
-            {"ticket": rec["ticket"], "recipients": len(accepted.seqs)}
-        if not auto:
+        if rec["auto"]:
+            doc = {"ticket": rec["ticket"], "auto_reply": True}
+        else:
             rec["msg_id"] = accepted.msg_id
-            self._save(key, rec)
+            self.open[key] = rec
+            self._arm(key, rec["due"])
+            doc = {"ticket": rec["ticket"], "recipients": len(accepted.seqs)}
+        self.unsaved.put(key, rec)
+        await self.unsaved.written(key)
         if answered is not None:
             answered.set_result((accepted.msg_id, doc))
-        node.service_ack(conn, ref, accepted.msg_id, doc, asked=asked)
+        host.service_ack(conn, ref, accepted.msg_id, doc, asked=asked)
 
     def _forget(self, key: str) -> None:
         self.open.pop(key, None)
@@ -330,38 +339,59 @@ class Tickets:
         if handle is not None:
             handle.cancel()
 
-    def staff(self, tenant: str, store: str) -> list[str]:
+    async def staff(self, tenant: str, store: str) -> list[str]:
         """Who gets a store's tickets: the on-duty roster, else its staff role."""
         info = self.directory.get(tenant, store)
         if info.on_duty:
             return [terminal_address(tenant, t) for t in info.on_duty]
-        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/staff"))
+        return await self.host.members(parse_address(f"role:{tenant}/{store}/staff"))
 
-    def managers(self, tenant: str, store: str) -> list[str]:
+    async def managers(self, tenant: str, store: str) -> list[str]:
         """Who gets a store's escalations: its listed managers, else its manager role."""
         info = self.directory.get(tenant, store)
         if info.managers:
             return [terminal_address(tenant, t) for t in info.managers]
-        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/manager"))
+        return await self.host.members(parse_address(f"role:{tenant}/{store}/manager"))
 
     # -- assign, reply, resolve ------------------------------------------------------------
 
     def on_update(self, conn, frame, address, body: dict) -> bool:
-        """Apply a ticket.assign / reply / resolve; returns False: the node then
-        routes the message as usual (to the opener)."""
+        """Take a ticket.assign / reply / resolve: stored and routed like any
+        message (to the address it names, usually the opener) and applied to
+        the ticket once committed.  Returns False only for a resend of an
+        update already applied: the node routes it as usual (the store's
+        dedup answers it), nothing is applied again."""
         kind = frame.kind
-        claims = conn.claims
         tid = body["ticket"]
-        key = f"{claims.tenant}/{tid}"
+        key = f"{conn.claims.tenant}/{tid}"
         ref = frame.ref
         if ref and self._updates.get((conn.address, ref)) == (kind, key):
-            # A resend of an update already applied (its SENDACK was lost, or
-            # the store refused it): route it as usual, apply nothing again.
+            # (its SENDACK was lost, or the store refused the resend)
             return False
+        rec = self._handled(kind, key, tid, conn)
+        before, mine = self._turns.take(key)
+        if before is None:
+            # Nothing in progress on the ticket: checked now, refused by the node.
+            try:
+                self._check_assign(kind, rec, tid, conn, body)
+            except BaseException:
+                self._turns.done(key, mine)
+                raise
+        now = time.time()
+        ttl = frame.ttl / 1000.0 if frame.ttl else self.host.cfg.delivery.p1_ttl
+        msg = NewMessage(conn.claims.tenant, conn.address, ref, Lane.P1, kind, str(address),
+                         frame.payload, now, now + ttl, bool(frame.flags & _RECEIPT_REQUESTED))
+        self.host.spawn(self._update(conn, msg, address, body, key, before, mine,
+                                     bool(frame.flags & _ACK_REQUESTED)))
+        return True
+
+    def _handled(self, kind: str, key: str, tid: str, conn) -> dict:
+        """The open ticket ``conn`` may update (what is checked here never
+        changes while the ticket is open); raises MessageError otherwise."""
         rec = self.open.get(key)
+        claims = conn.claims
         roles = claims.roles
-        backend = "backend" in roles
-        if rec is None or (rec["store"] != claims.store and not backend):
+        if rec is None or (rec["store"] != claims.store and "backend" not in roles):
             raise MessageError(Code.BAD_MESSAGE,
                                f"{kind}: body.ticket: no open ticket {tid!r} in store "
                                f"{claims.store}", "body.ticket")
@@ -370,19 +400,72 @@ class Tickets:
             raise MessageError(Code.FORBIDDEN,
                                f"{kind}: only the store's staff and managers handle tickets",
                                "body.ticket")
+        return rec
+
+    @staticmethod
+    def _check_assign(kind: str, rec: dict, tid: str, conn, body: dict) -> None:
+        """Two staff taking the same ticket: the first one has it (a manager or
+        backend reassigns; the assignee may hand it over)."""
+        if kind != "ticket.assign":
+            return
+        claims = conn.claims
+        assignee = body.get("assignee") or claims.terminal
+        taken = rec["assignee"]
+        if taken and taken != assignee and taken != claims.terminal and \
+                not ("manager" in claims.roles or "backend" in claims.roles):
+            raise MessageError(Code.BAD_MESSAGE,
+                               f"{kind}: body.ticket: ticket {tid!r} is already assigned "
+                               f"to {taken} (a manager may reassign it)", "body.ticket")
+
+    async def _update(self, conn, msg: NewMessage, address, body: dict, key: str, before,
+                      mine, asked: bool) -> None:
+        """In the ticket's turn: (re)check the update against the state the ones
+        before it committed, store it, and apply it once committed.  Refused
+        by the store: nothing changed, the sender is told to retry (a resend
+        of the same SEND is then a new try)."""
+        host = self.host
+        kind, ref = msg.kind, msg.ref
+        known = False
+        try:
+            if before is not None:
+                await before
+                # A resend of the update the turn before applied: not checked
+                # again (it is no longer valid, e.g. a resolve), never applied twice.
+                known = bool(ref) and self._updates.get((conn.address, ref)) == (kind, key)
+                if not known:
+                    try:
+                        rec = self._handled(kind, key, body["ticket"], conn)
+                        self._check_assign(kind, rec, body["ticket"], conn, body)
+                    except MessageError as exc:
+                        host.service_error(conn, ref, exc.code, str(exc))
+                        return
+            try:
+                accepted = await commit(host, msg, address)
+            except Exception as exc:  # noqa: BLE001 - not stored: nothing changed
+                log.error("ticket %s %s could not be stored: %s", key, kind, exc)
+                host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                   "the message could not be stored; retry")
+                return
+            if not (accepted.duplicate or known):
+                self._apply(kind, key, conn, ref, body)
+        finally:
+            self._turns.done(key, mine)
+        if accepted.duplicate:
+            host.service_ack(conn, ref, accepted.msg_id, None, retransmit=True, asked=asked)
+        else:
+            host.service_ack(conn, ref, accepted.msg_id, {"recipients": len(accepted.seqs)},
+                             asked=asked)
+
+    def _apply(self, kind: str, key: str, conn, ref: int, body: dict) -> None:
+        """A committed update changes the ticket (unless retention deleted it
+        meanwhile) and makes its record due."""
+        rec = self.open.get(key)
+        if rec is None:
+            return
         now = time.time()
         if kind == "ticket.assign":
-            assignee = body.get("assignee") or claims.terminal
-            taken = rec["assignee"]
-            if taken and taken != assignee and taken != claims.terminal and \
-                    not ("manager" in roles or backend):
-                # Two staff taking the same ticket: the first one has it (a
-                # manager reassigns; the assignee may hand it over).
-                raise MessageError(Code.BAD_MESSAGE,
-                                   f"{kind}: body.ticket: ticket {tid!r} is already assigned "
-                                   f"to {taken} (a manager may reassign it)", "body.ticket")
             rec["status"] = ASSIGNED
-            rec["assignee"] = assignee
+            rec["assignee"] = body.get("assignee") or conn.claims.terminal
             handle = self._timers.pop(key, None)
             if handle is not None:
                 handle.cancel()
@@ -400,118 +483,67 @@ class Tickets:
             refs = rec.get("refs") or []
             refs.append([conn.address, ref, kind])
             rec["refs"] = refs[-RECORD_REFS:]
-        self._save(key, rec)
-        return False
+        self.unsaved.put(key, rec)
 
     # -- escalation -----------------------------------------------------------------------
 
     def _arm(self, key: str, due: float) -> None:
         if self._closed:              # (stopping: re-armed from its record at start)
             return
-        loop = self.node.loop
+        loop = self.host.loop
         delay = max(0.0, due - time.time())
-        self._timers[key] = loop.call_at(loop.time() + delay, self._escalate, key)
+        self._timers[key] = loop.call_at(loop.time() + delay, self._on_due, key)
 
-    def _escalate(self, key: str) -> None:
-        """Send a due ticket's escalation; it is marked escalated once stored."""
+    def _on_due(self, key: str) -> None:
         self._timers.pop(key, None)
-        rec = self.open.get(key)
-        if rec is None or rec["status"] != OPEN or self._closed:
-            return
-        node = self.node
-        now = time.time()
-        tenant, store = rec["tenant"], rec["store"]
-        reason = f"not assigned within {self.escalate_after:g} s"
-        out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"], "from": rec["from"],
-                            "reason": reason})
-        to = f"role:{tenant}/{store}/manager"
-        msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out, now,
-                         now + node.cfg.delivery.p1_ttl, False)
-        recipients = self.managers(tenant, store)
-        fut = node.loop.create_future()
-        node.submit(msg, parse_address(to), fut, recipients)
-        node.spawn(self._escalated(key, rec, fut, len(recipients)))
+        if not self._closed:
+            self.host.spawn(self._escalate(key))
 
-    async def _escalated(self, key: str, rec: dict, fut, managers: int) -> None:
-        """The escalation stored: mark the ticket; refused: it stays open and is
-        tried again in RETRY_DELAY seconds (at the next start if stopping)."""
+    async def _escalate(self, key: str) -> None:
+        """In the ticket's turn (an assignment being stored goes first): send a
+        ticket still open its escalation; it is marked escalated once the
+        message is stored.  Refused: it stays open and is tried again
+        RETRY_DELAY seconds later (at the next start if stopping)."""
+        before, mine = self._turns.take(key)
         try:
-            await fut
-        except Exception as exc:  # noqa: BLE001 - the store refused: nothing was sent
-            log.error("ticket %s escalation could not be stored (will retry): %s", key, exc)
-            if self.open.get(key) is rec and rec["status"] == OPEN and not self._closed \
-                    and key not in self._timers:
-                loop = self.node.loop
-                self._timers[key] = loop.call_later(RETRY_DELAY, self._escalate, key)
-            return
-        if self.open.get(key) is not rec or rec["status"] != OPEN:
-            return                    # assigned or resolved meanwhile: that stands
-        now = time.time()
-        rec.update(status=ESCALATED, escalated_at=now, updated=now)
-        self._save(key, rec)
-        log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"],
-                 rec["tenant"], rec["store"], managers)
+            if before is not None:
+                await before
+            rec = self.open.get(key)
+            if rec is None or rec["status"] != OPEN or self._closed:
+                return
+            host = self.host
+            now = time.time()
+            tenant, store = rec["tenant"], rec["store"]
+            reason = f"not assigned within {self.escalate_after:g} s"
+            out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"],
+                                "from": rec["from"], "reason": reason})
+            to = f"role:{tenant}/{store}/manager"
+            msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out, now,
+                             now + host.cfg.delivery.p1_ttl, False)
+            try:
+                recipients = await self.managers(tenant, store)
+                await commit(host, msg, parse_address(to), recipients)
+            except Exception as exc:  # noqa: BLE001 - not stored: nothing was sent
+                log.error("ticket %s escalation could not be stored (will retry): %s", key, exc)
+                if self.open.get(key) is rec and not self._closed and key not in self._timers:
+                    self._timers[key] = host.loop.call_later(RETRY_DELAY, self._on_due, key)
+                return
+            if self.open.get(key) is not rec:
+                return                # deleted by retention meanwhile
+            now = time.time()
+            rec.update(status=ESCALATED, escalated_at=now, updated=now)
+            self.unsaved.put(key, rec)
+            log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"],
+                     tenant, store, len(recipients))
+        finally:
+            self._turns.done(key, mine)
 
     # -- records (written behind) ---------------------------------------------------------
 
-    def _save(self, key: str, rec: dict) -> asyncio.Task:
-        """Write ``rec`` behind; returns the task that writes it (one per key at a
-        time: a change during a write is written by the same task next)."""
-        self._unsaved[key] = rec
-        task = self._writers.get(key)
-        if task is None or task.done():
-            task = self._writers[key] = self.node.spawn(self._write(key))
-        return task
-
-    async def _write(self, key: str) -> None:
-        """Write the key's record until the store holds it as it is now.
-
-        The key leaves ``_unsaved`` only after a successful write of that same
-        record unchanged since; a failure (raised) or a cancellation keeps it
-        due, and a retry is scheduled (also each maintenance round, and
-        :meth:`flush` at stop)."""
-        try:
-            while True:
-                rec = self._unsaved.get(key)
-                if rec is None:
-                    return
-                data = orjson.dumps(rec)
-                try:
-                    # Stored as of its last change: the store's kv_expire is the
-                    # retention of the records not in memory (resolved ones).
-                    await self.node.store.records.put(NS, key, data, last_change(rec))
-                except Exception:
-                    self._retry_soon()
-                    raise
-                if self._unsaved.get(key) is rec and orjson.dumps(rec) == data:
-                    del self._unsaved[key]
-                    return
-        finally:
-            if self._writers.get(key) is asyncio.current_task():
-                del self._writers[key]
-
-    def _retry_soon(self) -> None:
-        if self._retry_handle is None and not self._closed and not self.node.stopping:
-            self._retry_handle = self.node.loop.call_later(RETRY_DELAY, self._retry)
-
-    def _retry(self) -> None:
-        self._retry_handle = None
-        if not self._closed and not self.node.stopping:
-            self.node.spawn(self._write_due())
-
-    async def _write_due(self) -> None:
-        try:
-            await self.flush()
-        except Exception as exc:  # noqa: BLE001 - still refused: tried again later
-            log.error("ticket records still not written (%d due): %s", len(self._unsaved), exc)
-
-    async def flush(self) -> None:
-        """Write the records still due (retries, each maintenance round, at stop);
-        raises if the store refuses one (it stays due)."""
-        for key in list(self._unsaved):
-            rec = self._unsaved.get(key)
-            if rec is not None:
-                await self._save(key, rec)
+    async def _write(self, key: str, rec: dict) -> None:
+        # Stored as of its last change: the store's kv_expire is the retention
+        # of the records not in memory (resolved ones).
+        await self.host.store.records.put(NS, key, orjson.dumps(rec), last_change(rec))
 
     # -- retention ------------------------------------------------------------------------
 
@@ -523,16 +555,15 @@ class Tickets:
         (the record's last change).  Returns how many were deleted.  Cost: one
         pass over the unresolved tickets, one ranged delete in the store.
         """
-        if self._unsaved:
-            await self._write_due()           # (the records a failed write left due)
+        await self.unsaved.write_due()        # (the records a refused write left due)
         horizon = now - self.retention
         doomed = [k for k, rec in self.open.items() if last_change(rec) < horizon]
-        doomed.extend(k for k, rec in self._unsaved.items()
+        doomed.extend(k for k, rec in self.unsaved.items()
                       if k not in self.open and last_change(rec) < horizon)
-        store = self.node.store
+        store = self.host.store
         for key in doomed:
             self._forget(key)
-            self._unsaved.pop(key, None)      # (a write behind must not bring it back)
+            self.unsaved.discard(key)         # (a write behind must not bring it back)
         if doomed:
             gone = set(doomed)
             for ref in [r for r, (_, key) in self._updates.items() if key in gone]:

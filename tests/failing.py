@@ -3,17 +3,21 @@
 ``Failing(store)`` forwards every call to the real backend (memory or
 SQLite) unchanged, except the methods a test told it to break:
 
-* ``fail(name, times)`` — the next ``times`` calls of ``name`` raise
-  :class:`BackendDown` (a coroutine method raises when awaited; the
-  callback-style ``accept_many_then`` answers its callback with the error);
-* ``hold(name)`` — calls of ``name`` wait until ``release(name)`` (a store
-  slower than the senders), then go to the real backend in arrival order.
+* ``fail(name, times, when=...)`` — the next ``times`` calls of ``name``
+  (``None``: every call until ``heal(name)``) for which ``when(*args)`` holds
+  raise :class:`BackendDown`: a coroutine method raises when awaited, the
+  callback-style ``accept_many_then`` answers its callback with the error,
+  as a backend reports a failed commit;
+* ``hold(name, when=...)`` — such calls wait until ``release(name)``, then go
+  to the real backend in arrival order (or fail, ``refuse=True``): a store
+  slower than the senders.
 
-``calls[name]`` counts every call, failed or not, so a test can see a retry.
 The backend's parts (``store.terminals``, ``store.records``,
-``store.archive``) are wrapped too, their methods named ``"terminals.register"``
-and so on.  Nothing is simulated: what is not broken is the real backend's
-answer.
+``store.archive``) are wrapped too, their methods named
+``"terminals.register"``, ``"records.put"`` and so on.  ``calls`` counts every
+call by name, ``refused`` and ``held`` list ``(name, args)`` of the calls that
+failed or waited, so a test can see a retry.  Nothing is simulated: what is
+not broken is the real backend's answer.
 """
 
 from __future__ import annotations
@@ -21,41 +25,71 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+PARTS = ("terminals", "records", "archive")
+
 
 class BackendDown(ConnectionError):
     """What a broken method raises (a store across a network that went away)."""
 
 
-PARTS = ("terminals", "records", "archive")
+def carrying(*kinds: str):
+    """``when`` for ``accept_many_then``: the batch holds a message of one of ``kinds``."""
+    return lambda items, *_: any(m.kind in kinds for m, _ in items)
+
+
+def kinds_of(calls) -> list[str]:
+    """The message kinds of the ``accept_many_then`` calls among ``calls``."""
+    return [m.kind for name, args in calls if name == "accept_many_then" for m, _ in args[0]]
 
 
 class Failing:
     def __init__(self, backend, *, _parent=None, _prefix: str = "") -> None:
+        own = _parent
         object.__setattr__(self, "_backend", backend)
         object.__setattr__(self, "_prefix", _prefix)
-        object.__setattr__(self, "_failures", _parent._failures if _parent else {})
-        object.__setattr__(self, "_held", _parent._held if _parent else {})
-        object.__setattr__(self, "calls", _parent.calls if _parent else Counter())
+        object.__setattr__(self, "_failures", own._failures if own else {})
+        object.__setattr__(self, "_holds", own._holds if own else {})
+        object.__setattr__(self, "calls", own.calls if own else Counter())
+        object.__setattr__(self, "refused", own.refused if own else [])
+        object.__setattr__(self, "held", own.held if own else [])
 
-    def fail(self, name: str, times: int = 1) -> None:
-        self._failures[name] = times
+    def fail(self, name: str, times: int | None = 1, *, when=None) -> None:
+        self._failures[name] = [times, when]
 
-    def hold(self, name: str) -> None:
-        self._held.setdefault(name, [])
+    def heal(self, name: str) -> None:
+        self._failures.pop(name, None)
 
-    def release(self, name: str) -> None:
-        for resume in self._held.pop(name, []):
-            resume()
+    def hold(self, name: str, *, when=None) -> None:
+        self._holds[name] = [when, []]
 
-    def held(self, name: str) -> int:
-        """Calls of ``name`` waiting for :meth:`release`."""
-        return len(self._held.get(name, ()))
+    def release(self, name: str, *, refuse: bool = False) -> None:
+        """Let the held calls of ``name`` go on (or fail); later ones are not held."""
+        _, waiting = self._holds.pop(name, (None, []))
+        for resume in waiting:
+            resume(refuse)
 
-    def _broken(self, name: str) -> bool:
-        left = self._failures.get(name, 0)
-        if left:
-            self._failures[name] = left - 1
-        return bool(left)
+    def waiting(self, name: str) -> int:
+        """Calls of ``name`` held now."""
+        return len(self._holds.get(name, (None, ()))[1])
+
+    def _broken(self, name: str, args) -> bool:
+        rule = self._failures.get(name)
+        if rule is None or (rule[1] is not None and not rule[1](*args)):
+            return False
+        if rule[0] is not None:
+            rule[0] -= 1
+            if rule[0] <= 0:
+                del self._failures[name]
+        self.refused.append((name, args))
+        return True
+
+    def _held(self, name: str, args):
+        """The list to wait on when this call is held, else None."""
+        hold = self._holds.get(name)
+        if hold is None or (hold[0] is not None and not hold[0](*args)):
+            return None
+        self.held.append((name, args))
+        return hold[1]
 
     def __getattr__(self, name: str):
         real = getattr(self._backend, name)
@@ -65,36 +99,53 @@ class Failing:
             return part
         if not callable(real) or name.startswith("_"):
             return real
-        name = self._prefix + name
         if name == "accept_many_then":
             return self._wrap_then(real)
         if not asyncio.iscoroutinefunction(real):
             return real
+        name = self._prefix + name
 
         async def call(*args, **kwargs):
             self.calls[name] += 1
-            if self._broken(name):
+            if self._broken(name, args):
                 raise BackendDown(f"{name}: the store is unreachable (test)")
-            if name in self._held:
+            waiting = self._held(name, args)
+            if waiting is not None:
                 resumed = asyncio.get_running_loop().create_future()
-                self._held[name].append(lambda: resumed.done() or resumed.set_result(None))
-                await resumed
+                waiting.append(lambda refuse: resumed.done() or resumed.set_result(refuse))
+                if await resumed:
+                    self.refused.append((name, args))
+                    raise BackendDown(f"{name}: the store is unreachable (test)")
             return await real(*args, **kwargs)
 
         return call
 
     def _wrap_then(self, real):
+        name = "accept_many_then"
+
+        def refuse(items, callback):
+            exc = BackendDown("accept_many: the store is unreachable (test)")
+            asyncio.get_running_loop().call_soon(callback, None, exc)
+
         def accept_many_then(items, callback):
-            self.calls["accept_many_then"] += 1
-            if self._broken("accept_many_then"):
-                exc = BackendDown("accept_many: the store is unreachable (test)")
-                asyncio.get_running_loop().call_soon(callback, None, exc)
+            self.calls[name] += 1
+            items = list(items)
+            if self._broken(name, (items,)):
+                refuse(items, callback)
                 return
-            held = self._held.get("accept_many_then")
-            if held is not None:
-                held.append(lambda: real(items, callback))
+            waiting = self._held(name, (items,))
+            if waiting is None:
+                real(items, callback)
                 return
-            real(items, callback)
+
+            def resume(refused: bool) -> None:
+                if refused:
+                    self.refused.append((name, (items,)))
+                    refuse(items, callback)
+                else:
+                    real(items, callback)
+
+            waiting.append(resume)
 
         return accept_many_then
 

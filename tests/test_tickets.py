@@ -685,7 +685,7 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
         tid = await open_ticket(till, {"code": "E42"})
         await (await staff.receive(timeout=3)).ack()
         key = f"acme/{tid}"
-        await eventually(lambda: key not in node.tickets._unsaved)
+        await eventually(lambda: key not in node.tickets.unsaved)
         fail = [1]
         real_put = _failing_kv_put(node, fail)
         await staff.send("ticket.resolve", {"ticket": tid, "resolution": "done"},
@@ -704,18 +704,18 @@ async def test_a_failed_record_write_is_kept_and_retried_so_a_resolved_ticket_st
         assert stored["rec"]["status"] == "resolved"
         # (The reader may see the commit before the write's completion reaches
         # the loop and clears the record's "unsaved" mark.)
-        await eventually(lambda: key not in node.tickets._unsaved)
+        await eventually(lambda: key not in node.tickets.unsaved)
         # Failing for good while running: kept, then written by the flush at stop.
         other = await open_ticket(till, {"code": "E43"})
         await (await staff.receive(timeout=3)).ack()
-        await eventually(lambda: f"acme/{other}" not in node.tickets._unsaved)
+        await eventually(lambda: f"acme/{other}" not in node.tickets.unsaved)
         fail.extend([1] * 1000)
         await staff.send("ticket.reply", {"ticket": other, "text": "after"},
                          "terminal:acme/t1")
         await staff.send("ticket.resolve", {"ticket": other, "resolution": "ok"},
                          "terminal:acme/t1")
         await asyncio.sleep(0.3)
-        assert f"acme/{other}" in node.tickets._unsaved
+        assert f"acme/{other}" in node.tickets.unsaved
         fail.clear()
         node.store.records.put = real_put
         await till.close()
@@ -743,11 +743,11 @@ async def test_a_maintenance_round_writes_the_records_still_due():
         real_put = _failing_kv_put(node, fail)
         tid = await open_ticket(till, {"code": "E1"})
         key = f"acme/{tid}"
-        assert key in node.tickets._unsaved and key in node.tickets.open
+        assert key in node.tickets.unsaved and key in node.tickets.open
         fail.clear()
         node.store.records.put = real_put
         await node._expire_services(time.time())          # the maintenance round
-        assert key not in node.tickets._unsaved
+        assert key not in node.tickets.unsaved
         assert orjson.loads(await node.store.records.get("ticket", key))["status"] == "open"
     finally:
         await node.stop()
@@ -771,7 +771,7 @@ async def test_an_open_accepted_whose_record_write_failed_keeps_the_ticket(monke
         assert msg.body["ticket"] == tid
         key = f"acme/{tid}"
         assert key in node.tickets.open
-        await eventually(lambda: key not in node.tickets._unsaved)
+        await eventually(lambda: key not in node.tickets.unsaved)
         rec = orjson.loads(await node.store.records.get("ticket", key))
         assert (rec["status"], rec["msg_id"]) == ("open", ack.msg_id)
         # Still handled as usual.
@@ -921,7 +921,7 @@ async def test_no_sendack_for_a_ticket_send_that_did_not_ask_for_one_errors_stil
         msg = await staff.receive(timeout=3)
         assert msg.kind == "ticket.open"
         tid = msg.body["ticket"]
-        await eventually(lambda: f"acme/{tid}" not in node.tickets._unsaved)
+        await eventually(lambda: f"acme/{tid}" not in node.tickets.unsaved)
         await asyncio.sleep(0.2)
         assert [f for f in seen if f.ref == 77] == []
         # A refused one is still answered with an ERROR.
