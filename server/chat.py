@@ -93,7 +93,7 @@ class Chat:
 
     def agents(self, tenant: str) -> list[str]:
         """The service agents of a tenant (members of ``role:<t>/*/service``)."""
-        return self.node.registry.members(parse_address(f"role:{tenant}/*/service"))
+        return self.node.members_now(parse_address(f"role:{tenant}/*/service"))
 
     # -- messages ----------------------------------------------------------------------
 

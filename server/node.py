@@ -44,7 +44,7 @@ from .limits import Bucket, Policy, SendLimits, Sources, default_max_connections
 from .chat import Chat
 from .directory import Directory
 from .offers import POLICY_KINDS, Offers
-from .registry import Registry
+from .registry_memory import MemoryRegistry
 from .store import NewMessage, StreamEntry, TerminalRecord
 from .tickets import Tickets
 
@@ -66,6 +66,17 @@ _HANDSHAKE = frozenset({int(FrameType.HELLO), int(FrameType.RESUME), int(FrameTy
 
 async def _none():
     return None
+
+
+def _finish_now(coro):
+    """Run a registry coroutine that does not suspend to its result (issue 17
+    branch shim for the synchronous callers; see Node.members_now)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the registry suspended: its caller must await it")
 
 
 def _offset_of(entry) -> int:
@@ -215,7 +226,7 @@ class Node:
         self.encoder = Encoder(srv.max_frame_size, srv.compress_threshold)
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
                        history_age=cfg.history.max_age)
-        self.registry = Registry()
+        self.registry = MemoryRegistry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
         self.counters = Counters()
@@ -280,8 +291,7 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
-        for rec in await self.store.terminals():
-            self.registry.put(rec)
+        await self.registry.load(await self.store.terminals())
         history = self.cfg.history
         self.store.configure_streams(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
@@ -404,7 +414,13 @@ class Node:
 
     async def members(self, address) -> list[str]:
         """The terminal addresses a message to ``address`` is stored for."""
-        return self.registry.members(address)
+        return await self.registry.members(address)
+
+    def members_now(self, address) -> list[str]:
+        """:meth:`members` without awaiting, for the callers that are not
+        coroutines yet (submit, tickets, chat).  Issue 17 branch shim: the
+        memory registry never suspends; they await members() at merge."""
+        return _finish_now(self.registry.members(address))
 
     @property
     def listening(self) -> bool:
@@ -864,7 +880,7 @@ class Node:
         except AuthError as exc:
             return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
-        record = self.registry.get(address)
+        record = self.registry.cached(address)
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
                                 "this terminal is retired" if record.retired
@@ -958,7 +974,7 @@ class Node:
 
     def _register(self, conn, claims, now: float) -> TerminalRecord:
         """Record the terminal in the registry; returns its (shared) record."""
-        rec = self.registry.get(conn.address)
+        rec = self.registry.cached(conn.address)
         if (rec is not None and rec.store == claims.store and rec.region == claims.region
                 and rec.roles == claims.roles and rec.member == claims.member
                 and now - rec.last_seen < 3600):
@@ -967,7 +983,7 @@ class Node:
                              claims.region, tuple(claims.roles), claims.member,
                              rec.first_seen if rec else now, now,
                              rec.retired if rec else False, rec.revoked_before if rec else 0.0)
-        self.registry.put(new)
+        _finish_now(self.registry.put(new))      # (issue 17 branch shim, as members_now)
         self._pending_registers.append(new)     # written with the next batch
         self._schedule_batches()
         return new
@@ -1275,7 +1291,7 @@ class Node:
             recipient_store = None
             recipients = None            # (None: Registry.members works them out)
             if address.scope == "terminal":
-                rec = self.registry.get(to)
+                rec = self.registry.cached(to)
                 recipient_store = rec.store if rec is not None else None
                 recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
@@ -1410,7 +1426,7 @@ class Node:
         (services route by their own rules: rosters, conversations).
         """
         if recipients is None:
-            recipients = self.registry.members(address)
+            recipients = self.members_now(address)
         self._pending_accepts.append((msg, recipients, reply))
         if len(self._pending_accepts) == 1:
             self.loop.call_soon(self._commit)

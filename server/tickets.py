@@ -334,14 +334,14 @@ class Tickets:
         info = self.directory.get(tenant, store)
         if info.on_duty:
             return [terminal_address(tenant, t) for t in info.on_duty]
-        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/staff"))
+        return self.node.members_now(parse_address(f"role:{tenant}/{store}/staff"))
 
     def managers(self, tenant: str, store: str) -> list[str]:
         """Who gets a store's escalations: its listed managers, else its manager role."""
         info = self.directory.get(tenant, store)
         if info.managers:
             return [terminal_address(tenant, t) for t in info.managers]
-        return self.node.registry.members(parse_address(f"role:{tenant}/{store}/manager"))
+        return self.node.members_now(parse_address(f"role:{tenant}/{store}/manager"))
 
     # -- assign, reply, resolve ------------------------------------------------------------
 
