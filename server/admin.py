@@ -348,7 +348,7 @@ class Handlers:
     async def get_terminal(self, request: web.Request) -> web.Response:
         node = self.node
         _, _, address = _terminal_target(request)
-        rec = node.registry.get(address)
+        rec = await node.registry.get(address)
         conn = node.hub.sessions.get(address)
         if rec is None and conn is None:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
@@ -386,7 +386,7 @@ class Handlers:
         member = doc.get("member", "")
         if member != "":
             _segment("member", "member", member)
-        old = node.registry.get(address)
+        old = await node.registry.get(address)
         if old is not None and old.retired:
             raise ApiError(409, f"terminal: {address} is retired; ids of retired terminals are "
                                 "not reused", "terminal")
@@ -396,12 +396,12 @@ class Handlers:
                              old.last_seen if old is not None else 0.0, False,
                              old.revoked_before if old is not None else 0.0)
         await node.store.terminals.register(rec)
-        node.registry.put(rec)
+        await node.registry.put(rec)
         _call(request).detail = {"store": store, "roles": list(roles)}
         return _json(_record_doc(rec), 200 if old is not None else 201)
 
     async def _known(self, address: str) -> TerminalRecord:
-        rec = self.node.registry.get(address)
+        rec = await self.node.registry.get(address)
         if rec is None:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
         # The node writes login registrations in batches: make sure the store has
@@ -424,7 +424,7 @@ class Handlers:
         _, _, address = _terminal_target(request)
         doc = await _body(request, required=False, allowed=("reason",))
         reason = _text(doc, "reason", "disconnected by an operator")
-        if self.node.registry.get(address) is None and address not in self.node.hub.sessions:
+        if await self.node.registry.get(address) is None and address not in self.node.hub.sessions:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
         conn = self.node.hub.sessions.get(address)
         if conn is None or conn.transport is None:
@@ -439,7 +439,7 @@ class Handlers:
         reason = _text(doc, "reason", "terminal retired")
         rec = await self._known(address)
         await node.store.terminals.retire(address, True)
-        node.registry.put(dataclasses.replace(rec, retired=True))
+        await node.registry.put(dataclasses.replace(rec, retired=True))
         kicked = self._kick(request, address, reason, "retire")
         return _json({"terminal": address, "retired": True, "kicked": kicked})
 
@@ -451,7 +451,7 @@ class Handlers:
         rec = await self._known(address)
         before = time.time()
         await node.store.terminals.revoke(address, before)
-        node.registry.put(dataclasses.replace(rec, revoked_before=before))
+        await node.registry.put(dataclasses.replace(rec, revoked_before=before))
         kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
         return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
 

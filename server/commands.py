@@ -15,8 +15,11 @@ connection count and the per-tenant session counts.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
+from collections import deque
 
 import orjson
 
@@ -43,12 +46,14 @@ from .connection import (
     InboxState,
     TerminalConnection,
 )
-from .delivery import SATURATED_WAIT
+from .delivery import RETRY_FIRST, RETRY_MAX, SATURATED_WAIT
 from .hub import parse_positions
 from .limits import SendLimits
 from .offers import POLICY_KINDS
 from .store import NewMessage
 from .terminals import TerminalRecord
+
+log = logging.getLogger("tillwire.commands")
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -110,6 +115,8 @@ class Commands:
         self.unauthenticated: set[TerminalConnection] = set()
         self.connection_count = 0
         self._tenant_sessions: dict[str, int] = {}   # (only with max_connections_per_tenant)
+        self._puts: deque[TerminalRecord] = deque()  # registry puts not written yet, in order
+        self._putting = False
         channels, delivery = self.channels, self.delivery
         self._handlers = {      # frame type -> handler of a frame the session passed on
             int(FrameType.SEND): self._on_send, int(FrameType.ACK): delivery.on_ack,
@@ -321,7 +328,7 @@ class Commands:
         except AuthError as exc:
             return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
-        record = self.registry.get(address)
+        record = self.registry.cached(address)
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
                                 "this terminal is retired" if record.retired
@@ -415,7 +422,7 @@ class Commands:
 
     def _register(self, conn, claims, now: float) -> TerminalRecord:
         """Record the terminal in the registry; returns its (shared) record."""
-        rec = self.registry.get(conn.address)
+        rec = self.registry.cached(conn.address)
         if (rec is not None and rec.store == claims.store and rec.region == claims.region
                 and rec.roles == claims.roles and rec.member == claims.member
                 and now - rec.last_seen < 3600):
@@ -424,9 +431,36 @@ class Commands:
                              claims.region, tuple(claims.roles), claims.member,
                              rec.first_seen if rec else now, now,
                              rec.retired if rec else False, rec.revoked_before if rec else 0.0)
-        self.registry.put(new)
+        self._put_later(new)
         self.delivery.register_later(new)
         return new
+
+    def _put_later(self, rec: TerminalRecord) -> None:
+        """Put a record in the registry (a coroutine: the registry may be
+        across a network).  One task writes them in order; until then the
+        connection's claims already are the new record."""
+        self._puts.append(rec)
+        if not self._putting:
+            self._putting = True
+            self.spawn(self._put_all())
+
+    async def _put_all(self) -> None:
+        delay = RETRY_FIRST
+        try:
+            while self._puts:
+                rec = self._puts[0]
+                try:
+                    await self.registry.put(rec)
+                except Exception as exc:        # kept, retried: the registry came back
+                    log.warning("registry: putting %s failed (%s); retrying in %g s",
+                                rec.address, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._puts.popleft()
+                delay = RETRY_FIRST
+        finally:
+            self._putting = False
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims
@@ -490,7 +524,7 @@ class Commands:
             recipient_store = None
             recipients = None            # (None: Registry.members works them out)
             if address.scope == "terminal":
-                rec = self.registry.get(to)
+                rec = self.registry.cached(to)
                 recipient_store = rec.store if rec is not None else None
                 recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)

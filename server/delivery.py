@@ -167,7 +167,7 @@ class Delivery:
         """
         if recipients is None and address.scope == "terminal":
             to = str(address)
-            recipients = self.registry.terminal_members(to, self.registry.get(to))
+            recipients = self.registry.terminal_members(to, self.registry.cached(to))
         self._pending_accepts.append((msg, recipients, reply, address))
         self.uncommitted += 1
         if len(self._pending_accepts) == 1:

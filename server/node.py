@@ -43,7 +43,7 @@ from .limits import Policy, Sources, default_max_connections
 from .metrics import Counters
 from .offers import Offers
 from .output import Output
-from .registry import Registry
+from .registry_memory import MemoryRegistry
 from .tickets import Tickets
 
 log = logging.getLogger("tillwire.node")
@@ -93,7 +93,7 @@ class Node:
                        history_age=cfg.history.max_age)
         self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
         self.history = MemoryHistory(self.hub, self.loop.time)
-        self.registry = Registry()
+        self.registry = MemoryRegistry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
         self.counters = Counters()
@@ -155,8 +155,7 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
-        for rec in await self.store.terminals.all():
-            self.registry.put(rec)
+        await self.registry.load(await self.store.terminals.all())
         history = self.cfg.history
         self.store.archive.configure(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
@@ -259,7 +258,7 @@ class Node:
 
     async def members(self, address) -> list[str]:
         """The terminal addresses a message to ``address`` is stored for."""
-        return self.registry.members(address)
+        return await self.registry.members(address)
 
     @property
     def listening(self) -> bool:

@@ -1,98 +1,92 @@
-"""The terminal registry, indexed in memory for group expansion.
+"""The Registry interface: every terminal the system knows, and its groups.
 
 Every terminal that ever authenticated (or was registered through the admin
-API) has a ``TerminalRecord`` in the store; the node keeps them all here so
-that a P0/P1 message to ``store:acme/s1`` or ``role:acme/*/service`` expands
-to its members without a store query, connected or not.
+API) has a ``TerminalRecord`` in the store; the registry holds them so that
+a P0/P1 message to ``store:acme/s1`` or ``role:acme/*/service`` expands to
+its members without a store query, connected or not.
 
-Records are indexed by store (and by region and member when they have
-them); a tenant is the union of its stores and a role group filters a store
-(or all of the tenant's stores for ``role:<t>/*/<role>``), so a record costs
-one or two index entries.
+A record belongs to the groups its token implies (``implied_channels``):
+its tenant, its store, each of its roles within that store and across the
+tenant (``role:<t>/*/<role>``), its region and its member, when it has them.
+A backend indexes each group by its address, so expanding a group costs the
+size of that group, never the size of its tenant.  Retired terminals are in
+no group.
+
+Backends sit beside this file (``registry_memory.py``; a Redis one shares
+the state between the workers and nodes of a cluster) and
+``tests/test_registry_contract.py`` runs one suite against every backend.
+
+Records are values: change a terminal by putting a new record (e.g.
+``dataclasses.replace(rec, retired=True)``), never by mutating the one the
+registry handed out, or its group indexes no longer match it.
 """
 
 from __future__ import annotations
 
-from .address import Address
+from typing import Iterable, Protocol, runtime_checkable
+
+from .address import Address, implied_channels
 from .terminals import TerminalRecord
 
 
-class Registry:
-    def __init__(self) -> None:
-        self.records: dict[str, TerminalRecord] = {}
-        self._by_store: dict[tuple[str, str], set[str]] = {}
-        self._by_region: dict[tuple[str, str], set[str]] = {}
-        self._by_member: dict[tuple[str, str], set[str]] = {}
-        self._stores_of: dict[str, set[tuple[str, str]]] = {}
+def record_groups(rec: TerminalRecord) -> list[str]:
+    """The group addresses ``rec`` is a member of, each once: none when it is
+    retired, else those its token implies, less its own terminal address."""
+    if rec.retired:
+        return []
+    return [name for name in dict.fromkeys(implied_channels(rec)) if name != rec.address]
 
-    def __len__(self) -> int:
-        return len(self.records)
 
-    def get(self, address: str) -> TerminalRecord | None:
-        return self.records.get(address)
+@runtime_checkable
+class Registry(Protocol):
+    """The contract every registry backend fulfils.
 
-    def _keys(self, rec: TerminalRecord):
-        yield self._by_store, (rec.tenant, rec.store)
-        if rec.region:
-            yield self._by_region, (rec.tenant, rec.region)
-        if rec.member:
-            yield self._by_member, (rec.tenant, rec.member)
-
-    def put(self, rec: TerminalRecord) -> None:
-        """Insert or replace a record (indexes follow its store, region, member)."""
-        old = self.records.get(rec.address)
-        if old is not None:
-            for index, key in self._keys(old):
-                members = index.get(key)
-                if members is not None:
-                    members.discard(old.address)
-                    if not members:
-                        del index[key]
-                        if index is self._by_store:
-                            self._stores_of[key[0]].discard(key)
-        self.records[rec.address] = rec
-        for index, key in self._keys(rec):
-            members = index.get(key)
-            if members is None:
-                members = index[key] = set()
-                if index is self._by_store:
-                    self._stores_of.setdefault(key[0], set()).add(key)
-            members.add(rec.address)
-
-    def _stores(self, tenant: str) -> list[set[str]]:
-        by_store = self._by_store
-        return [by_store[key] for key in self._stores_of.get(tenant, ())]
+    Methods that may cross a network are coroutines.  :meth:`cached` and
+    ``len()`` read what this process holds, for the node's hot paths (a
+    HELLO's retired/revoked check, a SEND's recipient store).  Backends
+    subclass this class, inheriting :meth:`terminal_members`.
+    """
 
     @staticmethod
     def terminal_members(address: str, rec: TerminalRecord | None) -> list[str]:
         """The members of terminal ``address`` whose record is ``rec``: itself,
-        registered or not, unless retired."""
+        registered or not, unless retired.  (A message to a terminal that
+        never logged in waits in its inbox for its first login.)  O(1)."""
         return [] if rec is not None and rec.retired else [address]
 
-    def members(self, address: Address) -> list[str]:
-        """Terminal addresses of a (group) address, retired ones excluded.
+    def __len__(self) -> int:
+        """How many records this process holds: all of them for the memory
+        backend, its cache for a distributed one (a gauge, not a count:
+        see :meth:`count`)."""
+
+    def cached(self, address: str) -> TerminalRecord | None:
+        """Terminal ``address``'s record from this process's memory, without
+        waiting: authoritative for the memory backend; for a distributed one,
+        a bounded cache of the records this process read or wrote, which may
+        miss (None) or lag another worker's put.  O(1)."""
+
+    async def get(self, address: str) -> TerminalRecord | None:
+        """Terminal ``address``'s record, authoritative; None if it was never
+        registered.  O(1)."""
+
+    async def put(self, rec: TerminalRecord) -> None:
+        """Insert or replace the record of ``rec.address``; its groups follow
+        its store, roles, region, member and retired flag (a record that moves
+        leaves its old groups).  :meth:`cached` returns ``rec`` afterwards.
+        O(number of groups of the old and new record)."""
+
+    async def load(self, records: Iterable[TerminalRecord]) -> None:
+        """:meth:`put` every record of ``records`` (start-up, from the store).
+        O(total groups of the records)."""
+
+    async def count(self) -> int:
+        """How many terminals are registered, retired ones included.  O(1)."""
+
+    async def members(self, address: Address) -> list[str]:
+        """Terminal addresses of ``address``, sorted, retired ones excluded.
 
         A ``terminal:`` address is its own single member even when the
-        terminal is not registered yet (its message waits for its first login).
+        terminal is not registered (see :meth:`terminal_members`); a group
+        address has the registered terminals of that group; any other scope
+        (``topic:``, ``chat:`` ...) has none.  O(size of the group).
         """
-        scope, t = address.scope, address.tenant
-        records = self.records
-        if scope == "terminal":
-            to = str(address)
-            return self.terminal_members(to, records.get(to))
-        if scope == "tenant":
-            found = [a for group in self._stores(t) for a in group]
-        elif scope == "store":
-            found = self._by_store.get((t, address.path[0]), ())
-        elif scope == "region":
-            found = self._by_region.get((t, address.path[0]), ())
-        elif scope == "member":
-            found = self._by_member.get((t, address.path[0]), ())
-        elif scope == "role":
-            store, role = address.path
-            groups = self._stores(t) if store == "*" else \
-                [self._by_store.get((t, store), ())]
-            found = [a for group in groups for a in group if role in records[a].roles]
-        else:
-            return []
-        return sorted(a for a in found if not records[a].retired)
