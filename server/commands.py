@@ -202,6 +202,8 @@ class Commands:
         extra = conn.extra
         if claims is not None:
             self.hub.detach(conn, claims)
+            if self.node.ownership is not None:
+                self.node.ownership.released(conn.address)
             if extra:
                 for stream in extra.get("explicit", ()):
                     self.hub.unsubscribe(stream, conn, self.loop.time())
@@ -359,6 +361,8 @@ class Commands:
         conn.claims = claims
         conn.address = address
         self.hub.sessions[address] = conn
+        if self.node.ownership is not None:
+            self.node.ownership.claimed(address, claims)
         self.unauthenticated.discard(conn)
         hb = self.cfg.heartbeat
         wanted = frame.heartbeat / 1000.0 if frame.heartbeat else hb.interval

@@ -43,6 +43,7 @@ from .limits import Policy, Sources, default_max_connections
 from .metrics import Counters
 from .offers import Offers
 from .output import Output
+from .ownership import Ownership
 from .registry_memory import MemoryRegistry
 from .tickets import Tickets
 
@@ -58,7 +59,10 @@ class Node:
     """One Tillwire server process."""
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
-                 node_id: str = "") -> None:
+                 node_id: str = "", presence=None, broker=None) -> None:
+        """``presence`` and ``broker``: backends shared with other nodes or
+        workers (both or neither); without them the hub's session table is
+        the only presence, and a takeover is one node's business."""
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
@@ -123,6 +127,9 @@ class Node:
         self.channels = Channels(self)
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
+        if (presence is None) != (broker is None):
+            raise ValueError("Node: give presence and broker together, or neither")
+        self.ownership = Ownership(self, presence, broker) if presence is not None else None
         self.service_kinds = self.commands.service_kinds
         # The host interface's calls and the connections' entry points,
         # served by the parts (server/host.py, server/connection.py).
@@ -155,6 +162,8 @@ class Node:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
+        if self.ownership is not None:
+            await self.ownership.start()
         await self.registry.load(await self.store.terminals.all())
         history = self.cfg.history
         self.store.archive.configure(history.max_messages, history.max_age)
@@ -227,6 +236,8 @@ class Node:
                     transport.close()
         await asyncio.sleep(0)
         await self._close_services()
+        if self.ownership is not None:
+            await self.ownership.stop()
         await self.store.close()
         self._stopped_event.set()
 

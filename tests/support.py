@@ -107,12 +107,14 @@ def make_config(data_dir: str = "", **overrides):
     return load_config(env={"TILLWIRE_SECRET": SECRET}, overrides=values)
 
 
-async def start_node(cfg=None, store=None, **overrides):
+async def start_node(cfg=None, store=None, *, node_id: str = "", presence=None, broker=None,
+                     **overrides):
     from tillwire.server.main import make_store
     from tillwire.server.node import Node
 
     cfg = cfg or make_config(**overrides)
-    node = Node(cfg, store or make_store(cfg), loop=asyncio.get_running_loop())
+    node = Node(cfg, store or make_store(cfg), loop=asyncio.get_running_loop(),
+                node_id=node_id, presence=presence, broker=broker)
     await node.start()
     return node
 

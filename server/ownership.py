@@ -1,0 +1,178 @@
+"""Which worker holds each terminal's session: claims, releases, takeovers.
+
+A node's sessions are claimed in :class:`~tillwire.server.presence.Presence`
+under the node's worker id, on a lease this module renews in one call per
+interval.  When a terminal logs in here while another worker holds its
+session, the claim returns that worker and it is told on its control inbox
+(:class:`~tillwire.server.broker.Broker`) to close the old session with
+TAKEOVER, as a takeover inside one node does.  A lost control message is
+repaired by the renewal: a worker whose lease on a terminal went to another
+owner closes its session then (so an old session outlives a takeover by at
+most one renewal interval); one whose lease merely ran out (presence was
+unreachable) claims it again.
+
+With the embedded default both backends are in memory and only this node
+uses them; nodes in one process (tests) or the workers of a cluster share
+them.  Nothing here runs per message: a login and a logout each append to a
+queue that one task writes in order (kept and retried while the backend
+fails), and the renewal walks the sessions in slices.
+
+Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
+``takeover`` (argument: the new owner) and ``kick`` (argument: the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from ..core.codes import Code
+from ..core.session import CLOSED
+from .presence import SessionInfo
+
+log = logging.getLogger("tillwire.ownership")
+
+LEASE = 90.0                 # seconds a claim lasts without renewal
+RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
+RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
+RETRY_FIRST = 0.05           # seconds before a failed claim or release is retried...
+RETRY_MAX = 5.0              # ...doubling up to this
+
+
+class Ownership:
+    """This node's claims in presence, and its control inbox (one per node)."""
+
+    def __init__(self, node, presence, broker) -> None:
+        self.node = node
+        self.presence = presence
+        self.broker = broker
+        self.owner = broker.worker_id
+        self.lease = LEASE
+        self.renew_every = RENEW_EVERY
+        self._queue: deque = deque()      # ("claim", address, info) | ("release", address, None)
+        self._writing = False
+        self._renewal = None
+
+    async def start(self) -> None:
+        await self.broker.start(self._on_message, self._on_control)
+        # (Not a spawn()ed task: stop() waits for those; this one is cancelled.)
+        self._renewal = self.node.loop.create_task(self._renew())
+
+    async def stop(self) -> None:
+        """Write the releases still queued (best effort), then leave the broker."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+        if self._queue and not self._writing:
+            await self._write()
+        await self.broker.stop()
+
+    # -- logins and logouts ---------------------------------------------------------
+
+    def claimed(self, address: str, claims) -> None:
+        """A session of ``address`` was accepted here (HELLO)."""
+        self._enqueue(("claim", address, SessionInfo(claims.tenant, claims.store,
+                                                     tuple(claims.roles))))
+
+    def released(self, address: str) -> None:
+        """A session of ``address`` here ended (unless a newer one here replaced it)."""
+        self._enqueue(("release", address, None))
+
+    def _enqueue(self, item) -> None:
+        self._queue.append(item)
+        if not self._writing:
+            self._writing = True
+            self.node.spawn(self._write())
+
+    async def _write(self) -> None:
+        self._writing = True
+        delay = RETRY_FIRST
+        try:
+            while self._queue:
+                verb, address, info = self._queue[0]
+                try:
+                    if verb == "claim":
+                        await self._claim(address, info)
+                    elif address not in self.node.hub.sessions:
+                        await self.presence.release(address, self.owner)
+                except Exception as exc:        # kept and retried: presence came back
+                    if self.node.stopping:
+                        log.warning("presence: %s of %s not written at stop: %s", verb,
+                                    address, exc)
+                        return
+                    log.warning("presence: %s of %s failed (%s); retrying in %g s", verb,
+                                address, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._queue.popleft()
+                delay = RETRY_FIRST
+        finally:
+            self._writing = False
+
+    async def _claim(self, address: str, info: SessionInfo) -> None:
+        previous = await self.presence.claim(address, self.owner, self.lease, info)
+        if previous is not None and previous != self.owner:
+            # (A lost message is repaired by the previous owner's renewal.)
+            await self.broker.send_control(
+                previous, b"\0".join((b"takeover", address.encode(), self.owner.encode())))
+
+    # -- the control inbox ------------------------------------------------------------
+
+    def _on_message(self, channel: str, lane: int, payload: bytes) -> None:
+        """Channel messages: the in-process hub fans out itself (no subscriptions yet)."""
+
+    def _on_control(self, message: bytes) -> None:
+        try:
+            verb, address, argument = (part.decode() for part in message.split(b"\0", 2))
+        except ValueError:
+            log.warning("control: malformed message %r", message[:80])
+            return
+        if verb == "takeover":
+            if argument != self.owner:
+                self.node.spawn(self._taken_over(address))
+        elif verb == "kick":
+            self.node.kick(address, argument or "disconnected by an operator")
+        else:
+            log.warning("control: unknown verb %r", verb)
+
+    async def _taken_over(self, address: str) -> None:
+        """Another worker claimed ``address``: close the session here, unless a
+        newer login here claimed it back meanwhile."""
+        if address in self.node.hub.sessions and \
+                await self.presence.owner(address) != self.owner:
+            self._close(address)
+
+    def _close(self, address: str) -> None:
+        conn = self.node.hub.sessions.get(address)
+        if conn is not None and conn.state != CLOSED:
+            self.node.counters.takeovers += 1
+            self.node.close(conn, Code.TAKEOVER,
+                            "the terminal logged in on another connection")
+
+    # -- renewal ----------------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_every)
+            try:
+                await self.renew()
+            except Exception as exc:        # the next round tries again, within the lease
+                log.warning("presence: renewing this node's leases failed: %s", exc)
+
+    async def renew(self) -> None:
+        """Renew every session's lease; close the sessions another worker took
+        over, claim again those whose lease ran out."""
+        addresses = list(self.node.hub.sessions)
+        for i in range(0, len(addresses), RENEW_SLICE):
+            lost = await self.presence.refresh(addresses[i:i + RENEW_SLICE], self.owner,
+                                               self.lease)
+            for address in lost:
+                conn = self.node.hub.sessions.get(address)
+                if conn is None or conn.claims is None:
+                    continue
+                if await self.presence.owner(address) is None:
+                    self.claimed(address, conn.claims)
+                else:
+                    self._close(address)
+            await asyncio.sleep(0)
