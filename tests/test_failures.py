@@ -29,7 +29,7 @@ from support import (
 )
 from tillwire.client.connection import SendError
 from tillwire.core.codec import Encoder, Frame
-from tillwire.core.codes import Code, Flag, FrameType, ReceiptStatus
+from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from tillwire.server.connection import RESUMING
 from tillwire.server.main import make_store
 
@@ -171,5 +171,43 @@ async def test_a_slow_store_stops_reading_senders_and_loses_nothing(backend, tmp
         assert sorted(await read_sendacks(reader, 300)) == list(range(300))
         assert await receive_orders(till, 300) == list(range(300))
         writer.close()
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_failed_group_lookup_refuses_the_message_and_the_retry_is_stored():
+    node = await start_node()
+    node.registry = registry = Failing(node.registry)
+    try:
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        be = await connect(node, "pay", store="hq", roles=("backend",))
+        registry.fail("members")
+        with pytest.raises(SendError) as refused:
+            await be.send("price.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
+        assert refused.value.code == Code.STORE_UNAVAILABLE
+        ack = await be.send("price.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
+        assert not ack.flags & Flag.RETRANSMIT
+        msg = await staff.receive(timeout=3)
+        assert msg.body == {"text": "recount"} and node.delivery.uncommitted == 0
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_failed_history_read_answers_store_unavailable_and_reading_goes_on():
+    node = await start_node()
+    node.history = history = Failing(node.history)
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1")
+        await be.send("price.update", {"sku": "A1", "price": "1.00", "version": 1},
+                      "store:acme/s1", lane=Lane.P2)
+        history.fail("tail")
+        with pytest.raises(SendError) as refused:
+            await till.history("store:acme/s1", Lane.P2, 0, 0, 10)
+        assert refused.value.code == Code.STORE_UNAVAILABLE
+        items, end = await till.history("store:acme/s1", Lane.P2, 0, 0, 10)
+        assert [i.kind for i in items] == ["price.update"] and end.code == Code.OK
     finally:
         await node.stop()
