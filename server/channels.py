@@ -298,7 +298,9 @@ class Channels:
         if pending and conn.queued_bytes < room // 2:
             jobs = extra.setdefault("jobs", [])
             for stream in list(pending):
-                entries = list(stream.lvc.values()) if stream.lane == Lane.P2 else []
+                # (P2: the last values, one list shared by every connection until
+                # the next append; never copied or sorted per connection)
+                entries = self.hub.history(stream, now) if stream.lane == Lane.P2 else []
                 conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
                 jobs.append([stream, entries, 0])
             pending.clear()

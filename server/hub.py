@@ -461,7 +461,7 @@ class Hub:
                      and offset + 1 >= stream.first_offset)
         if not in_window:
             if stream.lane == Lane.P2:
-                return "resync", list(stream.lvc.values())      # (in offset order)
+                return "resync", self.history(stream, now)   # (shared, in offset order)
             return "resync", []
         entries = [e for e in stream.history if e.offset > offset]
         if stream.lane == Lane.P2:
