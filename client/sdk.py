@@ -371,17 +371,26 @@ class Client:
         return await self.conn.subscribe(name, lane, epoch, offset)
 
     async def history(self, name: str, lane: int = Lane.P2, count: int = 100,
-                      offset: int = 0, epoch: int = 0):
+                      offset: int = 0, epoch: int = 0, timeout: float = 10.0):
         """History of a channel stream or a conversation: (items, the last END
         frame).  ``offset`` 0: the newest ``count`` items (0: all the server
         keeps); else the ``count`` after ``offset``; oldest first.  The
         server answers in pages (``limits.history_page``); this asks for page
-        after page until ``count`` items came or there are no more."""
+        after page until ``count`` items came or there are no more.  A page
+        the server could not read (STORE_UNAVAILABLE) is asked for again
+        until ``timeout`` seconds passed."""
         items: list = []
+        deadline = self.loop.time() + timeout
         while True:
             await self._connected.wait()
             want = count - len(items) if count else 0
-            page, end = await self.conn.history(name, lane, epoch, offset, want)
+            try:
+                page, end = await self.conn.history(name, lane, epoch, offset, want)
+            except SendError as exc:
+                if exc.code != Code.STORE_UNAVAILABLE or self.loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.5, max(0.0, deadline - self.loop.time())))
+                continue
             items += page
             if end.code != Code.PARTIAL or not page or (count and len(items) >= count):
                 return items, end

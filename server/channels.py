@@ -117,8 +117,8 @@ class Channels:
             if exc.code == Code.FORBIDDEN:
                 self.counters.acl_denials += 1
                 if self.node.audit is not None:
-                    self.node.commands.audit_conn("acl.deny", conn, None, op="subscribe", to=frame.to,
-                                     lane=f"P{lane}", reason=str(exc))
+                    self.node.commands.audit_conn("acl.deny", conn, None, op="subscribe",
+                                                  to=frame.to, lane=f"P{lane}", reason=str(exc))
             conn.error(exc.code, frame.ref, str(exc))
             self.mark_dirty(conn)
             return None

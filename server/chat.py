@@ -274,7 +274,8 @@ class Chat:
         if ns == CONV_NS:
             conv = self.convs.get(key)
             if conv is not None:
-                await self.host.store.records.put(CONV_NS, key, orjson.dumps(conv), conv["updated"])
+                await self.host.store.records.put(CONV_NS, key, orjson.dumps(conv),
+                                                  conv["updated"])
         elif key.rsplit("/", 1)[0] in self.convs:
             record, at = value
             await self.host.store.records.put(CHAT_NS, key, record, at)
@@ -320,7 +321,8 @@ class Chat:
             # offset > 0: messages after that time (unix ms), oldest first; one
             # more than the page tells whether the window goes on.
             rows: list = []
-            async for row in scan_all(host.store.records, CHAT_NS, prefix, f"{prefix}{offset:013d}-~"):
+            after = f"{prefix}{offset:013d}-~"
+            async for row in scan_all(host.store.records, CHAT_NS, prefix, after):
                 rows.append(row)
                 if len(rows) > page:
                     break

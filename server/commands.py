@@ -15,11 +15,8 @@ connection count and the per-tenant session counts.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import time
-from collections import deque
 
 import orjson
 
@@ -46,14 +43,13 @@ from .connection import (
     InboxState,
     TerminalConnection,
 )
-from .delivery import RETRY_FIRST, RETRY_MAX, SATURATED_WAIT
+from .delivery import SATURATED_WAIT
 from .hub import parse_positions
 from .limits import SendLimits
 from .offers import POLICY_KINDS
+from .retry import InOrder
 from .store import NewMessage
 from .terminals import TerminalRecord
-
-log = logging.getLogger("tillwire.commands")
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -115,8 +111,11 @@ class Commands:
         self.unauthenticated: set[TerminalConnection] = set()
         self.connection_count = 0
         self._tenant_sessions: dict[str, int] = {}   # (only with max_connections_per_tenant)
-        self._puts: deque[TerminalRecord] = deque()  # registry puts not written yet, in order
-        self._putting = False
+        # Registry puts, in order (the registry may be across a network; the
+        # connection's claims already are the new record meanwhile).
+        self._puts = InOrder(self.spawn, self.registry.put,
+                             lambda rec: f"registry: putting {rec.address}",
+                             lambda: node.stopping)
         channels, delivery = self.channels, self.delivery
         self._handlers = {      # frame type -> handler of a frame the session passed on
             int(FrameType.SEND): self._on_send, int(FrameType.ACK): delivery.on_ack,
@@ -435,36 +434,9 @@ class Commands:
                              claims.region, tuple(claims.roles), claims.member,
                              rec.first_seen if rec else now, now,
                              rec.retired if rec else False, rec.revoked_before if rec else 0.0)
-        self._put_later(new)
+        self._puts.add(new)
         self.delivery.register_later(new)
         return new
-
-    def _put_later(self, rec: TerminalRecord) -> None:
-        """Put a record in the registry (a coroutine: the registry may be
-        across a network).  One task writes them in order; until then the
-        connection's claims already are the new record."""
-        self._puts.append(rec)
-        if not self._putting:
-            self._putting = True
-            self.spawn(self._put_all())
-
-    async def _put_all(self) -> None:
-        delay = RETRY_FIRST
-        try:
-            while self._puts:
-                rec = self._puts[0]
-                try:
-                    await self.registry.put(rec)
-                except Exception as exc:        # kept, retried: the registry came back
-                    log.warning("registry: putting %s failed (%s); retrying in %g s",
-                                rec.address, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
-                    continue
-                self._puts.popleft()
-                delay = RETRY_FIRST
-        finally:
-            self._putting = False
 
     def _on_resume(self, conn: TerminalConnection, frame) -> None:
         claims = conn.claims

@@ -33,6 +33,7 @@ from ..core import wheel as _wheel
 from ..core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from ..core.session import OPEN, OVERFLOW, Frame
 from .connection import RESUMING, InboxState, TerminalConnection
+from .retry import RETRY_FIRST, backoff
 from .store import NewMessage
 from .terminals import TerminalRecord
 
@@ -45,8 +46,6 @@ _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
 
 PUMP_BATCH = 128             # store rows read per pump step
 INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
-RETRY_FIRST = 0.05           # seconds before a failed store read or batch write is retried...
-RETRY_MAX = 5.0              # ...doubling up to this
 SATURATED_WAIT = 0.01        # seconds a sender's read waits before it looks again
 
 
@@ -65,10 +64,6 @@ def _unacked_done(conn: TerminalConnection) -> None:
     limits = extra.get("limits") if extra is not None else None
     if limits is not None and limits.unacked > 0:
         limits.unacked -= 1
-
-
-def _backoff(delay: float) -> float:
-    return min(delay * 2, RETRY_MAX)
 
 
 class Delivery:
@@ -242,7 +237,6 @@ class Delivery:
         self.uncommitted -= len(batch)
         counters = self.counters
         counters.store_write.observe(time.perf_counter() - started)
-        sendack = self.sendack
         live = self._live
         touched = {}        # the connections this batch queued frames for, senders first
         for (msg, recipients, reply, _), accepted in zip(batch, results):
@@ -256,19 +250,8 @@ class Delivery:
                     conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
                     if conn is not None:
                         touched[conn] = None
-            if reply is None:
-                continue
-            if isinstance(reply, asyncio.Future):
-                if not reply.done():
-                    reply.set_result(accepted)
-                continue
-            conn, ref, asked, limits = reply
-            limits.unacked -= 1
-            if asked and conn.state == OPEN:
-                if accepted.duplicate:
-                    sendack(conn, ref, accepted.msg_id, b"", True)
-                else:
-                    sendack(conn, ref, accepted.msg_id, _recipients_payload(len(accepted.seqs)))
+            if reply is not None:
+                self._answer(reply, accepted, None)
         # Write the deliveries and SENDACKs now, not at the next iteration's
         # flush: under a broadcast flood an iteration is long, and payment
         # results should not wait one more of them.  Only the connections
@@ -279,17 +262,32 @@ class Delivery:
         """Nothing of ``batch`` was stored: tell each sender (STORE_UNAVAILABLE)."""
         self.uncommitted -= len(batch)
         for _, _, reply, _ in batch:
-            if reply is None:
-                continue
-            if isinstance(reply, asyncio.Future):
-                if not reply.done():
+            if reply is not None:
+                self._answer(reply, None, exc)
+
+    def _answer(self, reply, accepted, exc) -> None:
+        """Answer one submit: its future gets the store's ``accepted`` (or
+        ``exc``); a terminal's SEND leaves its window and gets SENDACK when
+        it asked (or STORE_UNAVAILABLE)."""
+        if isinstance(reply, asyncio.Future):
+            if not reply.done():
+                if exc is None:
+                    reply.set_result(accepted)
+                else:
                     reply.set_exception(exc)
-                continue
-            conn, ref, _, limits = reply
-            limits.unacked -= 1
-            if conn.state == OPEN:
-                conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
-                self.mark_dirty(conn)
+            return
+        conn, ref, asked, limits = reply
+        limits.unacked -= 1
+        if conn.state != OPEN:
+            return
+        if exc is not None:
+            conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
+            self.mark_dirty(conn)
+        elif asked:
+            if accepted.duplicate:
+                self.sendack(conn, ref, accepted.msg_id, b"", True)
+            else:
+                self.sendack(conn, ref, accepted.msg_id, _recipients_payload(len(accepted.seqs)))
 
     # -- inbox delivery -------------------------------------------------------------------
 
@@ -401,7 +399,7 @@ class Delivery:
             if failed is not None:
                 log.warning("store: reading the P%d inbox of %s failed (%s); retrying in %g s",
                             lane, conn.address, failed, delay)
-                self.loop.call_later(delay, self._pump_again, conn, lane, inbox, _backoff(delay))
+                self.loop.call_later(delay, self._pump_again, conn, lane, inbox, backoff(delay))
 
     def _pump_again(self, conn: TerminalConnection, lane: int, inbox: InboxState,
                     delay: float) -> None:
@@ -429,7 +427,7 @@ class Delivery:
                     log.warning("store: reading the positions of %s failed (%s); retrying in "
                                 "%g s", address, exc, delay)
                     await asyncio.sleep(delay)
-                    delay = _backoff(delay)
+                    delay = backoff(delay)
                     if conn.state != OPEN:
                         return
         finally:
@@ -622,7 +620,7 @@ class Delivery:
             self._batch_retry = 0.0
             return True
         self._keep(registers, delivered, acks)
-        self._batch_retry = _backoff(self._batch_retry or RETRY_FIRST / 2)
+        self._batch_retry = backoff(self._batch_retry)
         log.warning("store: writing acks/deliveries/registrations failed (%s); kept, retrying "
                     "in %g s", failed, self._batch_retry)
         self._schedule_batches(self._batch_retry)

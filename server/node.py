@@ -63,6 +63,8 @@ class Node:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
         the only presence, and a takeover is one node's business."""
+        if (presence is None) != (broker is None):
+            raise ValueError("Node: give presence and broker together, or neither")
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
@@ -104,7 +106,7 @@ class Node:
         self.draining = False
         self.started = time.time()
         self.audit = None          # an audit.AuditLog (main.py sets it); None = no audit log
-        self.exit_code = 0         # what `tillwire serve` exits with (1: the store failed for good)
+        self.exit_code = 0         # what `tillwire serve` exits with (1: the store failed)
         self._servers: list[asyncio.AbstractServer] = []
         self._tick_handle = None
         self._tasks: set[asyncio.Task] = set()
@@ -127,8 +129,6 @@ class Node:
         self.channels = Channels(self)
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
-        if (presence is None) != (broker is None):
-            raise ValueError("Node: give presence and broker together, or neither")
         self.ownership = Ownership(self, presence, broker) if presence is not None else None
         self.service_kinds = self.commands.service_kinds
         # The host interface's calls and the connections' entry points,
@@ -154,7 +154,6 @@ class Node:
     def connection_count(self) -> int:
         """Accepted terminal sockets not yet closed."""
         return self.commands.connection_count
-
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -330,7 +329,8 @@ class Node:
             server.close()
         conns = self.all_connections()
         log.info("draining node=%s connections=%d in_flight=%d delay_ms=%d-%d",
-                 self.node_id, len(conns), self.delivery.in_flight(), delay_ms, delay_ms + spread_ms)
+                 self.node_id, len(conns), self.delivery.in_flight(), delay_ms,
+                 delay_ms + spread_ms)
         for conn in conns:
             if conn.state == CLOSED:
                 continue

@@ -14,8 +14,8 @@ unreachable) claims it again.
 With the embedded default both backends are in memory and only this node
 uses them; nodes in one process (tests) or the workers of a cluster share
 them.  Nothing here runs per message: a login and a logout each append to a
-queue that one task writes in order (kept and retried while the backend
-fails), and the renewal walks the sessions in slices.
+queue that one task writes in order (``retry.InOrder``: kept and retried
+while the backend fails), and the renewal walks the sessions in slices.
 
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
 ``takeover`` (argument: the new owner) and ``kick`` (argument: the reason).
@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 
 from ..core.codes import Code
 from ..core.session import CLOSED
 from .presence import SessionInfo
+from .retry import InOrder
 
 log = logging.getLogger("tillwire.ownership")
 
 LEASE = 90.0                 # seconds a claim lasts without renewal
 RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
 RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
-RETRY_FIRST = 0.05           # seconds before a failed claim or release is retried...
-RETRY_MAX = 5.0              # ...doubling up to this
 
 
 class Ownership:
@@ -50,8 +48,10 @@ class Ownership:
         self.owner = broker.worker_id
         self.lease = LEASE
         self.renew_every = RENEW_EVERY
-        self._queue: deque = deque()      # ("claim", address, info) | ("release", address, None)
-        self._writing = False
+        # ("claim", address, info) | ("release", address, None), written in order
+        self._queue = InOrder(node.spawn, self._write,
+                              lambda item: f"presence: {item[0]} of {item[1]}",
+                              lambda: node.stopping)
         self._renewal = None
 
     async def start(self) -> None:
@@ -63,8 +63,8 @@ class Ownership:
         """Write the releases still queued (best effort), then leave the broker."""
         if self._renewal is not None:
             self._renewal.cancel()
-        if self._queue and not self._writing:
-            await self._write()
+        if self._queue:
+            await self._queue.drain()
         await self.broker.stop()
 
     # -- logins and logouts ---------------------------------------------------------
@@ -79,36 +79,14 @@ class Ownership:
         self._enqueue(("release", address, None))
 
     def _enqueue(self, item) -> None:
-        self._queue.append(item)
-        if not self._writing:
-            self._writing = True
-            self.node.spawn(self._write())
+        self._queue.add(item)
 
-    async def _write(self) -> None:
-        self._writing = True
-        delay = RETRY_FIRST
-        try:
-            while self._queue:
-                verb, address, info = self._queue[0]
-                try:
-                    if verb == "claim":
-                        await self._claim(address, info)
-                    elif address not in self.node.hub.sessions:
-                        await self.presence.release(address, self.owner)
-                except Exception as exc:        # kept and retried: presence came back
-                    if self.node.stopping:
-                        log.warning("presence: %s of %s not written at stop: %s", verb,
-                                    address, exc)
-                        return
-                    log.warning("presence: %s of %s failed (%s); retrying in %g s", verb,
-                                address, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
-                    continue
-                self._queue.popleft()
-                delay = RETRY_FIRST
-        finally:
-            self._writing = False
+    async def _write(self, item) -> None:
+        verb, address, info = item
+        if verb == "claim":
+            await self._claim(address, info)
+        elif address not in self.node.hub.sessions:     # (not a newer session here)
+            await self.presence.release(address, self.owner)
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
         previous = await self.presence.claim(address, self.owner, self.lease, info)

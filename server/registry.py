@@ -37,6 +37,15 @@ def record_groups(rec: TerminalRecord) -> list[str]:
     return [name for name in dict.fromkeys(implied_channels(rec)) if name != rec.address]
 
 
+def indexed_groups(rec: TerminalRecord) -> list[str]:
+    """The groups of ``rec`` every backend keeps an index of: its store, its
+    region and member.  A tenant is the union of its stores and a role
+    within a store filters the store (both at the group's cost); a role
+    across the tenant is indexed once someone reads it (see the backends)."""
+    return [name for name in record_groups(rec)
+            if not name.startswith(("tenant:", "role:"))]
+
+
 @runtime_checkable
 class Registry(Protocol):
     """The contract every registry backend fulfils.

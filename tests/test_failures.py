@@ -28,6 +28,7 @@ from support import (
     receive_orders, start_node, token,
 )
 from tillwire.client.connection import SendError
+from tillwire.client.sdk import Client
 from tillwire.core.codec import Encoder, Frame
 from tillwire.core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
 from tillwire.server.connection import RESUMING
@@ -209,5 +210,26 @@ async def test_a_failed_history_read_answers_store_unavailable_and_reading_goes_
         assert refused.value.code == Code.STORE_UNAVAILABLE
         items, end = await till.history("store:acme/s1", Lane.P2, 0, 0, 10)
         assert [i.kind for i in items] == ["price.update"] and end.code == Code.OK
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_the_sdk_asks_again_for_a_history_page_the_server_could_not_read():
+    node = await start_node()
+    node.history = history = Failing(node.history)
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        for n in range(3):
+            await be.send("price.update", {"sku": f"A{n}", "price": "1.00", "version": 1},
+                          "store:acme/s1", lane=Lane.P2)
+        history.fail("tail", 2)
+        client = Client(*node.addresses[0], token("t2", store="s1"))
+        await client.start()
+        try:
+            items, end = await client.history("store:acme/s1", Lane.P2, count=0)
+        finally:
+            await client.close()
+        assert len(items) == 3 and end.code == Code.OK and history.calls["tail"] == 3
     finally:
         await node.stop()

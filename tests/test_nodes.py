@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from failing import Failing
 from support import aiotest, connect, eventually, receive_orders, start_node
 from tillwire.core.codes import Code

@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tillwire.server.address import parse_address
 from tillwire.server.registry import Registry
 from tillwire.server.registry_memory import MemoryRegistry
