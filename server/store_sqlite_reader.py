@@ -75,6 +75,9 @@ class Reader:
                         self.conn.execute("ROLLBACK")
                     done.append((fut, None, exc))
             post(self.loop, done)
+            # Drop this batch before blocking for the next: its requests,
+            # futures and results would otherwise stay alive as locals.
+            batch = done = item = fut = args = None
         self.conn.close()
         self.conn = None
         post(self.loop, [(stop[2], None, None)])
