@@ -15,7 +15,7 @@ NATIVE := $(wildcard core/*.pyx core/*.pxd)
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev fuzz-deps compile run test bench fuzz clean distclean
+.PHONY: install install-dev fuzz-deps redis-deps compile run test bench fuzz clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ fuzz-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  clang libclang-rt-14-dev; }
 
+# The Redis backends' contract suites run against a real redis-server
+# (Debian's 7.0; tests/redis_server.py starts one per test session).
+redis-deps:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  redis-server; }
+
 compile: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
@@ -59,7 +66,7 @@ run: install
 	TILLWIRE_ADMIN_TOKEN="$${TILLWIRE_ADMIN_TOKEN:-$$(cat data/dev-admin-token)}" \
 	$(BIN)/tillwire serve --data-dir data $(ARGS)
 
-test: install-dev fuzz-deps
+test: install-dev fuzz-deps redis-deps
 	FUZZ_REQUIRE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-dev

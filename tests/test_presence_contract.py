@@ -1,10 +1,11 @@
 """One suite of Presence contract tests, run against every backend.
 
-``presence_backend`` names each backend in turn (memory now; a Redis backend
-is one more ``BACKENDS`` entry and one more branch in :func:`open_presence`,
-the tests unchanged).  :func:`open_presence` gives a fresh presence and
-``advance(seconds)``, which lets that much time pass for the backend's leases:
-the memory backend's clock is the test's own, a server-side one would sleep.
+``presence_backend`` names each backend in turn: memory, and Redis against
+a real ``redis-server`` (tests/redis_server.py; a fresh key prefix per
+test).  :func:`open_presence` gives a fresh presence and
+``advance(seconds)``, which lets that much time pass for the backend's
+leases: both backends take their time from the caller's clock, the test's
+own here.
 Leases are short (a fraction of a second) so that sleeping stays cheap.
 The last test runs random claims, refreshes, releases and the passing of
 time against a plain dict of leases and requires the same answers.
@@ -19,10 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import redis.asyncio as aioredis
+
+from redis_server import fresh_prefix, redis_url
 from tillwire.server.presence import Presence, SessionInfo
 from tillwire.server.presence_memory import MemoryPresence
+from tillwire.server.presence_redis import RedisPresence
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 LEASE = 0.4
 W1, W2 = "node-a/1", "node-b/2"
 T1, T2, T3 = "terminal:acme/t1", "terminal:acme/t2", "terminal:acme/t3"
@@ -41,13 +46,20 @@ class _Clock:
 async def open_presence(kind: str):
     """``(presence, advance)``: a fresh, empty presence of backend ``kind``
     and the coroutine function that lets ``seconds`` pass for it."""
+    clock = _Clock()
+
+    async def advance(seconds: float) -> None:
+        clock.now += seconds
+
     if kind == "memory":
-        clock = _Clock()
-
-        async def advance(seconds: float) -> None:
-            clock.now += seconds
-
         yield MemoryPresence(clock), advance
+        return
+    if kind == "redis":
+        client = aioredis.from_url(redis_url())
+        try:
+            yield RedisPresence(client, prefix=fresh_prefix(), clock=clock), advance
+        finally:
+            await client.aclose()
         return
     raise ValueError(kind)
 
