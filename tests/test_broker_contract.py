@@ -1,8 +1,8 @@
 """One suite of Broker contract tests, run against every backend.
 
-``broker_backend`` names each backend in turn (memory now; a Redis backend
-is one more ``BACKENDS`` entry and one more branch in :func:`open_brokers`,
-the tests unchanged).  :func:`open_brokers` gives unstarted brokers of one
+``broker_backend`` names each backend in turn: memory, and Redis against a
+real ``redis-server`` (tests/redis_server.py; a fresh key prefix per test
+is a fresh cluster).  :func:`open_brokers` gives unstarted brokers of one
 cluster (for the memory backend: on one bus), one per worker id; each test
 starts them with a :class:`Recorder`'s handlers.
 
@@ -21,10 +21,14 @@ import sys
 
 import pytest
 
+import redis.asyncio as aioredis
+
+from redis_server import fresh_prefix, redis_url
 from tillwire.server.broker import Broker
 from tillwire.server.broker_memory import MemoryBroker, MemoryBus
+from tillwire.server.broker_redis import RedisBroker
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 FENCE = "topic:test/fence"
 WAIT = 5.0                      # seconds a backend gets to deliver
 
@@ -33,9 +37,15 @@ WAIT = 5.0                      # seconds a backend gets to deliver
 async def open_brokers(kind: str, *worker_ids: str):
     """Unstarted brokers of backend ``kind`` in one fresh cluster, one per id
     (stopped again on the way out)."""
+    clients = []
     if kind == "memory":
         bus = MemoryBus()
         brokers = [MemoryBroker(worker_id, bus) for worker_id in worker_ids]
+    elif kind == "redis":
+        prefix = fresh_prefix()
+        clients = [aioredis.from_url(redis_url()) for _ in worker_ids]
+        brokers = [RedisBroker(worker_id, client, prefix=prefix)
+                   for worker_id, client in zip(worker_ids, clients)]
     else:
         raise ValueError(kind)
     try:
@@ -43,6 +53,8 @@ async def open_brokers(kind: str, *worker_ids: str):
     finally:
         for broker in brokers:
             await broker.stop()
+        for client in clients:
+            await client.aclose()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,147 @@
+"""The Redis Broker backend: pub/sub between the workers of a fleet.
+
+Each worker holds one pub/sub connection, however many channels and
+sessions it has: a channel ``store:acme/s1`` is the Redis channel
+``<p>:ch:store:acme/s1``, subscribed once per worker (the hub counts its
+sessions), many per SUBSCRIBE command (up to ``SUBSCRIBE_BATCH``).  A
+message is the lane byte then the payload.  Each worker's control inbox is
+the channel ``<p>:ctl:<worker id>``: ``send_control`` publishes there and
+learns from PUBLISH's answer whether anyone listens (False: no such worker,
+or it stopped or died: its connection went with it).
+
+One task per worker reads the pub/sub connection and calls the handlers on
+the loop, in the order Redis delivered: one sender's publishes and control
+messages (made one after another on its connection) arrive in the order it
+made them.  :meth:`RedisBroker.subscribe` and :meth:`unsubscribe` return
+once Redis confirmed them, so a publish made afterwards by anyone is heard
+(or not).  Redis keeps no history of pub/sub: what is published while a
+worker is not subscribed is not delivered to it, as the contract says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from .broker import Broker, ControlHandler, MessageHandler
+
+SUBSCRIBE_BATCH = 512        # channels per SUBSCRIBE / UNSUBSCRIBE command
+
+
+class RedisBroker(Broker):
+    """Worker ``worker_id``'s broker over ``client`` (a ``redis.asyncio.Redis``)."""
+
+    def __init__(self, worker_id: str, client, *, prefix: str = "tw") -> None:
+        self.worker_id = worker_id
+        self._redis = client
+        self._prefix = prefix
+        self._channel_prefix = f"{prefix}:ch:".encode()
+        self._control = f"{prefix}:ctl:{worker_id}".encode()
+        self._pubsub = None
+        self._reader = None
+        self._channels: set[str] = set()
+        self._confirm: dict[tuple[str, bytes], asyncio.Future] = {}
+        self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
+
+    def _name(self, channel: str) -> bytes:
+        return self._channel_prefix + channel.encode()
+
+    async def start(self, on_message: MessageHandler, on_control: ControlHandler) -> None:
+        (_, listening), = await self._redis.pubsub_numsub(self._control)
+        if listening:
+            raise ValueError(f"broker: worker {self.worker_id!r} is started already")
+        self._pubsub = self._redis.pubsub()
+        self._on_message, self._on_control = on_message, on_control
+        confirmed = self._expect("subscribe", [self._control])
+        await self._pubsub.subscribe(self._control)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        await asyncio.gather(*confirmed)
+
+    async def stop(self) -> None:
+        if self._on_message is None:
+            return
+        self._on_message = self._on_control = None      # nothing is handed on from now
+        self._reader.cancel()
+        try:
+            await self._reader
+        except asyncio.CancelledError:
+            pass
+        for fut in self._confirm.values():
+            fut.cancel()
+        self._confirm.clear()
+        self._channels.clear()
+        await self._pubsub.aclose()          # (its connection, and every subscription)
+        self._pubsub = self._reader = None
+
+    async def publish(self, channel: str, lane: int, payload: bytes) -> None:
+        self._check()
+        await self._redis.publish(self._name(channel), bytes((lane,)) + payload)
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        self._check()
+        new = [c for c in dict.fromkeys(channels) if c not in self._channels]
+        self._channels.update(new)
+        await self._command("subscribe", [self._name(c) for c in new])
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        self._check()
+        gone = [c for c in dict.fromkeys(channels) if c in self._channels]
+        self._channels.difference_update(gone)
+        await self._command("unsubscribe", [self._name(c) for c in gone])
+
+    async def send_control(self, worker_id: str, message: bytes) -> bool:
+        self._check()
+        return bool(await self._redis.publish(f"{self._prefix}:ctl:{worker_id}", message))
+
+    # -- the pub/sub connection ---------------------------------------------------------
+
+    async def _command(self, kind: str, names: list[bytes]) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE ``names`` in batches; return once Redis confirmed."""
+        for i in range(0, len(names), SUBSCRIBE_BATCH):
+            batch = names[i:i + SUBSCRIBE_BATCH]
+            confirmed = self._expect(kind, batch)
+            await getattr(self._pubsub, kind)(*batch)
+            await asyncio.gather(*confirmed)
+
+    def _expect(self, kind: str, names: list[bytes]) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for name in names:
+            fut = self._confirm.get((kind, name))
+            if fut is None:
+                fut = self._confirm[(kind, name)] = loop.create_future()
+            futures.append(fut)
+        return futures
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+            if msg is None:
+                continue
+            kind, name, data = msg["type"], msg["channel"], msg["data"]
+            if kind == "message":
+                self._dispatch(loop, name, data)
+            elif kind in ("subscribe", "unsubscribe"):
+                fut = self._confirm.pop((kind, name), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    def _dispatch(self, loop, name: bytes, data: bytes) -> None:
+        try:
+            if name == self._control:
+                if self._on_control is not None:
+                    self._on_control(data)
+                return
+            channel = name[len(self._channel_prefix):].decode()
+            if self._on_message is not None and channel in self._channels:
+                self._on_message(channel, data[0], data[1:])
+        except Exception as exc:        # the handler's bug costs its own message only
+            loop.call_exception_handler({"message": "broker: a handler failed",
+                                         "exception": exc})
+
+    def _check(self) -> None:
+        if self._on_message is None:
+            raise RuntimeError(f"broker: worker {self.worker_id!r} is not started")
