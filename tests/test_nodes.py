@@ -1,23 +1,30 @@
 """Two nodes in one process: each its own connection class, sessions, timers
 and store, and nothing handed across; and two nodes sharing one presence and
-one broker (what the workers of a cluster share), where a login on one takes
-the other's session over, a lost control message is repaired by the lease
-renewal, and a claim the presence refuses is retried."""
+one broker (what the workers of a cluster share: in memory, and in a real
+redis-server), where a login on one takes the other's session over, a lost
+control message is repaired by the lease renewal, and a claim the presence
+refuses is retried."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
+import redis.asyncio as aioredis
 
 from failing import Failing
+from redis_server import fresh_prefix, redis_url
 from support import aiotest, connect, eventually, receive_orders, start_node
 from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
 from tillwire.server.broker_memory import MemoryBroker, MemoryBus
+from tillwire.server.broker_redis import RedisBroker
 from tillwire.server.presence_memory import MemoryPresence
+from tillwire.server.presence_redis import RedisPresence
 
 TILL = "terminal:acme/t1"
+SHARED = ["memory", "redis"]      # what the two nodes share: in memory, or a redis-server
 
 
 @aiotest()
@@ -58,20 +65,37 @@ async def _owner_becomes(presence, owner, timeout: float = 3.0) -> None:
     assert await presence.owner(TILL) == owner
 
 
-async def _shared_pair(broker_of=lambda broker: broker):
-    """Two nodes sharing one presence and one broker bus (and nothing else)."""
-    presence, bus = MemoryPresence(), MemoryBus()
-    a = await start_node(node_id="a", presence=presence,
-                         broker=broker_of(MemoryBroker("a", bus)))
-    b = await start_node(node_id="b", presence=presence,
-                         broker=broker_of(MemoryBroker("b", bus)))
-    return a, b, presence
-
-
-@aiotest()
-async def test_a_login_on_another_node_takes_the_session_over():
-    a, b, presence = await _shared_pair()
+@contextlib.asynccontextmanager
+async def _shared_pair(kind: str, broker_of=lambda broker: broker):
+    """Two nodes sharing one presence and one broker (and nothing else): in
+    memory, or in a real redis-server (the fleet's way)."""
+    clients = []
+    if kind == "memory":
+        presence, bus = MemoryPresence(), MemoryBus()
+        brokers = [MemoryBroker(node_id, bus) for node_id in ("a", "b")]
+    else:
+        prefix = fresh_prefix()
+        clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+        presence = RedisPresence(clients[0], prefix=prefix)
+        brokers = [RedisBroker(node_id, client, prefix=prefix)
+                   for node_id, client in zip(("a", "b"), clients[1:])]
+    a = await start_node(node_id="a", presence=presence, broker=broker_of(brokers[0]))
+    b = await start_node(node_id="b", presence=presence, broker=broker_of(brokers[1]))
     try:
+        yield a, b, presence
+    finally:
+        await a.stop()
+        await b.stop()
+        for client in clients:
+            await client.aclose()
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.mark.parametrize("kind", SHARED)
+@aiotest()
+async def test_a_login_on_another_node_takes_the_session_over(kind):
+    async with _shared_pair(kind) as (a, b, presence):
         old = await connect(a, "t1")
         await _owner_becomes(presence, "a")
         new = await connect(b, "t1")
@@ -87,15 +111,12 @@ async def test_a_login_on_another_node_takes_the_session_over():
         await new.close()
         await eventually(lambda: TILL not in b.hub.sessions)
         await _owner_becomes(presence, None)
-    finally:
-        await a.stop()
-        await b.stop()
 
 
+@pytest.mark.parametrize("kind", SHARED)
 @aiotest()
-async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal():
-    a, b, presence = await _shared_pair(Failing)
-    try:
+async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
+    async with _shared_pair(kind, Failing) as (a, b, presence):
         old = await connect(a, "t1")
         b.ownership.broker.fail("send_control")      # b's word to a never arrives
         await connect(b, "t1")
@@ -107,20 +128,14 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal():
             await old.receive(timeout=3)
         assert closed.value.code == Code.TAKEOVER
         assert await presence.owner(TILL) == "b"
-    finally:
-        await a.stop()
-        await b.stop()
 
 
+@pytest.mark.parametrize("kind", SHARED)
 @aiotest()
-async def test_a_claim_the_presence_refuses_is_kept_and_retried():
-    a, b, presence = await _shared_pair()
-    a.ownership.presence = failing = Failing(presence)
-    try:
+async def test_a_claim_the_presence_refuses_is_kept_and_retried(kind):
+    async with _shared_pair(kind) as (a, b, presence):
+        a.ownership.presence = failing = Failing(presence)
         failing.fail("claim", 3)
         await connect(a, "t1")
         await _owner_becomes(presence, "a")
         assert failing.calls["claim"] == 4
-    finally:
-        await a.stop()
-        await b.stop()
