@@ -1,8 +1,8 @@
 """One suite of Registry contract tests, run against every backend.
 
-``registry_backend`` opens a fresh, empty registry of each backend in turn
-(memory now; a Redis backend is one more ``BACKENDS`` entry and one more
-branch in :func:`open_registry`, the tests unchanged).  Every test is a plain
+``registry_backend`` opens a fresh, empty registry of each backend in turn:
+memory, and Redis against a real ``redis-server`` (tests/redis_server.py; a
+fresh key prefix per test).  Every test is a plain
 function that runs its coroutine with :func:`run_with`.  The last test feeds
 random puts to the backend and compares every group with a walk over the
 records (what the registry computed before it kept per-group indexes).
@@ -18,12 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import redis.asyncio as aioredis
+
+from redis_server import fresh_prefix, redis_url
 from tillwire.server.address import parse_address
 from tillwire.server.registry import Registry
 from tillwire.server.registry_memory import MemoryRegistry
+from tillwire.server.registry_redis import RedisRegistry
 from tillwire.server.terminals import TerminalRecord
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 
 @contextlib.asynccontextmanager
@@ -31,6 +35,13 @@ async def open_registry(kind: str):
     """A fresh, empty registry of backend ``kind``."""
     if kind == "memory":
         yield MemoryRegistry()
+        return
+    if kind == "redis":
+        client = aioredis.from_url(redis_url())
+        try:
+            yield RedisRegistry(client, prefix=fresh_prefix())
+        finally:
+            await client.aclose()
         return
     raise ValueError(kind)
 
@@ -212,6 +223,23 @@ def test_duplicate_roles_count_once(registry_backend):
         await registry.put(rec("t1", "s2", "pos"))
         assert await members(registry, "role:acme/s1/pos") == []
         assert await members(registry, "role:acme/*/pos") == ids("t1")
+    run_with(registry_backend, body)
+
+
+def test_concurrent_puts_of_one_terminal_leave_it_in_its_last_records_groups(
+        registry_backend):
+    async def body(registry):
+        moves = [rec("t1", f"s{i % 4}", "pos" if i % 2 else "staff") for i in range(20)]
+        await asyncio.gather(*(registry.put(r) for r in moves))
+        final = await registry.get("terminal:acme/t1")
+        assert final in moves and await registry.count() == 1
+        for store in range(4):
+            for role in ("pos", "staff"):
+                inside = final.store == f"s{store}" and role in final.roles
+                assert (await members(registry, f"role:acme/s{store}/{role}")
+                        == (["terminal:acme/t1"] if inside else []))
+            assert (await members(registry, f"store:acme/s{store}")
+                    == (["terminal:acme/t1"] if final.store == f"s{store}" else []))
     run_with(registry_backend, body)
 
 
