@@ -21,9 +21,14 @@ worker is not subscribed is not delivered to it, as the contract says.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 
+from redis.exceptions import RedisError
+
 from .broker import Broker, ControlHandler, MessageHandler
+
+log = logging.getLogger("tillwire.broker")
 
 SUBSCRIBE_BATCH = 512        # channels per SUBSCRIBE / UNSUBSCRIBE command
 
@@ -115,6 +120,14 @@ class RedisBroker(Broker):
         return futures
 
     async def _read(self) -> None:
+        try:
+            await self._read_messages()
+        except (OSError, RedisError) as exc:
+            # Nothing reaches this worker until it is started again (an
+            # outage's reconnection and resubscription are not built yet).
+            log.error("broker: worker %s lost its pub/sub connection: %s", self.worker_id, exc)
+
+    async def _read_messages(self) -> None:
         pubsub = self._pubsub
         loop = asyncio.get_running_loop()
         while True:
