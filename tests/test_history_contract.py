@@ -1,8 +1,9 @@
 """One suite of History contract tests, run on every backend.
 
 ``history`` yields an open backend of each kind in turn (the in-process
-hub's streams now; Redis with the scale-out) bounded to ``MAX`` messages
-and ``AGE`` seconds per stream, and ``advance(seconds)`` moves its clock.
+hub's streams; Redis Streams in a real ``redis-server``) bounded to ``MAX``
+messages and ``AGE`` seconds per stream, and ``advance(seconds)`` moves its
+clock (both take their time from the caller's).
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import asyncio
 
 import pytest
 
+import redis.asyncio as aioredis
+
+from redis_server import fresh_prefix, redis_url
 from tillwire.core.codec import Encoder, Frame
 from tillwire.core.codes import Lane
 from tillwire.server.history import History, Page, Placed
 from tillwire.server.history_memory import MemoryHistory
+from tillwire.server.history_redis import RedisHistory
 from tillwire.server.hub import Hub
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 MAX = 5
 AGE = 60.0
 PRICES = "store:acme/s1"
@@ -33,11 +38,20 @@ class Clock:
         return self.now
 
 
+_closing: list = []       # clients to close inside the test's own loop (see run)
+
+
 @pytest.fixture(params=BACKENDS)
 def history(request):
     clock = Clock()
-    hub = Hub(Encoder(), Frame, history_max=MAX, history_age=AGE)
-    backend = MemoryHistory(hub, clock)
+    if request.param == "memory":
+        hub = Hub(Encoder(), Frame, history_max=MAX, history_age=AGE)
+        backend = MemoryHistory(hub, clock)
+    else:
+        client = aioredis.from_url(redis_url())
+        _closing.append(client)
+        backend = RedisHistory(client, prefix=fresh_prefix(), history_max=MAX,
+                               history_age=AGE, clock=clock)
 
     def advance(seconds: float) -> None:
         clock.now += seconds
@@ -47,7 +61,14 @@ def history(request):
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Run a test's coroutine on a fresh loop; close the Redis clients it used there."""
+    async def main():
+        try:
+            return await coro
+        finally:
+            while _closing:
+                await _closing.pop().aclose()
+    return asyncio.run(main())
 
 
 def offsets(page: Page) -> list[int]:
@@ -172,4 +193,19 @@ def test_forget_drops_both_streams_and_offsets_go_on(history):
         assert (await history.since(PRICES, P3, 0, 0)).items == []
         placed = await history.append(PRICES, P2, "price.update", "a", 1, b"{}")
         assert placed.offset == 3          # (a forgotten key's old version is no bar either)
+    run(body())
+
+
+def test_concurrent_publishers_of_one_key_leave_the_newest_version(history):
+    async def body():
+        versions = [3, 7, 1, 7, 5, 2, 6, 4]
+        placed = await asyncio.gather(*(
+            history.append(PRICES, P2, "price.update", "sku1", v, b'{"v":%d}' % v)
+            for v in versions))
+        won = [v for v, p in zip(versions, placed) if p is not None]
+        assert won.count(7) == 1                       # the newest won, once, never twice
+        offsets_won = [p.offset for p in placed if p is not None]
+        assert len(set(offsets_won)) == len(won) and max(offsets_won) == len(won)
+        snap = await history.snapshot(PRICES, P2)
+        assert [(i.key, i.version, i.payload) for i in snap.items] == [("sku1", 7, b'{"v":7}')]
     run(body())
