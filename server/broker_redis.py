@@ -16,6 +16,8 @@ made them.  :meth:`RedisBroker.subscribe` and :meth:`unsubscribe` return
 once Redis confirmed them, so a publish made afterwards by anyone is heard
 (or not).  Redis keeps no history of pub/sub: what is published while a
 worker is not subscribed is not delivered to it, as the contract says.
+When the connection fails (a Redis restart), the worker opens a new one with
+backoff and subscribes it to everything again by itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Iterable
 from redis.exceptions import RedisError
 
 from .broker import Broker, ControlHandler, MessageHandler
+from .retry import backoff
 
 log = logging.getLogger("tillwire.broker")
 
@@ -76,7 +79,8 @@ class RedisBroker(Broker):
             fut.cancel()
         self._confirm.clear()
         self._channels.clear()
-        await self._pubsub.aclose()          # (its connection, and every subscription)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()      # (its connection, and every subscription)
         self._pubsub = self._reader = None
 
     async def publish(self, channel: str, lane: int, payload: bytes) -> None:
@@ -102,8 +106,12 @@ class RedisBroker(Broker):
     # -- the pub/sub connection ---------------------------------------------------------
 
     async def _command(self, kind: str, names: list[bytes]) -> None:
-        """SUBSCRIBE or UNSUBSCRIBE ``names`` in batches; return once Redis confirmed."""
+        """SUBSCRIBE or UNSUBSCRIBE ``names`` in batches; return once Redis
+        confirmed (while the connection is being opened again: at once, as
+        the new one subscribes to ``_channels``)."""
         for i in range(0, len(names), SUBSCRIBE_BATCH):
+            if self._pubsub is None:
+                return
             batch = names[i:i + SUBSCRIBE_BATCH]
             confirmed = self._expect(kind, batch)
             await getattr(self._pubsub, kind)(*batch)
@@ -120,12 +128,51 @@ class RedisBroker(Broker):
         return futures
 
     async def _read(self) -> None:
+        """Read the pub/sub connection for as long as the worker is started;
+        when it fails (Redis restarted, the network went), open a new one
+        with backoff and subscribe it to the control channel and every
+        channel again.  What was published meanwhile is not delivered (pub/sub
+        keeps nothing; P0/P1 live in the store, P2/P3 in the streams)."""
+        delay = 0.0
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self._resubscribe()
+                    delay = 0.0
+                    log.info("broker: worker %s subscribed again (%d channels)",
+                             self.worker_id, len(self._channels))
+                await self._read_messages()
+            except (OSError, RedisError) as exc:
+                await self._drop(exc)
+                delay = backoff(delay)
+                log.warning("broker: worker %s lost its pub/sub connection (%s); again in %g s",
+                            self.worker_id, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _resubscribe(self) -> None:
+        pubsub = self._redis.pubsub()
+        names = [self._control, *(self._name(c) for c in self._channels)]
         try:
-            await self._read_messages()
-        except (OSError, RedisError) as exc:
-            # Nothing reaches this worker until it is started again (an
-            # outage's reconnection and resubscription are not built yet).
-            log.error("broker: worker %s lost its pub/sub connection: %s", self.worker_id, exc)
+            for i in range(0, len(names), SUBSCRIBE_BATCH):
+                await pubsub.subscribe(*names[i:i + SUBSCRIBE_BATCH])
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
+    async def _drop(self, exc: Exception) -> None:
+        """Forget a failed pub/sub connection; the commands waiting for its
+        confirmations fail (their channels are subscribed again with the rest)."""
+        pubsub, self._pubsub = self._pubsub, None
+        for fut in self._confirm.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._confirm.clear()
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (OSError, RedisError):
+                pass
 
     async def _read_messages(self) -> None:
         pubsub = self._pubsub

@@ -1,0 +1,60 @@
+"""The Redis backends when Redis goes away and comes back (issue 18's
+outage work starts here): a real ``redis-server``, its clients' connections
+killed by the server itself (``CLIENT KILL``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from redis_server import fresh_prefix, redis_url
+from support import aiotest
+from tillwire.server.broker_redis import RedisBroker
+
+
+async def _until_heard(sender, channel: str, heard: list, timeout: float = 10.0) -> None:
+    """Publish on ``channel`` until a message of this probe arrives."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    n = 0
+    while asyncio.get_running_loop().time() < deadline:
+        n += 1
+        await sender.publish(channel, 2, b"probe %d" % n)
+        await asyncio.sleep(0.05)
+        if heard:
+            return
+    raise AssertionError(f"nothing heard on {channel} within {timeout} s")
+
+
+@aiotest()
+async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+    a = RedisBroker("a", clients[0], prefix=prefix)
+    b = RedisBroker("b", clients[1], prefix=prefix)
+    heard, controls = [], []
+    await a.start(lambda *m: None, lambda c: None)
+    await b.start(lambda channel, lane, payload: heard.append(payload), controls.append)
+    try:
+        await b.subscribe(["store:acme/s1", "store:acme/s2"])
+        await _until_heard(a, "store:acme/s1", heard)
+        killed = await clients[2].client_kill_filter(_type="pubsub")
+        assert killed >= 2                               # a's and b's pub/sub connections
+        heard.clear()
+        await _until_heard(a, "store:acme/s2", heard)    # b subscribed to both again
+        assert await a.send_control("b", b"takeover terminal:acme/t1")
+        for _ in range(100):
+            if controls:
+                break
+            await asyncio.sleep(0.02)
+        assert controls == [b"takeover terminal:acme/t1"]
+        await b.unsubscribe(["store:acme/s2"])
+        heard.clear()
+        await a.publish("store:acme/s2", 2, b"after unsubscribe")
+        await _until_heard(a, "store:acme/s1", heard)
+        assert b"after unsubscribe" not in heard
+    finally:
+        await a.stop()
+        await b.stop()
+        for client in clients:
+            await client.aclose()
