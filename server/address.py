@@ -102,6 +102,12 @@ def terminal_address(tenant: str, terminal: str) -> str:
     return f"terminal:{tenant}/{terminal}"
 
 
+def tenant_of(address: str) -> str:
+    """The tenant of an address already checked (``<scope>:<tenant>/...``),
+    without parsing it again: what the Redis backends' key hash tags need."""
+    return address.partition(":")[2].partition("/")[0]
+
+
 def implied_channels(claims) -> list[str]:
     """Channels a token subscribes to automatically, most specific first."""
     t = claims.tenant

@@ -222,7 +222,7 @@ class Channels:
                 limit = min(want, page_size + 1) if want else page_size + 1
                 page = await history.snapshot(name, lane, epoch, offset, limit)
                 items = page.items[:page_size]
-                more = len(page.items) > page_size or (page.more and len(items) != want)
+                more = len(page.items) > page_size
         except Exception as exc:
             conn.release(HOLD_ANSWERS)
             self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,

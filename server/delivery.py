@@ -145,7 +145,6 @@ class Delivery:
             self._batch_handle.cancel()
             self._batch_handle = None
 
-
     # -- group commit ------------------------------------------------------------------
 
     def submit(self, msg: NewMessage, address, reply, recipients=None) -> None:
@@ -587,13 +586,15 @@ class Delivery:
         self._pending_registers = []
         now = time.time()
         failed = None
-        while registers:
+        for written, rec in enumerate(registers):
             try:
-                await self.store.terminals.register(registers[0])
+                await self.store.terminals.register(rec)
             except Exception as exc:
                 failed = exc
+                registers = registers[written:]     # (the rest stays pending)
                 break
-            registers.pop(0)
+        else:
+            registers = []
         # Both requests are queued at once, delivered first: the writer runs
         # them in that order, usually in one commit (awaiting the first before
         # sending the second cost a commit round trip per batch).

@@ -43,11 +43,11 @@ class MemoryHistory:
         if epoch not in (0, stream.epoch):
             return Page(stream.epoch, stream.offset, [])
         now = self.clock()
-        if last_values:
+        if last_values or lane != Lane.P2:
             source = self.hub.history(stream, now)         # P2: last values; P3: unexpired
         else:
             self.hub.trim(stream, now)
-            source = [e for e in stream.history if not e.deadline or e.deadline > now]
+            source = list(stream.history)                  # P2 read since: every version
         start = bisect.bisect_right(source, after, key=_offset_of) if after else 0
         end = start + limit if limit else len(source)
         return Page(stream.epoch, stream.offset, source[start:end], end < len(source))

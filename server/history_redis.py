@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from ..core.codes import Lane
+from .address import tenant_of
 from .history import HistoryItem, Page, Placed
 
 _P2 = int(Lane.P2)
@@ -67,11 +68,6 @@ return {epoch, offset}
 """
 
 
-def _tenant_of(channel: str) -> str:
-    """``<scope>:<tenant>/<path>`` -> ``<tenant>``."""
-    return channel.partition(":")[2].partition("/")[0]
-
-
 class RedisHistory:
     """Channel streams in Redis, shared by every worker with the same ``prefix``."""
 
@@ -85,7 +81,7 @@ class RedisHistory:
         self._append = client.register_script(_APPEND)
 
     def _keys(self, channel: str, lane: int) -> list[str]:
-        base = f"{self._prefix}:{{{_tenant_of(channel)}}}:hist:{lane}:{channel}"
+        base = f"{self._prefix}:{{{tenant_of(channel)}}}:hist:{lane}:{channel}"
         return [f"{base}:m", f"{base}:s", f"{base}:v"]
 
     async def append(self, channel: str, lane: int, kind: str, key: str, version: int,

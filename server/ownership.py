@@ -71,15 +71,12 @@ class Ownership:
 
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
-        self._enqueue(("claim", address, SessionInfo(claims.tenant, claims.store,
+        self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
     def released(self, address: str) -> None:
         """A session of ``address`` here ended (unless a newer one here replaced it)."""
-        self._enqueue(("release", address, None))
-
-    def _enqueue(self, item) -> None:
-        self._queue.add(item)
+        self._queue.add(("release", address, None))
 
     async def _write(self, item) -> None:
         verb, address, info = item

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from .address import tenant_of
 from .presence import Presence, SessionInfo
 
 _COMMON = """
@@ -112,11 +113,6 @@ return out
 """
 
 
-def _tenant_of(terminal: str) -> str:
-    """``terminal:<tenant>/<id>`` -> ``<tenant>``."""
-    return terminal.partition(":")[2].partition("/")[0]
-
-
 class RedisPresence(Presence):
     """Presence in Redis, shared by every worker that uses the same ``prefix``."""
 
@@ -152,7 +148,7 @@ class RedisPresence(Presence):
             return []
         by_tenant: dict[str, list[str]] = {}
         for terminal in terminals:
-            by_tenant.setdefault(_tenant_of(terminal), []).append(terminal)
+            by_tenant.setdefault(tenant_of(terminal), []).append(terminal)
         now = self._clock()
         async with self._redis.pipeline(transaction=False) as pipe:
             for tenant, mine in by_tenant.items():
@@ -164,12 +160,12 @@ class RedisPresence(Presence):
         return [t for t in terminals if t in lost]
 
     async def release(self, terminal: str, owner: str) -> bool:
-        keys, idx = self._keys(_tenant_of(terminal))
+        keys, idx = self._keys(tenant_of(terminal))
         return bool(await self._release(keys=keys, args=[idx, repr(self._clock()), terminal,
                                                          owner]))
 
     async def owner(self, terminal: str) -> str | None:
-        keys, idx = self._keys(_tenant_of(terminal))
+        keys, idx = self._keys(tenant_of(terminal))
         found = await self._owner(keys=keys, args=[idx, repr(self._clock()), terminal])
         return found.decode() if found else None
 

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import orjson
 
-from .address import Address
+from .address import Address, tenant_of
 from .registry import Registry, record_groups
 from .terminals import TerminalRecord
 
@@ -88,8 +88,7 @@ class RedisRegistry(Registry):
         return self._cache.get(address)
 
     async def get(self, address: str) -> TerminalRecord | None:
-        tenant = address.partition(":")[2].partition("/")[0]
-        raw = await self._redis.hget(self._keys(tenant)[0], address)
+        raw = await self._redis.hget(self._keys(tenant_of(address))[0], address)
         if raw is None:
             return None
         rec = _decode(raw)
