@@ -53,3 +53,17 @@ class SessionClosed(TillwireError):
         super().__init__(f"{Code(code).name}: {reason}" if reason else Code(code).name)
         self.code = Code(code)
         self.reason = reason
+
+
+class UnknownTerminal(TillwireError):
+    """A P0/P1 message to a terminal the registry does not know (it never
+    logged in and was not provisioned) under the tenant's ``refuse`` policy
+    (``delivery.unknown_terminals``); ``address`` names it.  Nothing was
+    stored."""
+
+    code = Code.UNKNOWN_TERMINAL
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"to: {address} is not a known terminal (it never logged in and was "
+                         "not provisioned: POST /v1/terminals); nothing was stored")
+        self.address = address

@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from ..core.codes import KIND_LANES, Code, Lane
+from ..core.errors import UnknownTerminal
 from . import kinds
 from .address import AddressError, parse_address, terminal_address
 from .auth import ROLES
@@ -56,6 +57,7 @@ _STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
 _DIGITS = re.compile(r"[1-9][0-9]{0,18}\Z")
 _TICKET = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 MAX_ROSTER = 1000                  # terminal ids in a store's on_duty or managers
+MAX_TICKETS = 1000                 # tickets in one page of GET /v1/tickets
 
 
 
@@ -330,6 +332,8 @@ class Handlers:
             node.submit(msg, address, reply)
             try:
                 accepted = await reply
+            except UnknownTerminal as exc:
+                raise ApiError(404, str(exc), "to", Code.UNKNOWN_TERMINAL.name) from None
             except Exception as exc:  # noqa: BLE001 - the store refused the batch
                 raise ApiError(503, f"store: the message could not be stored ({exc}); retry "
                                     "with the same ref", "", "STORE_UNAVAILABLE") from None
@@ -371,9 +375,28 @@ class Handlers:
         return _json(doc)
 
     async def put_terminal(self, request: web.Request) -> web.Response:
-        node = self.node
         tenant, terminal, address = _terminal_target(request)
         doc = await _body(request, required=True, allowed=("store", "roles", "region", "member"))
+        return await self._provision(request, tenant, terminal, address, doc)
+
+    async def post_terminal(self, request: web.Request) -> web.Response:
+        """Provision a terminal (``tenant`` and ``id`` in the body): from then on
+        it is known, and P0/P1 messages to it wait for its first login."""
+        doc = await _body(request, required=True,
+                          allowed=("tenant", "id", "store", "roles", "region", "member"))
+        tenant = _segment("tenant", "tenant", doc.get("tenant"))
+        terminal = _segment("terminal", "id", doc.get("id"))
+        _allow(request, tenant)
+        address = terminal_address(tenant, terminal)
+        call = _call(request)
+        call.target, call.tenant, call.terminal = address, tenant, terminal
+        return await self._provision(request, tenant, terminal, address,
+                                     {k: v for k, v in doc.items() if k not in ("tenant", "id")})
+
+    async def _provision(self, request: web.Request, tenant: str, terminal: str, address: str,
+                         doc: dict) -> web.Response:
+        """Register (or update) terminal ``address`` with the record ``doc`` describes."""
+        node = self.node
         store = _segment("store", "store", doc.get("store"))
         roles = doc.get("roles")
         if (not isinstance(roles, list) or not roles
@@ -570,7 +593,43 @@ class Handlers:
                                              on_duty=rosters.get("on_duty"),
                                              managers=rosters.get("managers"))
         _call(request).detail = {"fields": sorted(doc)}
+        if rosters.get("on_duty"):
+            await self.node.tickets.on_roster(tenant, store)    # (tickets waiting for staff)
         return _json(info.to_dict())
+
+    async def list_tickets(self, request: web.Request) -> web.Response:
+        """A tenant's open tickets (of one ``store``; only the ``unattended``
+        ones), a page at a time in id order: ``limit`` (1-1000, default 100)
+        and ``after`` (the ``next`` of the page before)."""
+        tickets = self.node.tickets
+        tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
+        _allow(request, tenant)
+        store = request.query.get("store")
+        if store is not None:
+            _segment("store", "store", store)
+        flag = request.query.get("unattended", "false")
+        if flag not in ("true", "false"):
+            raise ApiError(400, f"unattended: true or false, got {flag[:50]!r}", "unattended")
+        after = request.query.get("after")
+        if after is not None and not _TICKET.match(after):
+            raise ApiError(400, f"after: {after[:100]!r} is not a ticket id (the next of a "
+                                "page)", "after")
+        limit = _int_param(request, "limit", 100, 1, MAX_TICKETS)
+        call = _call(request)
+        call.tenant = tenant
+        call.target = f"store:{tenant}/{store}" if store else f"tenant:{tenant}"
+        found = tickets.list_open(tenant, store, flag == "true")
+        total = len(found)
+        if after is not None:
+            found = [t for t in found if t["ticket"] > after]
+        page = found[:limit]
+        doc = {"tenant": tenant, "store": store, "tickets": page, "total": total,
+               "unattended": sum(1 for key in tickets.unattended
+                                 if key.startswith(f"{tenant}/") and
+                                 (not store or tickets.open[key]["store"] == store))}
+        if len(found) > limit:
+            doc["next"] = page[-1]["ticket"]
+        return _json(doc)
 
     async def get_ticket(self, request: web.Request) -> web.Response:
         tenant = _segment("tenant", "tenant", request.match_info["tenant"])
@@ -742,6 +801,7 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_get("/readyz", h.readyz)
     app.router.add_get("/v1/openapi.json", h.openapi_doc)
     app.router.add_post("/v1/publish", h.publish)
+    app.router.add_post("/v1/terminals", h.post_terminal)
     app.router.add_get("/v1/terminals/{tenant}/{terminal}", h.get_terminal)
     app.router.add_put("/v1/terminals/{tenant}/{terminal}", h.put_terminal)
     app.router.add_delete("/v1/terminals/{tenant}/{terminal}", h.retire)
@@ -754,6 +814,7 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_post("/v1/drain", h.drain)
     app.router.add_get("/v1/stores/{tenant}/{store}", h.get_store)
     app.router.add_put("/v1/stores/{tenant}/{store}", h.put_store)
+    app.router.add_get("/v1/tickets", h.list_tickets)
     app.router.add_get("/v1/tickets/{tenant}/{ticket}", h.get_ticket)
     app.router.add_delete("/v1/members/{tenant}/{member}", h.forget_member)
     return app

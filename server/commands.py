@@ -135,6 +135,7 @@ class Commands:
             "chat.message": node.chat.on_message,
         }
         self.service_kinds = frozenset(self._services)
+        self._ticket_login = node.tickets.on_login     # (waiting tickets: staff logged in)
 
     def on_deadline(self, conn: TerminalConnection) -> None:
         """The connection's auth or heartbeat deadline came: close it or re-arm."""
@@ -383,6 +384,7 @@ class Commands:
         # same tenant, store, region, roles and member as the token, shared
         # with the registry instead of a second object per connection.
         conn.claims = self._register(conn, claims, now)
+        self._ticket_login(address, claims)
 
     def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None):
         """Refuse a login.  A source address that keeps failing gets its
@@ -501,8 +503,9 @@ class Commands:
             recipients = None            # (None: Registry.members works them out)
             if address.scope == "terminal":
                 rec = self.registry.cached(to)
-                recipient_store = rec.store if rec is not None else None
-                recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
+                if rec is not None:         # (one lookup, not two; a miss: delivery asks
+                    recipient_store = rec.store     # the registry whether it is known)
+                    recipients = self.registry.terminal_members(to, rec)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key,
                                   max_depth=self.max_body_depth)

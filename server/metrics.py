@@ -53,6 +53,8 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * h ``tillwire_store_write_seconds`` time of each ``accept_many`` batch
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
+* g ``tillwire_tickets_unattended``, ``tillwire_tickets_waiting`` open tickets no
+  escalation level had anyone for, and that reached no terminal yet
 * g ``tillwire_inflight_messages``, ``tillwire_channels``, ``tillwire_registered_terminals``,
   ``tillwire_draining``, ``tillwire_uptime_seconds``, ``tillwire_gc_frozen_objects``,
   ``tillwire_gc_threshold`` (by generation)
@@ -325,6 +327,12 @@ class NodeCollector:
         yield gauge("pending_subscriptions", "Channels subscribed to that nothing was published "
                     "to yet (no stream is made for them).", node.hub.pending_count())
         yield gauge("registered_terminals", "Terminals in the registry.", len(node.registry))
+        yield gauge("tickets_unattended", "Open tickets whose escalation found no one at any "
+                    "level (store managers, region, tickets.escalate_role).",
+                    len(node.tickets.unattended))
+        yield gauge("tickets_waiting", "Open tickets that reached no terminal yet (no one on "
+                    "duty when opened): the next staff login of the store gets them.",
+                    sum(len(keys) for keys in node.tickets.waiting.values()))
         yield gauge("draining", "1 while the node drains.", 1 if node.draining else 0)
         yield gauge("uptime_seconds", "Seconds since the node started.",
                     time.time() - node.started)

@@ -25,7 +25,7 @@ import pytest
 from failing import Failing
 from support import (
     aiotest, connect, eventually, hello, make_config, payment_sends, read_sendacks,
-    receive_orders, start_node, token,
+    provision, receive_orders, start_node, token,
 )
 from tillwire.client.connection import SendError
 from tillwire.client.sdk import Client
@@ -79,6 +79,7 @@ async def test_a_failed_positions_read_while_resuming_is_retried(backend, tmp_pa
     node, store = await _node(backend, tmp_path)
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
+        await provision(node, "t1")
         await _pay(be, 1)                             # waits in the store: t1 is offline
         store.fail("positions", 3)
         till = await connect(node, "t1")
@@ -112,6 +113,7 @@ async def test_a_failed_pump_read_is_retried_with_nothing_else_in_flight(backend
     node, store = await _node(backend, tmp_path)
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
+        await provision(node, "t1")
         for n in range(5):
             await _pay(be, n)                         # a backlog for the offline till
         store.fail("inbox", 2)
@@ -185,9 +187,9 @@ async def test_a_failed_group_lookup_refuses_the_message_and_the_retry_is_stored
         be = await connect(node, "pay", store="hq", roles=("backend",))
         registry.fail("members")
         with pytest.raises(SendError) as refused:
-            await be.send("price.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
+            await be.send("store.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
         assert refused.value.code == Code.STORE_UNAVAILABLE
-        ack = await be.send("price.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
+        ack = await be.send("store.notice", {"text": "recount"}, "store:acme/s1", lane=1, ref=7)
         assert not ack.flags & Flag.RETRANSMIT
         msg = await staff.receive(timeout=3)
         assert msg.body == {"text": "recount"} and node.delivery.uncommitted == 0
