@@ -34,7 +34,8 @@ on duty (no roster and no staff), it is stored for no one, the opener's
 SENDACK says ``{"ticket", "recipients": 0, "waiting": true}``, and it waits:
 the first terminal that logs in as staff or manager of that store, or the
 terminals put on the store's on-duty list (``PUT /v1/stores``), get it
-(:meth:`Tickets.on_login`, :meth:`Tickets.on_roster`).  An escalation that
+(:meth:`Tickets.on_login`, :meth:`Tickets.on_roster`), unless its
+escalation reached someone first.  An escalation that
 finds no one at any level leaves the ticket open and *unattended* (counted,
 listed by ``GET /v1/tickets``) and tries again ``tickets.escalate_after``
 later.
@@ -372,9 +373,10 @@ class Tickets:
     # -- tickets that reached no one -------------------------------------------------------
 
     def _track(self, key: str, rec: dict) -> None:
-        """Index an open ticket that reached no terminal yet, or is unattended.
-        (A record from before these fields existed counts as delivered.)"""
-        if not rec.get("recipients", 1) and not rec["assignee"]:
+        """Index an open ticket that reached no terminal yet (not assigned nor
+        escalated either), or is unattended.  (A record from before these
+        fields existed counts as delivered.)"""
+        if not rec.get("recipients", 1) and rec["status"] == OPEN:
             self.waiting.setdefault((rec["tenant"], rec["store"]), set()).add(key)
         if rec.get("unattended"):
             self.unattended.add(key)
@@ -418,8 +420,8 @@ class Tickets:
             if before is not None:
                 await before
             rec = self.open.get(key)
-            if rec is None or rec.get("recipients", 1) or rec["assignee"] or self._closed:
-                return
+            if rec is None or rec.get("recipients", 1) or rec["status"] != OPEN or self._closed:
+                return                # (no longer waiting: delivered, assigned, escalated)
             host = self.host
             now = time.time()
             body = {"code": rec["code"], "ticket": rec["ticket"], "from": rec["from"]}
@@ -670,7 +672,7 @@ class Tickets:
                             "or its region and no %s across the tenant", rec["ticket"], tenant,
                             store, self.escalate_role or "escalation role")
                 return
-            self.unattended.discard(key)
+            self._untrack(key, rec)           # (someone has it: no longer waiting)
             rec.update(status=ESCALATED, escalated_at=now, updated=now, unattended=False,
                        level=level)
             self.unsaved.put(key, rec)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from support import ServerProcess, aiotest, connect, start_node, token
+from support import ServerProcess, aiotest, connect, provision, start_node, token
 import tillwire.client
 from tillwire.client import ClientClosed
 from tillwire.core.codes import Code, Lane
@@ -79,6 +79,7 @@ async def test_state_file_survives_an_app_restart_exactly_once(tmp_path):
     node = await start_node()
     try:
         be = await connect(node, "hq", store="hq", roles=("backend",))
+        await provision(node, "till1")          # (known before its first login)
         for n in range(6):
             await be.send("payment.result", {"order": "o1", "n": n, "status": "paid"}, "terminal:acme/till1")
         client = await sdk(node.addresses[0], "till1", tmp_path)
