@@ -7,7 +7,9 @@ sans-IO terminal session (``ClientSession``) the asyncio SDK drives:
   every inbox message after "processing" it, and now and then opens a cashier
   ticket.  Each payment result's latency (send at the payment backend ->
   arrival at the till) is reported to Locust as ``tillwire / payment.result``.
-* ``PaymentBackend``: sends P0 payment results to random tills.
+* ``PaymentBackend``: sends P0 payment results to random tills among those
+  that logged in (a result for a till the server never saw is refused with
+  ``UNKNOWN_TERMINAL``: nothing is stored for no one).
 * ``PricingHQ``: pushes P2 price updates to stores.
 
 ``HolidayPeak`` (use ``--class-picker`` or ``LOAD_SHAPE=holiday``) ramps from a
@@ -98,6 +100,8 @@ class Till(User):
     wait_time = between(0.5, 2.0)
     _ids = itertools.count()     # one terminal id per simulated till (a second login would take over)
 
+    known: list[int] = []        # the till ids that logged in (the ones results go to)
+
     def on_start(self) -> None:
         self.index = next(Till._ids) % TILLS
         token = issue_token(SECRET, tenant=TENANT, store=f"s{self.index % STORES}",
@@ -105,6 +109,8 @@ class Till(User):
         t0 = time.time()
         self.term = Terminal(self.host, token)
         _report("connect", t0, 0)
+        if self.index not in Till.known:
+            Till.known.append(self.index)
 
     def on_stop(self) -> None:
         self.term.close()
@@ -173,7 +179,9 @@ class PaymentBackend(_Backend):
 
     @task
     def pay(self) -> None:
-        n = random.randrange(TILLS)
+        if not Till.known:
+            return                  # (no till logged in yet: nobody to pay)
+        n = random.choice(Till.known)
         self._send("send payment.result", Lane.P0, f"terminal:{TENANT}/t{n}", "payment.result",
                    {"order": f"o{random.randrange(1 << 40)}", "status": "paid",
                     "amount": "12.50", "currency": "CNY", "t": time.time()})
