@@ -135,7 +135,7 @@ class Commands:
             "chat.message": node.chat.on_message,
         }
         self.service_kinds = frozenset(self._services)
-        self._ticket_login = node.tickets.on_login     # (waiting tickets: staff logged in)
+        self._ticket_login = node.tickets.on_login     # (waiting tickets: staff resumed)
 
     def on_deadline(self, conn: TerminalConnection) -> None:
         """The connection's auth or heartbeat deadline came: close it or re-arm."""
@@ -384,7 +384,6 @@ class Commands:
         # same tenant, store, region, roles and member as the token, shared
         # with the registry instead of a second object per connection.
         conn.claims = self._register(conn, claims, now)
-        self._ticket_login(address, claims)
 
     def _refuse(self, conn: TerminalConnection, code: int, reason: str, claims=None):
         """Refuse a login.  A source address that keeps failing gets its
@@ -458,6 +457,9 @@ class Commands:
         conn.inbox = RESUMING
         self.spawn(self.delivery.resume(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
+        # (After RESUME, when its inbox delivers: a ticket handed over meanwhile
+        # is noted by the resume, see Delivery.resume.)
+        self._ticket_login(conn.address, claims)
         self.mark_dirty(conn)
 
     def _on_send(self, conn: TerminalConnection, frame):

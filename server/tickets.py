@@ -391,7 +391,7 @@ class Tickets:
         self.unattended.discard(key)
 
     def on_login(self, address: str, claims) -> None:
-        """A terminal logged in: staff or a manager of a store with waiting
+        """A terminal logged in (at its RESUME): staff or a manager of a store with waiting
         tickets gets them.  O(1) unless it does."""
         if not self.waiting or self._closed:
             return

@@ -1098,3 +1098,25 @@ async def test_open_tickets_are_listed_a_page_at_a_time(tmp_path):
         denied = await env.api.call("GET", "/v1/tickets?tenant=acme", "/v1/tickets",
                                     auth=GLOBEX, expect=403)
         assert denied["field"] == "tenant"
+
+
+@aiotest()
+async def test_a_waiting_ticket_still_waits_after_a_restart(tmp_path):
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path)}
+    node = await start_node(**overrides)
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = await open_ticket(till, {"code": "E5"})
+        await till.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert node.tickets.waiting == {("acme", "s1"): {f"acme/{tid}"}}
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        msg = await staff.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"], msg.body["from"]) == \
+            ("ticket.open", tid, "terminal:acme/t1")
+        await eventually(lambda: not node.tickets.waiting)
+    finally:
+        await node.stop()
