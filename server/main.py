@@ -158,6 +158,9 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
             loop.add_signal_handler(sig, on_signal, sig.name)
         except (NotImplementedError, RuntimeError):
             pass
+    # A worker of a supervisor starts with them blocked (supervisor.py): one
+    # that came while it started is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if freeze_gc:
         # What exists now lives as long as the process (see gcpolicy).
         # Measured under the durable steady load: full-collection pauses of

@@ -107,6 +107,11 @@ class Ownership:
     async def _write(self, item) -> None:
         verb, address, info = item
         if verb == "claim":
+            if address not in self.node.hub.sessions:
+                # The session closed before its claim was written: claiming
+                # now could take over a newer session of the terminal on
+                # another worker (a quick reconnect that landed there).
+                return
             await self._claim(address, info)
         elif address not in self.node.hub.sessions:     # (not a newer session here)
             await self.presence.release(address, self.owner)

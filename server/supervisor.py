@@ -41,6 +41,7 @@ RESTART_MIN = 0.5            # seconds before restarting a worker that died
 RESTART_MAX = 30.0           # longest wait before restarting a worker that keeps dying
 STEADY = 10.0                # a worker that ran this long restarts after RESTART_MIN again
 STOP_TIMEOUT = 60.0          # longest wait for one draining worker before SIGKILL
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def worker_config(cfg: Config, index: int) -> Config:
@@ -70,11 +71,15 @@ class Supervisor:
     # -- processes --------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
+        # The worker starts with SIGTERM and SIGINT blocked: one sent while it
+        # starts stays pending until its event loop handles them (main.run
+        # unblocks them then) rather than killing it half-started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:                             # the worker
             status = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                for sig in STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 status = self.worker_main(worker_config(self.cfg, index), index, self.node_id)
             except BaseException:
@@ -82,6 +87,7 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(status if isinstance(status, int) else 1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         self.pids[pid] = index
         self.started[index] = time.monotonic()
         log.info("worker %d started pid=%d node=%s", index, pid, self.node_id)
