@@ -340,6 +340,9 @@ class Handlers:
         report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
         offset = await node.publish(address, lane, kind, checked.key, checked.version, payload,
                                     float(ttl), report)
+        if offset is None:
+            raise ApiError(503, "history: the channel message could not be placed or carried; "
+                                "retry", "", "STORE_UNAVAILABLE")
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})
