@@ -8,6 +8,8 @@ A block the README wants run is a fenced block right after an HTML comment
   from rebuilding it there), so its ``data/`` is the scratch directory's;
 * ``shell``: bash runs the block in the scratch directory (``set -e``, and
   the variables it sets stay set for the blocks after it, as in one shell);
+  ``shell answers``: and what it prints is what its ``# {...}`` comment
+  lines say (``…`` matches any text);
 * ``window NAME``: bash starts the block as a long-running program (a
   terminal window), its stdin and stdout kept for transcripts;
 * ``file NAME``: the block is saved as that file;
@@ -190,7 +192,7 @@ class Session:
         window = self.windows["server"] = Window("server", proc)
         window.expect(line_pattern("…admin API listening…port=7071…"), "admin API listening")
 
-    def shell(self, content: str, line: int) -> None:
+    def shell(self, content: str, line: int, answers: bool = False) -> None:
         dump = self.scratch / ".readme-env"
         script = f"set -ea\n{content}\nenv -0 > {shlex.quote(str(dump))}\n"
         proc = self.start(["bash", "-c", script], stdin=subprocess.DEVNULL,
@@ -200,6 +202,13 @@ class Session:
             f"README.md:{line}: the block failed (exit {proc.returncode}):\n{content}\n"
             f"stdout: {out.decode()}\nstderr: {err.decode()}")
         self.env = dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
+        if answers:
+            said = "".join(text[1:].strip() for text in content.splitlines()
+                           if text.startswith("# "))
+            assert said.startswith("{"), f"README.md:{line}: no '# {{...}}' answer to check"
+            printed = "".join(out.decode().split())
+            assert line_pattern(said).fullmatch(printed), (
+                f"README.md:{line}: the block printed\n  {printed}\nthe README says\n  {said}")
 
     def window(self, name: str, content: str) -> None:
         proc = self.start(["bash", "-c", content], stdin=subprocess.PIPE,
@@ -229,7 +238,8 @@ class Session:
             if what == "server":
                 self.server(content)
             elif what == "shell":
-                self.shell(content, line)
+                assert name in ("", "answers"), f"README.md:{line}: shell {name!r}"
+                self.shell(content, line, answers=name == "answers")
             elif what == "window":
                 self.window(name, content)
             elif what == "file":

@@ -39,10 +39,10 @@ def test_ci_runs_make_test_and_nothing_else():
 
 FLOWS = ("server", "shell", "window till", "window staff", "transcript", "shell", "transcript",
          "transcript", "window app", "window agent", "transcript", "file till.py",
-         "window till8", "transcript", "shell", "transcript")
+         "window till8", "transcript", "shell", "transcript", "shell", "shell answers")
 
 
-def test_the_marked_blocks_are_the_first_five_minutes_and_the_till():
+def test_the_marked_blocks_are_the_flows_of_the_readme():
     marked = [f"{what} {name}".strip() for _, what, name, _ in blocks(README)]
     assert tuple(marked) == FLOWS, f"README.md's readme-test blocks changed: {marked}"
     five = README.index("## The first five minutes")
