@@ -6,7 +6,10 @@
 * every ```example-error block (line 1: hex; line 2: a Code name) must fail
   to decode with that code under the default frame limit;
 * the tables of frame types, flags, codes, kinds, uvarints, type ranges and
-  limits must agree with core/codes.py.
+  limits must agree with core/codes.py;
+* section 8.2's message bodies must be what the server's schemas check,
+  section 9's rights and subscriptions what it enforces, and section 11.7's
+  answers what a real node sends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 
 import pytest
 
-from support import uvarint
+from support import aiotest, connect, start_node, uvarint
 from tillwire.core.codes import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,
@@ -588,3 +591,98 @@ def test_automatic_subscriptions_are_the_implied_channels():
         if when in ("the token names a region", "the token names a member"):
             scope = code_span(channel_cell).split(":")[0]
             assert not any(c.startswith(scope + ":") for c in implied_channels(bare))
+
+
+# --------------------------------------------------------------------------
+# section 11.7: the answer to every SEND, against a real node
+
+
+def answers_table():
+    """``label -> payload cell`` of the SENDACK table (indented in 11.7's list)."""
+    start = next(i for i, line in enumerate(DOC_LINES)
+                 if line.strip() == "| SEND | SENDACK payload |")
+    rows = {}
+    for line in DOC_LINES[start + 2:]:
+        if not line.strip().startswith("|"):
+            break
+        label, payload = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[label] = payload
+    return rows
+
+
+def documented_answers(cell):
+    """The answers a cell allows: the key sets of its ``{...}`` spans, and
+    ``None`` for "an empty payload"."""
+    shapes = [frozenset(re.findall(r'"(\w+)"', span)) for span in re.findall(r"`(\{[^`]*\})`", cell)]
+    if "an empty payload" in cell:
+        shapes.append(None)
+    return shapes
+
+
+async def _every_send(node):
+    backend = await connect(node, "pay", roles=("backend",))
+    till = await connect(node, "t1", store="s1", roles=("pos",))
+    staff = await connect(node, "h1", store="s1", roles=("staff",))
+    app = await connect(node, "app-1", store="s1", roles=("customer",), member="m-1")
+    await connect(node, "agent-1", store="hq", roles=("service",))
+    paid = {"order": "o-1", "status": "paid"}
+    price = {"sku": "6901234567890", "price": "5.00", "version": 2}
+    first = await backend.send("payment.result", paid, "terminal:acme/t1", ref=77)
+    opened = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=5)
+    ticket = json.loads(opened.payload)["ticket"]
+    answers = {
+        "P0/P1, routed": [first],
+        "P2/P3": [await backend.send("price.update", price, "store:acme/s1"),
+                  await backend.send("price.update", {**price, "version": 1}, "store:acme/s1")],
+        "P3 `promo.offer`, `member.notice`": [
+            await backend.send("promo.offer", {"offer": "tea-10", "title": "10% off"},
+                               "store:acme/s1"),
+            await backend.send("member.notice", {"member": "m-1", "text": "ready"},
+                               "member:acme/m-1")],
+        "`ticket.open`": [opened, await till.send("ticket.open", {"code": "E10"},
+                                                  "role:acme/s1/staff")],
+        "`ticket.assign`, `ticket.reply`, `ticket.resolve`": [
+            await staff.send("ticket.assign", {"ticket": ticket}, "terminal:acme/t1"),
+            await staff.send("ticket.reply", {"ticket": ticket, "text": "on my way"},
+                             "terminal:acme/t1"),
+            await staff.send("ticket.resolve", {"ticket": ticket, "resolution": "done"},
+                             "terminal:acme/t1")],
+        "`chat.message`": [await app.send(
+            "chat.message", {"conversation": "0b5e2f4c-5d0a-4f7e-9b61-3c2d1e0f9a8b", "text": "hi"},
+            "role:acme/*/service")],
+    }
+    again = await backend.send("payment.result", paid, "terminal:acme/t1", ref=77)
+    opened_again = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=5)
+    for resend, original in ((again, first), (opened_again, opened)):
+        assert resend.flags & Flag.RETRANSMIT and resend.msg_id == original.msg_id
+    # (A ticket.open's resend gets its first answer again: checked apart.)
+    assert opened_again.payload == opened.payload
+    answers["a resend of a P0/P1 `ref` already accepted"] = [again]
+    return answers
+
+
+@aiotest()
+async def test_the_answer_to_every_send_is_what_the_server_sends():
+    node = await start_node(**{"tickets.auto_replies": [{"code": "E10", "reply": "reboot"}]})
+    try:
+        answers = await _every_send(node)
+    finally:
+        await node.stop()
+    rows = answers_table()
+    assert set(rows) == set(answers), (
+        f"PROTOCOL.md 11.7 rows {sorted(rows)} != the sends this test makes {sorted(answers)}")
+    resend = "a resend of a P0/P1 `ref` already accepted"
+    assert "for `ticket.open` its first answer again" in rows[resend]
+    for label, frames in answers.items():
+        allowed = documented_answers(rows[label])
+        if label == resend:         # (the ticket id alone comes only after a restart)
+            allowed.remove(frozenset({"ticket"}))
+        seen = set()
+        for frame in frames:
+            assert frame.type == FrameType.SENDACK
+            shape = frozenset(json.loads(frame.payload)) if frame.payload else None
+            assert shape in allowed, (
+                f"PROTOCOL.md 11.7 {label}: the server answered {frame.payload!r}, "
+                f"the table allows {rows[label]}")
+            seen.add(shape)
+        assert seen == set(allowed), f"PROTOCOL.md 11.7 {label}: {set(allowed) - seen} never answered"
