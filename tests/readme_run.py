@@ -9,7 +9,7 @@ A block the README wants run is a fenced block right after an HTML comment
 * ``shell``: bash runs the block in the scratch directory (``set -e``, and
   the variables it sets stay set for the blocks after it, as in one shell);
   ``shell answers``: and what it prints is what its ``# {...}`` comment
-  lines say (``…`` matches any text);
+  lines (and their ``#  ...`` continuations) say, ``…`` matching any text;
 * ``window NAME``: bash starts the block as a long-running program (a
   terminal window), its stdin and stdout kept for transcripts;
 * ``file NAME``: the block is saved as that file;
@@ -122,6 +122,17 @@ def line_pattern(text: str) -> re.Pattern:
     return re.compile(r"\s*" + "".join(out) + r"\s*")
 
 
+def answer_lines(content: str) -> list[str]:
+    """The answers a shell block's comments show: ``# {...`` lines and their
+    ``#  ...`` continuations (other comments are prose)."""
+    lines, going = [], False
+    for text in content.splitlines():
+        going = text.startswith("# {") or (going and text.startswith("#  "))
+        if going:
+            lines.append(text[1:].strip())
+    return lines
+
+
 def out_names(parts: list[str]) -> set[str]:
     return set(re.findall(r"\(\?P<([a-z]+)>", "".join(parts)))
 
@@ -203,8 +214,7 @@ class Session:
             f"stdout: {out.decode()}\nstderr: {err.decode()}")
         self.env = dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
         if answers:
-            said = "".join(text[1:].strip() for text in content.splitlines()
-                           if text.startswith("# "))
+            said = "".join(answer_lines(content))
             assert said.startswith("{"), f"README.md:{line}: no '# {{...}}' answer to check"
             printed = "".join(out.decode().split())
             assert line_pattern(said).fullmatch(printed), (

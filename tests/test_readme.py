@@ -39,7 +39,7 @@ def test_ci_runs_make_test_and_nothing_else():
 
 FLOWS = ("server", "shell", "window till", "window staff", "transcript", "shell", "transcript",
          "transcript", "window app", "window agent", "transcript", "file till.py",
-         "window till8", "transcript", "shell", "transcript", "shell", "shell answers")
+         "window till8", "transcript", "shell", "transcript", "shell", "shell answers", "shell", "shell answers")
 
 
 def test_the_marked_blocks_are_the_flows_of_the_readme():
