@@ -253,6 +253,9 @@ class Handlers:
                 down = getattr(node.store, "write_failure", "")
                 if down:
                     reason = f"store: {down}"
+                elif node.broker is not None and not node.broker.connected:
+                    # (notices and channel messages for this worker are lost meanwhile)
+                    reason = "broker: its pub/sub connection to Redis is being opened again"
         if reason:
             return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
         return _json({"ready": True, "node": node.node_id})

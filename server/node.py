@@ -177,6 +177,8 @@ class Node:
                     reuse_port: bool = False) -> None:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
+        if hasattr(self.store, "on_new_epoch"):
+            self.store.on_new_epoch = self._on_new_epoch
         await self.store.open()
         if self.ownership is not None:
             await self.ownership.start()
@@ -331,6 +333,19 @@ class Node:
         log.error("store: %s; draining and stopping (exit status 1) so the node restarts "
                   "with a working store", reason)
         self.drain(timeout=2.0)
+
+    def _on_new_epoch(self, old: int, new: int) -> None:
+        """The store lost its inbox history (a shared store that came back
+        empty) and numbers inboxes afresh under epoch ``new``: every session
+        here holds positions of the old history, so each is closed and the
+        terminals come back to a WELCOME with the new epoch (PROTOCOL.md
+        section 11.4), rather than taking fresh payment results for
+        duplicates."""
+        conns = list(self.hub.sessions.values())
+        log.error("store: inbox history lost (epoch %d -> %d); closing %d sessions so their "
+                  "terminals reconnect to the new epoch", old, new, len(conns))
+        for conn in conns:
+            self.close(conn, Code.SHUTDOWN, "the server's inbox history was reset; reconnect")
 
     def force_stop(self) -> None:
         """End a running drain now (a second SIGTERM)."""
