@@ -151,6 +151,12 @@ class RedisStore:
     # -- life ------------------------------------------------------------
 
     async def open(self) -> None:
+        # Loaded up front, so the first call of each is one EVALSHA that runs
+        # (not NOSCRIPT, then a load and a second send).
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            await pipe.execute()
         self.epoch = await self._run("epoch")
         self.aof = await self._durability()
         if self.aof != "always":
