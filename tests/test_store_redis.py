@@ -195,3 +195,37 @@ async def test_a_store_not_open_refuses_accept_many_then():
     with pytest.raises(RuntimeError, match="not open"):
         store.accept_many_then([(msg(1), [TILL])], lambda results, exc: None)
     await store.close()
+
+
+@aiotest()
+async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_script():
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            await admin.config_resetstat()
+            loop = asyncio.get_running_loop()
+            answers: list = []
+            all_in = loop.create_future()
+
+            def callback(results, exc):
+                assert exc is None
+                answers.append(results)
+                if len(answers) == 50 and not all_in.done():
+                    all_in.set_result(None)
+
+            for ref in range(1, 51):             # 50 batches asked in one loop iteration
+                store.accept_many_then([(msg(ref), [TILL])], callback)
+            acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 50)], T0 + 1))
+            await asyncio.wait_for(all_in, 10)
+            # Each batch got the seq of its place in the order asked, answered in that order.
+            assert [results[0].seqs for results in answers] == [{TILL: n} for n in range(1, 51)]
+            # The ack asked after them all came after them all.
+            assert len(await acks) == 0 and await store.positions(TILL) == (50, 50, 0, 0)
+            stats = await admin.info("commandstats")
+            scripts = stats["cmdstat_evalsha"]["calls"]
+            assert scripts < 50                  # queued batches shared scripts
+        finally:
+            await admin.aclose()
+            await store.close()
