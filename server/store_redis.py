@@ -282,7 +282,7 @@ class RedisStore:
         for msg, recipients in items:
             rcpts = list(dict.fromkeys(recipients))
             unique.append(rcpts)
-            args += [msg.tenant, msg.sender, str(msg.ref), msg.lane, msg.kind, msg.to,
+            args += [msg.tenant, msg.sender, str(int(msg.ref)), int(msg.lane), msg.kind, msg.to,
                      bytes(msg.body), repr(float(msg.created)), repr(float(msg.expires)),
                      1 if msg.receipt else 0, len(rcpts), *rcpts]
         return args, unique
@@ -323,10 +323,13 @@ class RedisStore:
             return
         self._write("accept", args, done, len(unique))
 
+    # (Every number goes to Redis as int(): redis-py encodes an int subclass
+    # by repr(), so a Lane would arrive as "<Lane.P0: 0>".)
+
     # -- inboxes ---------------------------------------------------------
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
-        rows = await self._run("inbox", terminal, lane, after, max(0, limit))
+        rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
                            float(expires))
                 for seq, msg_id, kind, body, delivered, expires in rows]
@@ -337,18 +340,19 @@ class RedisStore:
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
         args = [repr(float(now))]
         for terminal, lane, seq in acks:
-            args += [terminal, lane, seq]
+            args += [terminal, int(lane), int(seq)]
         return _receipts(await self._ordered("ack", *args)) if len(args) > 1 else []
 
     async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
         args = [repr(float(now))]
         for terminal, lane, first, last in ranges:
-            args += [terminal, lane, first, last]
+            args += [terminal, int(lane), int(first), int(last)]
         return _receipts(await self._ordered("delivered", *args)) if len(args) > 1 else []
 
     async def reject(self, terminal: str, lane: int, seq: int, reason: str,
                      now: float) -> DeadLetter | None:
-        found = await self._ordered("reject", terminal, lane, seq, reason, repr(float(now)))
+        found = await self._ordered("reject", terminal, int(lane), int(seq), reason,
+                                   repr(float(now)))
         return _dead_letter(found) if found else None
 
     async def expire(self, now: float) -> list[DeadLetter]:
@@ -371,7 +375,7 @@ class RedisStore:
                      float(f["expires"]), f["receipt"] == b"1", recipients)
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
-        return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", limit)]
+        return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
 
     async def trim(self, now: float, keep_acked: float) -> int:
         return int(await self._ordered("trim", repr(float(now)), repr(float(now - keep_acked)),

@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from backends import T0, stream_entry
 from redis_server import PrivateRedis, fresh_prefix, redis_url
 from support import aiotest
+from tillwire.core.codes import Lane
 from tillwire.server.store import NewMessage
 from tillwire.server.store_redis import RedisStore, connect
 
@@ -229,3 +230,27 @@ async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_scr
         finally:
             await admin.aclose()
             await store.close()
+
+
+@aiotest()
+async def test_lanes_given_as_the_lane_enum_reach_the_same_inboxes_and_streams():
+    # redis-py sends an int subclass as its repr(): the node passes Lane members.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        m = msg(1)
+        m.lane = Lane.P1
+        [a] = await store.accept_many([(m, [TILL])])
+        assert a.seqs == {TILL: 1} and await store.positions(TILL) == (0, 0, 0, 1)
+        assert [e.msg_id for e in await store.inbox(TILL, Lane.P1, 0, 10)] == [a.msg_id]
+        await store.delivered_many([(TILL, Lane.P1, 1, 1)], T0 + 1)
+        assert (await store.trace(a.msg_id)).recipients[0].delivered_at == T0 + 1
+        assert await store.reject(TILL, Lane.P1, 1, "no", T0 + 2) is not None
+        await store.ack_many([(TILL, Lane.P1, 1)], T0 + 3)
+        assert await store.positions(TILL) == (0, 0, 1, 1)
+        store.archive.configure(10, 3600.0)
+        store.archive.append("store:acme/s1", Lane.P2, 7, stream_entry(1, "sku", version=1))
+        [state] = await store.archive.load(10, 3600.0, T0)
+        assert (state.lane, state.epoch, [e.key for e in state.lvc]) == (2, 7, ["sku"])
+    finally:
+        await store.close()
