@@ -255,6 +255,9 @@ class Handlers:
                 down = getattr(node.store, "write_failure", "")
                 if down:
                     reason = f"store: {down}"
+                elif node.broker is not None and not node.broker.connected:
+                    # (notices and channel messages for this worker are lost meanwhile)
+                    reason = "broker: its pub/sub connection to Redis is being opened again"
         if reason:
             return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
         return _json({"ready": True, "node": node.node_id})
@@ -344,6 +347,9 @@ class Handlers:
         report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
         offset = await node.publish(address, lane, kind, checked.key, checked.version, payload,
                                     float(ttl), report)
+        if offset is None:
+            raise ApiError(503, "history: the channel message could not be placed or carried; "
+                                "retry", "", "STORE_UNAVAILABLE")
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})
@@ -821,14 +827,16 @@ def make_app(node, cfg, audit=None) -> web.Application:
 
 
 async def start_admin(node, cfg, audit=None, host: str | None = None,
-                      port: int | None = None) -> web.AppRunner:
+                      port: int | None = None, reuse_port: bool = False) -> web.AppRunner:
     """Serve the admin app on ``host:port`` (default: ``[admin]``); returns the runner
-    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones)."""
+    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones).
+    ``reuse_port``: the workers of a node share the port (SO_REUSEPORT); any
+    of them answers, over the state they share in Redis."""
     runner = web.AppRunner(make_app(node, cfg, audit), access_log=None,
                            handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.admin.host,
-                       cfg.admin.port if port is None else port)
+                       cfg.admin.port if port is None else port, reuse_port=reuse_port or None)
     await site.start()
     for addr in runner.addresses:
         log.info("admin API listening host=%s port=%s", addr[0], addr[1])
