@@ -208,6 +208,52 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
 
 
 @aiotest(120)
+async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        # A stolen handheld, logged in on node B: revoked through node A's API.
+        h12 = await on_worker(b, "h12", roles=("staff",))
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        for _ in range(50):             # (its login's registration is written behind)
+            if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
+                                     {"reason": "stolen"})
+        assert status == 200 and body["kicked"] is True, body    # kicked on node B
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=10)
+        assert closed.value.code == Code.KICKED
+        # Its old tokens are refused on every worker of both nodes, including
+        # workers that never saw the terminal.
+        for node in (a, a, a, b):
+            with pytest.raises(SessionClosed) as refused:
+                await connect(node.addr, "h12", token=old_token, timeout=5)
+            assert refused.value.code == Code.TOKEN_REVOKED
+        # A store's roster changed through node B is what node A's workers use.
+        status, _ = await b.admin("PUT", "/v1/stores/acme/s7",
+                                  {"timezone": "Europe/Paris", "on_duty": ["staff-1"]})
+        assert status == 200
+
+        async def seen_everywhere() -> bool:
+            for _ in range(8):           # (the kernel picks the worker of each request)
+                status, doc = await a.admin("GET", "/v1/stores/acme/s7")
+                if doc.get("on_duty") != ["staff-1"]:
+                    return False
+            return True
+
+        for _ in range(50):
+            if await seen_everywhere():
+                break
+            await asyncio.sleep(0.1)
+        assert await seen_everywhere()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
