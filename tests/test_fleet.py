@@ -254,6 +254,50 @@ async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, pref
 
 
 @aiotest(120)
+async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agent(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-c", prefix).start()
+    try:
+        customer = await on_worker(node, "app1", worker=0, roles=("customer",),
+                                   member="m-1")
+        agents = [await on_worker(node, "agent1", worker=1, roles=("service",)),
+                  await on_worker(node, "agent2", worker=0, roles=("service",))]
+        await asyncio.sleep(0.3)          # (the agents' registrations are written behind)
+        conv = "c-5f0e2d"
+
+        async def chat(conn, text, to=f"chat:acme/{conv}"):
+            ack = await conn.send("chat.message", {"conversation": conv, "text": text}, to)
+            return orjson.loads(ack.payload)
+
+        async def heard(conn):
+            msg = await conn.receive(timeout=10)
+            await msg.ack()
+            return msg.body["text"]
+
+        assert (await chat(customer, "where is my order?", "role:acme/*/service"))[
+            "recipients"] == 2
+        assert [await heard(a) for a in agents] == ["where is my order?"] * 2
+        # Both answer at once from their workers: one becomes the agent.
+        await asyncio.gather(chat(agents[0], "looking"), chat(agents[1], "on it"))
+        assert sorted([await heard(customer), await heard(customer)]) == ["looking", "on it"]
+        assert (await chat(customer, "thanks"))["recipients"] == 1
+        got = await asyncio.gather(*(asyncio.wait_for(heard(a), 2) for a in agents),
+                                   return_exceptions=True)
+        assert got.count("thanks") == 1, got                       # the agent only
+        assert sum(isinstance(g, asyncio.TimeoutError) for g in got) == 1, got
+        # Its history reads the same from either worker.
+        for a in agents:
+            items, end = await a.history(f"chat:acme/{conv}", lane=1)
+            texts = [orjson.loads(i.payload)["text"] for i in items]
+            assert texts[0] == "where is my order?" and texts[3] == "thanks", texts
+            assert sorted(texts[1:3]) == ["looking", "on it"], texts
+        for conn in (customer, *agents):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
