@@ -208,6 +208,96 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
 
 
 @aiotest(120)
+async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        # A stolen handheld, logged in on node B: revoked through node A's API.
+        h12 = await on_worker(b, "h12", roles=("staff",))
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        for _ in range(50):             # (its login's registration is written behind)
+            if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
+                                     {"reason": "stolen"})
+        assert status == 200 and body["kicked"] is True, body    # kicked on node B
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=10)
+        assert closed.value.code == Code.KICKED
+        # Its old tokens are refused on every worker of both nodes, including
+        # workers that never saw the terminal.
+        for node in (a, a, a, b):
+            with pytest.raises(SessionClosed) as refused:
+                await connect(node.addr, "h12", token=old_token, timeout=5)
+            assert refused.value.code == Code.TOKEN_REVOKED
+        # A store's roster changed through node B is what node A's workers use.
+        status, _ = await b.admin("PUT", "/v1/stores/acme/s7",
+                                  {"timezone": "Europe/Paris", "on_duty": ["staff-1"]})
+        assert status == 200
+
+        async def seen_everywhere() -> bool:
+            for _ in range(8):           # (the kernel picks the worker of each request)
+                status, doc = await a.admin("GET", "/v1/stores/acme/s7")
+                if doc.get("on_duty") != ["staff-1"]:
+                    return False
+            return True
+
+        for _ in range(50):
+            if await seen_everywhere():
+                break
+            await asyncio.sleep(0.1)
+        assert await seen_everywhere()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
+async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agent(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-c", prefix).start()
+    try:
+        customer = await on_worker(node, "app1", worker=0, roles=("customer",),
+                                   member="m-1")
+        agents = [await on_worker(node, "agent1", worker=1, roles=("service",)),
+                  await on_worker(node, "agent2", worker=0, roles=("service",))]
+        await asyncio.sleep(0.3)          # (the agents' registrations are written behind)
+        conv = "c-5f0e2d"
+
+        async def chat(conn, text, to=f"chat:acme/{conv}"):
+            ack = await conn.send("chat.message", {"conversation": conv, "text": text}, to)
+            return orjson.loads(ack.payload)
+
+        async def heard(conn):
+            msg = await conn.receive(timeout=10)
+            await msg.ack()
+            return msg.body["text"]
+
+        assert (await chat(customer, "where is my order?", "role:acme/*/service"))[
+            "recipients"] == 2
+        assert [await heard(a) for a in agents] == ["where is my order?"] * 2
+        # Both answer at once from their workers: one becomes the agent.
+        await asyncio.gather(chat(agents[0], "looking"), chat(agents[1], "on it"))
+        assert sorted([await heard(customer), await heard(customer)]) == ["looking", "on it"]
+        assert (await chat(customer, "thanks"))["recipients"] == 1
+        got = await asyncio.gather(*(asyncio.wait_for(heard(a), 2) for a in agents),
+                                   return_exceptions=True)
+        assert got.count("thanks") == 1, got                       # the agent only
+        assert sum(isinstance(g, asyncio.TimeoutError) for g in got) == 1, got
+        # Its history reads the same from either worker.
+        for a in agents:
+            items, end = await a.history(f"chat:acme/{conv}", lane=1)
+            texts = [orjson.loads(i.payload)["text"] for i in items]
+            assert texts[0] == "where is my order?" and texts[3] == "thanks", texts
+            assert sorted(texts[1:3]) == ["looking", "on it"], texts
+        for conn in (customer, *agents):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:

@@ -54,6 +54,24 @@ def test_key_value_records(store_factory):
     run_with(store_factory, body)
 
 
+def test_put_new_claims_a_key_once(store_factory):
+    async def body(store):
+        kv = store.records
+        assert await kv.put_new("claim", "acme/cv1", b"agent-1", 10.0) == b"agent-1"
+        assert await kv.put_new("claim", "acme/cv1", b"agent-2", 11.0) == b"agent-1"
+        assert await kv.get("claim", "acme/cv1") == b"agent-1"
+        # Claims at once: one wins, every claimer learns which.
+        won = await asyncio.gather(*(kv.put_new("claim", "acme/cv2", b"a%d" % i, 12.0)
+                                     for i in range(5)))
+        assert len(set(won)) == 1 and won[0] in {b"a%d" % i for i in range(5)}
+        # A claim is a record like any: deleted, it may be claimed again; it ages out.
+        assert await kv.delete("claim", "acme/cv1")
+        assert await kv.put_new("claim", "acme/cv1", b"agent-3", 13.0) == b"agent-3"
+        assert await kv.expire("claim", 12.5) == 1               # (cv2's, put at 12.0)
+        assert [k for k, _ in await kv.scan("claim")] == ["acme/cv1"]
+    run_with(store_factory, body)
+
+
 def test_kv_scan_reverse_is_newest_first_within_prefix_and_limit(store_factory):
     async def body(store):
         records = store.records
