@@ -34,6 +34,7 @@ from tillwire.server.config import (
     parse_duration,
     parse_size,
     role_value,
+    tenant_value,
 )
 
 ALL_KEYS = [row[0] for row in describe_keys()]
@@ -550,6 +551,27 @@ def test_role_tables_override_the_defaults_entry_by_entry(tmp_path):
     # The table's plain form round-trips (config --print, describe_keys).
     assert load_config(env={}, overrides={"limits.unacked_sends": {"pos": 10}}).limits \
         .unacked_sends == lim.unacked_sends
+
+
+def test_unknown_terminals_is_a_word_by_tenant_in_every_form(tmp_path):
+    path = toml_file(tmp_path, """
+        [delivery]
+        unknown_terminals = {legacy = "accept", "*" = "refuse"}
+        """)
+    table = load_config(path, env={}).delivery.unknown_terminals
+    assert [tenant_value(table, t) for t in ("legacy", "acme")] == ["accept", "refuse"]
+    assert load_config(path, env={}, overrides={"delivery.unknown_terminals": dict(table)}) \
+        .delivery.unknown_terminals == table             # (its plain form round-trips)
+    for text, acme, legacy in (("accept", "accept", "accept"), ("Refuse", "refuse", "refuse"),
+                               ("*=accept, legacy=refuse", "accept", "refuse"),
+                               ("legacy=accept", "refuse", "accept")):
+        table = load_config(env={"TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": text}) \
+            .delivery.unknown_terminals
+        assert (tenant_value(table, "acme"), tenant_value(table, "legacy")) == (acme, legacy), text
+    assert dict(load_config(env={}).delivery.unknown_terminals) == {"*": "refuse"}
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"delivery.unknown_terminals": {"bad tenant": "accept"}})
+    assert info.value.key == "delivery.unknown_terminals"
 
 
 def test_role_names_of_the_config_are_the_token_roles():
