@@ -64,6 +64,9 @@ class ServiceHost(Protocol):
 
         A coroutine: expanding a group may cross the network."""
 
+    def mark_dirty(self, conn: TerminalConnection) -> None:
+        """``conn`` has frames queued: write them at the next flush."""
+
     def submit(self, msg: NewMessage, address: Address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.
 

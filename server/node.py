@@ -61,7 +61,7 @@ class Node:
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
                  node_id: str = "", worker: int = 0, presence=None, broker=None,
-                 registry=None, history=None) -> None:
+                 registry=None, history=None, caps=None) -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
         the only presence, and a takeover is one node's business.
@@ -69,7 +69,8 @@ class Node:
         loaded from the store at start).  ``history``: channel history shared
         with them (with presence and broker; default: this process's hub,
         kept by the store's archive); with it, channel messages go through
-        the shared history and the broker (``interest.py``).  ``worker``: this process's index
+        the shared history and the broker (``interest.py``).  ``caps``: offer
+        frequency caps shared with them (default: this process's counts).  ``worker``: this process's index
         among its node's workers (0 for a single process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
@@ -139,6 +140,7 @@ class Node:
         self.tickets = Tickets(self, self.directory)
         self.chat = Chat(self)
         self.offers = Offers(self, self.directory)
+        self.offers.caps = caps
         self.channels = Channels(self)
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
