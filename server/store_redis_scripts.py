@@ -235,13 +235,13 @@ local now = ARGV[3]
 local due = {}
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   for _, id in ipairs(redis.call("ZRANGEBYSCORE", base(tenant) .. ":exp", "-inf", now)) do
-    due[#due + 1] = {tonumber(id), tenant}
+    due[#due + 1] = {tonumber(id), tenant, id}
   end
 end
 table.sort(due, function(x, y) return x[1] < y[1] end)
 local out = {}
 for _, d in ipairs(due) do
-  local id, B = tostring(d[1]), base(d[2])
+  local id, B = d[3], base(d[2])      -- (the id as stored: tostring keeps 14 digits)
   local m = B .. ":m:" .. id
   local f = redis.call("HMGET", m, "n", "lane")
   local lane = f[2]
