@@ -77,6 +77,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
@@ -105,7 +106,6 @@ ACK_MEANS = {
     "unknown": "CONFIG GET is refused, so what an ack means is unknown: run Redis with "
                "appendonly yes and appendfsync always for acks that survive a power loss",
 }
-
 
 GROUP_MAX = 4096
 """Messages one accept script takes at most when queued batches are joined."""
@@ -255,7 +255,13 @@ class RedisStore:
                     answer = await self._run(name, *args)
                 except Exception as exc:
                     # The script ran whole or not at all: every waiter of it
-                    # learns it failed, nothing of it is half-written.
+                    # learns it failed, nothing of it is half-written.  After
+                    # a timeout Redis is not answering: the writes queued
+                    # behind fail now too, rather than one timeout after
+                    # another (none of them was sent).
+                    if isinstance(exc, RedisTimeoutError):
+                        group += [queued[3] for queued in writes]
+                        writes.clear()
                     for waiter in group:
                         if not waiter.done():
                             waiter.set_exception(exc)

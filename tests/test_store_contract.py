@@ -145,6 +145,23 @@ def test_dedup_within_window_including_same_batch(store_factory):
     run_with(store_factory, body, dedup_window=100.0)
 
 
+def test_dedup_window_is_measured_inside_one_batch_too(store_factory):
+    async def body(store):
+        [stored] = await store.accept_many([(msg(8), [TILL])])
+        got = await store.accept_many([
+            (msg(8, created=T0 + 50), [TILL]),      # the stored one, within the window
+            (msg(8, created=T0 + 101), [TILL]),     # past the stored one's window: new
+            (msg(8, created=T0 + 150), [TILL]),     # within the new one's window
+            (msg(9, created=T0), [TILL]),
+            (msg(9, created=T0 + 150), [TILL]),     # past the first of this batch: new
+        ])
+        assert [a.duplicate for a in got] == [True, False, True, False, False]
+        assert got[0].msg_id == stored.msg_id and got[2].msg_id == got[1].msg_id
+        assert got[1].seqs == {TILL: 2} and got[4].seqs == {TILL: 4}
+        assert len({stored.msg_id, got[1].msg_id, got[3].msg_id, got[4].msg_id}) == 4
+    run_with(store_factory, body, dedup_window=100.0)
+
+
 def test_dedup_of_a_large_request_from_several_senders(store_factory):
     # More refs per sender than one dedup lookup takes (512), refs stored
     # before and resent, refs repeated inside the request, two senders.
