@@ -242,7 +242,9 @@ class Chat:
             # is not brought back, nor is a resend applied twice.
             kept = not accepted.duplicate and (started or self.convs.get(key) is conv)
             if kept:
+                host.counters.chat_messages += 1
                 if started:
+                    host.counters.chat_conversations += 1
                     self.convs[key] = conv
                 if role == AGENT and not conv["agent"]:
                     conv["agent"] = sender        # the first agent to answer

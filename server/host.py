@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .connection import TerminalConnection
     from .directory import Directory
+    from .metrics import Counters
     from .store import Accepted, NewMessage, Store
 
 
@@ -50,6 +51,7 @@ class ServiceHost(Protocol):
     encoder: Encoder        # encodes the frames of a service's answer (HISTORY items)
     hub: PolicySessions
     directory: Directory
+    counters: Counters      # the node's metrics counters (plain integers: count, never read)
 
     @property
     def stopping(self) -> bool:

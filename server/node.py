@@ -59,16 +59,20 @@ class Node:
     """One Tillwire server process."""
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
-                 node_id: str = "", presence=None, broker=None) -> None:
+                 node_id: str = "", presence=None, broker=None, worker: str = "") -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
-        the only presence, and a takeover is one node's business."""
+        the only presence, and a takeover is one node's business.
+        ``worker``: which process of the node this is (the ``worker`` label
+        of every metric); default the environment's ``TILLWIRE_WORKER``, else
+        ``"0"`` (the embedded default: one process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker = worker or os.environ.get("TILLWIRE_WORKER", "") or "0"
         srv = cfg.server
         # What a terminal may send: a SEND body of limits.max_send_body and its
         # header (announced in WELCOME; frames the server sends may be longer,
@@ -371,6 +375,19 @@ class Node:
         self.close(conn, code, reason)
         return True
 
+    async def redrive(self, terminal: str, msg_id: int | None = None,
+                      limit: int = 1000) -> list:
+        """Put ``terminal``'s dead letters back in its inbox (the one of message
+        ``msg_id``, or its oldest ``limit``) with their lane's TTL from now,
+        and hand them to its connection; returns the ``store.Redriven``
+        entries.  The store failing raises: then nothing changed."""
+        delivery = self.cfg.delivery
+        redriven = await self.store.redrive(terminal, msg_id, time.time(),
+                                            (delivery.p0_ttl, delivery.p1_ttl), limit)
+        self.counters.redriven += len(redriven)
+        self.delivery.redriven(redriven)
+        return redriven
+
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""
         return [*self.hub.sessions.values(), *self.commands.unauthenticated]
@@ -452,7 +469,9 @@ class Node:
                     self.audit.flush_aggregates()
                 self.sources.sweep(self.loop.time())
                 now = time.time()
-                for dead in await self.store.expire(now):
+                expired = await self.store.expire(now)
+                self.counters.dead(expired)
+                for dead in expired:
                     if dead.receipt:
                         self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
                                            ReceiptStatus.EXPIRED, dead.terminal)

@@ -21,8 +21,9 @@ from tillwire.server.admin import start_admin
 
 
 class Scraper:
-    def __init__(self, http: aiohttp.ClientSession, worker: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, node: str, worker: str = "0") -> None:
         self.http = http
+        self.node = node
         self.worker = worker
         self.samples: dict = {}
 
@@ -35,7 +36,9 @@ class Scraper:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 labels = dict(s.labels)
-                if s.name.startswith("tillwire_") and not s.name.startswith("tillwire_process"):
+                if s.name.startswith("tillwire_"):
+                    # One label scheme on every series, the process's included.
+                    assert labels.pop("node") == self.node, s
                     assert labels.pop("worker") == self.worker, s
                 self.samples[(s.name, tuple(sorted(labels.items())))] = s.value
         return self
@@ -51,7 +54,7 @@ async def scraped_node(**overrides):
     host, port = runner.addresses[0][:2]
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
-            yield node, Scraper(http, node.node_id)
+            yield node, Scraper(http, node.node_id, node.worker)
     finally:
         await runner.cleanup()
         await node.stop()
@@ -85,9 +88,9 @@ async def test_connections_traffic_by_lane_and_latency_histograms():
         await eventually(lambda: node.counters.ack_latency.count == 1)
         await m.scrape()
         p0, p2 = len(orjson.dumps(pay)), len(orjson.dumps(price))
-        assert m("tillwire_messages_in_total", lane="P0") == 1
-        assert m("tillwire_message_bytes_in_total", lane="P0") == p0
-        assert m("tillwire_messages_in_total", lane="P2") == 1
+        assert m("tillwire_messages_in_total", lane="P0", source="terminal") == 1
+        assert m("tillwire_message_bytes_in_total", lane="P0", source="terminal") == p0
+        assert m("tillwire_messages_in_total", lane="P2", source="terminal") == 1
         assert m("tillwire_messages_out_total", lane="P0") == 1
         assert m("tillwire_message_bytes_out_total", lane="P0") == p0
         assert m("tillwire_messages_out_total", lane="P2") == 2       # fan-out: two tills
