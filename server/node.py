@@ -469,12 +469,7 @@ class Node:
                     self.audit.flush_aggregates()
                 self.sources.sweep(self.loop.time())
                 now = time.time()
-                expired = await self.store.expire(now)
-                self.counters.dead(expired)
-                for dead in expired:
-                    if dead.receipt:
-                        self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
-                                           ReceiptStatus.EXPIRED, dead.terminal)
+                await self.expire(now)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
                 await self._expire_services(now)
                 if self.loop.time() >= sweep_at:
@@ -482,6 +477,19 @@ class Node:
                     await self.sweep_streams()
             except Exception:
                 log.exception("maintenance failed")
+
+    async def expire(self, now: float) -> list:
+        """Dead-letter the P0/P1 entries whose message expired by ``now`` (each
+        maintenance round): counted, and each sender that asked for receipts
+        gets RECEIPT(EXPIRED).  Returns the ``store.DeadLetter`` entries; the
+        store failing raises (nothing expired: the next round tries again)."""
+        expired = await self.store.expire(now)
+        self.counters.dead(expired)
+        for dead in expired:
+            if dead.receipt:
+                self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                           ReceiptStatus.EXPIRED, dead.terminal)
+        return expired
 
     async def sweep_streams(self) -> int:
         """Free the streams nobody subscribes to that retain nothing any more
