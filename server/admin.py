@@ -817,14 +817,16 @@ def make_app(node, cfg, audit=None) -> web.Application:
 
 
 async def start_admin(node, cfg, audit=None, host: str | None = None,
-                      port: int | None = None) -> web.AppRunner:
+                      port: int | None = None, reuse_port: bool = False) -> web.AppRunner:
     """Serve the admin app on ``host:port`` (default: ``[admin]``); returns the runner
-    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones)."""
+    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones).
+    ``reuse_port``: the workers of a node share the port (SO_REUSEPORT); any
+    of them answers, over the state they share in Redis."""
     runner = web.AppRunner(make_app(node, cfg, audit), access_log=None,
                            handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.admin.host,
-                       cfg.admin.port if port is None else port)
+                       cfg.admin.port if port is None else port, reuse_port=reuse_port or None)
     await site.start()
     for addr in runner.addresses:
         log.info("admin API listening host=%s port=%s", addr[0], addr[1])

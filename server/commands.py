@@ -369,7 +369,7 @@ class Commands:
         info = orjson.dumps({
             "terminal": address, "tenant": claims.tenant, "store": claims.store,
             "region": claims.region, "roles": list(claims.roles), "member": claims.member,
-            "node": self.node_id,
+            "node": self.node_id, "worker": self.node.worker,
         })
         conn.accept(min(frame.version, PROTOCOL_VERSION), int(heartbeat * 1000),
                     int(now * 1000), self.max_frame_size, self.store.epoch, info)

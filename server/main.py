@@ -1,8 +1,12 @@
-"""``tillwire serve``: run one server process on the embedded default.
+"""``tillwire serve``: run one server process, or a node of worker processes.
 
 Builds the store named by the config, the node, the audit log, TLS on the
 terminal listener (``[tls]``) and the admin plane (``[admin]``, when
 ``admin.port`` is not 0), and runs on a uvloop event loop until stopped.
+With ``redis.url`` the store, presence, routing, the registry and channel
+history are the fleet's in Redis (``fleet.py``); with ``server.workers``
+above 1 a supervisor (``supervisor.py``) runs that many such processes on
+the same ports.
 
 Stopping is a graceful drain: SIGTERM or SIGINT (or ``POST /v1/drain``)
 sends every terminal GOAWAY, waits for the P0/P1 messages in flight to be
@@ -73,11 +77,13 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = None,
-              freeze_gc: bool = False) -> int:
+              freeze_gc: bool = False, worker: int = 0, node_name: str | None = None) -> int:
     """Run a node until SIGTERM/SIGINT, ``stop_event`` or an admin drain; returns an
     exit code.  ``freeze_gc`` (``tillwire serve``): once started, move every object
     alive (modules, configuration, the loaded registry) out of the cyclic garbage
-    collector's sight and space out its full collections (see gcpolicy)."""
+    collector's sight and space out its full collections (see gcpolicy).
+    ``worker``/``node_name``: this process's index among its node's workers and the
+    node's id (default: derived, see config.node_id)."""
     from .audit import open_audit_log
     from .node import Node
 
@@ -90,13 +96,32 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         log.error("tls: cannot load tls.cert=%s tls.key=%s tls.client_ca=%s: %s",
                   cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca, exc)
         return 1
-    node = Node(cfg, make_store(cfg), loop=loop, node_id=node_id(cfg))
+    nid = node_name or node_id(cfg)
+    shared = None
+    if cfg.redis.url:
+        from .fleet import connect, worker_name
+
+        shared = connect(cfg, worker_name(nid, worker))
+        node = Node(cfg, shared.store, loop=loop, node_id=nid, worker=worker,
+                    presence=shared.presence, broker=shared.broker,
+                    registry=shared.registry)
+    else:
+        node = Node(cfg, make_store(cfg), loop=loop, node_id=nid, worker=worker)
     audit = open_audit_log(cfg)
     node.audit = audit
-    await node.start(ssl=tls)
+    try:
+        await node.start(ssl=tls, reuse_port=cfg.server.workers > 1)
+    except Exception as exc:
+        # (Redis unreachable, the port taken): one line naming the cause
+        log.error("cannot start worker %d of node %s: %s", worker, nid, exc)
+        await node.stop()
+        audit.close()
+        if shared is not None:
+            await shared.close()
+        return 1
     for host, port in node.addresses:
-        log.info("listening host=%s port=%s node=%s store=%s tls=%s max_connections=%d",
-                 host, port, node.node_id, cfg.store.backend,
+        log.info("listening host=%s port=%s node=%s worker=%d store=%s tls=%s "
+                 "max_connections=%d", host, port, node.node_id, worker, cfg.store.backend,
                  "off" if tls is None else
                  "mutual-required" if cfg.tls.require_client_cert else
                  "mutual-optional" if cfg.tls.client_ca else "on", node.max_connections)
@@ -105,12 +130,14 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         from .admin import start_admin
 
         try:
-            admin = await start_admin(node, cfg, audit)
+            admin = await start_admin(node, cfg, audit, reuse_port=cfg.server.workers > 1)
         except OSError as exc:
             log.error("admin API: cannot listen on admin.host=%s admin.port=%s: %s",
                       cfg.admin.host, cfg.admin.port, exc)
             await node.stop()
             audit.close()
+            if shared is not None:
+                await shared.close()
             return 1
         if not cfg.admin.tokens:
             log.warning("admin API has no tokens: every /v1 call is refused (set "
@@ -131,6 +158,9 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
             loop.add_signal_handler(sig, on_signal, sig.name)
         except (NotImplementedError, RuntimeError):
             pass
+    # A worker of a supervisor starts with them blocked (supervisor.py): one
+    # that came while it started is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if freeze_gc:
         # What exists now lives as long as the process (see gcpolicy).
         # Measured under the durable steady load: full-collection pauses of
@@ -158,7 +188,9 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         if admin is not None:
             await admin.cleanup()
         audit.close()
-    log.info("stopped node=%s", node.node_id)
+        if shared is not None:
+            await shared.close()
+    log.info("stopped node=%s worker=%d", node.node_id, worker)
     return node.exit_code
 
 
@@ -167,6 +199,15 @@ def serve(cfg: Config) -> int:
     setup_logging(cfg.log)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration %s", orjson.dumps(cfg.to_dict()).decode())   # secrets masked
+    if cfg.server.workers > 1:
+        from .supervisor import serve_workers
+
+        return serve_workers(cfg, node_id(cfg), _worker)
+    return _worker(cfg, 0, None)
+
+
+def _worker(cfg: Config, index: int, node_name: str | None) -> int:
+    """One server process: worker ``index`` of node ``node_name``."""
     # The store's reader thread (and its writer, with store.writer = "thread")
     # hands the GIL back and forth with the event loop on every SQLite step;
     # when the loop is busy (a broadcast flood) a 5 ms switch interval makes
@@ -174,4 +215,4 @@ def serve(cfg: Config) -> int:
     # to the loop.
     sys.setswitchinterval(SWITCH_INTERVAL)
     uvloop.install()
-    return asyncio.run(run(cfg, freeze_gc=True))
+    return asyncio.run(run(cfg, freeze_gc=True, worker=index, node_name=node_name))

@@ -9,14 +9,14 @@ computed by walking the live sessions at scrape time, O(connections).
 Every family is prefixed ``tillwire_`` and every series, the process
 collector's ``tillwire_process_*`` included, carries two labels: ``node``
 (the node id) and ``worker`` (the process within the node: ``Node.worker``,
-``0`` for the embedded default; see node.py).  For a multi-worker node
-(several processes behind one port) each worker serves its own ``/metrics``
-on its own admin port and Prometheus scrapes them all: ``worker`` keeps the
-series apart, ``sum without (worker) (...)`` gives the node-wide view and
-``sum without (node, worker) (...)`` the fleet's.  A single
-aggregating endpoint is possible without changing this module: one process
-scrapes its siblings' text and concatenates it (the labels already
-disambiguate).  prometheus_client's multiprocess mode is deliberately not
+the index the supervisor gives each worker, ``0`` for the embedded
+default).  Each worker exports only its own series: ``worker`` keeps them
+apart, ``sum without (worker) (...)`` gives the node-wide view and
+``sum without (node, worker) (...)`` the fleet's.  (The workers of a node
+share its admin port, SO_REUSEPORT: one scrape reaches one of them.  A
+single aggregating endpoint is possible without changing this module: one
+process scrapes its siblings' text and concatenates it, the labels already
+disambiguate.)  prometheus_client's multiprocess mode is deliberately not
 used: it makes every counter increment a file write, which the hot paths
 here cannot afford.
 
@@ -257,7 +257,7 @@ class _Labelled:
         return []
 
     def collect(self):
-        labels = {"node": self.node.node_id, "worker": self.node.worker}
+        labels = {"node": self.node.node_id, "worker": str(self.node.worker)}
         for fam in self.inner.collect():
             out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             out.samples = [s._replace(labels={**labels, **s.labels}) for s in fam.samples]
@@ -276,7 +276,7 @@ class NodeCollector:
     def collect(self):
         node = self.node
         c = node.counters
-        w = [node.node_id, node.worker]
+        w = [node.node_id, str(node.worker)]
 
         def counter(name, doc, value):
             fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=BASE_LABELS)

@@ -59,20 +59,21 @@ class Node:
     """One Tillwire server process."""
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
-                 node_id: str = "", presence=None, broker=None, worker: str = "") -> None:
+                 node_id: str = "", worker: int = 0, presence=None, broker=None,
+                 registry=None) -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
         the only presence, and a takeover is one node's business.
-        ``worker``: which process of the node this is (the ``worker`` label
-        of every metric); default the environment's ``TILLWIRE_WORKER``, else
-        ``"0"`` (the embedded default: one process)."""
+        ``registry``: a registry shared with them (default: this process's,
+        loaded from the store at start).  ``worker``: this process's index
+        among its node's workers (0 for a single process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.worker = worker or os.environ.get("TILLWIRE_WORKER", "") or "0"
+        self.worker = worker
         srv = cfg.server
         # What a terminal may send: a SEND body of limits.max_send_body and its
         # header (announced in WELCOME; frames the server sends may be longer,
@@ -103,7 +104,8 @@ class Node:
                        history_age=cfg.history.max_age)
         self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
         self.history = MemoryHistory(self.hub, self.loop.time)
-        self.registry = MemoryRegistry()
+        self.shared_registry = registry is not None
+        self.registry = registry if registry is not None else MemoryRegistry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
         self.counters = Counters()
@@ -161,13 +163,15 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None, ssl=None) -> None:
+    async def start(self, sock: socket.socket | None = None, ssl=None,
+                    reuse_port: bool = False) -> None:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
         await self.store.open()
         if self.ownership is not None:
             await self.ownership.start()
-        await self.registry.load(await self.store.terminals.all())
+        if not self.shared_registry:       # (a shared one is kept where it lives)
+            await self.registry.load(await self.store.terminals.all())
         history = self.cfg.history
         self.store.archive.configure(history.max_messages, history.max_age)
         unix_now, loop_now = time.time(), self.loop.time()
@@ -183,7 +187,8 @@ class Node:
         await self.offers.load()
         srv = self.cfg.server
         if sock is None:
-            sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat)
+            sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat,
+                                 reuse_port)
         server = await self.loop.create_server(self.connection_class, sock=sock,
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)

@@ -17,8 +17,24 @@ them.  Nothing here runs per message: a login and a logout each append to a
 queue that one task writes in order (``retry.InOrder``: kept and retried
 while the backend fails), and the renewal walks the sessions in slices.
 
+P0/P1 messages for terminals held elsewhere: the worker that stored them
+looks their owners up (one call per tenant) and sends each owner one
+``inbox`` control message listing them; the owner reads them from the
+store.  It tells again once ``RENOTIFY`` seconds later, which covers a
+terminal that was moving between workers while it looked (its claim not
+yet written).  What can still be lost (a control message published while
+the owner's pub/sub connection was down, Redis failing between the commit
+and the telling) is repaired by the reconciliation: every
+``RECONCILE_EVERY`` seconds each worker compares the positions of its
+sessions' inboxes in the store with what it knows, so a stored message
+reaches a connected terminal at most about ``RECONCILE_EVERY`` seconds
+late (plus one sweep: ``RECONCILE_SLICE`` reads at a time).  A worker
+whose pub/sub connection was opened again reconciles at once.
+
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
-``takeover`` (argument: the new owner) and ``kick`` (argument: the reason).
+``takeover`` (argument: the new owner), ``kick`` (argument: the reason) and
+``inbox`` (terminal empty; argument: one ``<terminal> <lane> <seq>`` line
+per inbox that holds messages up to ``seq``).
 """
 
 from __future__ import annotations
@@ -36,6 +52,9 @@ log = logging.getLogger("tillwire.ownership")
 LEASE = 90.0                 # seconds a claim lasts without renewal
 RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
 RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
+RENOTIFY = 1.0               # seconds after an inbox notification before the second one
+RECONCILE_EVERY = 5.0        # seconds between reconciliations of the sessions' inboxes
+RECONCILE_SLICE = 32         # inbox positions read at a time while reconciling
 
 
 class Ownership:
@@ -53,16 +72,23 @@ class Ownership:
                               lambda item: f"presence: {item[0]} of {item[1]}",
                               lambda: node.stopping)
         self._renewal = None
+        self._reconciler = None
+        self.reconcile_every = RECONCILE_EVERY
+        self.renotify = RENOTIFY
 
     async def start(self) -> None:
+        # (control messages sent while the pub/sub connection was down are lost)
+        self.broker.on_resubscribed = self._on_resubscribed
         await self.broker.start(self._on_message, self._on_control)
-        # (Not a spawn()ed task: stop() waits for those; this one is cancelled.)
+        # (Not spawn()ed tasks: stop() waits for those; these are cancelled.)
         self._renewal = self.node.loop.create_task(self._renew())
+        self._reconciler = self.node.loop.create_task(self._reconcile_loop())
 
     async def stop(self) -> None:
         """Write the releases still queued (best effort), then leave the broker."""
-        if self._renewal is not None:
-            self._renewal.cancel()
+        for task in (self._renewal, self._reconciler):
+            if task is not None:
+                task.cancel()
         if self._queue:
             await self._queue.drain()
         await self.broker.stop()
@@ -81,6 +107,11 @@ class Ownership:
     async def _write(self, item) -> None:
         verb, address, info = item
         if verb == "claim":
+            if address not in self.node.hub.sessions:
+                # The session closed before its claim was written: claiming
+                # now could take over a newer session of the terminal on
+                # another worker (a quick reconnect that landed there).
+                return
             await self._claim(address, info)
         elif address not in self.node.hub.sessions:     # (not a newer session here)
             await self.presence.release(address, self.owner)
@@ -91,6 +122,64 @@ class Ownership:
             # (A lost message is repaired by the previous owner's renewal.)
             await self.broker.send_control(
                 previous, b"\0".join((b"takeover", address.encode(), self.owner.encode())))
+
+    # -- P0/P1 messages for sessions held elsewhere ------------------------------------
+
+    def notify(self, stored: list[tuple[str, int, int]]) -> None:
+        """(terminal, lane, seq) were stored for terminals with no session
+        here: tell the workers that hold them, now and once more later."""
+        self.node.spawn(self._notify(stored, again=True))
+
+    async def _notify(self, stored: list[tuple[str, int, int]], again: bool) -> None:
+        try:
+            owners = await self.presence.owners(dict.fromkeys(t for t, _, _ in stored))
+            lines: dict[str, list[str]] = {}
+            for terminal, lane, seq in stored:
+                owner = owners.get(terminal)
+                if owner is not None and owner != self.owner:
+                    lines.setdefault(owner, []).append(f"{terminal} {lane} {seq}")
+            for owner, some in lines.items():
+                await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(some).encode())
+        except Exception as exc:        # the owner's reconciliation finds them
+            log.warning("presence/broker: telling the owners of %d stored messages failed: %s",
+                        len(stored), exc)
+        if again and not self.node.stopping:
+            self.node.loop.call_later(self.renotify, self._notify_again, stored)
+
+    def _notify_again(self, stored) -> None:
+        if not self.node.stopping:
+            self.node.spawn(self._notify(stored, again=False))
+
+    def _on_resubscribed(self) -> None:
+        self.node.spawn(self._reconcile_now())
+
+    async def _reconcile_now(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception as exc:            # the periodic round tries again
+            log.warning("store: reconciling this worker's inboxes failed: %s", exc)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_every)
+            try:
+                await self.reconcile()
+            except Exception as exc:        # the next round tries again
+                log.warning("store: reconciling this worker's inboxes failed: %s", exc)
+
+    async def reconcile(self) -> None:
+        """Compare every session's inbox positions in the store with what
+        this worker knows, and read what it missed."""
+        addresses = list(self.node.hub.sessions)
+        store, delivery = self.node.store, self.node.delivery
+        for i in range(0, len(addresses), RECONCILE_SLICE):
+            some = addresses[i:i + RECONCILE_SLICE]
+            found = await asyncio.gather(*(store.positions(a) for a in some))
+            for address, (_, last0, _, last1) in zip(some, found):
+                if last0:
+                    delivery.notified(address, 0, last0)
+                if last1:
+                    delivery.notified(address, 1, last1)
 
     # -- the control inbox ------------------------------------------------------------
 
@@ -106,6 +195,17 @@ class Ownership:
         if verb == "takeover":
             if argument != self.owner:
                 self.node.spawn(self._taken_over(address))
+        elif verb == "inbox":
+            notified = self.node.delivery.notified
+            for line in argument.split("\n"):
+                try:
+                    terminal, lane, seq = line.rsplit(" ", 2)
+                    lane, seq = int(lane), int(seq)
+                except ValueError:
+                    log.warning("control: malformed inbox line %r", line[:80])
+                    continue
+                if lane in (0, 1):
+                    notified(terminal, lane, seq)
         elif verb == "kick":
             self.node.kick(address, argument or "disconnected by an operator")
         else:

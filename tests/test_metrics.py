@@ -55,7 +55,7 @@ async def scraped_node(**overrides):
     host, port = runner.addresses[0][:2]
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
-            yield node, Scraper(http, node.node_id, node.worker)
+            yield node, Scraper(http, node.node_id, str(node.worker))
     finally:
         await runner.cleanup()
         await node.stop()
@@ -369,11 +369,14 @@ async def test_tickets_chat_and_offer_cap_are_counted():
 
 
 @aiotest()
-async def test_worker_label_from_the_node_or_the_environment(monkeypatch):
-    monkeypatch.setenv("TILLWIRE_WORKER", "3")
-    node = await start_node(make_config(), node_id="edge-1")
+async def test_node_and_worker_labels_of_a_worker_process():
+    from tillwire.server.main import make_store
+    from tillwire.server.node import Node
+
+    cfg = make_config()
+    node = Node(cfg, make_store(cfg), node_id="edge-1", worker=3)
+    await node.start()
     try:
-        assert node.worker == "3"
         runner = await start_admin(node, node.cfg, None, "127.0.0.1", 0)
         host, port = runner.addresses[0][:2]
         try:

@@ -1,0 +1,257 @@
+"""Nodes of several workers over one real ``redis-server``: ``tillwire serve
+--workers N --redis URL`` as real subprocesses on loopback.
+
+The kernel spreads connections over a node's workers (SO_REUSEPORT); WELCOME
+says which worker holds a session, so a test opens connections until the
+terminals it wants apart are on different workers.  Covered: a P0 payment
+result between workers and between nodes (SDK and admin API), takeover
+across workers, a worker killed with SIGKILL (restarted by its supervisor;
+its tills resume on the other workers with nothing lost), the one-by-one
+drain on SIGTERM with one audit file per worker, and the refusal of more
+than one worker without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from redis_server import fresh_prefix, redis_url
+from support import SECRET, ServerProcess, aiotest, connect, eventually, token
+from tillwire.client.sdk import Client
+from tillwire.core.codes import Code
+from tillwire.core.errors import SessionClosed
+
+pytestmark = pytest.mark.slow
+
+ADMIN_TOKEN = "fleet-admin-token"
+
+
+class Node:
+    """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
+
+    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2) -> None:
+        from support import free_port
+
+        self.workers = workers
+        self.server = ServerProcess(
+            str(tmp_path / name), admin_port=free_port(),
+            env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
+                 "TILLWIRE_SERVER_NODE_ID": name},
+            args=["--workers", str(workers), "--redis", redis_url()])
+
+    def start(self) -> "Node":
+        self.server.start()
+        self.wait_listening(range(self.workers))
+        return self
+
+    def wait_listening(self, workers, since: int = 0) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            log = self.server.log()[since:]
+            if all(re.search(rf"listening .*worker={w}\b", log) for w in workers):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"workers {list(workers)} not listening:\n{self.server.log()}")
+
+    def pids(self) -> dict[int, int]:
+        """worker index -> pid of its newest process."""
+        found = {}
+        for index, pid in re.findall(r"worker (\d+) started pid=(\d+)", self.server.log()):
+            found[int(index)] = int(pid)
+        return found
+
+    @property
+    def addr(self):
+        return self.server.addr
+
+    async def admin(self, method: str, path: str, body=None):
+        url = f"http://127.0.0.1:{self.server.admin_port}{path}"
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, url, json=body, headers={
+                    "Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+                return resp.status, await resp.json()
+
+    def stop(self) -> int:
+        status = self.server.stop(timeout=60)
+        if status != 0:
+            print(self.server.log())          # (shown with the failure)
+        return status
+
+
+@pytest.fixture
+def prefix():
+    return fresh_prefix()
+
+
+async def on_worker(node, terminal: str, worker=None, avoid=None, **kwargs):
+    """A connection of ``terminal`` on worker ``worker`` (or on any worker
+    but ``avoid``): connections are opened until the kernel picks one."""
+    for _ in range(60):
+        conn = await connect(node.addr, terminal, timeout=5, **kwargs)
+        got = conn.info["worker"]
+        if (worker is None or got == worker) and (avoid is None or got != avoid):
+            return conn
+        await conn.close()
+    raise AssertionError(f"no connection of {terminal} landed where wanted")
+
+
+def payment(n: int) -> dict:
+    return {"order": f"o{n}", "status": "paid"}
+
+
+@aiotest(120)
+async def test_a_p0_result_goes_from_one_worker_to_a_till_on_another_and_any_node(
+        tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        till = await on_worker(a, "till1")
+        pay = await on_worker(a, "pay1", avoid=till.info["worker"], roles=("backend",))
+        assert till.info["node"] == "node-a" and pay.info["worker"] != till.info["worker"]
+        ack = await pay.send("payment.result", payment(1), "terminal:acme/till1")
+        assert ack.msg_id
+        msg = await till.receive(timeout=10)
+        assert msg.body["order"] == "o1" and msg.lane == 0
+        await msg.ack()
+        # A payment terminal on the other node reaches the same till.
+        far = await on_worker(b, "pay2", roles=("backend",))
+        assert far.info["node"] == "node-b"
+        await far.send("payment.result", payment(2), "terminal:acme/till1")
+        msg = await till.receive(timeout=10)
+        assert msg.body["order"] == "o2"
+        await msg.ack()
+        # The admin API of either node (whichever worker answers) too.
+        for node, n in ((a, 3), (b, 4), (a, 5), (b, 6)):
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "terminal:acme/till1", "kind": "payment.result", "lane": "P0",
+                "body": payment(n)})
+            assert status == 200, body
+            msg = await till.receive(timeout=10)
+            assert msg.body["order"] == f"o{n}"
+            await msg.ack()
+        for conn in (till, pay, far):
+            await conn.close()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
+async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
+    node = Node(tmp_path, "node-t", prefix).start()
+    try:
+        first = await on_worker(node, "till7")
+        second = await on_worker(node, "till7", avoid=first.info["worker"])
+        with pytest.raises(SessionClosed) as closed:
+            await first.receive(timeout=10)
+        assert closed.value.code == Code.TAKEOVER
+        # The new session is the one that gets the till's payment results.
+        pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+        await pay.send("payment.result", payment(1), "terminal:acme/till7")
+        msg = await second.receive(timeout=10)
+        assert msg.body["order"] == "o1"
+        await msg.ack()
+        await second.close()
+        await pay.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(180)
+async def test_a_worker_killed_is_restarted_and_its_tills_resume_elsewhere_losing_nothing(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-k", prefix).start()
+    clients = []
+    try:
+        # Tills with the SDK (resume state, reconnect with backoff) on both workers.
+        for i in range(8):
+            c = Client(*node.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
+                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+            clients.append(await c.start())
+        on = {c.info["worker"] for c in clients}
+        assert on == {0, 1}, on
+        pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+        got: dict[int, list[str]] = {i: [] for i in range(len(clients))}
+
+        async def receive(i, c):
+            async for msg in c:
+                got[i].append(msg.body["order"])
+                await msg.ack()
+
+        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+        sent = 0
+
+        async def pay_round():
+            nonlocal sent
+            for i in range(len(clients)):
+                await pay.send("payment.result", payment(sent), f"terminal:acme/till{i}")
+                sent += 1
+
+        for _ in range(5):
+            await pay_round()
+        victim = 1 - pay.info["worker"]            # (the payer stays connected)
+        before = len(node.server.log())
+        os.kill(node.pids()[victim], signal.SIGKILL)
+        for _ in range(10):                         # while its tills move
+            await pay_round()
+            await asyncio.sleep(0.05)
+        node.wait_listening([victim], since=before)    # the supervisor started it again
+        assert re.search(rf"worker {victim} exited \(signal 9\)", node.server.log())
+        await pay_round()
+        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        # Every result once, each till's in the order sent.
+        for i in range(len(clients)):
+            mine = [int(o[1:]) for o in got[i]]
+            assert mine == sorted(set(mine)) and len(mine) == sent // len(clients)
+        for r in readers:
+            r.cancel()
+        await pay.close()
+    finally:
+        for c in clients:
+            await c.close()
+        assert node.stop() == 0
+
+
+@aiotest(120)
+async def test_sigterm_drains_the_workers_one_at_a_time_each_with_its_audit_file(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-d", prefix).start()
+    tills = [await on_worker(node, "till1", worker=0), await on_worker(node, "till2", worker=1)]
+    node.server.proc.send_signal(signal.SIGTERM)
+    # GOAWAY reaches the tills of worker 0 first, worker 1's only after.
+    goaway = []
+    for t in tills:
+        with pytest.raises(SessionClosed):
+            while True:
+                await t.receive(timeout=30)
+        assert t.goaway is not None and t.close_code == Code.SHUTDOWN, (t.goaway, t.close_code)
+        goaway.append(time.monotonic())
+    assert node.server.proc.wait(60) == 0
+    log = node.server.log()
+    stopped = [int(w) for w in re.findall(r"worker (\d+) stopped \(status 0\)", log)]
+    assert stopped == [0, 1], log
+    for w in (0, 1):
+        audit = tmp_path / "node-d" / f"audit.w{w}.log"
+        lines = [orjson.loads(line) for line in audit.read_text().splitlines()]
+        assert any(e.get("event") == "drain" for e in lines), lines
+        assert any(e.get("who") == f"terminal:acme/till{w + 1}" for e in lines), lines
+
+
+def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
+    env = {**os.environ, "TILLWIRE_SECRET": SECRET}
+    done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
+                           "--data-dir", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert "server.workers" in done.stderr and "redis.url" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
