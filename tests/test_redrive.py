@@ -3,7 +3,8 @@ the SQLite store (its writer in a process), the admin app on loopback, real
 terminal connections.  A redriven message comes back to its terminal as a
 new inbox entry (new seq, same message id), its trace shows it, the dead
 letter leaves the list, and the redrive is audited; the store failing
-changes nothing (tests/failing.py around the real store).  Responses are
+changes nothing (tests/failing.py around the real store); and over Redis,
+a redrive through another node's admin API reaches the till where it is.  Responses are
 checked against server/openapi.json by ``Api.call``.
 """
 
@@ -14,10 +15,13 @@ import contextlib
 import time
 
 import aiohttp
+import pytest
 
 from failing import Failing
+from redis_server import fresh_prefix
 from support import aiotest, connect, eventually, make_config, start_node
 from test_admin import ACME, ADMIN_TOKENS, GLOBEX, Api, Env
+from test_fleet import Node as FleetNode
 from tillwire.core.codes import Lane
 from tillwire.server.admin import start_admin
 from tillwire.server.audit import AuditLog
@@ -172,3 +176,41 @@ async def test_a_failing_store_changes_nothing_and_a_retry_works(tmp_path):
         assert (await till.receive(timeout=3)).seq == msg.seq + 1
         assert await dead_letters(env) == [] and env.node.counters.redriven == 1
         assert store.calls["redrive"] == 2
+
+
+@pytest.mark.slow
+@aiotest(120)
+async def test_a_redrive_through_another_node_reaches_the_till_where_it_is(tmp_path):
+    prefix = fresh_prefix()
+    a = FleetNode(tmp_path, "node-a", prefix, workers=1).start()
+    b = FleetNode(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        till = await connect(a.addr, "till1", timeout=5)
+        status, res = await a.admin("POST", "/v1/publish", {
+            "to": "terminal:acme/till1", "kind": "payment.result", "body": PAY})
+        assert status == 200, res
+        msg = await till.receive(timeout=10)
+        till.nack(msg.lane, msg.seq, code=7, reason="unknown order")
+        # A later one acked: nothing is in flight any more (no retransmit to
+        # come), so only the redrive brings the first one back.
+        status, _ = await a.admin("POST", "/v1/publish", {
+            "to": "terminal:acme/till1", "kind": "payment.result",
+            "body": {**PAY, "order": "o-1002"}})
+        later = await till.receive(timeout=10)
+        await later.ack()
+        for _ in range(250):
+            status, doc = await b.admin("GET", "/v1/dead-letters?tenant=acme")
+            if doc["dead_letters"]:
+                break
+            await asyncio.sleep(0.02)
+        assert [d["id"] for d in doc["dead_letters"]] == [res["id"]]
+        status, doc = await b.admin(
+            "POST", f"/v1/terminals/acme/till1/dead-letters/{res['id']}/redrive")
+        assert status == 200 and [e["seq"] for e in doc["redriven"]] == [msg.seq + 2], doc
+        again = await till.receive(timeout=10)
+        assert (str(again.id), again.seq, again.body) == (res["id"], msg.seq + 2, PAY)
+        await again.ack()
+        await till.close()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
