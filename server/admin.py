@@ -257,6 +257,9 @@ class Handlers:
                 down = getattr(node.store, "write_failure", "")
                 if down:
                     reason = f"store: {down}"
+                elif node.broker is not None and not node.broker.connected:
+                    # (notices and channel messages for this worker are lost meanwhile)
+                    reason = "broker: its pub/sub connection to Redis is being opened again"
         if reason:
             return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
         return _json({"ready": True, "node": node.node_id})
@@ -347,6 +350,9 @@ class Handlers:
         report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
         offset = await node.publish(address, lane, kind, checked.key, checked.version, payload,
                                     float(ttl), report)
+        if offset is None:
+            raise ApiError(503, "history: the channel message could not be placed or carried; "
+                                "retry", "", "STORE_UNAVAILABLE")
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})

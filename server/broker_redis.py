@@ -55,6 +55,11 @@ class RedisBroker(Broker):
         """Called after a lost pub/sub connection was replaced (what was
         published to this worker meanwhile is lost: the caller repairs)."""
 
+    @property
+    def connected(self) -> bool:
+        """True while the pub/sub connection is up (started and not reconnecting)."""
+        return self._pubsub is not None and self._on_message is not None
+
     def _name(self, channel: str) -> bytes:
         return self._channel_prefix + channel.encode()
 

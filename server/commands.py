@@ -206,6 +206,10 @@ class Commands:
             if extra:
                 for stream in extra.get("explicit", ()):
                     self.hub.unsubscribe(stream, conn, self.loop.time())
+                interest = self.channels.interest
+                if interest is not None:
+                    interest.remove(extra.pop("interest", ()))
+                    interest.remove([s.name for s in extra.get("explicit", ())])
             if self._tenant_sessions and extra and extra.get("tenant_counted"):
                 self._tenant_left(claims.tenant)
         if extra:
@@ -448,14 +452,32 @@ class Commands:
             conn.error(Code.BAD_REQUEST, 0, str(exc))
             positions = {}
         self.hub.attach(conn, claims)
-        now = self.loop.time()
         names = implied_channels(claims)
+        interest = self.channels.interest
+        if interest is not None:
+            interest.add(names)
+            conn.extras()["interest"] = names
+            if not interest.primed(names):
+                self.spawn(self._join_primed(conn, names, positions))
+                names = ()
+        now = self.loop.time()
         for stream in self.hub.streams_of(names):
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         same_epoch = frame.epoch == self.store.epoch
         conn.inbox = RESUMING
         self.spawn(self.delivery.resume(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
+        self.mark_dirty(conn)
+
+    async def _join_primed(self, conn: TerminalConnection, names, positions) -> None:
+        """Catch a resumed session up on its channels once this worker's
+        mirrors of them are primed from the fleet's history."""
+        await self.channels.interest.wait(names)
+        if conn.state != OPEN:
+            return
+        now = self.loop.time()
+        for stream in self.hub.streams_of(names):
+            self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         self.mark_dirty(conn)
 
     def _on_send(self, conn: TerminalConnection, frame):
@@ -553,9 +575,14 @@ class Commands:
             else _ignore)
         return None
 
-    def _published(self, conn: TerminalConnection, ref: int, address, report, offset: int) -> None:
-        """SENDACK a P2/P3 SEND once its stream placed it (offset 0: stale)."""
-        if conn.state == OPEN:
+    def _published(self, conn: TerminalConnection, ref: int, address, report,
+                   offset: int | None) -> None:
+        """SENDACK a P2/P3 SEND once its stream placed it (offset 0: stale;
+        None: a shared history or the broker failed)."""
+        if offset is None:
+            self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                    f"{address}: the channel message could not be placed; retry")
+        elif conn.state == OPEN:
             self.delivery.sendack(conn, ref, 0, orjson.dumps(
                 {"channel": str(address), "offset": offset, **(report or {})})
                 if offset else b'{"stale":true}')

@@ -32,15 +32,19 @@ late (plus one sweep: ``RECONCILE_SLICE`` reads at a time).  A worker
 whose pub/sub connection was opened again reconciles at once.
 
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
-``takeover`` (argument: the new owner), ``kick`` (argument: the reason) and
+``takeover`` (argument: the new owner and its session's login time, Unix
+seconds; the newer login keeps the terminal), ``kick`` (argument: the reason),
 ``inbox`` (terminal empty; argument: one ``<terminal> <lane> <seq>`` line
-per inbox that holds messages up to ``seq``).
+per inbox that holds messages up to ``seq``) and ``chan`` (a P2/P3
+message of the terminal's own channel; argument, binary: the lane byte and
+the placed message of ``channels.pack_placed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ..core.codes import Code
 from ..core.session import CLOSED
@@ -71,6 +75,7 @@ class Ownership:
         self._queue = InOrder(node.spawn, self._write,
                               lambda item: f"presence: {item[0]} of {item[1]}",
                               lambda: node.stopping)
+        self._since: dict[str, float] = {}     # terminal -> when its session here logged in
         self._renewal = None
         self._reconciler = None
         self.reconcile_every = RECONCILE_EVERY
@@ -97,6 +102,7 @@ class Ownership:
 
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
+        self._since[address] = time.time()
         self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
@@ -114,14 +120,16 @@ class Ownership:
                 return
             await self._claim(address, info)
         elif address not in self.node.hub.sessions:     # (not a newer session here)
+            self._since.pop(address, None)
             await self.presence.release(address, self.owner)
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
         previous = await self.presence.claim(address, self.owner, self.lease, info)
         if previous is not None and previous != self.owner:
             # (A lost message is repaired by the previous owner's renewal.)
-            await self.broker.send_control(
-                previous, b"\0".join((b"takeover", address.encode(), self.owner.encode())))
+            since = self._since.get(address, 0.0)
+            await self.broker.send_control(previous, b"\0".join((
+                b"takeover", address.encode(), f"{self.owner} {since!r}".encode())))
 
     # -- P0/P1 messages for sessions held elsewhere ------------------------------------
 
@@ -181,20 +189,47 @@ class Ownership:
                 if last1:
                     delivery.notified(address, 1, last1)
 
+    async def send_channel(self, name: str, lane: int, data: bytes) -> None:
+        """A P2/P3 message placed in a terminal's own channel: to the worker
+        that holds the terminal (nothing when it is offline: the history
+        keeps it for its catch-up)."""
+        terminal = name
+        owner = (await self.presence.owners([terminal])).get(terminal)
+        if owner == self.owner or (owner is None and terminal in self.node.hub.sessions):
+            self.node.channels.receive(name, lane, data)
+        elif owner is not None:
+            await self.broker.send_control(
+                owner, b"chan\0" + name.encode() + b"\0" + bytes((lane,)) + data)
+
     # -- the control inbox ------------------------------------------------------------
 
     def _on_message(self, channel: str, lane: int, payload: bytes) -> None:
-        """Channel messages: the in-process hub fans out itself (no subscriptions yet)."""
+        """A channel message from the fleet (with a shared history; without
+        one the in-process hub fans out itself and subscribes nothing)."""
+        if self.node.channels.interest is not None:
+            self.node.channels.receive(channel, lane, payload)
 
     def _on_control(self, message: bytes) -> None:
         try:
-            verb, address, argument = (part.decode() for part in message.split(b"\0", 2))
-        except ValueError:
+            verb, address, raw = message.split(b"\0", 2)
+            verb, address = verb.decode(), address.decode()
+            if verb == "chan":          # (the argument is a lane byte and a placed message)
+                channels = self.node.channels
+                if channels.interest is not None:
+                    channels.receive(address, raw[0], raw[1:])
+                return
+            argument = raw.decode()
+        except (ValueError, IndexError):
             log.warning("control: malformed message %r", message[:80])
             return
         if verb == "takeover":
-            if argument != self.owner:
-                self.node.spawn(self._taken_over(address))
+            owner, _, since = argument.partition(" ")
+            if owner != self.owner:
+                try:
+                    since = float(since or 0.0)
+                except ValueError:
+                    since = 0.0
+                self.node.spawn(self._taken_over(address, since))
         elif verb == "inbox":
             notified = self.node.delivery.notified
             for line in argument.split("\n"):
@@ -211,11 +246,21 @@ class Ownership:
         else:
             log.warning("control: unknown verb %r", verb)
 
-    async def _taken_over(self, address: str) -> None:
-        """Another worker claimed ``address``: close the session here, unless a
-        newer login here claimed it back meanwhile."""
-        if address in self.node.hub.sessions and \
-                await self.presence.owner(address) != self.owner:
+    async def _taken_over(self, address: str, since: float) -> None:
+        """Another worker claimed ``address`` for a login at ``since``: close
+        the session here, unless it is the newer login (claims are written
+        in no particular order across workers: the newest login wins, so a
+        terminal that reconnected at once keeps its new session), then
+        claim it back."""
+        conn = self.node.hub.sessions.get(address)
+        if conn is None:
+            return
+        if self._since.get(address, 0.0) > since:
+            if conn.claims is not None:
+                self._queue.add(("claim", address, SessionInfo(
+                    conn.claims.tenant, conn.claims.store, tuple(conn.claims.roles))))
+            return
+        if await self.presence.owner(address) != self.owner:
             self._close(address)
 
     def _close(self, address: str) -> None:
@@ -247,7 +292,9 @@ class Ownership:
                 if conn is None or conn.claims is None:
                     continue
                 if await self.presence.owner(address) is None:
-                    self.claimed(address, conn.claims)
+                    claims = conn.claims         # (its login time stays the same)
+                    self._queue.add(("claim", address, SessionInfo(
+                        claims.tenant, claims.store, tuple(claims.roles))))
                 else:
                     self._close(address)
             await asyncio.sleep(0)

@@ -146,6 +146,65 @@ async def test_a_p0_result_goes_from_one_worker_to_a_till_on_another_and_any_nod
         assert b.stop() == 0
 
 
+def price(sku: str, version: int, amount: str) -> dict:
+    return {"sku": sku, "price": amount, "currency": "EUR", "version": version}
+
+
+async def channel_messages(conn, count: int) -> list:
+    got = []
+    while len(got) < count:
+        msg = await conn.receive(timeout=10)
+        if msg.channel is not None:
+            got.append((msg.channel, msg.seq, msg.body))
+    return got
+
+
+@aiotest(120)
+async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_version_wins(
+        tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        tills = [await on_worker(a, "till1", worker=0), await on_worker(a, "till2", worker=1),
+                 await on_worker(b, "till3")]
+        await asyncio.sleep(0.3)        # (each worker's subscription to store:acme/s1)
+        # HQ publishes through either node; two publishers of one SKU: the
+        # newest version wins once, whichever worker placed it.
+        status, first = await a.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku1", 2, "5.00")})
+        assert status == 200 and first["offset"] == 1, first
+        status, stale = await b.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku1", 1, "4.00")})
+        assert status == 200 and stale == {"stale": True}
+        status, second = await b.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku2", 1, "1.50")})
+        assert status == 200 and second["offset"] == 2
+        for till in tills:
+            got = await channel_messages(till, 2)
+            assert got == [("store:acme/s1", 1, price("sku1", 2, "5.00")),
+                           ("store:acme/s1", 2, price("sku2", 1, "1.50"))]
+        # Exactly once: nothing more comes.
+        for till in tills:
+            with pytest.raises(asyncio.TimeoutError):
+                await till.receive(timeout=0.5)
+        # A till that logs in later, on any worker, reads the last values.
+        late = await on_worker(b, "till4")
+        items, end = await late.history("store:acme/s1")
+        assert [(i.offset, orjson.loads(i.payload)["sku"]) for i in items] == [(1, "sku1"), (2, "sku2")]
+        # A P2 message to a terminal's own channel reaches it on its worker.
+        status, own = await b.admin("POST", "/v1/publish", {
+            "to": "terminal:acme/till2", "kind": "price.update", "lane": "P2",
+            "body": price("sku9", 1, "9.00")})
+        assert status == 200, own
+        got = await channel_messages(tills[1], 1)
+        assert got == [("terminal:acme/till2", 1, price("sku9", 1, "9.00"))]
+        for conn in (*tills, late):
+            await conn.close()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
 @aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
