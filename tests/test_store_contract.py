@@ -1133,6 +1133,8 @@ _ops = st.lists(st.one_of(
     st.tuples(st.just("expire")),
     st.tuples(st.just("trim"), st.sampled_from([0.0, 10.0, 30.0])),
     st.tuples(st.just("tick"), st.sampled_from([1.0, 7.0, 25.0])),
+    st.tuples(st.just("redrive"), _terminal, st.sampled_from([1, 5])),
+    st.tuples(st.just("redrive_one"), _terminal),
 ), min_size=1, max_size=30)
 
 
@@ -1167,6 +1169,13 @@ async def _apply(store, ops) -> list:
             out.append(await store.expire(now))
         elif name == "trim":
             out.append(await store.trim(now, op[1]))
+        elif name == "redrive":
+            out.append(await store.redrive(op[1], None, now, (20.0, 40.0), op[2]))
+        elif name == "redrive_one":
+            # The terminal's oldest dead letter (both backends list the same).
+            mine = [d.msg_id for d in await store.dead_letters(None, 100) if d.terminal == op[1]]
+            if mine:
+                out.append(await store.redrive(op[1], mine[-1], now, (20.0, 40.0), 1))
         else:
             now += op[1]
     for terminal in TERMINALS:
