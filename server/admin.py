@@ -410,6 +410,7 @@ class Handlers:
                              old.revoked_before if old is not None else 0.0)
         await node.store.terminals.register(rec)
         await node.registry.put(rec)
+        node.terminal_changed(address)
         _call(request).detail = {"store": store, "roles": list(roles)}
         return _json(_record_doc(rec), 200 if old is not None else 201)
 
@@ -422,9 +423,9 @@ class Handlers:
         await self.node.store.terminals.register(rec)
         return rec
 
-    def _kick(self, request: web.Request, address: str, reason: str, event: str,
-              **detail) -> bool:
-        kicked = self.node.kick(address, reason)
+    async def _kick(self, request: web.Request, address: str, reason: str, event: str,
+                    **detail) -> bool:
+        kicked = await self.node.kick_anywhere(address, reason)
         if self.audit is not None:
             call = _call(request)
             self.audit.write(event, _who(request), tenant=call.tenant,
@@ -439,10 +440,9 @@ class Handlers:
         reason = _text(doc, "reason", "disconnected by an operator")
         if await self.node.registry.get(address) is None and address not in self.node.hub.sessions:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
-        conn = self.node.hub.sessions.get(address)
-        if conn is None or conn.transport is None:
-            raise ApiError(409, f"terminal: {address} is not connected to this node", "terminal")
-        kicked = self._kick(request, address, reason, "kick")
+        kicked = await self._kick(request, address, reason, "kick")
+        if not kicked:
+            raise ApiError(409, f"terminal: {address} is not connected", "terminal")
         return _json({"terminal": address, "kicked": kicked})
 
     async def retire(self, request: web.Request) -> web.Response:
@@ -453,7 +453,8 @@ class Handlers:
         rec = await self._known(address)
         await node.store.terminals.retire(address, True)
         await node.registry.put(dataclasses.replace(rec, retired=True))
-        kicked = self._kick(request, address, reason, "retire")
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "retire")
         return _json({"terminal": address, "retired": True, "kicked": kicked})
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -465,7 +466,8 @@ class Handlers:
         before = time.time()
         await node.store.terminals.revoke(address, before)
         await node.registry.put(dataclasses.replace(rec, revoked_before=before))
-        kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "revoke", revoked_before=before)
         return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
 
     async def presence(self, request: web.Request) -> web.Response:
@@ -616,6 +618,7 @@ class Handlers:
         info = await self.node.directory.put(tenant, store, timezone=timezone,
                                              on_duty=rosters.get("on_duty"),
                                              managers=rosters.get("managers"))
+        self.node.directory_changed(tenant, store)
         _call(request).detail = {"fields": sorted(doc)}
         return _json(info.to_dict())
 

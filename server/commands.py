@@ -15,6 +15,7 @@ connection count and the per-tenant session counts.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -37,6 +38,7 @@ from .auth import verify_token
 from .connection import (
     HOLD_AUTH,
     HOLD_BUDGET,
+    HOLD_LOOKUP,
     RESUMING,
     STALL_HOLDS,
     STOP_AFTER,
@@ -50,6 +52,8 @@ from .offers import POLICY_KINDS
 from .retry import InOrder
 from .store import NewMessage
 from .terminals import TerminalRecord
+
+log = logging.getLogger("tillwire.commands")
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -318,7 +322,7 @@ class Commands:
         self.spawn(self.delivery.on_read_receipt(conn, frame))
 
 
-    def _on_hello(self, conn: TerminalConnection, frame):
+    def _on_hello(self, conn: TerminalConnection, frame, looked_up: bool = False):
         # (Handled even when bytes after it in the same read closed the session:
         # frames before a bad one are valid, PROTOCOL.md 16; its WELCOME then
         # is not sent, as nothing follows a CLOSE.)
@@ -334,6 +338,13 @@ class Commands:
             return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
         record = self.registry.cached(address)
+        if record is None and self.node.shared_registry and not looked_up:
+            # A registry shared by a fleet: this worker may not have the record
+            # (retired or revoked through another worker): read it first, the
+            # frames behind the HELLO waiting.
+            conn.hold(HOLD_LOOKUP)
+            self.spawn(self._look_up(conn, frame, address))
+            return STOP_AFTER
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
                                 "this terminal is retired" if record.retired
@@ -479,6 +490,21 @@ class Commands:
         for stream in self.hub.streams_of(names):
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         self.mark_dirty(conn)
+
+    async def _look_up(self, conn: TerminalConnection, frame, address: str) -> None:
+        try:
+            await self.registry.get(address)        # (keeps what it read in the cache)
+        except Exception as exc:
+            log.warning("registry: reading %s at its login failed: %s", address, exc)
+            if conn.state != CLOSED:
+                conn.close(Code.SHUTDOWN, "the terminal registry could not be read; reconnect")
+                self.mark_dirty(conn)
+            return
+        if conn.state == CLOSED:
+            return
+        self._on_hello(conn, frame, looked_up=True)
+        self.mark_dirty(conn)
+        conn.release(HOLD_LOOKUP)
 
     def _on_send(self, conn: TerminalConnection, frame):
         lane = frame.flags & _LANE_MASK

@@ -82,9 +82,10 @@ HOLD_PONG = 2        # the session holds input until its queued PONG went out
 HOLD_BUDGET = 4      # its control frames are over their budget (see Node.check_budget)
 HOLD_AUTH = 8        # a refused login's answer is being held back (auth throttling)
 HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads them slowly)
+HOLD_LOOKUP = 32     # a login waits for its terminal's record from a shared registry
 # Holds that also stop the handling of frames already read (the rest of a
 # read waits in the backlog until they are lifted).
-_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
+_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH | HOLD_LOOKUP
 # Holds that only the terminal's reading lifts: held so too long is a slow consumer.
 STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
 STOP_AFTER = -1.0

@@ -290,6 +290,25 @@ class Node:
                                 placed.set_result)
         return await placed
 
+    def terminal_changed(self, address: str) -> None:
+        """An operator changed a terminal's record (registered, retired,
+        revoked): the other workers of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("registry", address)
+
+    def directory_changed(self, tenant: str, store: str) -> None:
+        """An operator changed a store's directory entry: the other workers
+        of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("directory", f"{tenant}/{store}")
+
+    async def kick_anywhere(self, address: str, reason: str) -> bool:
+        """Close ``address``'s session (CLOSE KICKED) on whichever worker of
+        the fleet holds it; False when none does."""
+        if self.kick(address, reason):
+            return True
+        return self.ownership is not None and await self.ownership.kick(address, reason)
+
     async def members(self, address) -> list[str]:
         """The terminal addresses a message to ``address`` is stored for."""
         return await self.registry.members(address)

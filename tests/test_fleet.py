@@ -25,8 +25,9 @@ import aiohttp
 import orjson
 import pytest
 
-from redis_server import fresh_prefix, redis_url
+from redis_server import PrivateRedis, fresh_prefix, redis_url
 from support import SECRET, ServerProcess, aiotest, connect, eventually, token
+from tillwire.client.connection import SendError
 from tillwire.client.sdk import Client
 from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
@@ -39,7 +40,8 @@ ADMIN_TOKEN = "fleet-admin-token"
 class Node:
     """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
 
-    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2) -> None:
+    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2,
+                 url: str | None = None) -> None:
         from support import free_port
 
         self.workers = workers
@@ -47,7 +49,7 @@ class Node:
             str(tmp_path / name), admin_port=free_port(),
             env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
                  "TILLWIRE_SERVER_NODE_ID": name},
-            args=["--workers", str(workers), "--redis", redis_url()])
+            args=["--workers", str(workers), "--redis", url or redis_url()])
 
     def start(self) -> "Node":
         self.server.start()
@@ -206,6 +208,52 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
 
 
 @aiotest(120)
+async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        # A stolen handheld, logged in on node B: revoked through node A's API.
+        h12 = await on_worker(b, "h12", roles=("staff",))
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        for _ in range(50):             # (its login's registration is written behind)
+            if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
+                                     {"reason": "stolen"})
+        assert status == 200 and body["kicked"] is True, body    # kicked on node B
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=10)
+        assert closed.value.code == Code.KICKED
+        # Its old tokens are refused on every worker of both nodes, including
+        # workers that never saw the terminal.
+        for node in (a, a, a, b):
+            with pytest.raises(SessionClosed) as refused:
+                await connect(node.addr, "h12", token=old_token, timeout=5)
+            assert refused.value.code == Code.TOKEN_REVOKED
+        # A store's roster changed through node B is what node A's workers use.
+        status, _ = await b.admin("PUT", "/v1/stores/acme/s7",
+                                  {"timezone": "Europe/Paris", "on_duty": ["staff-1"]})
+        assert status == 200
+
+        async def seen_everywhere() -> bool:
+            for _ in range(8):           # (the kernel picks the worker of each request)
+                status, doc = await a.admin("GET", "/v1/stores/acme/s7")
+                if doc.get("on_duty") != ["staff-1"]:
+                    return False
+            return True
+
+        for _ in range(50):
+            if await seen_everywhere():
+                break
+            await asyncio.sleep(0.1)
+        assert await seen_everywhere()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
@@ -304,6 +352,76 @@ async def test_sigterm_drains_the_workers_one_at_a_time_each_with_its_audit_file
         lines = [orjson.loads(line) for line in audit.read_text().splitlines()]
         assert any(e.get("event") == "drain" for e in lines), lines
         assert any(e.get("who") == f"terminal:acme/till{w + 1}" for e in lines), lines
+
+
+@aiotest(180)
+async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothing(
+        tmp_path, prefix):
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as redis:
+        node = Node(tmp_path, "node-r", prefix, url=redis.url).start()
+        clients = []
+        try:
+            for i in range(4):
+                c = Client(*node.addr, token(f"till{i}"),
+                           state_path=str(tmp_path / f"t{i}.json"), backoff_base=0.05,
+                           backoff_max=0.5, connect_timeout=3)
+                clients.append(await c.start())
+            pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+            got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+            async def receive(i, c):
+                async for msg in c:
+                    got[i].append(int(msg.body["order"][1:]))
+                    await msg.ack()
+
+            readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+            refused = []
+
+            async def pay_one(n: int) -> None:
+                # A backend's way: the same ref again until a SENDACK comes.
+                while True:
+                    try:
+                        await pay.send("payment.result", payment(n),
+                                       f"terminal:acme/till{n % len(clients)}",
+                                       ref=n + 1, timeout=5)
+                        return
+                    except SendError as exc:
+                        assert exc.code == Code.STORE_UNAVAILABLE, exc
+                        refused.append(n)
+                    except asyncio.TimeoutError:
+                        pass
+                    await asyncio.sleep(0.1)
+
+            for n in range(20):
+                await pay_one(n)
+            redis.kill()
+            status, body = await node.admin("GET", "/readyz")
+            assert status == 503 and not body["ready"], body
+            sending = asyncio.create_task(pay_one(20))       # refused while Redis is away
+            await eventually(lambda: refused, timeout=15)
+            redis.start()                                    # its AOF brings the data back
+            await asyncio.wait_for(sending, 30)
+            for n in range(21, 40):
+                await pay_one(n)
+
+            async def ready() -> bool:
+                return (await node.admin("GET", "/readyz"))[0] == 200
+
+            for _ in range(100):
+                if await ready():
+                    break
+                await asyncio.sleep(0.2)
+            assert await ready()
+            await eventually(lambda: sum(map(len, got.values())) >= 40, timeout=30)
+            for i in range(len(clients)):
+                assert got[i] == list(range(i, 40, len(clients))), (i, got[i])
+            for r in readers:
+                r.cancel()
+            await pay.close()
+        finally:
+            for c in clients:
+                await c.close()
+            assert node.stop() == 0
 
 
 def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):

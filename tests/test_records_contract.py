@@ -1,7 +1,7 @@
 """One suite of Records contract tests (the services' key-value records), run
 against every backend: ``store.records`` of each store backend in turn
-(``store_factory``, conftest.py), then a differential test against a sorted
-list, and SQLite-only tests (the scan's query plan, records across reopen).
+(``store_factory``, conftest.py), then a differential test of the memory,
+SQLite and Redis records against a sorted list, and SQLite-only tests (the scan's query plan, records across reopen).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import make_backend, run_with
+from redis_server import fresh_prefix, redis_url
 from tillwire.server.records import SCAN_PAGE, Records, scan_all
 from tillwire.server.store_memory import MemoryStore
+from tillwire.server.store_redis import RedisStore
 from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
 from tillwire.server.store_sqlite_reader import Reader
 from tillwire.server.store_sqlite_schema import migrate
@@ -155,10 +157,10 @@ _KV_KEYS = st.text(alphabet="ab/\u00e9\U0001f600", max_size=4)
 @given(keys=st.sets(_KV_KEYS, max_size=20),
        scans=st.lists(st.tuples(st.text(alphabet="ab/\u00e9", max_size=2), _KV_KEYS, _KV_KEYS,
                                 st.integers(0, 6), st.booleans()), min_size=1, max_size=15))
-def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
-    """Any prefix/after/before/limit/direction: both backends answer what filtering a
-    sorted list of the keys answers (non-ASCII keys: SQLite compares UTF-8 bytes,
-    which orders like Python compares code points)."""
+def test_kv_scan_matches_a_sorted_list_on_every_backend(tmp_path, keys, scans):
+    """Any prefix/after/before/limit/direction: every backend answers what filtering a
+    sorted list of the keys answers (non-ASCII keys: SQLite and Redis compare UTF-8
+    bytes, which orders like Python compares code points)."""
     path = str(tmp_path / f"kv-{time.monotonic_ns()}.db")
 
     def expected(prefix, after, before, limit, reverse):
@@ -167,7 +169,8 @@ def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
         return [(k, k.encode()) for k in found[:limit]]
 
     async def main():
-        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0)]
+        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0),
+                  RedisStore(redis_url(), prefix=fresh_prefix())]
         for store in stores:
             await store.open()
         try:
