@@ -380,9 +380,10 @@ class RedisStore:
 
     async def redrive(self, terminal: str, msg_id: int | None, now: float,
                       ttls: tuple[float, float], limit: int) -> list[Redriven]:
-        rows = await self._run("redrive", terminal, "" if msg_id is None else str(int(msg_id)),
-                               repr(float(now + ttls[0])), repr(float(now + ttls[1])),
-                               max(0, int(limit)))
+        rows = await self._ordered("redrive", terminal,
+                                   "" if msg_id is None else str(int(msg_id)),
+                                   repr(float(now + ttls[0])), repr(float(now + ttls[1])),
+                                   max(0, int(limit)))
         return [Redriven(int(msg_id), terminal, int(lane), int(dead_seq), int(seq), _text(kind),
                          bytes(body), float(created), float(expires))
                 for msg_id, lane, dead_seq, seq, kind, body, created, expires in rows]
