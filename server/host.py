@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .connection import TerminalConnection
     from .directory import Directory
+    from .metrics import Counters
     from .store import Accepted, NewMessage, Store
 
 
@@ -51,6 +52,7 @@ class ServiceHost(Protocol):
     hub: PolicySessions
     directory: Directory
     shared_registry: bool   # True in a fleet: other workers change the same records
+    counters: Counters      # the node's metrics counters (plain integers: count, never read)
 
     @property
     def stopping(self) -> bool:

@@ -429,6 +429,19 @@ class Node:
         self.close(conn, code, reason)
         return True
 
+    async def redrive(self, terminal: str, msg_id: int | None = None,
+                      limit: int = 1000) -> list:
+        """Put ``terminal``'s dead letters back in its inbox (the one of message
+        ``msg_id``, or its oldest ``limit``) with their lane's TTL from now,
+        and hand them to its connection; returns the ``store.Redriven``
+        entries.  The store failing raises: then nothing changed."""
+        delivery = self.cfg.delivery
+        redriven = await self.store.redrive(terminal, msg_id, time.time(),
+                                            (delivery.p0_ttl, delivery.p1_ttl), limit)
+        self.counters.redriven += len(redriven)
+        self.delivery.redriven(redriven)
+        return redriven
+
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""
         return [*self.hub.sessions.values(), *self.commands.unauthenticated]
@@ -510,10 +523,7 @@ class Node:
                     self.audit.flush_aggregates()
                 self.sources.sweep(self.loop.time())
                 now = time.time()
-                for dead in await self.store.expire(now):
-                    if dead.receipt:
-                        self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
-                                           ReceiptStatus.EXPIRED, dead.terminal)
+                await self.expire(now)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
                 await self._expire_services(now)
                 if self.loop.time() >= sweep_at:
@@ -521,6 +531,19 @@ class Node:
                     await self.sweep_streams()
             except Exception:
                 log.exception("maintenance failed")
+
+    async def expire(self, now: float) -> list:
+        """Dead-letter the P0/P1 entries whose message expired by ``now`` (each
+        maintenance round): counted, and each sender that asked for receipts
+        gets RECEIPT(EXPIRED).  Returns the ``store.DeadLetter`` entries; the
+        store failing raises (nothing expired: the next round tries again)."""
+        expired = await self.store.expire(now)
+        self.counters.dead(expired)
+        for dead in expired:
+            if dead.receipt:
+                self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                           ReceiptStatus.EXPIRED, dead.terminal)
+        return expired
 
     async def sweep_streams(self) -> int:
         """Free the streams nobody subscribes to that retain nothing any more

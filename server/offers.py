@@ -140,7 +140,9 @@ class Offers:
         while stamps and stamps[0] <= horizon:
             del stamps[0]
         verdict = len(stamps) >= self.cap_count
-        if not verdict:
+        if verdict:
+            self.host.counters.offers_capped += 1     # (once per member per offer)
+        else:
             stamps.append(now)
             self.unsaved.put(key)
             if entry is not None:

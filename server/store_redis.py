@@ -83,7 +83,8 @@ from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Trace,
+    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
+    Trace,
 )
 from .terminals_redis import RedisTerminals
 
@@ -154,7 +155,7 @@ class RedisStore:
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
                          for name in ("accept", "inbox", "positions", "ack", "delivered",
                                       "reject", "expire", "trace", "dead_letters", "trim",
-                                      "stats", "epoch")}
+                                      "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
         self.terminals = RedisTerminals(self._redis, prefix=prefix)
         self.archive = RedisArchive(self._redis, prefix=prefix)
@@ -337,8 +338,8 @@ class RedisStore:
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
-                           float(expires))
-                for seq, msg_id, kind, body, delivered, expires in rows]
+                           float(expires), float(created))
+                for seq, msg_id, kind, body, delivered, expires, created in rows]
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in await self._run("positions", terminal))
@@ -382,6 +383,16 @@ class RedisStore:
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
+
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        rows = await self._ordered("redrive", terminal,
+                                   "" if msg_id is None else str(int(msg_id)),
+                                   repr(float(now + ttls[0])), repr(float(now + ttls[1])),
+                                   max(0, int(limit)))
+        return [Redriven(int(msg_id), terminal, int(lane), int(dead_seq), int(seq), _text(kind),
+                         bytes(body), float(created), float(expires))
+                for msg_id, lane, dead_seq, seq, kind, body, created, expires in rows]
 
     async def trim(self, now: float, keep_acked: float) -> int:
         return int(await self._ordered("trim", repr(float(now)), repr(float(now - keep_acked)),

@@ -179,7 +179,7 @@ return {epoch, out}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] after, ARGV[6] limit.
-# Answer: per entry {seq, msg_id, kind, body, delivered, expires}.
+# Answer: per entry {seq, msg_id, kind, body, delivered, expires, created}.
 INBOX = _HEADER + """
 local t, lane = ARGV[3], ARGV[4]
 local B = base(tenant_of(t))
@@ -188,9 +188,10 @@ local found = redis.call("ZRANGEBYSCORE", B .. ":q:" .. lane .. ":" .. t, "(" ..
                          "WITHSCORES", "LIMIT", 0, tonumber(ARGV[6]))
 for k = 1, #found, 2 do
   local id, i, MB = entry_of(found[k])
-  local f = redis.call("HMGET", MB .. ":m:" .. id, "kind", "body", "s" .. i, "expires")
+  local f = redis.call("HMGET", MB .. ":m:" .. id, "kind", "body", "s" .. i, "expires",
+                       "created")
   out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), f[1], f[2],
-                   f[3] == "delivered" and 1 or 0, f[4]}
+                   f[3] == "delivered" and 1 or 0, f[4], f[5]}
 end
 return {epoch, out}
 """
@@ -292,6 +293,64 @@ for _, d in ipairs(due) do
       finish(B, m, id, i, "expired", now, "ttl")
       redis.call("ZREM", RB .. ":q:" .. lane .. ":" .. r[2], id .. ":" .. i .. ":" .. d[2])
       out[#out + 1] = dead_letter(RB, m, id, r[2], lane, r[3], "ttl", now)
+    end
+  end
+end
+return {epoch, out}
+"""
+
+# ARGV[3] terminal, ARGV[4] msg_id ("" = every one of the terminal's),
+# ARGV[5] / ARGV[6] the expiry a redriven P0 / P1 entry gets at least,
+# ARGV[7] limit.  The terminal's tenant's dead letters are read oldest
+# first (one pass over them: an operator's call, not a hot path); each of
+# the terminal's whose message is still held becomes recipient n+1 of its
+# message (reason "redriven"), the next seq of its inbox, and leaves the
+# dead letters.  Answer: per entry {msg_id, lane, dead seq, seq, kind, body,
+# created, expires}.
+REDRIVE = _HEADER + """
+local t, want, limit = ARGV[3], ARGV[4], tonumber(ARGV[7])
+local B = base(tenant_of(t))
+local out = {}
+if limit <= 0 then return {epoch, out} end
+for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
+  local d = cjson.decode(string.sub(member, string.find(member, "\\n", 1, true) + 1))
+  if d[2] == t and (want == "" or d[1] == want) then
+    local id, lane = d[1], d[3]
+    -- The message lives under its own tenant (the recipient's, as the node
+    -- routes within one tenant; else found as TRACE finds it).
+    local MB, m = B, B .. ":m:" .. id
+    if redis.call("EXISTS", m) == 0 then
+      m = false
+      for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
+        if redis.call("EXISTS", base(tenant) .. ":m:" .. id) == 1 then
+          MB = base(tenant)
+          m = MB .. ":m:" .. id
+          break
+        end
+      end
+    end
+    if m then
+      local f = redis.call("HMGET", m, "n", "expires", "kind", "body", "created", "tenant")
+      local n = tonumber(f[1]) + 1
+      local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
+      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. n .. ":" .. f[6])
+      redis.call("HSET", m, "n", n, "t" .. n, t, "q" .. n, seq, "s" .. n, "stored",
+                 "w" .. n, "redriven")
+      local expires = f[2]
+      local fresh = ARGV[5 + tonumber(lane)]
+      if tonumber(fresh) > tonumber(expires) then
+        expires = fresh
+        redis.call("HSET", m, "expires", expires)
+      end
+      redis.call("HINCRBY", m, "open", 1)
+      redis.call("ZREM", MB .. ":done", id)
+      redis.call("ZADD", MB .. ":exp", expires, id)
+      redis.call("HINCRBY", MB .. ":n", "unacked", 1)
+      redis.call("ZREM", B .. ":dead", member)
+      redis.call("HINCRBY", B .. ":n", "dead", -1)
+      out[#out + 1] = {tonumber(id), tonumber(lane), tonumber(d[4]), seq, f[3], f[4], f[5],
+                       expires}
+      if #out >= limit then break end
     end
   end
 end
