@@ -2,7 +2,7 @@
 worker and node (``redis.url``).
 
 One ``redis.asyncio`` connection pool per worker serves the store, presence,
-the registry and the channel history; the broker keeps one more connection
+the registry, the channel history and the offer caps; the broker keeps one more connection
 for its pub/sub (one per worker, never one per terminal or per channel).
 Every key and channel starts with ``redis.prefix``, so fleets may share an
 instance.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from .broker_redis import RedisBroker
+from .caps_redis import RedisCaps
 from .config import Config
 from .history_redis import RedisHistory
 from .presence_redis import RedisPresence
@@ -43,6 +44,7 @@ class Shared:
     broker: RedisBroker
     registry: RedisRegistry
     history: RedisHistory
+    caps: RedisCaps
 
     async def close(self) -> None:
         """Close the connection pools (the node closed the store and the broker)."""
@@ -71,4 +73,5 @@ def connect(cfg: Config, worker: str) -> Shared:
         registry=RedisRegistry(client, prefix=prefix),
         history=RedisHistory(client, prefix=prefix, history_max=cfg.history.max_messages,
                              history_age=cfg.history.max_age),
+        caps=RedisCaps(client, prefix=prefix),
     )

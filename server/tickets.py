@@ -343,9 +343,14 @@ class Tickets:
                 answered.set_result((accepted.msg_id, doc))
             host.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
+        events = host.counters.tickets
+        events["opened"] += 1
         if rec["auto"]:
+            events["resolved"] += 1
             doc = {"ticket": rec["ticket"], "auto_reply": True}
         else:
+            if not accepted.seqs:
+                events["unattended"] += 1         # no staff to receive it
             rec["msg_id"] = accepted.msg_id
             rec["recipients"] = len(accepted.seqs)
             self.open[key] = rec
@@ -603,6 +608,7 @@ class Tickets:
             rec.update(status=RESOLVED, resolution=body["resolution"], resolved_at=now,
                        resolved_by=conn.address)
             self._forget(key)
+            self.host.counters.tickets["resolved"] += 1
         rec["updated"] = now
         if ref:
             _remember(self._updates, (conn.address, ref), (kind, key))
@@ -665,6 +671,7 @@ class Tickets:
             if not recipients:
                 # No one at any level: open, unattended, and looked at again later.
                 rec.update(unattended=True, due=now + self.escalate_after, updated=now)
+                host.counters.tickets["unattended"] += 1     # (an escalation that reached no one)
                 self._track(key, rec)
                 self.unsaved.put(key, rec)
                 self._arm(key, rec["due"])
@@ -676,6 +683,7 @@ class Tickets:
             rec.update(status=ESCALATED, escalated_at=now, updated=now, unattended=False,
                        level=level)
             self.unsaved.put(key, rec)
+            host.counters.tickets["escalated"] += 1
             log.info("ticket escalated ticket=%s store=%s/%s level=%s managers=%d",
                      rec["ticket"], tenant, store, level, len(recipients))
         finally:

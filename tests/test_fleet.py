@@ -41,14 +41,14 @@ class Node:
     """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
 
     def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2,
-                 url: str | None = None) -> None:
+                 url: str | None = None, env: dict | None = None) -> None:
         from support import free_port
 
         self.workers = workers
         self.server = ServerProcess(
             str(tmp_path / name), admin_port=free_port(),
             env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
-                 "TILLWIRE_SERVER_NODE_ID": name},
+                 "TILLWIRE_SERVER_NODE_ID": name, **(env or {})},
             args=["--workers", str(workers), "--redis", url or redis_url()])
 
     def start(self) -> "Node":
@@ -292,6 +292,41 @@ async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agen
             assert texts[0] == "where is my order?" and texts[3] == "thanks", texts
             assert sorted(texts[1:3]) == ["looking", "on it"], texts
         for conn in (customer, *agents):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
+async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, prefix):
+    node = Node(tmp_path, "node-o", prefix, env={
+        "TILLWIRE_OFFERS_CAP_COUNT": "2", "TILLWIRE_OFFERS_QUIET_START": "00:00",
+        "TILLWIRE_OFFERS_QUIET_END": "00:00"}).start()
+    try:
+        phone = await on_worker(node, "app1", worker=0, roles=("customer",), member="m-1")
+        tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
+        other = await on_worker(node, "app3", worker=1, roles=("customer",), member="m-2")
+        till = await on_worker(node, "till1", worker=0)
+        await asyncio.sleep(0.3)        # (each worker's subscription to tenant:acme)
+        for n in range(3):
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
+                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
+            assert status == 200, body
+
+        async def offers(conn) -> list[str]:
+            got = []
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    msg = await conn.receive(timeout=1.5)
+                    got.append(msg.body["offer"])
+            return got
+
+        got = await asyncio.gather(*(offers(c) for c in (phone, tablet, other, till)))
+        # One count for the member's two devices: both get the first two offers.
+        assert got[0] == got[1] == ["of0", "of1"], got
+        assert got[2] == ["of0", "of1"] and got[3] == ["of0", "of1", "of2"], got
+        for conn in (phone, tablet, other, till):
             await conn.close()
     finally:
         assert node.stop() == 0
