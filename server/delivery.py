@@ -274,6 +274,8 @@ class Delivery:
         self.uncommitted -= len(items)
         for _, _, reply, address in items:
             if reply is not None:
+                if reply.__class__ is tuple:
+                    self.counters.refuse("terminal", "UNKNOWN_TERMINAL")
                 self._answer(reply, None, UnknownTerminal(str(address)))
 
     def _accept(self, batch: list) -> None:

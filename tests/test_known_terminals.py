@@ -51,6 +51,8 @@ async def test_a_p0_or_p1_to_a_terminal_nobody_knows_is_refused_and_nothing_is_s
         # Nothing was stored: no inbox, no message, the same ref is not a duplicate later.
         assert await node.store.positions("terminal:acme/nosuch") == (0, 0, 0, 0)
         assert node.counters.accepted == 0 and node.delivery.uncommitted == 0
+        # (tillwire_messages_refused_total{source="terminal",code="UNKNOWN_TERMINAL"})
+        assert node.counters.refused[("terminal", "UNKNOWN_TERMINAL")] == 2
         # A message to a known terminal is not held up by the refusals.
         till = await connect(node, "t1")
         ack = await be.send("payment.result", PAY, "terminal:acme/t1", ref=6)
