@@ -28,6 +28,9 @@ from .presence_redis import RedisPresence
 from .registry_redis import RedisRegistry
 
 
+POOL_SIZE = 64               # Redis connections a worker's backends use at most at once
+
+
 def worker_name(node_id: str, index: int) -> str:
     """The fleet-wide name of worker ``index`` of node ``node_id``."""
     return f"{node_id}.w{index}"
@@ -59,8 +62,11 @@ def connect(cfg: Config, worker: str) -> Shared:
     # (health checks keep an idle pool's connections honest across a Redis
     # restart; the timeouts turn an unreachable Redis into errors the node
     # answers with STORE_UNAVAILABLE rather than a hang)
-    client = aioredis.Redis.from_url(cfg.redis.url, health_check_interval=10,
-                                     socket_connect_timeout=2.0, socket_timeout=5.0)
+    # A blocking pool: past POOL_SIZE connections in use a call waits for one
+    # (up to the timeout) rather than failing at once under a burst.
+    client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        cfg.redis.url, max_connections=POOL_SIZE, timeout=5.0, health_check_interval=10,
+        socket_connect_timeout=2.0, socket_timeout=5.0))
     # (the broker's pub/sub connection waits for messages without a timeout)
     listener = aioredis.Redis.from_url(cfg.redis.url, socket_connect_timeout=2.0)
     prefix = cfg.redis.prefix

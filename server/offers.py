@@ -232,6 +232,7 @@ class Offers:
             return
         for member, conns in waiting.items():
             if capped.get(member, True):
+                self.host.counters.offers_capped += 1     # (once per member per offer)
                 continue
             for conn in conns:
                 if conn.state == OPEN:

@@ -503,6 +503,63 @@ async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothin
             assert node.stop() == 0
 
 
+@aiotest(180)
+async def test_a_rolling_restart_of_one_node_under_p0_traffic_loses_nothing(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    clients = []
+    try:
+        for i in range(6):
+            c = Client(*a.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
+                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+            clients.append(await c.start())
+        pay = await connect(b.addr, "pay1", roles=("backend",), timeout=5)   # on node B
+        got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+        async def receive(i, c):
+            async for msg in c:
+                got[i].append(int(msg.body["order"][1:]))
+                await msg.ack()
+
+        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+        sent = 0
+        stop = asyncio.Event()
+
+        async def pay_loop():
+            nonlocal sent
+            while not stop.is_set() and sent < 600:
+                await pay.send("payment.result", payment(sent),
+                               f"terminal:acme/till{sent % len(clients)}", ref=sent + 1)
+                sent += 1
+                await asyncio.sleep(0.01)
+
+        paying = asyncio.create_task(pay_loop())
+        await asyncio.sleep(0.5)
+        # Node A drains its workers one at a time and stops; its tills wait
+        # (their address is node A's) while payments go on being stored.
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, a.stop) == 0
+        await asyncio.sleep(0.5)
+        before = len(a.server.log())
+        a.server.start()                             # the new version comes up
+        a.wait_listening(range(2), since=before)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await paying
+        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        for i in range(len(clients)):
+            assert got[i] == list(range(i, sent, len(clients))), (i, got[i][:20])
+        assert all(c.connects >= 2 for c in clients)   # each moved across the restart
+        for r in readers:
+            r.cancel()
+        await pay.close()
+    finally:
+        for c in clients:
+            await c.close()
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
 def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
     env = {**os.environ, "TILLWIRE_SECRET": SECRET}
     done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
