@@ -53,3 +53,13 @@ class SessionClosed(TillwireError):
         super().__init__(f"{Code(code).name}: {reason}" if reason else Code(code).name)
         self.code = Code(code)
         self.reason = reason
+
+
+class StartupError(TillwireError):
+    """``tillwire serve`` cannot start: a port is taken, the data directory or
+    a TLS file is unusable.  ``key`` names the config key (and through it the
+    flag or variable) to change; the message is one line for the operator."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import orjson
-from tillwire.core.errors import ConfigError
+from tillwire.core.errors import ConfigError, StartupError
 
 from tillwire import __version__
 
@@ -335,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tillwire: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupError as exc:
+        # One line naming the cause and the key to change, not a traceback.
+        print(f"tillwire: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader went away (`tillwire config --keys | head`): no traceback,
         # and no second error when the interpreter flushes stdout at exit.

@@ -13,18 +13,25 @@ and exits 0.  A second signal ends the wait at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
-import sys
+import socket
+import sqlite3
 import ssl
+import sys
 
 import orjson
 import uvloop
 
+from tillwire.core.errors import StartupError
+
 from . import gcpolicy
 from .config import Config, node_id
+from .connection import listen_socket
 from .logs import setup_logging
+from .tls import HandshakeLog, make_ssl_context
 
 log = logging.getLogger("tillwire.server")
 
@@ -51,25 +58,78 @@ def make_store(cfg: Config):
     raise ValueError(f"store.backend: unknown backend {backend!r}")
 
 
-def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
-    """The terminal listener's TLS context from ``[tls]`` (None while TLS is off).
+def _data_dir_usable(path: str) -> None:
+    """Create the data directory if needed and prove it writable, or raise
+    StartupError naming ``server.data_dir`` (a raw FileNotFoundError from
+    deep inside the store says neither what nor where)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".tillwire-probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartupError("server.data_dir", f"cannot use {path!r} as the data directory: "
+                           f"{exc.strerror or exc} (set server.data_dir, --data-dir or "
+                           "TILLWIRE_SERVER_DATA_DIR to a writable directory)") from None
 
-    ``client_ca`` turns on client certificate verification: optional
-    (a terminal without a certificate still connects; one with a bad
-    certificate is refused) unless ``require_client_cert`` makes it required.
-    """
-    tls = cfg.tls
-    if not tls.cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert, tls.key)
-    if tls.client_ca:
-        ctx.load_verify_locations(cafile=tls.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+
+def _runner_address(runner) -> tuple[str, int]:
+    """The admin API's bound (host, port)."""
+    host, port = runner.addresses[0][:2]
+    return host, port
+
+
+def _port_error(key: str, flag: str, host: str, port: int, exc: OSError) -> StartupError:
+    if isinstance(exc, socket.gaierror):
+        key = key.replace(".port", ".host")
+        return StartupError(key, f"cannot listen on {host!r}: {exc.strerror or exc}; set {key} "
+                            "to an address of this machine")
+    env = "TILLWIRE_" + key.upper().replace(".", "_")
+    if exc.errno == errno.EADDRINUSE:
+        why = f"{host}:{port} is already in use (another server running?)"
+    elif exc.errno == errno.EACCES:
+        why = f"not allowed to listen on {host}:{port} (ports below 1024 need privileges)"
     else:
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+        why = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return StartupError(key, f"{why}; choose another with {key}, {flag} or {env}")
+
+
+def _tls_error(cfg: Config, exc: OSError) -> StartupError:
+    """Which of the TLS files is unusable, and why, in one line."""
+    tls = cfg.tls
+    for key, path in (("tls.cert", tls.cert), ("tls.key", tls.key), ("tls.client_ca", tls.client_ca)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as err:
+                return StartupError(key, f"cannot read {path!r}: {err.strerror or err}")
+    for key, path in (("tls.cert", tls.cert), ("tls.client_ca", tls.client_ca)):
+        if path:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=path)
+            except (OSError, ssl.SSLError):
+                return StartupError(key, f"{path!r} holds no PEM certificate")
+    reason = getattr(exc, "reason", None) or str(exc)
+    with open(tls.key, "rb") as f:
+        if b"PRIVATE KEY-----" not in f.read():
+            return StartupError("tls.key", f"{tls.key!r} holds no PEM private key")
+    if reason == "KEY_VALUES_MISMATCH":
+        return StartupError("tls.key", f"{tls.key!r} is not the private key of {tls.cert!r}")
+    return StartupError("tls.key", f"cannot use {tls.key!r} as the private key of "
+                        f"{tls.cert!r}: {reason}")
+
+
+def banner(cfg: Config, terminals: tuple[str, int], admin: tuple[str, int] | None,
+           tls: bool) -> str:
+    """The one line that says where this server listens (the real ports, also
+    the ones the kernel chose for port 0)."""
+    where = f"ready: terminals on {terminals[0]}:{terminals[1]}{' (TLS)' if tls else ''}"
+    if admin is None:
+        return f"{where}, admin API off (admin.port = 0); data in {cfg.server.data_dir}"
+    return (f"{where}, admin API on http://{admin[0]}:{admin[1]}; "
+            f"data in {cfg.server.data_dir}")
 
 
 async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = None,
@@ -77,23 +137,39 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
     """Run a node until SIGTERM/SIGINT, ``stop_event`` or an admin drain; returns an
     exit code.  ``freeze_gc`` (``tillwire serve``): once started, move every object
     alive (modules, configuration, the loaded registry) out of the cyclic garbage
-    collector's sight and space out its full collections (see gcpolicy)."""
+    collector's sight and space out its full collections (see gcpolicy).
+
+    Raises StartupError (one line naming the key to change) when it cannot
+    start: the data directory, a TLS file, a port."""
     from .audit import open_audit_log
     from .node import Node
 
     cfg.require_secret()
     loop = asyncio.get_running_loop()
-    os.makedirs(cfg.server.data_dir, exist_ok=True)
+    _data_dir_usable(cfg.server.data_dir)
+    handshakes = HandshakeLog(loop)
     try:
-        tls = make_ssl_context(cfg)
+        tls = make_ssl_context(cfg, handshakes)
     except (OSError, ssl.SSLError) as exc:
-        log.error("tls: cannot load tls.cert=%s tls.key=%s tls.client_ca=%s: %s",
-                  cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca, exc)
-        return 1
+        raise _tls_error(cfg, exc) from None
+    srv = cfg.server
+    # Bound before the store opens: a port in use costs nothing to report.
+    try:
+        sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat)
+    except OSError as exc:
+        raise _port_error("server.port", "--port", srv.host, srv.port, exc) from None
     node = Node(cfg, make_store(cfg), loop=loop, node_id=node_id(cfg))
     audit = open_audit_log(cfg)
     node.audit = audit
-    await node.start(ssl=tls)
+    try:
+        await node.start(sock=sock, ssl=tls)
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        await node.stop()
+        audit.close()
+        raise StartupError("server.data_dir", f"cannot open the store in "
+                           f"{cfg.server.data_dir!r}: {exc} (check the directory, its "
+                           "permissions and free space, or set server.data_dir)") from None
     for host, port in node.addresses:
         log.info("listening host=%s port=%s node=%s store=%s tls=%s max_connections=%d",
                  host, port, node.node_id, cfg.store.backend,
@@ -101,20 +177,22 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
                  "mutual-required" if cfg.tls.require_client_cert else
                  "mutual-optional" if cfg.tls.client_ca else "on", node.max_connections)
     admin = None
+    admin_address = None
     if cfg.admin.port:
         from .admin import start_admin
 
         try:
             admin = await start_admin(node, cfg, audit)
         except OSError as exc:
-            log.error("admin API: cannot listen on admin.host=%s admin.port=%s: %s",
-                      cfg.admin.host, cfg.admin.port, exc)
             await node.stop()
             audit.close()
-            return 1
+            raise _port_error("admin.port", "--admin-port", cfg.admin.host, cfg.admin.port,
+                              exc) from None
+        admin_address = _runner_address(admin)
         if not cfg.admin.tokens:
             log.warning("admin API has no tokens: every /v1 call is refused (set "
                         "[[admin.tokens]] or TILLWIRE_ADMIN_TOKEN)")
+    log.info("%s", banner(cfg, node.addresses[0], admin_address, tls is not None))
     stop = stop_event or asyncio.Event()
     signals: list[str] = []
 
@@ -158,6 +236,7 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         if admin is not None:
             await admin.cleanup()
         audit.close()
+        handshakes.flush()
     log.info("stopped node=%s", node.node_id)
     return node.exit_code
 
