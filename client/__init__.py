@@ -6,6 +6,7 @@ see ``client/sdk.py``.  ``Connection`` is one raw session (no reconnects).
 """
 
 from .connection import Connection, SendError
-from .sdk import Client, ClientClosed, Message, connect
+from .sdk import Client, ClientClosed, ConnectFailed, Kicked, Message, Refused, connect
 
-__all__ = ["connect", "Client", "ClientClosed", "Message", "Connection", "SendError"]
+__all__ = ["connect", "Client", "ClientClosed", "Kicked", "Refused", "ConnectFailed", "Message",
+           "Connection", "SendError"]

@@ -8,10 +8,16 @@ Subcommands::
                     --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
     tillwire config (--print | --keys) [--config PATH]
     tillwire backup --out FILE [--data-dir D] [--config PATH]
+    tillwire term   --token T [--config PATH] [--host H] [--port P] [--tls-ca FILE] ...
+    tillwire send   KIND --to ADDRESS --body JSON [--config PATH] [--admin URL] ...
 
-``--config`` defaults to ``$TILLWIRE_CONFIG``.  Exit codes: 0 success, 1 a
-runtime failure, 2 a usage or configuration error (the message names the
-key: ``tillwire: config error: server.port: ...``).
+``--config`` defaults to ``$TILLWIRE_CONFIG``; every subcommand reads the
+same file and ``TILLWIRE_*`` variables (``term`` its server address and
+TLS, ``send`` the admin API's).  Exit codes: 0 success, 1 a runtime failure
+(``serve`` that cannot start says why in one line naming the key:
+``tillwire: cannot start: server.port: 127.0.0.1:7070 is already in use...``),
+2 a usage or configuration error (the message names the key:
+``tillwire: config error: server.port: ...``).
 """
 
 from __future__ import annotations
@@ -119,20 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     backup.set_defaults(handler=_cmd_backup)
     term = sub.add_parser("term", help="an interactive terminal simulator",
                           description="Connect as a terminal, show incoming messages by lane "
-                                      "and send tickets, chat and any message (type help).")
+                                      "and send tickets, chat and any message (type help).  "
+                                      "The server's address and TLS come from the same config "
+                                      "file and TILLWIRE_* variables as serve; flags override.")
+    _add_config_option(term)
     term.add_argument("--token", required=True, help="the terminal's token (tillwire token)")
-    term.add_argument("--host", default="127.0.0.1")
-    term.add_argument("--port", type=int, default=7070)
+    term.add_argument("--host", help="server address (default: server.host; 127.0.0.1 for a "
+                                     "wildcard)")
+    term.add_argument("--port", type=int, help="terminal port (default: server.port)")
     term.add_argument("--state", metavar="FILE", help="resume state file (default: none)")
     term.add_argument("--auto-ack", action="store_true",
                       help="acknowledge each message when the next one arrives")
     term.add_argument("--no-colour", action="store_true", help="plain text output")
-    term.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA")
+    term.add_argument("--tls-ca", metavar="FILE",
+                      help="connect with TLS, trusting this CA (default: TLS with the system's "
+                           "CAs when tls.cert is set, else plaintext)")
     term.set_defaults(handler=_cmd_term)
 
     send = sub.add_parser("send", help="publish a message through the admin API",
-                          description="POST /v1/publish on the admin API.  The token comes from "
-                                      "$TILLWIRE_ADMIN_TOKEN.")
+                          description="POST /v1/publish on the admin API.  The API's address "
+                                      "comes from the same config file and TILLWIRE_* variables "
+                                      "as serve (admin.host, admin.port), the token from "
+                                      "$TILLWIRE_ADMIN_TOKEN or the config's [[admin.tokens]].")
+    _add_config_option(send)
     send.add_argument("kind", help="the message kind, e.g. price.update")
     send.add_argument("--to", required=True, help="address, e.g. store:acme/s1")
     send.add_argument("--body", required=True, help="the body, a JSON object")
@@ -140,10 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--ttl", help="time to live, e.g. 10m")
     send.add_argument("--key", help="P2 conflation key (default: derived from the body)")
     send.add_argument("--ref", type=int, help="idempotency key: a resend is not delivered twice")
-    send.add_argument("--admin", default="http://127.0.0.1:7071",
-                      help="admin API base URL (default: %(default)s)")
+    send.add_argument("--admin", metavar="URL",
+                      help="admin API base URL (default: http://<admin.host>:<admin.port>)")
     send.set_defaults(handler=_cmd_send)
     return parser
+
+
+def _local_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
 
 
 def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
@@ -152,20 +176,53 @@ def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
     import uvloop
     from tillwire.client.term import run
 
-    ctx = _ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
-    return uvloop.run(run(args.host, args.port, args.token, state_path=args.state,
+    cfg = _load(args, env)
+    host = args.host or _local_host(cfg.server.host)
+    port = args.port if args.port is not None else cfg.server.port
+    if args.tls_ca:
+        try:
+            ctx = _ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, _ssl.SSLError) as exc:
+            print(f"tillwire: error: --tls-ca {args.tls_ca}: cannot load a CA from it: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=err)
+            return EXIT_USAGE
+    else:
+        ctx = _ssl.create_default_context() if cfg.tls.cert else None
+    return uvloop.run(run(host, port, args.token, state_path=args.state,
                           auto_ack=args.auto_ack, colour=not args.no_colour and out.isatty(),
-                          ssl=ctx))
+                          ssl=ctx, err=err))
+
+
+def _admin_token(cfg: Config) -> str:
+    """The token TILLWIRE_ADMIN_TOKEN added (named "env"), else the config's token
+    for every tenant, else its first."""
+    tokens = cfg.admin.tokens
+    for chosen in ([t for t in tokens if t.name == "env"], [t for t in tokens if t.tenants == ("*",)],
+                   list(tokens)):
+        if chosen:
+            return chosen[0].token
+    return ""
 
 
 def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     import urllib.error
     import urllib.request
 
-    token = env.get("TILLWIRE_ADMIN_TOKEN", "")
+    cfg = _load(args, env)
+    token = _admin_token(cfg)
     if not token:
-        print("tillwire: error: set TILLWIRE_ADMIN_TOKEN to an admin token", file=err)
+        print("tillwire: error: no admin token: set TILLWIRE_ADMIN_TOKEN or list "
+              "[[admin.tokens]] in the config file", file=err)
         return EXIT_USAGE
+    if args.admin:
+        base = args.admin
+    elif not cfg.admin.port:
+        print("tillwire: error: the admin API is off (admin.port = 0): set admin.port "
+              "(TILLWIRE_ADMIN_PORT) or give --admin URL", file=err)
+        return EXIT_USAGE
+    else:
+        host = _local_host(cfg.admin.host)
+        base = f"http://{f'[{host}]' if ':' in host else host}:{cfg.admin.port}"
     try:
         body = orjson.loads(args.body)
     except orjson.JSONDecodeError as exc:
@@ -185,7 +242,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
     if args.ref is not None:
         request["ref"] = args.ref
     req = urllib.request.Request(
-        args.admin.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
+        base.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -195,7 +252,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
         print(f"tillwire: error: {exc.code} {exc.read().decode('utf-8', 'replace')}", file=err)
         return EXIT_FAILURE
     except (urllib.error.URLError, OSError) as exc:
-        print(f"tillwire: error: cannot reach {args.admin}: {exc}", file=err)
+        print(f"tillwire: error: cannot reach {base}: {exc}", file=err)
         return EXIT_FAILURE
 
 

@@ -29,6 +29,7 @@ WINDOW = 10.0
 
 _HINTS = {
     "WRONG_VERSION_NUMBER": " (not TLS: a plaintext client on the TLS port?)",
+    "PACKET_LENGTH_TOO_LONG": " (not TLS: a plaintext client on the TLS port?)",
     "HTTP_REQUEST": " (an HTTP request on the TLS port)",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": " (tls.require_client_cert: the terminal sent no certificate)",
     "CERTIFICATE_VERIFY_FAILED": " (the terminal's certificate is not signed by tls.client_ca)",
