@@ -8,6 +8,7 @@ Subcommands::
                     --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
     tillwire config (--print | --keys) [--config PATH]
     tillwire backup --out FILE [--data-dir D] [--config PATH]
+    tillwire restore --from FILE [--data-dir D] [--config PATH]
     tillwire term   --token T [--config PATH] [--host H] [--port P] [--tls-ca FILE] ...
     tillwire send   KIND --to ADDRESS --body JSON [--config PATH] [--admin URL] ...
 
@@ -123,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--out", metavar="FILE", required=True,
                         help="the copy to write (replaced atomically if it exists)")
     backup.set_defaults(handler=_cmd_backup)
+
+    restore = sub.add_parser("restore", help="put a backup in place of a stopped server's store",
+                             description="Replace the sqlite store (<data-dir>/tillwire.db) of a "
+                                         "stopped server with a copy made by tillwire backup.  "
+                                         "The database there is moved to <data-dir>/"
+                                         "before-restore-<time>/, not deleted; the restored "
+                                         "store gets new epochs so terminals that got further "
+                                         "than the backup start over from it.")
+    _add_config_option(restore)
+    restore.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
+    restore.add_argument("--from", dest="source", metavar="FILE", required=True,
+                         help="the copy made by tillwire backup")
+    restore.set_defaults(handler=_cmd_restore)
     term = sub.add_parser("term", help="an interactive terminal simulator",
                           description="Connect as a terminal, show incoming messages by lane "
                                       "and send tickets, chat and any message (type help).  "
@@ -374,6 +388,31 @@ def _cmd_backup(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, e
         return EXIT_FAILURE
     print(f"tillwire: backup of {source} written to {args.out} "
           f"({os.path.getsize(args.out)} bytes)", file=err)
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env, {"server.data_dir": args.data_dir})
+    import sqlite3
+
+    from .store_sqlite import DB_FILENAME
+    from .store_sqlite_backup import StoreInUse, restore_file
+
+    target = os.path.join(cfg.server.data_dir, DB_FILENAME)
+    if not os.path.isfile(args.source):
+        print(f"tillwire: error: --from {args.source}: no such file", file=err)
+        return EXIT_USAGE
+    try:
+        os.makedirs(cfg.server.data_dir, exist_ok=True)
+        aside = restore_file(args.source, target)
+    except StoreInUse as exc:
+        print(f"tillwire: error: restore refused: {exc}", file=err)
+        return EXIT_FAILURE
+    except (OSError, sqlite3.Error) as exc:
+        print(f"tillwire: error: restore failed: {exc}", file=err)
+        return EXIT_FAILURE
+    kept = f"; the database before is in {aside}" if aside else ""
+    print(f"tillwire: {args.source} restored to {target}{kept}", file=err)
     return EXIT_OK
 
 

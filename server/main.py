@@ -163,13 +163,16 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
     node.audit = audit
     try:
         await node.start(sock=sock, ssl=tls)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        # (RuntimeError: the store's schema is newer than this version, or its
+        # writer process could not start)
         sock.close()
         await node.stop()
         audit.close()
+        fix = "" if isinstance(exc, RuntimeError) else (
+            " (check the directory, its permissions and free space, or set server.data_dir)")
         raise StartupError("server.data_dir", f"cannot open the store in "
-                           f"{cfg.server.data_dir!r}: {exc} (check the directory, its "
-                           "permissions and free space, or set server.data_dir)") from None
+                           f"{cfg.server.data_dir!r}: {exc}{fix}") from None
     for host, port in node.addresses:
         log.info("listening host=%s port=%s node=%s store=%s tls=%s max_connections=%d",
                  host, port, node.node_id, cfg.store.backend,

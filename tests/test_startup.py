@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -144,3 +145,20 @@ def test_make_run_prints_the_real_ports_and_keeps_dev_secrets_private(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_store_newer_than_this_version_is_one_line(tmp_path):
+    """A downgrade without restoring the backup taken before the upgrade
+    (docs/upgrading.md): refused in one line, the database untouched."""
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(data / "tillwire.db")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '999')")
+    db.commit()
+    db.close()
+    result = serve(tmp_path)
+    assert result.returncode == 1
+    line = last_line(result)
+    assert line.startswith("tillwire: cannot start: server.data_dir:"), line
+    assert "schema version 999 is newer than this Tillwire's" in line
