@@ -253,6 +253,9 @@ class Handlers:
                 down = getattr(node.store, "write_failure", "")
                 if down:
                     reason = f"store: {down}"
+                elif node.broker is not None and not node.broker.connected:
+                    # (notices and channel messages for this worker are lost meanwhile)
+                    reason = "broker: its pub/sub connection to Redis is being opened again"
         if reason:
             return _json({"ready": False, "reason": reason, "node": node.node_id}, 503)
         return _json({"ready": True, "node": node.node_id})
@@ -340,6 +343,9 @@ class Handlers:
         report = {} if lane == Lane.P3 and kind in POLICY_KINDS else None
         offset = await node.publish(address, lane, kind, checked.key, checked.version, payload,
                                     float(ttl), report)
+        if offset is None:
+            raise ApiError(503, "history: the channel message could not be placed or carried; "
+                                "retry", "", "STORE_UNAVAILABLE")
         call.detail["offset"] = offset
         if not offset:
             return _json({"stale": True})
@@ -397,6 +403,7 @@ class Handlers:
                              old.revoked_before if old is not None else 0.0)
         await node.store.terminals.register(rec)
         await node.registry.put(rec)
+        node.terminal_changed(address)
         _call(request).detail = {"store": store, "roles": list(roles)}
         return _json(_record_doc(rec), 200 if old is not None else 201)
 
@@ -409,9 +416,9 @@ class Handlers:
         await self.node.store.terminals.register(rec)
         return rec
 
-    def _kick(self, request: web.Request, address: str, reason: str, event: str,
-              **detail) -> bool:
-        kicked = self.node.kick(address, reason)
+    async def _kick(self, request: web.Request, address: str, reason: str, event: str,
+                    **detail) -> bool:
+        kicked = await self.node.kick_anywhere(address, reason)
         if self.audit is not None:
             call = _call(request)
             self.audit.write(event, _who(request), tenant=call.tenant,
@@ -426,10 +433,9 @@ class Handlers:
         reason = _text(doc, "reason", "disconnected by an operator")
         if await self.node.registry.get(address) is None and address not in self.node.hub.sessions:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
-        conn = self.node.hub.sessions.get(address)
-        if conn is None or conn.transport is None:
-            raise ApiError(409, f"terminal: {address} is not connected to this node", "terminal")
-        kicked = self._kick(request, address, reason, "kick")
+        kicked = await self._kick(request, address, reason, "kick")
+        if not kicked:
+            raise ApiError(409, f"terminal: {address} is not connected", "terminal")
         return _json({"terminal": address, "kicked": kicked})
 
     async def retire(self, request: web.Request) -> web.Response:
@@ -440,7 +446,8 @@ class Handlers:
         rec = await self._known(address)
         await node.store.terminals.retire(address, True)
         await node.registry.put(dataclasses.replace(rec, retired=True))
-        kicked = self._kick(request, address, reason, "retire")
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "retire")
         return _json({"terminal": address, "retired": True, "kicked": kicked})
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -452,7 +459,8 @@ class Handlers:
         before = time.time()
         await node.store.terminals.revoke(address, before)
         await node.registry.put(dataclasses.replace(rec, revoked_before=before))
-        kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "revoke", revoked_before=before)
         return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
 
     async def presence(self, request: web.Request) -> web.Response:
@@ -569,6 +577,7 @@ class Handlers:
         info = await self.node.directory.put(tenant, store, timezone=timezone,
                                              on_duty=rosters.get("on_duty"),
                                              managers=rosters.get("managers"))
+        self.node.directory_changed(tenant, store)
         _call(request).detail = {"fields": sorted(doc)}
         return _json(info.to_dict())
 
@@ -760,14 +769,16 @@ def make_app(node, cfg, audit=None) -> web.Application:
 
 
 async def start_admin(node, cfg, audit=None, host: str | None = None,
-                      port: int | None = None) -> web.AppRunner:
+                      port: int | None = None, reuse_port: bool = False) -> web.AppRunner:
     """Serve the admin app on ``host:port`` (default: ``[admin]``); returns the runner
-    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones)."""
+    (``await runner.cleanup()`` stops it; ``runner.addresses`` are the bound ones).
+    ``reuse_port``: the workers of a node share the port (SO_REUSEPORT); any
+    of them answers, over the state they share in Redis."""
     runner = web.AppRunner(make_app(node, cfg, audit), access_log=None,
                            handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.admin.host,
-                       cfg.admin.port if port is None else port)
+                       cfg.admin.port if port is None else port, reuse_port=reuse_port or None)
     await site.start()
     for addr in runner.addresses:
         log.info("admin API listening host=%s port=%s", addr[0], addr[1])

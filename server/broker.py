@@ -42,6 +42,11 @@ class Broker(Protocol):
     worker_id: str
     """This worker's address for :meth:`send_control` (node id and worker)."""
 
+    @property
+    def connected(self) -> bool:
+        """True while started and able to receive (a backend that lost its
+        connection says False until it has subscribed again)."""
+
     async def start(self, on_message: MessageHandler, on_control: ControlHandler) -> None:
         """Connect and take this worker's control inbox; the handlers receive
         from now on.  ValueError if a started worker already has this id."""

@@ -44,6 +44,10 @@ class MemoryBroker(Broker):
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
 
+    @property
+    def connected(self) -> bool:
+        return self._on_message is not None
+
     async def start(self, on_message: MessageHandler, on_control: ControlHandler) -> None:
         workers = self._bus._workers
         if self.worker_id in workers:

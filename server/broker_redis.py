@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from redis.exceptions import RedisError
 
@@ -51,6 +51,14 @@ class RedisBroker(Broker):
         self._confirm: dict[tuple[str, bytes], asyncio.Future] = {}
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
+        self.on_resubscribed: Callable[[], None] | None = None
+        """Called after a lost pub/sub connection was replaced (what was
+        published to this worker meanwhile is lost: the caller repairs)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the pub/sub connection is up (started and not reconnecting)."""
+        return self._pubsub is not None and self._on_message is not None
 
     def _name(self, channel: str) -> bytes:
         return self._channel_prefix + channel.encode()
@@ -141,6 +149,8 @@ class RedisBroker(Broker):
                     delay = 0.0
                     log.info("broker: worker %s subscribed again (%d channels)",
                              self.worker_id, len(self._channels))
+                    if self.on_resubscribed is not None:
+                        self.on_resubscribed()
                 await self._read_messages()
             except (OSError, RedisError) as exc:
                 await self._drop(exc)

@@ -15,6 +15,8 @@ streams themselves are the hub's.
 
 from __future__ import annotations
 
+import logging
+import struct
 import time
 
 from ..core.codes import Code, Flag, FrameType, Lane
@@ -28,6 +30,27 @@ from .archive import StreamEntry
 _LANE_MASK = int(Flag.LANE_MASK)
 _P3 = int(Lane.P3)
 SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
+
+log = logging.getLogger("tillwire.channels")
+
+# A channel message between the workers of a fleet: epoch, offset, version,
+# ttl (s), the kind's and key's lengths, then kind, key and payload.
+_PLACED = struct.Struct(">QQqdHH")
+
+
+def pack_placed(epoch: int, offset: int, kind: str, key: str, version: int, ttl: float,
+                payload: bytes) -> bytes:
+    k, c = kind.encode(), key.encode()
+    return _PLACED.pack(epoch, offset, version, ttl, len(k), len(c)) + k + c + payload
+
+
+def unpack_placed(data: bytes):
+    """(epoch, offset, kind, key, version, ttl, payload) of :func:`pack_placed`."""
+    epoch, offset, version, ttl, nk, nc = _PLACED.unpack_from(data)
+    at = _PLACED.size
+    kind = data[at:at + nk].decode()
+    key = data[at + nk:at + nk + nc].decode()
+    return epoch, offset, kind, key, version, ttl, data[at + nk + nc:]
 
 
 class Channels:
@@ -47,6 +70,7 @@ class Channels:
         self.slow_consumer = node.slow_consumer
         self.offers = node.offers
         self.chat = node.chat
+        self.interest = None         # interest.Interest in a fleet over Redis (node.py sets it)
 
     def _request_wait(self, conn: TerminalConnection) -> float:
         """0.0 when a SUBSCRIBE/UNSUBSCRIBE/HISTORY may go now, else seconds to wait."""
@@ -81,13 +105,16 @@ class Channels:
                          entry.deadline, stream) == OVERFLOW:
                 break
 
-    def _stream(self, name: str, lane: int, address):
+    def _stream(self, name: str, lane: int, address, epoch: int = 0, offset: int = 0):
         """The stream of a channel, created (and announced to the implied
-        subscribers of its name) on first use."""
+        subscribers of its name) on first use; a fleet's mirror is made with
+        the shared history's ``epoch`` and ``offset``."""
         hub = self.hub
         stream = hub.stream(name, lane, create=False)
         if stream is None:
             stream = hub.stream(name, lane)
+            if epoch:
+                stream.epoch, stream.offset = epoch, offset
             frame = hub.announce_frame(stream)
             for group in hub.groups(address):
                 for conn in group:
@@ -150,9 +177,25 @@ class Channels:
                 return None
             stream = hub.subscribe(name, lane, conn)       # (never makes a stream)
             subs.add(stream)
+            if self.interest is not None:
+                self.interest.add([name])
+                if not self.interest.primed([name]):
+                    self.node.spawn(self._join_primed(conn, name, lane, position))
+                    return None
         self.join(conn, stream, position, now)
         self.mark_dirty(conn)
         return None
+
+    async def _join_primed(self, conn: TerminalConnection, name: str, lane: int,
+                           position) -> None:
+        """Join an explicit subscription once this worker primed its channel."""
+        await self.interest.wait([name])
+        stream = self._subscribed(conn, name, lane)
+        if conn.state == OPEN and stream is not None:
+            # (the priming made the pending stream the channel's, or left it pending)
+            self.join(conn, self.hub.stream(name, lane, create=False) or stream, position,
+                      self.loop.time())
+            self.mark_dirty(conn)
 
     @staticmethod
     def _subscribed(conn: TerminalConnection, name: str, lane: int):
@@ -176,6 +219,8 @@ class Channels:
         else:
             conn.extra["explicit"].discard(stream)
             self.hub.unsubscribe(stream, conn, self.loop.time())
+            if self.interest is not None:
+                self.interest.remove([stream.name])
             conn.control(self.encoder.encode(Frame(
                 FrameType.UNSUBSCRIBED, channel=stream.id, code=Code.OK)))
         self.mark_dirty(conn)
@@ -327,8 +372,78 @@ class Channels:
         in-process hub calls it at once).
 
         P3 offers (``offers.POLICY_KINDS``) go only to the sessions that pass
-        the offer policy; ``report`` (a dict) then gets {delivered, quiet, capped}."""
+        the offer policy; ``report`` (a dict) then gets {delivered, quiet, capped}.
+
+        In a fleet the shared History places it and the broker carries it to
+        every worker that needs the channel (their own fan-out fills no
+        ``report``); ``then(None)`` says the history or the broker failed."""
+        if self.interest is not None:
+            self.node.spawn(self._publish(address, lane, kind, key, version, payload, ttl, then))
+            return
         then(self._append(address, lane, kind, key, version, payload, ttl, report))
+
+    async def _publish(self, address, lane: int, kind: str, key: str, version: int,
+                       payload: bytes, ttl: float, then) -> None:
+        name = str(address)
+        if lane == _P3:
+            ttl = ttl or self.cfg.lanes.p3_ttl
+        else:
+            ttl = 0.0
+        try:
+            placed = await self.node.history.append(name, lane, kind, key, version, payload, ttl)
+            if placed is not None:
+                data = pack_placed(placed.epoch, placed.offset, kind, key, version, ttl, payload)
+                if address.scope == "terminal":
+                    await self.node.ownership.send_channel(name, lane, data)
+                else:
+                    await self.node.broker.publish(name, lane, data)
+        except Exception as exc:
+            # (placed but not carried: the history has it for catch-up)
+            log.warning("history/broker: publishing to %s failed: %s", name, exc)
+            then(None)
+            return
+        then(placed.offset if placed is not None else 0)
+
+    def receive(self, name: str, lane: int, data: bytes) -> None:
+        """A channel message from the fleet (placed by a History): fan it out
+        here, through this worker's mirror of the stream."""
+        interest = self.interest
+        if interest.hold(name, lane, data):
+            return                          # (placed once the channel is primed)
+        if name not in interest.counts:
+            return                          # (in flight while this worker left it)
+        address = parse_address(name)
+        epoch, offset, kind, key, version, ttl, payload = unpack_placed(data)
+        now = self.loop.time()
+        stream = self._stream(name, lane, address, epoch, offset - 1)
+        if stream.epoch != epoch or offset > stream.offset + 1:
+            # A new history (the stream was freed or lost in Redis), or a gap
+            # (messages lost while the broker reconnected): the mirror starts
+            # again here; terminals at older positions resync.
+            if stream.offset:
+                stream.history.clear()
+                stream.lvc = {}
+            stream.epoch = epoch
+        elif offset <= stream.offset:
+            return                          # (the priming read had it)
+        entry = self.hub.append(stream, kind, key, version, payload, now,
+                                now + ttl if ttl else 0.0, placed=offset)
+        self._fanout(address, stream, entry, lane, kind, payload, None)
+
+    def prime(self, name: str, lane: int, page) -> None:
+        """Set this worker's mirror of a stream from a History read."""
+        if not page.epoch:
+            return                          # (nothing was ever published to it)
+        now = self.loop.time()
+        stream = self._stream(name, lane, parse_address(name), page.epoch, page.offset)
+        stream.epoch = page.epoch
+        stream.history.clear()
+        stream.lvc = {}
+        deadline = now + self.cfg.lanes.p3_ttl if lane == _P3 else 0.0
+        for item in page.items:
+            self.hub.append(stream, item.kind, item.key, item.version, item.payload, now,
+                            deadline, placed=item.offset)
+        stream.offset = page.offset
 
     def _append(self, address, lane: int, kind: str, key: str, version: int,
                 payload: bytes, ttl: float, report: dict | None) -> int:
@@ -345,6 +460,14 @@ class Channels:
         self.store.archive.append(name, lane, stream.epoch, StreamEntry(
             entry.offset, kind, key, version, payload, unix,
             unix + (deadline - now) if deadline else 0.0))
+        self._fanout(address, stream, entry, lane, kind, payload, report)
+        return entry.offset
+
+    def _fanout(self, address, stream, entry, lane: int, kind: str, payload: bytes,
+                report: dict | None) -> None:
+        """Write a stream's new entry to its subscribers here (encoded once)."""
+        key = entry.key
+        deadline = entry.deadline
         ckey = (stream.id, key) if key else None
         dirty = self.output.dirty
         overflow = []
@@ -371,4 +494,3 @@ class Channels:
         counters.lane_bytes_out[lane] += reached * len(payload)
         for conn in overflow:       # only P0/P1 overflow; kept for symmetry
             self.slow_consumer(conn)
-        return entry.offset

@@ -3,7 +3,7 @@
 Subcommands::
 
     tillwire serve  [--config PATH] [--host H] [--port P] [--data-dir D]
-                    [--admin-port N] [--redis URL] [--log-level L]
+                    [--admin-port N] [--redis URL] [--workers N] [--log-level L]
     tillwire token  --tenant T --store S [--region R] --terminal ID
                     --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
     tillwire config (--print | --keys) [--config PATH]
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", help="server.port: port of the terminal listener")
     serve.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
     serve.add_argument("--admin-port", metavar="PORT", help="admin.port: admin API port (0 = disabled)")
-    serve.add_argument("--redis", metavar="URL", help="redis.url: Redis URL for scale-out (not built yet: refused)")
+    serve.add_argument("--redis", metavar="URL",
+                       help="redis.url: the fleet's Redis (store, presence, routing, history)")
+    serve.add_argument("--workers", metavar="N",
+                       help="server.workers: worker processes sharing the ports (more than 1 needs --redis)")
     serve.add_argument("--log-level", metavar="LEVEL", help="log.level: debug, info, warning or error")
     serve.set_defaults(handler=_cmd_serve)
 
@@ -283,13 +286,10 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, er
         "server.data_dir": args.data_dir,
         "admin.port": args.admin_port,
         "redis.url": args.redis,
+        "server.workers": args.workers,
         "log.level": args.log_level,
     })
     cfg.require_secret()
-    if cfg.redis.url:
-        # Say so rather than run a lone node the operator believes is clustered.
-        raise ConfigError("redis.url", "Redis scale-out is not available in this version; "
-                          "leave it empty to run the embedded single-node server")
     try:
         # Imported here so the other subcommands work without the server.
         from tillwire.server.main import serve

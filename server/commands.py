@@ -15,6 +15,7 @@ connection count and the per-tenant session counts.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -37,6 +38,7 @@ from .auth import verify_token
 from .connection import (
     HOLD_AUTH,
     HOLD_BUDGET,
+    HOLD_LOOKUP,
     RESUMING,
     STALL_HOLDS,
     STOP_AFTER,
@@ -50,6 +52,8 @@ from .offers import POLICY_KINDS
 from .retry import InOrder
 from .store import NewMessage
 from .terminals import TerminalRecord
+
+log = logging.getLogger("tillwire.commands")
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -206,6 +210,10 @@ class Commands:
             if extra:
                 for stream in extra.get("explicit", ()):
                     self.hub.unsubscribe(stream, conn, self.loop.time())
+                interest = self.channels.interest
+                if interest is not None:
+                    interest.remove(extra.pop("interest", ()))
+                    interest.remove([s.name for s in extra.get("explicit", ())])
             if self._tenant_sessions and extra and extra.get("tenant_counted"):
                 self._tenant_left(claims.tenant)
         if extra:
@@ -314,7 +322,7 @@ class Commands:
         self.spawn(self.delivery.on_read_receipt(conn, frame))
 
 
-    def _on_hello(self, conn: TerminalConnection, frame):
+    def _on_hello(self, conn: TerminalConnection, frame, looked_up: bool = False):
         # (Handled even when bytes after it in the same read closed the session:
         # frames before a bad one are valid, PROTOCOL.md 16; its WELCOME then
         # is not sent, as nothing follows a CLOSE.)
@@ -330,6 +338,13 @@ class Commands:
             return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
         record = self.registry.cached(address)
+        if record is None and self.node.shared_registry and not looked_up:
+            # A registry shared by a fleet: this worker may not have the record
+            # (retired or revoked through another worker): read it first, the
+            # frames behind the HELLO waiting.
+            conn.hold(HOLD_LOOKUP)
+            self.spawn(self._look_up(conn, frame, address))
+            return STOP_AFTER
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
                                 "this terminal is retired" if record.retired
@@ -369,7 +384,7 @@ class Commands:
         info = orjson.dumps({
             "terminal": address, "tenant": claims.tenant, "store": claims.store,
             "region": claims.region, "roles": list(claims.roles), "member": claims.member,
-            "node": self.node_id,
+            "node": self.node_id, "worker": self.node.worker,
         })
         conn.accept(min(frame.version, PROTOCOL_VERSION), int(heartbeat * 1000),
                     int(now * 1000), self.max_frame_size, self.store.epoch, info)
@@ -448,8 +463,15 @@ class Commands:
             conn.error(Code.BAD_REQUEST, 0, str(exc))
             positions = {}
         self.hub.attach(conn, claims)
-        now = self.loop.time()
         names = implied_channels(claims)
+        interest = self.channels.interest
+        if interest is not None:
+            interest.add(names)
+            conn.extras()["interest"] = names
+            if not interest.primed(names):
+                self.spawn(self._join_primed(conn, names, positions))
+                names = ()
+        now = self.loop.time()
         for stream in self.hub.streams_of(names):
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         same_epoch = frame.epoch == self.store.epoch
@@ -457,6 +479,32 @@ class Commands:
         self.spawn(self.delivery.resume(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
         self.mark_dirty(conn)
+
+    async def _join_primed(self, conn: TerminalConnection, names, positions) -> None:
+        """Catch a resumed session up on its channels once this worker's
+        mirrors of them are primed from the fleet's history."""
+        await self.channels.interest.wait(names)
+        if conn.state != OPEN:
+            return
+        now = self.loop.time()
+        for stream in self.hub.streams_of(names):
+            self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
+        self.mark_dirty(conn)
+
+    async def _look_up(self, conn: TerminalConnection, frame, address: str) -> None:
+        try:
+            await self.registry.get(address)        # (keeps what it read in the cache)
+        except Exception as exc:
+            log.warning("registry: reading %s at its login failed: %s", address, exc)
+            if conn.state != CLOSED:
+                conn.close(Code.SHUTDOWN, "the terminal registry could not be read; reconnect")
+                self.mark_dirty(conn)
+            return
+        if conn.state == CLOSED:
+            return
+        self._on_hello(conn, frame, looked_up=True)
+        self.mark_dirty(conn)
+        conn.release(HOLD_LOOKUP)
 
     def _on_send(self, conn: TerminalConnection, frame):
         lane = frame.flags & _LANE_MASK
@@ -551,9 +599,14 @@ class Commands:
             else _ignore)
         return None
 
-    def _published(self, conn: TerminalConnection, ref: int, address, report, offset: int) -> None:
-        """SENDACK a P2/P3 SEND once its stream placed it (offset 0: stale)."""
-        if conn.state == OPEN:
+    def _published(self, conn: TerminalConnection, ref: int, address, report,
+                   offset: int | None) -> None:
+        """SENDACK a P2/P3 SEND once its stream placed it (offset 0: stale;
+        None: a shared history or the broker failed)."""
+        if offset is None:
+            self.node.request_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                    f"{address}: the channel message could not be placed; retry")
+        elif conn.state == OPEN:
             self.delivery.sendack(conn, ref, 0, orjson.dumps(
                 {"channel": str(address), "offset": offset, **(report or {})})
                 if offset else b'{"stale":true}')

@@ -593,6 +593,10 @@ class ServerConfig:
         "Milliseconds of writing to connections in one go: past it the rest of a flush waits "
         "until received frames and commits had their turn (a payment result is not held "
         "behind a promotion flood's writes to every terminal; 0 = no limit).")
+    workers: int = _key(
+        1, _Int(1, 64),
+        "Worker processes of this node, sharing server.port (SO_REUSEPORT) and admin.port; "
+        "a supervisor restarts one that dies. More than 1 needs redis.url.")
     max_connections: int = _key(
         0, _Int(0),
         "Most concurrent terminal connections; more are refused at once with CLOSE "
@@ -781,9 +785,10 @@ class StoreConfig:
     """``[store]``: where inboxes and dedup state live."""
 
     backend: str = _key(
-        "sqlite", _Choice("memory", "sqlite"),
-        "Message store: sqlite (durable, <data_dir>/tillwire.db; the embedded default) or "
-        "memory (everything is lost when the process ends).")
+        "sqlite", _Choice("memory", "sqlite", "redis"),
+        "Message store: sqlite (durable, <data_dir>/tillwire.db; the embedded default), "
+        "memory (everything is lost when the process ends) or redis (shared by every worker "
+        "and node of a fleet; the default when redis.url is set).")
     synchronous: str = _key(
         "FULL", _Choice("OFF", "NORMAL", "FULL", "EXTRA"),
         "SQLite PRAGMA synchronous of the sqlite store.")
@@ -856,8 +861,9 @@ class RedisConfig:
     url: str = _key(
         "", _Str(re.compile(r"(redis|rediss|unix)://\S+"), "empty or a redis://, rediss:// or unix:// URL",
                  allow_empty_pattern=True),
-        "Redis URL for scale-out (not built yet: serve refuses a non-empty value); empty = "
-        "embedded single-node mode.")
+        "Redis URL of the fleet: presence, routing, channel history, the registry and the "
+        "store live there, and server.workers may be more than 1; empty = the embedded "
+        "single-process default.")
     prefix: str = _key(
         "tw", _Str(re.compile(r"[A-Za-z0-9._:-]{1,64}"), "1-64 characters of A-Z a-z 0-9 . _ : -"),
         "Prefix of every Redis key and channel this cluster uses.")
@@ -1400,6 +1406,19 @@ def _check_relations(cfg: Config, sources: dict[str, str]) -> None:
         seen_names.add(token.name)
         seen_tokens.add(token.token)
 
+    red = cfg.redis
+    if srv.workers > 1 and not red.url:
+        raise _error("server.workers", f"is {srv.workers}: more than 1 worker needs redis.url "
+                     "(workers share their terminals' state only through Redis)",
+                     env_of("server.workers"))
+    if red.url and cfg.store.backend != "redis":
+        raise _error("store.backend", f"is {cfg.store.backend} but redis.url is set: a fleet "
+                     "over Redis keeps its store there (store.backend = redis)",
+                     env_of("store.backend"))
+    if cfg.store.backend == "redis" and not red.url:
+        raise _error("redis.url", "is empty but store.backend is redis: set the Redis URL "
+                     "(redis.url, TILLWIRE_REDIS_URL or --redis)", env_of("redis.url"))
+
     tls = cfg.tls
     if bool(tls.cert) != bool(tls.key):
         key = "tls.key" if tls.cert else "tls.cert"
@@ -1445,6 +1464,8 @@ def load_config(
     if overrides:
         _read_overrides(overrides, values, sources)
     values["admin.tokens"] = tuple(values["admin.tokens"]) + ((env_token,) if env_token else ())
+    if values["redis.url"] and "store.backend" not in sources:
+        values["store.backend"] = "redis"       # a fleet shares its store
 
     sections = {
         section: cls(**{f.name: values[f"{section}.{f.name}"] for f in fields(cls)})

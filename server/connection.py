@@ -77,9 +77,10 @@ HOLD_PONG = 2        # the session holds input until its queued PONG went out
 HOLD_BUDGET = 4      # its control frames are over their budget (see Node.check_budget)
 HOLD_AUTH = 8        # a refused login's answer is being held back (auth throttling)
 HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads them slowly)
+HOLD_LOOKUP = 32     # a login waits for its terminal's record from a shared registry
 # Holds that also stop the handling of frames already read (the rest of a
 # read waits in the backlog until they are lifted).
-_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
+_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH | HOLD_LOOKUP
 # Holds that only the terminal's reading lifts: held so too long is a slow consumer.
 STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
 STOP_AFTER = -1.0
@@ -294,7 +295,8 @@ class TerminalConnection(ServerSession):
         return f"<TerminalConnection {self.address or 'unauthenticated'}>"
 
 
-def listen_socket(host: str, port: int, send_buffer: int, notsent_lowat: int) -> socket.socket:
+def listen_socket(host: str, port: int, send_buffer: int, notsent_lowat: int,
+                  reuse_port: bool = False) -> socket.socket:
     """The terminal listener.  Accepted sockets inherit its SO_SNDBUF and
     TCP_NOTSENT_LOWAT, so the small kernel buffers (a P0 never waits
     behind megabytes already handed to the kernel) cost nothing per
@@ -305,12 +307,17 @@ def listen_socket(host: str, port: int, send_buffer: int, notsent_lowat: int) ->
     transport's buffer queues more behind that, all of it ahead of any
     later payment result (on a 2 Mbit/s link, most of a second).  With
     it the kernel holds about ``notsent_lowat`` unsent bytes and the rest
-    stays in the lanes, where P0 goes first and P3 can be shed."""
+    stays in the lanes, where P0 goes first and P3 can be shed.
+
+    ``reuse_port``: the workers of a node each bind the same port
+    (SO_REUSEPORT) and the kernel spreads new connections over them."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
     if notsent_lowat and lowat is not None and family in (socket.AF_INET,

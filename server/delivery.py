@@ -238,6 +238,7 @@ class Delivery:
         counters.store_write.observe(time.perf_counter() - started)
         live = self._live
         touched = {}        # the connections this batch queued frames for, senders first
+        away = [] if self.node.ownership is not None else None   # (terminal, lane, seq)
         for (msg, recipients, reply, _), accepted in zip(batch, results):
             if reply.__class__ is tuple:
                 touched[reply[0]] = None
@@ -249,8 +250,14 @@ class Delivery:
                     conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
                     if conn is not None:
                         touched[conn] = None
+                    elif away is not None and terminal not in self.hub.sessions:
+                        away.append((terminal, msg.lane, seq))
             if reply is not None:
                 self._answer(reply, accepted, None)
+        if away:
+            # Sessions held by other workers: tell them (after the answers:
+            # the store has the messages whatever becomes of the telling).
+            self.node.ownership.notify(away)
         # Write the deliveries and SENDACKs now, not at the next iteration's
         # flush: under a broadcast flood an iteration is long, and payment
         # results should not wait one more of them.  Only the connections
@@ -295,22 +302,10 @@ class Delivery:
         """A message was stored for ``terminal``: hand it over if it is next in
         line.  Returns the terminal's open connection (None when it has none)."""
         conn = self.hub.sessions.get(terminal)
-        if conn is None or conn.state != OPEN or self.node.draining:
-            return None     # (draining: it waits in the store for the next connection)
-        inbox = conn.inbox
-        if inbox is RESUMING:
-            # The resume task is reading the store's positions; make sure it
-            # learns of this message even if its read came first.
-            seen = self._resuming.setdefault(conn, [0, 0])
-            seen[lane] = max(seen[lane], seq)
-            return conn
+        inbox = self._learn(conn, lane, seq)
         if inbox is None:
-            inbox = conn.inbox = self._inbox_state(conn, conn.inbox_window(0)[0],
-                                                   conn.inbox_window(1)[0])
-            inbox.progress = self.loop.time()
-        if seq > inbox.last[lane]:
-            inbox.last[lane] = seq
-        if inbox.pumping[lane]:
+            return None
+        if inbox is RESUMING or inbox.pumping[lane]:
             return conn
         acked = conn.inbox_window(lane)[0]
         if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
@@ -320,6 +315,40 @@ class Delivery:
         else:
             self.pump(conn, lane)
         return conn
+
+    def notified(self, terminal: str, lane: int, seq: int) -> None:
+        """Inbox ``lane`` of ``terminal`` holds messages up to ``seq`` (another
+        worker stored them, or the reconciliation found them): if its session
+        is here, read what it has not had from the store."""
+        conn = self.hub.sessions.get(terminal)
+        if conn is None or (conn.inbox is None and seq <= conn.inbox_window(lane)[0]):
+            return          # (not here, or nothing it has not acked)
+        inbox = self._learn(conn, lane, seq)
+        if (inbox is not None and inbox is not RESUMING and not inbox.pumping[lane]
+                and inbox.cursor[lane] <= seq):
+            self.pump(conn, lane)
+
+    def _learn(self, conn, lane: int, seq: int):
+        """Note that ``conn``'s inbox holds ``seq``; returns its InboxState
+        (made when it had none), RESUMING while its resume reads the store
+        (the resume then learns of ``seq``), or None when there is nothing
+        to hand over: no open connection, or draining."""
+        if conn is None or conn.state != OPEN or self.node.draining:
+            return None     # (draining: it waits in the store for the next connection)
+        inbox = conn.inbox
+        if inbox is RESUMING:
+            # The resume task is reading the store's positions; make sure it
+            # learns of this message even if its read came first.
+            seen = self._resuming.setdefault(conn, [0, 0])
+            seen[lane] = max(seen[lane], seq)
+            return inbox
+        if inbox is None:
+            inbox = conn.inbox = self._inbox_state(conn, conn.inbox_window(0)[0],
+                                                   conn.inbox_window(1)[0])
+            inbox.progress = self.loop.time()
+        if seq > inbox.last[lane]:
+            inbox.last[lane] = seq
+        return inbox
 
     def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit) -> None:
         if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:

@@ -50,6 +50,7 @@ class ServiceHost(Protocol):
     encoder: Encoder        # encodes the frames of a service's answer (HISTORY items)
     hub: PolicySessions
     directory: Directory
+    shared_registry: bool   # True in a fleet: other workers change the same records
 
     @property
     def stopping(self) -> bool:

@@ -296,6 +296,18 @@ class Hub:
         self._unindex(key)
         return True
 
+    def drop(self, stream: Stream) -> None:
+        """Forget a stream whatever it holds (a fleet worker's mirror of a
+        channel none of its sessions needs any more)."""
+        key = (stream.name, stream.lane)
+        if self._streams.get(key) is stream:
+            del self._streams[key]
+            self._unindex(key)
+        elif self._pending.get(key) is stream:
+            del self._pending[key]
+        self._by_id.pop(stream.id, None)
+        self._aged_due.pop(stream.id, None)
+
     def stream_keys(self) -> list[tuple[str, int]]:
         """Every stream's (name, lane), a snapshot (for a sweep in slices)."""
         return list(self._streams)
@@ -362,9 +374,14 @@ class Hub:
         return len(self._pending)
 
     def append(self, stream: Stream, kind: str, key: str, version: int, payload: bytes,
-               now: float, deadline: float) -> Entry | None:
-        """Add a message to a stream; None if a newer version of ``key`` exists."""
-        if stream.lane == Lane.P2 and key:
+               now: float, deadline: float, placed: int = 0) -> Entry | None:
+        """Add a message to a stream; None if a newer version of ``key`` exists.
+
+        ``placed``: the offset a shared history gave it (which made the
+        version check): the mirror takes it as is."""
+        if placed:
+            stream.offset = placed - 1
+        elif stream.lane == Lane.P2 and key:
             newest = stream.lvc.get(key)
             if newest is not None and version and newest.version and version <= newest.version:
                 return None

@@ -1,8 +1,12 @@
-"""``tillwire serve``: run one server process on the embedded default.
+"""``tillwire serve``: run one server process, or a node of worker processes.
 
 Builds the store named by the config, the node, the audit log, TLS on the
 terminal listener (``[tls]``) and the admin plane (``[admin]``, when
 ``admin.port`` is not 0), and runs on a uvloop event loop until stopped.
+With ``redis.url`` the store, presence, routing, the registry and channel
+history are the fleet's in Redis (``fleet.py``); with ``server.workers``
+above 1 a supervisor (``supervisor.py``) runs that many such processes on
+the same ports.
 
 Stopping is a graceful drain: SIGTERM or SIGINT (or ``POST /v1/drain``)
 sends every terminal GOAWAY, waits for the P0/P1 messages in flight to be
@@ -133,14 +137,16 @@ def banner(cfg: Config, terminals: tuple[str, int], admin: tuple[str, int] | Non
 
 
 async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = None,
-              freeze_gc: bool = False) -> int:
+              freeze_gc: bool = False, worker: int = 0, node_name: str | None = None) -> int:
     """Run a node until SIGTERM/SIGINT, ``stop_event`` or an admin drain; returns an
     exit code.  ``freeze_gc`` (``tillwire serve``): once started, move every object
     alive (modules, configuration, the loaded registry) out of the cyclic garbage
     collector's sight and space out its full collections (see gcpolicy).
+    ``worker``/``node_name``: this process's index among its node's workers and the
+    node's id (default: derived, see config.node_id).
 
     Raises StartupError (one line naming the key to change) when it cannot
-    start: the data directory, a TLS file, a port."""
+    start: the data directory, a TLS file, a port, the store, Redis."""
     from .audit import open_audit_log
     from .node import Node
 
@@ -153,29 +159,48 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
     except (OSError, ssl.SSLError) as exc:
         raise _tls_error(cfg, exc) from None
     srv = cfg.server
+    reuse_port = srv.workers > 1
     # Bound before the store opens: a port in use costs nothing to report.
     try:
-        sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat)
+        sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat, reuse_port)
     except OSError as exc:
         raise _port_error("server.port", "--port", srv.host, srv.port, exc) from None
-    node = Node(cfg, make_store(cfg), loop=loop, node_id=node_id(cfg))
+    nid = node_name or node_id(cfg)
+    shared = None
+    if cfg.redis.url:
+        from .fleet import connect, worker_name
+
+        shared = connect(cfg, worker_name(nid, worker))
+        node = Node(cfg, shared.store, loop=loop, node_id=nid, worker=worker,
+                    presence=shared.presence, broker=shared.broker,
+                    registry=shared.registry, history=shared.history)
+    else:
+        node = Node(cfg, make_store(cfg), loop=loop, node_id=nid, worker=worker)
     audit = open_audit_log(cfg)
     node.audit = audit
     try:
-        await node.start(sock=sock, ssl=tls)
-    except (OSError, sqlite3.Error, RuntimeError) as exc:
-        # (RuntimeError: the store's schema is newer than this version, or its
-        # writer process could not start)
+        await node.start(sock=sock, ssl=tls, reuse_port=reuse_port)
+    except Exception as exc:
         sock.close()
         await node.stop()
         audit.close()
+        if shared is not None:
+            await shared.close()
+        if cfg.redis.url:
+            # (Redis unreachable, refused, or it answered what the store cannot use)
+            raise StartupError("redis.url", f"worker {worker} of node {nid} cannot open its "
+                               f"Redis backends: {exc}") from None
+        if not isinstance(exc, (OSError, sqlite3.Error, RuntimeError)):
+            raise
+        # (RuntimeError: the store's schema is newer than this version, or its
+        # writer process could not start)
         fix = "" if isinstance(exc, RuntimeError) else (
             " (check the directory, its permissions and free space, or set server.data_dir)")
         raise StartupError("server.data_dir", f"cannot open the store in "
                            f"{cfg.server.data_dir!r}: {exc}{fix}") from None
     for host, port in node.addresses:
-        log.info("listening host=%s port=%s node=%s store=%s tls=%s max_connections=%d",
-                 host, port, node.node_id, cfg.store.backend,
+        log.info("listening host=%s port=%s node=%s worker=%d store=%s tls=%s "
+                 "max_connections=%d", host, port, node.node_id, worker, cfg.store.backend,
                  "off" if tls is None else
                  "mutual-required" if cfg.tls.require_client_cert else
                  "mutual-optional" if cfg.tls.client_ca else "on", node.max_connections)
@@ -185,10 +210,12 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         from .admin import start_admin
 
         try:
-            admin = await start_admin(node, cfg, audit)
+            admin = await start_admin(node, cfg, audit, reuse_port=cfg.server.workers > 1)
         except OSError as exc:
             await node.stop()
             audit.close()
+            if shared is not None:
+                await shared.close()
             raise _port_error("admin.port", "--admin-port", cfg.admin.host, cfg.admin.port,
                               exc) from None
         admin_address = _runner_address(admin)
@@ -212,6 +239,9 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
             loop.add_signal_handler(sig, on_signal, sig.name)
         except (NotImplementedError, RuntimeError):
             pass
+    # A worker of a supervisor starts with them blocked (supervisor.py): one
+    # that came while it started is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if freeze_gc:
         # What exists now lives as long as the process (see gcpolicy).
         # Measured under the durable steady load: full-collection pauses of
@@ -239,8 +269,10 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         if admin is not None:
             await admin.cleanup()
         audit.close()
+        if shared is not None:
+            await shared.close()
         handshakes.flush()
-    log.info("stopped node=%s", node.node_id)
+    log.info("stopped node=%s worker=%d", node.node_id, worker)
     return node.exit_code
 
 
@@ -249,6 +281,15 @@ def serve(cfg: Config) -> int:
     setup_logging(cfg.log)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("configuration %s", orjson.dumps(cfg.to_dict()).decode())   # secrets masked
+    if cfg.server.workers > 1:
+        from .supervisor import serve_workers
+
+        return serve_workers(cfg, node_id(cfg), _supervised_worker)
+    return _worker(cfg, 0, None)
+
+
+def _worker(cfg: Config, index: int, node_name: str | None) -> int:
+    """One server process: worker ``index`` of node ``node_name``."""
     # The store's reader thread (and its writer, with store.writer = "thread")
     # hands the GIL back and forth with the event loop on every SQLite step;
     # when the loop is busy (a broadcast flood) a 5 ms switch interval makes
@@ -256,4 +297,14 @@ def serve(cfg: Config) -> int:
     # to the loop.
     sys.setswitchinterval(SWITCH_INTERVAL)
     uvloop.install()
-    return asyncio.run(run(cfg, freeze_gc=True))
+    return asyncio.run(run(cfg, freeze_gc=True, worker=index, node_name=node_name))
+
+
+def _supervised_worker(cfg: Config, index: int, node_name: str | None) -> int:
+    """A worker of ``serve --workers N``: one that cannot start logs the
+    one-line reason (the supervisor restarts it with a growing delay)."""
+    try:
+        return _worker(cfg, index, node_name)
+    except StartupError as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        return 1

@@ -39,6 +39,7 @@ from .delivery import Delivery
 from .directory import Directory
 from .history_memory import MemoryHistory
 from .hub import Hub
+from .interest import Interest
 from .limits import Policy, Sources, default_max_connections
 from .metrics import Counters
 from .offers import Offers
@@ -59,16 +60,24 @@ class Node:
     """One Tillwire server process."""
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
-                 node_id: str = "", presence=None, broker=None) -> None:
+                 node_id: str = "", worker: int = 0, presence=None, broker=None,
+                 registry=None, history=None) -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
-        the only presence, and a takeover is one node's business."""
+        the only presence, and a takeover is one node's business.
+        ``registry``: a registry shared with them (default: this process's,
+        loaded from the store at start).  ``history``: channel history shared
+        with them (with presence and broker; default: this process's hub,
+        kept by the store's archive); with it, channel messages go through
+        the shared history and the broker (``interest.py``).  ``worker``: this process's index
+        among its node's workers (0 for a single process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
         self.cfg = cfg
         self.loop = loop or asyncio.get_event_loop()
         self.store = store
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker = worker
         srv = cfg.server
         # What a terminal may send: a SEND body of limits.max_send_body and its
         # header (announced in WELCOME; frames the server sends may be longer,
@@ -98,8 +107,12 @@ class Node:
         self.hub = Hub(self.encoder, Frame, history_max=cfg.history.max_messages,
                        history_age=cfg.history.max_age)
         self.hub.set_kind_ages({"member.notice": cfg.retention.member_notice})
-        self.history = MemoryHistory(self.hub, self.loop.time)
-        self.registry = MemoryRegistry()
+        if history is not None and broker is None:
+            raise ValueError("Node: a shared history needs presence and a broker")
+        self.shared_history = history is not None
+        self.history = history if history is not None else MemoryHistory(self.hub, self.loop.time)
+        self.shared_registry = registry is not None
+        self.registry = registry if registry is not None else MemoryRegistry()
         self.wheel = _wheel.TimingWheel(cfg.heartbeat.tick, cfg.heartbeat.wheel_size,
                                         self.loop.time())
         self.counters = Counters()
@@ -130,6 +143,9 @@ class Node:
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
         self.ownership = Ownership(self, presence, broker) if presence is not None else None
+        self.broker = broker
+        if self.shared_history:
+            self.channels.interest = Interest(self, broker, self.history)
         self.service_kinds = self.commands.service_kinds
         # The host interface's calls and the connections' entry points,
         # served by the parts (server/host.py, server/connection.py).
@@ -157,29 +173,35 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None, ssl=None) -> None:
+    async def start(self, sock: socket.socket | None = None, ssl=None,
+                    reuse_port: bool = False) -> None:
         if hasattr(self.store, "on_write_failure"):
             self.store.on_write_failure = self._on_store_failure
+        if hasattr(self.store, "on_new_epoch"):
+            self.store.on_new_epoch = self._on_new_epoch
         await self.store.open()
         if self.ownership is not None:
             await self.ownership.start()
-        await self.registry.load(await self.store.terminals.all())
-        history = self.cfg.history
-        self.store.archive.configure(history.max_messages, history.max_age)
-        unix_now, loop_now = time.time(), self.loop.time()
-        # Member notices past their retention are not loaded back.
-        await self.store.archive.expire_kind("member.notice",
-                                             unix_now - self.cfg.retention.member_notice)
-        for state in await self.store.archive.load(history.max_messages, history.max_age,
-                                                    unix_now):
-            self.hub.restore(state, loop_now, unix_now)
+        if not self.shared_registry:       # (a shared one is kept where it lives)
+            await self.registry.load(await self.store.terminals.all())
+        if not self.shared_history:      # (a shared one keeps itself)
+            history = self.cfg.history
+            self.store.archive.configure(history.max_messages, history.max_age)
+            unix_now, loop_now = time.time(), self.loop.time()
+            # Member notices past their retention are not loaded back.
+            await self.store.archive.expire_kind("member.notice",
+                                                 unix_now - self.cfg.retention.member_notice)
+            for state in await self.store.archive.load(history.max_messages, history.max_age,
+                                                        unix_now):
+                self.hub.restore(state, loop_now, unix_now)
         await self.directory.load()
         await self.tickets.load()         # re-arms the escalation timers
         await self.chat.load()
         await self.offers.load()
         srv = self.cfg.server
         if sock is None:
-            sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat)
+            sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat,
+                                 reuse_port)
         server = await self.loop.create_server(self.connection_class, sock=sock,
                                                backlog=srv.backlog, ssl=ssl)
         self._servers.append(server)
@@ -258,13 +280,34 @@ class Node:
         return list(self.commands.unauthenticated)
 
     async def publish(self, address, lane: int, kind: str, key: str, version: int,
-                      payload: bytes, ttl: float = 0.0, report: dict | None = None) -> int:
+                      payload: bytes, ttl: float = 0.0, report: dict | None = None
+                      ) -> int | None:
         """Publish a P2/P3 message (the admin API's path); returns its offset,
-        0 when a newer version of ``key`` made it stale."""
+        0 when a newer version of ``key`` made it stale, None when a shared
+        history or the broker failed."""
         placed = self.loop.create_future()
         self.channels.broadcast(address, lane, kind, key, version, payload, ttl, report,
                                 placed.set_result)
         return await placed
+
+    def terminal_changed(self, address: str) -> None:
+        """An operator changed a terminal's record (registered, retired,
+        revoked): the other workers of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("registry", address)
+
+    def directory_changed(self, tenant: str, store: str) -> None:
+        """An operator changed a store's directory entry: the other workers
+        of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("directory", f"{tenant}/{store}")
+
+    async def kick_anywhere(self, address: str, reason: str) -> bool:
+        """Close ``address``'s session (CLOSE KICKED) on whichever worker of
+        the fleet holds it; False when none does."""
+        if self.kick(address, reason):
+            return True
+        return self.ownership is not None and await self.ownership.kick(address, reason)
 
     async def members(self, address) -> list[str]:
         """The terminal addresses a message to ``address`` is stored for."""
@@ -309,6 +352,19 @@ class Node:
         log.error("store: %s; draining and stopping (exit status 1) so the node restarts "
                   "with a working store", reason)
         self.drain(timeout=2.0)
+
+    def _on_new_epoch(self, old: int, new: int) -> None:
+        """The store lost its inbox history (a shared store that came back
+        empty) and numbers inboxes afresh under epoch ``new``: every session
+        here holds positions of the old history, so each is closed and the
+        terminals come back to a WELCOME with the new epoch (PROTOCOL.md
+        section 11.4), rather than taking fresh payment results for
+        duplicates."""
+        conns = list(self.hub.sessions.values())
+        log.error("store: inbox history lost (epoch %d -> %d); closing %d sessions so their "
+                  "terminals reconnect to the new epoch", old, new, len(conns))
+        for conn in conns:
+            self.close(conn, Code.SHUTDOWN, "the server's inbox history was reset; reconnect")
 
     def force_stop(self) -> None:
         """End a running drain now (a second SIGTERM)."""

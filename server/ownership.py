@@ -17,14 +17,34 @@ them.  Nothing here runs per message: a login and a logout each append to a
 queue that one task writes in order (``retry.InOrder``: kept and retried
 while the backend fails), and the renewal walks the sessions in slices.
 
+P0/P1 messages for terminals held elsewhere: the worker that stored them
+looks their owners up (one call per tenant) and sends each owner one
+``inbox`` control message listing them; the owner reads them from the
+store.  It tells again once ``RENOTIFY`` seconds later, which covers a
+terminal that was moving between workers while it looked (its claim not
+yet written).  What can still be lost (a control message published while
+the owner's pub/sub connection was down, Redis failing between the commit
+and the telling) is repaired by the reconciliation: every
+``RECONCILE_EVERY`` seconds each worker compares the positions of its
+sessions' inboxes in the store with what it knows, so a stored message
+reaches a connected terminal at most about ``RECONCILE_EVERY`` seconds
+late (plus one sweep: ``RECONCILE_SLICE`` reads at a time).  A worker
+whose pub/sub connection was opened again reconciles at once.
+
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
-``takeover`` (argument: the new owner) and ``kick`` (argument: the reason).
+``takeover`` (argument: the new owner and its session's login time, Unix
+seconds; the newer login keeps the terminal), ``kick`` (argument: the reason),
+``inbox`` (terminal empty; argument: one ``<terminal> <lane> <seq>`` line
+per inbox that holds messages up to ``seq``) and ``chan`` (a P2/P3
+message of the terminal's own channel; argument, binary: the lane byte and
+the placed message of ``channels.pack_placed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ..core.codes import Code
 from ..core.session import CLOSED
@@ -36,6 +56,10 @@ log = logging.getLogger("tillwire.ownership")
 LEASE = 90.0                 # seconds a claim lasts without renewal
 RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
 RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
+RENOTIFY = 1.0               # seconds after an inbox notification before the second one
+RECONCILE_EVERY = 5.0        # seconds between reconciliations of the sessions' inboxes
+RECONCILE_SLICE = 32         # inbox positions read at a time while reconciling
+FLEET = "@fleet"             # the broker channel every worker hears (no address starts with @)
 
 
 class Ownership:
@@ -52,17 +76,26 @@ class Ownership:
         self._queue = InOrder(node.spawn, self._write,
                               lambda item: f"presence: {item[0]} of {item[1]}",
                               lambda: node.stopping)
+        self._since: dict[str, float] = {}     # terminal -> when its session here logged in
         self._renewal = None
+        self._reconciler = None
+        self.reconcile_every = RECONCILE_EVERY
+        self.renotify = RENOTIFY
 
     async def start(self) -> None:
+        # (control messages sent while the pub/sub connection was down are lost)
+        self.broker.on_resubscribed = self._on_resubscribed
         await self.broker.start(self._on_message, self._on_control)
-        # (Not a spawn()ed task: stop() waits for those; this one is cancelled.)
+        await self.broker.subscribe([FLEET])
+        # (Not spawn()ed tasks: stop() waits for those; these are cancelled.)
         self._renewal = self.node.loop.create_task(self._renew())
+        self._reconciler = self.node.loop.create_task(self._reconcile_loop())
 
     async def stop(self) -> None:
         """Write the releases still queued (best effort), then leave the broker."""
-        if self._renewal is not None:
-            self._renewal.cancel()
+        for task in (self._renewal, self._reconciler):
+            if task is not None:
+                task.cancel()
         if self._queue:
             await self._queue.drain()
         await self.broker.stop()
@@ -71,6 +104,7 @@ class Ownership:
 
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
+        self._since[address] = time.time()
         self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
@@ -81,41 +115,204 @@ class Ownership:
     async def _write(self, item) -> None:
         verb, address, info = item
         if verb == "claim":
+            if address not in self.node.hub.sessions:
+                # The session closed before its claim was written: claiming
+                # now could take over a newer session of the terminal on
+                # another worker (a quick reconnect that landed there).
+                return
             await self._claim(address, info)
         elif address not in self.node.hub.sessions:     # (not a newer session here)
+            self._since.pop(address, None)
             await self.presence.release(address, self.owner)
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
         previous = await self.presence.claim(address, self.owner, self.lease, info)
         if previous is not None and previous != self.owner:
             # (A lost message is repaired by the previous owner's renewal.)
+            since = self._since.get(address, 0.0)
+            await self.broker.send_control(previous, b"\0".join((
+                b"takeover", address.encode(), f"{self.owner} {since!r}".encode())))
+
+    # -- P0/P1 messages for sessions held elsewhere ------------------------------------
+
+    def notify(self, stored: list[tuple[str, int, int]]) -> None:
+        """(terminal, lane, seq) were stored for terminals with no session
+        here: tell the workers that hold them, now and once more later."""
+        self.node.spawn(self._notify(stored, again=True))
+
+    async def _notify(self, stored: list[tuple[str, int, int]], again: bool) -> None:
+        try:
+            owners = await self.presence.owners(dict.fromkeys(t for t, _, _ in stored))
+            lines: dict[str, list[str]] = {}
+            for terminal, lane, seq in stored:
+                owner = owners.get(terminal)
+                if owner is not None and owner != self.owner:
+                    lines.setdefault(owner, []).append(f"{terminal} {lane} {seq}")
+            for owner, some in lines.items():
+                await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(some).encode())
+        except Exception as exc:        # the owner's reconciliation finds them
+            log.warning("presence/broker: telling the owners of %d stored messages failed: %s",
+                        len(stored), exc)
+        if again and not self.node.stopping:
+            self.node.loop.call_later(self.renotify, self._notify_again, stored)
+
+    def _notify_again(self, stored) -> None:
+        if not self.node.stopping:
+            self.node.spawn(self._notify(stored, again=False))
+
+    def _on_resubscribed(self) -> None:
+        self.node.spawn(self._reconcile_now())
+
+    async def _reconcile_now(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception as exc:            # the periodic round tries again
+            log.warning("store: reconciling this worker's inboxes failed: %s", exc)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_every)
+            try:
+                await self.reconcile()
+            except Exception as exc:        # the next round tries again
+                log.warning("store: reconciling this worker's inboxes failed: %s", exc)
+
+    async def reconcile(self) -> None:
+        """Compare every session's inbox positions in the store with what
+        this worker knows, and read what it missed."""
+        addresses = list(self.node.hub.sessions)
+        store, delivery = self.node.store, self.node.delivery
+        for i in range(0, len(addresses), RECONCILE_SLICE):
+            some = addresses[i:i + RECONCILE_SLICE]
+            found = await asyncio.gather(*(store.positions(a) for a in some))
+            for address, (_, last0, _, last1) in zip(some, found):
+                if last0:
+                    delivery.notified(address, 0, last0)
+                if last1:
+                    delivery.notified(address, 1, last1)
+
+    async def send_channel(self, name: str, lane: int, data: bytes) -> None:
+        """A P2/P3 message placed in a terminal's own channel: to the worker
+        that holds the terminal (nothing when it is offline: the history
+        keeps it for its catch-up)."""
+        terminal = name
+        owner = (await self.presence.owners([terminal])).get(terminal)
+        if owner == self.owner or (owner is None and terminal in self.node.hub.sessions):
+            self.node.channels.receive(name, lane, data)
+        elif owner is not None:
             await self.broker.send_control(
-                previous, b"\0".join((b"takeover", address.encode(), self.owner.encode())))
+                owner, b"chan\0" + name.encode() + b"\0" + bytes((lane,)) + data)
 
     # -- the control inbox ------------------------------------------------------------
 
+    # -- what every worker hears ------------------------------------------------------
+
+    def announce(self, verb: str, argument: str) -> None:
+        """Tell every worker of the fleet (this one too) that something
+        shared changed: ``registry`` (argument: a terminal address; workers
+        that cache its record read it again) or ``directory`` (argument:
+        ``<tenant>/<store>``; every worker reads the entry again)."""
+        self.node.spawn(self._announce(f"{verb}\0{argument}".encode()))
+
+    async def _announce(self, message: bytes) -> None:
+        try:
+            await self.broker.publish(FLEET, 0, message)
+        except Exception as exc:      # (a worker reads the record again when it next needs it)
+            log.warning("broker: announcing %r failed: %s", message[:80], exc)
+
+    def _on_announcement(self, message: bytes) -> None:
+        try:
+            verb, argument = (part.decode() for part in message.split(b"\0", 1))
+        except ValueError:
+            log.warning("announcement: malformed %r", message[:80])
+            return
+        node = self.node
+        if verb == "registry":
+            if node.registry.cached(argument) is not None:
+                node.spawn(self._refresh(node.registry.get(argument), verb, argument))
+        elif verb == "directory":
+            tenant, _, store = argument.partition("/")
+            node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
+        else:
+            log.warning("announcement: unknown verb %r", verb)
+
+    @staticmethod
+    async def _refresh(read, verb: str, argument: str) -> None:
+        try:
+            await read
+        except Exception as exc:
+            log.warning("%s: reading %s again failed: %s", verb, argument, exc)
+
+    async def kick(self, address: str, reason: str) -> bool:
+        """Ask the worker that holds ``address`` to close it (CLOSE KICKED);
+        False when no other worker holds it."""
+        owner = await self.presence.owner(address)
+        if owner is None or owner == self.owner:
+            return False
+        return await self.broker.send_control(
+            owner, b"\0".join((b"kick", address.encode(), reason.encode())))
+
     def _on_message(self, channel: str, lane: int, payload: bytes) -> None:
-        """Channel messages: the in-process hub fans out itself (no subscriptions yet)."""
+        """A channel message from the fleet (with a shared history; without
+        one the in-process hub fans out itself and subscribes nothing)."""
+        if channel == FLEET:
+            self._on_announcement(payload)
+            return
+        if self.node.channels.interest is not None:
+            self.node.channels.receive(channel, lane, payload)
 
     def _on_control(self, message: bytes) -> None:
         try:
-            verb, address, argument = (part.decode() for part in message.split(b"\0", 2))
-        except ValueError:
+            verb, address, raw = message.split(b"\0", 2)
+            verb, address = verb.decode(), address.decode()
+            if verb == "chan":          # (the argument is a lane byte and a placed message)
+                channels = self.node.channels
+                if channels.interest is not None:
+                    channels.receive(address, raw[0], raw[1:])
+                return
+            argument = raw.decode()
+        except (ValueError, IndexError):
             log.warning("control: malformed message %r", message[:80])
             return
         if verb == "takeover":
-            if argument != self.owner:
-                self.node.spawn(self._taken_over(address))
+            owner, _, since = argument.partition(" ")
+            if owner != self.owner:
+                try:
+                    since = float(since or 0.0)
+                except ValueError:
+                    since = 0.0
+                self.node.spawn(self._taken_over(address, since))
+        elif verb == "inbox":
+            notified = self.node.delivery.notified
+            for line in argument.split("\n"):
+                try:
+                    terminal, lane, seq = line.rsplit(" ", 2)
+                    lane, seq = int(lane), int(seq)
+                except ValueError:
+                    log.warning("control: malformed inbox line %r", line[:80])
+                    continue
+                if lane in (0, 1):
+                    notified(terminal, lane, seq)
         elif verb == "kick":
             self.node.kick(address, argument or "disconnected by an operator")
         else:
             log.warning("control: unknown verb %r", verb)
 
-    async def _taken_over(self, address: str) -> None:
-        """Another worker claimed ``address``: close the session here, unless a
-        newer login here claimed it back meanwhile."""
-        if address in self.node.hub.sessions and \
-                await self.presence.owner(address) != self.owner:
+    async def _taken_over(self, address: str, since: float) -> None:
+        """Another worker claimed ``address`` for a login at ``since``: close
+        the session here, unless it is the newer login (claims are written
+        in no particular order across workers: the newest login wins, so a
+        terminal that reconnected at once keeps its new session), then
+        claim it back."""
+        conn = self.node.hub.sessions.get(address)
+        if conn is None:
+            return
+        if self._since.get(address, 0.0) > since:
+            if conn.claims is not None:
+                self._queue.add(("claim", address, SessionInfo(
+                    conn.claims.tenant, conn.claims.store, tuple(conn.claims.roles))))
+            return
+        if await self.presence.owner(address) != self.owner:
             self._close(address)
 
     def _close(self, address: str) -> None:
@@ -147,7 +344,9 @@ class Ownership:
                 if conn is None or conn.claims is None:
                     continue
                 if await self.presence.owner(address) is None:
-                    self.claimed(address, conn.claims)
+                    claims = conn.claims         # (its login time stays the same)
+                    self._queue.add(("claim", address, SessionInfo(
+                        claims.tenant, claims.store, tuple(claims.roles))))
                 else:
                     self._close(address)
             await asyncio.sleep(0)

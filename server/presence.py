@@ -58,6 +58,11 @@ class Presence(Protocol):
     async def owner(self, terminal: str) -> str | None:
         """The owner of ``terminal``'s live lease; None when there is none.  O(1)."""
 
+    async def owners(self, terminals: Iterable[str]) -> dict[str, str]:
+        """terminal -> owner of each of ``terminals`` that has a live lease
+        (the others are left out).  O(len(terminals)), one round trip per
+        tenant among them."""
+
     async def online(self, tenant: str, store: str | None = None,
                      role: str | None = None) -> dict[str, str]:
         """The live sessions of ``tenant`` (of ``store`` and/or with ``role``,

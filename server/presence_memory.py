@@ -102,6 +102,16 @@ class MemoryPresence(Presence):
         lease = self._leases.get(terminal)
         return lease.owner if lease is not None and lease.expires > now else None
 
+    async def owners(self, terminals: Iterable[str]) -> dict[str, str]:
+        now = self._sweep()
+        leases = self._leases
+        found = {}
+        for terminal in terminals:
+            lease = leases.get(terminal)
+            if lease is not None and lease.expires > now:
+                found[terminal] = lease.owner
+        return found
+
     async def online(self, tenant: str, store: str | None = None,
                      role: str | None = None) -> dict[str, str]:
         now = self._sweep()

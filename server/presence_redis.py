@@ -102,6 +102,15 @@ _OWNER = _COMMON + """
 return live_owner(ARGV[3])
 """
 
+_OWNERS = _COMMON + """
+local out = {}
+for i = 3, #ARGV do
+  local o = live_owner(ARGV[i])
+  if o then out[#out + 1] = ARGV[i]; out[#out + 1] = o end
+end
+return out
+"""
+
 _ONLINE = _COMMON + """
 local found = redis.call("ZRANGEBYSCORE", idxp .. ARGV[3], "(" .. ARGV[2], "+inf")
 local out = {}
@@ -127,6 +136,7 @@ class RedisPresence(Presence):
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
         self._owner = client.register_script(_OWNER)
+        self._owners = client.register_script(_OWNERS)
         self._online = client.register_script(_ONLINE)
 
     def _keys(self, tenant: str) -> tuple[list[str], str]:
@@ -168,6 +178,19 @@ class RedisPresence(Presence):
         keys, idx = self._keys(tenant_of(terminal))
         found = await self._owner(keys=keys, args=[idx, repr(self._clock()), terminal])
         return found.decode() if found else None
+
+    async def owners(self, terminals: Iterable[str]) -> dict[str, str]:
+        by_tenant: dict[str, list[str]] = {}
+        for terminal in terminals:
+            by_tenant.setdefault(tenant_of(terminal), []).append(terminal)
+        found: dict[str, str] = {}
+        now = repr(self._clock())
+        for tenant, some in by_tenant.items():
+            keys, idx = self._keys(tenant)
+            flat = await self._owners(keys=keys, args=[idx, now, *some])
+            for i in range(0, len(flat), 2):
+                found[flat[i].decode()] = flat[i + 1].decode()
+        return found
 
     async def online(self, tenant: str, store: str | None = None,
                      role: str | None = None) -> dict[str, str]:

@@ -1007,6 +1007,12 @@ class Writer:
                           "ON CONFLICT(ns, key) DO UPDATE SET value = excluded.value, "
                           "updated = excluded.updated", (ns, key, value, now))
 
+    def kv_put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        self.conn.execute("INSERT INTO kv(ns, key, value, updated) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT(ns, key) DO NOTHING", (ns, key, value, now))
+        return bytes(self.conn.execute("SELECT value FROM kv WHERE ns = ? AND key = ?",
+                                       (ns, key)).fetchone()[0])
+
     def kv_delete(self, ns: str, key: str) -> bool:
         return self.conn.execute("DELETE FROM kv WHERE ns = ? AND key = ?",
                                  (ns, key)).rowcount > 0

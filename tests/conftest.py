@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from backends import BACKENDS, make_backend
+from redis_server import fresh_prefix
 from support import require_impl
 
 
@@ -31,10 +32,14 @@ def codec_pair():
 @pytest.fixture(params=BACKENDS)
 def store_factory(request, tmp_path):
     """``make(**kw)`` -> a new, unopened store of the backend under test
-    (SQLite stores made by one test share one file, so a second one reopens it)."""
+    (SQLite stores made by one test share one file, Redis stores one key
+    prefix, so a second one reopens it)."""
     path = str(tmp_path / "tillwire.db")
+    prefix = fresh_prefix() if request.param == "redis" else ""
 
     def make(**kw):
+        if prefix:
+            kw.setdefault("prefix", prefix)
         return make_backend(request.param, path, **kw)
 
     make.backend = request.param

@@ -326,6 +326,16 @@ def test_a_worker_id_is_started_once(broker_backend):
     run_with(broker_backend, ["w1", "w1"], body)
 
 
+def test_connected_while_started(broker_backend):
+    async def body(a):
+        assert not a.connected
+        await start(a)
+        assert a.connected
+        await a.stop()
+        assert not a.connected
+    run_with(broker_backend, ["w1"], body)
+
+
 def test_calls_before_start_are_refused(broker_backend):
     async def body(a):
         for call in (a.publish("tenant:acme", 1, b"x"), a.subscribe(["tenant:acme"]),

@@ -154,9 +154,6 @@ group_commit_ms = 0
 [log]
 level = "DEBUG"
 
-[redis]
-url = "redis://localhost:6379/0"
-
 [[admin.tokens]]
 name = "ops"
 token = "ops-token"
@@ -167,6 +164,30 @@ name = "acme-support"
 token = "acme-token"
 tenants = ["acme", "beta"]
 """
+
+
+def test_a_fleet_over_redis_keeps_its_store_there(tmp_path):
+    cfg = load_config(env={"TILLWIRE_REDIS_URL": "redis://r:6379/0"})
+    assert cfg.store.backend == "redis" and cfg.server.workers == 1
+    cfg = load_config(env={"TILLWIRE_REDIS_URL": "redis://r:6379/0",
+                           "TILLWIRE_SERVER_WORKERS": "4"})
+    assert cfg.server.workers == 4
+    # Each refusal names the key to change.
+    cases = [
+        ({"TILLWIRE_SERVER_WORKERS": "2"}, "server.workers (TILLWIRE_SERVER_WORKERS)",
+         "needs redis.url"),
+        ({"TILLWIRE_REDIS_URL": "redis://r:6379/0", "TILLWIRE_STORE_BACKEND": "sqlite"},
+         "store.backend (TILLWIRE_STORE_BACKEND)", "redis.url is set"),
+        ({"TILLWIRE_STORE_BACKEND": "redis"}, "redis.url", "store.backend is redis"),
+        ({"TILLWIRE_SERVER_WORKERS": "0"}, "server.workers (TILLWIRE_SERVER_WORKERS)", "1-64"),
+    ]
+    for env, key, words in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(env=env)
+        assert str(err.value).startswith(key + ":") and words in str(err.value), str(err.value)
+    path = toml_file(tmp_path, '[server]\nworkers = 2\n[redis]\nurl = "redis://r:6379/1"\n')
+    cfg = load_config(path, env={})
+    assert (cfg.server.workers, cfg.store.backend) == (2, "redis")
 
 
 def test_toml_file_values(tmp_path):
@@ -181,7 +202,6 @@ def test_toml_file_values(tmp_path):
     assert cfg.store.backend == "sqlite" and cfg.store.synchronous == "NORMAL"  # canonical case
     assert cfg.store.group_commit_ms == 0.0 and isinstance(cfg.store.group_commit_ms, float)
     assert cfg.log.level == "debug"
-    assert cfg.redis.url == "redis://localhost:6379/0"
     assert cfg.admin.tokens == (
         AdminToken("ops", "ops-token", ("*",)),
         AdminToken("acme-support", "acme-token", ("acme", "beta")),
@@ -392,7 +412,8 @@ BAD_VALUES = {
     "limits.auth_fail_delay_max": (-1, "x"),
     "history.max_messages": (-1, "x"),
     "history.max_age": (0, "0"),
-    "store.backend": ("postgres", "redis"),
+    "store.backend": ("postgres", "mysql"),
+    "server.workers": (0, "65"),
     "store.synchronous": ("SOMETIMES", "maybe"),
     "store.group_commit_ms": (-0.5, "-1"),
     "store.writer": ("fork", "sometimes"),
@@ -1026,10 +1047,14 @@ def test_cli_serve_builds_overrides(clean_env, monkeypatch, capsys):
     assert cfg.server.data_dir == "/tmp/tw" and cfg.admin.port == 0
     assert cfg.log.level == "debug"
 
-    # Redis scale-out is not built: asking for it is refused, naming the key,
-    # rather than silently running one embedded node.
-    assert cli.main(["serve", "--redis", "redis://r:6379/0"]) == 2
-    assert "redis.url" in capsys.readouterr().err and len(seen) == 1
+    # --redis makes the node a member of a fleet: the store is Redis too.
+    assert cli.main(["serve", "--redis", "redis://r:6379/0", "--workers", "3"]) == 0
+    cfg = seen[-1]
+    assert cfg.redis.url == "redis://r:6379/0" and cfg.store.backend == "redis"
+    assert cfg.server.workers == 3
+    # More than one worker without Redis is refused, naming the key.
+    assert cli.main(["serve", "--workers", "2"]) == 2
+    assert "server.workers" in capsys.readouterr().err and len(seen) == 2
 
     assert cli.main(["serve", "--port", "nope"]) == 2
     assert "server.port" in capsys.readouterr().err

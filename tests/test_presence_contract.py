@@ -98,6 +98,19 @@ def test_claim_returns_the_previous_owner(presence_backend):
     run_with(presence_backend, body)
 
 
+def test_owners_answers_many_terminals_of_several_tenants_at_once(presence_backend):
+    other = "terminal:bolt/t1"
+    async def body(presence, advance):
+        assert await presence.owners([]) == {}
+        await presence.claim(T1, W1, LEASE, TILL)
+        await presence.claim(T2, W2, 3 * LEASE, TILL)
+        await presence.claim(other, W2, LEASE, SessionInfo("bolt", "s9", ("pos",)))
+        assert await presence.owners([T1, T2, T3, other]) == {T1: W1, T2: W2, other: W2}
+        await advance(2 * LEASE)                 # T1's and other's leases end
+        assert await presence.owners([T1, T2, T3, other]) == {T2: W2}
+    run_with(presence_backend, body)
+
+
 def test_release_only_by_the_owner(presence_backend):
     async def body(presence, advance):
         await presence.claim(T1, W1, LEASE, TILL)

@@ -6,7 +6,10 @@
 * every ```example-error block (line 1: hex; line 2: a Code name) must fail
   to decode with that code under the default frame limit;
 * the tables of frame types, flags, codes, kinds, uvarints, type ranges and
-  limits must agree with core/codes.py.
+  limits must agree with core/codes.py;
+* section 8.2's message bodies must be what the server's schemas check,
+  section 9's rights and subscriptions what it enforces, and section 11.7's
+  answers what a real node sends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 
 import pytest
 
-from support import uvarint
+from support import aiotest, connect, start_node, uvarint
 from tillwire.core.codes import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME_SIZE,
@@ -383,3 +386,303 @@ def test_the_retry_hint_of_the_example_is_what_the_sdk_reads():
     assert retry_hint(Code.RATE_LIMITED, server_hint(0.0123, "over the rate")) == 0.013
     assert retry_hint(Code.BAD_MESSAGE, "retry_ms=100 x") is None       # only those two codes
     assert retry_hint(Code.RATE_LIMITED, "retry_ms=x1 y") is None
+
+
+# --------------------------------------------------------------------------
+# section 8.2: the message bodies, against the server's schemas
+
+
+def kind_sections():
+    """``kind -> (field rows, example body)`` of every ``#### `kind` `` section of 8.2."""
+    sections = {}
+    for number, line in enumerate(DOC_LINES, start=1):
+        match = re.fullmatch(r"#### `([a-z.]+)`", line)
+        if not match:
+            continue
+        kind = match.group(1)
+        rows = next(t[2] for t in TABLES if t[0] > number)
+        header = next(t[1] for t in TABLES if t[0] > number)
+        assert header == ("field", "required", "value"), f"PROTOCOL.md:{number}: {kind}: {header}"
+        body = next(content for n, info, content in BLOCKS
+                    if n > number and info.split()[:1] == ["json"])
+        info = next(info for n, info, _ in BLOCKS if n > number and info.split()[:1] == ["json"])
+        assert info.split() == ["json", "body", kind], f"PROTOCOL.md:{number}: example {info!r}"
+        assert kind not in sections, f"PROTOCOL.md documents {kind} twice"
+        sections[kind] = ({code_span(r[0]): r[1] for r in rows}, json.loads("\n".join(body)))
+    return sections
+
+
+SECTIONS = kind_sections()
+
+
+class _Reading(dict):
+    """A body that records which fields a schema reads (``get``), with their
+    paths (``items[].sku``); nested objects in lists record under the list."""
+
+    def __init__(self, value, path, read):
+        super().__init__({k: (
+            [_Reading(v, f"{path}{k}[].", read) if isinstance(v, dict) else v for v in item]
+            if isinstance(item, list) else item) for k, item in value.items()})
+        self._path, self._read = path, read
+
+    def get(self, key, default=None):
+        self._read.add(self._path + key)
+        return super().get(key, default)
+
+
+def _without(body, field):
+    """A copy of ``body`` without ``field`` (``items[].sku``: in every item)."""
+    body = json.loads(json.dumps(body))
+    head, _, rest = field.partition("[].")
+    if rest:
+        for item in body[head]:
+            item.pop(rest, None)
+    else:
+        body.pop(field, None)
+    return body
+
+
+def _check(kind, body):
+    from tillwire.server import kinds
+    lane = KIND_LANES[kind]
+    payload = json.dumps(body).encode()
+    # Both the native check (what the server runs) and the reference.
+    results = []
+    for check in (kinds.check, kinds.check_reference):
+        try:
+            check(kind, lane, payload)
+            results.append(None)
+        except kinds.MessageError as exc:
+            assert exc.code == Code.BAD_MESSAGE, f"{kind}: {exc}"
+            results.append(exc.field)
+    assert results[0] == results[1], f"{kind}: native and reference disagree: {results}"
+    return results[0]
+
+
+def test_every_registered_kind_has_its_body_documented():
+    assert set(SECTIONS) == set(KINDS.values()), (
+        f"PROTOCOL.md 8.2 lacks {set(KINDS.values()) - set(SECTIONS)}, "
+        f"or documents unregistered {set(SECTIONS) - set(KINDS.values())}")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS.values()))
+def test_body_fields_match_the_schema(kind):
+    from tillwire.server.kinds import SCHEMAS
+    fields, example = SECTIONS[kind]
+    # Every field the server's schema reads is documented.
+    read = set()
+    SCHEMAS[kind](_Reading(example, "", read), kind)
+    assert read <= set(fields), f"{kind}: the schema reads {sorted(read - set(fields))}, undocumented"
+    # The example holds every documented field and is valid.
+    present = set(example) | {f"{k}[].{n}" for k, v in example.items() if isinstance(v, list)
+                              for item in v if isinstance(item, dict) for n in item}
+    sent = {f for f, required in fields.items() if required != "server"}
+    assert sent <= present <= set(fields), (
+        f"{kind}: the example's fields {sorted(present)}, the documented ones {sorted(fields)}")
+    assert _check(kind, example) is None
+    # Each field's "required" is what the server does when it is left out.
+    for field, required in fields.items():
+        refused = _check(kind, _without(example, field))
+        if required in ("yes",) or required.startswith("with "):
+            expected = "body." + field.replace("[].", "[0].")
+            assert refused == expected, f"{kind}: without {field}: refused {refused!r}, doc says required"
+        elif required.startswith("unless "):
+            other = required.split(" ", 1)[1]
+            assert refused is None, f"{kind}: without {field} (with {other}): refused {refused!r}"
+            assert _check(kind, _without(_without(example, field), other)) == f"body.{field}"
+        else:
+            assert required in ("no", "server"), f"{kind}.{field}: required {required!r}"
+            assert refused is None, f"{kind}: without optional {field}: refused {refused!r}"
+    # Fields not listed travel unchanged.
+    assert _check(kind, {**example, "note_for_the_till": "x"}) is None
+
+
+# --------------------------------------------------------------------------
+# section 9: who may send what where, and the subscriptions, against the code
+
+ROLE_COLUMNS = ("pos", "kiosk", "staff", "manager", "service", "customer", "backend")
+# Where the rights tables' example terminals are registered (their cells say so).
+SENDER = dict(tenant="acme", store="s1", region="north", terminal="till7",
+              member="", issued_at=0, expires_at=2**40)
+
+
+def _claims(roles, **changes):
+    from tillwire.server.auth import Claims
+    return Claims(**{**SENDER, "roles": tuple(roles), **changes})
+
+
+def rights_rows(first_header):
+    rows = table(first_header, "example", *ROLE_COLUMNS)
+    assert rows, f"PROTOCOL.md: the {first_header!r} table is empty"
+    for label, example, *cells in rows:
+        text, _, store = example.partition(" in ")
+        yield label, code_span(text), store.strip() or None, cells
+
+
+@pytest.mark.parametrize("first_header,lanes", [("P1 to", (Lane.P1,)),
+                                                ("P2, P3 to", (Lane.P2, Lane.P3))])
+def test_rights_tables_are_what_the_server_enforces(first_header, lanes):
+    from tillwire.server.address import AddressError, check_publish, parse_address
+    from tillwire.server.auth import ROLES
+    assert set(ROLE_COLUMNS) == set(ROLES)
+    for label, text, recipient_store, cells in rights_rows(first_header):
+        address = parse_address(text)
+        for role, cell in zip(ROLE_COLUMNS, cells):
+            assert cell in ("yes", "—"), f"{first_header} {label}: cell {cell!r}"
+            for lane in lanes:
+                try:
+                    check_publish(_claims([role]), address, lane, "order.event", recipient_store)
+                    allowed = True
+                except AddressError as exc:
+                    assert exc.code == Code.FORBIDDEN, f"{text}: {exc}"
+                    allowed = False
+                assert allowed == (cell == "yes"), (
+                    f"PROTOCOL.md 9.1: {role} sending P{int(lane)} to {text} ({label}): the table says "
+                    f"{cell}, the server {'allows' if allowed else 'refuses'} it")
+
+
+def test_p0_and_other_tenants_as_the_text_says():
+    from tillwire.server.address import AddressError, check_publish, parse_address
+    assert "no other role may send on P0" in DOC_TEXT and "another tenant is `BAD_ADDRESS`" in DOC_TEXT
+    for role in ROLE_COLUMNS:
+        for text in ("terminal:acme/till8", "store:acme/s1", "tenant:acme", "role:acme/*/service"):
+            try:
+                check_publish(_claims([role]), parse_address(text), Lane.P0, "payment.result", "s1")
+                allowed = True
+            except AddressError as exc:
+                assert exc.code == Code.FORBIDDEN
+                allowed = False
+            assert allowed == (role == "backend"), f"P0 to {text} by {role}"
+        with pytest.raises(AddressError) as info:
+            check_publish(_claims([role]), parse_address("store:globex/s1"), Lane.P1, "order.event")
+        assert info.value.code == Code.BAD_ADDRESS
+
+
+def test_kind_rights_table_names_the_services_roles():
+    from tillwire.server.tickets import OPENER_ROLES, STAFF_ROLES
+    rows = {cell: who for cell, who, _ in table("kind", "sent by", "refused for others with")}
+
+    def roles(cell):
+        return set(re.findall(r"`([a-z]+)`", cell))
+
+    assert roles(rows["`ticket.open`"]) == OPENER_ROLES
+    assert roles(rows["`ticket.assign`, `ticket.resolve`"]) == STAFF_ROLES
+    assert roles(rows["`ticket.reply`"]) == STAFF_ROLES and "the ticket's opener" in rows["`ticket.reply`"]
+    assert roles(rows["`chat.message`"]) == {"customer", "service"}
+
+
+def test_automatic_subscriptions_are_the_implied_channels():
+    from tillwire.server.address import implied_channels
+    rows = table("channel", "when")
+    claims = _claims(["pos", "staff"], member="m-1001", terminal="till7")
+    expected = []
+    for channel_cell, when in rows:
+        pattern = code_span(channel_cell).replace("<t>", "acme").replace("<s>", "s1") \
+            .replace("<id>", "till7").replace("<g>", "north").replace("<m>", "m-1001")
+        if "<r>" in pattern:
+            assert "for each role" in when
+            expected.extend(pattern.replace("<r>", role) for role in claims.roles)
+        else:
+            expected.append(pattern)
+    assert sorted(expected) == sorted(implied_channels(claims))
+    # The conditional rows: no region and no member, no such channels.
+    bare = _claims(["pos"], region="")
+    for channel_cell, when in rows:
+        if when in ("the token names a region", "the token names a member"):
+            scope = code_span(channel_cell).split(":")[0]
+            assert not any(c.startswith(scope + ":") for c in implied_channels(bare))
+
+
+# --------------------------------------------------------------------------
+# section 11.7: the answer to every SEND, against a real node
+
+
+def answers_table():
+    """``label -> payload cell`` of the SENDACK table (indented in 11.7's list)."""
+    start = next(i for i, line in enumerate(DOC_LINES)
+                 if line.strip() == "| SEND | SENDACK payload |")
+    rows = {}
+    for line in DOC_LINES[start + 2:]:
+        if not line.strip().startswith("|"):
+            break
+        label, payload = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[label] = payload
+    return rows
+
+
+def documented_answers(cell):
+    """The answers a cell allows: the key sets of its ``{...}`` spans, and
+    ``None`` for "an empty payload"."""
+    shapes = [frozenset(re.findall(r'"(\w+)"', span)) for span in re.findall(r"`(\{[^`]*\})`", cell)]
+    if "an empty payload" in cell:
+        shapes.append(None)
+    return shapes
+
+
+async def _every_send(node):
+    backend = await connect(node, "pay", roles=("backend",))
+    till = await connect(node, "t1", store="s1", roles=("pos",))
+    staff = await connect(node, "h1", store="s1", roles=("staff",))
+    app = await connect(node, "app-1", store="s1", roles=("customer",), member="m-1")
+    await connect(node, "agent-1", store="hq", roles=("service",))
+    paid = {"order": "o-1", "status": "paid"}
+    price = {"sku": "6901234567890", "price": "5.00", "version": 2}
+    first = await backend.send("payment.result", paid, "terminal:acme/t1", ref=77)
+    opened = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=5)
+    ticket = json.loads(opened.payload)["ticket"]
+    answers = {
+        "P0/P1, routed": [first],
+        "P2/P3": [await backend.send("price.update", price, "store:acme/s1"),
+                  await backend.send("price.update", {**price, "version": 1}, "store:acme/s1")],
+        "P3 `promo.offer`, `member.notice`": [
+            await backend.send("promo.offer", {"offer": "tea-10", "title": "10% off"},
+                               "store:acme/s1"),
+            await backend.send("member.notice", {"member": "m-1", "text": "ready"},
+                               "member:acme/m-1")],
+        "`ticket.open`": [opened, await till.send("ticket.open", {"code": "E10"},
+                                                  "role:acme/s1/staff")],
+        "`ticket.assign`, `ticket.reply`, `ticket.resolve`": [
+            await staff.send("ticket.assign", {"ticket": ticket}, "terminal:acme/t1"),
+            await staff.send("ticket.reply", {"ticket": ticket, "text": "on my way"},
+                             "terminal:acme/t1"),
+            await staff.send("ticket.resolve", {"ticket": ticket, "resolution": "done"},
+                             "terminal:acme/t1")],
+        "`chat.message`": [await app.send(
+            "chat.message", {"conversation": "0b5e2f4c-5d0a-4f7e-9b61-3c2d1e0f9a8b", "text": "hi"},
+            "role:acme/*/service")],
+    }
+    again = await backend.send("payment.result", paid, "terminal:acme/t1", ref=77)
+    opened_again = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=5)
+    for resend, original in ((again, first), (opened_again, opened)):
+        assert resend.flags & Flag.RETRANSMIT and resend.msg_id == original.msg_id
+    # (A ticket.open's resend gets its first answer again: checked apart.)
+    assert opened_again.payload == opened.payload
+    answers["a resend of a P0/P1 `ref` already accepted"] = [again]
+    return answers
+
+
+@aiotest()
+async def test_the_answer_to_every_send_is_what_the_server_sends():
+    node = await start_node(**{"tickets.auto_replies": [{"code": "E10", "reply": "reboot"}]})
+    try:
+        answers = await _every_send(node)
+    finally:
+        await node.stop()
+    rows = answers_table()
+    assert set(rows) == set(answers), (
+        f"PROTOCOL.md 11.7 rows {sorted(rows)} != the sends this test makes {sorted(answers)}")
+    resend = "a resend of a P0/P1 `ref` already accepted"
+    assert "for `ticket.open` its first answer again" in rows[resend]
+    for label, frames in answers.items():
+        allowed = documented_answers(rows[label])
+        if label == resend:         # (the ticket id alone comes only after a restart)
+            allowed.remove(frozenset({"ticket"}))
+        seen = set()
+        for frame in frames:
+            assert frame.type == FrameType.SENDACK
+            shape = frozenset(json.loads(frame.payload)) if frame.payload else None
+            assert shape in allowed, (
+                f"PROTOCOL.md 11.7 {label}: the server answered {frame.payload!r}, "
+                f"the table allows {rows[label]}")
+            seen.add(shape)
+        assert seen == set(allowed), f"PROTOCOL.md 11.7 {label}: {set(allowed) - seen} never answered"

@@ -32,7 +32,8 @@ async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
     clients = [aioredis.from_url(redis_url()) for _ in range(3)]
     a = RedisBroker("a", clients[0], prefix=prefix)
     b = RedisBroker("b", clients[1], prefix=prefix)
-    heard, controls = [], []
+    heard, controls, again = [], [], []
+    b.on_resubscribed = lambda: again.append(b.connected)
     await a.start(lambda *m: None, lambda c: None)
     await b.start(lambda channel, lane, payload: heard.append(payload), controls.append)
     try:
@@ -42,6 +43,7 @@ async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
         assert killed >= 2                               # a's and b's pub/sub connections
         heard.clear()
         await _until_heard(a, "store:acme/s2", heard)    # b subscribed to both again
+        assert again == [True] and b.connected           # (the node reconciles then)
         assert await a.send_control("b", b"takeover terminal:acme/t1")
         for _ in range(100):
             if controls:

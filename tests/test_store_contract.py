@@ -6,8 +6,8 @@ backends.py).  Every test is a plain function that runs its coroutine with
 :func:`run_with`; the second half holds the SQLite-only tests
 (durability across reopen, migrations, online backup, a SIGKILL crash test,
 the ``tillwire backup`` command) and a hypothesis differential test that
-feeds the memory and SQLite backends the same operations and requires the
-same answers.
+feeds the memory, SQLite and Redis backends the same operations and requires
+the same answers.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import T0, make_backend, run_with, stream_entry
+from redis_server import fresh_prefix, redis_url
 from tillwire.server import logs
 from tillwire.server.archive import StreamEntry
 from tillwire.server.store import ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store
 from tillwire.server.store_memory import MemoryStore
+from tillwire.server.store_redis import RedisStore
 from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
 from tillwire.server.store_sqlite_backup import backup_file
 from tillwire.server.store_sqlite_schema import SCHEMA_VERSION, migrate, schema_version
@@ -457,7 +459,7 @@ def test_stats(store_factory):
         await store.terminals.register(TerminalRecord(TILL, "acme", "till1", "s1", "", ("till",)))
         stats = await store.stats()
         assert stats["backend"] == store_factory.backend.split("-")[0]
-        if store_factory.backend != "memory":
+        if store_factory.backend.startswith("sqlite"):
             assert stats["writer"] == ("thread" if store_factory.backend == "sqlite-thread"
                                        else "process")
             # A writer process freezes what it loaded (gcpolicy); a thread leaves it be.
@@ -1022,7 +1024,7 @@ def test_sqlite_survives_sigkill_mid_write(db_path, tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Differential: the memory and SQLite backends answer the same operations alike
+# Differential: the memory, SQLite and Redis backends answer the same operations alike
 
 
 TERMINALS = [TILL, TILL2, "terminal:acme/till3"]
@@ -1091,23 +1093,25 @@ async def _apply(store, ops) -> list:
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=_ops, stage_rows=st.sampled_from([1, 2, 5, STAGE_ROWS]))
-def test_memory_and_sqlite_agree(tmp_path, ops, stage_rows):
+def test_memory_sqlite_and_redis_agree(tmp_path, ops, stage_rows):
     path = str(tmp_path / f"diff-{time.monotonic_ns()}.db")
 
     async def main():
         memory = MemoryStore(dedup_window=30.0)
         sqlite = SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0, dedup_window=30.0,
                              stage_rows=stage_rows)
-        await memory.open()
-        await sqlite.open()
+        redis = RedisStore(redis_url(), prefix=fresh_prefix(), dedup_window=30.0)
+        for store in (memory, sqlite, redis):
+            await store.open()
         try:
-            return await _apply(memory, ops), await _apply(sqlite, ops)
+            return [await _apply(store, ops) for store in (memory, sqlite, redis)]
         finally:
-            await sqlite.close()
-            await memory.close()
+            for store in (memory, sqlite, redis):
+                await store.close()
 
-    expected, got = asyncio.run(main())
-    for i, (a, b) in enumerate(zip(expected, got)):
-        assert a == b, f"result {i} differs"
-    assert len(expected) == len(got)
+    expected, *others = asyncio.run(main())
+    for name, got in zip(("sqlite", "redis"), others):
+        for i, (a, b) in enumerate(zip(expected, got)):
+            assert a == b, f"{name}: result {i} differs"
+        assert len(expected) == len(got)
 

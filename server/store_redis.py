@@ -1,0 +1,411 @@
+"""The Redis Store backend: P0/P1 inboxes every worker and node shares.
+
+Every operation is one Lua script (``store_redis_scripts.py``), so one
+batch of accepts, acks or deliveries is one round trip and atomic on the
+Redis instance.  Writes go to Redis in the order they were asked for, one
+script at a time (a pool's connections would otherwise let a later batch
+overtake an earlier one, and a sender's messages could get their seqs out
+of order); accept batches queued behind a script in flight share the next
+one (up to :data:`GROUP_MAX` messages): the group commit of this backend.
+Reads go at once, concurrently.  Its parts sit beside it:
+``records_redis.py``, ``terminals_redis.py``, ``archive_redis.py``.
+
+Keys (``<p>`` the prefix; ``{<tenant>}`` the hash tag).  The tag is the
+*tenant*, not the terminal: a group message writes the inboxes of all its
+recipients and its own record in one atomic script, and every recipient of
+a message is of the message's tenant (the node expands addresses within
+one tenant), so one tenant's keys share a Cluster slot:
+
+* ``<p>:{T}:s:m:<msg_id>`` — hash, the message (sender, ref, lane, kind,
+  to, body, created, expires, receipt) and per recipient ``i`` (1-based, in
+  order) ``t<i>`` terminal, ``q<i>`` seq, ``s<i>`` state, ``d<i>``/``a<i>``/
+  ``e<i>`` delivered/acked/ended at, ``w<i>`` reason; ``open`` (entries not
+  ended) and ``done`` (the latest end);
+* ``<p>:{T}:s:pos:<terminal>`` — hash, ``l0 a0 l1 a1``: last seq and acked
+  position per lane;
+* ``<p>:{T}:s:q:<lane>:<terminal>`` — sorted set, the inbox's open entries
+  (stored or delivered), member ``<msg_id>:<i>``, score the seq;
+* ``<p>:{T}:s:exp`` — sorted set, messages with open entries by expiry;
+  ``<p>:{T}:s:done`` — messages with none, by their latest end (trim);
+* ``<p>:{T}:s:dd`` — hash, ``sender\\nref`` -> msg_id, and ``:ddt``, the
+  same by accept time (the dedup window; dedup is per tenant: an admin
+  token's ref is deduplicated within the tenant it sent to);
+* ``<p>:{T}:s:dead`` — sorted set of dead letters (JSON) by a global
+  sequence; ``<p>:{T}:s:n`` — counters for :meth:`RedisStore.stats`;
+
+and the global ``<p>:epoch``, ``<p>:msgid`` (msg_id counter), ``<p>:dlseq``
+(dead-letter order) and ``<p>:tenants`` (tenants with messages).
+
+Under Redis Cluster (not supported yet) the scripts would split by slot:
+accept, ack and delivered per tenant of the batch (one script per tenant,
+all pipelined); expire, trim, stats, trace and dead_letters(None) once per
+tenant, merged by the caller.  The global keys would move into each
+tenant's slot: a per-slot msg_id counter with the slot in the id's high
+bits, the epoch marker copied into every slot (a lost shard then renews the
+epoch of its own tenants' terminals only), dead letters ordered by time.
+
+Epoch: ``<p>:epoch`` is set with SET-if-absent by whichever worker opens
+first, so every worker agrees.  Every script checks it (no extra round trip)
+and, when it is gone (a flushed or lost instance), sets the candidate the
+caller sent; the store then adopts the epoch it is told and calls
+``on_new_epoch(old, new)`` (PROTOCOL.md section 11.4).  Inbox numbering
+restarts with the data that went.  The instance must not evict keys
+(``maxmemory-policy noeviction``): an evicted key is data lost without the
+epoch telling.
+
+Errors: a connection failure or timeout raises from the call (the node
+answers STORE_UNAVAILABLE).  A script runs whole or not at all; when its
+reply is lost after Redis ran it, the sender's retry with the same ref is
+answered as a duplicate with the original msg_id.  The client must not
+retry by itself (a retried accept without a ref would store the message
+twice): a URL given here gets a client without retries.
+
+Durability: what an ack means depends on the instance's AOF policy, read at
+:meth:`RedisStore.open` (``docs/redis.md``, "What an ack means").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from typing import Callable, Sequence
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from . import store_redis_scripts as scripts
+from .archive_redis import RedisArchive
+from .records_redis import RedisRecords
+from .store import (
+    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Trace,
+)
+from .terminals_redis import RedisTerminals
+
+log = logging.getLogger("tillwire.store.redis")
+
+TIMEOUT = 5.0
+"""Seconds a call waits for Redis (connect or reply) before it raises."""
+
+ACK_MEANS = {
+    "always": "an ack means the message is fsynced to Redis's AOF before the reply "
+              "(survives a power loss)",
+    "everysec": "an ack means the message is in Redis's memory and AOF, fsynced about once "
+                "a second: a power loss or a kernel crash can lose the last second of acked "
+                "messages",
+    "no": "an ack means the message is in Redis's memory and AOF, fsynced when the OS "
+          "chooses (about 30 s on Linux): a power loss can lose the last half minute of "
+          "acked messages",
+    "off": "an ack means the message is in Redis's memory only (appendonly no): a Redis "
+           "restart loses acked messages unless an RDB snapshot caught them",
+    "unknown": "CONFIG GET is refused, so what an ack means is unknown: run Redis with "
+               "appendonly yes and appendfsync always for acks that survive a power loss",
+}
+
+
+GROUP_MAX = 4096
+"""Messages one accept script takes at most when queued batches are joined."""
+
+CONNECTIONS = 32
+"""Connections a store's own client opens at most (more callers wait for one)."""
+
+
+def connect(url: str, *, timeout: float = TIMEOUT,
+            connections: int = CONNECTIONS) -> aioredis.Redis:
+    """A client for the store: bounded waits, a bounded pool that makes
+    callers wait rather than fail, and no retries of its own (a retried
+    script whose reply was lost would apply twice)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=connections, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), retry_on_error=[])
+    client = aioredis.Redis.from_pool(pool)
+    client.set_retry(Retry(NoBackoff(), 0))
+    return client
+
+
+class RedisStore:
+    """Store backend in Redis, shared by every worker with the same ``prefix``.
+
+    ``client`` is a ``redis.asyncio`` client that does not retry (see
+    :func:`connect`) or a URL, for which the store makes and closes its
+    own.  Besides the Store protocol: :meth:`stats` (with the AOF policy as
+    ``aof``) and ``on_new_epoch``, a callable ``(old, new)`` called when the
+    store finds its data lost and takes a new epoch.
+    """
+
+    def __init__(self, client, *, prefix: str = "tw", dedup_window: float = 86400.0,
+                 on_new_epoch: Callable[[int, int], None] | None = None) -> None:
+        self._owned = isinstance(client, str)
+        self._redis = connect(client) if self._owned else client
+        self._prefix = prefix
+        self.dedup_window = dedup_window
+        self.on_new_epoch = on_new_epoch
+        self.epoch = 0
+        self.aof = "unknown"           # always / everysec / no / off / unknown (read at open)
+        self._open = False
+        # Writes not yet answered, in the order asked: (script, arguments,
+        # messages for an accept, future or Completion).  One task sends them.
+        self._writes: deque = deque()
+        self._writer: asyncio.Task | None = None
+        self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
+                         for name in ("accept", "inbox", "positions", "ack", "delivered",
+                                      "reject", "expire", "trace", "dead_letters", "trim",
+                                      "stats", "epoch")}
+        self.records = RedisRecords(self._redis, prefix=prefix)
+        self.terminals = RedisTerminals(self._redis, prefix=prefix)
+        self.archive = RedisArchive(self._redis, prefix=prefix)
+
+    # -- life ------------------------------------------------------------
+
+    async def open(self) -> None:
+        # Loaded up front, so the first call of each is one EVALSHA that runs
+        # (not NOSCRIPT, then a load and a second send).
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            await pipe.execute()
+        self.epoch = await self._run("epoch")
+        self.aof = await self._durability()
+        if self.aof != "always":
+            log.warning("Redis store (appendfsync %s): %s", self.aof, ACK_MEANS[self.aof])
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+        try:
+            await self.archive.drain()
+        finally:
+            if self._owned:
+                await self._redis.aclose()
+
+    async def _durability(self) -> str:
+        """The instance's AOF policy (``off`` without AOF, ``unknown`` when
+        CONFIG is refused); warns about a policy that evicts keys."""
+        try:
+            got = await self._redis.config_get("appendonly", "appendfsync", "maxmemory-policy")
+        except ResponseError:
+            return "unknown"
+        got = {_text(k): _text(v) for k, v in got.items()}
+        evicting = got.get("maxmemory-policy", "noeviction")
+        if evicting != "noeviction":
+            log.warning("Redis store: maxmemory-policy is %s: Redis may evict inbox keys under "
+                        "memory pressure and lose messages; use noeviction", evicting)
+        if got.get("appendonly") != "yes":
+            return "off"
+        return got.get("appendfsync", "unknown")
+
+    async def _run(self, name: str, *args):
+        """Run one script; adopt the epoch it reports; return its answer."""
+        candidate = random.randrange(1, 1 << 31)
+        epoch, answer = await self._scripts[name](args=[self._prefix, candidate, *args])
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self._new_epoch(epoch)
+        return answer if name != "epoch" else epoch
+
+    def _new_epoch(self, epoch: int) -> None:
+        old, self.epoch = self.epoch, epoch
+        if not old:
+            return                                   # (the first answer, at open)
+        log.warning("Redis store: the store's data is gone (flushed or lost instance): "
+                     "epoch %d -> %d, terminals start their inboxes afresh", old, epoch)
+        if self.on_new_epoch is not None:
+            try:
+                self.on_new_epoch(old, epoch)
+            except Exception:
+                log.exception("on_new_epoch callback failed")
+
+    # -- ordered writes ----------------------------------------------------
+
+    def _write(self, name: str, args: list, done, count: int = 0) -> None:
+        """Queue one write; ``done`` (a future or a Completion) gets its answer."""
+        self._writes.append((name, args, count, done))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._send_writes())
+
+    async def _ordered(self, name: str, *args):
+        done = asyncio.get_running_loop().create_future()
+        self._write(name, list(args), done)
+        return await done
+
+    async def _send_writes(self) -> None:
+        """Send the queued writes one script at a time, joining consecutive
+        accept batches into one script."""
+        writes = self._writes
+        try:
+            while writes:
+                name, args, count, done = writes.popleft()
+                group, counts = [done], [count]
+                if name == "accept":
+                    args = list(args)
+                    while writes and writes[0][0] == "accept" and count < GROUP_MAX:
+                        _, more, n, other = writes.popleft()
+                        args += more
+                        count += n
+                        group.append(other)
+                        counts.append(n)
+                    args = [repr(float(self.dedup_window)), count, *args]
+                try:
+                    answer = await self._run(name, *args)
+                except Exception as exc:
+                    # The script ran whole or not at all: every waiter of it
+                    # learns it failed, nothing of it is half-written.
+                    for waiter in group:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                if name != "accept":
+                    if not done.done():
+                        done.set_result(answer)
+                    continue
+                k = 0
+                for waiter, n in zip(group, counts):
+                    if not waiter.done():
+                        waiter.set_result(answer[k:k + n])
+                    k += n
+        finally:
+            self._writer = None
+
+    # -- accept ----------------------------------------------------------
+
+    @staticmethod
+    def _accept_args(items) -> tuple[list, list[list[str]]]:
+        """The accept script's arguments of ``items`` and each one's recipients."""
+        args: list = []
+        unique = []
+        for msg, recipients in items:
+            rcpts = list(dict.fromkeys(recipients))
+            unique.append(rcpts)
+            args += [msg.tenant, msg.sender, str(int(msg.ref)), int(msg.lane), msg.kind, msg.to,
+                     bytes(msg.body), repr(float(msg.created)), repr(float(msg.expires)),
+                     1 if msg.receipt else 0, len(rcpts), *rcpts]
+        return args, unique
+
+    @staticmethod
+    def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
+        out = []
+        for rcpts, answer in zip(unique, answers):
+            if answer[1]:
+                out.append(Accepted(int(answer[0]), True))
+            else:
+                out.append(Accepted(int(answer[0]), False, dict(zip(rcpts, answer[2:]))))
+        return out
+
+    async def accept_many(self, items: Sequence[tuple[NewMessage, Sequence[str]]]
+                          ) -> list[Accepted]:
+        if not items:
+            return []
+        args, unique = self._accept_args(items)
+        done = asyncio.get_running_loop().create_future()
+        self._write("accept", args, done, len(unique))
+        return self._accepted(unique, await done)
+
+    def accept_many_then(self, items, callback) -> None:
+        if not self._open:
+            raise RuntimeError("the Redis store is not open")
+        args, unique = self._accept_args(items)
+
+        def answered(answers, exc) -> None:
+            if exc is not None:
+                callback(None, exc)
+            else:
+                callback(self._accepted(unique, answers), None)
+
+        done = Completion(answered)
+        if not unique:
+            asyncio.get_running_loop().call_soon(done.set_result, [])
+            return
+        self._write("accept", args, done, len(unique))
+
+    # (Every number goes to Redis as int(): redis-py encodes an int subclass
+    # by repr(), so a Lane would arrive as "<Lane.P0: 0>".)
+
+    # -- inboxes ---------------------------------------------------------
+
+    async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
+        rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
+        return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
+                           float(expires))
+                for seq, msg_id, kind, body, delivered, expires in rows]
+
+    async def positions(self, terminal: str) -> tuple[int, int, int, int]:
+        return tuple(int(v) for v in await self._run("positions", terminal))
+
+    async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
+        args = [repr(float(now))]
+        for terminal, lane, seq in acks:
+            args += [terminal, int(lane), int(seq)]
+        return _receipts(await self._ordered("ack", *args)) if len(args) > 1 else []
+
+    async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
+        args = [repr(float(now))]
+        for terminal, lane, first, last in ranges:
+            args += [terminal, int(lane), int(first), int(last)]
+        return _receipts(await self._ordered("delivered", *args)) if len(args) > 1 else []
+
+    async def reject(self, terminal: str, lane: int, seq: int, reason: str,
+                     now: float) -> DeadLetter | None:
+        found = await self._ordered("reject", terminal, int(lane), int(seq), reason,
+                                   repr(float(now)))
+        return _dead_letter(found) if found else None
+
+    async def expire(self, now: float) -> list[DeadLetter]:
+        return [_dead_letter(d) for d in await self._ordered("expire", repr(float(now)))]
+
+    async def trace(self, msg_id: int) -> Trace | None:
+        flat = await self._run("trace", int(msg_id))
+        if not flat:
+            return None
+        f = {_text(flat[k]): flat[k + 1] for k in range(0, len(flat), 2)}
+        created = float(f["created"])
+        recipients = []
+        for i in range(1, int(f["n"]) + 1):
+            recipients.append(Recipient(
+                _text(f[f"t{i}"]), int(f[f"q{i}"]), _text(f[f"s{i}"]), created,
+                _time(f.get(f"d{i}")), _time(f.get(f"a{i}")), _time(f.get(f"e{i}")),
+                _text(f.get(f"w{i}", b""))))
+        return Trace(int(msg_id), _text(f["tenant"]), _text(f["sender"]), int(f["ref"]),
+                     int(f["lane"]), _text(f["kind"]), _text(f["to"]), created,
+                     float(f["expires"]), f["receipt"] == b"1", recipients)
+
+    async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
+        return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
+
+    async def trim(self, now: float, keep_acked: float) -> int:
+        return int(await self._ordered("trim", repr(float(now)), repr(float(now - keep_acked)),
+                                   repr(float(self.dedup_window))))
+
+    async def stats(self) -> dict:
+        """Sizes (messages, unacked entries, dead letters, registered
+        terminals, message bytes) and ``aof``, the instance's AOF policy as
+        read at open (always, everysec, no, off or unknown)."""
+        messages, unacked, dead, size = await self._run("stats")
+        return {"backend": "redis", "messages": int(messages), "unacked": int(unacked),
+                "dead_letters": int(dead), "terminals": await self.terminals.count(),
+                "bytes": int(size), "aof": self.aof, "epoch": self.epoch}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _time(value) -> float | None:
+    return float(value) if value is not None else None
+
+
+def _receipts(rows) -> list[ReceiptEvent]:
+    return [ReceiptEvent(int(msg_id), _text(terminal), _text(sender), int(ref))
+            for msg_id, terminal, sender, ref in rows]
+
+
+def _dead_letter(raw) -> DeadLetter:
+    (msg_id, terminal, lane, seq, kind, reason, at, sender, ref,
+     receipt) = orjson.loads(raw)
+    return DeadLetter(int(msg_id), terminal, int(lane), int(seq), kind, reason, float(at),
+                      sender, int(ref), receipt == "1")

@@ -1,0 +1,478 @@
+"""Nodes of several workers over one real ``redis-server``: ``tillwire serve
+--workers N --redis URL`` as real subprocesses on loopback.
+
+The kernel spreads connections over a node's workers (SO_REUSEPORT); WELCOME
+says which worker holds a session, so a test opens connections until the
+terminals it wants apart are on different workers.  Covered: a P0 payment
+result between workers and between nodes (SDK and admin API), takeover
+across workers, a worker killed with SIGKILL (restarted by its supervisor;
+its tills resume on the other workers with nothing lost), the one-by-one
+drain on SIGTERM with one audit file per worker, and the refusal of more
+than one worker without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from redis_server import PrivateRedis, fresh_prefix, redis_url
+from support import SECRET, ServerProcess, aiotest, connect, eventually, token
+from tillwire.client.connection import SendError
+from tillwire.client.sdk import Client
+from tillwire.core.codes import Code
+from tillwire.core.errors import SessionClosed
+
+pytestmark = pytest.mark.slow
+
+ADMIN_TOKEN = "fleet-admin-token"
+
+
+class Node:
+    """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
+
+    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2,
+                 url: str | None = None) -> None:
+        from support import free_port
+
+        self.workers = workers
+        self.server = ServerProcess(
+            str(tmp_path / name), admin_port=free_port(),
+            env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
+                 "TILLWIRE_SERVER_NODE_ID": name},
+            args=["--workers", str(workers), "--redis", url or redis_url()])
+
+    def start(self) -> "Node":
+        self.server.start()
+        self.wait_listening(range(self.workers))
+        return self
+
+    def wait_listening(self, workers, since: int = 0) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            log = self.server.log()[since:]
+            if all(re.search(rf"listening .*worker={w}\b", log) for w in workers):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"workers {list(workers)} not listening:\n{self.server.log()}")
+
+    def pids(self) -> dict[int, int]:
+        """worker index -> pid of its newest process."""
+        found = {}
+        for index, pid in re.findall(r"worker (\d+) started pid=(\d+)", self.server.log()):
+            found[int(index)] = int(pid)
+        return found
+
+    @property
+    def addr(self):
+        return self.server.addr
+
+    async def admin(self, method: str, path: str, body=None):
+        url = f"http://127.0.0.1:{self.server.admin_port}{path}"
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, url, json=body, headers={
+                    "Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+                return resp.status, await resp.json()
+
+    def stop(self) -> int:
+        status = self.server.stop(timeout=60)
+        if status != 0:
+            print(self.server.log())          # (shown with the failure)
+        return status
+
+
+@pytest.fixture
+def prefix():
+    return fresh_prefix()
+
+
+async def on_worker(node, terminal: str, worker=None, avoid=None, **kwargs):
+    """A connection of ``terminal`` on worker ``worker`` (or on any worker
+    but ``avoid``): connections are opened until the kernel picks one."""
+    for _ in range(60):
+        conn = await connect(node.addr, terminal, timeout=5, **kwargs)
+        got = conn.info["worker"]
+        if (worker is None or got == worker) and (avoid is None or got != avoid):
+            return conn
+        await conn.close()
+    raise AssertionError(f"no connection of {terminal} landed where wanted")
+
+
+def payment(n: int) -> dict:
+    return {"order": f"o{n}", "status": "paid"}
+
+
+@aiotest(120)
+async def test_a_p0_result_goes_from_one_worker_to_a_till_on_another_and_any_node(
+        tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        till = await on_worker(a, "till1")
+        pay = await on_worker(a, "pay1", avoid=till.info["worker"], roles=("backend",))
+        assert till.info["node"] == "node-a" and pay.info["worker"] != till.info["worker"]
+        ack = await pay.send("payment.result", payment(1), "terminal:acme/till1")
+        assert ack.msg_id
+        msg = await till.receive(timeout=10)
+        assert msg.body["order"] == "o1" and msg.lane == 0
+        await msg.ack()
+        # A payment terminal on the other node reaches the same till.
+        far = await on_worker(b, "pay2", roles=("backend",))
+        assert far.info["node"] == "node-b"
+        await far.send("payment.result", payment(2), "terminal:acme/till1")
+        msg = await till.receive(timeout=10)
+        assert msg.body["order"] == "o2"
+        await msg.ack()
+        # The admin API of either node (whichever worker answers) too.
+        for node, n in ((a, 3), (b, 4), (a, 5), (b, 6)):
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "terminal:acme/till1", "kind": "payment.result", "lane": "P0",
+                "body": payment(n)})
+            assert status == 200, body
+            msg = await till.receive(timeout=10)
+            assert msg.body["order"] == f"o{n}"
+            await msg.ack()
+        for conn in (till, pay, far):
+            await conn.close()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+def price(sku: str, version: int, amount: str) -> dict:
+    return {"sku": sku, "price": amount, "currency": "EUR", "version": version}
+
+
+async def channel_messages(conn, count: int) -> list:
+    got = []
+    while len(got) < count:
+        msg = await conn.receive(timeout=10)
+        if msg.channel is not None:
+            got.append((msg.channel, msg.seq, msg.body))
+    return got
+
+
+@aiotest(120)
+async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_version_wins(
+        tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        tills = [await on_worker(a, "till1", worker=0), await on_worker(a, "till2", worker=1),
+                 await on_worker(b, "till3")]
+        await asyncio.sleep(0.3)        # (each worker's subscription to store:acme/s1)
+        # HQ publishes through either node; two publishers of one SKU: the
+        # newest version wins once, whichever worker placed it.
+        status, first = await a.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku1", 2, "5.00")})
+        assert status == 200 and first["offset"] == 1, first
+        status, stale = await b.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku1", 1, "4.00")})
+        assert status == 200 and stale == {"stale": True}
+        status, second = await b.admin("POST", "/v1/publish", {
+            "to": "store:acme/s1", "kind": "price.update", "body": price("sku2", 1, "1.50")})
+        assert status == 200 and second["offset"] == 2
+        for till in tills:
+            got = await channel_messages(till, 2)
+            assert got == [("store:acme/s1", 1, price("sku1", 2, "5.00")),
+                           ("store:acme/s1", 2, price("sku2", 1, "1.50"))]
+        # Exactly once: nothing more comes.
+        for till in tills:
+            with pytest.raises(asyncio.TimeoutError):
+                await till.receive(timeout=0.5)
+        # A till that logs in later, on any worker, reads the last values.
+        late = await on_worker(b, "till4")
+        items, end = await late.history("store:acme/s1")
+        assert [(i.offset, orjson.loads(i.payload)["sku"]) for i in items] == [(1, "sku1"), (2, "sku2")]
+        # A P2 message to a terminal's own channel reaches it on its worker.
+        status, own = await b.admin("POST", "/v1/publish", {
+            "to": "terminal:acme/till2", "kind": "price.update", "lane": "P2",
+            "body": price("sku9", 1, "9.00")})
+        assert status == 200, own
+        got = await channel_messages(tills[1], 1)
+        assert got == [("terminal:acme/till2", 1, price("sku9", 1, "9.00"))]
+        for conn in (*tills, late):
+            await conn.close()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
+async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        # A stolen handheld, logged in on node B: revoked through node A's API.
+        h12 = await on_worker(b, "h12", roles=("staff",))
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        for _ in range(50):             # (its login's registration is written behind)
+            if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
+                                     {"reason": "stolen"})
+        assert status == 200 and body["kicked"] is True, body    # kicked on node B
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=10)
+        assert closed.value.code == Code.KICKED
+        # Its old tokens are refused on every worker of both nodes, including
+        # workers that never saw the terminal.
+        for node in (a, a, a, b):
+            with pytest.raises(SessionClosed) as refused:
+                await connect(node.addr, "h12", token=old_token, timeout=5)
+            assert refused.value.code == Code.TOKEN_REVOKED
+        # A store's roster changed through node B is what node A's workers use.
+        status, _ = await b.admin("PUT", "/v1/stores/acme/s7",
+                                  {"timezone": "Europe/Paris", "on_duty": ["staff-1"]})
+        assert status == 200
+
+        async def seen_everywhere() -> bool:
+            for _ in range(8):           # (the kernel picks the worker of each request)
+                status, doc = await a.admin("GET", "/v1/stores/acme/s7")
+                if doc.get("on_duty") != ["staff-1"]:
+                    return False
+            return True
+
+        for _ in range(50):
+            if await seen_everywhere():
+                break
+            await asyncio.sleep(0.1)
+        assert await seen_everywhere()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
+async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agent(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-c", prefix).start()
+    try:
+        customer = await on_worker(node, "app1", worker=0, roles=("customer",),
+                                   member="m-1")
+        agents = [await on_worker(node, "agent1", worker=1, roles=("service",)),
+                  await on_worker(node, "agent2", worker=0, roles=("service",))]
+        await asyncio.sleep(0.3)          # (the agents' registrations are written behind)
+        conv = "c-5f0e2d"
+
+        async def chat(conn, text, to=f"chat:acme/{conv}"):
+            ack = await conn.send("chat.message", {"conversation": conv, "text": text}, to)
+            return orjson.loads(ack.payload)
+
+        async def heard(conn):
+            msg = await conn.receive(timeout=10)
+            await msg.ack()
+            return msg.body["text"]
+
+        assert (await chat(customer, "where is my order?", "role:acme/*/service"))[
+            "recipients"] == 2
+        assert [await heard(a) for a in agents] == ["where is my order?"] * 2
+        # Both answer at once from their workers: one becomes the agent.
+        await asyncio.gather(chat(agents[0], "looking"), chat(agents[1], "on it"))
+        assert sorted([await heard(customer), await heard(customer)]) == ["looking", "on it"]
+        assert (await chat(customer, "thanks"))["recipients"] == 1
+        got = await asyncio.gather(*(asyncio.wait_for(heard(a), 2) for a in agents),
+                                   return_exceptions=True)
+        assert got.count("thanks") == 1, got                       # the agent only
+        assert sum(isinstance(g, asyncio.TimeoutError) for g in got) == 1, got
+        # Its history reads the same from either worker.
+        for a in agents:
+            items, end = await a.history(f"chat:acme/{conv}", lane=1)
+            texts = [orjson.loads(i.payload)["text"] for i in items]
+            assert texts[0] == "where is my order?" and texts[3] == "thanks", texts
+            assert sorted(texts[1:3]) == ["looking", "on it"], texts
+        for conn in (customer, *agents):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
+async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
+    node = Node(tmp_path, "node-t", prefix).start()
+    try:
+        first = await on_worker(node, "till7")
+        second = await on_worker(node, "till7", avoid=first.info["worker"])
+        with pytest.raises(SessionClosed) as closed:
+            await first.receive(timeout=10)
+        assert closed.value.code == Code.TAKEOVER
+        # The new session is the one that gets the till's payment results.
+        pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+        await pay.send("payment.result", payment(1), "terminal:acme/till7")
+        msg = await second.receive(timeout=10)
+        assert msg.body["order"] == "o1"
+        await msg.ack()
+        await second.close()
+        await pay.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(180)
+async def test_a_worker_killed_is_restarted_and_its_tills_resume_elsewhere_losing_nothing(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-k", prefix).start()
+    clients = []
+    try:
+        # Tills with the SDK (resume state, reconnect with backoff) on both workers.
+        for i in range(8):
+            c = Client(*node.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
+                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+            clients.append(await c.start())
+        on = {c.info["worker"] for c in clients}
+        assert on == {0, 1}, on
+        pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+        got: dict[int, list[str]] = {i: [] for i in range(len(clients))}
+
+        async def receive(i, c):
+            async for msg in c:
+                got[i].append(msg.body["order"])
+                await msg.ack()
+
+        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+        sent = 0
+
+        async def pay_round():
+            nonlocal sent
+            for i in range(len(clients)):
+                await pay.send("payment.result", payment(sent), f"terminal:acme/till{i}")
+                sent += 1
+
+        for _ in range(5):
+            await pay_round()
+        victim = 1 - pay.info["worker"]            # (the payer stays connected)
+        before = len(node.server.log())
+        os.kill(node.pids()[victim], signal.SIGKILL)
+        for _ in range(10):                         # while its tills move
+            await pay_round()
+            await asyncio.sleep(0.05)
+        node.wait_listening([victim], since=before)    # the supervisor started it again
+        assert re.search(rf"worker {victim} exited \(signal 9\)", node.server.log())
+        await pay_round()
+        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        # Every result once, each till's in the order sent.
+        for i in range(len(clients)):
+            mine = [int(o[1:]) for o in got[i]]
+            assert mine == sorted(set(mine)) and len(mine) == sent // len(clients)
+        for r in readers:
+            r.cancel()
+        await pay.close()
+    finally:
+        for c in clients:
+            await c.close()
+        assert node.stop() == 0
+
+
+@aiotest(120)
+async def test_sigterm_drains_the_workers_one_at_a_time_each_with_its_audit_file(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-d", prefix).start()
+    tills = [await on_worker(node, "till1", worker=0), await on_worker(node, "till2", worker=1)]
+    node.server.proc.send_signal(signal.SIGTERM)
+    # GOAWAY reaches the tills of worker 0 first, worker 1's only after.
+    goaway = []
+    for t in tills:
+        with pytest.raises(SessionClosed):
+            while True:
+                await t.receive(timeout=30)
+        assert t.goaway is not None and t.close_code == Code.SHUTDOWN, (t.goaway, t.close_code)
+        goaway.append(time.monotonic())
+    assert node.server.proc.wait(60) == 0
+    log = node.server.log()
+    stopped = [int(w) for w in re.findall(r"worker (\d+) stopped \(status 0\)", log)]
+    assert stopped == [0, 1], log
+    for w in (0, 1):
+        audit = tmp_path / "node-d" / f"audit.w{w}.log"
+        lines = [orjson.loads(line) for line in audit.read_text().splitlines()]
+        assert any(e.get("event") == "drain" for e in lines), lines
+        assert any(e.get("who") == f"terminal:acme/till{w + 1}" for e in lines), lines
+
+
+@aiotest(180)
+async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothing(
+        tmp_path, prefix):
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as redis:
+        node = Node(tmp_path, "node-r", prefix, url=redis.url).start()
+        clients = []
+        try:
+            for i in range(4):
+                c = Client(*node.addr, token(f"till{i}"),
+                           state_path=str(tmp_path / f"t{i}.json"), backoff_base=0.05,
+                           backoff_max=0.5, connect_timeout=3)
+                clients.append(await c.start())
+            pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+            got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+            async def receive(i, c):
+                async for msg in c:
+                    got[i].append(int(msg.body["order"][1:]))
+                    await msg.ack()
+
+            readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+            refused = []
+
+            async def pay_one(n: int) -> None:
+                # A backend's way: the same ref again until a SENDACK comes.
+                while True:
+                    try:
+                        await pay.send("payment.result", payment(n),
+                                       f"terminal:acme/till{n % len(clients)}",
+                                       ref=n + 1, timeout=5)
+                        return
+                    except SendError as exc:
+                        assert exc.code == Code.STORE_UNAVAILABLE, exc
+                        refused.append(n)
+                    except asyncio.TimeoutError:
+                        pass
+                    await asyncio.sleep(0.1)
+
+            for n in range(20):
+                await pay_one(n)
+            redis.kill()
+            status, body = await node.admin("GET", "/readyz")
+            assert status == 503 and not body["ready"], body
+            sending = asyncio.create_task(pay_one(20))       # refused while Redis is away
+            await eventually(lambda: refused, timeout=15)
+            redis.start()                                    # its AOF brings the data back
+            await asyncio.wait_for(sending, 30)
+            for n in range(21, 40):
+                await pay_one(n)
+
+            async def ready() -> bool:
+                return (await node.admin("GET", "/readyz"))[0] == 200
+
+            for _ in range(100):
+                if await ready():
+                    break
+                await asyncio.sleep(0.2)
+            assert await ready()
+            await eventually(lambda: sum(map(len, got.values())) >= 40, timeout=30)
+            for i in range(len(clients)):
+                assert got[i] == list(range(i, 40, len(clients))), (i, got[i])
+            for r in readers:
+                r.cancel()
+            await pay.close()
+        finally:
+            for c in clients:
+                await c.close()
+            assert node.stop() == 0
+
+
+def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
+    env = {**os.environ, "TILLWIRE_SECRET": SECRET}
+    done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
+                           "--data-dir", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert "server.workers" in done.stderr and "redis.url" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
