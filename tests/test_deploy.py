@@ -52,14 +52,18 @@ def test_example_config_has_every_key_with_its_comment_and_loads():
     cfg = load_config(str(path), env={})       # the real loader: no unknown or bad key
     assert cfg.server.data_dir == "/var/lib/tillwire"
     assert cfg.auth.secret == ""                 # secrets stay out of the file
+    fleet = load_config(str(path), env={"TILLWIRE_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert fleet.store.backend == "redis"        # the file pins nothing a fleet changes
     sections = toml_sections(path.read_text())
     missing = []
     for key, env, _default, doc in describe_keys():
         section, name = key.split(".", 1)
         lines = sections.get(section, [])
         table = f"# [[{key}]]"
+        # Set, or shown commented out where setting it would pin a default that
+        # depends on other keys (store.backend follows redis.url).
         at = next((i for i, line in enumerate(lines)
-                   if line.startswith(f"{name} = ") or line == table), None)
+                   if line.startswith((f"{name} = ", f"# {name} = ")) or line == table), None)
         if at is None:
             missing.append(f"{key}: {doc}")
             continue
