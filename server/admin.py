@@ -56,13 +56,16 @@ _STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
 _DIGITS = re.compile(r"[1-9][0-9]{0,18}\Z")
 _TICKET = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 MAX_ROSTER = 1000                  # terminal ids in a store's on_duty or managers
+MAX_REDRIVE = 10000                # dead letters one redrive of a terminal puts back
+# Methods counted by name in tillwire_admin_requests_total (others: "other").
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 
 class Call:
     """What the audit line of one admin call says besides the request itself."""
 
-    __slots__ = ("token", "target", "tenant", "terminal", "detail")
+    __slots__ = ("token", "target", "tenant", "terminal", "detail", "inbound")
 
     def __init__(self) -> None:
         self.token = None        # the AdminToken that authenticated the call
@@ -70,6 +73,7 @@ class Call:
         self.tenant = ""
         self.terminal = ""
         self.detail: dict = {}   # extra audit fields (never a body or a token)
+        self.inbound = False     # a message counted in (a refusal is then counted too)
 
 
 # Typed keys where aiohttp has them (3.9+ AppKey, newer RequestKey); plain strings otherwise.
@@ -311,11 +315,14 @@ class Handlers:
         receipt = doc.get("receipt", False)
         if not isinstance(receipt, bool):
             raise ApiError(400, "receipt: true or false", "receipt")
+        payload = orjson.dumps(body)
+        node.counters.admin_frames_in[lane] += 1
+        node.counters.admin_bytes_in[lane] += len(payload)
+        call.inbound = True
         if kind in node.service_kinds:
             # Tickets and conversations have state a bare publish would bypass.
             raise ApiError(400, f"kind: {kind} is sent by terminals, through the ticket and "
                                 "chat services; it cannot be published here", "kind")
-        payload = orjson.dumps(body)
         try:
             checked = kinds.check(kind, lane, payload, key,
                                   max_depth=self.cfg.limits.max_body_depth)
@@ -542,6 +549,40 @@ class Handlers:
              "kind": d.kind, "reason": d.reason, "at": d.at, "sender": d.sender, "ref": d.ref}
             for d in dead]})
 
+    async def redrive(self, request: web.Request) -> web.Response:
+        """Put a terminal's dead letter (``/dead-letters/{id}/redrive``) or its
+        oldest ``limit`` ones (``/dead-letters/redrive``) back in its inbox."""
+        node = self.node
+        _, _, address = _terminal_target(request)
+        raw = request.match_info.get("id")
+        msg_id = None
+        if raw is not None:
+            if not _DIGITS.match(raw) or int(raw) > MAX_REF:
+                raise ApiError(400, f"id: {raw!r} is not a message id (a positive integer)",
+                               "id")
+            msg_id = int(raw)
+        limit = _int_param(request, "limit", MAX_DEAD_LETTERS, 1, MAX_REDRIVE)
+        try:
+            redriven = await node.redrive(address, msg_id, 1 if msg_id is not None else limit)
+        except Exception as exc:  # noqa: BLE001 - the store refused: nothing changed
+            raise ApiError(503, f"store: the dead letters could not be redriven ({exc}); "
+                                "nothing changed, retry", "", "STORE_UNAVAILABLE") from None
+        if msg_id is not None and not redriven:
+            raise ApiError(404, f"id: {address} has no dead letter of message {raw}", "id")
+        entries = [{"id": str(r.msg_id), "lane": f"P{r.lane}", "kind": r.kind,
+                    "dead_seq": r.dead_seq, "seq": r.seq} for r in redriven]
+        call = _call(request)
+        call.detail = {"redriven": len(entries)}
+        if self.audit is not None:
+            self.audit.write("redrive", _who(request), tenant=call.tenant,
+                             terminal=call.terminal, peer=request.remote or "",
+                             detail={"target": address, "entries": [
+                                 {k: e[k] for k in ("id", "lane", "dead_seq", "seq")}
+                                 for e in entries]})
+        log.info("dead letters redriven terminal=%s count=%d by=%s", address, len(entries),
+                 _who(request))
+        return _json({"terminal": address, "redriven": entries})
+
     # -- retail services ------------------------------------------------------------------
 
     def _store_target(self, request: web.Request) -> tuple[str, str]:
@@ -672,8 +713,16 @@ def _authenticate(request: web.Request, tokens) -> tuple[object | None, str]:
     return found, ""
 
 
-def _middleware(cfg, audit):
+def _route(request: web.Request) -> str:
+    """The route pattern of a request ("unmatched" for an unknown path): a
+    label of a closed set, never the path itself."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _middleware(node, cfg, audit):
     tokens = tuple(cfg.admin.tokens)
+    counters = node.counters
 
     @web.middleware
     async def middleware(request: web.Request, handler):
@@ -704,6 +753,8 @@ def _middleware(cfg, audit):
                 response = await handler(request)
             except ApiError as exc:
                 status = exc.status
+                if call.inbound:
+                    counters.refuse("admin", exc.code or f"HTTP_{exc.status}")
                 return _json(_error_doc(exc.message, exc.field, exc.code), exc.status)
             except web.HTTPException as exc:
                 status = exc.status
@@ -727,6 +778,9 @@ def _middleware(cfg, audit):
             status = response.status
             return response
         finally:
+            key = (_route(request), request.method if request.method in _METHODS else "other",
+                   status)
+            counters.admin_requests[key] = counters.admin_requests.get(key, 0) + 1
             if api and status != 401 and audit is not None:
                 detail = {"method": request.method, "path": request.path,
                           "target": call.target, "status": status, **call.detail}
@@ -743,7 +797,7 @@ def _middleware(cfg, audit):
 def make_app(node, cfg, audit=None) -> web.Application:
     """The admin application of ``node`` (not started)."""
     limit = cfg.server.max_frame_size
-    app = web.Application(middlewares=[_middleware(cfg, audit)], client_max_size=limit)
+    app = web.Application(middlewares=[_middleware(node, cfg, audit)], client_max_size=limit)
     app[_MAX_BODY] = limit
     h = Handlers(node, cfg, audit)
     app.router.add_get("/metrics", h.metrics)
@@ -760,6 +814,9 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_get("/v1/channels", h.channels)
     app.router.add_get("/v1/messages/{id}", h.message)
     app.router.add_get("/v1/dead-letters", h.dead_letters)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/dead-letters/redrive", h.redrive)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/dead-letters/{id}/redrive",
+                        h.redrive)
     app.router.add_post("/v1/drain", h.drain)
     app.router.add_get("/v1/stores/{tenant}/{store}", h.get_store)
     app.router.add_put("/v1/stores/{tenant}/{store}", h.put_store)

@@ -266,7 +266,9 @@ class Chat:
                 except Exception as exc:  # noqa: BLE001 - the next answer claims it
                     log.error("the agent of %s could not be claimed: %s", key, exc)
             if kept:
+                host.counters.chat_messages += 1
                 if started:
+                    host.counters.chat_conversations += 1
                     self.convs[key] = conv
                 if role == AGENT and not conv["agent"]:
                     conv["agent"] = sender        # the first agent to answer

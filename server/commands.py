@@ -529,6 +529,7 @@ class Commands:
                     counters.rate_waits += 1
                     return wait         # stop reading this connection until its next token
                 counters.rate_refusals += 1
+                counters.refuse("terminal", "RATE_LIMITED")
                 conn.error(Code.RATE_LIMITED, ref, retry_hint(
                     wait, f"over this connection's P{lane} send rate "
                           f"({limits.role.rate}/s, limits.send_rate) for more than "
@@ -578,6 +579,7 @@ class Commands:
                 if self.node.audit is not None:
                     self.audit_conn("acl.deny", conn, None, op="send", to=frame.to,
                                      kind=frame.kind, lane=f"P{lane}", reason=str(exc))
+            counters.refuse("terminal", Code(exc.code).name)
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
             return None
@@ -614,6 +616,7 @@ class Commands:
     def _window_full(self, conn: TerminalConnection, limits: SendLimits, ref: int) -> None:
         """Refuse a P0/P1 SEND beyond the connection's window (TOO_MANY_UNACKED)."""
         self.counters.window_refusals += 1
+        self.counters.refuse("terminal", "TOO_MANY_UNACKED")
         conn.error(Code.TOO_MANY_UNACKED, ref, retry_hint(
             WINDOW_RETRY_MS / 1000.0, f"{limits.unacked} SENDs of this connection await their "
                                       f"SENDACK, the most it may have (limits.unacked_sends)"))

@@ -247,7 +247,8 @@ class Delivery:
             else:
                 counters.accepted += 1
                 for terminal, seq in accepted.seqs.items():
-                    conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
+                    conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body,
+                                msg.created)
                     if conn is not None:
                         touched[conn] = None
                     elif away is not None and terminal not in self.hub.sessions:
@@ -269,6 +270,8 @@ class Delivery:
         self.uncommitted -= len(batch)
         for _, _, reply, _ in batch:
             if reply is not None:
+                if reply.__class__ is tuple:
+                    self.counters.refuse("terminal", "STORE_UNAVAILABLE")
                 self._answer(reply, None, exc)
 
     def _answer(self, reply, accepted, exc) -> None:
@@ -298,9 +301,11 @@ class Delivery:
     # -- inbox delivery -------------------------------------------------------------------
 
     def _live(self, terminal: str, lane: int, seq: int, msg_id: int, kind: str,
-              body: bytes):
+              body: bytes, created: float):
         """A message was stored for ``terminal``: hand it over if it is next in
-        line.  Returns the terminal's open connection (None when it has none)."""
+        line.  Returns the terminal's open connection (None when it has none).
+        ``created``: when the message was accepted (unix s; for the latency
+        histograms)."""
         conn = self.hub.sessions.get(terminal)
         inbox = self._learn(conn, lane, seq)
         if inbox is None:
@@ -311,10 +316,27 @@ class Delivery:
         if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
                 and conn.inbox_bytes < self.inbox_budget):
             inbox.cursor[lane] = seq + 1
-            self._deliver(conn, lane, seq, msg_id, kind, body, False)
+            self._deliver(conn, lane, seq, msg_id, kind, body, False, created)
         else:
             self.pump(conn, lane)
         return conn
+
+    def redriven(self, entries) -> None:
+        """Dead letters went back into their inboxes (``store.Redriven``): each
+        is handed to its terminal's connection when next in line, else its
+        pump reads it from the store (as a message just stored); a terminal
+        whose session another worker holds is told through it."""
+        touched = {}
+        away = [] if self.node.ownership is not None else None
+        for r in entries:
+            conn = self._live(r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body, r.created)
+            if conn is not None:
+                touched[conn] = None
+            elif away is not None and r.terminal not in self.hub.sessions:
+                away.append((r.terminal, r.lane, r.seq))
+        if away:
+            self.node.ownership.notify(away)
+        self.write_now(touched)
 
     def notified(self, terminal: str, lane: int, seq: int) -> None:
         """Inbox ``lane`` of ``terminal`` holds messages up to ``seq`` (another
@@ -350,7 +372,7 @@ class Delivery:
             inbox.last[lane] = seq
         return inbox
 
-    def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit) -> None:
+    def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit, created) -> None:
         if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:
             self.slow_consumer(conn)
             return
@@ -368,6 +390,13 @@ class Delivery:
         if seq > inbox.delivered[lane]:
             inbox.delivered[lane] = seq
             self._note_delivered(conn.address, lane, seq)
+            if created and not retransmit:     # (0: a backend that does not say)
+                counters.written[lane].observe(time.time() - created)
+        if created:
+            # Accepted -> acked is timed for every message acked on this
+            # connection: its accept time waits here (at most `inflight`
+            # entries per lane, in seq order) for the ack (see on_ack).
+            inbox.accepted_at[lane].setdefault(seq, created)
         if inbox.timer is None or not inbox.timer.scheduled:
             self._arm_retransmit(conn)
         self.mark_dirty(conn)
@@ -419,7 +448,7 @@ class Delivery:
                         break
                     inbox.cursor[lane] = e.seq + 1
                     self._deliver(conn, lane, e.seq, e.msg_id, e.kind, e.body,
-                                  e.delivered or e.seq <= sent)
+                                  e.delivered or e.seq <= sent, e.created)
                     if conn.state != OPEN:
                         return
         finally:
@@ -558,6 +587,16 @@ class Delivery:
         if sampled and frame.seq >= sampled:
             self.counters.ack_latency.observe(time.perf_counter() - inbox.sample_at[lane])
             inbox.sample_seq[lane] = 0
+        waiting = inbox.accepted_at[lane]
+        if waiting:
+            # Keys are in seq order: the acked ones are at the front.
+            now = time.time()
+            acked = self.counters.acked[lane]
+            while waiting:
+                first = next(iter(waiting))
+                if first > frame.seq:
+                    break
+                acked.observe(now - waiting.pop(first))
         acked0 = conn.inbox_window(0)[0]
         acked1 = conn.inbox_window(1)[0]
         if acked0 >= inbox.last[0] and acked1 >= inbox.last[1] and \
@@ -688,8 +727,12 @@ class Delivery:
                 inbox.rto = max(inbox.rto, self.cfg.delivery.retransmit_initial)
                 self._arm_retransmit(conn)
             return
+        if inbox.__class__ is InboxState:
+            inbox.accepted_at[lane].pop(frame.seq, None)      # (never acked: not timed)
         reason = frame.payload.decode("utf-8", "replace") or f"rejected with code {frame.code}"
         dead = await self.store.reject(conn.address, lane, frame.seq, reason, time.time())
+        if dead is not None:
+            self.counters.dead((dead,))
         if dead is not None and dead.receipt:
             self.send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.REJECTED,
                                dead.terminal)
@@ -721,6 +764,7 @@ class Delivery:
     def service_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
         """Answer a message a service took with an ERROR frame (asked for an ack or not)."""
         _unacked_done(conn)
+        self.counters.refuse("terminal", Code(code).name)
         self.request_error(conn, ref, code, message)
 
     def request_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:

@@ -173,7 +173,7 @@ async def run(cfg: Config, *, ready=None, stop_event: asyncio.Event | None = Non
         shared = connect(cfg, worker_name(nid, worker))
         node = Node(cfg, shared.store, loop=loop, node_id=nid, worker=worker,
                     presence=shared.presence, broker=shared.broker,
-                    registry=shared.registry, history=shared.history)
+                    registry=shared.registry, history=shared.history, caps=shared.caps)
     else:
         node = Node(cfg, make_store(cfg), loop=loop, node_id=nid, worker=worker)
     audit = open_audit_log(cfg)

@@ -61,7 +61,7 @@ class Node:
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
                  node_id: str = "", worker: int = 0, presence=None, broker=None,
-                 registry=None, history=None) -> None:
+                 registry=None, history=None, caps=None) -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
         the only presence, and a takeover is one node's business.
@@ -69,7 +69,8 @@ class Node:
         loaded from the store at start).  ``history``: channel history shared
         with them (with presence and broker; default: this process's hub,
         kept by the store's archive); with it, channel messages go through
-        the shared history and the broker (``interest.py``).  ``worker``: this process's index
+        the shared history and the broker (``interest.py``).  ``caps``: offer
+        frequency caps shared with them (default: this process's counts).  ``worker``: this process's index
         among its node's workers (0 for a single process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
@@ -139,6 +140,7 @@ class Node:
         self.tickets = Tickets(self, self.directory)
         self.chat = Chat(self)
         self.offers = Offers(self, self.directory)
+        self.offers.caps = caps
         self.channels = Channels(self)
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
@@ -427,6 +429,19 @@ class Node:
         self.close(conn, code, reason)
         return True
 
+    async def redrive(self, terminal: str, msg_id: int | None = None,
+                      limit: int = 1000) -> list:
+        """Put ``terminal``'s dead letters back in its inbox (the one of message
+        ``msg_id``, or its oldest ``limit``) with their lane's TTL from now,
+        and hand them to its connection; returns the ``store.Redriven``
+        entries.  The store failing raises: then nothing changed."""
+        delivery = self.cfg.delivery
+        redriven = await self.store.redrive(terminal, msg_id, time.time(),
+                                            (delivery.p0_ttl, delivery.p1_ttl), limit)
+        self.counters.redriven += len(redriven)
+        self.delivery.redriven(redriven)
+        return redriven
+
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""
         return [*self.hub.sessions.values(), *self.commands.unauthenticated]
@@ -508,10 +523,7 @@ class Node:
                     self.audit.flush_aggregates()
                 self.sources.sweep(self.loop.time())
                 now = time.time()
-                for dead in await self.store.expire(now):
-                    if dead.receipt:
-                        self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
-                                           ReceiptStatus.EXPIRED, dead.terminal)
+                await self.expire(now)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
                 await self._expire_services(now)
                 if self.loop.time() >= sweep_at:
@@ -519,6 +531,19 @@ class Node:
                     await self.sweep_streams()
             except Exception:
                 log.exception("maintenance failed")
+
+    async def expire(self, now: float) -> list:
+        """Dead-letter the P0/P1 entries whose message expired by ``now`` (each
+        maintenance round): counted, and each sender that asked for receipts
+        gets RECEIPT(EXPIRED).  Returns the ``store.DeadLetter`` entries; the
+        store failing raises (nothing expired: the next round tries again)."""
+        expired = await self.store.expire(now)
+        self.counters.dead(expired)
+        for dead in expired:
+            if dead.receipt:
+                self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                           ReceiptStatus.EXPIRED, dead.terminal)
+        return expired
 
     async def sweep_streams(self) -> int:
         """Free the streams nobody subscribes to that retain nothing any more

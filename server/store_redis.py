@@ -77,12 +77,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Trace,
+    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
+    Trace,
 )
 from .terminals_redis import RedisTerminals
 
@@ -105,7 +107,6 @@ ACK_MEANS = {
     "unknown": "CONFIG GET is refused, so what an ack means is unknown: run Redis with "
                "appendonly yes and appendfsync always for acks that survive a power loss",
 }
-
 
 GROUP_MAX = 4096
 """Messages one accept script takes at most when queued batches are joined."""
@@ -154,7 +155,7 @@ class RedisStore:
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
                          for name in ("accept", "inbox", "positions", "ack", "delivered",
                                       "reject", "expire", "trace", "dead_letters", "trim",
-                                      "stats", "epoch")}
+                                      "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
         self.terminals = RedisTerminals(self._redis, prefix=prefix)
         self.archive = RedisArchive(self._redis, prefix=prefix)
@@ -255,7 +256,13 @@ class RedisStore:
                     answer = await self._run(name, *args)
                 except Exception as exc:
                     # The script ran whole or not at all: every waiter of it
-                    # learns it failed, nothing of it is half-written.
+                    # learns it failed, nothing of it is half-written.  After
+                    # a timeout Redis is not answering: the writes queued
+                    # behind fail now too, rather than one timeout after
+                    # another (none of them was sent).
+                    if isinstance(exc, RedisTimeoutError):
+                        group += [queued[3] for queued in writes]
+                        writes.clear()
                     for waiter in group:
                         if not waiter.done():
                             waiter.set_exception(exc)
@@ -331,8 +338,8 @@ class RedisStore:
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
-                           float(expires))
-                for seq, msg_id, kind, body, delivered, expires in rows]
+                           float(expires), float(created))
+                for seq, msg_id, kind, body, delivered, expires, created in rows]
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in await self._run("positions", terminal))
@@ -376,6 +383,16 @@ class RedisStore:
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
+
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        rows = await self._ordered("redrive", terminal,
+                                   "" if msg_id is None else str(int(msg_id)),
+                                   repr(float(now + ttls[0])), repr(float(now + ttls[1])),
+                                   max(0, int(limit)))
+        return [Redriven(int(msg_id), terminal, int(lane), int(dead_seq), int(seq), _text(kind),
+                         bytes(body), float(created), float(expires))
+                for msg_id, lane, dead_seq, seq, kind, body, created, expires in rows]
 
     async def trim(self, now: float, keep_acked: float) -> int:
         return int(await self._ordered("trim", repr(float(now)), repr(float(now - keep_acked)),

@@ -320,9 +320,14 @@ class Tickets:
                 answered.set_result((accepted.msg_id, doc))
             host.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
+        events = host.counters.tickets
+        events["opened"] += 1
         if rec["auto"]:
+            events["resolved"] += 1
             doc = {"ticket": rec["ticket"], "auto_reply": True}
         else:
+            if not accepted.seqs:
+                events["unattended"] += 1         # no staff to receive it
             rec["msg_id"] = accepted.msg_id
             self.open[key] = rec
             self._arm(key, rec["due"])
@@ -475,6 +480,7 @@ class Tickets:
             rec.update(status=RESOLVED, resolution=body["resolution"], resolved_at=now,
                        resolved_by=conn.address)
             self._forget(key)
+            self.host.counters.tickets["resolved"] += 1
         rec["updated"] = now
         if ref:
             _remember(self._updates, (conn.address, ref), (kind, key))
@@ -533,6 +539,9 @@ class Tickets:
             now = time.time()
             rec.update(status=ESCALATED, escalated_at=now, updated=now)
             self.unsaved.put(key, rec)
+            host.counters.tickets["escalated"] += 1
+            if not recipients:
+                host.counters.tickets["unattended"] += 1     # no manager to receive it
             log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"],
                      tenant, store, len(recipients))
         finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import shutil
+import signal
 import subprocess
 import tempfile
 
@@ -69,7 +70,8 @@ class PrivateRedis:
     """A ``redis-server`` of one test's own: ``with PrivateRedis(*args) as r``
     starts it with the extra command-line ``args`` (e.g. ``"--appendonly",
     "yes"``); :meth:`kill` (SIGKILL, as a crash) and :meth:`start` again keep
-    its port and directory; leaving the ``with`` stops it and deletes both."""
+    its port and directory; :meth:`pause` and :meth:`resume` hang it and let
+    it go on; leaving the ``with`` stops it and deletes both."""
 
     def __init__(self, *args: str) -> None:
         self.args = list(args)
@@ -85,6 +87,13 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port("127.0.0.1", self.port, proc=self.proc)
         return self
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis hangs (connections stay open, nothing answers)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None:

@@ -41,14 +41,14 @@ class Node:
     """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
 
     def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2,
-                 url: str | None = None) -> None:
+                 url: str | None = None, env: dict | None = None) -> None:
         from support import free_port
 
         self.workers = workers
         self.server = ServerProcess(
             str(tmp_path / name), admin_port=free_port(),
             env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
-                 "TILLWIRE_SERVER_NODE_ID": name},
+                 "TILLWIRE_SERVER_NODE_ID": name, **(env or {})},
             args=["--workers", str(workers), "--redis", url or redis_url()])
 
     def start(self) -> "Node":
@@ -298,6 +298,41 @@ async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agen
 
 
 @aiotest(120)
+async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, prefix):
+    node = Node(tmp_path, "node-o", prefix, env={
+        "TILLWIRE_OFFERS_CAP_COUNT": "2", "TILLWIRE_OFFERS_QUIET_START": "00:00",
+        "TILLWIRE_OFFERS_QUIET_END": "00:00"}).start()
+    try:
+        phone = await on_worker(node, "app1", worker=0, roles=("customer",), member="m-1")
+        tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
+        other = await on_worker(node, "app3", worker=1, roles=("customer",), member="m-2")
+        till = await on_worker(node, "till1", worker=0)
+        await asyncio.sleep(0.3)        # (each worker's subscription to tenant:acme)
+        for n in range(3):
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
+                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
+            assert status == 200, body
+
+        async def offers(conn) -> list[str]:
+            got = []
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    msg = await conn.receive(timeout=1.5)
+                    got.append(msg.body["offer"])
+            return got
+
+        got = await asyncio.gather(*(offers(c) for c in (phone, tablet, other, till)))
+        # One count for the member's two devices: both get the first two offers.
+        assert got[0] == got[1] == ["of0", "of1"], got
+        assert got[2] == ["of0", "of1"] and got[3] == ["of0", "of1", "of2"], got
+        for conn in (phone, tablet, other, till):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
@@ -466,6 +501,63 @@ async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothin
             for c in clients:
                 await c.close()
             assert node.stop() == 0
+
+
+@aiotest(180)
+async def test_a_rolling_restart_of_one_node_under_p0_traffic_loses_nothing(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    clients = []
+    try:
+        for i in range(6):
+            c = Client(*a.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
+                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+            clients.append(await c.start())
+        pay = await connect(b.addr, "pay1", roles=("backend",), timeout=5)   # on node B
+        got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+        async def receive(i, c):
+            async for msg in c:
+                got[i].append(int(msg.body["order"][1:]))
+                await msg.ack()
+
+        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+        sent = 0
+        stop = asyncio.Event()
+
+        async def pay_loop():
+            nonlocal sent
+            while not stop.is_set() and sent < 600:
+                await pay.send("payment.result", payment(sent),
+                               f"terminal:acme/till{sent % len(clients)}", ref=sent + 1)
+                sent += 1
+                await asyncio.sleep(0.01)
+
+        paying = asyncio.create_task(pay_loop())
+        await asyncio.sleep(0.5)
+        # Node A drains its workers one at a time and stops; its tills wait
+        # (their address is node A's) while payments go on being stored.
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, a.stop) == 0
+        await asyncio.sleep(0.5)
+        before = len(a.server.log())
+        a.server.start()                             # the new version comes up
+        a.wait_listening(range(2), since=before)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await paying
+        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        for i in range(len(clients)):
+            assert got[i] == list(range(i, sent, len(clients))), (i, got[i][:20])
+        assert all(c.connects >= 2 for c in clients)   # each moved across the restart
+        for r in readers:
+            r.cancel()
+        await pay.close()
+    finally:
+        for c in clients:
+            await c.close()
+        assert a.stop() == 0
+        assert b.stop() == 0
 
 
 def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):

@@ -254,3 +254,38 @@ async def test_lanes_given_as_the_lane_enum_reach_the_same_inboxes_and_streams()
         assert (state.lane, state.epoch, [e.key for e in state.lvc]) == (2, 7, ["sku"])
     finally:
         await store.close()
+
+
+@aiotest()
+async def test_a_hung_redis_times_out_the_write_in_flight_and_fails_the_queued_ones_with_it():
+    with PrivateRedis() as server:
+        store = RedisStore(connect(server.url, timeout=0.5), prefix="tw")
+        await store.open()
+        try:
+            await store.accept_many([(msg(1), [TILL])])
+            server.pause()
+            try:
+                failed: list = []
+                store.accept_many_then([(msg(2), [TILL])], lambda r, exc: failed.append(exc))
+                acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 1)], T0 + 1))
+                await asyncio.sleep(0)       # (the first is sent, the ack queued behind it)
+                store.accept_many_then([(msg(3), [TILL])], lambda r, exc: failed.append(exc))
+                with pytest.raises(RedisTimeoutError) as ack_failed:
+                    await acks
+                await asyncio.sleep(0)
+                # One timeout answered all three: the two queued behind the
+                # first were never sent.
+                assert len(failed) == 2 and failed[0] is failed[1] is ack_failed.value
+            finally:
+                server.resume()
+            # The first had reached Redis, which applies it once it runs again
+            # (a lost reply: its retry is a duplicate); the others never came.
+            for _ in range(200):
+                if await store.positions(TILL) == (0, 2, 0, 0):
+                    break
+                await asyncio.sleep(0.02)
+            assert await store.positions(TILL) == (0, 2, 0, 0)
+            two, three = await store.accept_many([(msg(2), [TILL]), (msg(3), [TILL])])
+            assert two.duplicate and not three.duplicate and three.seqs == {TILL: 3}
+        finally:
+            await store.close()
