@@ -12,6 +12,13 @@ Stopping is a graceful drain: SIGTERM or SIGINT (or ``POST /v1/drain``)
 sends every terminal GOAWAY, waits for the P0/P1 messages in flight to be
 acknowledged (at most ``DRAIN_TIMEOUT`` seconds), writes the pending acks
 and exits 0.  A second signal ends the wait at once.
+
+Starting fails in one line naming the key to change (``StartupError``,
+printed by the CLI): the data directory, a TLS file, a port, the store,
+Redis.  Checks that cost nothing come first (the directory, TLS, binding
+the terminal port), before the store is opened.  Once listening, the log
+line ``ready: terminals on H:P, admin API on http://H:P`` gives the ports
+really bound.
 """
 
 from __future__ import annotations
