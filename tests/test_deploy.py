@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -116,6 +117,16 @@ def test_systemd_unit_matches_the_drain_timeout_and_the_descriptor_reserve(tmp_p
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr
 
 
+def exported_labels(text: str) -> dict[str, set[str]]:
+    """The label names each series name shows in a /metrics text."""
+    labels: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" in line:
+            name, rest = line.split("{", 1)
+            labels.setdefault(name, set()).update(re.findall(r'(\w+)="', rest.split("}", 1)[0]))
+    return labels
+
+
 def exported_names(text: str) -> set[str]:
     """Every series name a /metrics text can show (histogram parts included)."""
     names = set()
@@ -141,15 +152,33 @@ def test_every_dashboard_query_names_a_metric_the_server_exports(tmp_path):
     assert len(graphs) >= 12 and all(p.get("targets") for p in graphs)
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     admin_port = free_port()
-    with ServerProcess(str(tmp_path / "srv"), admin_port=admin_port) as server:
+    with ServerProcess(str(tmp_path / "srv"), admin_port=admin_port,
+                       env={"TILLWIRE_ADMIN_TOKEN": "dash-token"}) as server:
         assert server.proc.poll() is None
+        # One refused publish: the refusal and admin-request series get their labels.
+        bad = urllib.request.Request(
+            f"http://127.0.0.1:{admin_port}/v1/publish", method="POST",
+            data=json.dumps({"to": "store:acme/s1", "kind": "price.update", "body": {}}).encode(),
+            headers={"Authorization": "Bearer dash-token", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=10)
+        assert refused.value.code == 400
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as resp:
-            exported = exported_names(resp.read().decode())
+            text = resp.read().decode()
+    exported, labels = exported_names(text), exported_labels(text)
     used = set()
     for expr in exprs:
         names = set(re.findall(r"\btillwire_[a-z0-9_]+", expr))
         assert names, f"a query names no tillwire metric: {expr}"
         used |= names
+        # Every label it groups by is one those metrics carry (as far as their
+        # series exist yet: a labelled counter shows none before its first count).
+        if not any(n in labels for n in names):
+            continue
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (g.strip() for g in group.split(",")):
+                assert any(label in labels.get(n, set()) for n in names), \
+                    f"{expr}: no metric of it has the label {label!r}"
     unknown = sorted(used - exported)
     assert not unknown, f"the dashboard queries metrics the server does not export: {unknown}"
 
