@@ -398,6 +398,11 @@ def _cmd_restore(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, 
     from .store_sqlite import DB_FILENAME
     from .store_sqlite_backup import StoreInUse, restore_file
 
+    if cfg.store.backend != "sqlite":
+        print(f"tillwire: error: store.backend is {cfg.store.backend}: restore puts back a copy "
+              "of the sqlite store (a Redis store comes back from Redis's own persistence, "
+              "docs/redis.md)", file=err)
+        return EXIT_USAGE
     target = os.path.join(cfg.server.data_dir, DB_FILENAME)
     if not os.path.isfile(args.source):
         print(f"tillwire: error: --from {args.source}: no such file", file=err)

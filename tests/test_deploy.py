@@ -281,3 +281,21 @@ def test_license_and_upgrade_notes_are_where_the_readme_and_pyproject_say():
     upgrading = (ROOT / "docs" / "upgrading.md").read_text()
     assert "docs/upgrading.md" in README
     assert "tillwire backup" in upgrading and "Going back" in upgrading
+
+
+def test_restore_refuses_what_it_cannot_restore_and_touches_nothing(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tillwire.db").write_bytes(b"the live database")
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLWIRE_")}
+    cmd = [sys.executable, "-m", "tillwire", "restore", "--from", str(junk), "--data-dir",
+           str(data)]
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "restore failed" in bad.stderr, bad.stderr
+    assert (data / "tillwire.db").read_bytes() == b"the live database"
+    assert not [p for p in data.iterdir() if p.name.startswith("before-restore-")]
+    fleet = subprocess.run(cmd, env={**env, "TILLWIRE_REDIS_URL": "redis://127.0.0.1:6379/0"},
+                           capture_output=True, text=True, timeout=60)
+    assert fleet.returncode == 2 and "store.backend is redis" in fleet.stderr, fleet.stderr
