@@ -67,3 +67,13 @@ class UnknownTerminal(TillwireError):
         super().__init__(f"to: {address} is not a known terminal (it never logged in and was "
                          "not provisioned: POST /v1/terminals); nothing was stored")
         self.address = address
+
+
+class StartupError(TillwireError):
+    """``tillwire serve`` cannot start: a port is taken, the data directory or
+    a TLS file is unusable.  ``key`` names the config key (and through it the
+    flag or variable) to change; the message is one line for the operator."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
