@@ -344,7 +344,7 @@ class Commands:
             # (retired or revoked through another worker): read it first, the
             # frames behind the HELLO waiting.
             conn.hold(HOLD_LOOKUP)
-            self.spawn(self._look_up(conn, frame, address))
+            self.spawn(self._look_up(conn, frame, claims))
             return STOP_AFTER
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
@@ -495,9 +495,20 @@ class Commands:
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         self.mark_dirty(conn)
 
-    async def _look_up(self, conn: TerminalConnection, frame, address: str) -> None:
+    async def _look_up(self, conn: TerminalConnection, frame, claims) -> None:
+        address = claims.address
         try:
-            await self.registry.get(address)        # (keeps what it read in the cache)
+            rec = await self.registry.get(address)      # (keeps what it read in the cache)
+            if rec is None:
+                # Its first login anywhere: registered before WELCOME, so a
+                # payment result sent from any worker right after finds it
+                # known (delivery.unknown_terminals).
+                now = time.time()
+                rec = TerminalRecord(address, claims.tenant, claims.terminal, claims.store,
+                                     claims.region, tuple(claims.roles), claims.member, now,
+                                     now, False, 0.0)
+                await self.registry.put(rec)
+                self.delivery.register_later(rec)
         except Exception as exc:
             log.warning("registry: reading %s at its login failed: %s", address, exc)
             if conn.state != CLOSED:

@@ -204,8 +204,12 @@ class Node:
         if sock is None:
             sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat,
                                  reuse_port)
+        # A TLS handshake gets the auth timeout, not asyncio's 60 s: a
+        # plaintext client whose bytes look like an old SSL header would hold
+        # its descriptor that long.
+        extra = {"ssl_handshake_timeout": srv.auth_timeout} if ssl is not None else {}
         server = await self.loop.create_server(self.connection_class, sock=sock,
-                                               backlog=srv.backlog, ssl=ssl)
+                                               backlog=srv.backlog, ssl=ssl, **extra)
         self._servers.append(server)
         self._schedule_tick()
         self._maintenance_task = self.spawn(self._maintenance())

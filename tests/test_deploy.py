@@ -216,6 +216,8 @@ async def test_backup_then_the_readmes_restore_serves_the_restored_data(tmp_path
     server = ServerProcess(str(data)).start()
     try:
         payer = await connect(server.addr, "pay", store="hq", roles=("backend",))
+        await (await connect(server.addr, "till1")).close()   # (a till the server knows)
+        await asyncio.sleep(0.3)                            # (its registration is written)
         for n in (1, 2, 3):
             await paid("terminal:acme/till1", n, payer)      # till1 is offline: kept
         till2 = await tillwire.client.connect(*server.addr, token=token("till2"),

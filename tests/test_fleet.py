@@ -568,3 +568,19 @@ def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
     assert done.returncode == 2
     assert "server.workers" in done.stderr and "redis.url" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_node_whose_workers_cannot_start_stops_with_one_line_naming_redis(tmp_path):
+    from support import free_port
+
+    env = {**os.environ, "TILLWIRE_SECRET": SECRET}
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"          # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
+                           "--redis", nowhere, "--port", str(free_port()),
+                           "--admin-port", "0", "--data-dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    assert "redis.url" in done.stderr and "could not start" in done.stderr, done.stderr
+

@@ -196,3 +196,19 @@ def test_failed_handshakes_are_logged_bounded_per_window(tmp_path, pki, caplog):
     counted = sum(int(line.split()[1]) for line in summaries if "more handshakes" in line)
     first_lines = sum(1 for line in summaries if "more handshakes" not in line)
     assert counted + first_lines + 1 == 40, lines
+
+
+@aiotest(timeout=60)
+async def test_a_tls_handshake_that_never_finishes_is_dropped_at_the_auth_timeout(
+        tmp_path, pki):
+    # A plaintext client that sends a few bytes an SSL parser waits on (or
+    # nothing at all) holds its descriptor only until server.auth_timeout,
+    # not asyncio's 60 s handshake timeout.
+    with ServerProcess(str(tmp_path), env=tls_env(pki, TILLWIRE_SERVER_AUTH_TIMEOUT="1")) as srv:
+        for opening in (b"", b"\x80\x10"):
+            reader, writer = await asyncio.open_connection(*srv.addr)
+            writer.write(opening)
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 10) == b""     # closed by the server
+            assert time.monotonic() - started < 5
+            writer.close()
