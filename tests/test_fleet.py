@@ -107,6 +107,24 @@ async def on_worker(node, terminal: str, worker=None, avoid=None, **kwargs):
     raise AssertionError(f"no connection of {terminal} landed where wanted")
 
 
+async def subscribed(prefix: str, channel: str, workers: int, url: str | None = None) -> None:
+    """Wait until ``workers`` workers subscribed to ``channel`` in Redis (a
+    terminal that logged in meanwhile gets what is published from then on)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url or redis_url())
+    try:
+        name = f"{prefix}:ch:{channel}"
+        for _ in range(200):
+            (_, count), = await client.pubsub_numsub(name)
+            if count >= workers:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{channel}: {count} of {workers} workers subscribed")
+    finally:
+        await client.aclose()
+
+
 def payment(n: int) -> dict:
     return {"order": f"o{n}", "status": "paid"}
 
@@ -169,7 +187,7 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
     try:
         tills = [await on_worker(a, "till1", worker=0), await on_worker(a, "till2", worker=1),
                  await on_worker(b, "till3")]
-        await asyncio.sleep(0.3)        # (each worker's subscription to store:acme/s1)
+        await subscribed(prefix, "store:acme/s1", 3)      # (one per worker with a till)
         # HQ publishes through either node; two publishers of one SKU: the
         # newest version wins once, whichever worker placed it.
         status, first = await a.admin("POST", "/v1/publish", {
@@ -307,7 +325,7 @@ async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, pr
         tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
         other = await on_worker(node, "app3", worker=1, roles=("customer",), member="m-2")
         till = await on_worker(node, "till1", worker=0)
-        await asyncio.sleep(0.3)        # (each worker's subscription to tenant:acme)
+        await subscribed(prefix, "tenant:acme", 2)
         for n in range(3):
             status, body = await node.admin("POST", "/v1/publish", {
                 "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
