@@ -430,10 +430,19 @@ class Channels:
                                 now + ttl if ttl else 0.0, placed=offset)
         self._fanout(address, stream, entry, lane, kind, payload, None)
 
-    def prime(self, name: str, lane: int, page) -> None:
-        """Set this worker's mirror of a stream from a History read."""
+    @staticmethod
+    def placed_offset(data: bytes) -> int:
+        """The offset of a fleet's channel message (see :func:`pack_placed`)."""
+        return _PLACED.unpack_from(data)[1]
+
+    def prime(self, name: str, lane: int, page, below: int = 0) -> None:
+        """Set this worker's mirror of a stream from a History read (only
+        what is before offset ``below``, when given: the rest comes live)."""
         if not page.epoch:
             return                          # (nothing was ever published to it)
+        if below:
+            items = [item for item in page.items if item.offset < below]
+            page = type(page)(page.epoch, min(page.offset, below - 1), items, page.more)
         now = self.loop.time()
         stream = self._stream(name, lane, parse_address(name), page.epoch, page.offset)
         stream.epoch = page.epoch

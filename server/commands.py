@@ -36,6 +36,7 @@ from . import kinds
 from .address import AddressError, check_publish, implied_channels, parse_address
 from .auth import verify_token
 from .connection import (
+    AGAIN_AFTER_HOLDS,
     HOLD_AUTH,
     HOLD_BUDGET,
     HOLD_LOOKUP,
@@ -54,6 +55,9 @@ from .store import NewMessage
 from .terminals import TerminalRecord
 
 log = logging.getLogger("tillwire.commands")
+
+# Roles whose P1 to a terminal does not depend on the terminal's store (PROTOCOL.md 9.1).
+_ANY_STORE = frozenset({"backend", "service"})
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -521,6 +525,14 @@ class Commands:
         self.mark_dirty(conn)
         conn.release(HOLD_LOOKUP)
 
+    async def _look_up_recipient(self, conn: TerminalConnection, to: str) -> None:
+        try:
+            await self.registry.get(to)     # (kept in the cache; None: refused as unknown)
+        except Exception as exc:           # (the SEND is then checked without it)
+            log.warning("registry: reading %s for a SEND failed: %s", to, exc)
+        conn.extras()["looked_up"] = to
+        conn.release(HOLD_LOOKUP)
+
     def _on_send(self, conn: TerminalConnection, frame):
         lane = frame.flags & _LANE_MASK
         ref = frame.ref
@@ -534,6 +546,16 @@ class Commands:
             # (the frame is handled then), rather than queue without bound.
             counters.store_waits += 1
             return SATURATED_WAIT
+        if (lane == _P1 and self.node.shared_registry and frame.to.startswith("terminal:")
+                and self.registry.cached(frame.to) is None
+                and not _ANY_STORE.intersection(conn.claims.roles)
+                and (extra is None or extra.get("looked_up") != frame.to)):
+            # A fleet: the recipient's store (what the store's devices may
+            # reach) is in the shared registry; read it first, this frame and
+            # those behind it waiting.
+            conn.hold(HOLD_LOOKUP)
+            self.spawn(self._look_up_recipient(conn, frame.to))
+            return AGAIN_AFTER_HOLDS
         if limits.role.rate:
             now = self.loop.time()
             wait = limits.take(lane, now)

@@ -89,6 +89,7 @@ _STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH | HOLD_LOOKUP
 # Holds that only the terminal's reading lifts: held so too long is a slow consumer.
 STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
 STOP_AFTER = -1.0
+AGAIN_AFTER_HOLDS = -2.0     # on_frame: handle this frame again once the stopping holds lift
 """What ``Node.on_frame`` returns for a frame it handled that set a hold stopping
 the handling of the frames after it (a HISTORY answer still going out, a
 refused login being held back)."""

@@ -103,16 +103,27 @@ class Interest:
         for name in names:
             try:
                 for lane in _LANES:
-                    channels.prime(name, lane, await self.history.tail(name, lane, 0))
+                    page = await self.history.tail(name, lane, 0)
+                    # The read may already hold messages that came live
+                    # meanwhile (held): the mirror stops short of the first of
+                    # them, which are then placed and fanned out as live.
+                    below = min((channels.placed_offset(data) for held_lane, data
+                                 in self.priming.get(name, ()) if held_lane == lane),
+                                default=0)
+                    channels.prime(name, lane, page, below)
             except Exception as exc:
                 # (live messages still come; catch-up serves what arrived since)
                 log.warning("history: reading %s to prime this worker failed: %s", name, exc)
-            held = self.priming.pop(name, ())
-            for lane, data in held:
-                channels.receive(name, lane, data)
             fut = self._ready.pop(name, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            # (the sessions that waited for the priming catch up first, up to
+            # the mirror; then the held messages reach every session live)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            held = self.priming.pop(name, ())
+            for lane, data in held:
+                channels.receive(name, lane, data)
         left = [name for name in names if name not in self.counts]
         if left and not self.node.stopping:
             # (every session that needed them left while they were primed)
