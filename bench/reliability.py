@@ -124,6 +124,7 @@ def _paid(payer: Worker, tills: list[Worker], on_progress=None) -> dict:
     STALL seconds and says where it stood, instead of waiting out the long
     timeouts (and a test runner's own)."""
     last, since = -1, time.monotonic()
+    report = None
     while True:
         try:
             msg = payer.recv(STALL)
@@ -132,13 +133,16 @@ def _paid(payer: Worker, tills: list[Worker], on_progress=None) -> dict:
         if msg is not None and "progress" not in msg:
             return msg
         now = time.monotonic()
+        if msg is not None:
+            report = msg
         if msg is not None and msg["progress"] != last:
             last, since = msg["progress"], now
         elif now - since > STALL:
             # (The payer answers nothing else until its pay ends; the tills do.)
             connected = [s["connected"] for s in _stats(tills)]
-            raise RuntimeError(f"the payer made no progress for {STALL:.0f} s at {last} acked; "
-                               f"tills connected per worker: {connected}")
+            raise RuntimeError(f"the payer made no progress for {STALL:.0f} s at {last} acked "
+                               f"(its last report: {report}); tills connected per load "
+                               f"process: {connected}")
         if msg is not None and on_progress is not None:
             on_progress(msg)
 

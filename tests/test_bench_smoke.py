@@ -111,3 +111,30 @@ def test_quick_abuse_prints_its_keys():
     assert result["abuse_ratio"] == worst["ratio"] == max(c["ratio"] for c in cases.values())
     assert result["good_p99_ms_worst"] == worst["good_p99_ms_attack"]
     assert result["good_p99_ms_baseline"] == worst["good_p99_ms_baseline"]
+
+
+REDIS_RELIABILITY_KEYS = KEYS["reliability"] | {
+    "sqlite_durable_msgs_per_s", "redis_vs_sqlite", "workers"}
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_quick_reliability_over_redis_prints_its_keys():
+    # A node of two workers over a redis-server of the benchmark's own
+    # (appendfsync always), one worker killed with SIGKILL in the chaos
+    # phase; the same steady phase on SQLite in the same run.
+    result = run_bench("reliability", "--redis")
+    missing = REDIS_RELIABILITY_KEYS - set(result)
+    assert not missing, f"reliability --redis: missing keys {sorted(missing)} in {result}"
+    for key in REDIS_RELIABILITY_KEYS:
+        value = result[key]
+        assert isinstance(value, (int, float)) and value == value, f"{key} = {value!r}"
+        assert value >= 0, f"{key} = {value!r}"
+    assert result["store"] == "redis" and result["workers"] == 2
+    assert result["appendfsync"] == "always" and result["killed_worker"] in (0, 1)
+    assert result["lost"] == 0 and result["reordered"] == 0
+    assert result["acked"] == result["sent"] == result["delivered_unique"]
+    assert result["steady_delivered"] == result["steady_sent"]
+    assert result["sqlite_steady_delivered"] == result["steady_sent"]
+    assert result["bare_relay_delivered"] == result["steady_sent"]
+    assert result["redis_vs_sqlite"] > 0
