@@ -247,6 +247,38 @@ class BareServer:
                 self.proc.wait(5)
 
 
+class Lines:
+    """Lines read from a pipe's descriptor, each within a timeout.
+
+    ``select`` on a buffered file's descriptor says nothing of the lines its
+    buffer already holds: a ``readline`` that read two lines returns one and
+    the next ``select`` waits for data that never comes (a worker's last
+    progress report and its result in one read stalled the reliability
+    runs that way).  So the bytes are read here, by ``os.read``, and split
+    here."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def read(self, timeout: float) -> bytes | None:
+        """The next line (with its newline); None at the end of the pipe;
+        TimeoutError when no whole line came within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no line within {timeout} s")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                data = os.read(self.fd, 1 << 16)
+                if not data:
+                    return None
+                self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+
 class Worker:
     """A ``python -m bench.worker`` subprocess spoken to in JSON lines."""
 
@@ -255,23 +287,20 @@ class Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "TILLWIRE_SECRET": SECRET})
         self.role = role
+        self.lines = Lines(self.proc.stdout.fileno())
 
     def send(self, **msg) -> None:
         self.proc.stdin.write(orjson.dumps(msg) + b"\n")
         self.proc.stdin.flush()
 
     def recv(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"worker {self.role} did not answer in {timeout} s")
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"worker {self.role} exited ({self.proc.wait()})")
-                return orjson.loads(line)
+        try:
+            line = self.lines.read(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"worker {self.role} did not answer in {timeout} s") from None
+        if line is None:
+            raise RuntimeError(f"worker {self.role} exited ({self.proc.wait()})")
+        return orjson.loads(line)
 
     def close(self) -> None:
         if self.proc.poll() is None:

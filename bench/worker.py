@@ -592,8 +592,14 @@ class Payer:
 
             def connection_lost(self, exc):
                 payer.lost += 1
-                payer.transport = None
-                payer.connected.clear()
+                # Only the loss of the connection in use ends it.  After a
+                # takeover the new connection's WELCOME reaches us before
+                # the old one's end: clearing the transport then would send
+                # _ensure to connect again, taking over the new one, and so
+                # on without end (the stalled runs).
+                if payer.transport is self.transport:
+                    payer.transport = None
+                    payer.connected.clear()
 
         return Proto
 
@@ -604,10 +610,16 @@ class Payer:
             if self.paying:                 # (what a stalled run reports)
                 self.emit({"progress": len(self.acked), "reconnecting": attempts,
                            "lost": self.lost, "last_close": self.last_close})
+            attempt = None
             try:
-                await self.loop.create_connection(self._proto(), "127.0.0.1", self.p["port"])
+                attempt, _ = await self.loop.create_connection(self._proto(), "127.0.0.1",
+                                                               self.p["port"])
                 await asyncio.wait_for(self.connected.wait(), 5)
             except (OSError, asyncio.TimeoutError):
+                # An attempt without WELCOME in time is given up, never left
+                # to log in later beside the next one.
+                if attempt is not None and self.transport is not attempt:
+                    attempt.abort()
                 await asyncio.sleep(0.2)
 
     async def connect(self) -> dict:
