@@ -1,5 +1,7 @@
 # Tillwire — developer entry points.  Everything runs inside .venv.
-#   make run      set up, build the native core, start the server (embedded default)
+#   make run      set up, build the native core, start the server (embedded default;
+#                 ports from TILLWIRE_SERVER_PORT / TILLWIRE_ADMIN_PORT or a config file)
+#   make load     install Locust and run the holiday scenarios against `make run`'s server
 #   make test     set up with dev extras, start what tests need, run the whole suite
 #   make install  set up .venv and build only
 #   make compile  rebuild the Cython extensions in place after editing core/*.pyx
@@ -13,9 +15,10 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE := $(wildcard core/*.pyx core/*.pxd)
 ARGS   ?=
+DATA   ?= data
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev fuzz-deps redis-deps compile run test bench fuzz clean distclean
+.PHONY: install install-dev fuzz-deps redis-deps compile run load test bench fuzz clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +28,10 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml setup.py $(NATIVE)
 	$(PIP) install "Cython>=3.0.10" "setuptools>=68" wheel
 	$(PIP) install --no-build-isolation -e .
+	@touch $@
+
+$(VENV)/.installed-load: $(VENV)/.installed
+	$(PIP) install --no-build-isolation -e ".[load]"
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -54,17 +61,30 @@ compile: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
 # A fresh machine has no secret: `make run` makes a local development secret
-# and admin token once (data/dev-secret, data/dev-admin-token) unless
-# TILLWIRE_SECRET / TILLWIRE_ADMIN_TOKEN are set.  Production sets its own.
+# and admin token once ($(DATA)/dev-secret, $(DATA)/dev-admin-token, readable
+# by their owner only) unless TILLWIRE_SECRET / TILLWIRE_ADMIN_TOKEN are set.
+# Production sets its own.  The server itself prints where it listens (its
+# log line "ready: terminals on ..."): the ports come from the config
+# (TILLWIRE_SERVER_PORT=7080 TILLWIRE_ADMIN_PORT=7081 make run, or
+# TILLWIRE_CONFIG=tillwire.toml), not from this file.
 run: install
-	@mkdir -p data
-	@[ -s data/dev-secret ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > data/dev-secret
-	@[ -s data/dev-admin-token ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(24))" > data/dev-admin-token
-	@echo "tillwire: embedded default: one process, SQLite store in ./data, terminals on 127.0.0.1:7070, admin API on 127.0.0.1:7071"
-	@echo "tillwire: dev secrets: export TILLWIRE_SECRET=\$$(cat data/dev-secret) TILLWIRE_ADMIN_TOKEN=\$$(cat data/dev-admin-token)"
-	TILLWIRE_SECRET="$${TILLWIRE_SECRET:-$$(cat data/dev-secret)}" \
-	TILLWIRE_ADMIN_TOKEN="$${TILLWIRE_ADMIN_TOKEN:-$$(cat data/dev-admin-token)}" \
-	$(BIN)/tillwire serve --data-dir data $(ARGS)
+	@mkdir -p $(DATA)
+	@umask 077; [ -s $(DATA)/dev-secret ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > $(DATA)/dev-secret
+	@umask 077; [ -s $(DATA)/dev-admin-token ] || $(PY) -c "import secrets; print(secrets.token_urlsafe(24))" > $(DATA)/dev-admin-token
+	@chmod 600 $(DATA)/dev-secret $(DATA)/dev-admin-token
+	@echo "tillwire: dev secrets: export TILLWIRE_SECRET=\$$(cat $(DATA)/dev-secret) TILLWIRE_ADMIN_TOKEN=\$$(cat $(DATA)/dev-admin-token)"
+	TILLWIRE_SECRET="$${TILLWIRE_SECRET:-$$(cat $(DATA)/dev-secret)}" \
+	TILLWIRE_ADMIN_TOKEN="$${TILLWIRE_ADMIN_TOKEN:-$$(cat $(DATA)/dev-admin-token)}" \
+	$(BIN)/tillwire serve --data-dir $(DATA) $(ARGS)
+
+# Locust's holiday scenarios (bench/locustfile.py) against the server that
+# `make run` started: same secret, same TILLWIRE_* ports.  USERS, RATE and
+# TIME size a plain run; LOAD_SHAPE=holiday ramps 1x-30x and ends by itself
+# (squeezed into TIME).  ARGS go to locust.
+load: $(VENV)/.installed-load
+	TILLWIRE_SECRET="$${TILLWIRE_SECRET:-$$(cat $(DATA)/dev-secret)}" \
+	$(BIN)/locust -f bench/locustfile.py --headless --only-summary \
+	    -u $(or $(USERS),200) -r $(or $(RATE),50) -t $(or $(TIME),60s) $(ARGS)
 
 test: install-dev fuzz-deps redis-deps
 	FUZZ_REQUIRE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -181,6 +181,9 @@ class Connection:
             await asyncio.wait_for(asyncio.shield(conn._welcome), timeout)
         except BaseException:
             conn.abort()
+            # The abort fails the WELCOME future too; what is raised here says it.
+            conn._welcome.add_done_callback(
+                lambda fut: fut.cancelled() or fut.exception())
             raise
         return conn
 
@@ -256,7 +259,10 @@ class Connection:
         if not self.close_code:
             session = self.session
             self.close_code = session.close_code or Code.INTERNAL_ERROR
-            self.close_reason = session.close_reason or (str(exc) if exc else "connection lost")
+            self.close_reason = session.close_reason or (
+                str(exc) if exc else "connection lost" if self.welcome is not None
+                else "the server closed the connection before WELCOME (a TLS port spoken "
+                     "to in plaintext?)")
         err = SessionClosed(self.close_code, self.close_reason)
         for fut in list(self._sends.values()) + [f for f, _ in self._requests.values()]:
             if not fut.done():

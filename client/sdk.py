@@ -19,10 +19,37 @@ Example::
 
     client = await tillwire.client.connect("pos.example", 7070, token=TOKEN,
                                            state_path="/var/lib/till/tillwire.json")
-    async for msg in client:
-        if msg.kind == "payment.result":
-            settle(msg.body)
-        await msg.ack()
+    try:
+        async for msg in client:
+            if msg.kind == "payment.result":
+                settle(msg.body)
+            await msg.ack()
+    except tillwire.client.Kicked:      # another session took over, or an operator kicked it
+        ...
+    except tillwire.client.Refused:     # the token is refused for good: get a new one
+        ...
+
+How a client ends, and what the application sees:
+
+* ``await client.close()``: ``async for`` ends; ``receive()`` and ``send()``
+  raise :class:`ClientClosed` (code ``NORMAL``).
+* kicked: CLOSE ``TAKEOVER`` (the same terminal logged in elsewhere) or
+  ``KICKED`` (an operator): ``async for``, ``receive()`` and ``send()``
+  raise :class:`Kicked`.  Reconnecting would fight the other session, so
+  the client does not.
+* refused for good: ``AUTH_FAILED``, ``TOKEN_EXPIRED``, ``TOKEN_REVOKED``
+  (revoked or retired), ``UNSUPPORTED_VERSION``: :class:`Refused`, from
+  ``connect()`` if it happens at the first login, else from ``async for``,
+  ``receive()`` and ``send()``.
+* everything else (the network, a restart, ``DRAINING``,
+  ``CONNECTION_LIMIT``, ``HEARTBEAT_TIMEOUT``, ``SLOW_CONSUMER``) is
+  transient: the client reconnects and resumes by itself.  ``connect()``
+  waits for the first session as long as it takes unless given
+  ``first_timeout`` (seconds) or ``first_attempts``: then it raises
+  :class:`ConnectFailed` with the last attempt's error.
+
+``on_connected(info)`` and ``on_disconnected(code, reason)`` (optional
+callables) let an application show each session's start and end.
 """
 
 from __future__ import annotations
@@ -47,13 +74,69 @@ FATAL_CODES = frozenset({
 })
 
 
+KICK_CODES = frozenset({Code.TAKEOVER, Code.KICKED})
+"""Close codes that raise :class:`Kicked`; the rest of FATAL_CODES raise :class:`Refused`."""
+
+
 class ClientClosed(TillwireError):
-    """The client stopped (closed by the application, or a fatal close code)."""
+    """The client stopped: closed by the application (code ``NORMAL``), or
+    for good by the server (the subclasses :class:`Kicked` and
+    :class:`Refused`).  ``code`` is the close code, ``reason`` its text."""
 
     def __init__(self, code: int, reason: str = "") -> None:
         super().__init__(f"{Code(code).name}: {reason}" if reason else Code(code).name)
         self.code = Code(code)
         self.reason = reason
+
+
+class Kicked(ClientClosed):
+    """The server closed this terminal's session with ``TAKEOVER`` (the same
+    terminal logged in again elsewhere) or ``KICKED`` (an operator); raised
+    from ``async for``, ``receive()`` and ``send()``, never a silent end."""
+
+
+class Refused(ClientClosed):
+    """The server refused this terminal for good: ``AUTH_FAILED``,
+    ``TOKEN_EXPIRED``, ``TOKEN_REVOKED`` or ``UNSUPPORTED_VERSION``.  A new
+    token (or SDK) is needed; retrying the same one cannot help."""
+
+
+class ConnectFailed(TillwireError):
+    """No session could be opened within ``first_timeout`` seconds or
+    ``first_attempts`` attempts; ``reason`` is the last attempt's error
+    (connection refused, a TLS certificate not trusted, no WELCOME in time)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot connect to {host}:{port}: {reason}")
+        self.reason = reason
+
+
+def closed_for(code: int, reason: str) -> ClientClosed:
+    """The exception a client stopped by the server with ``code`` raises."""
+    cls = Kicked if code in KICK_CODES else Refused if code in FATAL_CODES else ClientClosed
+    return cls(code, reason)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying why a connection attempt failed, with the likely fix."""
+    if isinstance(exc, _ssl.SSLCertVerificationError):
+        return (f"TLS: the server's certificate is not trusted ({exc.verify_message}): check "
+                "the CA given for it")
+    if isinstance(exc, _ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "TLS: the server did not answer in TLS (is this port plaintext?)"
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listening there?)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return ("no WELCOME in time after connecting (a TLS port spoken to in plaintext? "
+                "a server too busy?)")
+    if isinstance(exc, SessionClosed):
+        # INTERNAL_ERROR here is no CLOSE from the server: its reason says what happened.
+        return exc.reason if exc.code == Code.INTERNAL_ERROR and exc.reason else str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 class Message:
@@ -147,7 +230,8 @@ class Client:
                  auto_ack: bool = False, heartbeat: float = 0.0,
                  ssl: _ssl.SSLContext | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 30.0, connect_timeout: float = 10.0,
-                 client_info: dict | None = None) -> None:
+                 client_info: dict | None = None, on_connected=None,
+                 on_disconnected=None) -> None:
         self.host, self.port, self.token = host, port, token
         self.auto_ack = auto_ack
         self.heartbeat = heartbeat
@@ -156,27 +240,59 @@ class Client:
         self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
         self.client_info = client_info
+        self.on_connected = on_connected          # (info: dict) -> None, each new session
+        self.on_disconnected = on_disconnected    # (code: Code, reason: str) -> None, each end
         self.state = State(state_path)
         self.conn: Connection | None = None
         self.info: dict = {}
         self.connects = 0
-        self.closed: ClientClosed | None = None
+        self.failed_attempts = 0                  # since the last session opened
+        self.last_error = ""                      # why the last attempt failed (describe_error)
+        self.closed: ClientClosed | ConnectFailed | None = None
         self.loop = asyncio.get_event_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._connected = asyncio.Event()
         self._last_message: Message | None = None
         self._save_handle = None
         self._task: asyncio.Task | None = None
+        self._first_attempts: int | None = None
         self._first: asyncio.Future = self.loop.create_future()
         self.receipts: asyncio.Queue = asyncio.Queue()
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> "Client":
-        """Connect (retrying) and return once the first session is open."""
+    async def start(self, first_timeout: float | None = None,
+                    first_attempts: int | None = None) -> "Client":
+        """Connect (retrying) and return once the first session is open.
+
+        Raises :class:`Refused` when the server refuses the token for good,
+        and :class:`ConnectFailed` when ``first_timeout`` seconds or
+        ``first_attempts`` attempts passed without a session (by default it
+        waits as long as it takes: a till may boot before its server)."""
+        self._first_attempts = first_attempts
         self._task = self.loop.create_task(self._run())
-        await self._first
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), first_timeout)
+        except asyncio.TimeoutError:
+            self._stop(ConnectFailed(self.host, self.port, self.last_error or
+                                     f"no session within {first_timeout:g} s"))
+            await self._cancel_task()
+            raise self.closed from None
+        except ClientClosed:
+            await self._cancel_task()
+            raise
+        except ConnectFailed:
+            await self._cancel_task()
+            raise
         return self
+
+    async def _cancel_task(self) -> None:
+        if self._first.done() and not self._first.cancelled():
+            self._first.exception()              # retrieved: raised by start() itself
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _open(self) -> Connection:
         st = self.state
@@ -195,20 +311,31 @@ class Client:
             except (OSError, asyncio.TimeoutError, SessionClosed) as exc:
                 code = getattr(exc, "code", None)
                 if code in FATAL_CODES:
-                    self._stop(ClientClosed(code, getattr(exc, "reason", str(exc))))
+                    self._stop(closed_for(code, getattr(exc, "reason", str(exc))))
                     return
                 attempt += 1
+                self.failed_attempts = attempt
+                self.last_error = describe_error(exc)
+                if (not self._first.done() and self._first_attempts is not None
+                        and attempt >= self._first_attempts):
+                    self._stop(ConnectFailed(self.host, self.port, self.last_error))
+                    return
                 await asyncio.sleep(self._backoff(attempt))
                 continue
             attempt = 0
+            self.failed_attempts = 0
             self.connects += 1
             self._attach(conn)
+            if self.on_connected is not None:
+                self.on_connected(conn.info)
             await self._pump(conn)
             self._connected.clear()
             if self.closed is not None:
                 return
+            if self.on_disconnected is not None:
+                self.on_disconnected(Code(conn.close_code), conn.close_reason)
             if conn.close_code in FATAL_CODES:
-                self._stop(ClientClosed(conn.close_code, conn.close_reason))
+                self._stop(closed_for(conn.close_code, conn.close_reason))
                 return
             if conn.goaway is not None:
                 await asyncio.sleep(conn.goaway.delay / 1000.0)   # the server's jittered hint
@@ -257,7 +384,7 @@ class Client:
                 self._schedule_save()
             self._queue.put_nowait(Message(self, raw))
 
-    def _stop(self, why: ClientClosed) -> None:
+    def _stop(self, why: ClientClosed | ConnectFailed) -> None:
         if self.closed is None:
             self.closed = why
         self._queue.put_nowait(None)
@@ -303,7 +430,9 @@ class Client:
     # -- API ------------------------------------------------------------------------
 
     async def receive(self, timeout: float | None = None) -> Message:
-        """The next message (across reconnects); raises ClientClosed once stopped."""
+        """The next message (across reconnects).  Raises :class:`Kicked` or
+        :class:`Refused` when the server ended this terminal's session for
+        good, :class:`ClientClosed` after ``close()``."""
         if self.auto_ack and self._last_message is not None:
             await self._last_message.ack()
             self._last_message = None
@@ -319,10 +448,15 @@ class Client:
         return self
 
     async def __anext__(self) -> Message:
+        """``async for`` ends quietly only after ``close()``; a kick or a refusal
+        raises :class:`Kicked` / :class:`Refused` (an application must not
+        take a lost session for a finished one)."""
         try:
             return await self.receive()
-        except ClientClosed:
-            raise StopAsyncIteration from None
+        except ClientClosed as exc:
+            if type(exc) is ClientClosed:           # closed by the application
+                raise StopAsyncIteration from None
+            raise
 
     async def send(self, kind: str, body, to: str, *, lane: int | None = None,
                    ttl: float = 0.0, key: str = "", ref: int | None = None,
@@ -402,6 +536,10 @@ class Client:
         self.conn.read(msg.id)
 
 
-async def connect(host: str, port: int, *, token: str, **kwargs) -> Client:
-    """Connect a terminal; see ``Client`` for the options."""
-    return await Client(host, port, token, **kwargs).start()
+async def connect(host: str, port: int, *, token: str, first_timeout: float | None = None,
+                  first_attempts: int | None = None, **kwargs) -> Client:
+    """Connect a terminal; see ``Client`` for the options and ``Client.start``
+    for ``first_timeout`` / ``first_attempts``.  Raises :class:`Refused` if
+    the token is refused for good, :class:`ConnectFailed` if given a limit
+    that passed without a session."""
+    return await Client(host, port, token, **kwargs).start(first_timeout, first_attempts)

@@ -184,6 +184,7 @@ class Code(enum.IntEnum):
     BAD_REQUEST = 40
     TOO_MANY_SUBSCRIPTIONS = 41
     PARTIAL = 42
+    UNKNOWN_TERMINAL = 43
 
     NORMAL = 48
     TAKEOVER = 49

@@ -53,3 +53,27 @@ class SessionClosed(TillwireError):
         super().__init__(f"{Code(code).name}: {reason}" if reason else Code(code).name)
         self.code = Code(code)
         self.reason = reason
+
+
+class UnknownTerminal(TillwireError):
+    """A P0/P1 message to a terminal the registry does not know (it never
+    logged in and was not provisioned) under the tenant's ``refuse`` policy
+    (``delivery.unknown_terminals``); ``address`` names it.  Nothing was
+    stored."""
+
+    code = Code.UNKNOWN_TERMINAL
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"to: {address} is not a known terminal (it never logged in and was "
+                         "not provisioned: POST /v1/terminals); nothing was stored")
+        self.address = address
+
+
+class StartupError(TillwireError):
+    """``tillwire serve`` cannot start: a port is taken, the data directory or
+    a TLS file is unusable.  ``key`` names the config key (and through it the
+    flag or variable) to change; the message is one line for the operator."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key

@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from ..core.codes import KIND_LANES, Code, Lane
+from ..core.errors import UnknownTerminal
 from . import kinds
 from .address import AddressError, parse_address, terminal_address
 from .auth import ROLES
@@ -56,13 +57,17 @@ _STATE_NAMES = {0: "handshake", 1: "handshake", 2: "open", 3: "closing"}
 _DIGITS = re.compile(r"[1-9][0-9]{0,18}\Z")
 _TICKET = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 MAX_ROSTER = 1000                  # terminal ids in a store's on_duty or managers
+MAX_TICKETS = 1000                 # tickets in one page of GET /v1/tickets
+MAX_REDRIVE = 10000                # dead letters one redrive of a terminal puts back
+# Methods counted by name in tillwire_admin_requests_total (others: "other").
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 
 class Call:
     """What the audit line of one admin call says besides the request itself."""
 
-    __slots__ = ("token", "target", "tenant", "terminal", "detail")
+    __slots__ = ("token", "target", "tenant", "terminal", "detail", "inbound")
 
     def __init__(self) -> None:
         self.token = None        # the AdminToken that authenticated the call
@@ -70,6 +75,7 @@ class Call:
         self.tenant = ""
         self.terminal = ""
         self.detail: dict = {}   # extra audit fields (never a body or a token)
+        self.inbound = False     # a message counted in (a refusal is then counted too)
 
 
 # Typed keys where aiohttp has them (3.9+ AppKey, newer RequestKey); plain strings otherwise.
@@ -311,11 +317,14 @@ class Handlers:
         receipt = doc.get("receipt", False)
         if not isinstance(receipt, bool):
             raise ApiError(400, "receipt: true or false", "receipt")
+        payload = orjson.dumps(body)
+        node.counters.admin_frames_in[lane] += 1
+        node.counters.admin_bytes_in[lane] += len(payload)
+        call.inbound = True
         if kind in node.service_kinds:
             # Tickets and conversations have state a bare publish would bypass.
             raise ApiError(400, f"kind: {kind} is sent by terminals, through the ticket and "
                                 "chat services; it cannot be published here", "kind")
-        payload = orjson.dumps(body)
         try:
             checked = kinds.check(kind, lane, payload, key,
                                   max_depth=self.cfg.limits.max_body_depth)
@@ -333,6 +342,8 @@ class Handlers:
             node.submit(msg, address, reply)
             try:
                 accepted = await reply
+            except UnknownTerminal as exc:
+                raise ApiError(404, str(exc), "to", Code.UNKNOWN_TERMINAL.name) from None
             except Exception as exc:  # noqa: BLE001 - the store refused the batch
                 raise ApiError(503, f"store: the message could not be stored ({exc}); retry "
                                     "with the same ref", "", "STORE_UNAVAILABLE") from None
@@ -377,9 +388,28 @@ class Handlers:
         return _json(doc)
 
     async def put_terminal(self, request: web.Request) -> web.Response:
-        node = self.node
         tenant, terminal, address = _terminal_target(request)
         doc = await _body(request, required=True, allowed=("store", "roles", "region", "member"))
+        return await self._provision(request, tenant, terminal, address, doc)
+
+    async def post_terminal(self, request: web.Request) -> web.Response:
+        """Provision a terminal (``tenant`` and ``id`` in the body): from then on
+        it is known, and P0/P1 messages to it wait for its first login."""
+        doc = await _body(request, required=True,
+                          allowed=("tenant", "id", "store", "roles", "region", "member"))
+        tenant = _segment("tenant", "tenant", doc.get("tenant"))
+        terminal = _segment("terminal", "id", doc.get("id"))
+        _allow(request, tenant)
+        address = terminal_address(tenant, terminal)
+        call = _call(request)
+        call.target, call.tenant, call.terminal = address, tenant, terminal
+        return await self._provision(request, tenant, terminal, address,
+                                     {k: v for k, v in doc.items() if k not in ("tenant", "id")})
+
+    async def _provision(self, request: web.Request, tenant: str, terminal: str, address: str,
+                         doc: dict) -> web.Response:
+        """Register (or update) terminal ``address`` with the record ``doc`` describes."""
+        node = self.node
         store = _segment("store", "store", doc.get("store"))
         roles = doc.get("roles")
         if (not isinstance(roles, list) or not roles
@@ -403,6 +433,7 @@ class Handlers:
                              old.revoked_before if old is not None else 0.0)
         await node.store.terminals.register(rec)
         await node.registry.put(rec)
+        node.terminal_changed(address)
         _call(request).detail = {"store": store, "roles": list(roles)}
         return _json(_record_doc(rec), 200 if old is not None else 201)
 
@@ -415,9 +446,9 @@ class Handlers:
         await self.node.store.terminals.register(rec)
         return rec
 
-    def _kick(self, request: web.Request, address: str, reason: str, event: str,
-              **detail) -> bool:
-        kicked = self.node.kick(address, reason)
+    async def _kick(self, request: web.Request, address: str, reason: str, event: str,
+                    **detail) -> bool:
+        kicked = await self.node.kick_anywhere(address, reason)
         if self.audit is not None:
             call = _call(request)
             self.audit.write(event, _who(request), tenant=call.tenant,
@@ -432,10 +463,9 @@ class Handlers:
         reason = _text(doc, "reason", "disconnected by an operator")
         if await self.node.registry.get(address) is None and address not in self.node.hub.sessions:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
-        conn = self.node.hub.sessions.get(address)
-        if conn is None or conn.transport is None:
-            raise ApiError(409, f"terminal: {address} is not connected to this node", "terminal")
-        kicked = self._kick(request, address, reason, "kick")
+        kicked = await self._kick(request, address, reason, "kick")
+        if not kicked:
+            raise ApiError(409, f"terminal: {address} is not connected", "terminal")
         return _json({"terminal": address, "kicked": kicked})
 
     async def retire(self, request: web.Request) -> web.Response:
@@ -446,7 +476,8 @@ class Handlers:
         rec = await self._known(address)
         await node.store.terminals.retire(address, True)
         await node.registry.put(dataclasses.replace(rec, retired=True))
-        kicked = self._kick(request, address, reason, "retire")
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "retire")
         return _json({"terminal": address, "retired": True, "kicked": kicked})
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -458,7 +489,8 @@ class Handlers:
         before = time.time()
         await node.store.terminals.revoke(address, before)
         await node.registry.put(dataclasses.replace(rec, revoked_before=before))
-        kicked = self._kick(request, address, reason, "revoke", revoked_before=before)
+        node.terminal_changed(address)
+        kicked = await self._kick(request, address, reason, "revoke", revoked_before=before)
         return _json({"terminal": address, "revoked_before": before, "kicked": kicked})
 
     async def presence(self, request: web.Request) -> web.Response:
@@ -540,6 +572,40 @@ class Handlers:
              "kind": d.kind, "reason": d.reason, "at": d.at, "sender": d.sender, "ref": d.ref}
             for d in dead]})
 
+    async def redrive(self, request: web.Request) -> web.Response:
+        """Put a terminal's dead letter (``/dead-letters/{id}/redrive``) or its
+        oldest ``limit`` ones (``/dead-letters/redrive``) back in its inbox."""
+        node = self.node
+        _, _, address = _terminal_target(request)
+        raw = request.match_info.get("id")
+        msg_id = None
+        if raw is not None:
+            if not _DIGITS.match(raw) or int(raw) > MAX_REF:
+                raise ApiError(400, f"id: {raw!r} is not a message id (a positive integer)",
+                               "id")
+            msg_id = int(raw)
+        limit = _int_param(request, "limit", MAX_DEAD_LETTERS, 1, MAX_REDRIVE)
+        try:
+            redriven = await node.redrive(address, msg_id, 1 if msg_id is not None else limit)
+        except Exception as exc:  # noqa: BLE001 - the store refused: nothing changed
+            raise ApiError(503, f"store: the dead letters could not be redriven ({exc}); "
+                                "nothing changed, retry", "", "STORE_UNAVAILABLE") from None
+        if msg_id is not None and not redriven:
+            raise ApiError(404, f"id: {address} has no dead letter of message {raw}", "id")
+        entries = [{"id": str(r.msg_id), "lane": f"P{r.lane}", "kind": r.kind,
+                    "dead_seq": r.dead_seq, "seq": r.seq} for r in redriven]
+        call = _call(request)
+        call.detail = {"redriven": len(entries)}
+        if self.audit is not None:
+            self.audit.write("redrive", _who(request), tenant=call.tenant,
+                             terminal=call.terminal, peer=request.remote or "",
+                             detail={"target": address, "entries": [
+                                 {k: e[k] for k in ("id", "lane", "dead_seq", "seq")}
+                                 for e in entries]})
+        log.info("dead letters redriven terminal=%s count=%d by=%s", address, len(entries),
+                 _who(request))
+        return _json({"terminal": address, "redriven": entries})
+
     # -- retail services ------------------------------------------------------------------
 
     def _store_target(self, request: web.Request) -> tuple[str, str]:
@@ -575,8 +641,45 @@ class Handlers:
         info = await self.node.directory.put(tenant, store, timezone=timezone,
                                              on_duty=rosters.get("on_duty"),
                                              managers=rosters.get("managers"))
+        self.node.directory_changed(tenant, store)
         _call(request).detail = {"fields": sorted(doc)}
+        if rosters.get("on_duty"):
+            await self.node.tickets.on_roster(tenant, store)    # (tickets waiting for staff)
         return _json(info.to_dict())
+
+    async def list_tickets(self, request: web.Request) -> web.Response:
+        """A tenant's open tickets (of one ``store``; only the ``unattended``
+        ones), a page at a time in id order: ``limit`` (1-1000, default 100)
+        and ``after`` (the ``next`` of the page before)."""
+        tickets = self.node.tickets
+        tenant = _segment("tenant", "tenant", request.query.get("tenant", ""))
+        _allow(request, tenant)
+        store = request.query.get("store")
+        if store is not None:
+            _segment("store", "store", store)
+        flag = request.query.get("unattended", "false")
+        if flag not in ("true", "false"):
+            raise ApiError(400, f"unattended: true or false, got {flag[:50]!r}", "unattended")
+        after = request.query.get("after")
+        if after is not None and not _TICKET.match(after):
+            raise ApiError(400, f"after: {after[:100]!r} is not a ticket id (the next of a "
+                                "page)", "after")
+        limit = _int_param(request, "limit", 100, 1, MAX_TICKETS)
+        call = _call(request)
+        call.tenant = tenant
+        call.target = f"store:{tenant}/{store}" if store else f"tenant:{tenant}"
+        found = tickets.list_open(tenant, store, flag == "true")
+        total = len(found)
+        if after is not None:
+            found = [t for t in found if t["ticket"] > after]
+        page = found[:limit]
+        doc = {"tenant": tenant, "store": store, "tickets": page, "total": total,
+               "unattended": sum(1 for key in tickets.unattended
+                                 if key.startswith(f"{tenant}/") and
+                                 (not store or tickets.open[key]["store"] == store))}
+        if len(found) > limit:
+            doc["next"] = page[-1]["ticket"]
+        return _json(doc)
 
     async def get_ticket(self, request: web.Request) -> web.Response:
         tenant = _segment("tenant", "tenant", request.match_info["tenant"])
@@ -669,8 +772,16 @@ def _authenticate(request: web.Request, tokens) -> tuple[object | None, str]:
     return found, ""
 
 
-def _middleware(cfg, audit):
+def _route(request: web.Request) -> str:
+    """The route pattern of a request ("unmatched" for an unknown path): a
+    label of a closed set, never the path itself."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _middleware(node, cfg, audit):
     tokens = tuple(cfg.admin.tokens)
+    counters = node.counters
 
     @web.middleware
     async def middleware(request: web.Request, handler):
@@ -701,6 +812,8 @@ def _middleware(cfg, audit):
                 response = await handler(request)
             except ApiError as exc:
                 status = exc.status
+                if call.inbound:
+                    counters.refuse("admin", exc.code or f"HTTP_{exc.status}")
                 return _json(_error_doc(exc.message, exc.field, exc.code), exc.status)
             except web.HTTPException as exc:
                 status = exc.status
@@ -724,6 +837,9 @@ def _middleware(cfg, audit):
             status = response.status
             return response
         finally:
+            key = (_route(request), request.method if request.method in _METHODS else "other",
+                   status)
+            counters.admin_requests[key] = counters.admin_requests.get(key, 0) + 1
             if api and status != 401 and audit is not None:
                 detail = {"method": request.method, "path": request.path,
                           "target": call.target, "status": status, **call.detail}
@@ -740,7 +856,7 @@ def _middleware(cfg, audit):
 def make_app(node, cfg, audit=None) -> web.Application:
     """The admin application of ``node`` (not started)."""
     limit = cfg.server.max_frame_size
-    app = web.Application(middlewares=[_middleware(cfg, audit)], client_max_size=limit)
+    app = web.Application(middlewares=[_middleware(node, cfg, audit)], client_max_size=limit)
     app[_MAX_BODY] = limit
     h = Handlers(node, cfg, audit)
     app.router.add_get("/metrics", h.metrics)
@@ -748,6 +864,7 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_get("/readyz", h.readyz)
     app.router.add_get("/v1/openapi.json", h.openapi_doc)
     app.router.add_post("/v1/publish", h.publish)
+    app.router.add_post("/v1/terminals", h.post_terminal)
     app.router.add_get("/v1/terminals/{tenant}/{terminal}", h.get_terminal)
     app.router.add_put("/v1/terminals/{tenant}/{terminal}", h.put_terminal)
     app.router.add_delete("/v1/terminals/{tenant}/{terminal}", h.retire)
@@ -757,9 +874,13 @@ def make_app(node, cfg, audit=None) -> web.Application:
     app.router.add_get("/v1/channels", h.channels)
     app.router.add_get("/v1/messages/{id}", h.message)
     app.router.add_get("/v1/dead-letters", h.dead_letters)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/dead-letters/redrive", h.redrive)
+    app.router.add_post("/v1/terminals/{tenant}/{terminal}/dead-letters/{id}/redrive",
+                        h.redrive)
     app.router.add_post("/v1/drain", h.drain)
     app.router.add_get("/v1/stores/{tenant}/{store}", h.get_store)
     app.router.add_put("/v1/stores/{tenant}/{store}", h.put_store)
+    app.router.add_get("/v1/tickets", h.list_tickets)
     app.router.add_get("/v1/tickets/{tenant}/{ticket}", h.get_ticket)
     app.router.add_delete("/v1/members/{tenant}/{member}", h.forget_member)
     return app

@@ -118,7 +118,7 @@ class RedisArchive:
         self._task: asyncio.Task | None = None
 
     def _keys(self, name: str, lane: int) -> list[str]:
-        base = f"{self._prefix}:{{{tenant_of(name)}}}:ar:{lane}:{name}"
+        base = f"{self._prefix}:{{{tenant_of(name)}}}:ar:{int(lane)}:{name}"
         return [f"{base}:m", f"{base}:h", f"{base}:hc", f"{base}:v", f"{base}:vm"]
 
     def configure(self, history_max: int, history_age: float) -> None:
@@ -126,10 +126,11 @@ class RedisArchive:
         self.history_age = float(history_age)
 
     def append(self, name: str, lane: int, epoch: int, entry: StreamEntry) -> None:
+        lane = int(lane)          # (redis-py would send an IntEnum as its repr())
         self._queue.append([
             self._keys(name, lane),
-            [self._order, self._seq, f"{lane}\n{name}", epoch, entry.offset, entry.key,
-             entry.version, _encode(entry), self.history_max,
+            [self._order, self._seq, f"{lane}\n{name}", int(epoch), int(entry.offset),
+             entry.key, int(entry.version), _encode(entry), self.history_max,
              repr(float(entry.created) - self.history_age), lane, repr(float(entry.created))]])
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._write())

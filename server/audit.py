@@ -16,6 +16,8 @@ unknown), ``tenant``, ``terminal``, ``from`` (the peer IP address) and
 ``drain``              a graceful drain started (SIGTERM or the admin API)
 ``revoke``             a terminal's tokens were revoked
 ``retire``             a terminal was retired
+``redrive``            dead letters were put back in a terminal's inbox
+                       (message ids, lanes, old and new seqs)
 =====================  =====================================================
 
 What is never written: message bodies and tokens (terminal or admin).  The
@@ -59,7 +61,7 @@ log = logging.getLogger("tillwire.audit")
 
 EVENTS = frozenset({
     "auth.ok", "auth.fail", "takeover", "acl.deny", "admin.call", "admin.unauthorized",
-    "kick", "drain", "revoke", "retire",
+    "kick", "drain", "revoke", "retire", "redrive",
 })
 
 # Detail keys that could carry a secret or a message payload: never written.

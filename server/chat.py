@@ -33,7 +33,16 @@ stored and its records were tried.  Records (key-value namespaces, JSON):
   message when two come in the same millisecond), so keys sort in sending
   order and a HISTORY offset names exactly one message.
 
-Retention: every maintenance round deletes records of both namespaces last
+* ``chatagent``, key ``<tenant>/<conversation>``: the agent's address,
+  claimed once (``Records.put_new``): of agents answering at once on any
+  workers, one becomes the conversation's agent.
+
+In a fleet (workers sharing the records) the conversation is read from the
+records at the start of each message's turn, and its agent from the claim,
+so a conversation started on one worker is answered from another and its
+customer's next message reaches the agent wherever either is connected.
+
+Retention: every maintenance round deletes records of the namespaces last
 written more than ``retention.chat`` seconds ago.
 """
 
@@ -59,6 +68,7 @@ log = logging.getLogger("tillwire.chat")
 
 CONV_NS = "conv"
 CHAT_NS = "chat"
+AGENT_NS = "chatagent"
 MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
 # What a conversation record needs to route a message.
 _CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
@@ -141,7 +151,7 @@ class Chat:
                                "from a customer)", "to")
         key = f"{tenant}/{conv_id}"
         before, mine = self._turns.take(key)
-        if before is None:
+        if before is None and (key in self.convs or not self.host.shared_registry):
             # Nothing in progress in the conversation: a sender who may not post
             # is refused now, by the node (ACL denials are counted and audited).
             try:
@@ -200,6 +210,14 @@ class Chat:
             if before is not None:
                 await before
             try:
+                if host.shared_registry:
+                    await self._read(key)       # (another worker may have changed it)
+            except Exception as exc:  # noqa: BLE001 - not read: nothing changed
+                log.error("conversation %s could not be read: %s", key, exc)
+                host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                   "the conversation could not be read; retry")
+                return
+            try:
                 # (routed again: the conversation may have changed since on_message)
                 role = self._role(conn, key, conv_id)
             except MessageError as exc:
@@ -241,8 +259,16 @@ class Chat:
             # A conversation deleted meanwhile (a member's data request, retention)
             # is not brought back, nor is a resend applied twice.
             kept = not accepted.duplicate and (started or self.convs.get(key) is conv)
+            if kept and role == AGENT and not conv["agent"] and host.shared_registry:
+                try:
+                    conv["agent"] = (await host.store.records.put_new(
+                        AGENT_NS, key, sender.encode(), now)).decode()
+                except Exception as exc:  # noqa: BLE001 - the next answer claims it
+                    log.error("the agent of %s could not be claimed: %s", key, exc)
             if kept:
+                host.counters.chat_messages += 1
                 if started:
+                    host.counters.chat_conversations += 1
                     self.convs[key] = conv
                 if role == AGENT and not conv["agent"]:
                     conv["agent"] = sender        # the first agent to answer
@@ -268,6 +294,27 @@ class Chat:
                          {"conversation": conv_id, "recipients": len(accepted.seqs)},
                          asked=asked)
 
+    async def _read(self, key: str) -> None:
+        """Take a conversation's record and agent claim from the shared records."""
+        records = self.host.store.records
+        raw = await records.get(CONV_NS, key)
+        if raw is None:
+            if key not in self._starting:
+                self.convs.pop(key, None)      # (deleted by another worker, or never was)
+            return
+        conv = orjson.loads(raw)
+        mine = self.convs.get(key)
+        if mine is not None:
+            # (this worker's newer message times are kept: history keys grow)
+            conv["last_ms"] = max(conv.get("last_ms", 0), mine.get("last_ms", 0))
+        agent = await records.get(AGENT_NS, key)
+        if agent is not None:
+            conv["agent"] = agent.decode()
+        if mine is not None:
+            mine.update(conv)                # (in place: a turn in progress holds it)
+        else:
+            self.convs[key] = conv
+
     async def _write(self, item: tuple[str, str], value) -> None:
         """Write one record, unless its conversation was deleted meanwhile."""
         ns, key = item
@@ -291,6 +338,27 @@ class Chat:
         if frame.flags & _LANE_MASK != Lane.P1:
             raise AddressError(Code.BAD_REQUEST, "HISTORY: conversations are read on lane P1")
         key = f"{address.tenant}/{address.path[0]}"
+        if key not in self.convs and self.host.shared_registry:
+            # (started on another worker of the fleet, perhaps)
+            self.host.spawn(self._history_read_first(conn, frame, address, key))
+            return
+        self._check_history(conn, frame, address, key)
+
+    async def _history_read_first(self, conn, frame, address, key: str) -> None:
+        try:
+            await self._read(key)
+        except Exception as exc:  # noqa: BLE001 - the store failed: say so, never hang
+            log.error("conversation %s could not be read: %s", key, exc)
+            self.host.request_error(conn, frame.ref, Code.STORE_UNAVAILABLE,
+                                    "HISTORY: the conversation could not be read; retry")
+            return
+        try:
+            self._check_history(conn, frame, address, key)
+        except AddressError as exc:
+            self.host.request_error(conn, frame.ref, exc.code, str(exc))
+
+    def _check_history(self, conn, frame, address, key: str) -> None:
+        claims = conn.claims
         conv = self.convs.get(key)
         agent = "service" in claims.roles
         if conv is None and agent:     # (others learn nothing about which ids exist)
@@ -372,6 +440,7 @@ class Chat:
                 if item[1] == k or item[1].startswith(k + "/"):
                     self.unsaved.discard(item)
             messages += await store.records.delete_prefix(CHAT_NS, k + "/")
+            await store.records.delete(AGENT_NS, k)
             await store.records.delete(CONV_NS, k)
         return len(keys), messages
 
@@ -382,5 +451,6 @@ class Chat:
             del self.convs[k]
         await self.unsaved.write_due()        # (the records a refused write left due)
         store = self.host.store
+        await store.records.expire(AGENT_NS, horizon)
         return (await store.records.expire(CONV_NS, horizon),
                 await store.records.expire(CHAT_NS, horizon))

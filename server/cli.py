@@ -8,10 +8,17 @@ Subcommands::
                     --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
     tillwire config (--print | --keys) [--config PATH]
     tillwire backup --out FILE [--data-dir D] [--config PATH]
+    tillwire restore --from FILE [--data-dir D] [--config PATH]
+    tillwire term   --token T [--config PATH] [--host H] [--port P] [--tls-ca FILE] ...
+    tillwire send   KIND --to ADDRESS --body JSON [--config PATH] [--admin URL] ...
 
-``--config`` defaults to ``$TILLWIRE_CONFIG``.  Exit codes: 0 success, 1 a
-runtime failure, 2 a usage or configuration error (the message names the
-key: ``tillwire: config error: server.port: ...``).
+``--config`` defaults to ``$TILLWIRE_CONFIG``; every subcommand reads the
+same file and ``TILLWIRE_*`` variables (``term`` its server address and
+TLS, ``send`` the admin API's).  Exit codes: 0 success, 1 a runtime failure
+(``serve`` that cannot start says why in one line naming the key:
+``tillwire: cannot start: server.port: 127.0.0.1:7070 is already in use...``),
+2 a usage or configuration error (the message names the key:
+``tillwire: config error: server.port: ...``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import orjson
-from tillwire.core.errors import ConfigError
+from tillwire.core.errors import ConfigError, StartupError
 
 from tillwire import __version__
 
@@ -120,22 +127,44 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--out", metavar="FILE", required=True,
                         help="the copy to write (replaced atomically if it exists)")
     backup.set_defaults(handler=_cmd_backup)
+
+    restore = sub.add_parser("restore", help="put a backup in place of a stopped server's store",
+                             description="Replace the sqlite store (<data-dir>/tillwire.db) of a "
+                                         "stopped server with a copy made by tillwire backup.  "
+                                         "The database there is moved to <data-dir>/"
+                                         "before-restore-<time>/, not deleted; the restored "
+                                         "store gets new epochs so terminals that got further "
+                                         "than the backup start over from it.")
+    _add_config_option(restore)
+    restore.add_argument("--data-dir", metavar="DIR", help="server.data_dir: state directory")
+    restore.add_argument("--from", dest="source", metavar="FILE", required=True,
+                         help="the copy made by tillwire backup")
+    restore.set_defaults(handler=_cmd_restore)
     term = sub.add_parser("term", help="an interactive terminal simulator",
                           description="Connect as a terminal, show incoming messages by lane "
-                                      "and send tickets, chat and any message (type help).")
+                                      "and send tickets, chat and any message (type help).  "
+                                      "The server's address and TLS come from the same config "
+                                      "file and TILLWIRE_* variables as serve; flags override.")
+    _add_config_option(term)
     term.add_argument("--token", required=True, help="the terminal's token (tillwire token)")
-    term.add_argument("--host", default="127.0.0.1")
-    term.add_argument("--port", type=int, default=7070)
+    term.add_argument("--host", help="server address (default: server.host; 127.0.0.1 for a "
+                                     "wildcard)")
+    term.add_argument("--port", type=int, help="terminal port (default: server.port)")
     term.add_argument("--state", metavar="FILE", help="resume state file (default: none)")
     term.add_argument("--auto-ack", action="store_true",
                       help="acknowledge each message when the next one arrives")
     term.add_argument("--no-colour", action="store_true", help="plain text output")
-    term.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA")
+    term.add_argument("--tls-ca", metavar="FILE",
+                      help="connect with TLS, trusting this CA (default: TLS with the system's "
+                           "CAs when tls.cert is set, else plaintext)")
     term.set_defaults(handler=_cmd_term)
 
     send = sub.add_parser("send", help="publish a message through the admin API",
-                          description="POST /v1/publish on the admin API.  The token comes from "
-                                      "$TILLWIRE_ADMIN_TOKEN.")
+                          description="POST /v1/publish on the admin API.  The API's address "
+                                      "comes from the same config file and TILLWIRE_* variables "
+                                      "as serve (admin.host, admin.port), the token from "
+                                      "$TILLWIRE_ADMIN_TOKEN or the config's [[admin.tokens]].")
+    _add_config_option(send)
     send.add_argument("kind", help="the message kind, e.g. price.update")
     send.add_argument("--to", required=True, help="address, e.g. store:acme/s1")
     send.add_argument("--body", required=True, help="the body, a JSON object")
@@ -143,10 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--ttl", help="time to live, e.g. 10m")
     send.add_argument("--key", help="P2 conflation key (default: derived from the body)")
     send.add_argument("--ref", type=int, help="idempotency key: a resend is not delivered twice")
-    send.add_argument("--admin", default="http://127.0.0.1:7071",
-                      help="admin API base URL (default: %(default)s)")
+    send.add_argument("--admin", metavar="URL",
+                      help="admin API base URL (default: http://<admin.host>:<admin.port>)")
     send.set_defaults(handler=_cmd_send)
     return parser
+
+
+def _local_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
 
 
 def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
@@ -155,20 +193,53 @@ def _cmd_term(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
     import uvloop
     from tillwire.client.term import run
 
-    ctx = _ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
-    return uvloop.run(run(args.host, args.port, args.token, state_path=args.state,
+    cfg = _load(args, env)
+    host = args.host or _local_host(cfg.server.host)
+    port = args.port if args.port is not None else cfg.server.port
+    if args.tls_ca:
+        try:
+            ctx = _ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, _ssl.SSLError) as exc:
+            print(f"tillwire: error: --tls-ca {args.tls_ca}: cannot load a CA from it: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=err)
+            return EXIT_USAGE
+    else:
+        ctx = _ssl.create_default_context() if cfg.tls.cert else None
+    return uvloop.run(run(host, port, args.token, state_path=args.state,
                           auto_ack=args.auto_ack, colour=not args.no_colour and out.isatty(),
-                          ssl=ctx))
+                          ssl=ctx, err=err))
+
+
+def _admin_token(cfg: Config) -> str:
+    """The token TILLWIRE_ADMIN_TOKEN added (named "env"), else the config's token
+    for every tenant, else its first."""
+    tokens = cfg.admin.tokens
+    for chosen in ([t for t in tokens if t.name == "env"], [t for t in tokens if t.tenants == ("*",)],
+                   list(tokens)):
+        if chosen:
+            return chosen[0].token
+    return ""
 
 
 def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
     import urllib.error
     import urllib.request
 
-    token = env.get("TILLWIRE_ADMIN_TOKEN", "")
+    cfg = _load(args, env)
+    token = _admin_token(cfg)
     if not token:
-        print("tillwire: error: set TILLWIRE_ADMIN_TOKEN to an admin token", file=err)
+        print("tillwire: error: no admin token: set TILLWIRE_ADMIN_TOKEN or list "
+              "[[admin.tokens]] in the config file", file=err)
         return EXIT_USAGE
+    if args.admin:
+        base = args.admin
+    elif not cfg.admin.port:
+        print("tillwire: error: the admin API is off (admin.port = 0): set admin.port "
+              "(TILLWIRE_ADMIN_PORT) or give --admin URL", file=err)
+        return EXIT_USAGE
+    else:
+        host = _local_host(cfg.admin.host)
+        base = f"http://{f'[{host}]' if ':' in host else host}:{cfg.admin.port}"
     try:
         body = orjson.loads(args.body)
     except orjson.JSONDecodeError as exc:
@@ -188,7 +259,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
     if args.ref is not None:
         request["ref"] = args.ref
     req = urllib.request.Request(
-        args.admin.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
+        base.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -198,7 +269,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
         print(f"tillwire: error: {exc.code} {exc.read().decode('utf-8', 'replace')}", file=err)
         return EXIT_FAILURE
     except (urllib.error.URLError, OSError) as exc:
-        print(f"tillwire: error: cannot reach {args.admin}: {exc}", file=err)
+        print(f"tillwire: error: cannot reach {base}: {exc}", file=err)
         return EXIT_FAILURE
 
 
@@ -320,6 +391,36 @@ def _cmd_backup(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, e
     return EXIT_OK
 
 
+def _cmd_restore(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env, {"server.data_dir": args.data_dir})
+    import sqlite3
+
+    from .store_sqlite import DB_FILENAME
+    from .store_sqlite_backup import StoreInUse, restore_file
+
+    if cfg.store.backend != "sqlite":
+        print(f"tillwire: error: store.backend is {cfg.store.backend}: restore puts back a copy "
+              "of the sqlite store (a Redis store comes back from Redis's own persistence, "
+              "docs/redis.md)", file=err)
+        return EXIT_USAGE
+    target = os.path.join(cfg.server.data_dir, DB_FILENAME)
+    if not os.path.isfile(args.source):
+        print(f"tillwire: error: --from {args.source}: no such file", file=err)
+        return EXIT_USAGE
+    try:
+        os.makedirs(cfg.server.data_dir, exist_ok=True)
+        aside = restore_file(args.source, target)
+    except StoreInUse as exc:
+        print(f"tillwire: error: restore refused: {exc}", file=err)
+        return EXIT_FAILURE
+    except (OSError, sqlite3.Error) as exc:
+        print(f"tillwire: error: restore failed: {exc}", file=err)
+        return EXIT_FAILURE
+    kept = f"; the database before is in {aside}" if aside else ""
+    print(f"tillwire: {args.source} restored to {target}{kept}", file=err)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (never raises SystemExit)."""
     parser = build_parser()
@@ -335,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tillwire: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupError as exc:
+        # One line naming the cause and the key to change, not a traceback.
+        print(f"tillwire: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader went away (`tillwire config --keys | head`): no traceback,
         # and no second error when the interpreter flushes stdout at exit.

@@ -15,6 +15,7 @@ connection count and the per-tenant session counts.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -37,6 +38,7 @@ from .auth import verify_token
 from .connection import (
     HOLD_AUTH,
     HOLD_BUDGET,
+    HOLD_LOOKUP,
     RESUMING,
     STALL_HOLDS,
     STOP_AFTER,
@@ -50,6 +52,8 @@ from .offers import POLICY_KINDS
 from .retry import InOrder
 from .store import NewMessage
 from .terminals import TerminalRecord
+
+log = logging.getLogger("tillwire.commands")
 
 _LANE_MASK = int(Flag.LANE_MASK)
 _ACK_REQUESTED = int(Flag.ACK_REQUESTED)
@@ -135,6 +139,7 @@ class Commands:
             "chat.message": node.chat.on_message,
         }
         self.service_kinds = frozenset(self._services)
+        self._ticket_login = node.tickets.on_login     # (waiting tickets: staff resumed)
 
     def on_deadline(self, conn: TerminalConnection) -> None:
         """The connection's auth or heartbeat deadline came: close it or re-arm."""
@@ -318,7 +323,7 @@ class Commands:
         self.spawn(self.delivery.on_read_receipt(conn, frame))
 
 
-    def _on_hello(self, conn: TerminalConnection, frame):
+    def _on_hello(self, conn: TerminalConnection, frame, looked_up: bool = False):
         # (Handled even when bytes after it in the same read closed the session:
         # frames before a bad one are valid, PROTOCOL.md 16; its WELCOME then
         # is not sent, as nothing follows a CLOSE.)
@@ -334,6 +339,13 @@ class Commands:
             return self._refuse(conn, exc.code, str(exc))
         address = claims.address           # built once; every index shares it
         record = self.registry.cached(address)
+        if record is None and self.node.shared_registry and not looked_up:
+            # A registry shared by a fleet: this worker may not have the record
+            # (retired or revoked through another worker): read it first, the
+            # frames behind the HELLO waiting.
+            conn.hold(HOLD_LOOKUP)
+            self.spawn(self._look_up(conn, frame, claims))
+            return STOP_AFTER
         if record is not None and (record.retired or claims.issued_at < record.revoked_before):
             return self._refuse(conn, Code.TOKEN_REVOKED,
                                 "this terminal is retired" if record.retired
@@ -467,6 +479,9 @@ class Commands:
         conn.inbox = RESUMING
         self.spawn(self.delivery.resume(conn, frame.p0 if same_epoch else 0,
                                        frame.p1 if same_epoch else 0))
+        # (After RESUME, when its inbox delivers: a ticket handed over meanwhile
+        # is noted by the resume, see Delivery.resume.)
+        self._ticket_login(conn.address, claims)
         self.mark_dirty(conn)
 
     async def _join_primed(self, conn: TerminalConnection, names, positions) -> None:
@@ -479,6 +494,32 @@ class Commands:
         for stream in self.hub.streams_of(names):
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
         self.mark_dirty(conn)
+
+    async def _look_up(self, conn: TerminalConnection, frame, claims) -> None:
+        address = claims.address
+        try:
+            rec = await self.registry.get(address)      # (keeps what it read in the cache)
+            if rec is None:
+                # Its first login anywhere: registered before WELCOME, so a
+                # payment result sent from any worker right after finds it
+                # known (delivery.unknown_terminals).
+                now = time.time()
+                rec = TerminalRecord(address, claims.tenant, claims.terminal, claims.store,
+                                     claims.region, tuple(claims.roles), claims.member, now,
+                                     now, False, 0.0)
+                await self.registry.put(rec)
+                self.delivery.register_later(rec)
+        except Exception as exc:
+            log.warning("registry: reading %s at its login failed: %s", address, exc)
+            if conn.state != CLOSED:
+                conn.close(Code.SHUTDOWN, "the terminal registry could not be read; reconnect")
+                self.mark_dirty(conn)
+            return
+        if conn.state == CLOSED:
+            return
+        self._on_hello(conn, frame, looked_up=True)
+        self.mark_dirty(conn)
+        conn.release(HOLD_LOOKUP)
 
     def _on_send(self, conn: TerminalConnection, frame):
         lane = frame.flags & _LANE_MASK
@@ -503,6 +544,7 @@ class Commands:
                     counters.rate_waits += 1
                     return wait         # stop reading this connection until its next token
                 counters.rate_refusals += 1
+                counters.refuse("terminal", "RATE_LIMITED")
                 conn.error(Code.RATE_LIMITED, ref, retry_hint(
                     wait, f"over this connection's P{lane} send rate "
                           f"({limits.role.rate}/s, limits.send_rate) for more than "
@@ -523,8 +565,9 @@ class Commands:
             recipients = None            # (None: Registry.members works them out)
             if address.scope == "terminal":
                 rec = self.registry.cached(to)
-                recipient_store = rec.store if rec is not None else None
-                recipients = self.registry.terminal_members(to, rec)   # (one lookup, not two)
+                if rec is not None:         # (one lookup, not two; a miss: delivery asks
+                    recipient_store = rec.store     # the registry whether it is known)
+                    recipients = self.registry.terminal_members(to, rec)
             check_publish(conn.claims, address, lane, frame.kind, recipient_store)
             checked = kinds.check(frame.kind, lane, frame.payload, frame.key,
                                   max_depth=self.max_body_depth)
@@ -552,6 +595,7 @@ class Commands:
                 if self.node.audit is not None:
                     self.audit_conn("acl.deny", conn, None, op="send", to=frame.to,
                                      kind=frame.kind, lane=f"P{lane}", reason=str(exc))
+            counters.refuse("terminal", Code(exc.code).name)
             conn.error(exc.code, ref, str(exc))
             self.mark_dirty(conn)
             return None
@@ -588,6 +632,7 @@ class Commands:
     def _window_full(self, conn: TerminalConnection, limits: SendLimits, ref: int) -> None:
         """Refuse a P0/P1 SEND beyond the connection's window (TOO_MANY_UNACKED)."""
         self.counters.window_refusals += 1
+        self.counters.refuse("terminal", "TOO_MANY_UNACKED")
         conn.error(Code.TOO_MANY_UNACKED, ref, retry_hint(
             WINDOW_RETRY_MS / 1000.0, f"{limits.unacked} SENDs of this connection await their "
                                       f"SENDACK, the most it may have (limits.unacked_sends)"))

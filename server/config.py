@@ -466,6 +466,52 @@ class _RoleMap(_Kind):
         return dict(value)
 
 
+class _TenantChoice(_Kind):
+    """One of a few words by tenant, ``"*"`` for every tenant not named: a
+    word alone (every tenant), a TOML table ``{"*" = "refuse", legacy =
+    "accept"}``, in the environment ``accept`` or ``*=refuse,legacy=accept``.
+    Stored as sorted (tenant, word) pairs, ``"*"`` always among them."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        words = ", ".join(choices)
+        self.expect = (f"one of {words}, or a table of them by tenant id with \"*\" for the "
+                       f'rest, e.g. {{"*" = "{choices[0]}", legacy = "{choices[-1]}"}} (in the '
+                       f"environment *={choices[0]},legacy={choices[-1]})")
+
+    def from_value(self, value: Any) -> tuple[tuple[str, str], ...]:
+        if isinstance(value, str):
+            value = {"*": value}
+        if not isinstance(value, Mapping) or not value:
+            raise ValueError("not a table")
+        table = {"*": self.choices[0]}
+        for tenant, word in value.items():
+            if not isinstance(tenant, str) or (tenant != "*" and _ID_RE.fullmatch(tenant) is None):
+                raise ValueError("bad tenant")
+            if not isinstance(word, str) or word.strip().lower() not in self.choices:
+                raise ValueError("bad word")
+            table[tenant] = word.strip().lower()
+        return tuple(sorted(table.items()))
+
+    def from_text(self, text: str) -> tuple[tuple[str, str], ...]:
+        if "=" not in text:
+            return self.from_value(text)
+        table = {}
+        for part in text.split(","):
+            tenant, _, word = part.strip().partition("=")
+            table[tenant.strip()] = word.strip()
+        return self.from_value(table)
+
+    def plain(self, value) -> dict[str, str]:
+        return dict(value)
+
+
+def tenant_value(table, tenant: str) -> str:
+    """The word a per-tenant table gives ``tenant`` (its own entry, else ``"*"``'s)."""
+    entries = dict(table)
+    return entries.get(tenant, entries["*"])
+
+
 def role_value(table, roles) -> int:
     """The most generous value a token with ``roles`` gets from a role table
     (0 = no limit beats any number): each role's entry, or ``"*"``'s."""
@@ -691,6 +737,11 @@ class DeliveryConfig:
         30.0, _POSITIVE,
         "A terminal whose P0/P1 backlog cannot be written for this long is closed with "
         "SLOW_CONSUMER (its messages stay in the store).")
+    unknown_terminals: tuple = _key(
+        (("*", "refuse"),), _TenantChoice("refuse", "accept"),
+        "A P0/P1 message to a terminal that never logged in and was not provisioned (POST "
+        "/v1/terminals), by tenant: refuse (ERROR UNKNOWN_TERMINAL, HTTP 404; nothing stored) or "
+        "accept (stored until its first login, for chains that mint tokens offline).")
 
 
 _UNACKED = {"*": 256, "backend": 16384}
@@ -931,8 +982,12 @@ class TicketsConfig:
 
     escalate_after: float = _key(
         300.0, _POSITIVE,
-        "A ticket nobody assigned or resolved within this time is escalated to the store's "
-        "managers.")
+        "A ticket nobody assigned or resolved within this time is escalated: to the store's "
+        "managers, else its region's, else escalate_role across the tenant.")
+    escalate_role: str = _key(
+        "manager", _Choice("", *ROLE_NAMES),
+        "The role across the tenant (role:<tenant>/*/<role>) a ticket is escalated to when its "
+        "store and region have no manager; empty = none (the ticket stays open, unattended).")
     auto_replies: tuple[AutoReply, ...] = _key(
         (), _AutoReplyTables(),
         'Tickets answered at once: [[tickets.auto_replies]] code, reply, tenant (default "*" = '

@@ -35,7 +35,7 @@ class InboxState:
     """
 
     __slots__ = ("cursor", "last", "pumping", "rto", "progress", "timer", "delivered", "blocked",
-                 "blocked_since", "sample_seq", "sample_at")
+                 "blocked_since", "sample_seq", "sample_at", "accepted_at")
 
     def __init__(self, acked0: int = 0, acked1: int = 0) -> None:
         self.cursor = [0, 0]
@@ -45,6 +45,7 @@ class InboxState:
         self.delivered = [0, 0]
         self.sample_seq = [0, 0]
         self.sample_at = [0.0, 0.0]
+        self.accepted_at = ({}, {})    # per lane: seq -> accept time of what is in flight
         self.reset(acked0, acked1)
 
     def reset(self, acked0: int, acked1: int) -> None:
@@ -68,6 +69,10 @@ class InboxState:
         # time.perf_counter() when it was handed to the lanes.
         self.sample_seq[0] = self.sample_seq[1] = 0
         self.sample_at[0] = self.sample_at[1] = 0.0
+        # Accept times (unix s) of the messages in flight, by seq in seq order,
+        # until acked (the accepted -> acked histogram; see Delivery.on_ack).
+        self.accepted_at[0].clear()
+        self.accepted_at[1].clear()
 
 
 # Why a connection's reading is paused (``extra["holds"]``, a bitmask): it
@@ -77,9 +82,10 @@ HOLD_PONG = 2        # the session holds input until its queued PONG went out
 HOLD_BUDGET = 4      # its control frames are over their budget (see Node.check_budget)
 HOLD_AUTH = 8        # a refused login's answer is being held back (auth throttling)
 HOLD_ANSWERS = 16    # HISTORY answers wait to be queued (the terminal reads them slowly)
+HOLD_LOOKUP = 32     # a login waits for its terminal's record from a shared registry
 # Holds that also stop the handling of frames already read (the rest of a
 # read waits in the backlog until they are lifted).
-_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH
+_STOP_HANDLING = HOLD_BUDGET | HOLD_ANSWERS | HOLD_AUTH | HOLD_LOOKUP
 # Holds that only the terminal's reading lifts: held so too long is a slow consumer.
 STALL_HOLDS = HOLD_PONG | HOLD_BUDGET | HOLD_ANSWERS
 STOP_AFTER = -1.0

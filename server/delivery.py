@@ -13,8 +13,18 @@ and registrations waiting for the next batch write, the inbox states (one
 per terminal with something in flight, pooled), and which resuming
 connections saw a message stored meanwhile.
 
+Unknown terminals: a P0/P1 message to a terminal the registry does not
+know (it never logged in and was not provisioned) is refused with
+UNKNOWN_TERMINAL and not stored, unless its tenant's
+``delivery.unknown_terminals`` is ``accept`` (then it waits for the first
+login).  A terminal once known stays known (a record is never removed;
+retiring it is a flag), so a record in the registry's cache or a live
+session here settles it at once; only a miss asks the authoritative
+registry (``Registry.get``), in the batch's recipient lookup.
+
 Failure paths (every await on the store): a commit that fails answers its
-senders STORE_UNAVAILABLE and keeps nothing; a failed batch write keeps its
+senders STORE_UNAVAILABLE and keeps nothing; a registry lookup that fails
+does the same for its batch; a failed batch write keeps its
 items and retries them; a failed pump read or resume read retries with
 backoff while the connection is open; and past ``delivery.max_uncommitted``
 messages waiting for the store the node stops reading P0/P1 senders
@@ -31,7 +41,9 @@ import orjson
 
 from ..core import wheel as _wheel
 from ..core.codes import Code, Flag, FrameType, Lane, ReceiptStatus
+from ..core.errors import UnknownTerminal
 from ..core.session import OPEN, OVERFLOW, Frame
+from .config import tenant_value
 from .connection import RESUMING, InboxState, TerminalConnection
 from .retry import RETRY_FIRST, backoff
 from .store import NewMessage
@@ -64,6 +76,19 @@ def _unacked_done(conn: TerminalConnection) -> None:
     limits = extra.get("limits") if extra is not None else None
     if limits is not None and limits.unacked > 0:
         limits.unacked -= 1
+
+
+def reject_reason(code: int, text: bytes) -> str:
+    """The dead-letter reason of a NACK rejecting a message with ``code``
+    (non-zero) and payload ``text``: ``NACK <code> <NAME>: <text>``, the
+    name when the code is in the code table, the text when there is one
+    (PROTOCOL.md section 7, NACK).  The code is always recorded."""
+    try:
+        head = f"NACK {code} {Code(code).name}"
+    except ValueError:
+        head = f"NACK {code}"
+    detail = text.decode("utf-8", "replace").strip()
+    return f"{head}: {detail}" if detail else head
 
 
 class Delivery:
@@ -103,6 +128,7 @@ class Delivery:
         self._pending_delivered: dict[tuple[str, int], list[int]] = {}
         self._batch_handle = None
         self._batch_retry = 0.0        # seconds before the next retry of a failed batch write
+        self._unknown_terminals = node.cfg.delivery.unknown_terminals
 
     @property
     def busy(self) -> bool:
@@ -156,16 +182,25 @@ class Delivery:
         (admin API, services); or None.
         ``recipients`` (terminal addresses) replaces the members of ``address``
         (services route by their own rules: rosters, conversations).  A
-        terminal address is its own member (looked up in the registry's
-        cache); a group's members are looked up when its batch is committed.
+        terminal address is its own member once known (see the module's
+        "Unknown terminals"); a group's members, and a terminal the cache
+        does not know, are looked up when its batch is committed.
         """
         if recipients is None and address.scope == "terminal":
             to = str(address)
-            recipients = self.registry.terminal_members(to, self.registry.cached(to))
+            rec = self.registry.cached(to)
+            if rec is not None or to in self.hub.sessions or self.accepts_unknown(address.tenant):
+                recipients = self.registry.terminal_members(to, rec)
+            # (else None: the batch asks the registry whether it is known, see _members)
         self._pending_accepts.append((msg, recipients, reply, address))
         self.uncommitted += 1
         if len(self._pending_accepts) == 1:
             self.loop.call_soon(self._commit)
+
+    def accepts_unknown(self, tenant: str) -> bool:
+        """Does ``tenant`` take P0/P1 messages for terminals nobody knows yet
+        (``delivery.unknown_terminals`` = accept)?"""
+        return tenant_value(self._unknown_terminals, tenant) == "accept"
 
     def commit_now(self) -> None:
         """Hand the submits so far to the store at once: a connection's read
@@ -204,18 +239,44 @@ class Delivery:
         try:
             while True:
                 try:
-                    resolved = [(m, r if r is not None else await self.node.members(a), reply, a)
+                    resolved = [(m, r if r is not None else await self._members(a), reply, a)
                                 for m, r, reply, a in batch]
                 except Exception as exc:      # the registry failed: nothing was stored
                     log.error("registry lookup failed: %s", exc)
                     self._refused(batch, exc)
                 else:
-                    self._accept(resolved)
+                    unknown = [item for item in resolved if item[1] is None]
+                    if unknown:
+                        resolved = [item for item in resolved if item[1] is not None]
+                        self._unknown(unknown)
+                    if resolved:
+                        self._accept(resolved)
                 if not self._ordered:
                     return
                 batch = self._ordered.pop(0)
         finally:
             self._resolving = False
+
+    async def _members(self, address) -> list[str] | None:
+        """The members of ``address``; None for a terminal the registry does
+        not know (asked of the registry itself, never its cache: a cache may
+        lag another worker's put)."""
+        if address.scope != "terminal":
+            return await self.node.members(address)
+        to = str(address)
+        rec = await self.node.registry.get(to)
+        if rec is None and to not in self.hub.sessions:
+            return None
+        return self.registry.terminal_members(to, rec)
+
+    def _unknown(self, items: list) -> None:
+        """Refuse the submits of ``items``: their terminal is not known (nothing stored)."""
+        self.uncommitted -= len(items)
+        for _, _, reply, address in items:
+            if reply is not None:
+                if reply.__class__ is tuple:
+                    self.counters.refuse("terminal", "UNKNOWN_TERMINAL")
+                self._answer(reply, None, UnknownTerminal(str(address)))
 
     def _accept(self, batch: list) -> None:
         started = time.perf_counter()
@@ -247,7 +308,8 @@ class Delivery:
             else:
                 counters.accepted += 1
                 for terminal, seq in accepted.seqs.items():
-                    conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body)
+                    conn = live(terminal, msg.lane, seq, accepted.msg_id, msg.kind, msg.body,
+                                msg.created)
                     if conn is not None:
                         touched[conn] = None
                     elif away is not None and terminal not in self.hub.sessions:
@@ -269,12 +331,14 @@ class Delivery:
         self.uncommitted -= len(batch)
         for _, _, reply, _ in batch:
             if reply is not None:
+                if reply.__class__ is tuple:
+                    self.counters.refuse("terminal", "STORE_UNAVAILABLE")
                 self._answer(reply, None, exc)
 
     def _answer(self, reply, accepted, exc) -> None:
         """Answer one submit: its future gets the store's ``accepted`` (or
         ``exc``); a terminal's SEND leaves its window and gets SENDACK when
-        it asked (or STORE_UNAVAILABLE)."""
+        it asked (or ERROR: UNKNOWN_TERMINAL, STORE_UNAVAILABLE)."""
         if isinstance(reply, asyncio.Future):
             if not reply.done():
                 if exc is None:
@@ -286,7 +350,10 @@ class Delivery:
         limits.unacked -= 1
         if conn.state != OPEN:
             return
-        if exc is not None:
+        if exc.__class__ is UnknownTerminal:
+            conn.error(Code.UNKNOWN_TERMINAL, ref, str(exc))
+            self.mark_dirty(conn)
+        elif exc is not None:
             conn.error(Code.STORE_UNAVAILABLE, ref, "the message could not be stored; retry")
             self.mark_dirty(conn)
         elif asked:
@@ -298,9 +365,11 @@ class Delivery:
     # -- inbox delivery -------------------------------------------------------------------
 
     def _live(self, terminal: str, lane: int, seq: int, msg_id: int, kind: str,
-              body: bytes):
+              body: bytes, created: float):
         """A message was stored for ``terminal``: hand it over if it is next in
-        line.  Returns the terminal's open connection (None when it has none)."""
+        line.  Returns the terminal's open connection (None when it has none).
+        ``created``: when the message was accepted (unix s; for the latency
+        histograms)."""
         conn = self.hub.sessions.get(terminal)
         inbox = self._learn(conn, lane, seq)
         if inbox is None:
@@ -311,10 +380,27 @@ class Delivery:
         if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
                 and conn.inbox_bytes < self.inbox_budget):
             inbox.cursor[lane] = seq + 1
-            self._deliver(conn, lane, seq, msg_id, kind, body, False)
+            self._deliver(conn, lane, seq, msg_id, kind, body, False, created)
         else:
             self.pump(conn, lane)
         return conn
+
+    def redriven(self, entries) -> None:
+        """Dead letters went back into their inboxes (``store.Redriven``): each
+        is handed to its terminal's connection when next in line, else its
+        pump reads it from the store (as a message just stored); a terminal
+        whose session another worker holds is told through it."""
+        touched = {}
+        away = [] if self.node.ownership is not None else None
+        for r in entries:
+            conn = self._live(r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body, r.created)
+            if conn is not None:
+                touched[conn] = None
+            elif away is not None and r.terminal not in self.hub.sessions:
+                away.append((r.terminal, r.lane, r.seq))
+        if away:
+            self.node.ownership.notify(away)
+        self.write_now(touched)
 
     def notified(self, terminal: str, lane: int, seq: int) -> None:
         """Inbox ``lane`` of ``terminal`` holds messages up to ``seq`` (another
@@ -350,7 +436,7 @@ class Delivery:
             inbox.last[lane] = seq
         return inbox
 
-    def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit) -> None:
+    def _deliver(self, conn, lane, seq, msg_id, kind, body, retransmit, created) -> None:
         if conn.deliver(lane, seq, msg_id, kind, body, retransmit) == OVERFLOW:
             self.slow_consumer(conn)
             return
@@ -368,6 +454,13 @@ class Delivery:
         if seq > inbox.delivered[lane]:
             inbox.delivered[lane] = seq
             self._note_delivered(conn.address, lane, seq)
+            if created and not retransmit:     # (0: a backend that does not say)
+                counters.written[lane].observe(time.time() - created)
+        if created:
+            # Accepted -> acked is timed for every message acked on this
+            # connection: its accept time waits here (at most `inflight`
+            # entries per lane, in seq order) for the ack (see on_ack).
+            inbox.accepted_at[lane].setdefault(seq, created)
         if inbox.timer is None or not inbox.timer.scheduled:
             self._arm_retransmit(conn)
         self.mark_dirty(conn)
@@ -419,7 +512,7 @@ class Delivery:
                         break
                     inbox.cursor[lane] = e.seq + 1
                     self._deliver(conn, lane, e.seq, e.msg_id, e.kind, e.body,
-                                  e.delivered or e.seq <= sent)
+                                  e.delivered or e.seq <= sent, e.created)
                     if conn.state != OPEN:
                         return
         finally:
@@ -558,6 +651,16 @@ class Delivery:
         if sampled and frame.seq >= sampled:
             self.counters.ack_latency.observe(time.perf_counter() - inbox.sample_at[lane])
             inbox.sample_seq[lane] = 0
+        waiting = inbox.accepted_at[lane]
+        if waiting:
+            # Keys are in seq order: the acked ones are at the front.
+            now = time.time()
+            acked = self.counters.acked[lane]
+            while waiting:
+                first = next(iter(waiting))
+                if first > frame.seq:
+                    break
+                acked.observe(now - waiting.pop(first))
         acked0 = conn.inbox_window(0)[0]
         acked1 = conn.inbox_window(1)[0]
         if acked0 >= inbox.last[0] and acked1 >= inbox.last[1] and \
@@ -688,8 +791,12 @@ class Delivery:
                 inbox.rto = max(inbox.rto, self.cfg.delivery.retransmit_initial)
                 self._arm_retransmit(conn)
             return
-        reason = frame.payload.decode("utf-8", "replace") or f"rejected with code {frame.code}"
-        dead = await self.store.reject(conn.address, lane, frame.seq, reason, time.time())
+        if inbox.__class__ is InboxState:
+            inbox.accepted_at[lane].pop(frame.seq, None)      # (never acked: not timed)
+        dead = await self.store.reject(conn.address, lane, frame.seq,
+                                       reject_reason(frame.code, frame.payload), time.time())
+        if dead is not None:
+            self.counters.dead((dead,))
         if dead is not None and dead.receipt:
             self.send_receipt(dead.sender, dead.ref, dead.msg_id, ReceiptStatus.REJECTED,
                                dead.terminal)
@@ -721,6 +828,7 @@ class Delivery:
     def service_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:
         """Answer a message a service took with an ERROR frame (asked for an ack or not)."""
         _unacked_done(conn)
+        self.counters.refuse("terminal", Code(code).name)
         self.request_error(conn, ref, code, message)
 
     def request_error(self, conn: TerminalConnection, ref: int, code: int, message: str) -> None:

@@ -97,6 +97,20 @@ class Directory:
             raise TypeError("tenant, store, timezone and terminal ids must be strings")
         return StoreInfo(*names, on_duty, managers, "admin")
 
+    async def reload(self, tenant: str, store: str) -> None:
+        """Read a store's entry again (another worker of the fleet changed it)."""
+        raw = await self.store.records.get(NS, f"{tenant}/{store}")
+        key = (tenant, store)
+        if raw is None:
+            self._entries.pop(key, None)
+            if key in self._config:
+                self._entries[key] = self._config[key]
+            return
+        try:
+            self._entries[key] = self._parse(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("directory record %s/%s skipped: unreadable (%s)", tenant, store, exc)
+
     def get(self, tenant: str, store: str) -> StoreInfo:
         """The store's entry in effect (admin override, config, else the default)."""
         info = self._entries.get((tenant, store))

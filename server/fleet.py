@@ -2,7 +2,7 @@
 worker and node (``redis.url``).
 
 One ``redis.asyncio`` connection pool per worker serves the store, presence,
-the registry and the channel history; the broker keeps one more connection
+the registry, the channel history and the offer caps; the broker keeps one more connection
 for its pub/sub (one per worker, never one per terminal or per channel).
 Every key and channel starts with ``redis.prefix``, so fleets may share an
 instance.
@@ -21,10 +21,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from .broker_redis import RedisBroker
+from .caps_redis import RedisCaps
 from .config import Config
 from .history_redis import RedisHistory
 from .presence_redis import RedisPresence
 from .registry_redis import RedisRegistry
+
+
+POOL_SIZE = 64               # Redis connections a worker's backends use at most at once
 
 
 def worker_name(node_id: str, index: int) -> str:
@@ -43,6 +47,7 @@ class Shared:
     broker: RedisBroker
     registry: RedisRegistry
     history: RedisHistory
+    caps: RedisCaps
 
     async def close(self) -> None:
         """Close the connection pools (the node closed the store and the broker)."""
@@ -57,8 +62,11 @@ def connect(cfg: Config, worker: str) -> Shared:
     # (health checks keep an idle pool's connections honest across a Redis
     # restart; the timeouts turn an unreachable Redis into errors the node
     # answers with STORE_UNAVAILABLE rather than a hang)
-    client = aioredis.Redis.from_url(cfg.redis.url, health_check_interval=10,
-                                     socket_connect_timeout=2.0, socket_timeout=5.0)
+    # A blocking pool: past POOL_SIZE connections in use a call waits for one
+    # (up to the timeout) rather than failing at once under a burst.
+    client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        cfg.redis.url, max_connections=POOL_SIZE, timeout=5.0, health_check_interval=10,
+        socket_connect_timeout=2.0, socket_timeout=5.0))
     # (the broker's pub/sub connection waits for messages without a timeout)
     listener = aioredis.Redis.from_url(cfg.redis.url, socket_connect_timeout=2.0)
     prefix = cfg.redis.prefix
@@ -71,4 +79,5 @@ def connect(cfg: Config, worker: str) -> Shared:
         registry=RedisRegistry(client, prefix=prefix),
         history=RedisHistory(client, prefix=prefix, history_max=cfg.history.max_messages,
                              history_age=cfg.history.max_age),
+        caps=RedisCaps(client, prefix=prefix),
     )

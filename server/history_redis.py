@@ -90,7 +90,9 @@ class RedisHistory:
         epoch = (int(now) << 16) | random.getrandbits(16)     # (used if the stream is new)
         got_epoch, offset = await self._append(
             keys=self._keys(channel, lane),
-            args=[lane, kind, key, version, payload, repr(now), repr(now + ttl if ttl else 0.0),
+            # (int(): redis-py sends an int subclass, e.g. a Lane, by its repr)
+            args=[int(lane), kind, key, int(version), payload, repr(now),
+                  repr(now + ttl if ttl else 0.0),
                   self._max, epoch, repr(now - self._age)])
         return Placed(int(got_epoch), offset) if offset else None
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .connection import TerminalConnection
     from .directory import Directory
+    from .metrics import Counters
     from .store import Accepted, NewMessage, Store
 
 
@@ -50,6 +51,8 @@ class ServiceHost(Protocol):
     encoder: Encoder        # encodes the frames of a service's answer (HISTORY items)
     hub: PolicySessions
     directory: Directory
+    shared_registry: bool   # True in a fleet: other workers change the same records
+    counters: Counters      # the node's metrics counters (plain integers: count, never read)
 
     @property
     def stopping(self) -> bool:
@@ -62,6 +65,9 @@ class ServiceHost(Protocol):
         """The terminal addresses a message to (group) ``address`` is stored for.
 
         A coroutine: expanding a group may cross the network."""
+
+    def mark_dirty(self, conn: TerminalConnection) -> None:
+        """``conn`` has frames queued: write them at the next flush."""
 
     def submit(self, msg: NewMessage, address: Address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.

@@ -18,6 +18,13 @@ paths a registered kind declares as identifiers or barcodes
 are exempt, because such ids are often long numbers that pass Luhn by
 chance; nothing else is (a key named ``sku`` elsewhere is scanned).
 
+Kind names: the namespaces of the registered kinds (``payment.``,
+``order.``, ``ticket.``, ``chat.``, ``price.``, ``stock.``, ``promo.``,
+``member.``) are reserved, so an unregistered kind there is ``BAD_MESSAGE``;
+so is a kind a slip of the keyboard away from a registered one (``paymnt.result``:
+"did you mean payment.result?", see :func:`near_kind`).  Any other
+well-formed kind is a custom kind (PROTOCOL.md section 8) and travels inline.
+
 ``check`` also derives what routing needs: the P2 conflation key (channel +
 SKU for price and stock updates) and the source version ("newest version
 wins", in the queues and in the last-value cache).
@@ -418,6 +425,72 @@ SCHEMAS = {
 }
 
 
+RESERVED_NAMESPACES = tuple(sorted({name.split(".", 1)[0] + "." for name in SCHEMAS}))
+"""Kind prefixes only registered kinds use (``payment.``, ``ticket.``...)."""
+
+
+def edit_distance(a: str, b: str, bound: int) -> int:
+    """The optimal string alignment distance of ``a`` and ``b`` (insertions,
+    deletions, substitutions and swaps of two neighbours each cost 1), or
+    ``bound + 1`` once it is certainly more than ``bound``.  O(len(a) * len(b))."""
+    if abs(len(a) - len(b)) > bound:
+        return bound + 1
+    before, row = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cost = ca != cb
+            best = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + cost)
+            if before is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                best = min(best, before[j - 2] + 1)
+            current[j] = best
+        if min(current) > bound:
+            return bound + 1
+        before, row = row, current
+    return row[-1]
+
+
+def near_kind(kind: str) -> str | None:
+    """The registered kind ``kind`` is probably a misspelling of: the one within
+    edit distance 1 (2 for names of 13 characters or more), the nearest if
+    several; None when none is that near.  Case is ignored (kinds are lower
+    case).  O(registered kinds)."""
+    lowered = kind.lower()
+    bound = 1 if len(kind) < 13 else 2
+    best, best_distance = None, bound + 1
+    for name in SCHEMAS:
+        distance = edit_distance(lowered, name, bound)
+        if distance < best_distance:
+            best, best_distance = name, distance
+    return best
+
+
+def check_kind_name(kind) -> None:
+    """Raise MessageError (BAD_MESSAGE, field ``kind``) unless ``kind`` is a
+    registered kind or a well-formed custom one: a dotted lower-case name,
+    outside the reserved namespaces and not a near miss of a registered kind."""
+    if kind in SCHEMAS:
+        return
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN \
+            or not _KIND.match(kind):
+        near = near_kind(kind) if isinstance(kind, str) and len(kind) <= MAX_KIND_LEN else None
+        raise MessageError(Code.BAD_MESSAGE,
+                           f"kind {kind!r}: dotted lower-case name like 'price.update'"
+                           + (f"; did you mean {near}?" if near else ""), "kind")
+    near = near_kind(kind)
+    if kind.startswith(RESERVED_NAMESPACES):
+        namespace = kind.split(".", 1)[0]
+        registered = ", ".join(sorted(n for n in SCHEMAS if n.startswith(namespace + ".")))
+        raise MessageError(Code.BAD_MESSAGE,
+                           f"kind {kind!r}: not a registered kind, and the {namespace}. "
+                           f"namespace is reserved for them ({registered})"
+                           + (f"; did you mean {near}?" if near else ""), "kind")
+    if near is not None:
+        raise MessageError(Code.BAD_MESSAGE,
+                           f"kind {kind!r}: not a registered kind; did you mean {near}? (a "
+                           "custom kind must not be a near miss of a registered one)", "kind")
+
+
 _P2 = int(Lane.P2)      # (an IntEnum member lookup costs 0.2 us on Python 3.11)
 
 # Kinds already seen to be well-formed (the registered ones, then others up
@@ -453,11 +526,7 @@ def check_reference(kind: str, lane: int, payload: bytes, key: str = "", *,
 
 def _check(kind, lane, payload, key, max_depth, too_deep, find_card) -> Checked:
     if kind not in _GOOD_KINDS:
-        if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LEN \
-                or not _KIND.match(kind):
-            raise MessageError(Code.BAD_MESSAGE,
-                               f"kind {kind!r}: dotted lower-case name like 'price.update'",
-                               "kind")
+        check_kind_name(kind)
         if len(_GOOD_KINDS) < _GOOD_KINDS_MAX:
             _GOOD_KINDS.add(kind)
     raw = payload.encode() if isinstance(payload, str) else bytes(payload)

@@ -1,19 +1,25 @@
 """Prometheus metrics, read from the node at scrape time.
 
 Nothing here runs per message: the node keeps plain integers (``Counters``
-below, lists indexed by lane, two fixed-bucket histograms)
-and :class:`NodeCollector` turns them into metric families only when
-``/metrics`` is scraped.  Gauges (connections, queued bytes, channels) are
+below, lists indexed by lane, fixed-bucket histograms: one bisect and three
+additions per observation; small dicts keyed by label values of closed
+sets for the rare events: refusals, admin requests) and
+:class:`NodeCollector` turns them into metric families only when
+``/metrics`` is scraped.  The SQLite writer's numbers come back with its
+commits (store_writer.py), so a scrape does no I/O.  Gauges (connections, queued bytes, channels) are
 computed by walking the live sessions at scrape time, O(connections).
 
-Every family is prefixed ``tillwire_`` and carries a ``worker`` label, the
-node id.  For a multi-worker node (several processes behind one port, a
-later issue) each worker serves its own ``/metrics`` on its own admin port
-and Prometheus scrapes them all: the ``worker`` label keeps the series apart
-and ``sum without (worker) (...)`` gives the node-wide view.  A single
-aggregating endpoint is possible without changing this module: one process
-scrapes its siblings' text and concatenates it (the labels already
-disambiguate).  prometheus_client's multiprocess mode is deliberately not
+Every family is prefixed ``tillwire_`` and every series, the process
+collector's ``tillwire_process_*`` included, carries two labels: ``node``
+(the node id) and ``worker`` (the process within the node: ``Node.worker``,
+the index the supervisor gives each worker, ``0`` for the embedded
+default).  Each worker exports only its own series: ``worker`` keeps them
+apart, ``sum without (worker) (...)`` gives the node-wide view and
+``sum without (node, worker) (...)`` the fleet's.  (The workers of a node
+share its admin port, SO_REUSEPORT: one scrape reaches one of them.  A
+single aggregating endpoint is possible without changing this module: one
+process scrapes its siblings' text and concatenates it, the labels already
+disambiguate.)  prometheus_client's multiprocess mode is deliberately not
 used: it makes every counter increment a file write, which the hot paths
 here cannot afford.
 
@@ -26,8 +32,16 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * c ``tillwire_frames_received_total``, ``tillwire_bytes_received_total``
   (every frame and byte from terminals); c ``tillwire_writes_total``,
   ``tillwire_bytes_written_total`` (socket writes and their bytes)
-* c ``tillwire_messages_in_total{lane}``, ``tillwire_message_bytes_in_total{lane}``
-  (SEND frames and their payload bytes)
+* c ``tillwire_messages_in_total{lane,source}``,
+  ``tillwire_message_bytes_in_total{lane,source}`` (messages received and
+  their payload bytes: ``source="terminal"`` SEND frames, ``source="admin"``
+  ``POST /v1/publish``; refused ones included, see below)
+* c ``tillwire_messages_refused_total{source,code}`` messages refused with an
+  ERROR code (terminal SENDs) or an admin publish answered 4xx/503 (its
+  ``code`` when it has one, else ``HTTP_<status>``)
+* c ``tillwire_dead_letters_total{lane,reason}`` P0/P1 entries dead-lettered:
+  ``expired`` (TTL) or ``rejected`` (a NACK); c ``tillwire_redriven_total``
+  dead letters put back in an inbox through the admin API
 * c ``tillwire_messages_out_total{lane}``, ``tillwire_message_bytes_out_total{lane}``
   (P0/P1 deliveries including retransmits; P2/P3 fan-out: one per
   subscriber a broadcast was queued for; payload bytes)
@@ -53,10 +67,28 @@ Families (``c`` counter, ``g`` gauge, ``h`` histogram):
 * h ``tillwire_store_write_seconds`` time of each ``accept_many`` batch
 * h ``tillwire_ack_latency_seconds`` P0/P1 delivery to ack, sampled: one
   in-flight message per inbox lane at a time
+* g ``tillwire_tickets_unattended``, ``tillwire_tickets_waiting`` open tickets no
+  escalation level had anyone for, and that reached no terminal yet
+* h ``tillwire_delivery_latency_seconds{lane,stage}`` end to end, per P0/P1
+  message: ``stage="written"`` from accepted (the server took the SEND or
+  publish) to first handed to the terminal's connection (the trace's
+  ``delivered_at``; messages that waited offline included), ``stage="acked"``
+  from accepted to the terminal's ACK on the connection it was written to
+* c ``tillwire_admin_requests_total{route,method,status}`` admin API calls
+  (``route`` the route's pattern, ``unmatched`` for unknown paths)
+* g ``tillwire_store_writer_queue`` store writes waiting for their commit;
+  h ``tillwire_store_commit_seconds`` the SQLite writer's COMMIT times (SQLite
+  backend only; the writer process's own numbers, as of its latest commit)
+* c ``tillwire_tickets_total{event}`` (opened, escalated, resolved,
+  unattended: a ticket or escalation that reached no one), g
+  ``tillwire_tickets_open``; c ``tillwire_chat_conversations_total``,
+  ``tillwire_chat_messages_total``; c ``tillwire_offers_capped_total``
+  (offer deliveries withheld by the member frequency cap)
 * g ``tillwire_inflight_messages``, ``tillwire_channels``, ``tillwire_registered_terminals``,
   ``tillwire_draining``, ``tillwire_uptime_seconds``, ``tillwire_gc_frozen_objects``,
   ``tillwire_gc_threshold`` (by generation)
-* the process collector's ``tillwire_process_*`` (CPU, memory, file descriptors)
+* the process collector's ``tillwire_process_*`` (CPU, memory, file descriptors),
+  with ``node`` and ``worker`` added at scrape time
 """
 
 from __future__ import annotations
@@ -70,6 +102,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.exposition import choose_encoder
 
@@ -99,6 +132,13 @@ STORE_WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
                        2.5, 5.0)
 ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                        10.0, 30.0)
+# End to end, accepted -> written / acked: milliseconds for a live terminal,
+# up to the lane's TTL (days) for one that was offline.
+DELIVERY_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                            5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
+TICKET_EVENTS = ("opened", "escalated", "resolved", "unattended")
 
 
 class Counters:
@@ -107,7 +147,12 @@ class Counters:
     The ``lane_*`` lists are indexed by lane (P0..P3): SEND frames and their
     payload bytes received, and messages (and payload bytes) handed to
     terminals' lanes: P0/P1 deliveries (retransmits included) and P2/P3
-    fan-out (one per subscriber the broadcast was queued for).
+    fan-out (one per subscriber the broadcast was queued for); ``admin_*``
+    the same for admin publishes.  ``written`` and ``acked`` are one
+    histogram per inbox lane (P0, P1), ``dead_*`` counts per inbox lane.
+    The dicts (``refused``, ``admin_requests``, ``tickets``) are keyed by
+    label values from closed sets (codes, routes, statuses, events): their
+    size stays bounded.
     """
 
     __slots__ = ("connections", "auth_failures", "heartbeat_timeouts", "slow_consumer_closes",
@@ -118,9 +163,13 @@ class Counters:
                  "lane_bytes_out", "store_write", "ack_latency", "read_yields",
                  "flush_yields", "store_waits", "rate_waits", "rate_refusals", "window_refusals",
                  "connections_refused", "auth_delays", "budget_holds", "ping_holds",
-                 "subscription_refusals")
+                 "subscription_refusals", "admin_frames_in", "admin_bytes_in", "written",
+                 "acked", "dead_expired", "dead_rejected", "redriven", "refused",
+                 "admin_requests", "tickets", "chat_conversations", "chat_messages",
+                 "offers_capped")
 
-    _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out")
+    _LISTS = ("lane_frames_in", "lane_bytes_in", "lane_frames_out", "lane_bytes_out",
+              "admin_frames_in", "admin_bytes_in")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -129,15 +178,41 @@ class Counters:
             setattr(self, name, [0, 0, 0, 0])
         self.store_write = Histogram(STORE_WRITE_BUCKETS)    # seconds per accept_many batch
         self.ack_latency = Histogram(ACK_LATENCY_BUCKETS)    # P0/P1 delivery -> ack (sampled)
+        # Accepted -> first written, accepted -> acked: one histogram per inbox lane.
+        self.written = [Histogram(DELIVERY_LATENCY_BUCKETS) for _ in range(2)]
+        self.acked = [Histogram(DELIVERY_LATENCY_BUCKETS) for _ in range(2)]
+        self.dead_expired = [0, 0]                 # per inbox lane
+        self.dead_rejected = [0, 0]
+        self.refused: dict[tuple[str, str], int] = {}            # (source, code) -> n
+        self.admin_requests: dict[tuple[str, str, int], int] = {}  # (route, method, status)
+        self.tickets = dict.fromkeys(TICKET_EVENTS, 0)
+
+    def refuse(self, source: str, code: str) -> None:
+        """Count one message refused (``source`` terminal or admin, ``code`` its
+        error code's name)."""
+        key = (source, code)
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+    def dead(self, letters) -> None:
+        """Count dead letters (store.DeadLetter; reason "ttl" is an expiry)."""
+        for d in letters:
+            if d.reason == "ttl":
+                self.dead_expired[d.lane] += 1
+            else:
+                self.dead_rejected[d.lane] += 1
 
     def as_dict(self) -> dict:
         out = {}
         for name in self.__slots__:
             value = getattr(self, name)
             if isinstance(value, list):
-                value = list(value)
+                value = [{"count": v.count, "sum": v.sum} if isinstance(v, Histogram) else v
+                         for v in value]
             elif isinstance(value, Histogram):
                 value = {"count": value.count, "sum": value.sum}
+            elif isinstance(value, dict):
+                value = {"/".join(map(str, k)) if isinstance(k, tuple) else k: v
+                         for k, v in value.items()}
             out[name] = value
         return out
 
@@ -155,16 +230,43 @@ def _count_holds(holds: int, held: dict) -> None:
             held[name] += 1
 
 
-def _histogram(name: str, doc: str, hist, worker: str) -> HistogramMetricFamily:
-    fam = HistogramMetricFamily(name, doc, labels=["worker"])
+BASE_LABELS = ["node", "worker"]
+
+
+def _buckets(bounds, counts, total: int) -> list[tuple[str, int]]:
+    """Cumulative (le, count) pairs of per-bucket ``counts`` (one more than ``bounds``)."""
     buckets = []
     running = 0
-    for bound, count in zip(hist.bounds, hist.counts):
+    for bound, count in zip(bounds, counts):
         running += count
         buckets.append((repr(float(bound)), running))
-    buckets.append(("+Inf", hist.count))
-    fam.add_metric([worker], buckets, hist.sum)
+    buckets.append(("+Inf", total))
+    return buckets
+
+
+def _histogram(name: str, doc: str, hist, w: list[str]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=BASE_LABELS)
+    fam.add_metric(w, _buckets(hist.bounds, hist.counts, hist.count), hist.sum)
     return fam
+
+
+class _Labelled:
+    """A collector that adds ``node`` and ``worker`` to another's series
+    (prometheus_client's process collector takes no labels of its own)."""
+
+    def __init__(self, inner, node) -> None:
+        self.inner = inner
+        self.node = node
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        labels = {"node": self.node.node_id, "worker": str(self.node.worker)}
+        for fam in self.inner.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = [s._replace(labels={**labels, **s.labels}) for s in fam.samples]
+            yield out
 
 
 class NodeCollector:
@@ -179,16 +281,16 @@ class NodeCollector:
     def collect(self):
         node = self.node
         c = node.counters
-        w = node.node_id
+        w = [node.node_id, str(node.worker)]
 
         def counter(name, doc, value):
-            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=["worker"])
-            fam.add_metric([w], value)
+            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=BASE_LABELS)
+            fam.add_metric(w, value)
             return fam
 
         def gauge(name, doc, value):
-            fam = GaugeMetricFamily(f"tillwire_{name}", doc, labels=["worker"])
-            fam.add_metric([w], value)
+            fam = GaugeMetricFamily(f"tillwire_{name}", doc, labels=BASE_LABELS)
+            fam.add_metric(w, value)
             return fam
 
         # -- connections (walks the live sessions) ---------------------------------
@@ -214,9 +316,9 @@ class NodeCollector:
         fam = GaugeMetricFamily("tillwire_connections",
                                 "Authenticated terminal sessions by tenant and role "
                                 "(a session counts once per role).",
-                                labels=["worker", "tenant", "role"])
+                                labels=[*BASE_LABELS, "tenant", "role"])
         for (tenant, role), n in sorted(by_role.items()):
-            fam.add_metric([w, tenant, role], n)
+            fam.add_metric([*w, tenant, role], n)
         yield fam
         yield gauge("connections_unauthenticated", "Connections still in their handshake.",
                     len(unauth))
@@ -230,9 +332,9 @@ class NodeCollector:
         fam = GaugeMetricFamily("tillwire_connections_read_held",
                                 "Connections the server is not reading, by reason (a "
                                 "connection held for two reasons counts under both).",
-                                labels=["worker", "reason"])
+                                labels=[*BASE_LABELS, "reason"])
         for reason, n in held.items():
-            fam.add_metric([w, reason], n)
+            fam.add_metric([*w, reason], n)
         yield fam
 
         # -- traffic -----------------------------------------------------------------
@@ -240,18 +342,45 @@ class NodeCollector:
         yield counter("bytes_received", "Bytes received from terminals.", c.bytes_in)
         yield counter("writes", "Socket writes to terminals.", c.writes)
         yield counter("bytes_written", "Bytes written to terminals.", c.bytes_out)
+        for name, doc, terminal, admin in (
+            ("messages_in", "Messages received, by lane and source (terminal: SEND frames; "
+             "admin: POST /v1/publish), refused ones included.", c.lane_frames_in,
+             c.admin_frames_in),
+            ("message_bytes_in", "Payload bytes of the messages received, by lane and source.",
+             c.lane_bytes_in, c.admin_bytes_in),
+        ):
+            fam = CounterMetricFamily(f"tillwire_{name}", doc,
+                                      labels=[*BASE_LABELS, "lane", "source"])
+            for lane, t, a in zip(LANES, terminal, admin):
+                fam.add_metric([*w, lane, "terminal"], t)
+                fam.add_metric([*w, lane, "admin"], a)
+            yield fam
+        fam = CounterMetricFamily("tillwire_messages_refused",
+                                  "Messages refused, by source and error code (admin: the "
+                                  "publish's code, or HTTP_<status>).",
+                                  labels=[*BASE_LABELS, "source", "code"])
+        for (source, code), n in sorted(c.refused.items()):
+            fam.add_metric([*w, source, code], n)
+        yield fam
+        fam = CounterMetricFamily("tillwire_dead_letters",
+                                  "P0/P1 entries dead-lettered, by lane and reason (expired: "
+                                  "their TTL passed undelivered or unacked; rejected: NACK).",
+                                  labels=[*BASE_LABELS, "lane", "reason"])
+        for lane in (0, 1):
+            fam.add_metric([*w, LANES[lane], "expired"], c.dead_expired[lane])
+            fam.add_metric([*w, LANES[lane], "rejected"], c.dead_rejected[lane])
+        yield fam
+        yield counter("redriven", "Dead letters put back in their terminal's inbox (admin "
+                      "API).", c.redriven)
         for name, doc, values in (
-            ("messages_in", "SEND frames received, by lane.", c.lane_frames_in),
-            ("message_bytes_in", "Payload bytes of SEND frames received, by lane.",
-             c.lane_bytes_in),
             ("messages_out", "Messages handed to terminals' lanes, by lane (P0/P1 "
              "deliveries with retransmits, P2/P3 one per subscriber).", c.lane_frames_out),
             ("message_bytes_out", "Payload bytes handed to terminals' lanes, by lane.",
              c.lane_bytes_out),
         ):
-            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=["worker", "lane"])
+            fam = CounterMetricFamily(f"tillwire_{name}", doc, labels=[*BASE_LABELS, "lane"])
             for lane, value in zip(LANES, values):
-                fam.add_metric([w, lane], value)
+                fam.add_metric([*w, lane], value)
             yield fam
         yield counter("messages_accepted", "P0/P1 messages stored.", c.accepted)
         yield counter("duplicates", "P0/P1 sends recognised as resends (same sender and ref).",
@@ -317,6 +446,52 @@ class NodeCollector:
                          "Time from handing a P0/P1 message to a terminal to its ack (sampled).",
                          c.ack_latency, w)
 
+        fam = HistogramMetricFamily(
+            "tillwire_delivery_latency_seconds",
+            "End to end per P0/P1 message, by lane: from accepted to first written to the "
+            "terminal's connection (stage=written) and to its ack (stage=acked).",
+            labels=[*BASE_LABELS, "lane", "stage"])
+        for stage, hists in (("written", c.written), ("acked", c.acked)):
+            for lane, hist in zip(LANES, hists):
+                fam.add_metric([*w, lane, stage],
+                               _buckets(hist.bounds, hist.counts, hist.count), hist.sum)
+        yield fam
+
+        # -- the admin API and the store's writer ------------------------------------
+        fam = CounterMetricFamily("tillwire_admin_requests",
+                                  "Admin API requests, by route pattern, method and status.",
+                                  labels=[*BASE_LABELS, "route", "method", "status"])
+        for (route, method, status), n in sorted(c.admin_requests.items()):
+            fam.add_metric([*w, route, method, str(status)], n)
+        yield fam
+        writer = getattr(node.store, "writer_metrics", None)
+        if writer is not None:
+            wm = writer()
+            yield gauge("store_writer_queue", "Store writes waiting for their commit (queued "
+                        "or in the writer's transaction).", wm["queue"])
+            fam = HistogramMetricFamily("tillwire_store_commit_seconds",
+                                        "Time of each COMMIT of the store's writer (as of its "
+                                        "latest commit).", labels=BASE_LABELS)
+            fam.add_metric(w, _buckets(wm["commit_bounds"], wm["commit_counts"],
+                                       sum(wm["commit_counts"])), wm["commit_seconds"])
+            yield fam
+            yield counter("store_failed_commits", "Store writer transactions that failed.",
+                          wm["failed_commits"])
+
+        # -- retail services -----------------------------------------------------------
+        fam = CounterMetricFamily("tillwire_tickets",
+                                  "Ticket events: opened, escalated, resolved, unattended (a "
+                                  "ticket or an escalation that reached no one).",
+                                  labels=[*BASE_LABELS, "event"])
+        for event, n in c.tickets.items():
+            fam.add_metric([*w, event], n)
+        yield fam
+        yield gauge("tickets_open", "Tickets not resolved yet.", len(node.tickets.open))
+        yield counter("chat_conversations", "Chat conversations started.", c.chat_conversations)
+        yield counter("chat_messages", "Chat messages stored.", c.chat_messages)
+        yield counter("offers_capped", "Offer deliveries withheld by a member's frequency cap.",
+                      c.offers_capped)
+
         # -- state ---------------------------------------------------------------------
         yield gauge("inflight_messages", "P0/P1 messages delivered and not yet acknowledged.",
                     node.delivery.in_flight())
@@ -325,6 +500,12 @@ class NodeCollector:
         yield gauge("pending_subscriptions", "Channels subscribed to that nothing was published "
                     "to yet (no stream is made for them).", node.hub.pending_count())
         yield gauge("registered_terminals", "Terminals in the registry.", len(node.registry))
+        yield gauge("tickets_unattended", "Open tickets whose escalation found no one at any "
+                    "level (store managers, region, tickets.escalate_role).",
+                    len(node.tickets.unattended))
+        yield gauge("tickets_waiting", "Open tickets that reached no terminal yet (no one on "
+                    "duty when opened): the next staff login of the store gets them.",
+                    sum(len(keys) for keys in node.tickets.waiting.values()))
         yield gauge("draining", "1 while the node drains.", 1 if node.draining else 0)
         yield gauge("uptime_seconds", "Seconds since the node started.",
                     time.time() - node.started)
@@ -333,9 +514,9 @@ class NodeCollector:
         fam = GaugeMetricFamily("tillwire_gc_threshold",
                                 "The garbage collector's threshold per generation (tillwire "
                                 "serve spaces out full collections: generation 2).",
-                                labels=["worker", "generation"])
+                                labels=[*BASE_LABELS, "generation"])
         for generation, value in enumerate(gc.get_threshold()):
-            fam.add_metric([w, str(generation)], value)
+            fam.add_metric([*w, str(generation)], value)
         yield fam
 
 
@@ -343,7 +524,7 @@ def make_registry(node) -> CollectorRegistry:
     """A registry of its own (not the global one): one per node, tests run several."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
-    ProcessCollector(namespace="tillwire", registry=registry)
+    registry.register(_Labelled(ProcessCollector(namespace="tillwire", registry=None), node))
     return registry
 
 

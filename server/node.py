@@ -61,7 +61,7 @@ class Node:
 
     def __init__(self, cfg, store, *, loop: asyncio.AbstractEventLoop | None = None,
                  node_id: str = "", worker: int = 0, presence=None, broker=None,
-                 registry=None, history=None) -> None:
+                 registry=None, history=None, caps=None) -> None:
         """``presence`` and ``broker``: backends shared with other nodes or
         workers (both or neither); without them the hub's session table is
         the only presence, and a takeover is one node's business.
@@ -69,7 +69,8 @@ class Node:
         loaded from the store at start).  ``history``: channel history shared
         with them (with presence and broker; default: this process's hub,
         kept by the store's archive); with it, channel messages go through
-        the shared history and the broker (``interest.py``).  ``worker``: this process's index
+        the shared history and the broker (``interest.py``).  ``caps``: offer
+        frequency caps shared with them (default: this process's counts).  ``worker``: this process's index
         among its node's workers (0 for a single process)."""
         if (presence is None) != (broker is None):
             raise ValueError("Node: give presence and broker together, or neither")
@@ -139,6 +140,7 @@ class Node:
         self.tickets = Tickets(self, self.directory)
         self.chat = Chat(self)
         self.offers = Offers(self, self.directory)
+        self.offers.caps = caps
         self.channels = Channels(self)
         self.commands = Commands(self)
         self.output.wire(self.channels, self.delivery, self.commands)
@@ -202,8 +204,12 @@ class Node:
         if sock is None:
             sock = listen_socket(srv.host, srv.port, srv.send_buffer, srv.notsent_lowat,
                                  reuse_port)
+        # A TLS handshake gets the auth timeout, not asyncio's 60 s: a
+        # plaintext client whose bytes look like an old SSL header would hold
+        # its descriptor that long.
+        extra = {"ssl_handshake_timeout": srv.auth_timeout} if ssl is not None else {}
         server = await self.loop.create_server(self.connection_class, sock=sock,
-                                               backlog=srv.backlog, ssl=ssl)
+                                               backlog=srv.backlog, ssl=ssl, **extra)
         self._servers.append(server)
         self._schedule_tick()
         self._maintenance_task = self.spawn(self._maintenance())
@@ -289,6 +295,25 @@ class Node:
         self.channels.broadcast(address, lane, kind, key, version, payload, ttl, report,
                                 placed.set_result)
         return await placed
+
+    def terminal_changed(self, address: str) -> None:
+        """An operator changed a terminal's record (registered, retired,
+        revoked): the other workers of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("registry", address)
+
+    def directory_changed(self, tenant: str, store: str) -> None:
+        """An operator changed a store's directory entry: the other workers
+        of a fleet read it again."""
+        if self.ownership is not None:
+            self.ownership.announce("directory", f"{tenant}/{store}")
+
+    async def kick_anywhere(self, address: str, reason: str) -> bool:
+        """Close ``address``'s session (CLOSE KICKED) on whichever worker of
+        the fleet holds it; False when none does."""
+        if self.kick(address, reason):
+            return True
+        return self.ownership is not None and await self.ownership.kick(address, reason)
 
     async def members(self, address) -> list[str]:
         """The terminal addresses a message to ``address`` is stored for."""
@@ -408,6 +433,19 @@ class Node:
         self.close(conn, code, reason)
         return True
 
+    async def redrive(self, terminal: str, msg_id: int | None = None,
+                      limit: int = 1000) -> list:
+        """Put ``terminal``'s dead letters back in its inbox (the one of message
+        ``msg_id``, or its oldest ``limit``) with their lane's TTL from now,
+        and hand them to its connection; returns the ``store.Redriven``
+        entries.  The store failing raises: then nothing changed."""
+        delivery = self.cfg.delivery
+        redriven = await self.store.redrive(terminal, msg_id, time.time(),
+                                            (delivery.p0_ttl, delivery.p1_ttl), limit)
+        self.counters.redriven += len(redriven)
+        self.delivery.redriven(redriven)
+        return redriven
+
     def all_connections(self) -> list[TerminalConnection]:
         """Every open connection, authenticated or not (a snapshot)."""
         return [*self.hub.sessions.values(), *self.commands.unauthenticated]
@@ -489,10 +527,7 @@ class Node:
                     self.audit.flush_aggregates()
                 self.sources.sweep(self.loop.time())
                 now = time.time()
-                for dead in await self.store.expire(now):
-                    if dead.receipt:
-                        self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
-                                           ReceiptStatus.EXPIRED, dead.terminal)
+                await self.expire(now)
                 await self.store.trim(now, self.cfg.delivery.dedup_window)
                 await self._expire_services(now)
                 if self.loop.time() >= sweep_at:
@@ -500,6 +535,19 @@ class Node:
                     await self.sweep_streams()
             except Exception:
                 log.exception("maintenance failed")
+
+    async def expire(self, now: float) -> list:
+        """Dead-letter the P0/P1 entries whose message expired by ``now`` (each
+        maintenance round): counted, and each sender that asked for receipts
+        gets RECEIPT(EXPIRED).  Returns the ``store.DeadLetter`` entries; the
+        store failing raises (nothing expired: the next round tries again)."""
+        expired = await self.store.expire(now)
+        self.counters.dead(expired)
+        for dead in expired:
+            if dead.receipt:
+                self.delivery.send_receipt(dead.sender, dead.ref, dead.msg_id,
+                                           ReceiptStatus.EXPIRED, dead.terminal)
+        return expired
 
     async def sweep_streams(self) -> int:
         """Free the streams nobody subscribes to that retain nothing any more

@@ -21,6 +21,13 @@ through the same policy: skipped, never bypassed.  Cap counts are kept in
 memory and written behind (:mod:`.writebehind`; namespace ``cap``, key
 ``<tenant>/<member>``, a JSON list of unix times within the window), loaded
 at start.
+
+In a fleet the counts are shared (:mod:`.caps`, ``caps_redis.py``): a
+broadcast reaches the sessions without a member at once, and its members'
+sessions once one call to the shared caps decided for all of them (a few
+milliseconds later), so a member's devices on different workers and nodes
+share one count and one offer counts once.  Replays on resume still use
+this worker's own counts.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 
 import orjson
 
-from ..core.session import fanout
+from ..core.session import OPEN, fanout
 from .config import parse_clock
 from .directory import zone
 from .host import ServiceHost
@@ -68,6 +75,7 @@ class Offers:
         # gathers the changes of a broadcast and the ones right after it).
         self.unsaved = WriteBehind(host, self._write, delay=FLUSH_DELAY, retry=FLUSH_DELAY,
                                    retry_max=RETRY_MAX, what="cap counts")
+        self.caps = None          # a caps.Caps shared by a fleet (node.py sets it)
 
     async def load(self) -> None:
         """Load the cap counts still within the window (node start)."""
@@ -132,7 +140,9 @@ class Offers:
         while stamps and stamps[0] <= horizon:
             del stamps[0]
         verdict = len(stamps) >= self.cap_count
-        if not verdict:
+        if verdict:
+            self.host.counters.offers_capped += 1     # (once per member per offer)
+        else:
             stamps.append(now)
             self.unsaved.put(key)
             if entry is not None:
@@ -177,6 +187,8 @@ class Offers:
         # The stream entry of this message (just appended; None if history keeps none).
         history = stream.history if stream is not None else None
         entry = history[-1] if history and history[-1].frame is frame else None
+        shared = self.caps is not None and capping
+        waiting: dict[str, list] = {}      # (shared caps) member -> its sessions here
         passing = []
         append = passing.append
         quiet = capped = 0
@@ -190,15 +202,42 @@ class Offers:
                     if q:
                         quiet += 1
                         continue
-                if capping and claims.member and \
-                        self._capped(claims.tenant, claims.member, now, members, entry):
-                    capped += 1
-                    continue
+                if capping and claims.member:
+                    if shared:
+                        waiting.setdefault(claims.member, []).append(conn)
+                        continue
+                    if self._capped(claims.tenant, claims.member, now, members, entry):
+                        capped += 1
+                        continue
                 append(conn)
         overflow = fanout(passing, lane, frame, None, deadline, stream, dirty)
+        if waiting:
+            offer = f"{stream.name}:{stream.epoch}:{entry.offset}" if entry is not None \
+                else f"frame:{hash(frame)}"
+            self.host.spawn(self._shared_fanout(tenant, waiting, offer, lane, frame, deadline,
+                                                stream))
         if report is not None:
             report.update(delivered=len(passing), quiet=quiet, capped=capped)
         return len(passing), overflow
+
+    async def _shared_fanout(self, tenant: str, waiting: dict, offer: str, lane: int,
+                             frame: bytes, deadline: float, stream) -> None:
+        """Push an offer to the members' sessions the shared caps let it reach."""
+        try:
+            capped = await self.caps.take(tenant, waiting, offer, time.time(), self.cap_count,
+                                          self.cap_window)
+        except Exception as exc:  # noqa: BLE001 - offers must not spam: none this time
+            log.warning("caps: deciding offer %s for %d members failed (%s); not sent to them",
+                        offer, len(waiting), exc)
+            return
+        for member, conns in waiting.items():
+            if capped.get(member, True):
+                self.host.counters.offers_capped += 1     # (once per member per offer)
+                continue
+            for conn in conns:
+                if conn.state == OPEN:
+                    conn.push(lane, frame, None, deadline, stream)
+                    self.host.mark_dirty(conn)
 
     def filter_replay(self, conn, entries: list) -> list:
         """The entries of a P3 catch-up this session may get now."""
@@ -229,6 +268,8 @@ class Offers:
 
     async def forget_member(self, tenant: str, member: str) -> int:
         key = (tenant, member)
+        if self.caps is not None:
+            await self.caps.forget(tenant, member)
         self.counts.pop(key, None)
         self.counted.pop(key, None)
         self.unsaved.discard(key)

@@ -59,6 +59,7 @@ RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in betw
 RENOTIFY = 1.0               # seconds after an inbox notification before the second one
 RECONCILE_EVERY = 5.0        # seconds between reconciliations of the sessions' inboxes
 RECONCILE_SLICE = 32         # inbox positions read at a time while reconciling
+FLEET = "@fleet"             # the broker channel every worker hears (no address starts with @)
 
 
 class Ownership:
@@ -85,6 +86,7 @@ class Ownership:
         # (control messages sent while the pub/sub connection was down are lost)
         self.broker.on_resubscribed = self._on_resubscribed
         await self.broker.start(self._on_message, self._on_control)
+        await self.broker.subscribe([FLEET])
         # (Not spawn()ed tasks: stop() waits for those; these are cancelled.)
         self._renewal = self.node.loop.create_task(self._renew())
         self._reconciler = self.node.loop.create_task(self._reconcile_loop())
@@ -203,9 +205,59 @@ class Ownership:
 
     # -- the control inbox ------------------------------------------------------------
 
+    # -- what every worker hears ------------------------------------------------------
+
+    def announce(self, verb: str, argument: str) -> None:
+        """Tell every worker of the fleet (this one too) that something
+        shared changed: ``registry`` (argument: a terminal address; workers
+        that cache its record read it again) or ``directory`` (argument:
+        ``<tenant>/<store>``; every worker reads the entry again)."""
+        self.node.spawn(self._announce(f"{verb}\0{argument}".encode()))
+
+    async def _announce(self, message: bytes) -> None:
+        try:
+            await self.broker.publish(FLEET, 0, message)
+        except Exception as exc:      # (a worker reads the record again when it next needs it)
+            log.warning("broker: announcing %r failed: %s", message[:80], exc)
+
+    def _on_announcement(self, message: bytes) -> None:
+        try:
+            verb, argument = (part.decode() for part in message.split(b"\0", 1))
+        except ValueError:
+            log.warning("announcement: malformed %r", message[:80])
+            return
+        node = self.node
+        if verb == "registry":
+            if node.registry.cached(argument) is not None:
+                node.spawn(self._refresh(node.registry.get(argument), verb, argument))
+        elif verb == "directory":
+            tenant, _, store = argument.partition("/")
+            node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
+        else:
+            log.warning("announcement: unknown verb %r", verb)
+
+    @staticmethod
+    async def _refresh(read, verb: str, argument: str) -> None:
+        try:
+            await read
+        except Exception as exc:
+            log.warning("%s: reading %s again failed: %s", verb, argument, exc)
+
+    async def kick(self, address: str, reason: str) -> bool:
+        """Ask the worker that holds ``address`` to close it (CLOSE KICKED);
+        False when no other worker holds it."""
+        owner = await self.presence.owner(address)
+        if owner is None or owner == self.owner:
+            return False
+        return await self.broker.send_control(
+            owner, b"\0".join((b"kick", address.encode(), reason.encode())))
+
     def _on_message(self, channel: str, lane: int, payload: bytes) -> None:
         """A channel message from the fleet (with a shared history; without
         one the in-process hub fans out itself and subscribes nothing)."""
+        if channel == FLEET:
+            self._on_announcement(payload)
+            return
         if self.node.channels.interest is not None:
             self.node.channels.receive(channel, lane, payload)
 

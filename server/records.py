@@ -24,6 +24,11 @@ class Records(Protocol):
     async def put(self, ns: str, key: str, value: bytes, now: float) -> None:
         """Insert or replace the record ``key`` of ``ns``, written at ``now`` (unix s)."""
 
+    async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        """Insert the record ``key`` of ``ns`` unless it exists, atomically
+        (a claim: of workers putting the same key at once, one wins); returns
+        the value in place afterwards (``value`` when this put won)."""
+
     async def get(self, ns: str, key: str) -> bytes | None:
         """The value of ``key`` in ``ns`` (None: no such record)."""
 

@@ -14,6 +14,10 @@ class MemoryRecords:
     async def put(self, ns: str, key: str, value: bytes, now: float) -> None:
         self._kv.setdefault(ns, {})[key] = (bytes(value), now)
 
+    async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        found = self._kv.setdefault(ns, {}).setdefault(key, (bytes(value), now))
+        return found[0]
+
     async def get(self, ns: str, key: str) -> bytes | None:
         found = self._kv.get(ns, {}).get(key)
         return None if found is None else found[0]

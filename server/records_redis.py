@@ -58,12 +58,23 @@ def _upper(prefix: bytes) -> bytes:
     return b"(" + prefix + b"\xff"
 
 
+_PUT_NEW = """
+local found = redis.call("HGET", KEYS[2], ARGV[1])
+if found then return found end
+redis.call("ZADD", KEYS[1], 0, ARGV[1])
+redis.call("HSET", KEYS[2], ARGV[1], ARGV[2])
+redis.call("ZADD", KEYS[3], ARGV[3], ARGV[1])
+return ARGV[2]
+"""
+
+
 class RedisRecords:
     """The :class:`~tillwire.server.records.Records` of a Redis store."""
 
     def __init__(self, client, *, prefix: str = "tw") -> None:
         self._redis = client
         self._prefix = prefix
+        self._put_new = client.register_script(_PUT_NEW)
         self._scan = client.register_script(_SCAN)
         self._delete_where = client.register_script(_DELETE_WHERE)
 
@@ -76,6 +87,9 @@ class RedisRecords:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zadd(k, {key: 0}).hset(v, key, bytes(value)).zadd(t, {key: now})
             await pipe.execute()
+
+    async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        return await self._put_new(keys=self._keys(ns), args=[key, bytes(value), repr(now)])
 
     async def get(self, ns: str, key: str) -> bytes | None:
         return await self._redis.hget(self._keys(ns)[1], key)

@@ -23,6 +23,9 @@ class SQLiteRecords:
     async def put(self, ns: str, key: str, value: bytes, now: float) -> None:
         return await self._write("kv_put", (ns, key, bytes(value), now))
 
+    async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        return await self._write("kv_put_new", (ns, key, bytes(value), now))
+
     async def get(self, ns: str, key: str) -> bytes | None:
         return await self._read("kv_get", (ns, key))
 

@@ -71,6 +71,7 @@ class InboxEntry:
     body: bytes
     delivered: bool      # written to the terminal at least once before
     expires: float
+    created: float = 0.0  # when the message was accepted (unix s; 0: not known)
 
 
 @dataclass(slots=True)
@@ -127,6 +128,21 @@ class DeadLetter:
     sender: str = ""
     ref: int = 0
     receipt: bool = False
+
+
+@dataclass(slots=True)
+class Redriven:
+    """A dead letter put back in its terminal's inbox (:meth:`Store.redrive`)."""
+
+    msg_id: int          # the same message
+    terminal: str
+    lane: int
+    dead_seq: int        # the entry that went dead (it stays dead in the trace)
+    seq: int             # the new entry: the inbox's next seq
+    kind: str
+    body: bytes
+    created: float       # when the message was first accepted (unix s)
+    expires: float       # the message's expiry after the redrive
 
 
 @dataclass(slots=True)
@@ -249,6 +265,21 @@ class Store(Protocol):
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         """The newest ``limit`` dead letters (of one tenant's terminals, or all)."""
+
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        """Put dead letters of ``terminal`` back in its inbox, in one write:
+        the one of message ``msg_id``, or (None) its oldest ``limit``.
+
+        Each becomes a new entry of its lane's inbox: the next seq, the same
+        ``msg_id``, delivered like any other.  The dead entry stays dead in the
+        trace, which lists the new one after it (reason ``"redriven"``); the
+        dead letter leaves :meth:`dead_letters`.  The message's expiry becomes
+        at least ``now + ttls[lane]`` (for every recipient still waiting for
+        it).  A dead letter whose message was trimmed cannot come back and is
+        left in the list.  Returns one :class:`Redriven` per entry, oldest
+        dead letter first.  Raises: nothing changed.
+        """
 
     async def trim(self, now: float, keep_acked: float) -> int:
         """Delete acked and dead entries older than ``keep_acked`` seconds."""

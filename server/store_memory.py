@@ -19,7 +19,7 @@ from .archive_memory import MemoryArchive
 from .records_memory import MemoryRecords
 from .store import (
     ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
-    NewMessage, ReceiptEvent, Recipient, Trace,
+    NewMessage, ReceiptEvent, Recipient, Redriven, Trace,
 )
 from .terminals_memory import MemoryTerminals
 
@@ -111,7 +111,7 @@ class MemoryStore:
                 continue
             msg = self._find(terminal, lane, seq)
             out.append(InboxEntry(seq, msg.msg_id, msg.kind, self._bodies[msg.msg_id],
-                                  rec.state == DELIVERED, msg.expires))
+                                  rec.state == DELIVERED, msg.expires, msg.created))
             if len(out) >= limit:
                 break
         return out
@@ -207,6 +207,28 @@ class MemoryStore:
         out = [d for d in reversed(self._dead)
                if tenant is None or d.terminal.startswith(f"terminal:{tenant}/")]
         return out[:limit]
+
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        out: list[Redriven] = []
+        kept = []
+        for dead in self._dead:              # oldest first
+            msg = self._messages.get(dead.msg_id)
+            if (len(out) >= limit or dead.terminal != terminal or msg is None
+                    or (msg_id is not None and dead.msg_id != msg_id)):
+                kept.append(dead)
+                continue
+            box = self._inbox(terminal, dead.lane)
+            box.last += 1
+            rec = Recipient(terminal, box.last, STORED, msg.created, reason="redriven")
+            box.entries[box.last] = rec
+            msg.recipients.append(rec)
+            self._index[(terminal, dead.lane, box.last)] = msg.msg_id
+            msg.expires = max(msg.expires, now + ttls[dead.lane])
+            out.append(Redriven(msg.msg_id, terminal, dead.lane, dead.seq, box.last, msg.kind,
+                                self._bodies[msg.msg_id], msg.created, msg.expires))
+        self._dead = kept
+        return out
 
     async def trim(self, now: float, keep_acked: float) -> int:
         removed = 0

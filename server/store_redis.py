@@ -2,9 +2,13 @@
 
 Every operation is one Lua script (``store_redis_scripts.py``), so one
 batch of accepts, acks or deliveries is one round trip and atomic on the
-Redis instance: the group commit of this backend is the batch the node
-hands over.  Its parts sit beside it: ``records_redis.py``,
-``terminals_redis.py``, ``archive_redis.py``.
+Redis instance.  Writes go to Redis in the order they were asked for, one
+script at a time (a pool's connections would otherwise let a later batch
+overtake an earlier one, and a sender's messages could get their seqs out
+of order); accept batches queued behind a script in flight share the next
+one (up to :data:`GROUP_MAX` messages): the group commit of this backend.
+Reads go at once, concurrently.  Its parts sit beside it:
+``records_redis.py``, ``terminals_redis.py``, ``archive_redis.py``.
 
 Keys (``<p>`` the prefix; ``{<tenant>}`` the hash tag).  The tag is the
 *tenant*, not the terminal: a group message writes the inboxes of all its
@@ -65,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from typing import Callable, Sequence
 
 import orjson
@@ -72,12 +77,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Trace,
+    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
+    Trace,
 )
 from .terminals_redis import RedisTerminals
 
@@ -101,6 +108,8 @@ ACK_MEANS = {
                "appendonly yes and appendfsync always for acks that survive a power loss",
 }
 
+GROUP_MAX = 4096
+"""Messages one accept script takes at most when queued batches are joined."""
 
 CONNECTIONS = 32
 """Connections a store's own client opens at most (more callers wait for one)."""
@@ -139,11 +148,14 @@ class RedisStore:
         self.epoch = 0
         self.aof = "unknown"           # always / everysec / no / off / unknown (read at open)
         self._open = False
-        self._pending: set[asyncio.Task] = set()
+        # Writes not yet answered, in the order asked: (script, arguments,
+        # messages for an accept, future or Completion).  One task sends them.
+        self._writes: deque = deque()
+        self._writer: asyncio.Task | None = None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
                          for name in ("accept", "inbox", "positions", "ack", "delivered",
                                       "reject", "expire", "trace", "dead_letters", "trim",
-                                      "stats", "epoch")}
+                                      "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
         self.terminals = RedisTerminals(self._redis, prefix=prefix)
         self.archive = RedisArchive(self._redis, prefix=prefix)
@@ -151,6 +163,12 @@ class RedisStore:
     # -- life ------------------------------------------------------------
 
     async def open(self) -> None:
+        # Loaded up front, so the first call of each is one EVALSHA that runs
+        # (not NOSCRIPT, then a load and a second send).
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            await pipe.execute()
         self.epoch = await self._run("epoch")
         self.aof = await self._durability()
         if self.aof != "always":
@@ -159,8 +177,8 @@ class RedisStore:
 
     async def close(self) -> None:
         self._open = False
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
         try:
             await self.archive.drain()
         finally:
@@ -204,21 +222,80 @@ class RedisStore:
             except Exception:
                 log.exception("on_new_epoch callback failed")
 
+    # -- ordered writes ----------------------------------------------------
+
+    def _write(self, name: str, args: list, done, count: int = 0) -> None:
+        """Queue one write; ``done`` (a future or a Completion) gets its answer."""
+        self._writes.append((name, args, count, done))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._send_writes())
+
+    async def _ordered(self, name: str, *args):
+        done = asyncio.get_running_loop().create_future()
+        self._write(name, list(args), done)
+        return await done
+
+    async def _send_writes(self) -> None:
+        """Send the queued writes one script at a time, joining consecutive
+        accept batches into one script."""
+        writes = self._writes
+        try:
+            while writes:
+                name, args, count, done = writes.popleft()
+                group, counts = [done], [count]
+                if name == "accept":
+                    args = list(args)
+                    while writes and writes[0][0] == "accept" and count < GROUP_MAX:
+                        _, more, n, other = writes.popleft()
+                        args += more
+                        count += n
+                        group.append(other)
+                        counts.append(n)
+                    args = [repr(float(self.dedup_window)), count, *args]
+                try:
+                    answer = await self._run(name, *args)
+                except Exception as exc:
+                    # The script ran whole or not at all: every waiter of it
+                    # learns it failed, nothing of it is half-written.  After
+                    # a timeout Redis is not answering: the writes queued
+                    # behind fail now too, rather than one timeout after
+                    # another (none of them was sent).
+                    if isinstance(exc, RedisTimeoutError):
+                        group += [queued[3] for queued in writes]
+                        writes.clear()
+                    for waiter in group:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                if name != "accept":
+                    if not done.done():
+                        done.set_result(answer)
+                    continue
+                k = 0
+                for waiter, n in zip(group, counts):
+                    if not waiter.done():
+                        waiter.set_result(answer[k:k + n])
+                    k += n
+        finally:
+            self._writer = None
+
     # -- accept ----------------------------------------------------------
 
-    async def accept_many(self, items: Sequence[tuple[NewMessage, Sequence[str]]]
-                          ) -> list[Accepted]:
-        if not items:
-            return []
-        args: list = [repr(float(self.dedup_window)), len(items)]
+    @staticmethod
+    def _accept_args(items) -> tuple[list, list[list[str]]]:
+        """The accept script's arguments of ``items`` and each one's recipients."""
+        args: list = []
         unique = []
         for msg, recipients in items:
             rcpts = list(dict.fromkeys(recipients))
             unique.append(rcpts)
-            args += [msg.tenant, msg.sender, str(msg.ref), msg.lane, msg.kind, msg.to,
+            args += [msg.tenant, msg.sender, str(int(msg.ref)), int(msg.lane), msg.kind, msg.to,
                      bytes(msg.body), repr(float(msg.created)), repr(float(msg.expires)),
                      1 if msg.receipt else 0, len(rcpts), *rcpts]
-        answers = await self._run("accept", *args)
+        return args, unique
+
+    @staticmethod
+    def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
         out = []
         for rcpts, answer in zip(unique, answers):
             if answer[1]:
@@ -227,29 +304,42 @@ class RedisStore:
                 out.append(Accepted(int(answer[0]), False, dict(zip(rcpts, answer[2:]))))
         return out
 
+    async def accept_many(self, items: Sequence[tuple[NewMessage, Sequence[str]]]
+                          ) -> list[Accepted]:
+        if not items:
+            return []
+        args, unique = self._accept_args(items)
+        done = asyncio.get_running_loop().create_future()
+        self._write("accept", args, done, len(unique))
+        return self._accepted(unique, await done)
+
     def accept_many_then(self, items, callback) -> None:
         if not self._open:
             raise RuntimeError("the Redis store is not open")
-        task = asyncio.get_running_loop().create_task(self._accept_then(list(items), callback))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        args, unique = self._accept_args(items)
 
-    async def _accept_then(self, items, callback) -> None:
-        done = Completion(callback)
-        try:
-            results = await self.accept_many(items)
-        except Exception as exc:
-            done.set_exception(exc)
-        else:
-            done.set_result(results)
+        def answered(answers, exc) -> None:
+            if exc is not None:
+                callback(None, exc)
+            else:
+                callback(self._accepted(unique, answers), None)
+
+        done = Completion(answered)
+        if not unique:
+            asyncio.get_running_loop().call_soon(done.set_result, [])
+            return
+        self._write("accept", args, done, len(unique))
+
+    # (Every number goes to Redis as int(): redis-py encodes an int subclass
+    # by repr(), so a Lane would arrive as "<Lane.P0: 0>".)
 
     # -- inboxes ---------------------------------------------------------
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
-        rows = await self._run("inbox", terminal, lane, after, max(0, limit))
+        rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
-                           float(expires))
-                for seq, msg_id, kind, body, delivered, expires in rows]
+                           float(expires), float(created))
+                for seq, msg_id, kind, body, delivered, expires, created in rows]
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in await self._run("positions", terminal))
@@ -257,22 +347,23 @@ class RedisStore:
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
         args = [repr(float(now))]
         for terminal, lane, seq in acks:
-            args += [terminal, lane, seq]
-        return _receipts(await self._run("ack", *args)) if len(args) > 1 else []
+            args += [terminal, int(lane), int(seq)]
+        return _receipts(await self._ordered("ack", *args)) if len(args) > 1 else []
 
     async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
         args = [repr(float(now))]
         for terminal, lane, first, last in ranges:
-            args += [terminal, lane, first, last]
-        return _receipts(await self._run("delivered", *args)) if len(args) > 1 else []
+            args += [terminal, int(lane), int(first), int(last)]
+        return _receipts(await self._ordered("delivered", *args)) if len(args) > 1 else []
 
     async def reject(self, terminal: str, lane: int, seq: int, reason: str,
                      now: float) -> DeadLetter | None:
-        found = await self._run("reject", terminal, lane, seq, reason, repr(float(now)))
+        found = await self._ordered("reject", terminal, int(lane), int(seq), reason,
+                                   repr(float(now)))
         return _dead_letter(found) if found else None
 
     async def expire(self, now: float) -> list[DeadLetter]:
-        return [_dead_letter(d) for d in await self._run("expire", repr(float(now)))]
+        return [_dead_letter(d) for d in await self._ordered("expire", repr(float(now)))]
 
     async def trace(self, msg_id: int) -> Trace | None:
         flat = await self._run("trace", int(msg_id))
@@ -291,10 +382,20 @@ class RedisStore:
                      float(f["expires"]), f["receipt"] == b"1", recipients)
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
-        return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", limit)]
+        return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
+
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        rows = await self._ordered("redrive", terminal,
+                                   "" if msg_id is None else str(int(msg_id)),
+                                   repr(float(now + ttls[0])), repr(float(now + ttls[1])),
+                                   max(0, int(limit)))
+        return [Redriven(int(msg_id), terminal, int(lane), int(dead_seq), int(seq), _text(kind),
+                         bytes(body), float(created), float(expires))
+                for msg_id, lane, dead_seq, seq, kind, body, created, expires in rows]
 
     async def trim(self, now: float, keep_acked: float) -> int:
-        return int(await self._run("trim", repr(float(now)), repr(float(now - keep_acked)),
+        return int(await self._ordered("trim", repr(float(now)), repr(float(now - keep_acked)),
                                    repr(float(self.dedup_window))))
 
     async def stats(self) -> dict:

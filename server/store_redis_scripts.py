@@ -80,66 +80,106 @@ end
 # ARGV[3] dedup window; ARGV[4] item count; then per item: tenant, sender,
 # ref, lane, kind, to, body, created, expires, receipt, n, n recipients.
 # Answer: per item {msg_id, duplicate, seq per recipient...}.
+#
+# Two passes: the first finds the duplicates (of a stored message within
+# the window, or of an earlier item of this batch), so the second takes
+# every new msg_id with one INCRBY; counters and the tenants set are
+# written once per batch.  (Redis runs a script's commands in microseconds
+# each: the fewer per message, the more messages per script.)
 ACCEPT = _HEADER + """
 local window = tonumber(ARGV[3])
-local out = {}
+local items, fresh, in_batch = {}, 0, {}
 local a = 5
-for item = 1, tonumber(ARGV[4]) do
-  local tenant, sender, ref, lane = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local created, n = ARGV[a + 7], tonumber(ARGV[a + 10])
-  local B = base(tenant)
-  local dkey = sender .. "\\n" .. ref
-  local original = false
+for k = 1, tonumber(ARGV[4]) do
+  local tenant, ref, created = ARGV[a], ARGV[a + 2], tonumber(ARGV[a + 7])
+  local n = tonumber(ARGV[a + 10])
+  local it = {a = a, n = n, tenant = tenant, B = base(tenant)}
   if ref ~= "0" then
-    local seen = redis.call("HGET", B .. ":dd", dkey)
-    if seen then
-      local at = tonumber(redis.call("ZSCORE", B .. ":ddt", dkey))
-      if tonumber(created) - at <= window then original = seen end
+    it.dkey = ARGV[a + 1] .. "\\n" .. ref
+    local key = tenant .. "\\n" .. it.dkey
+    local prior = in_batch[key]
+    if prior then
+      if created - prior.at <= window then it.dup_of = prior.it end
+    else
+      local seen = redis.call("HGET", it.B .. ":dd", it.dkey)
+      if seen and created - tonumber(redis.call("ZSCORE", it.B .. ":ddt", it.dkey)) <= window then
+        it.original = seen
+      end
     end
+    if not it.dup_of and not it.original then in_batch[key] = {it = it, at = created} end
   end
-  if original then
-    out[item] = {tonumber(original), 1}
+  if not it.dup_of and not it.original then fresh = fresh + 1 end
+  items[k] = it
+  a = a + 11 + n
+end
+local id = 0
+if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
+local sums, tenants, out = {}, {}, {}
+for k, it in ipairs(items) do
+  if it.original then
+    out[k] = {tonumber(it.original), 1}
+  elseif it.dup_of then
+    out[k] = {it.dup_of.id, 1}
   else
-    local id = redis.call("INCR", P .. ":msgid")
+    id = id + 1
+    it.id = id
+    local a, n, B, tenant = it.a, it.n, it.B, it.tenant
+    local lane, body, expires = ARGV[a + 3], ARGV[a + 6], ARGV[a + 8]
     local m = B .. ":m:" .. id
-    local body = ARGV[a + 6]
-    redis.call("HSET", m, "tenant", tenant, "sender", sender, "ref", ref, "lane", lane,
-               "kind", ARGV[a + 4], "to", ARGV[a + 5], "body", body, "created", created,
-               "expires", ARGV[a + 8], "receipt", ARGV[a + 9], "n", n, "open", n, "done", "0")
+    local fields = {"tenant", tenant, "sender", ARGV[a + 1], "ref", ARGV[a + 2], "lane", lane,
+                    "kind", ARGV[a + 4], "to", ARGV[a + 5], "body", body,
+                    "created", ARGV[a + 7], "expires", expires, "receipt", ARGV[a + 9],
+                    "n", n, "open", n, "done", "0"}
     local answer = {id, 0}
     for i = 1, n do
       local t = ARGV[a + 10 + i]
       -- (The node expands addresses within the tenant; the contract lets a
       -- recipient be of another one, whose keys hold its inbox.)
-      local tb = base(tenant_of(t))
-      if tb ~= B then redis.call("SADD", P .. ":tenants", tenant_of(t)) end
+      local tt = tenant_of(t)
+      local tb = base(tt)
+      tenants[tt] = true
       local seq = redis.call("HINCRBY", tb .. ":pos:" .. t, "l" .. lane, 1)
       redis.call("ZADD", tb .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. i .. ":" .. tenant)
-      redis.call("HSET", m, "t" .. i, t, "q" .. i, seq, "s" .. i, "stored")
+      local f = #fields
+      fields[f + 1], fields[f + 2], fields[f + 3] = "t" .. i, t, "q" .. i
+      fields[f + 4], fields[f + 5], fields[f + 6] = seq, "s" .. i, "stored"
+      if f > 6000 then                 -- (unpack's bound on a group of thousands)
+        redis.call("HSET", m, unpack(fields))
+        fields = {}
+      end
       answer[i + 2] = seq
     end
+    if #fields > 0 then redis.call("HSET", m, unpack(fields)) end
     if n > 0 then
-      redis.call("ZADD", B .. ":exp", ARGV[a + 8], id)
+      redis.call("ZADD", B .. ":exp", expires, id)
     else
       redis.call("ZADD", B .. ":done", 0, id)
     end
-    redis.call("HINCRBY", B .. ":n", "messages", 1)
-    redis.call("HINCRBY", B .. ":n", "unacked", n)
-    redis.call("HINCRBY", B .. ":n", "bytes", #body)
-    if ref ~= "0" then
-      redis.call("HSET", B .. ":dd", dkey, id)
-      redis.call("ZADD", B .. ":ddt", created, dkey)
+    local sum = sums[B]
+    if not sum then
+      sum = {0, 0, 0}
+      sums[B] = sum
     end
-    redis.call("SADD", P .. ":tenants", tenant)
-    out[item] = answer
+    sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + #body
+    tenants[tenant] = true
+    if it.dkey then
+      redis.call("HSET", B .. ":dd", it.dkey, id)
+      redis.call("ZADD", B .. ":ddt", ARGV[a + 7], it.dkey)
+    end
+    out[k] = answer
   end
-  a = a + 11 + n
 end
+for B, sum in pairs(sums) do
+  redis.call("HINCRBY", B .. ":n", "messages", sum[1])
+  redis.call("HINCRBY", B .. ":n", "unacked", sum[2])
+  redis.call("HINCRBY", B .. ":n", "bytes", sum[3])
+end
+for tenant in pairs(tenants) do redis.call("SADD", P .. ":tenants", tenant) end
 return {epoch, out}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] after, ARGV[6] limit.
-# Answer: per entry {seq, msg_id, kind, body, delivered, expires}.
+# Answer: per entry {seq, msg_id, kind, body, delivered, expires, created}.
 INBOX = _HEADER + """
 local t, lane = ARGV[3], ARGV[4]
 local B = base(tenant_of(t))
@@ -148,9 +188,10 @@ local found = redis.call("ZRANGEBYSCORE", B .. ":q:" .. lane .. ":" .. t, "(" ..
                          "WITHSCORES", "LIMIT", 0, tonumber(ARGV[6]))
 for k = 1, #found, 2 do
   local id, i, MB = entry_of(found[k])
-  local f = redis.call("HMGET", MB .. ":m:" .. id, "kind", "body", "s" .. i, "expires")
+  local f = redis.call("HMGET", MB .. ":m:" .. id, "kind", "body", "s" .. i, "expires",
+                       "created")
   out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), f[1], f[2],
-                   f[3] == "delivered" and 1 or 0, f[4]}
+                   f[3] == "delivered" and 1 or 0, f[4], f[5]}
 end
 return {epoch, out}
 """
@@ -235,13 +276,13 @@ local now = ARGV[3]
 local due = {}
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   for _, id in ipairs(redis.call("ZRANGEBYSCORE", base(tenant) .. ":exp", "-inf", now)) do
-    due[#due + 1] = {tonumber(id), tenant}
+    due[#due + 1] = {tonumber(id), tenant, id}
   end
 end
 table.sort(due, function(x, y) return x[1] < y[1] end)
 local out = {}
 for _, d in ipairs(due) do
-  local id, B = tostring(d[1]), base(d[2])
+  local id, B = d[3], base(d[2])      -- (the id as stored: tostring keeps 14 digits)
   local m = B .. ":m:" .. id
   local f = redis.call("HMGET", m, "n", "lane")
   local lane = f[2]
@@ -252,6 +293,64 @@ for _, d in ipairs(due) do
       finish(B, m, id, i, "expired", now, "ttl")
       redis.call("ZREM", RB .. ":q:" .. lane .. ":" .. r[2], id .. ":" .. i .. ":" .. d[2])
       out[#out + 1] = dead_letter(RB, m, id, r[2], lane, r[3], "ttl", now)
+    end
+  end
+end
+return {epoch, out}
+"""
+
+# ARGV[3] terminal, ARGV[4] msg_id ("" = every one of the terminal's),
+# ARGV[5] / ARGV[6] the expiry a redriven P0 / P1 entry gets at least,
+# ARGV[7] limit.  The terminal's tenant's dead letters are read oldest
+# first (one pass over them: an operator's call, not a hot path); each of
+# the terminal's whose message is still held becomes recipient n+1 of its
+# message (reason "redriven"), the next seq of its inbox, and leaves the
+# dead letters.  Answer: per entry {msg_id, lane, dead seq, seq, kind, body,
+# created, expires}.
+REDRIVE = _HEADER + """
+local t, want, limit = ARGV[3], ARGV[4], tonumber(ARGV[7])
+local B = base(tenant_of(t))
+local out = {}
+if limit <= 0 then return {epoch, out} end
+for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
+  local d = cjson.decode(string.sub(member, string.find(member, "\\n", 1, true) + 1))
+  if d[2] == t and (want == "" or d[1] == want) then
+    local id, lane = d[1], d[3]
+    -- The message lives under its own tenant (the recipient's, as the node
+    -- routes within one tenant; else found as TRACE finds it).
+    local MB, m = B, B .. ":m:" .. id
+    if redis.call("EXISTS", m) == 0 then
+      m = false
+      for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
+        if redis.call("EXISTS", base(tenant) .. ":m:" .. id) == 1 then
+          MB = base(tenant)
+          m = MB .. ":m:" .. id
+          break
+        end
+      end
+    end
+    if m then
+      local f = redis.call("HMGET", m, "n", "expires", "kind", "body", "created", "tenant")
+      local n = tonumber(f[1]) + 1
+      local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
+      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. n .. ":" .. f[6])
+      redis.call("HSET", m, "n", n, "t" .. n, t, "q" .. n, seq, "s" .. n, "stored",
+                 "w" .. n, "redriven")
+      local expires = f[2]
+      local fresh = ARGV[5 + tonumber(lane)]
+      if tonumber(fresh) > tonumber(expires) then
+        expires = fresh
+        redis.call("HSET", m, "expires", expires)
+      end
+      redis.call("HINCRBY", m, "open", 1)
+      redis.call("ZREM", MB .. ":done", id)
+      redis.call("ZADD", MB .. ":exp", expires, id)
+      redis.call("HINCRBY", MB .. ":n", "unacked", 1)
+      redis.call("ZREM", B .. ":dead", member)
+      redis.call("HINCRBY", B .. ":n", "dead", -1)
+      out[#out + 1] = {tonumber(id), tonumber(lane), tonumber(d[4]), seq, f[3], f[4], f[5],
+                       expires}
+      if #out >= limit then break end
     end
   end
 end

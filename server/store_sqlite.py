@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 
 from .archive_sqlite import SQLiteArchive
 from .records_sqlite import SQLiteRecords
-from .store import Accepted, Completion, DeadLetter, InboxEntry, ReceiptEvent, Trace
+from .store import Accepted, Completion, DeadLetter, InboxEntry, ReceiptEvent, Redriven, Trace
 from .store_sqlite_reader import Reader
 from .store_sqlite_requests import STOP, Requests, post
-from .store_sqlite_writer import STAGE_ROWS, Writer
+from .store_sqlite_writer import COMMIT_BUCKETS, STAGE_ROWS, Writer
 from .store_writer import STOP_TIMEOUT, WriterGone, WriterProcess
 from .terminals_sqlite import SQLiteTerminals
 
@@ -223,6 +223,10 @@ class SQLiteStore:
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         return await self._read("dead_letters", (tenant, limit))
 
+    async def redrive(self, terminal: str, msg_id: int | None, now: float,
+                      ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        return await self._write("redrive", (terminal, msg_id, now, tuple(ttls), limit))
+
     async def trim(self, now: float, keep_acked: float) -> int:
         return await self._write("trim", (now, keep_acked))
 
@@ -232,6 +236,16 @@ class SQLiteStore:
         """Sizes (messages, unacked entries, dead letters, registered terminals,
         streams, bytes on disk) and the writer's counters (commits, ...)."""
         return await self._read("stats", (self._writer.counters,))
+
+    def writer_metrics(self) -> dict:
+        """The writer's health for ``/metrics``, read without I/O: ``queue``
+        (write requests waiting for their commit) and, as of its latest
+        commit, ``failed_commits``, ``commit_seconds`` (the sum) and
+        ``commit_counts`` (COMMITs per bucket of ``commit_bounds``, seconds)."""
+        counters = self._writer.counters()
+        return {"queue": self._writer.backlog(), "failed_commits": counters["failed_commits"],
+                "commit_seconds": counters["commit_seconds"],
+                "commit_counts": counters["commit_counts"], "commit_bounds": COMMIT_BUCKETS}
 
     async def backup(self, dest_path: str) -> None:
         """Write a consistent copy of the database to ``dest_path`` (online;

@@ -128,20 +128,21 @@ class Reader:
             span = (base + max(after, acked, 0), base | SEQ_MASK)
             # Merged entries first: every staged seq of an inbox is above them.
             rows = conn.execute(
-                "SELECT i.k, i.msg_id, m.kind, m.body, m.expires FROM inbox i "
+                "SELECT i.k, i.msg_id, m.kind, m.body, m.expires, m.created FROM inbox i "
                 "JOIN messages m ON m.id = i.msg_id "
                 "WHERE i.k > ? AND i.k <= ? AND i.state = 0 ORDER BY i.k LIMIT ?",
                 (*span, limit)).fetchall()
             if len(rows) < limit:
                 rows += conn.execute(
-                    "SELECT i.k, i.msg_id, m.kind, m.body, m.expires FROM inbox_staged i "
+                    "SELECT i.k, i.msg_id, m.kind, m.body, m.expires, m.created FROM inbox_staged i "
                     "JOIN messages m ON m.id = i.msg_id "
                     "WHERE i.k > ? AND i.k <= ? ORDER BY i.k LIMIT ?",
                     (*span, limit - len(rows))).fetchall()
         finally:
             conn.execute("COMMIT")
-        return [InboxEntry(k & SEQ_MASK, msg_id, kind, body, (k & SEQ_MASK) <= delivered, expires)
-                for k, msg_id, kind, body, expires in rows]
+        return [InboxEntry(k & SEQ_MASK, msg_id, kind, body, (k & SEQ_MASK) <= delivered, expires,
+                           created)
+                for k, msg_id, kind, body, expires, created in rows]
 
     def positions(self, terminal: str) -> tuple[int, int, int, int]:
         tid = self._tid(terminal)
@@ -194,6 +195,8 @@ class Reader:
                 elif seq <= delivered:
                     rec.state = DELIVERED
                     rec.delivered_at = delivered_at
+                if reason and not rec.reason:
+                    rec.reason = reason          # (a pending entry's: "redriven")
                 recipients.append(rec)
         finally:
             conn.execute("COMMIT")

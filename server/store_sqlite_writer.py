@@ -41,7 +41,7 @@ import orjson
 
 from . import gcpolicy
 from .archive import StreamEntry
-from .store import Accepted, DeadLetter, ReceiptEvent
+from .store import Accepted, DeadLetter, ReceiptEvent, Redriven
 from .store_sqlite_checkpoint import Checkpointer
 from .store_sqlite_requests import STOP
 from .store_sqlite_schema import (
@@ -70,6 +70,11 @@ STAGE_ROWS = 16384            # staged inbox entries that make the writer merge 
 _HISTORY_SLICE = 128          # stream appends per history transaction (at least)
 _HISTORY_WAIT = 0.1           # seconds history waits for the queue to empty, at most
 _HISTORY_WAIT_ITEMS = 4096    # ... and stream appends
+
+# Upper bounds (seconds) of the COMMIT time histogram (+Inf implied): an fsync
+# takes from tens of microseconds (a disk cache) to tens of milliseconds.
+COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                  0.5, 1.0, 2.5)
 
 _DEDUP_ONE = ("SELECT id, created FROM messages WHERE sender = ? AND ref = ? AND ref != 0 "
               "ORDER BY id DESC LIMIT 1")
@@ -207,6 +212,7 @@ class Writer:
         self.accepted = 0
         self.failed_commits = 0
         self.commit_seconds = 0.0
+        self.commit_counts = [0] * (len(COMMIT_BUCKETS) + 1)   # COMMITs per bucket
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -319,6 +325,10 @@ class Writer:
         self.history_max = max(0, int(history_max))
         self.history_age = float(history_age)
 
+    def backlog(self) -> int:
+        """Write requests queued and not taken into a transaction yet (any thread)."""
+        return self.queue.qsize() + len(self.history)
+
     def counters(self) -> dict:
         """The writer's side of stats() (plain reads; torn values are harmless)."""
         return {"writer": self.mode, "epoch": self.epoch, "synchronous": self.synchronous,
@@ -327,6 +337,7 @@ class Writer:
                 "failed_commits": self.failed_commits,
                 "checkpoints": self.checkpointer.checkpoints if self.checkpointer else 0,
                 "commit_seconds": round(self.commit_seconds, 6),
+                "commit_counts": list(self.commit_counts),
                 "writer_gc_frozen_objects": self.gc_frozen}
 
     def run(self, ready) -> None:
@@ -551,7 +562,9 @@ class Writer:
             self._flush()
             started = time.perf_counter()
             conn.execute("COMMIT")
-            self.commit_seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.commit_seconds += took
+            self.commit_counts[bisect.bisect_left(COMMIT_BUCKETS, took)] += 1
         except Exception as exc:
             return len(pending), exc, []
         return -1, None, results
@@ -769,6 +782,54 @@ class Writer:
             "receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(d.msg_id, d.terminal, d.lane, d.seq, d.kind, d.reason, d.at, d.sender, ref_in(d.ref),
               1 if d.receipt else 0) for d in dead])
+
+    def redrive(self, terminal: str, msg_id: int | None, now: float,
+                ttls: tuple[float, float], limit: int) -> list[Redriven]:
+        """Put dead letters of ``terminal`` back in its inbox (Store.redrive).
+
+        The new entries go straight into ``inbox`` (after a merge: every
+        staged seq of an inbox must stay above its merged ones), flagged as
+        one of several entries of their message (trim then checks them all)
+        and with reason 'redriven' (the trace shows it); the message's
+        recipients list the new entry, its expiry is extended, and the dead
+        letter's row goes.  Cost per entry: one insert, one update, one delete."""
+        tid = self.tids.get(terminal)
+        if tid is None or limit <= 0:
+            return []
+        conn = self.conn
+        sql = ("SELECT d.id, d.msg_id, d.lane, d.seq, m.kind, m.body, m.created, m.receipt "
+               "FROM dead_letters d JOIN messages m ON m.id = d.msg_id "
+               "WHERE d.terminal = ? AND m.body IS NOT NULL AND m.recipients != ''")
+        args: list = [terminal]
+        if msg_id is not None:
+            sql += " AND d.msg_id = ?"
+            args.append(msg_id)
+        rows = conn.execute(sql + " ORDER BY d.id LIMIT ?", (*args, limit)).fetchall()
+        if not rows:
+            return []
+        self.merge_staged()
+        out = []
+        for dead_id, mid, lane, dead_seq, kind, body, created, receipt in rows:
+            key = (tid << 1) | lane
+            box = self._box(tid, lane)
+            seq = box[_LAST] = box[_LAST] + 1
+            flags = F_GROUP
+            if receipt:
+                flags |= F_RECEIPT
+                box[_RCPT] = seq
+            conn.execute("INSERT INTO inbox(k, msg_id, flags, reason) VALUES (?, ?, ?, 'redriven')",
+                         ((key << SEQ_BITS) | seq, mid, flags))
+            conn.execute("UPDATE messages SET expires = MAX(expires, ?), "
+                         "recipients = recipients || ? WHERE id = ?",
+                         (now + ttls[lane], f",{tid}:{seq}", mid))
+            expires = conn.execute("SELECT expires FROM messages WHERE id = ?",
+                                   (mid,)).fetchone()[0]
+            if expires < box[_EXP]:
+                box[_EXP] = expires
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_id,))
+            out.append(Redriven(mid, terminal, lane, dead_seq, seq, kind, bytes(body), created,
+                                expires))
+        return out
 
     def expire(self, now: float) -> list[DeadLetter]:
         """Dead-letter the pending entries whose message expired by ``now``.
@@ -1006,6 +1067,12 @@ class Writer:
         self.conn.execute("INSERT INTO kv(ns, key, value, updated) VALUES (?, ?, ?, ?) "
                           "ON CONFLICT(ns, key) DO UPDATE SET value = excluded.value, "
                           "updated = excluded.updated", (ns, key, value, now))
+
+    def kv_put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
+        self.conn.execute("INSERT INTO kv(ns, key, value, updated) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT(ns, key) DO NOTHING", (ns, key, value, now))
+        return bytes(self.conn.execute("SELECT value FROM kv WHERE ns = ? AND key = ?",
+                                       (ns, key)).fetchone()[0])
 
     def kv_delete(self, ns: str, key: str) -> bool:
         return self.conn.execute("DELETE FROM kv WHERE ns = ? AND key = ?",

@@ -53,7 +53,7 @@ import orjson
 from . import logs
 from .store import Accepted
 from .store_sqlite_requests import STOP, settle
-from .store_sqlite_writer import Writer, message_rows
+from .store_sqlite_writer import COMMIT_BUCKETS, Writer, message_rows
 
 _HEADER = 4
 STOP_TIMEOUT = 30.0       # a stop commits what is queued; past this the child is killed
@@ -141,7 +141,8 @@ class WriterProcess:
                         "stage_rows": stage_rows}
         self._counters = {"writer": "process", "epoch": 0, "synchronous": synchronous, "commits": 0,
                           "write_requests": 0, "accepted": 0, "failed_commits": 0,
-                          "checkpoints": 0, "commit_seconds": 0.0, "writer_gc_frozen_objects": 0}
+                          "checkpoints": 0, "commit_seconds": 0.0, "writer_gc_frozen_objects": 0,
+                          "commit_counts": [0] * (len(COMMIT_BUCKETS) + 1)}
         self._pending: dict[int, object] = {}     # request id -> future or Completion
         self._accepts: set[int] = set()           # ids of accept_many requests (packed results)
         self._next_id = 1
@@ -225,6 +226,10 @@ class WriterProcess:
 
     def counters(self) -> dict:
         return self._counters
+
+    def backlog(self) -> int:
+        """Write requests sent to the child (or about to be) and not answered yet."""
+        return len(self._pending) + len(self._out)
 
     @property
     def gone(self) -> BaseException | None:

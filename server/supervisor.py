@@ -6,6 +6,9 @@ port and the admin port with SO_REUSEPORT so the kernel spreads new
 connections over them.  The supervisor itself holds no socket, no Redis
 connection and no thread: it only starts, watches and stops its workers.
 
+* A worker that cannot start (exits with an error within ``STEADY``
+  seconds of the node's start: the port taken, Redis unreachable) stops the
+  node with status 1: its cause is the one line it logged.
 * A worker that exits while the node is not stopping (a crash, kill -9,
   an admin drain of that worker) is started again under the same name:
   at once if it had run for a while, else after a delay that doubles up to
@@ -67,6 +70,7 @@ class Supervisor:
         self.due: dict[int, float] = {}          # index -> when it is to be started again
         self.signals: list[str] = []
         self.failed = False
+        self.first = set(range(self.count))      # workers not yet past their first start
 
     # -- processes --------------------------------------------------------------------
 
@@ -120,6 +124,8 @@ class Supervisor:
             for index, status in self._reap():
                 self._died(index, status)
             now = time.monotonic()
+            for index in [i for i in self.first if now - self.started.get(i, now) >= STEADY]:
+                self.first.discard(index)
             for index, when in list(self.due.items()):
                 if when <= now and not self.signals:
                     del self.due[index]
@@ -130,6 +136,14 @@ class Supervisor:
 
     def _died(self, index: int, status: int) -> None:
         ran = time.monotonic() - self.started.get(index, 0.0)
+        if index in self.first and status != 0 and ran < STEADY:
+            # It could not start (its one-line cause is logged above): the
+            # node does not run short of a worker, it stops and says so.
+            log.error("worker %d could not start (status %d); stopping the node", index, status)
+            self.failed = True
+            self.signals.append("start failure")
+            return
+        self.first.discard(index)
         delay = RESTART_MIN if ran >= STEADY else min(
             RESTART_MAX, max(RESTART_MIN, 2 * self.delay.get(index, RESTART_MIN / 2)))
         self.delay[index] = delay

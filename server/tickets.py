@@ -23,8 +23,22 @@ never applied twice (an update also after a restart: a record keeps the
 (sender, ref, kind) of its newest RECORD_REFS updates, loaded at start); an
 open resent while the first is still being stored waits for its answer.  A
 ticket still unassigned and unresolved at its due time is escalated:
-``ticket.escalate {ticket, code, from, reason}`` goes to the store's managers
-(the directory's, else ``role:<t>/<store>/manager``).
+``ticket.escalate {ticket, code, from, reason, store, level}`` climbs until
+someone is there: the store's managers (the directory's, else
+``role:<t>/<store>/manager``, level ``store``), else the managers of the
+opener's region (level ``region``), else ``tickets.escalate_role`` across the
+tenant (level ``tenant``).
+
+A ticket never reaches no one silently.  Opened while the store has no one
+on duty (no roster and no staff), it is stored for no one, the opener's
+SENDACK says ``{"ticket", "recipients": 0, "waiting": true}``, and it waits:
+the first terminal that logs in as staff or manager of that store, or the
+terminals put on the store's on-duty list (``PUT /v1/stores``), get it
+(:meth:`Tickets.on_login`, :meth:`Tickets.on_roster`), unless its
+escalation reached someone first.  An escalation that
+finds no one at any level leaves the ticket open and *unattended* (counted,
+listed by ``GET /v1/tickets``) and tries again ``tickets.escalate_after``
+later.
 
 Nothing changes before its message is committed: a ticket exists (in
 memory, armed, its record due) only once the store took its ticket.open (or
@@ -67,6 +81,7 @@ import time
 import orjson
 
 from ..core.codes import Code, Flag, Lane
+from ..core.errors import UnknownTerminal
 from .address import parse_address, terminal_address
 from .host import ServiceHost, commit
 from .kinds import MessageError
@@ -137,6 +152,7 @@ class Tickets:
         self.directory = directory
         cfg = host.cfg.tickets
         self.escalate_after = cfg.escalate_after
+        self.escalate_role = cfg.escalate_role
         self.retention = host.cfg.retention.tickets
         # (tenant or "*", code) -> reply
         self.rules = {(r.tenant, r.code): r.reply for r in cfg.auto_replies}
@@ -156,6 +172,11 @@ class Tickets:
         self.unsaved = WriteBehind(host, self._write, retry=RETRY_DELAY, retry_max=RETRY_MAX,
                                    what="ticket records")
         self._closed = False          # stopping: no timer is armed any more
+        # (tenant, store) -> keys of its open tickets that reached no terminal
+        # yet (no one on duty when opened): the next staff login gets them.
+        self.waiting: dict[tuple[str, str], set[str]] = {}
+        # Keys of open tickets whose last escalation found no one at any level.
+        self.unattended: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -179,6 +200,7 @@ class Tickets:
                 self.open[key] = rec
                 if rec["status"] == OPEN:
                     self._arm(key, rec["due"])
+                self._track(key, rec)
         if self.open:
             log.info("tickets loaded unresolved=%d", len(self.open))
 
@@ -255,7 +277,8 @@ class Tickets:
                "text": body.get("text", ""), "from": opener, "ref": ref, "status": OPEN,
                "auto": False, "created": now, "due": 0.0, "assignee": "", "resolution": "",
                "escalated_at": 0.0, "resolved_at": 0.0, "resolved_by": "", "replies": 0,
-               "msg_id": 0, "updated": now}
+               "msg_id": 0, "updated": now, "region": claims.region, "recipients": 0,
+               "unattended": False, "level": ""}
         ttl = frame.ttl / 1000.0 if frame.ttl else host.cfg.delivery.p1_ttl
         reply = self.rules.get((tenant, rec["code"]))
         if reply is None:
@@ -320,13 +343,24 @@ class Tickets:
                 answered.set_result((accepted.msg_id, doc))
             host.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
+        events = host.counters.tickets
+        events["opened"] += 1
         if rec["auto"]:
+            events["resolved"] += 1
             doc = {"ticket": rec["ticket"], "auto_reply": True}
         else:
+            if not accepted.seqs:
+                events["unattended"] += 1         # no staff to receive it
             rec["msg_id"] = accepted.msg_id
+            rec["recipients"] = len(accepted.seqs)
             self.open[key] = rec
             self._arm(key, rec["due"])
-            doc = {"ticket": rec["ticket"], "recipients": len(accepted.seqs)}
+            self._track(key, rec)
+            doc = {"ticket": rec["ticket"], "recipients": rec["recipients"]}
+            if not rec["recipients"]:
+                doc["waiting"] = True         # (the first staff login gets it)
+                log.warning("ticket %s waits: no one on duty in store %s/%s", rec["ticket"],
+                            rec["tenant"], rec["store"])
         self.unsaved.put(key, rec)
         await self.unsaved.written(key)
         if answered is not None:
@@ -334,10 +368,104 @@ class Tickets:
         host.service_ack(conn, ref, accepted.msg_id, doc, asked=asked)
 
     def _forget(self, key: str) -> None:
-        self.open.pop(key, None)
+        rec = self.open.pop(key, None)
+        if rec is not None:
+            self._untrack(key, rec)
         handle = self._timers.pop(key, None)
         if handle is not None:
             handle.cancel()
+
+    # -- tickets that reached no one -------------------------------------------------------
+
+    def _track(self, key: str, rec: dict) -> None:
+        """Index an open ticket that reached no terminal yet (not assigned nor
+        escalated either), or is unattended.  (A record from before these
+        fields existed counts as delivered.)"""
+        if not rec.get("recipients", 1) and rec["status"] == OPEN:
+            self.waiting.setdefault((rec["tenant"], rec["store"]), set()).add(key)
+        if rec.get("unattended"):
+            self.unattended.add(key)
+
+    def _untrack(self, key: str, rec: dict) -> None:
+        group = (rec["tenant"], rec["store"])
+        keys = self.waiting.get(group)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.waiting[group]
+        self.unattended.discard(key)
+
+    def on_login(self, address: str, claims) -> None:
+        """A terminal logged in (at its RESUME): staff or a manager of a store with waiting
+        tickets gets them.  O(1) unless it does."""
+        if not self.waiting or self._closed:
+            return
+        keys = self.waiting.get((claims.tenant, claims.store))
+        if keys and ("staff" in claims.roles or "manager" in claims.roles):
+            for key in sorted(keys):
+                self.host.spawn(self._hand_over(key, [address]))
+
+    async def on_roster(self, tenant: str, store: str) -> None:
+        """The store's on-duty list changed: its waiting tickets go to the terminals
+        on it (if any)."""
+        keys = self.waiting.get((tenant, store))
+        if not keys or self._closed:
+            return
+        recipients = await self.staff(tenant, store)
+        if recipients:
+            for key in sorted(keys):
+                await self._hand_over(key, recipients)
+
+    async def _hand_over(self, key: str, recipients: list[str]) -> None:
+        """In the ticket's turn: store a waiting ticket's ticket.open for
+        ``recipients``.  Refused by the store: it stays waiting (the next login,
+        roster change or escalation tries again)."""
+        before, mine = self._turns.take(key)
+        try:
+            if before is not None:
+                await before
+            rec = self.open.get(key)
+            if rec is None or rec.get("recipients", 1) or rec["status"] != OPEN or self._closed:
+                return                # (no longer waiting: delivered, assigned, escalated)
+            host = self.host
+            now = time.time()
+            body = {"code": rec["code"], "ticket": rec["ticket"], "from": rec["from"]}
+            if rec.get("text"):
+                body["text"] = rec["text"]
+            to = f"role:{rec['tenant']}/{rec['store']}/staff"
+            msg = NewMessage(rec["tenant"], rec["from"], 0, Lane.P1, "ticket.open", to,
+                             orjson.dumps(body), now, now + host.cfg.delivery.p1_ttl, False)
+            try:
+                accepted = await commit(host, msg, parse_address(to), recipients)
+            except Exception as exc:  # noqa: BLE001 - not stored: it stays waiting
+                log.error("waiting ticket %s could not be stored for %s: %s", key, recipients,
+                          exc)
+                return
+            if self.open.get(key) is not rec:
+                return                # resolved or deleted meanwhile
+            self._untrack(key, rec)
+            rec.update(recipients=len(accepted.seqs), unattended=False, updated=time.time())
+            self._track(key, rec)
+            self.unsaved.put(key, rec)
+            log.info("waiting ticket delivered ticket=%s store=%s/%s recipients=%d",
+                     rec["ticket"], rec["tenant"], rec["store"], rec["recipients"])
+        finally:
+            self._turns.done(key, mine)
+
+    def list_open(self, tenant: str, store: str | None = None,
+                  unattended: bool = False) -> list[dict]:
+        """The open tickets of ``tenant`` (of one store; only the unattended),
+        sorted by id (= by creation), without their resend memory.  O(open
+        tickets)."""
+        keys = self.unattended if unattended else self.open
+        found = []
+        for key in keys:
+            rec = self.open.get(key)
+            if rec is None or rec["tenant"] != tenant or (store and rec["store"] != store):
+                continue
+            found.append({k: v for k, v in rec.items() if k not in ("refs", "ref")})
+        found.sort(key=lambda r: r["ticket"])
+        return found
 
     async def staff(self, tenant: str, store: str) -> list[str]:
         """Who gets a store's tickets: the on-duty roster, else its staff role."""
@@ -441,6 +569,9 @@ class Tickets:
                         return
             try:
                 accepted = await commit(host, msg, address)
+            except UnknownTerminal as exc:
+                host.service_error(conn, ref, Code.UNKNOWN_TERMINAL, str(exc))
+                return
             except Exception as exc:  # noqa: BLE001 - not stored: nothing changed
                 log.error("ticket %s %s could not be stored: %s", key, kind, exc)
                 host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
@@ -466,6 +597,8 @@ class Tickets:
         if kind == "ticket.assign":
             rec["status"] = ASSIGNED
             rec["assignee"] = body.get("assignee") or conn.claims.terminal
+            rec["unattended"] = False
+            self._untrack(key, rec)           # (someone has it)
             handle = self._timers.pop(key, None)
             if handle is not None:
                 handle.cancel()
@@ -475,6 +608,7 @@ class Tickets:
             rec.update(status=RESOLVED, resolution=body["resolution"], resolved_at=now,
                        resolved_by=conn.address)
             self._forget(key)
+            self.host.counters.tickets["resolved"] += 1
         rec["updated"] = now
         if ref:
             _remember(self._updates, (conn.address, ref), (kind, key))
@@ -501,9 +635,11 @@ class Tickets:
 
     async def _escalate(self, key: str) -> None:
         """In the ticket's turn (an assignment being stored goes first): send a
-        ticket still open its escalation; it is marked escalated once the
-        message is stored.  Refused: it stays open and is tried again
-        RETRY_DELAY seconds later (at the next start if stopping)."""
+        ticket still open its escalation, to the first level that has someone
+        (:meth:`escalation`); it is marked escalated once the message is
+        stored.  Refused: it stays open and is tried again RETRY_DELAY seconds
+        later (at the next start if stopping).  No one at any level: it stays
+        open, unattended, and is tried again ``tickets.escalate_after`` later."""
         before, mine = self._turns.take(key)
         try:
             if before is not None:
@@ -515,14 +651,15 @@ class Tickets:
             now = time.time()
             tenant, store = rec["tenant"], rec["store"]
             reason = f"not assigned within {self.escalate_after:g} s"
-            out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"],
-                                "from": rec["from"], "reason": reason})
-            to = f"role:{tenant}/{store}/manager"
-            msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out, now,
-                             now + host.cfg.delivery.p1_ttl, False)
             try:
-                recipients = await self.managers(tenant, store)
-                await commit(host, msg, parse_address(to), recipients)
+                level, to, recipients = await self.escalation(rec)
+                if recipients:
+                    out = orjson.dumps({"ticket": rec["ticket"], "code": rec["code"],
+                                        "from": rec["from"], "reason": reason, "store": store,
+                                        "level": level})
+                    msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.escalate", to, out,
+                                     now, now + host.cfg.delivery.p1_ttl, False)
+                    await commit(host, msg, parse_address(to), recipients)
             except Exception as exc:  # noqa: BLE001 - not stored: nothing was sent
                 log.error("ticket %s escalation could not be stored (will retry): %s", key, exc)
                 if self.open.get(key) is rec and not self._closed and key not in self._timers:
@@ -531,12 +668,52 @@ class Tickets:
             if self.open.get(key) is not rec:
                 return                # deleted by retention meanwhile
             now = time.time()
-            rec.update(status=ESCALATED, escalated_at=now, updated=now)
+            if not recipients:
+                # No one at any level: open, unattended, and looked at again later.
+                rec.update(unattended=True, due=now + self.escalate_after, updated=now)
+                host.counters.tickets["unattended"] += 1     # (an escalation that reached no one)
+                self._track(key, rec)
+                self.unsaved.put(key, rec)
+                self._arm(key, rec["due"])
+                log.warning("ticket unattended ticket=%s store=%s/%s: no manager in the store "
+                            "or its region and no %s across the tenant", rec["ticket"], tenant,
+                            store, self.escalate_role or "escalation role")
+                return
+            self._untrack(key, rec)           # (someone has it: no longer waiting)
+            rec.update(status=ESCALATED, escalated_at=now, updated=now, unattended=False,
+                       level=level)
             self.unsaved.put(key, rec)
-            log.info("ticket escalated ticket=%s store=%s/%s managers=%d", rec["ticket"],
-                     tenant, store, len(recipients))
+            host.counters.tickets["escalated"] += 1
+            log.info("ticket escalated ticket=%s store=%s/%s level=%s managers=%d",
+                     rec["ticket"], tenant, store, level, len(recipients))
         finally:
             self._turns.done(key, mine)
+
+    async def escalation(self, rec: dict) -> tuple[str, str, list[str]]:
+        """Where a ticket's escalation goes: (level, address, recipients) of the
+        first level with someone there: the store's managers, the managers of
+        the opener's region, ``tickets.escalate_role`` across the tenant; or
+        ("", "", []) when no level has anyone."""
+        tenant, store = rec["tenant"], rec["store"]
+        found = await self.managers(tenant, store)
+        if found:
+            return "store", f"role:{tenant}/{store}/manager", found
+        region = rec.get("region") or ""
+        if region:
+            # (no address names a role within a region: the region's members
+            # that are managers anywhere in the tenant; escalations are rare)
+            area = f"region:{tenant}/{region}"
+            members = set(await self.host.members(parse_address(area)))
+            managers = await self.host.members(parse_address(f"role:{tenant}/*/manager"))
+            found = [a for a in managers if a in members]
+            if found:
+                return "region", area, found
+        if self.escalate_role:
+            to = f"role:{tenant}/*/{self.escalate_role}"
+            found = await self.host.members(parse_address(to))
+            if found:
+                return "tenant", to, found
+        return "", "", []
 
     # -- records (written behind) ---------------------------------------------------------
 

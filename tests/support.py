@@ -119,6 +119,19 @@ async def start_node(cfg=None, store=None, *, node_id: str = "", presence=None, 
     return node
 
 
+async def provision(node, terminal: str, *, store: str = "s1", roles=("pos",),
+                    tenant: str = TENANT, region: str = "", member: str = "") -> None:
+    """Make ``terminal`` known before it ever logs in, as ``POST /v1/terminals``
+    does (its record in the store and the registry): P0/P1 messages to it then
+    wait for its first login instead of being refused UNKNOWN_TERMINAL."""
+    from tillwire.server.terminals import TerminalRecord
+
+    rec = TerminalRecord(f"terminal:{tenant}/{terminal}", tenant, terminal, store, region,
+                         tuple(roles), member, time.time(), 0.0, False, 0.0)
+    await node.store.terminals.register(rec)
+    await node.registry.put(rec)
+
+
 def address_of(node) -> tuple[str, int]:
     return node.addresses[0]
 

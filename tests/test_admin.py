@@ -604,6 +604,48 @@ async def test_dead_letters_of_a_tenant(tmp_path):
                                    auth=GLOBEX))["dead_letters"] == []
 
 
+@aiotest()
+async def test_a_nack_records_its_reject_code_in_the_dead_letter(tmp_path):
+    # (Before issue 19 a NACK with a text payload kept the text and lost its code.)
+    async with admin_env(tmp_path) as env:
+        till = await connect(env.node, "t1")
+        ids = []
+        for n in range(2):
+            res = await env.api.call("POST", "/v1/publish", json_body={
+                "to": "terminal:acme/t1", "kind": "payment.result",
+                "body": {**PAY, "order": f"o{n}"}})
+            ids.append(res["id"])
+        first = await till.receive(timeout=3)
+        till.nack(first.lane, first.seq, code=int(Code.BAD_MESSAGE), reason="unknown order")
+        second = await till.receive(timeout=3)
+        till.nack(second.lane, second.seq, code=4711)           # a vendor's own code, no text
+        dead = []
+        for _ in range(100):
+            dead = (await env.api.call("GET", "/v1/dead-letters?tenant=acme", "/v1/dead-letters"))[
+                "dead_letters"]
+            if len(dead) == 2:
+                break
+            await asyncio.sleep(0.02)
+        reasons = {d["id"]: d["reason"] for d in dead}
+        assert reasons == {ids[0]: "NACK 34 BAD_MESSAGE: unknown order", ids[1]: "NACK 4711"}
+        trace = await env.api.call("GET", f"/v1/messages/{ids[0]}", "/v1/messages/{id}")
+        assert trace["recipients"][0]["reason"] == "NACK 34 BAD_MESSAGE: unknown order"
+
+
+@aiotest()
+async def test_publish_of_a_misspelled_kind_is_a_400_naming_the_kind_it_meant(tmp_path):
+    async with admin_env(tmp_path) as env:
+        await connect(env.node, "t1")
+        doc = await env.api.call("POST", "/v1/publish", json_body={
+            "to": "terminal:acme/t1", "kind": "paymnt.result", "body": PAY, "lane": "P0"},
+            expect=400)
+        assert doc["field"] == "kind" and doc["code"] == "BAD_MESSAGE"
+        assert "did you mean payment.result?" in doc["error"]
+        doc = await env.api.call("POST", "/v1/publish", json_body={
+            "to": "store:acme/s1", "kind": "price.notice", "body": {"a": 1}}, expect=400)
+        assert "price. namespace is reserved" in doc["error"]
+
+
 # -- drain and readiness -----------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 against every backend: ``store.archive`` of each store backend in turn.
 
 ``archive_factory`` reopens what it made: SQLite stores of one test share
-one file, and a memory store, which nothing survives, is reopened as the
+one file, Redis stores one key prefix, and a memory store, which nothing survives, is reopened as the
 same object (what lives in a process lives as long as the object), so the
 same tests check what a load gives back after appends on both.  How the
 SQLite writer orders stream appends against P0/P1 commits is tested with

@@ -34,6 +34,7 @@ from tillwire.server.config import (
     parse_duration,
     parse_size,
     role_value,
+    tenant_value,
 )
 
 ALL_KEYS = [row[0] for row in describe_keys()]
@@ -394,6 +395,7 @@ BAD_VALUES = {
     "delivery.inflight": (0, "many"),
     "delivery.max_uncommitted": (0, "lots"),
     "delivery.slow_consumer_timeout": (0, "-1s"),
+    "delivery.unknown_terminals": ({"acme": "maybe"}, "*=drop"),
     "limits.handshake_frame": (63, "1KB"),
     "limits.max_send_body": (63, "big"),
     "limits.max_body_depth": (0, "129"),
@@ -434,6 +436,7 @@ BAD_VALUES = {
     "directory.default_timezone": ("Mars/Base", "America"),
     "directory.stores": ("abc", "x"),
     "tickets.escalate_after": (0, "soon"),
+    "tickets.escalate_role": ("boss", "admin"),
     "tickets.auto_replies": (5, "E1=reboot"),
     "offers.quiet_start": ("24:00", "7pm"),
     "offers.quiet_end": ("08:60", "8"),
@@ -548,6 +551,27 @@ def test_role_tables_override_the_defaults_entry_by_entry(tmp_path):
     # The table's plain form round-trips (config --print, describe_keys).
     assert load_config(env={}, overrides={"limits.unacked_sends": {"pos": 10}}).limits \
         .unacked_sends == lim.unacked_sends
+
+
+def test_unknown_terminals_is_a_word_by_tenant_in_every_form(tmp_path):
+    path = toml_file(tmp_path, """
+        [delivery]
+        unknown_terminals = {legacy = "accept", "*" = "refuse"}
+        """)
+    table = load_config(path, env={}).delivery.unknown_terminals
+    assert [tenant_value(table, t) for t in ("legacy", "acme")] == ["accept", "refuse"]
+    assert load_config(path, env={}, overrides={"delivery.unknown_terminals": dict(table)}) \
+        .delivery.unknown_terminals == table             # (its plain form round-trips)
+    for text, acme, legacy in (("accept", "accept", "accept"), ("Refuse", "refuse", "refuse"),
+                               ("*=accept, legacy=refuse", "accept", "refuse"),
+                               ("legacy=accept", "refuse", "accept")):
+        table = load_config(env={"TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": text}) \
+            .delivery.unknown_terminals
+        assert (tenant_value(table, "acme"), tenant_value(table, "legacy")) == (acme, legacy), text
+    assert dict(load_config(env={}).delivery.unknown_terminals) == {"*": "refuse"}
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"delivery.unknown_terminals": {"bad tenant": "accept"}})
+    assert info.value.key == "delivery.unknown_terminals"
 
 
 def test_role_names_of_the_config_are_the_token_roles():

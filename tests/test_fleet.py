@@ -25,8 +25,9 @@ import aiohttp
 import orjson
 import pytest
 
-from redis_server import fresh_prefix, redis_url
+from redis_server import PrivateRedis, fresh_prefix, redis_url
 from support import SECRET, ServerProcess, aiotest, connect, eventually, token
+from tillwire.client.connection import SendError
 from tillwire.client.sdk import Client
 from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
@@ -39,15 +40,16 @@ ADMIN_TOKEN = "fleet-admin-token"
 class Node:
     """One ``serve --workers N --redis`` process (the supervisor) and its workers."""
 
-    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2) -> None:
+    def __init__(self, tmp_path, name: str, prefix: str, workers: int = 2,
+                 url: str | None = None, env: dict | None = None) -> None:
         from support import free_port
 
         self.workers = workers
         self.server = ServerProcess(
             str(tmp_path / name), admin_port=free_port(),
             env={"TILLWIRE_REDIS_PREFIX": prefix, "TILLWIRE_ADMIN_TOKEN": ADMIN_TOKEN,
-                 "TILLWIRE_SERVER_NODE_ID": name},
-            args=["--workers", str(workers), "--redis", redis_url()])
+                 "TILLWIRE_SERVER_NODE_ID": name, **(env or {})},
+            args=["--workers", str(workers), "--redis", url or redis_url()])
 
     def start(self) -> "Node":
         self.server.start()
@@ -206,6 +208,131 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
 
 
 @aiotest(120)
+async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    try:
+        # A stolen handheld, logged in on node B: revoked through node A's API.
+        h12 = await on_worker(b, "h12", roles=("staff",))
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        for _ in range(50):             # (its login's registration is written behind)
+            if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+        status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
+                                     {"reason": "stolen"})
+        assert status == 200 and body["kicked"] is True, body    # kicked on node B
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=10)
+        assert closed.value.code == Code.KICKED
+        # Its old tokens are refused on every worker of both nodes, including
+        # workers that never saw the terminal.
+        for node in (a, a, a, b):
+            with pytest.raises(SessionClosed) as refused:
+                await connect(node.addr, "h12", token=old_token, timeout=5)
+            assert refused.value.code == Code.TOKEN_REVOKED
+        # A store's roster changed through node B is what node A's workers use.
+        status, _ = await b.admin("PUT", "/v1/stores/acme/s7",
+                                  {"timezone": "Europe/Paris", "on_duty": ["staff-1"]})
+        assert status == 200
+
+        async def seen_everywhere() -> bool:
+            for _ in range(8):           # (the kernel picks the worker of each request)
+                status, doc = await a.admin("GET", "/v1/stores/acme/s7")
+                if doc.get("on_duty") != ["staff-1"]:
+                    return False
+            return True
+
+        for _ in range(50):
+            if await seen_everywhere():
+                break
+            await asyncio.sleep(0.1)
+        assert await seen_everywhere()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@aiotest(120)
+async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agent(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-c", prefix).start()
+    try:
+        customer = await on_worker(node, "app1", worker=0, roles=("customer",),
+                                   member="m-1")
+        agents = [await on_worker(node, "agent1", worker=1, roles=("service",)),
+                  await on_worker(node, "agent2", worker=0, roles=("service",))]
+        await asyncio.sleep(0.3)          # (the agents' registrations are written behind)
+        conv = "c-5f0e2d"
+
+        async def chat(conn, text, to=f"chat:acme/{conv}"):
+            ack = await conn.send("chat.message", {"conversation": conv, "text": text}, to)
+            return orjson.loads(ack.payload)
+
+        async def heard(conn):
+            msg = await conn.receive(timeout=10)
+            await msg.ack()
+            return msg.body["text"]
+
+        assert (await chat(customer, "where is my order?", "role:acme/*/service"))[
+            "recipients"] == 2
+        assert [await heard(a) for a in agents] == ["where is my order?"] * 2
+        # Both answer at once from their workers: one becomes the agent.
+        await asyncio.gather(chat(agents[0], "looking"), chat(agents[1], "on it"))
+        assert sorted([await heard(customer), await heard(customer)]) == ["looking", "on it"]
+        assert (await chat(customer, "thanks"))["recipients"] == 1
+        got = await asyncio.gather(*(asyncio.wait_for(heard(a), 2) for a in agents),
+                                   return_exceptions=True)
+        assert got.count("thanks") == 1, got                       # the agent only
+        assert sum(isinstance(g, asyncio.TimeoutError) for g in got) == 1, got
+        # Its history reads the same from either worker.
+        for a in agents:
+            items, end = await a.history(f"chat:acme/{conv}", lane=1)
+            texts = [orjson.loads(i.payload)["text"] for i in items]
+            assert texts[0] == "where is my order?" and texts[3] == "thanks", texts
+            assert sorted(texts[1:3]) == ["looking", "on it"], texts
+        for conn in (customer, *agents):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
+async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, prefix):
+    node = Node(tmp_path, "node-o", prefix, env={
+        "TILLWIRE_OFFERS_CAP_COUNT": "2", "TILLWIRE_OFFERS_QUIET_START": "00:00",
+        "TILLWIRE_OFFERS_QUIET_END": "00:00"}).start()
+    try:
+        phone = await on_worker(node, "app1", worker=0, roles=("customer",), member="m-1")
+        tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
+        other = await on_worker(node, "app3", worker=1, roles=("customer",), member="m-2")
+        till = await on_worker(node, "till1", worker=0)
+        await asyncio.sleep(0.3)        # (each worker's subscription to tenant:acme)
+        for n in range(3):
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
+                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
+            assert status == 200, body
+
+        async def offers(conn) -> list[str]:
+            got = []
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    msg = await conn.receive(timeout=1.5)
+                    got.append(msg.body["offer"])
+            return got
+
+        got = await asyncio.gather(*(offers(c) for c in (phone, tablet, other, till)))
+        # One count for the member's two devices: both get the first two offers.
+        assert got[0] == got[1] == ["of0", "of1"], got
+        assert got[2] == ["of0", "of1"] and got[3] == ["of0", "of1", "of2"], got
+        for conn in (phone, tablet, other, till):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
@@ -306,6 +433,133 @@ async def test_sigterm_drains_the_workers_one_at_a_time_each_with_its_audit_file
         assert any(e.get("who") == f"terminal:acme/till{w + 1}" for e in lines), lines
 
 
+@aiotest(180)
+async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothing(
+        tmp_path, prefix):
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as redis:
+        node = Node(tmp_path, "node-r", prefix, url=redis.url).start()
+        clients = []
+        try:
+            for i in range(4):
+                c = Client(*node.addr, token(f"till{i}"),
+                           state_path=str(tmp_path / f"t{i}.json"), backoff_base=0.05,
+                           backoff_max=0.5, connect_timeout=3)
+                clients.append(await c.start())
+            pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
+            got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+            async def receive(i, c):
+                async for msg in c:
+                    got[i].append(int(msg.body["order"][1:]))
+                    await msg.ack()
+
+            readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+            refused = []
+
+            async def pay_one(n: int) -> None:
+                # A backend's way: the same ref again until a SENDACK comes.
+                while True:
+                    try:
+                        await pay.send("payment.result", payment(n),
+                                       f"terminal:acme/till{n % len(clients)}",
+                                       ref=n + 1, timeout=5)
+                        return
+                    except SendError as exc:
+                        assert exc.code == Code.STORE_UNAVAILABLE, exc
+                        refused.append(n)
+                    except asyncio.TimeoutError:
+                        pass
+                    await asyncio.sleep(0.1)
+
+            for n in range(20):
+                await pay_one(n)
+            redis.kill()
+            status, body = await node.admin("GET", "/readyz")
+            assert status == 503 and not body["ready"], body
+            sending = asyncio.create_task(pay_one(20))       # refused while Redis is away
+            await eventually(lambda: refused, timeout=15)
+            redis.start()                                    # its AOF brings the data back
+            await asyncio.wait_for(sending, 30)
+            for n in range(21, 40):
+                await pay_one(n)
+
+            async def ready() -> bool:
+                return (await node.admin("GET", "/readyz"))[0] == 200
+
+            for _ in range(100):
+                if await ready():
+                    break
+                await asyncio.sleep(0.2)
+            assert await ready()
+            await eventually(lambda: sum(map(len, got.values())) >= 40, timeout=30)
+            for i in range(len(clients)):
+                assert got[i] == list(range(i, 40, len(clients))), (i, got[i])
+            for r in readers:
+                r.cancel()
+            await pay.close()
+        finally:
+            for c in clients:
+                await c.close()
+            assert node.stop() == 0
+
+
+@aiotest(180)
+async def test_a_rolling_restart_of_one_node_under_p0_traffic_loses_nothing(tmp_path, prefix):
+    a = Node(tmp_path, "node-a", prefix).start()
+    b = Node(tmp_path, "node-b", prefix, workers=1).start()
+    clients = []
+    try:
+        for i in range(6):
+            c = Client(*a.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
+                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+            clients.append(await c.start())
+        pay = await connect(b.addr, "pay1", roles=("backend",), timeout=5)   # on node B
+        got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
+
+        async def receive(i, c):
+            async for msg in c:
+                got[i].append(int(msg.body["order"][1:]))
+                await msg.ack()
+
+        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
+        sent = 0
+        stop = asyncio.Event()
+
+        async def pay_loop():
+            nonlocal sent
+            while not stop.is_set() and sent < 600:
+                await pay.send("payment.result", payment(sent),
+                               f"terminal:acme/till{sent % len(clients)}", ref=sent + 1)
+                sent += 1
+                await asyncio.sleep(0.01)
+
+        paying = asyncio.create_task(pay_loop())
+        await asyncio.sleep(0.5)
+        # Node A drains its workers one at a time and stops; its tills wait
+        # (their address is node A's) while payments go on being stored.
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, a.stop) == 0
+        await asyncio.sleep(0.5)
+        before = len(a.server.log())
+        a.server.start()                             # the new version comes up
+        a.wait_listening(range(2), since=before)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await paying
+        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        for i in range(len(clients)):
+            assert got[i] == list(range(i, sent, len(clients))), (i, got[i][:20])
+        assert all(c.connects >= 2 for c in clients)   # each moved across the restart
+        for r in readers:
+            r.cancel()
+        await pay.close()
+    finally:
+        for c in clients:
+            await c.close()
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
 def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
     env = {**os.environ, "TILLWIRE_SECRET": SECRET}
     done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
@@ -314,3 +568,19 @@ def test_more_than_one_worker_without_redis_is_refused_naming_the_key(tmp_path):
     assert done.returncode == 2
     assert "server.workers" in done.stderr and "redis.url" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_node_whose_workers_cannot_start_stops_with_one_line_naming_redis(tmp_path):
+    from support import free_port
+
+    env = {**os.environ, "TILLWIRE_SECRET": SECRET}
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"          # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "tillwire", "serve", "--workers", "2",
+                           "--redis", nowhere, "--port", str(free_port()),
+                           "--admin-port", "0", "--data-dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    assert "redis.url" in done.stderr and "could not start" in done.stderr, done.stderr
+

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support import aiotest, connect, start_node
+from tillwire.client.connection import SendError
 from tillwire.core.codes import Code, Lane
 from tillwire.server import kinds
 
@@ -321,6 +322,59 @@ async def test_each_routed_kind_arrives_on_its_lane_with_its_body(kind, body, to
         assert (msg.kind, msg.lane, msg.body) == (kind, lane, body)
         if lane <= Lane.P1:
             await msg.ack()
+    finally:
+        await node.stop()
+
+
+# -- kind names: reserved namespaces and near misses (issue 19) ----------------------------
+
+NEAR_MISSES = [             # (kind, the registered kind it is refused as a slip of)
+    ("paymnt.result", "payment.result"), ("payment.reslut", "payment.result"),
+    ("prices.update", "price.update"), ("ticket.opn", "ticket.open"),
+    ("chat.mesage", "chat.message"), ("Payment.Result", "payment.result"),
+]
+RESERVED = ["payment.refund", "order.created", "ticket.note", "chat.typing", "price.notice",
+            "stock.count", "promo.banner", "member.points"]
+CUSTOM = ["bench.probe", "x.test", "custom.note", "store.update", "acme.payment.result",
+          "loyalty.stamp"]
+
+
+@pytest.mark.parametrize("check", [kinds.check, kinds.check_reference])
+def test_reserved_namespaces_and_near_misses_are_bad_messages_custom_kinds_are_not(check):
+    for kind, meant in NEAR_MISSES:
+        with pytest.raises(kinds.MessageError) as err:
+            check(kind, Lane.P1, b'{"a": 1}')
+        assert err.value.code == Code.BAD_MESSAGE and err.value.field == "kind", kind
+        assert f"did you mean {meant}?" in str(err.value), (kind, str(err.value))
+    for kind in RESERVED:
+        with pytest.raises(kinds.MessageError) as err:
+            check(kind, Lane.P1, b'{"a": 1}')
+        namespace = kind.split(".")[0]
+        assert err.value.code == Code.BAD_MESSAGE and err.value.field == "kind", kind
+        assert f"the {namespace}. namespace is reserved" in str(err.value), str(err.value)
+    for kind in CUSTOM:
+        assert check(kind, Lane.P1, b'{"a": 1}').body == {"a": 1}, kind
+
+
+@aiotest()
+async def test_a_misspelled_kind_is_refused_on_the_wire_naming_the_kind_it_meant():
+    node = await start_node()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        till = await connect(node, "t1", store="s1")
+        for kind, text in (("paymnt.result", "did you mean payment.result?"),
+                           ("payment.refund", "payment. namespace is reserved")):
+            with pytest.raises(SendError) as err:
+                await be.send(kind, {"order": "o1", "status": "paid"}, "terminal:acme/t1",
+                              lane=Lane.P0)
+            assert err.value.code == Code.BAD_MESSAGE and text in err.value.message
+        assert node.counters.accepted == 0
+        # Custom kinds (PROTOCOL.md section 8) travel inline as before.
+        await be.send("bench.probe", {"n": 1}, "store:acme/s1", lane=Lane.P2)
+        await be.send("custom.note", {"n": 2}, "terminal:acme/t1", lane=Lane.P1)
+        got = [await till.receive(timeout=3) for _ in range(2)]
+        assert sorted((m.kind, m.body["n"]) for m in got) == [("bench.probe", 1),
+                                                              ("custom.note", 2)]
     finally:
         await node.stop()
 

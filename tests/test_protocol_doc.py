@@ -625,6 +625,7 @@ async def _every_send(node):
     staff = await connect(node, "h1", store="s1", roles=("staff",))
     app = await connect(node, "app-1", store="s1", roles=("customer",), member="m-1")
     await connect(node, "agent-1", store="hq", roles=("service",))
+    lone = await connect(node, "t9", store="s9", roles=("pos",))     # (s9: no one on duty)
     paid = {"order": "o-1", "status": "paid"}
     price = {"sku": "6901234567890", "price": "5.00", "version": 2}
     first = await backend.send("payment.result", paid, "terminal:acme/t1", ref=77)
@@ -640,7 +641,8 @@ async def _every_send(node):
             await backend.send("member.notice", {"member": "m-1", "text": "ready"},
                                "member:acme/m-1")],
         "`ticket.open`": [opened, await till.send("ticket.open", {"code": "E10"},
-                                                  "role:acme/s1/staff")],
+                                                  "role:acme/s1/staff"),
+                          await lone.send("ticket.open", {"code": "E42"}, "role:acme/s9/staff")],
         "`ticket.assign`, `ticket.reply`, `ticket.resolve`": [
             await staff.send("ticket.assign", {"ticket": ticket}, "terminal:acme/t1"),
             await staff.send("ticket.reply", {"ticket": ticket, "text": "on my way"},

@@ -1,7 +1,7 @@
 """One suite of Records contract tests (the services' key-value records), run
 against every backend: ``store.records`` of each store backend in turn
-(``store_factory``, conftest.py), then a differential test against a sorted
-list, and SQLite-only tests (the scan's query plan, records across reopen).
+(``store_factory``, conftest.py), then a differential test of the memory,
+SQLite and Redis records against a sorted list, and SQLite-only tests (the scan's query plan, records across reopen).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import make_backend, run_with
+from redis_server import fresh_prefix, redis_url
 from tillwire.server.records import SCAN_PAGE, Records, scan_all
 from tillwire.server.store_memory import MemoryStore
+from tillwire.server.store_redis import RedisStore
 from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
 from tillwire.server.store_sqlite_reader import Reader
 from tillwire.server.store_sqlite_schema import migrate
@@ -49,6 +51,24 @@ def test_key_value_records(store_factory):
         assert await records.delete_prefix("ticket", "acme/") == 1
         assert await records.scan("ticket") == []
         assert await records.get("conv", "acme/c1") == b"{}"
+    run_with(store_factory, body)
+
+
+def test_put_new_claims_a_key_once(store_factory):
+    async def body(store):
+        kv = store.records
+        assert await kv.put_new("claim", "acme/cv1", b"agent-1", 10.0) == b"agent-1"
+        assert await kv.put_new("claim", "acme/cv1", b"agent-2", 11.0) == b"agent-1"
+        assert await kv.get("claim", "acme/cv1") == b"agent-1"
+        # Claims at once: one wins, every claimer learns which.
+        won = await asyncio.gather(*(kv.put_new("claim", "acme/cv2", b"a%d" % i, 12.0)
+                                     for i in range(5)))
+        assert len(set(won)) == 1 and won[0] in {b"a%d" % i for i in range(5)}
+        # A claim is a record like any: deleted, it may be claimed again; it ages out.
+        assert await kv.delete("claim", "acme/cv1")
+        assert await kv.put_new("claim", "acme/cv1", b"agent-3", 13.0) == b"agent-3"
+        assert await kv.expire("claim", 12.5) == 1               # (cv2's, put at 12.0)
+        assert [k for k, _ in await kv.scan("claim")] == ["acme/cv1"]
     run_with(store_factory, body)
 
 
@@ -155,10 +175,10 @@ _KV_KEYS = st.text(alphabet="ab/\u00e9\U0001f600", max_size=4)
 @given(keys=st.sets(_KV_KEYS, max_size=20),
        scans=st.lists(st.tuples(st.text(alphabet="ab/\u00e9", max_size=2), _KV_KEYS, _KV_KEYS,
                                 st.integers(0, 6), st.booleans()), min_size=1, max_size=15))
-def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
-    """Any prefix/after/before/limit/direction: both backends answer what filtering a
-    sorted list of the keys answers (non-ASCII keys: SQLite compares UTF-8 bytes,
-    which orders like Python compares code points)."""
+def test_kv_scan_matches_a_sorted_list_on_every_backend(tmp_path, keys, scans):
+    """Any prefix/after/before/limit/direction: every backend answers what filtering a
+    sorted list of the keys answers (non-ASCII keys: SQLite and Redis compare UTF-8
+    bytes, which orders like Python compares code points)."""
     path = str(tmp_path / f"kv-{time.monotonic_ns()}.db")
 
     def expected(prefix, after, before, limit, reverse):
@@ -167,7 +187,8 @@ def test_kv_scan_matches_a_sorted_list_on_both_backends(tmp_path, keys, scans):
         return [(k, k.encode()) for k in found[:limit]]
 
     async def main():
-        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0)]
+        stores = [MemoryStore(), SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0),
+                  RedisStore(redis_url(), prefix=fresh_prefix())]
         for store in stores:
             await store.open()
         try:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from linkem import Link
-from support import ServerProcess, aiotest, connect, eventually, start_node
+from support import ServerProcess, aiotest, connect, eventually, provision, start_node
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codes import Code, Flag, Lane, ReceiptStatus
 from tillwire.core.errors import SessionClosed
@@ -179,6 +179,7 @@ async def test_a_dead_store_writer_stops_the_server_with_status_1_and_loses_noth
     the restart every acked payment result is delivered."""
     server = ServerProcess(str(tmp_path)).start()
     try:
+        await (await connect(server.addr, "t1")).close()       # (a till the server knows)
         be = await connect(server.addr, "pay", store="hq", roles=("backend",))
         acked = [await be.send("payment.result", {"order": f"o{n}", "status": "paid"},
                                "terminal:acme/t1", ref=n + 1) for n in range(5)]
@@ -245,6 +246,7 @@ async def test_links_that_go_silent_lose_and_reorder_nothing():
     # path, takes its session over and resumes: every payment result is
     # processed once, in order, and the server lets go of the dead sockets.
     node = await start_node(**{"delivery.retransmit_initial": 0.3})
+    await provision(node, "t1")          # (paid from the start: known before it logs in)
     rnd = random.Random(11)
     links = []
     sending = None
@@ -358,6 +360,7 @@ async def test_offline_terminal_gets_its_messages_on_return_in_order():
     node = await start_node()
     try:
         be = await connect(node, "pay", store="hq", roles=("backend",))
+        await provision(node, "never-seen-yet")     # (known: provisioned, never logged in)
         ids = []
         for i in range(20):
             ack = await be.send("payment.result" if i % 2 else "order.event",
@@ -448,6 +451,7 @@ async def test_trace_receipts_nack_and_dead_letters():
         assert [d.msg_id for d in dead] == [ack2.msg_id] and "unknown order" in dead[0].reason
 
         # An offline till's message expires: dead letter + EXPIRED receipt.
+        await provision(node, "offline")
         ack3 = await be.send("payment.result", {"order": "o1", "n": 3, "status": "paid"}, "terminal:acme/offline", ttl=0.1,
                              receipt=True)
         await asyncio.sleep(0.2)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
-from support import ServerProcess, aiotest, connect, start_node, token
+from support import ServerProcess, aiotest, connect, eventually, provision, start_node, token
 import tillwire.client
-from tillwire.client import ClientClosed
+from tillwire.client import ClientClosed, ConnectFailed, Kicked, Refused
 from tillwire.core.codes import Code, Lane
 
 
@@ -79,6 +80,7 @@ async def test_state_file_survives_an_app_restart_exactly_once(tmp_path):
     node = await start_node()
     try:
         be = await connect(node, "hq", store="hq", roles=("backend",))
+        await provision(node, "till1")          # (known before its first login)
         for n in range(6):
             await be.send("payment.result", {"order": "o1", "n": n, "status": "paid"}, "terminal:acme/till1")
         client = await sdk(node.addresses[0], "till1", tmp_path)
@@ -148,5 +150,71 @@ async def test_takeover_and_bad_token_stop_the_client():
         with pytest.raises(ClientClosed) as info:
             await tillwire.client.connect(host, port, token="tw1.bad.token")
         assert info.value.code == Code.AUTH_FAILED
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_kicked_client_raises_from_async_for_instead_of_ending_quietly():
+    node = await start_node()
+    try:
+        first = await sdk(node.addresses[0], "till1")
+        second = await sdk(node.addresses[0], "till1")         # takes the session over
+        with pytest.raises(Kicked) as info:
+            async for _msg in first:
+                pass
+        assert info.value.code == Code.TAKEOVER
+        with pytest.raises(Kicked):                            # and so does send
+            await first.send("ticket.open", {"code": "E1"}, "role:acme/s1/staff")
+        # An operator's kick (CLOSE KICKED) ends the other one the same way.
+        node.kick("terminal:acme/till1")
+        with pytest.raises(Kicked) as info:
+            async for _msg in second:
+                pass
+        assert info.value.code == Code.KICKED
+        # Only the application's own close() ends the loop quietly.
+        third = await sdk(node.addresses[0], "till1")
+        await third.close()
+        assert [m async for m in third] == []
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_refused_for_good_raises_refused_and_connect_limits_raise_connect_failed():
+    node = await start_node()
+    try:
+        host, port = node.addresses[0]
+        with pytest.raises(Refused) as info:
+            await tillwire.client.connect(host, port, token=token("till1", ttl=60,
+                                                                  now=time.time() - 3600))
+        assert info.value.code == Code.TOKEN_EXPIRED
+    finally:
+        await node.stop()
+    # Nothing listens there any more: by default the client keeps trying; a
+    # limit makes connect() give up with the last attempt's reason.
+    with pytest.raises(ConnectFailed) as failed:
+        await tillwire.client.connect(host, port, token=token("till1"), first_attempts=2,
+                                      backoff_base=0.01)
+    assert "connection refused" in failed.value.reason
+    with pytest.raises(ConnectFailed):
+        await tillwire.client.connect(host, port, token=token("till1"), first_timeout=0.3,
+                                      backoff_base=0.01)
+
+
+@aiotest()
+async def test_connect_and_disconnect_callbacks_see_each_session():
+    node = await start_node()
+    events = []
+    try:
+        client = await sdk(node.addresses[0], "till1",
+                           on_connected=lambda info: events.append(("up", info["terminal"])),
+                           on_disconnected=lambda code, reason: events.append(("down", code)))
+        client.conn.abort()                                    # the network drops it
+        await eventually(lambda: len(events) >= 3, timeout=5)
+        assert events[:3] == [("up", "terminal:acme/till1"), ("down", Code.INTERNAL_ERROR),
+                              ("up", "terminal:acme/till1")]
+        assert client.connects == 2
+        await client.close()
     finally:
         await node.stop()

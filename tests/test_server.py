@@ -19,7 +19,7 @@ import pytest
 from linkem import Link
 from support import (
     aiotest, connect, eventually, hello, make_config, payment_sends, read_sendacks, receive_orders,
-    start_node, token,
+    provision, start_node, token,
 )
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codec import Decoder, Encoder, Frame
@@ -633,6 +633,7 @@ async def test_frames_before_a_bad_one_are_all_handled_even_past_the_read_budget
     # session closes at the bad frame, and every SEND before it is still
     # stored, however many turns the read budget splits them into.
     node = await start_node(**{"server.read_budget_ms": 0.01})
+    await provision(node, "till1")          # (known before its first login)
     host, port = node.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
     try:

@@ -6,8 +6,8 @@ backends.py).  Every test is a plain function that runs its coroutine with
 :func:`run_with`; the second half holds the SQLite-only tests
 (durability across reopen, migrations, online backup, a SIGKILL crash test,
 the ``tillwire backup`` command) and a hypothesis differential test that
-feeds the memory and SQLite backends the same operations and requires the
-same answers.
+feeds the memory, SQLite and Redis backends the same operations and requires
+the same answers.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import T0, make_backend, run_with, stream_entry
+from redis_server import fresh_prefix, redis_url
 from tillwire.server import logs
 from tillwire.server.archive import StreamEntry
 from tillwire.server.store import ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store
 from tillwire.server.store_memory import MemoryStore
+from tillwire.server.store_redis import RedisStore
 from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
 from tillwire.server.store_sqlite_backup import backup_file
 from tillwire.server.store_sqlite_schema import SCHEMA_VERSION, migrate, schema_version
@@ -140,6 +142,23 @@ def test_dedup_within_window_including_same_batch(store_factory):
         assert dup.duplicate and dup.msg_id == late.msg_id
         entries = await store.inbox(TILL, 0, 0, 10)
         assert [e.body for e in entries][:2] == [b'{"n":7}', b'{"n":7}']   # the first body won
+    run_with(store_factory, body, dedup_window=100.0)
+
+
+def test_dedup_window_is_measured_inside_one_batch_too(store_factory):
+    async def body(store):
+        [stored] = await store.accept_many([(msg(8), [TILL])])
+        got = await store.accept_many([
+            (msg(8, created=T0 + 50), [TILL]),      # the stored one, within the window
+            (msg(8, created=T0 + 101), [TILL]),     # past the stored one's window: new
+            (msg(8, created=T0 + 150), [TILL]),     # within the new one's window
+            (msg(9, created=T0), [TILL]),
+            (msg(9, created=T0 + 150), [TILL]),     # past the first of this batch: new
+        ])
+        assert [a.duplicate for a in got] == [True, False, True, False, False]
+        assert got[0].msg_id == stored.msg_id and got[2].msg_id == got[1].msg_id
+        assert got[1].seqs == {TILL: 2} and got[4].seqs == {TILL: 4}
+        assert len({stored.msg_id, got[1].msg_id, got[3].msg_id, got[4].msg_id}) == 4
     run_with(store_factory, body, dedup_window=100.0)
 
 
@@ -396,6 +415,99 @@ def test_dead_letters_newest_first_by_tenant(store_factory):
         assert [d.ref for d in await store.dead_letters("acme", 1)] == [3]
         assert [d.ref for d in await store.dead_letters("acme2", 10)] == [2]
         assert await store.dead_letters("nobody", 10) == []
+    run_with(store_factory, body)
+
+
+def test_redrive_puts_a_dead_letter_back_as_a_new_entry(store_factory):
+    LONG = 100_000.0
+
+    async def body(store):
+        got = await store.accept_many([
+            (msg(1), [TILL]), (msg(2, ttl=LONG), [TILL]), (msg(3, lane=1, ttl=10), [TILL]),
+            (msg(4, to="store:acme/s1", ttl=LONG), [TILL, TILL2]),
+        ])
+        ids = [a.msg_id for a in got]
+        await store.delivered_many([(TILL, 0, 1, 2)], T0 + 1)
+        await store.reject(TILL, 0, 1, "out of paper", T0 + 2)
+        [expired] = await store.expire(T0 + 10)                  # the P1 one
+        ttls = (100.0, 200.0)
+        now = T0 + 5000
+        assert await store.redrive(TILL, 999_999, now, ttls, 10) == []   # no such dead letter
+        assert await store.redrive(TILL2, ids[0], now, ttls, 10) == []   # not this terminal's
+        [r] = await store.redrive(TILL, ids[0], now, ttls, 10)
+        assert (r.msg_id, r.terminal, r.lane, r.dead_seq, r.seq, r.kind, r.body, r.created,
+                r.expires) == (ids[0], TILL, 0, 1, 4, "payment.result", b'{"n":1}', T0,
+                               now + 100.0)
+        # A new entry: the inbox's next seq, the same message, not delivered yet.
+        entries = await store.inbox(TILL, 0, 0, 10)
+        assert [(e.seq, e.msg_id, e.delivered) for e in entries] == \
+            [(2, ids[1], True), (3, ids[3], False), (4, ids[0], False)]
+        assert entries[-1].body == b'{"n":1}' and entries[-1].expires == now + 100.0
+        assert entries[-1].created == T0
+        assert await store.positions(TILL) == (0, 4, 0, 1)
+        # The trace keeps the dead entry and shows the new one after it.
+        t = await store.trace(ids[0])
+        assert [(x.terminal, x.seq, x.state, x.reason) for x in t.recipients] == \
+            [(TILL, 1, REJECTED, "out of paper"), (TILL, 4, STORED, "redriven")]
+        assert t.expires == now + 100.0
+        # It left the dead letters, and comes back only once.
+        assert [d.msg_id for d in await store.dead_letters(None, 10)] == [expired.msg_id]
+        assert await store.redrive(TILL, ids[0], now, ttls, 10) == []
+        # Delivered and acked like any entry; seqs are never reused.
+        assert await seqs_of(store, [(msg(9, ttl=LONG), [TILL])]) == [{TILL: 5}]
+        await store.delivered_many([(TILL, 0, 2, 4)], now + 1)
+        await store.ack_many([(TILL, 0, 4)], now + 2)
+        t = await store.trace(ids[0])
+        assert [(x.seq, x.state) for x in t.recipients] == [(1, REJECTED), (4, ACKED)]
+        assert t.recipients[1].acked_at == now + 2
+        # All of a terminal's: the expired P1 entry, with its lane's TTL from now.
+        [r2] = await store.redrive(TILL, None, now, ttls, 10)
+        assert (r2.msg_id, r2.lane, r2.dead_seq, r2.seq, r2.expires) == \
+            (ids[2], 1, 1, 2, now + 200.0)
+        assert await store.dead_letters(None, 10) == []
+        assert await store.expire(now + 199) == []
+        [again] = await store.expire(now + 200)                 # it can go dead again
+        assert (again.msg_id, again.lane, again.seq, again.reason) == (ids[2], 1, 2, "ttl")
+        assert (await store.stats())["dead_letters"] == 1
+    run_with(store_factory, body)
+
+
+def test_redrive_all_goes_oldest_first_up_to_the_limit(store_factory):
+    async def body(store):
+        got = await store.accept_many([(msg(i), [TILL]) for i in range(1, 5)]
+                                      + [(msg(5), [TILL2])])
+        ids = [a.msg_id for a in got]
+        for seq, at in ((3, 1), (1, 2), (2, 3)):
+            await store.reject(TILL, 0, seq, f"no {seq}", T0 + at)
+        await store.reject(TILL2, 0, 1, "other", T0 + 4)
+        first = await store.redrive(TILL, None, T0 + 10, (60.0, 60.0), 2)
+        assert [(r.msg_id, r.dead_seq, r.seq) for r in first] == [(ids[2], 3, 5), (ids[0], 1, 6)]
+        rest = await store.redrive(TILL, None, T0 + 10, (60.0, 60.0), 2)
+        assert [(r.msg_id, r.dead_seq, r.seq) for r in rest] == [(ids[1], 2, 7)]
+        assert await store.redrive(TILL, None, T0 + 10, (60.0, 60.0), 2) == []
+        assert [(d.terminal, d.msg_id) for d in await store.dead_letters(None, 10)] == \
+            [(TILL2, ids[4])]
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [4, 5, 6, 7]
+    run_with(store_factory, body)
+
+
+def test_redrive_and_trim(store_factory):
+    async def body(store):
+        [a, b] = await store.accept_many([(msg(1), [TILL]), (msg(2), [TILL2])])
+        await store.reject(TILL, 0, 1, "no", T0 + 1)
+        await store.reject(TILL2, 0, 1, "no", T0 + 1)
+        [r] = await store.redrive(TILL, a.msg_id, T0 + 2, (3600.0, 3600.0), 10)
+        # The redriven entry keeps its message while it waits.
+        assert await store.trim(T0 + 500, 100) == 1              # b only
+        assert [x.state for x in (await store.trace(a.msg_id)).recipients] == [REJECTED, STORED]
+        await store.ack_many([(TILL, 0, r.seq)], T0 + 600)
+        assert await store.trim(T0 + 650, 100) == 0
+        assert await store.trim(T0 + 701, 100) == 1
+        assert await store.trace(a.msg_id) is None
+        # A dead letter whose message was trimmed cannot come back: it stays listed.
+        assert await store.redrive(TILL2, b.msg_id, T0 + 800, (3600.0, 3600.0), 10) == []
+        assert [d.msg_id for d in await store.dead_letters(None, 10)] == [b.msg_id]
+        assert await store.inbox(TILL2, 0, 0, 10) == []
     run_with(store_factory, body)
 
 
@@ -1022,7 +1134,7 @@ def test_sqlite_survives_sigkill_mid_write(db_path, tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Differential: the memory and SQLite backends answer the same operations alike
+# Differential: the memory, SQLite and Redis backends answer the same operations alike
 
 
 TERMINALS = [TILL, TILL2, "terminal:acme/till3"]
@@ -1040,6 +1152,8 @@ _ops = st.lists(st.one_of(
     st.tuples(st.just("expire")),
     st.tuples(st.just("trim"), st.sampled_from([0.0, 10.0, 30.0])),
     st.tuples(st.just("tick"), st.sampled_from([1.0, 7.0, 25.0])),
+    st.tuples(st.just("redrive"), _terminal, st.sampled_from([1, 5])),
+    st.tuples(st.just("redrive_one"), _terminal),
 ), min_size=1, max_size=30)
 
 
@@ -1074,6 +1188,13 @@ async def _apply(store, ops) -> list:
             out.append(await store.expire(now))
         elif name == "trim":
             out.append(await store.trim(now, op[1]))
+        elif name == "redrive":
+            out.append(await store.redrive(op[1], None, now, (20.0, 40.0), op[2]))
+        elif name == "redrive_one":
+            # The terminal's oldest dead letter (both backends list the same).
+            mine = [d.msg_id for d in await store.dead_letters(None, 100) if d.terminal == op[1]]
+            if mine:
+                out.append(await store.redrive(op[1], mine[-1], now, (20.0, 40.0), 1))
         else:
             now += op[1]
     for terminal in TERMINALS:
@@ -1091,23 +1212,25 @@ async def _apply(store, ops) -> list:
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=_ops, stage_rows=st.sampled_from([1, 2, 5, STAGE_ROWS]))
-def test_memory_and_sqlite_agree(tmp_path, ops, stage_rows):
+def test_memory_sqlite_and_redis_agree(tmp_path, ops, stage_rows):
     path = str(tmp_path / f"diff-{time.monotonic_ns()}.db")
 
     async def main():
         memory = MemoryStore(dedup_window=30.0)
         sqlite = SQLiteStore(path, synchronous="OFF", group_commit_ms=0.0, dedup_window=30.0,
                              stage_rows=stage_rows)
-        await memory.open()
-        await sqlite.open()
+        redis = RedisStore(redis_url(), prefix=fresh_prefix(), dedup_window=30.0)
+        for store in (memory, sqlite, redis):
+            await store.open()
         try:
-            return await _apply(memory, ops), await _apply(sqlite, ops)
+            return [await _apply(store, ops) for store in (memory, sqlite, redis)]
         finally:
-            await sqlite.close()
-            await memory.close()
+            for store in (memory, sqlite, redis):
+                await store.close()
 
-    expected, got = asyncio.run(main())
-    for i, (a, b) in enumerate(zip(expected, got)):
-        assert a == b, f"result {i} differs"
-    assert len(expected) == len(got)
+    expected, *others = asyncio.run(main())
+    for name, got in zip(("sqlite", "redis"), others):
+        for i, (a, b) in enumerate(zip(expected, got)):
+            assert a == b, f"{name}: result {i} differs"
+        assert len(expected) == len(got)
 

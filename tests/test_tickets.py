@@ -271,6 +271,10 @@ async def test_a_restart_re_arms_escalations_that_are_not_due_yet(tmp_path):
     try:
         assert set(node.tickets.open) == {f"acme/{tid}"}
         manager = await connect(node, "m1", store="s1", roles=("manager",))
+        # (The store has no staff: its manager got the ticket itself, unacked so far.)
+        msg = await manager.receive(timeout=5)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.open", tid)
+        await msg.ack()
         msg = await manager.receive(timeout=5)
         assert (msg.kind, msg.body["ticket"]) == ("ticket.escalate", tid)
         assert time.monotonic() - opened >= 0.95        # at its due time, not at start
@@ -934,5 +938,185 @@ async def test_no_sendack_for_a_ticket_send_that_did_not_ask_for_one_errors_stil
         # Asked: answered.
         ack = await till.send("ticket.open", {"code": "E43"}, "role:acme/s1/staff")
         assert "ticket" in orjson.loads(ack.payload)
+    finally:
+        await node.stop()
+
+
+# -- a ticket never reaches no one (issue 19) ---------------------------------------------------
+
+
+def _gauge(text: str, name: str) -> float:
+    """The value of an unlabelled-but-worker gauge in a /metrics scrape."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the scrape")
+
+
+async def _scrape(env) -> str:
+    async with env.api.http.get("/metrics") as resp:
+        return await resp.text()
+
+
+@aiotest()
+async def test_a_ticket_opened_with_no_one_on_duty_waits_for_the_first_staff_login(tmp_path):
+    async with admin_env(tmp_path) as env:
+        node = env.node
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E42", "text": "printer jam"},
+                              "role:acme/s1/staff")
+        doc = orjson.loads(ack.payload)
+        tid = doc["ticket"]
+        assert TICKET_ID.match(tid) and doc["recipients"] == 0 and doc["waiting"] is True
+        page = await env.api.call("GET", "/v1/tickets?tenant=acme&store=s1", "/v1/tickets")
+        assert [(t["ticket"], t["recipients"], t["status"]) for t in page["tickets"]] == \
+            [(tid, 0, "open")]
+        assert _gauge(await _scrape(env), "tillwire_tickets_waiting") == 1
+        # Staff of another store do not get it; the first staff of s1 to log in does.
+        other = await connect(node, "h9", store="s2", roles=("staff",))
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        msg = await staff.receive(timeout=3)
+        assert (msg.kind, msg.lane) == ("ticket.open", Lane.P1)
+        assert msg.body == {"code": "E42", "text": "printer jam", "ticket": tid,
+                            "from": "terminal:acme/t1"}
+        await msg.ack()
+        await nothing_for(other, 0.1)
+        await eventually(lambda: node.tickets.open[f"acme/{tid}"]["recipients"] == 1)
+        page = await env.api.call("GET", "/v1/tickets?tenant=acme&store=s1", "/v1/tickets")
+        assert page["tickets"][0]["recipients"] == 1
+        assert _gauge(await _scrape(env), "tillwire_tickets_waiting") == 0
+        # A second staff login gets nothing more: the ticket has someone.
+        late = await connect(node, "h2", store="s1", roles=("staff",))
+        await nothing_for(late, 0.2)
+        await staff.send("ticket.assign", {"ticket": tid}, "terminal:acme/t1")
+
+
+@aiotest()
+async def test_a_waiting_ticket_goes_to_the_terminals_put_on_duty(tmp_path):
+    async with admin_env(tmp_path) as env:
+        till = await connect(env.node, "t1", store="s1", roles=("pos",))
+        tid = await open_ticket(till, {"code": "E7"})
+        await env.api.call("PUT", "/v1/stores/acme/s1", "/v1/stores/{tenant}/{store}",
+                           json_body={"on_duty": ["h7"]})
+        assert env.node.tickets.open[f"acme/{tid}"]["recipients"] == 1
+        on_duty = await connect(env.node, "h7", store="s1", roles=("staff",))   # (logs in later)
+        msg = await on_duty.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.open", tid)
+
+
+@aiotest()
+async def test_escalation_climbs_from_the_store_to_its_region_to_the_tenant_role():
+    node = await start_node(**{"tickets.escalate_after": 0.3})
+    try:
+        # s1 and s2 are in region north, s3 in south; only s2 has a manager.
+        north = await connect(node, "m2", store="s2", region="north", roles=("manager",))
+        hq = await connect(node, "ops", store="hq", roles=("service",))
+        t1 = await connect(node, "t1", store="s1", region="north", roles=("pos",))
+        t3 = await connect(node, "t3", store="s3", region="south", roles=("pos",))
+        staff1 = await connect(node, "h1", store="s1", region="north", roles=("staff",))
+        staff3 = await connect(node, "h3", store="s3", region="south", roles=("staff",))
+        first = await open_ticket(t1, {"code": "E1"})
+        msg = await north.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"], msg.body["level"], msg.body["store"]) == \
+            ("ticket.escalate", first, "region", "s1")
+        await msg.ack()
+        # South has no manager at all: the tenant-wide role (tickets.escalate_role,
+        # manager by default) is m2 again, at the tenant level.
+        second = await open_ticket(t3, {"code": "E3"}, "role:acme/s3/staff")
+        msg = await north.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"], msg.body["level"], msg.body["store"]) == \
+            ("ticket.escalate", second, "tenant", "s3")
+        for key in (f"acme/{first}", f"acme/{second}"):
+            await eventually(lambda: node.tickets.open[key]["status"] == "escalated")
+        assert [node.tickets.open[f"acme/{t}"]["level"] for t in (first, second)] == \
+            ["region", "tenant"]
+        await nothing_for(hq, 0.1)
+        for staff in (staff1, staff3):
+            assert (await staff.receive(timeout=3)).kind == "ticket.open"
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_ticket_with_no_one_at_any_level_stays_open_unattended_and_counted(tmp_path):
+    async with admin_env(tmp_path, **{"tickets.escalate_after": 0.3,
+                                      "tickets.escalate_role": ""}) as env:
+        node = env.node
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        tid = await open_ticket(till, {"code": "E9"})
+        assert (await staff.receive(timeout=3)).kind == "ticket.open"
+        key = f"acme/{tid}"
+        await eventually(lambda: node.tickets.open[key].get("unattended") is True, timeout=3)
+        rec = node.tickets.open[key]
+        assert rec["status"] == "open" and rec["due"] > rec["created"] + 0.3   # tried again later
+        page = await env.api.call("GET", "/v1/tickets?tenant=acme&unattended=true",
+                                  "/v1/tickets")
+        assert [t["ticket"] for t in page["tickets"]] == [tid] and page["unattended"] == 1
+        assert page["tickets"][0]["unattended"] is True
+        assert _gauge(await _scrape(env), "tillwire_tickets_unattended") == 1
+        # A manager appears: the next round reaches them and the ticket is attended.
+        manager = await connect(node, "m1", store="s1", roles=("manager",))
+        msg = await manager.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"], msg.body["level"]) == \
+            ("ticket.escalate", tid, "store")
+        await eventually(lambda: node.tickets.open[key]["status"] == "escalated")
+        assert node.tickets.open[key]["unattended"] is False
+        assert _gauge(await _scrape(env), "tillwire_tickets_unattended") == 0
+        page = await env.api.call("GET", "/v1/tickets?tenant=acme&unattended=true",
+                                  "/v1/tickets")
+        assert page["tickets"] == [] and page["unattended"] == 0
+
+
+@aiotest()
+async def test_open_tickets_are_listed_a_page_at_a_time(tmp_path):
+    async with admin_env(tmp_path) as env:
+        till = await connect(env.node, "t1", store="s1", roles=("pos",))
+        other = await connect(env.node, "t2", store="s2", roles=("pos",))
+        staff = await connect(env.node, "h1", store="s1", roles=("staff",))
+        mine = [await open_ticket(till, {"code": f"E{n}"}) for n in range(5)]
+        await open_ticket(other, {"code": "X"}, "role:acme/s2/staff")
+        await staff.send("ticket.resolve", {"ticket": mine[0], "resolution": "done"},
+                         "terminal:acme/t1")
+        seen, after = [], None
+        while True:
+            url = "/v1/tickets?tenant=acme&store=s1&limit=2" + (f"&after={after}" if after else "")
+            page = await env.api.call("GET", url, "/v1/tickets")
+            assert page["total"] == 4 and len(page["tickets"]) <= 2
+            seen += [t["ticket"] for t in page["tickets"]]
+            after = page.get("next")
+            if after is None:
+                break
+        assert seen == sorted(mine[1:])
+        everything = await env.api.call("GET", "/v1/tickets?tenant=acme", "/v1/tickets")
+        assert everything["total"] == 5
+        for query, field in (("tenant=acme&limit=0", "limit"), ("tenant=acme&store=a/b", "store"),
+                             ("tenant=acme&unattended=maybe", "unattended"),
+                             ("tenant=acme&after=bad%20id", "after"), ("", "tenant")):
+            bad = await env.api.call("GET", f"/v1/tickets?{query}", "/v1/tickets", expect=400)
+            assert bad["field"] == field, (query, bad)
+        denied = await env.api.call("GET", "/v1/tickets?tenant=acme", "/v1/tickets",
+                                    auth=GLOBEX, expect=403)
+        assert denied["field"] == "tenant"
+
+
+@aiotest()
+async def test_a_waiting_ticket_still_waits_after_a_restart(tmp_path):
+    overrides = {"store.backend": "sqlite", "server.data_dir": str(tmp_path)}
+    node = await start_node(**overrides)
+    try:
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        tid = await open_ticket(till, {"code": "E5"})
+        await till.close()
+    finally:
+        await node.stop()
+    node = await start_node(**overrides)
+    try:
+        assert node.tickets.waiting == {("acme", "s1"): {f"acme/{tid}"}}
+        staff = await connect(node, "h1", store="s1", roles=("staff",))
+        msg = await staff.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"], msg.body["from"]) == \
+            ("ticket.open", tid, "terminal:acme/t1")
+        await eventually(lambda: not node.tickets.waiting)
     finally:
         await node.stop()

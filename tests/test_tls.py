@@ -13,6 +13,7 @@ import time
 import orjson
 import pytest
 import trustme
+import uvloop
 
 from support import (
     ServerProcess, aiotest, connect, eventually, payment_sends, read_sendacks, receive_orders,
@@ -158,3 +159,56 @@ async def test_optional_client_certificates_are_verified_when_presented(tmp_path
         await refused(connect(server.addr, "t3", ssl=client_context(pki, pki["stranger"])))
         await anonymous.close()
         await signed.close()
+
+
+def test_failed_handshakes_are_logged_bounded_per_window(tmp_path, pki, caplog):
+    """A flood of non-TLS clients: one line at once, then one line with the
+    count per window, however many fail."""
+    from tillwire.server.config import load_config
+    from tillwire.server.tls import HandshakeLog, make_ssl_context
+
+    p = pki["paths"]
+    cfg = load_config(env={}, overrides={"tls.cert": p["server.pem"], "tls.key": p["server.key"]})
+
+    async def flood():
+        loop = asyncio.get_running_loop()
+        failures = HandshakeLog(loop, window=0.5)
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0,
+                                          ssl=make_ssl_context(cfg, failures))
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(40):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: till\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        await eventually(lambda: failures.total == 40, timeout=10)
+        await asyncio.sleep(0.7)                 # the window closes: its summary is written
+        server.close()
+        return failures
+
+    caplog.set_level("WARNING", logger="tillwire.server")
+    failures = uvloop.run(flood())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tls:")]
+    assert failures.total == 40
+    assert lines[0] == "tls: handshake failed reason=HTTP_REQUEST (an HTTP request on the TLS port)"
+    summaries = lines[1:]
+    assert 1 <= len(summaries) <= 3, lines      # bounded by windows, not by failures
+    counted = sum(int(line.split()[1]) for line in summaries if "more handshakes" in line)
+    first_lines = sum(1 for line in summaries if "more handshakes" not in line)
+    assert counted + first_lines + 1 == 40, lines
+
+
+@aiotest(timeout=60)
+async def test_a_tls_handshake_that_never_finishes_is_dropped_at_the_auth_timeout(
+        tmp_path, pki):
+    # A plaintext client that sends a few bytes an SSL parser waits on (or
+    # nothing at all) holds its descriptor only until server.auth_timeout,
+    # not asyncio's 60 s handshake timeout.
+    with ServerProcess(str(tmp_path), env=tls_env(pki, TILLWIRE_SERVER_AUTH_TIMEOUT="1")) as srv:
+        for opening in (b"", b"\x80\x10"):
+            reader, writer = await asyncio.open_connection(*srv.addr)
+            writer.write(opening)
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 10) == b""     # closed by the server
+            assert time.monotonic() - started < 5
+            writer.close()

@@ -1,0 +1,291 @@
+"""What only the Redis Store does (the contract suites run on it too):
+the epoch kept in Redis and renewed when the instance loses its data, the
+instance's AOF policy in stats() and its warning, and failures — Redis
+killed and restarted, connections killed, a reply lost after Redis applied
+a batch.  Each test that flushes, kills or reconfigures Redis has a
+``redis-server`` of its own (redis_server.PrivateRedis)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from backends import T0, stream_entry
+from redis_server import PrivateRedis, fresh_prefix, redis_url
+from support import aiotest
+from tillwire.core.codes import Lane
+from tillwire.server.store import NewMessage
+from tillwire.server.store_redis import RedisStore, connect
+
+PAY = "terminal:acme/pay1"
+TILL = "terminal:acme/till1"
+
+
+def msg(ref: int, *, created: float = T0) -> NewMessage:
+    return NewMessage("acme", PAY, ref, 0, "payment.result", TILL, b'{"n":%d}' % ref,
+                      created, created + 3600.0)
+
+
+@aiotest()
+async def test_flushall_renews_the_epoch_once_in_every_store_and_restarts_numbering():
+    with PrivateRedis() as server:
+        renewed: dict[str, list] = {"a": [], "b": []}
+        a = RedisStore(server.url, prefix="tw")
+        b = RedisStore(server.url, prefix="tw")
+        a.on_new_epoch = lambda old, new: renewed["a"].append((old, new))
+        b.on_new_epoch = lambda old, new: renewed["b"].append((old, new))
+        await a.open()
+        await b.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            old = a.epoch
+            assert old and b.epoch == old                  # the second opener took the first's
+            assert [x.seqs for x in await a.accept_many([(msg(1), [TILL]), (msg(2), [TILL])])] \
+                == [{TILL: 1}, {TILL: 2}]
+            assert await b.positions(TILL) == (0, 2, 0, 0)
+            await admin.flushall()
+            # Both notice on their next call, whichever reads or writes an inbox.
+            assert [x.seqs for x in await a.accept_many([(msg(3), [TILL])])] == [{TILL: 1}]
+            assert await b.positions(TILL) == (0, 1, 0, 0)
+            new = a.epoch
+            assert new != old and b.epoch == new
+            assert renewed == {"a": [(old, new)], "b": [(old, new)]}
+            # A dedup entry went with the rest: ref 1 is a new message now.
+            [again] = await b.accept_many([(msg(1), [TILL])])
+            assert not again.duplicate and again.seqs == {TILL: 2}
+            assert [e.seq for e in await a.inbox(TILL, 0, 0, 10)] == [1, 2]
+            assert renewed == {"a": [(old, new)], "b": [(old, new)]}   # once per store
+            # Flushed while only one store is busy: the other converges on its epoch.
+            await admin.flushall()
+            await b.ack_many([(TILL, 0, 1)], T0 + 1)
+            assert await a.positions(TILL) == (0, 0, 0, 0)
+            assert a.epoch == b.epoch not in (old, new)
+            assert len(renewed["a"]) == len(renewed["b"]) == 2
+            assert (await a.stats())["epoch"] == a.epoch
+        finally:
+            await admin.aclose()
+            await a.close()
+            await b.close()
+
+
+@aiotest()
+async def test_stats_name_the_aof_policy_and_a_weak_one_is_warned_once(caplog):
+    caplog.set_level(logging.WARNING, logger="tillwire.store.redis")
+
+    async def policy(url: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        store = RedisStore(url, prefix=fresh_prefix())
+        await store.open()
+        try:
+            return (await store.stats())["aof"], [r.getMessage() for r in caplog.records]
+        finally:
+            await store.close()
+
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as server:
+        assert await policy(server.url) == ("always", [])
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "everysec") as server:
+        aof, [warning] = await policy(server.url)
+        assert aof == "everysec" and "last second of acked messages" in warning
+    aof, [warning] = await policy(redis_url())                # the session's: no AOF
+    assert aof == "off" and "appendonly no" in warning and "restart loses" in warning
+    with PrivateRedis("--rename-command", "CONFIG", "") as server:
+        aof, [warning] = await policy(server.url)
+        assert aof == "unknown" and "CONFIG GET is refused" in warning
+    with PrivateRedis("--appendonly", "yes", "--maxmemory-policy", "allkeys-lru") as server:
+        aof, warnings = await policy(server.url)
+        assert aof == "everysec" and len(warnings) == 2
+        assert "allkeys-lru" in warnings[0] and "noeviction" in warnings[0]
+
+
+@aiotest(timeout=90.0)
+async def test_a_killed_redis_fails_calls_and_its_aof_brings_everything_back(caplog):
+    with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as server:
+        renewed = []
+        store = RedisStore(connect(server.url, timeout=1.0), prefix="tw",
+                           on_new_epoch=lambda old, new: renewed.append(new))
+        await store.open()
+        try:
+            epoch = store.epoch
+            first = await store.accept_many([(msg(1), [TILL]), (msg(2), [TILL])])
+            await store.records.put("ticket", "acme/T-1", b"{}", T0)
+            server.kill()                                  # SIGKILL: nothing flushed at exit
+            with pytest.raises(RedisConnectionError):
+                await store.accept_many([(msg(3), [TILL])])
+            with pytest.raises(RedisConnectionError):
+                await store.positions(TILL)
+            with pytest.raises(RedisConnectionError):
+                await store.records.get("ticket", "acme/T-1")
+            failed = asyncio.get_running_loop().create_future()
+            store.accept_many_then([(msg(3), [TILL])],
+                                   lambda results, exc: failed.set_result((results, exc)))
+            results, exc = await asyncio.wait_for(failed, 10)
+            assert results is None and isinstance(exc, RedisConnectionError)
+            # Channel history appended meanwhile is given up and logged, never raised.
+            store.archive.append("tenant:acme", 3, 1, stream_entry(1, kind="note"))
+            await store.archive.drain()
+            assert any("channel history entries not kept" in r.getMessage()
+                       for r in caplog.records)
+            server.start()                                 # same port, same AOF
+            # Every acked message is back, under the same epoch; the failed
+            # batch left nothing, so its retry is a new message.
+            assert await store.positions(TILL) == (0, 2, 0, 0)
+            assert store.epoch == epoch and renewed == []
+            [retry] = await store.accept_many([(msg(3), [TILL])])
+            assert not retry.duplicate and retry.seqs == {TILL: 3}
+            [dup] = await store.accept_many([(msg(1), [TILL])])
+            assert dup.duplicate and dup.msg_id == first[0].msg_id
+            assert await store.records.get("ticket", "acme/T-1") == b"{}"
+            # Connections killed by the server: the next call gets new ones.
+            admin = aioredis.from_url(server.url)
+            try:
+                assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+            finally:
+                await admin.aclose()
+            assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [1, 2, 3]
+        finally:
+            await store.close()
+
+
+# A script that keeps Redis busy for about 0.8 s: commands sent meanwhile
+# wait in their sockets and run after it.
+_BUSY = """
+local t = redis.call("TIME")
+local start = t[1] * 1000000 + t[2]
+while true do
+  local n = redis.call("TIME")
+  if n[1] * 1000000 + n[2] - start > 800000 then return 1 end
+end
+"""
+
+
+@aiotest()
+async def test_a_batch_whose_reply_was_lost_is_answered_as_duplicates_on_retry():
+    with PrivateRedis() as server:
+        store = RedisStore(connect(server.url, timeout=0.3), prefix="tw")
+        await store.open()
+        busy_client = aioredis.from_url(server.url)
+        try:
+            batch = [(msg(ref), [TILL]) for ref in (11, 12, 13)]
+            busy = asyncio.create_task(busy_client.eval(_BUSY, 0))
+            await asyncio.sleep(0.1)
+            # The batch reaches Redis, which applies it once the busy script
+            # ends; the store gave up waiting for the reply long before.
+            with pytest.raises((RedisTimeoutError, RedisConnectionError)):
+                await store.accept_many(batch)
+            assert await busy == 1
+            retry = await store.accept_many(batch)
+            assert [a.duplicate for a in retry] == [True, True, True]
+            assert len({a.msg_id for a in retry}) == 3
+            assert [(await store.trace(a.msg_id)).ref for a in retry] == [11, 12, 13]
+            assert await store.positions(TILL) == (0, 3, 0, 0)      # stored once
+            assert [e.msg_id for e in await store.inbox(TILL, 0, 0, 10)] == \
+                [a.msg_id for a in retry]
+        finally:
+            await busy_client.aclose()
+            await store.close()
+
+
+@aiotest()
+async def test_a_store_not_open_refuses_accept_many_then():
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    with pytest.raises(RuntimeError, match="not open"):
+        store.accept_many_then([(msg(1), [TILL])], lambda results, exc: None)
+    await store.close()
+
+
+@aiotest()
+async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_script():
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            await admin.config_resetstat()
+            loop = asyncio.get_running_loop()
+            answers: list = []
+            all_in = loop.create_future()
+
+            def callback(results, exc):
+                assert exc is None
+                answers.append(results)
+                if len(answers) == 50 and not all_in.done():
+                    all_in.set_result(None)
+
+            for ref in range(1, 51):             # 50 batches asked in one loop iteration
+                store.accept_many_then([(msg(ref), [TILL])], callback)
+            acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 50)], T0 + 1))
+            await asyncio.wait_for(all_in, 10)
+            # Each batch got the seq of its place in the order asked, answered in that order.
+            assert [results[0].seqs for results in answers] == [{TILL: n} for n in range(1, 51)]
+            # The ack asked after them all came after them all.
+            assert len(await acks) == 0 and await store.positions(TILL) == (50, 50, 0, 0)
+            stats = await admin.info("commandstats")
+            scripts = stats["cmdstat_evalsha"]["calls"]
+            assert scripts < 50                  # queued batches shared scripts
+        finally:
+            await admin.aclose()
+            await store.close()
+
+
+@aiotest()
+async def test_lanes_given_as_the_lane_enum_reach_the_same_inboxes_and_streams():
+    # redis-py sends an int subclass as its repr(): the node passes Lane members.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        m = msg(1)
+        m.lane = Lane.P1
+        [a] = await store.accept_many([(m, [TILL])])
+        assert a.seqs == {TILL: 1} and await store.positions(TILL) == (0, 0, 0, 1)
+        assert [e.msg_id for e in await store.inbox(TILL, Lane.P1, 0, 10)] == [a.msg_id]
+        await store.delivered_many([(TILL, Lane.P1, 1, 1)], T0 + 1)
+        assert (await store.trace(a.msg_id)).recipients[0].delivered_at == T0 + 1
+        assert await store.reject(TILL, Lane.P1, 1, "no", T0 + 2) is not None
+        await store.ack_many([(TILL, Lane.P1, 1)], T0 + 3)
+        assert await store.positions(TILL) == (0, 0, 1, 1)
+        store.archive.configure(10, 3600.0)
+        store.archive.append("store:acme/s1", Lane.P2, 7, stream_entry(1, "sku", version=1))
+        [state] = await store.archive.load(10, 3600.0, T0)
+        assert (state.lane, state.epoch, [e.key for e in state.lvc]) == (2, 7, ["sku"])
+    finally:
+        await store.close()
+
+
+@aiotest()
+async def test_a_hung_redis_times_out_the_write_in_flight_and_fails_the_queued_ones_with_it():
+    with PrivateRedis() as server:
+        store = RedisStore(connect(server.url, timeout=0.5), prefix="tw")
+        await store.open()
+        try:
+            await store.accept_many([(msg(1), [TILL])])
+            server.pause()
+            try:
+                failed: list = []
+                store.accept_many_then([(msg(2), [TILL])], lambda r, exc: failed.append(exc))
+                acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 1)], T0 + 1))
+                await asyncio.sleep(0)       # (the first is sent, the ack queued behind it)
+                store.accept_many_then([(msg(3), [TILL])], lambda r, exc: failed.append(exc))
+                with pytest.raises(RedisTimeoutError) as ack_failed:
+                    await acks
+                await asyncio.sleep(0)
+                # One timeout answered all three: the two queued behind the
+                # first were never sent.
+                assert len(failed) == 2 and failed[0] is failed[1] is ack_failed.value
+            finally:
+                server.resume()
+            # The first had reached Redis, which applies it once it runs again
+            # (a lost reply: its retry is a duplicate); the others never came.
+            for _ in range(200):
+                if await store.positions(TILL) == (0, 2, 0, 0):
+                    break
+                await asyncio.sleep(0.02)
+            assert await store.positions(TILL) == (0, 2, 0, 0)
+            two, three = await store.accept_many([(msg(2), [TILL]), (msg(3), [TILL])])
+            assert two.duplicate and not three.duplicate and three.seqs == {TILL: 3}
+        finally:
+            await store.close()
