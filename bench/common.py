@@ -282,20 +282,24 @@ class Lines:
 class Worker:
     """A ``python -m bench.worker`` subprocess spoken to in JSON lines."""
 
+    _lines: Lines | None = None     # its stdout's lines (made at the first recv:
+                                    # subclasses start processes of their own)
+
     def __init__(self, role: str, **params) -> None:
         cmd = [sys.executable, "-m", "bench.worker", role, orjson.dumps(params).decode()]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "TILLWIRE_SECRET": SECRET})
         self.role = role
-        self.lines = Lines(self.proc.stdout.fileno())
 
     def send(self, **msg) -> None:
         self.proc.stdin.write(orjson.dumps(msg) + b"\n")
         self.proc.stdin.flush()
 
     def recv(self, timeout: float = 60.0) -> dict:
+        if self._lines is None:
+            self._lines = Lines(self.proc.stdout.fileno())
         try:
-            line = self.lines.read(timeout)
+            line = self._lines.read(timeout)
         except TimeoutError:
             raise TimeoutError(f"worker {self.role} did not answer in {timeout} s") from None
         if line is None:
