@@ -52,6 +52,7 @@ class ServiceHost(Protocol):
     hub: PolicySessions
     directory: Directory
     shared_registry: bool   # True in a fleet: other workers change the same records
+    worker_name: str        # this worker's name in the fleet (node id and index)
     counters: Counters      # the node's metrics counters (plain integers: count, never read)
 
     @property

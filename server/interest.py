@@ -75,7 +75,8 @@ class Interest:
                 counts[name] = n - 1
             else:
                 del counts[name]
-                gone.append(name)
+                if name not in self.priming:     # (else the priming ends it when done)
+                    gone.append(name)
         if gone and not self.node.stopping:
             self.node.spawn(self._unsubscribe(gone))
 
@@ -112,6 +113,10 @@ class Interest:
             fut = self._ready.pop(name, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+        left = [name for name in names if name not in self.counts]
+        if left and not self.node.stopping:
+            # (every session that needed them left while they were primed)
+            await self._unsubscribe(left)
 
     async def _unsubscribe(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.counts]     # (not needed again since)

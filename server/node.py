@@ -169,6 +169,12 @@ class Node:
                                      {"__slots__": (), "node": self})
 
     @property
+    def worker_name(self) -> str:
+        """This worker's name in the fleet (its presence owner and control
+        channel); the node id for a process on its own."""
+        return self.ownership.owner if self.ownership is not None else self.node_id
+
+    @property
     def connection_count(self) -> int:
         """Accepted terminal sockets not yet closed."""
         return self.commands.connection_count

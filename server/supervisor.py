@@ -6,9 +6,10 @@ port and the admin port with SO_REUSEPORT so the kernel spreads new
 connections over them.  The supervisor itself holds no socket, no Redis
 connection and no thread: it only starts, watches and stops its workers.
 
-* A worker that cannot start (exits with an error within ``STEADY``
-  seconds of the node's start: the port taken, Redis unreachable) stops the
-  node with status 1: its cause is the one line it logged.
+* A worker that cannot start (exits with an error status within
+  ``STEADY`` seconds of the node's start: the port taken, Redis
+  unreachable) stops the node with status 1: its cause is the one line it
+  logged.  (One killed by a signal is started again, as below.)
 * A worker that exits while the node is not stopping (a crash, kill -9,
   an admin drain of that worker) is started again under the same name:
   at once if it had run for a while, else after a delay that doubles up to
@@ -136,7 +137,7 @@ class Supervisor:
 
     def _died(self, index: int, status: int) -> None:
         ran = time.monotonic() - self.started.get(index, 0.0)
-        if index in self.first and status != 0 and ran < STEADY:
+        if index in self.first and status > 0 and ran < STEADY:
             # It could not start (its one-line cause is logged above): the
             # node does not run short of a worker, it stops and says so.
             log.error("worker %d could not start (status %d); stopping the node", index, status)

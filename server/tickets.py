@@ -62,6 +62,20 @@ ticket escalated only once its message is stored (refused: the ticket stays
 open and escalation is tried again RETRY_DELAY later); stopping cancels the
 timers first, so a ticket due then escalates after the next start.
 
+In a fleet (workers sharing the records, ``host.shared_registry``) a
+ticket opened on one worker is handled from any: an update on a worker
+that does not hold the ticket reads its record first, and every update and
+escalation reads it again at the start of its turn (an assignment or a
+resolution made elsewhere counts).  The first assignment is claimed once
+(``Records.put_new``, namespace ``ticketassign``): of two staff on two
+workers assigning a free ticket, one has it; a manager's reassignment
+replaces the claim.  Each escalation is claimed once (namespace
+``ticketesc``, key ``<tenant>/<ticket>/<due>``), so the workers that hold
+the ticket (every worker loads the unresolved ones at start) escalate it
+once.  Two updates of one ticket on two workers at the same moment may
+still write its record in either order (its reply count, say); its
+assignment and escalation never.
+
 Retention: every record carries ``updated``, the time of its last change
 (opened, assigned, replied to, escalated, resolved), which is also the time
 its key-value record is stored with.  :meth:`Tickets.expire` (each node
@@ -93,6 +107,8 @@ from .writebehind import WriteBehind
 log = logging.getLogger("tillwire.tickets")
 
 NS = "ticket"
+ASSIGN_NS = "ticketassign"       # the first assignment's claim (a fleet)
+ESCALATE_NS = "ticketesc"        # each escalation's claim (a fleet)
 SENDER = "service:tickets"       # the sender of auto-replies and escalations
 OPEN, ASSIGNED, ESCALATED, RESOLVED = "open", "assigned", "escalated", "resolved"
 UPDATE_KINDS = frozenset({"ticket.assign", "ticket.reply", "ticket.resolve"})
@@ -496,9 +512,10 @@ class Tickets:
         if ref and self._updates.get((conn.address, ref)) == (kind, key):
             # (its SENDACK was lost, or the store refused the resend)
             return False
-        rec = self._handled(kind, key, tid, conn)
+        shared = self.host.shared_registry
+        rec = self._handled(kind, key, tid, conn) if not shared or key in self.open else None
         before, mine = self._turns.take(key)
-        if before is None:
+        if before is None and rec is not None and not shared:
             # Nothing in progress on the ticket: checked now, refused by the node.
             try:
                 self._check_assign(kind, rec, tid, conn, body)
@@ -554,9 +571,19 @@ class Tickets:
         host = self.host
         kind, ref = msg.kind, msg.ref
         known = False
+        shared = host.shared_registry
         try:
             if before is not None:
                 await before
+            if shared:
+                try:
+                    await self._refresh(key)
+                except Exception as exc:  # noqa: BLE001 - not read: nothing changed
+                    log.error("ticket %s could not be read: %s", key, exc)
+                    host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                       "the ticket could not be read; retry")
+                    return
+            if before is not None or shared:
                 # A resend of the update the turn before applied: not checked
                 # again (it is no longer valid, e.g. a resolve), never applied twice.
                 known = bool(ref) and self._updates.get((conn.address, ref)) == (kind, key)
@@ -564,8 +591,15 @@ class Tickets:
                     try:
                         rec = self._handled(kind, key, body["ticket"], conn)
                         self._check_assign(kind, rec, body["ticket"], conn, body)
+                        if shared and kind == "ticket.assign":
+                            await self._claim_assignment(key, rec, conn, body)
                     except MessageError as exc:
                         host.service_error(conn, ref, exc.code, str(exc))
+                        return
+                    except Exception as exc:  # noqa: BLE001 - the claim failed: nothing changed
+                        log.error("ticket %s assignment could not be claimed: %s", key, exc)
+                        host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                           "the ticket could not be assigned; retry")
                         return
             try:
                 accepted = await commit(host, msg, address)
@@ -586,6 +620,59 @@ class Tickets:
         else:
             host.service_ack(conn, ref, accepted.msg_id, {"recipients": len(accepted.seqs)},
                              asked=asked)
+
+    async def _refresh(self, key: str) -> None:
+        """(A fleet) take a ticket's record and assignment claim from the
+        shared records into memory: unresolved, it is held here (without a
+        timer unless this worker armed one); resolved elsewhere, forgotten."""
+        records = self.host.store.records
+        raw = await records.get(NS, key)
+        if raw is None:
+            return                      # (not written yet: opened here, or unknown)
+        rec = orjson.loads(raw)
+        claim = await records.get(ASSIGN_NS, key)
+        if claim is not None:
+            rec["assignee"] = claim.decode()
+            if rec.get("status") == OPEN:
+                rec["status"] = ASSIGNED
+        mine = self.open.get(key)
+        if rec.get("status") == RESOLVED:
+            if mine is not None:
+                self._forget(key)
+            return
+        if not _RECORD_KEYS.issubset(rec):
+            return
+        rec.setdefault("updated", last_change(rec))
+        if mine is None:
+            self._load_refs(key, rec)
+            self.open[key] = rec
+            self._track(key, rec)
+            return
+        self._untrack(key, mine)
+        refs = mine.get("refs")
+        mine.update(rec)                # (in place: a turn in progress holds it)
+        if refs and not rec.get("refs"):
+            mine["refs"] = refs
+        if mine["status"] != OPEN:
+            handle = self._timers.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+        self._track(key, mine)
+
+    async def _claim_assignment(self, key: str, rec: dict, conn, body: dict) -> None:
+        """(A fleet) the first assignment of a ticket is claimed once; a
+        manager's or backend's reassignment (or the assignee's hand-over)
+        replaces the claim.  Raises MessageError when another staff has it."""
+        claims = conn.claims
+        assignee = body.get("assignee") or claims.terminal
+        records = self.host.store.records
+        now = time.time()
+        held = (await records.put_new(ASSIGN_NS, key, assignee.encode(), now)).decode()
+        if held == assignee:
+            return
+        rec["assignee"] = held
+        self._check_assign("ticket.assign", rec, body["ticket"], conn, body)
+        await records.put(ASSIGN_NS, key, assignee.encode(), now)    # (allowed to reassign)
 
     def _apply(self, kind: str, key: str, conn, ref: int, body: dict) -> None:
         """A committed update changes the ticket (unless retention deleted it
@@ -644,10 +731,30 @@ class Tickets:
         try:
             if before is not None:
                 await before
+            host = self.host
+            if host.shared_registry and key in self.open:
+                try:
+                    await self._refresh(key)    # (assigned or resolved elsewhere?)
+                    rec = self.open.get(key)
+                    if rec is not None and rec["status"] == OPEN:
+                        # Every worker holding the ticket comes here: one escalates.
+                        due = f"{key}/{rec['due']!r}"
+                        won = await host.store.records.put_new(
+                            ESCALATE_NS, due, host.worker_name.encode(), time.time())
+                        if won != host.worker_name.encode():
+                            # Another worker escalates it; this one forgets it
+                            # (an update here reads it again).
+                            self._forget(key)
+                            return
+                except Exception as exc:  # noqa: BLE001 - tried again like a refused escalation
+                    log.error("ticket %s escalation could not be claimed (will retry): %s",
+                              key, exc)
+                    if key in self.open and not self._closed and key not in self._timers:
+                        self._timers[key] = host.loop.call_later(RETRY_DELAY, self._on_due, key)
+                    return
             rec = self.open.get(key)
             if rec is None or rec["status"] != OPEN or self._closed:
                 return
-            host = self.host
             now = time.time()
             tenant, store = rec["tenant"], rec["store"]
             reason = f"not assigned within {self.escalate_after:g} s"
@@ -724,6 +831,11 @@ class Tickets:
 
     # -- retention ------------------------------------------------------------------------
 
+    async def _expire_claims(self, horizon: float) -> None:
+        records = self.host.store.records
+        await records.expire(ASSIGN_NS, horizon)
+        await records.expire(ESCALATE_NS, horizon)
+
     async def expire(self, now: float) -> int:
         """Delete the tickets last changed before ``now - retention.tickets``.
 
@@ -747,5 +859,7 @@ class Tickets:
                 del self._updates[ref]
             for key in doomed:
                 await store.records.delete(NS, key)
+        if self.host.shared_registry:
+            await self._expire_claims(horizon)
         return len(doomed) + await store.records.expire(NS, horizon)
 

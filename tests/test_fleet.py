@@ -107,6 +107,24 @@ async def on_worker(node, terminal: str, worker=None, avoid=None, **kwargs):
     raise AssertionError(f"no connection of {terminal} landed where wanted")
 
 
+async def subscribed(prefix: str, channel: str, workers: int, url: str | None = None) -> None:
+    """Wait until ``workers`` workers subscribed to ``channel`` in Redis (a
+    terminal that logged in meanwhile gets what is published from then on)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url or redis_url())
+    try:
+        name = f"{prefix}:ch:{channel}"
+        for _ in range(200):
+            (_, count), = await client.pubsub_numsub(name)
+            if count >= workers:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{channel}: {count} of {workers} workers subscribed")
+    finally:
+        await client.aclose()
+
+
 def payment(n: int) -> dict:
     return {"order": f"o{n}", "status": "paid"}
 
@@ -169,7 +187,7 @@ async def test_a_store_broadcast_reaches_every_worker_once_and_the_newest_versio
     try:
         tills = [await on_worker(a, "till1", worker=0), await on_worker(a, "till2", worker=1),
                  await on_worker(b, "till3")]
-        await asyncio.sleep(0.3)        # (each worker's subscription to store:acme/s1)
+        await subscribed(prefix, "store:acme/s1", 3)      # (one per worker with a till)
         # HQ publishes through either node; two publishers of one SKU: the
         # newest version wins once, whichever worker placed it.
         status, first = await a.admin("POST", "/v1/publish", {
@@ -307,7 +325,7 @@ async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, pr
         tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
         other = await on_worker(node, "app3", worker=1, roles=("customer",), member="m-2")
         till = await on_worker(node, "till1", worker=0)
-        await asyncio.sleep(0.3)        # (each worker's subscription to tenant:acme)
+        await subscribed(prefix, "tenant:acme", 2)
         for n in range(3):
             status, body = await node.admin("POST", "/v1/publish", {
                 "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
@@ -328,6 +346,71 @@ async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, pr
         assert got[2] == ["of0", "of1"] and got[3] == ["of0", "of1", "of2"], got
         for conn in (phone, tablet, other, till):
             await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(180)
+async def test_a_ticket_from_a_till_on_one_worker_is_handled_by_staff_on_another(
+        tmp_path, prefix):
+    node = Node(tmp_path, "node-k", prefix,
+                env={"TILLWIRE_TICKETS_ESCALATE_AFTER": "2"}).start()
+    try:
+        till = await on_worker(node, "till1", worker=0)
+        staff = await on_worker(node, "staff1", worker=1, roles=("staff",))
+        other = await on_worker(node, "staff2", worker=0, roles=("staff",))
+        boss = await on_worker(node, "mgr1", worker=1, roles=("manager",))
+        ack = await till.send("ticket.open", {"code": "E42", "text": "printer jam"},
+                              "role:acme/s1/staff")
+        opened = orjson.loads(ack.payload)
+        tid = opened["ticket"]
+        assert opened["recipients"] == 2, opened
+        for conn in (staff, other):
+            msg = await conn.receive(timeout=10)
+            assert msg.kind == "ticket.open" and msg.body["ticket"] == tid
+            await msg.ack()
+        # Staff on the other worker than the ticket's: the first assignment wins.
+        await staff.send("ticket.assign", {"ticket": tid}, "terminal:acme/till1")
+        with pytest.raises(SendError) as taken:
+            await other.send("ticket.assign", {"ticket": tid}, "terminal:acme/till1")
+        assert "already assigned to staff1" in str(taken.value)
+        await staff.send("ticket.reply", {"ticket": tid, "text": "on my way"},
+                         "terminal:acme/till1")
+        await staff.send("ticket.resolve", {"ticket": tid, "resolution": "paper refilled"},
+                         "terminal:acme/till1")
+        kinds = []
+        while len(kinds) < 3:
+            msg = await till.receive(timeout=10)
+            kinds.append(msg.kind)
+            await msg.ack()
+        assert kinds == ["ticket.assign", "ticket.reply", "ticket.resolve"]
+        for _ in range(50):              # (its record is written behind)
+            status, doc = await node.admin("GET", f"/v1/tickets/acme/{tid}")
+            if doc.get("status") == "resolved":
+                break
+            await asyncio.sleep(0.1)
+        assert doc["status"] == "resolved" and doc["assignee"] == "staff1", doc
+        # A ticket nobody takes escalates once to the store's manager, also
+        # when the node restarts before it is due and both workers hold it.
+        ack = await till.send("ticket.open", {"code": "E7"}, "role:acme/s1/staff")
+        second = orjson.loads(ack.payload)["ticket"]
+        for conn in (till, staff, other, boss):
+            await conn.close()
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, node.stop) == 0
+        before = len(node.server.log())
+        node.server.start()
+        node.wait_listening(range(2), since=before)
+        boss = await connect(node.addr, "mgr1", roles=("manager",), timeout=5)
+        escalations = []
+        with pytest.raises(asyncio.TimeoutError):
+            while True:
+                msg = await boss.receive(timeout=5)
+                await msg.ack()
+                if msg.kind == "ticket.escalate":
+                    escalations.append(msg.body["ticket"])
+        assert escalations == [second], escalations
+        await boss.close()
     finally:
         assert node.stop() == 0
 
