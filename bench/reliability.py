@@ -56,8 +56,6 @@ import random
 import signal
 import time
 
-from tillwire.server.supervisor import STEADY
-
 from .common import BareServer, RedisServer, Server, Worker, cpu_seconds
 
 TENANT = "rel"
@@ -257,18 +255,12 @@ def run(quick: bool = False, argv=()) -> dict:
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(RedisServer(args.appendfsync)) if args.redis else None
         server = _server(args, redis)
-        started = time.monotonic()
         stack.callback(server.stop)
         stack.callback(lambda: _stop(workers))
         tills = _tills(server.port, n, args.till_procs, chaos=True)
         payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
         workers = [*tills, payer]
         payer.recv(60)
-        if redis is not None:
-            # A worker that dies within STEADY seconds of the node's start is
-            # taken for one that cannot start, and the supervisor stops the
-            # node: the worker to be killed must have run that long.
-            time.sleep(max(0.0, STEADY + 0.5 - (time.monotonic() - started)))
         t0 = time.monotonic()
         payer.send(cmd="pay", first=0, count=k, window=args.window, timeout=900)
         killed = None
