@@ -22,28 +22,80 @@ machine's sockets carry at this moment with no server work at all, and
 ``durable_vs_bare`` the steady rate with tills as a share of it.
 ``--no-baseline`` skips it.
 
+``--redis`` runs the chaos, steady and stored-only phases on a node of
+``--workers`` processes (default 2) over Redis instead (``tillwire serve
+--workers N --redis URL``, store.backend = redis), each phase over a fresh
+Debian ``redis-server`` of its own on a free loopback port with its AOF on
+(``--appendfsync``: always, the documented durable default, or everysec
+or no to compare).  The tills and the payer connect to the node's port and
+the kernel spreads them over the workers.  The chaos phase kills ONE
+WORKER with SIGKILL half way (the supervisor starts it again; its tills
+resume on the others) instead of the whole server.  The same steady phase
+with the tills then runs once on the embedded SQLite store in the same
+invocation (``sqlite_durable_msgs_per_s``, and ``redis_vs_sqlite`` the
+Redis rate as a share of it).
+
 Keys: sent, acked, delivered_unique, lost (acked but never delivered),
 duplicates_suppressed (duplicate SENDs answered from the dedup window plus
 redelivered messages the tills recognised), reordered (deliveries out of
 inbox order), durable_msgs_per_s, stored_only_msgs_per_s,
-bare_relay_msgs_per_s, durable_vs_bare.
+bare_relay_msgs_per_s, durable_vs_bare, store; with ``--redis`` also
+sqlite_durable_msgs_per_s, redis_vs_sqlite, workers, appendfsync,
+killed_worker.  ``steady_cpu_s`` (and ``sqlite_steady_cpu_s``): the CPU
+seconds each part spent during the steady phase with tills (the server's
+processes, redis-server, the payer, the tills' processes) and its wall
+seconds: where the time went.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import random
+import signal
 import time
 
-from .common import BareServer, Server, Worker
+from .common import BareServer, RedisServer, Server, Worker, cpu_seconds
 
 TENANT = "rel"
 
+ENV = {"TILLWIRE_HEARTBEAT_INTERVAL": "600", "TILLWIRE_HEARTBEAT_MAX": "600",
+       "TILLWIRE_DELIVERY_RETRANSMIT_INITIAL": "2"}
+SQLITE_ENV = {**ENV, "TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRONOUS": "FULL",
+              "TILLWIRE_LOG_LEVEL": "warning"}
+# (info: the supervisor's "worker N started pid=P" and each worker's
+# "listening ... worker=N" lines, which the harness reads)
+REDIS_ENV = {**ENV, "TILLWIRE_STORE_BACKEND": "redis", "TILLWIRE_LOG_LEVEL": "info"}
 
-def _tills(port: int, n: int, workers: int, chaos: bool) -> list[Worker]:
-    per = n // workers
+
+def _server(args, redis: RedisServer | None, env: dict | None = None) -> Server:
+    """A started server (``env`` added to its environment): the embedded
+    SQLite store, or with ``redis`` a node of ``args.workers`` workers over
+    it, every worker listening."""
+    if redis is None:
+        return Server(env={**SQLITE_ENV, **(env or {})}).start()
+    server = Server(env={**REDIS_ENV, **(env or {})},
+                    args=["--workers", str(args.workers), "--redis", redis.url]).start()
+    try:
+        server.wait_workers(args.workers)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def _describe(args, store: str) -> str:
+    if store == "redis":
+        return f"Redis, appendfsync {args.appendfsync}, {args.workers} workers"
+    return "SQLite, synchronous=FULL"
+
+
+def _tills(port: int, n: int, procs: int, chaos: bool) -> list[Worker]:
+    per = n // procs
     out = [Worker("tills", port=port, tenant=TENANT, start=i * per, chaos=chaos,
-                  count=per if i < workers - 1 else n - per * (workers - 1))
-           for i in range(workers)]
+                  count=per if i < procs - 1 else n - per * (procs - 1))
+           for i in range(procs)]
     for w in out:
         w.recv(300)
     return out
@@ -73,6 +125,7 @@ def _paid(payer: Worker, tills: list[Worker], on_progress=None) -> dict:
     STALL seconds and says where it stood, instead of waiting out the long
     timeouts (and a test runner's own)."""
     last, since = -1, time.monotonic()
+    report = None
     while True:
         try:
             msg = payer.recv(STALL)
@@ -81,35 +134,53 @@ def _paid(payer: Worker, tills: list[Worker], on_progress=None) -> dict:
         if msg is not None and "progress" not in msg:
             return msg
         now = time.monotonic()
+        if msg is not None:
+            report = msg
         if msg is not None and msg["progress"] != last:
             last, since = msg["progress"], now
         elif now - since > STALL:
             # (The payer answers nothing else until its pay ends; the tills do.)
             connected = [s["connected"] for s in _stats(tills)]
-            raise RuntimeError(f"the payer made no progress for {STALL:.0f} s at {last} acked; "
-                               f"tills connected per worker: {connected}")
+            raise RuntimeError(f"the payer made no progress for {STALL:.0f} s at {last} acked "
+                               f"(its last report: {report}); tills connected per load "
+                               f"process: {connected}")
         if msg is not None and on_progress is not None:
             on_progress(msg)
 
 
-def _steady(env: dict, n: int, args, tills_on: bool, bare: bool = False
-            ) -> tuple[float, int | None]:
-    """(durable P0 messages per second accepted in a steady run (no chaos, no
-    restart), how many distinct results the tills received (None without
-    tills)); ``bare``: the same run through the bare relay instead."""
-    if not tills_on:
-        # These tills never log in: their tenant keeps results for a first
-        # login (delivery.unknown_terminals), as the accept path alone is measured.
-        env = {**env, "TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": f"{TENANT}=accept"}
-    server = BareServer("relay").start() if bare else Server(env=env).start()
+def _cpu(server, redis, payer: Worker, tills: list[Worker]) -> dict:
+    """CPU seconds so far of each part of a run (see ``cpu_seconds``)."""
+    return {"server": cpu_seconds(server.proc.pid),
+            "redis": cpu_seconds(redis.pid) if redis is not None else 0.0,
+            "payer": cpu_seconds(payer.proc.pid),
+            "tills": sum(cpu_seconds(w.proc.pid) for w in tills)}
+
+
+def _steady(n: int, args, tills_on: bool, store: str) -> dict:
+    """A steady run (no chaos, no restart) on a fresh server, ``store``
+    sqlite, redis (a node over a fresh redis-server) or bare (the bare
+    relay): {"rate": durable P0 messages per second accepted, "delivered":
+    how many distinct results the tills received (None without tills),
+    "cpu": CPU seconds per part while the payer paid, and its wall seconds}."""
+    # These tills never log in: their tenant keeps results for a first login
+    # (delivery.unknown_terminals), as the accept path alone is measured.
+    env = {} if tills_on else {"TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": f"{TENANT}=accept"}
     workers: list[Worker] = []
-    try:
-        tills = _tills(server.port, n, args.workers, chaos=False) if tills_on else []
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(RedisServer(args.appendfsync)) if store == "redis" else None
+        server = BareServer("relay").start() if store == "bare" else _server(args, redis, env)
+        stack.callback(server.stop)
+        stack.callback(lambda: _stop(workers))
+        tills = _tills(server.port, n, args.till_procs, chaos=False) if tills_on else []
         payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
         workers = [*tills, payer]
         payer.recv(60)
+        before = _cpu(server, redis, payer, tills)
         payer.send(cmd="pay", first=0, count=args.steady, window=args.window, timeout=600)
         steady = _paid(payer, tills)
+        after = _cpu(server, redis, payer, tills)
+        cpu = {part: round(after[part] - before[part], 2) for part in after}
+        cpu["seconds"] = round(steady["seconds"], 2)
         rate = steady["acked"] / steady["seconds"]
         delivered = None
         if tills:
@@ -119,17 +190,33 @@ def _steady(env: dict, n: int, args, tills_on: bool, bare: bool = False
                 if delivered >= steady["acked"] or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-        if bare:
+        if store == "bare":
             print(f"bare uvloop relay (bench.bare), same payer and tills: {steady['acked']} "
                   f"results in {steady['seconds']:.2f} s -> {rate:,.0f} msgs/s", flush=True)
         else:
             print(f"steady ({'tills connected' if tills_on else 'results only stored'}): "
                   f"{steady['acked']} durable P0 messages in {steady['seconds']:.2f} s "
-                  f"-> {rate:,.0f} msgs/s (SQLite, synchronous=FULL)", flush=True)
-        return rate, delivered
-    finally:
-        _stop(workers)
-        server.stop()
+                  f"-> {rate:,.0f} msgs/s ({_describe(args, store)}); CPU s {cpu}", flush=True)
+        return {"rate": rate, "delivered": delivered, "cpu": cpu}
+
+
+def _kill_worker(server: Server, rnd: random.Random) -> tuple[int, int]:
+    """SIGKILL one worker of the node, chosen at random (never the
+    supervisor, which starts it again): (its index, its pid)."""
+    pids = server.worker_pids()
+    index = rnd.choice(sorted(pids))
+    os.kill(pids[index], signal.SIGKILL)
+    return index, pids[index]
+
+
+def _restarted(server: Server, index: int, old_pid: int, timeout: float = 30.0) -> bool:
+    """Whether the supervisor started worker ``index`` again (a new pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.worker_pids().get(index, old_pid) != old_pid:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def run(quick: bool = False, argv=()) -> dict:
@@ -140,7 +227,16 @@ def run(quick: bool = False, argv=()) -> dict:
                         help="messages in the steady throughput phase")
     parser.add_argument("--window", type=int, default=10_000,
                         help="most unacked payment results in flight at the sender")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--till-procs", type=int, default=2,
+                        help="load processes the tills are spread over")
+    parser.add_argument("--redis", action="store_true",
+                        help="run the server as a node of --workers workers over a "
+                             "redis-server of its own (store.backend = redis); the steady "
+                             "phase also runs on SQLite for comparison")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="the node's worker processes with --redis")
+    parser.add_argument("--appendfsync", choices=("always", "everysec", "no"),
+                        default="always", help="the redis-server's AOF policy with --redis")
     parser.add_argument("--steady-tills", action=argparse.BooleanOptionalAction, default=True,
                         help="connect the tills in the steady phase (--no-steady-tills: the "
                              "results are only stored, measuring the accept path alone)")
@@ -149,36 +245,54 @@ def run(quick: bool = False, argv=()) -> dict:
                              "(bench.bare): the floor the load generators and sockets set")
     args = parser.parse_args(list(argv))
     k, n = args.messages, args.terminals
-    env = {"TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRONOUS": "FULL",
-           "TILLWIRE_HEARTBEAT_INTERVAL": "600", "TILLWIRE_HEARTBEAT_MAX": "600",
-           "TILLWIRE_DELIVERY_RETRANSMIT_INITIAL": "2", "TILLWIRE_LOG_LEVEL": "warning"}
+    store = "redis" if args.redis else "sqlite"
+    rnd = random.Random()
+    killed_worker = None
 
-    # Phase 1: chaos, a kill -9 and a restart.
-    server = Server(env=env).start()
+    # Phase 1: chaos, and a kill -9: of the server (restarted) on SQLite, of
+    # one worker (restarted by its supervisor) over Redis.
     workers: list[Worker] = []
-    try:
-        tills = _tills(server.port, n, args.workers, chaos=True)
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(RedisServer(args.appendfsync)) if args.redis else None
+        server = _server(args, redis)
+        stack.callback(server.stop)
+        stack.callback(lambda: _stop(workers))
+        tills = _tills(server.port, n, args.till_procs, chaos=True)
         payer = Worker("payer", port=server.port, tenant=TENANT, terminals=n)
         workers = [*tills, payer]
         payer.recv(60)
         t0 = time.monotonic()
         payer.send(cmd="pay", first=0, count=k, window=args.window, timeout=900)
-        killed = False
+        killed = None
 
         def kill_at_half(msg: dict) -> None:
             nonlocal killed
-            if not killed and msg["progress"] >= k // 2:
+            if killed is None and msg["progress"] >= k // 2:
+                if redis is not None:
+                    killed = _kill_worker(server, rnd)
+                    print(f"worker {killed[0]} (pid {killed[1]}) killed (SIGKILL) at "
+                          f"{time.monotonic() - t0:.1f} s, {msg['progress']} acked so far",
+                          flush=True)
+                    return
                 server.kill()
                 killed_at = time.monotonic() - t0
                 time.sleep(0.5)
                 server.start()
-                killed = True
+                killed = (None, None)
                 print(f"server killed (SIGKILL) and restarted at {killed_at:.1f} s, "
                       f"{msg['progress']} acked so far", flush=True)
 
         result = _paid(payer, tills, kill_at_half)
         print(f"payer: {result['acked']}/{k} acked after {result['sends']} sends "
               f"in {result['seconds']:.1f} s", flush=True)
+        if redis is not None:
+            if killed is None:
+                raise RuntimeError("the run ended before half its results were acked: "
+                                   "no worker was killed")
+            if not _restarted(server, *killed):
+                raise RuntimeError(f"the supervisor did not start worker {killed[0]} again: "
+                                   f"{server.tail()}")
+            killed_worker = killed[0]
         for w in tills:
             w.send(cmd="set", chaos=False)
             w.recv(60)
@@ -201,25 +315,38 @@ def run(quick: bool = False, argv=()) -> dict:
               f"{suppressed} duplicates suppressed ({pstats['dup_acks']} at the server's "
               f"dedup), {dup_processed} processed twice, {reordered} reordered, {lost} lost",
               flush=True)
-    finally:
-        _stop(workers)
-        server.stop()
 
     # Phase 2: steady durable throughput, with the tills connected (unless
-    # --no-steady-tills), then results only stored, each on a fresh server.
-    rate, steady_delivered = _steady(env, n, args, tills_on=args.steady_tills)
-    stored_only = _steady(env, n, args, tills_on=False)[0] if args.steady_tills else rate
-    bare, bare_delivered = _steady(env, n, args, tills_on=True, bare=True) \
-        if args.baseline else (None, None)
-    return {
+    # --no-steady-tills), then results only stored, each on a fresh server
+    # (and a fresh redis-server); over Redis the same steady phase with tills
+    # on the embedded SQLite store too; then the bare relay's floor.
+    steady = _steady(n, args, tills_on=args.steady_tills, store=store)
+    rate = steady["rate"]
+    stored_only = _steady(n, args, tills_on=False, store=store)["rate"] \
+        if args.steady_tills else rate
+    sqlite = _steady(n, args, tills_on=args.steady_tills, store="sqlite") \
+        if args.redis else None
+    bare = _steady(n, args, tills_on=True, store="bare") if args.baseline else None
+    bare_rate = bare["rate"] if bare else None
+    out = {
         "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
         "lost": lost, "duplicates_suppressed": suppressed, "reordered": reordered,
         "processed_twice": dup_processed, "durable_msgs_per_s": round(rate),
         "stored_only_msgs_per_s": round(stored_only),
-        "bare_relay_msgs_per_s": round(bare) if bare else None,
-        "durable_vs_bare": round(rate / bare, 3) if bare and args.steady_tills else None,
-        "steady_sent": args.steady, "steady_delivered": steady_delivered,
-        "bare_relay_delivered": bare_delivered,
+        "bare_relay_msgs_per_s": round(bare_rate) if bare else None,
+        "durable_vs_bare": round(rate / bare_rate, 3) if bare and args.steady_tills else None,
+        "steady_sent": args.steady, "steady_delivered": steady["delivered"],
+        "bare_relay_delivered": bare["delivered"] if bare else None,
         "till_crashes": crashes, "terminals": n, "steady_tills": args.steady_tills,
-        "quick": quick,
+        "store": store, "steady_cpu_s": steady["cpu"], "quick": quick,
     }
+    if args.redis:
+        out.update({
+            "sqlite_durable_msgs_per_s": round(sqlite["rate"]),
+            "redis_vs_sqlite": round(rate / sqlite["rate"], 3),
+            "sqlite_steady_delivered": sqlite["delivered"],
+            "sqlite_steady_cpu_s": sqlite["cpu"],
+            "workers": args.workers, "appendfsync": args.appendfsync,
+            "killed_worker": killed_worker,
+        })
+    return out

@@ -558,6 +558,9 @@ class Payer:
         self.dup_acks = 0
         self.transport = None
         self.connected = asyncio.Event()
+        self.lost = 0                         # connections lost (diagnostics of a stall)
+        self.last_close = None                # the last CLOSE the server sent: [code, text]
+        self.paying = False                   # in pay(): progress reports are awaited
 
     def _proto(self):
         payer = self
@@ -580,23 +583,43 @@ class Payer:
                     elif f.type == WELCOME:
                         payer.transport = self.transport
                         payer.connected.set()
+                    elif f.type == CLOSE:
+                        payer.last_close = [f.code, bytes(f.payload).decode("utf-8", "replace")]
 
             def connection_made(self, transport):
                 self.transport = transport
                 transport.write(handshake(tok))
 
             def connection_lost(self, exc):
-                payer.transport = None
-                payer.connected.clear()
+                payer.lost += 1
+                # Only the loss of the connection in use ends it.  After a
+                # takeover the new connection's WELCOME reaches us before
+                # the old one's end: clearing the transport then would send
+                # _ensure to connect again, taking over the new one, and so
+                # on without end (the stalled runs).
+                if payer.transport is self.transport:
+                    payer.transport = None
+                    payer.connected.clear()
 
         return Proto
 
     async def _ensure(self) -> None:
+        attempts = 0
         while self.transport is None:
+            attempts += 1
+            if self.paying:                 # (what a stalled run reports)
+                self.emit({"progress": len(self.acked), "reconnecting": attempts,
+                           "lost": self.lost, "last_close": self.last_close})
+            attempt = None
             try:
-                await self.loop.create_connection(self._proto(), "127.0.0.1", self.p["port"])
+                attempt, _ = await self.loop.create_connection(self._proto(), "127.0.0.1",
+                                                               self.p["port"])
                 await asyncio.wait_for(self.connected.wait(), 5)
             except (OSError, asyncio.TimeoutError):
+                # An attempt without WELCOME in time is given up, never left
+                # to log in later beside the next one.
+                if attempt is not None and self.transport is not attempt:
+                    attempt.abort()
                 await asyncio.sleep(0.2)
 
     async def connect(self) -> dict:
@@ -624,6 +647,7 @@ class Payer:
         unacked.clear()
         sends = 0
         last_report = last_scan = t0
+        self.paying = True
         while time.monotonic() - t0 < timeout:
             await self._ensure()
             if next_n >= end and not unacked:
@@ -652,6 +676,7 @@ class Payer:
             if now - last_report > 0.05:
                 last_report = now
                 self.emit({"progress": len(self.acked)})
+        self.paying = False
         elapsed = time.monotonic() - t0
         done = sum(1 for n in range(first, end) if n in self.acked)
         return {"acked": done, "sends": sends, "seconds": elapsed}

@@ -16,6 +16,8 @@ import sys
 import orjson
 import pytest
 
+from support import aiotest, eventually
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 KEYS = {
@@ -111,3 +113,90 @@ def test_quick_abuse_prints_its_keys():
     assert result["abuse_ratio"] == worst["ratio"] == max(c["ratio"] for c in cases.values())
     assert result["good_p99_ms_worst"] == worst["good_p99_ms_attack"]
     assert result["good_p99_ms_baseline"] == worst["good_p99_ms_baseline"]
+
+
+REDIS_RELIABILITY_KEYS = KEYS["reliability"] | {
+    "sqlite_durable_msgs_per_s", "redis_vs_sqlite", "workers"}
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_quick_reliability_over_redis_prints_its_keys():
+    # A node of two workers over a redis-server of the benchmark's own
+    # (appendfsync always), one worker killed with SIGKILL in the chaos
+    # phase; the same steady phase on SQLite in the same run.
+    result = run_bench("reliability", "--redis")
+    missing = REDIS_RELIABILITY_KEYS - set(result)
+    assert not missing, f"reliability --redis: missing keys {sorted(missing)} in {result}"
+    for key in REDIS_RELIABILITY_KEYS:
+        value = result[key]
+        assert isinstance(value, (int, float)) and value == value, f"{key} = {value!r}"
+        assert value >= 0, f"{key} = {value!r}"
+    assert result["store"] == "redis" and result["workers"] == 2
+    assert result["appendfsync"] == "always" and result["killed_worker"] in (0, 1)
+    assert result["lost"] == 0 and result["reordered"] == 0
+    assert result["acked"] == result["sent"] == result["delivered_unique"]
+    assert result["steady_delivered"] == result["steady_sent"]
+    assert result["sqlite_steady_delivered"] == result["steady_sent"]
+    assert result["bare_relay_delivered"] == result["steady_sent"]
+    assert result["redis_vs_sqlite"] > 0
+
+
+@pytest.mark.bench
+@aiotest(60)
+async def test_the_payer_keeps_its_newest_connection_when_one_of_its_own_is_taken_over(
+        monkeypatch):
+    # The reliability payer once stalled for good: a second connection of
+    # its own took its session over, and since a takeover's new WELCOME
+    # reaches the client before the old connection's end, the old one's
+    # loss cleared the new transport; it connected again, taking that one
+    # over, without end.  Only the loss of the connection in use counts now.
+    import asyncio
+
+    import bench.worker as worker
+    from bench.common import SECRET, Server
+
+    monkeypatch.setattr(worker, "SECRET", SECRET)
+    # (the tills it pays never log in: their tenant accepts results for them)
+    server = Server(env={"TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_LOG_LEVEL": "warning",
+                         "TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": "rel=accept"}).start()
+    try:
+        payer = worker.Payer({"tenant": "rel", "port": server.port, "terminals": 3})
+        payer.emit = lambda doc: None
+        await payer.connect()
+        first = payer.transport
+        # (what a WELCOME later than _ensure waited for used to leave behind)
+        await asyncio.get_running_loop().create_connection(payer._proto(), "127.0.0.1",
+                                                           server.port)
+        await eventually(lambda: payer.last_close is not None and payer.lost == 1)
+        assert payer.transport is not None and payer.transport is not first
+        result = await payer.pay(first=0, count=300, window=100, timeout=20)
+        assert result["acked"] == 300 and payer.lost == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.bench
+def test_a_workers_lines_that_arrive_in_one_read_are_each_returned():
+    # A load worker's last progress report and its result can reach the
+    # orchestrator in one read; the second must not wait in a buffer that
+    # select() does not see (the reliability runs' stall).
+    from bench.common import Lines
+
+    r, w = os.pipe()
+    try:
+        lines = Lines(r)
+        os.write(w, b'{"progress":5000}\n{"acked":5000}\n{"par')
+        assert lines.read(1.0) == b'{"progress":5000}\n'
+        assert lines.read(1.0) == b'{"acked":5000}\n'
+        with pytest.raises(TimeoutError):
+            lines.read(0.2)                     # (half a line is not a line)
+        os.write(w, b'tial":1}\n')
+        assert lines.read(1.0) == b'{"partial":1}\n'
+        os.close(w)
+        w = None
+        assert lines.read(1.0) is None          # the end of the pipe
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
