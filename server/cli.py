@@ -6,6 +6,7 @@ Subcommands::
                     [--admin-port N] [--redis URL] [--workers N] [--log-level L]
     tillwire token  --tenant T --store S [--region R] --terminal ID
                     --role ROLE [--role ROLE ...] [--member M] [--ttl 1d] [--config PATH]
+                    [--provision [--admin URL]]
     tillwire config (--print | --keys) [--config PATH]
     tillwire backup --out FILE [--data-dir D] [--config PATH]
     tillwire restore --from FILE [--data-dir D] [--config PATH]
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--member", default="", help="loyalty member id of a customer app (default: none)")
     token.add_argument("--ttl", type=_positive_duration, default=None,
                        help="lifetime: seconds or e.g. 30m, 12h, 1d (default: auth.default_ttl)")
+    token.add_argument("--provision", action="store_true",
+                       help="also make the terminal known to the server (POST /v1/terminals) "
+                            "so P0/P1 messages to it wait for its first login instead of being "
+                            "refused UNKNOWN_TERMINAL")
+    token.add_argument("--admin", metavar="URL", default=None,
+                       help="with --provision: the admin API (default: admin.host:admin.port "
+                            "of the config)")
     token.set_defaults(handler=_cmd_token)
 
     config = sub.add_parser("config", help="show the configuration",
@@ -221,25 +229,53 @@ def _admin_token(cfg: Config) -> str:
     return ""
 
 
-def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
-    import urllib.error
-    import urllib.request
-
-    cfg = _load(args, env)
+def _admin_base(cfg: Config, admin: str | None, err: TextIO) -> tuple[str, str] | None:
+    """(admin API URL, admin token) for a command that calls the admin API;
+    None (the reason printed) when either is missing."""
     token = _admin_token(cfg)
     if not token:
         print("tillwire: error: no admin token: set TILLWIRE_ADMIN_TOKEN or list "
               "[[admin.tokens]] in the config file", file=err)
-        return EXIT_USAGE
-    if args.admin:
-        base = args.admin
-    elif not cfg.admin.port:
+        return None
+    if admin:
+        return admin, token
+    if not cfg.admin.port:
         print("tillwire: error: the admin API is off (admin.port = 0): set admin.port "
               "(TILLWIRE_ADMIN_PORT) or give --admin URL", file=err)
+        return None
+    host = _local_host(cfg.admin.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.admin.port}", token
+
+
+def _admin_post(base: str, token: str, path: str, doc: dict, out: TextIO | None,
+                err: TextIO) -> int:
+    """POST ``doc`` to the admin API; the answer to ``out``; an exit status."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        base.rstrip("/") + path, data=orjson.dumps(doc), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = resp.read().decode()
+            if out is not None:
+                out.write(answer + "\n")
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"tillwire: error: {exc.code} {exc.read().decode('utf-8', 'replace')}", file=err)
+        return EXIT_FAILURE
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tillwire: error: cannot reach {base}: {exc}", file=err)
+        return EXIT_FAILURE
+
+
+def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    cfg = _load(args, env)
+    found = _admin_base(cfg, args.admin, err)
+    if found is None:
         return EXIT_USAGE
-    else:
-        host = _local_host(cfg.admin.host)
-        base = f"http://{f'[{host}]' if ':' in host else host}:{cfg.admin.port}"
+    base, token = found
     try:
         body = orjson.loads(args.body)
     except orjson.JSONDecodeError as exc:
@@ -258,19 +294,7 @@ def _cmd_send(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, err
         request["key"] = args.key
     if args.ref is not None:
         request["ref"] = args.ref
-    req = urllib.request.Request(
-        base.rstrip("/") + "/v1/publish", data=orjson.dumps(request), method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            out.write(resp.read().decode() + "\n")
-            return EXIT_OK
-    except urllib.error.HTTPError as exc:
-        print(f"tillwire: error: {exc.code} {exc.read().decode('utf-8', 'replace')}", file=err)
-        return EXIT_FAILURE
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"tillwire: error: cannot reach {base}: {exc}", file=err)
-        return EXIT_FAILURE
+    return _admin_post(base, token, "/v1/publish", request, out, err)
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str],
@@ -333,6 +357,20 @@ def _cmd_token(args: argparse.Namespace, env: Mapping[str, str], out: TextIO, er
         details.append(f"member={claims.member}")
     print(f"tillwire: token for {claims.address} ({' '.join(details)}), "
           f"expires {_utc(claims.expires_at)}", file=err)
+    if args.provision:
+        found = _admin_base(cfg, args.admin, err)
+        if found is None:
+            return EXIT_USAGE
+        doc = {"tenant": claims.tenant, "id": claims.terminal, "store": claims.store,
+               "roles": list(claims.roles)}
+        if claims.region:
+            doc["region"] = claims.region
+        if claims.member:
+            doc["member"] = claims.member
+        status = _admin_post(*found, "/v1/terminals", doc, None, err)
+        if status != EXIT_OK:
+            return status               # (no token for a terminal the server does not know)
+        print(f"tillwire: {claims.address} provisioned at {found[0]}", file=err)
     print(token, file=out)
     return EXIT_OK
 

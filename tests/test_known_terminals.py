@@ -173,3 +173,49 @@ async def test_the_check_asks_the_shared_registry_not_a_cache_that_lags():
     finally:
         await node.stop()
         await client.aclose()
+
+
+def test_tillwire_token_provision_makes_the_terminal_known_before_its_first_login(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from support import SECRET, ServerProcess, free_port
+
+    admin_token = "provision-admin-token"
+    with ServerProcess(str(tmp_path), admin_port=free_port(),
+                       env={"TILLWIRE_ADMIN_TOKEN": admin_token}) as srv:
+        env = {**os.environ, "TILLWIRE_SECRET": SECRET, "TILLWIRE_ADMIN_TOKEN": admin_token,
+               "TILLWIRE_ADMIN_PORT": str(srv.admin_port)}
+
+        def tillwire(*args):
+            return subprocess.run([sys.executable, "-m", "tillwire", *args], env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        def publish_status(to: str) -> int:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{srv.admin_port}/v1/publish", method="POST",
+                data=orjson.dumps({"to": to, "kind": "payment.result",
+                                   "body": {"order": "o1", "status": "paid"}}),
+                headers={"Authorization": f"Bearer {admin_token}",
+                         "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert publish_status("terminal:acme/till9") == 404          # nobody knows it
+        made = tillwire("token", "--tenant", "acme", "--store", "s1", "--terminal", "till9",
+                        "--role", "pos", "--provision")
+        assert made.returncode == 0, made.stderr
+        assert "terminal:acme/till9 provisioned" in made.stderr
+        assert made.stdout.strip().count(".") >= 1                    # the token
+        assert publish_status("terminal:acme/till9") == 200          # waits for its login
+        # Nothing listening there: one line naming it, no token printed.
+        failed = tillwire("token", "--tenant", "acme", "--store", "s1", "--terminal", "till8",
+                          "--role", "pos", "--provision", "--admin",
+                          f"http://127.0.0.1:{free_port()}")
+        assert failed.returncode == 1 and "cannot reach" in failed.stderr
+        assert failed.stdout == ""

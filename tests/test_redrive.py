@@ -19,7 +19,7 @@ import pytest
 
 from failing import Failing
 from redis_server import fresh_prefix
-from support import aiotest, connect, eventually, make_config, start_node
+from support import aiotest, connect, eventually, make_config, provision, start_node
 from test_admin import ACME, ADMIN_TOKENS, GLOBEX, Api, Env
 from test_fleet import Node as FleetNode
 from tillwire.core.codes import Lane
@@ -91,7 +91,7 @@ async def test_one_dead_letter_comes_back_as_a_new_entry_and_is_audited(tmp_path
             if states[1][1] == "acked":
                 break
             await asyncio.sleep(0.02)
-        assert states == [(msg.seq, "rejected", "unknown order"),
+        assert states == [(msg.seq, "rejected", "NACK 7 BAD_UTF8: unknown order"),
                           (msg.seq + 1, "acked", "redriven")]
         [line] = env.events("redrive")
         assert line["who"] == "admin:ops" and line["tenant"] == "acme" and line["terminal"] == "t1"
@@ -107,6 +107,7 @@ async def test_one_dead_letter_comes_back_as_a_new_entry_and_is_audited(tmp_path
 @aiotest()
 async def test_all_of_a_terminals_dead_letters_wait_for_it_in_order(tmp_path):
     async with redrive_env(tmp_path) as (env, _):
+        await provision(env.node, "t2")          # (known before its first login)
         ids = []
         for n in range(3):
             res = await env.api.call("POST", "/v1/publish", json_body={
