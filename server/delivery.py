@@ -313,7 +313,8 @@ class Delivery:
                     if conn is not None:
                         touched[conn] = None
                     elif away is not None and terminal not in self.hub.sessions:
-                        away.append((terminal, msg.lane, seq))
+                        away.append((terminal, msg.lane, seq, accepted.msg_id, msg.kind,
+                                     msg.body, msg.created))
             if reply is not None:
                 self._answer(reply, accepted, None)
         if away:
@@ -397,10 +398,25 @@ class Delivery:
             if conn is not None:
                 touched[conn] = None
             elif away is not None and r.terminal not in self.hub.sessions:
-                away.append((r.terminal, r.lane, r.seq))
+                away.append((r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body,
+                              r.created))
         if away:
             self.node.ownership.notify(away)
         self.write_now(touched)
+
+    def deliver_notified(self, messages) -> None:
+        """Messages another worker stored for sessions here, carried in its
+        notice ((terminal, lane, seq, msg_id, kind, body, created)): handed
+        over as if stored here (no read back from the store when each is next
+        in line)."""
+        touched = {}
+        live = self._live
+        for terminal, lane, seq, msg_id, kind, body, created in messages:
+            conn = live(terminal, lane, seq, msg_id, kind, body, created)
+            if conn is not None:
+                touched[conn] = None
+        if touched:
+            self.write_now(touched)
 
     def notified(self, terminal: str, lane: int, seq: int) -> None:
         """Inbox ``lane`` of ``terminal`` holds messages up to ``seq`` (another

@@ -19,8 +19,9 @@ while the backend fails), and the renewal walks the sessions in slices.
 
 P0/P1 messages for terminals held elsewhere: the worker that stored them
 looks their owners up (one call per tenant) and sends each owner one
-``inbox`` control message listing them; the owner reads them from the
-store.  It tells again once ``RENOTIFY`` seconds later, which covers a
+``deliver`` control message carrying them; the owner hands each over as if
+it had stored it (reading the store only for what is not next in line).
+It tells again once ``RENOTIFY`` seconds later (``inbox``: positions only), which covers a
 terminal that was moving between workers while it looked (its claim not
 yet written).  What can still be lost (a control message published while
 the owner's pub/sub connection was down, Redis failing between the commit
@@ -34,8 +35,9 @@ whose pub/sub connection was opened again reconciles at once.
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
 ``takeover`` (argument: the new owner and its session's login time, Unix
 seconds; the newer login keeps the terminal), ``kick`` (argument: the reason),
-``inbox`` (terminal empty; argument: one ``<terminal> <lane> <seq>`` line
-per inbox that holds messages up to ``seq``) and ``chan`` (a P2/P3
+``deliver`` (terminal empty; argument, binary: the stored messages, see
+``pack_delivery``), ``inbox`` (terminal empty; argument: one ``<terminal>
+<lane> <seq>`` line per inbox that holds messages up to ``seq``) and ``chan`` (a P2/P3
 message of the terminal's own channel; argument, binary: the lane byte and
 the placed message of ``channels.pack_placed``).
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 
 from ..core.codes import Code
@@ -52,6 +55,32 @@ from .presence import SessionInfo
 from .retry import InOrder
 
 log = logging.getLogger("tillwire.ownership")
+
+# One stored message in a ``deliver`` notice: the lengths of the terminal,
+# kind and body, lane, seq, msg_id and when it was accepted (unix s); then
+# terminal, kind and body.
+_DELIVERY = struct.Struct(">HHIBQQd")
+
+
+def pack_delivery(item) -> bytes:
+    terminal, lane, seq, msg_id, kind, body, created = item
+    t, k = terminal.encode(), kind.encode()
+    return _DELIVERY.pack(len(t), len(k), len(body), lane, seq, msg_id, created) + t + k + body
+
+
+def unpack_deliveries(data: bytes) -> list:
+    """The (terminal, lane, seq, msg_id, kind, body, created) of a ``deliver`` notice."""
+    out = []
+    at, end, size = 0, len(data), _DELIVERY.size
+    while at < end:
+        nt, nk, nb, lane, seq, msg_id, created = _DELIVERY.unpack_from(data, at)
+        at += size
+        terminal = data[at:at + nt].decode()
+        kind = data[at + nt:at + nt + nk].decode()
+        body = bytes(data[at + nt + nk:at + nt + nk + nb])
+        at += nt + nk + nb
+        out.append((terminal, lane, seq, msg_id, kind, body, created))
+    return out
 
 LEASE = 90.0                 # seconds a claim lasts without renewal
 RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
@@ -135,21 +164,28 @@ class Ownership:
 
     # -- P0/P1 messages for sessions held elsewhere ------------------------------------
 
-    def notify(self, stored: list[tuple[str, int, int]]) -> None:
-        """(terminal, lane, seq) were stored for terminals with no session
-        here: tell the workers that hold them, now and once more later."""
+    def notify(self, stored: list) -> None:
+        """(terminal, lane, seq, msg_id, kind, body, created) were stored for terminals
+        with no session here: hand them to the workers that hold them (a
+        ``deliver`` notice carries the messages, so the owner need not read
+        them back), and tell those workers once more later (``inbox``)."""
         self.node.spawn(self._notify(stored, again=True))
 
-    async def _notify(self, stored: list[tuple[str, int, int]], again: bool) -> None:
+    async def _notify(self, stored: list, again: bool) -> None:
         try:
-            owners = await self.presence.owners(dict.fromkeys(t for t, _, _ in stored))
-            lines: dict[str, list[str]] = {}
-            for terminal, lane, seq in stored:
-                owner = owners.get(terminal)
+            owners = await self.presence.owners(dict.fromkeys(item[0] for item in stored))
+            notices: dict[str, list] = {}
+            for item in stored:
+                owner = owners.get(item[0])
                 if owner is not None and owner != self.owner:
-                    lines.setdefault(owner, []).append(f"{terminal} {lane} {seq}")
-            for owner, some in lines.items():
-                await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(some).encode())
+                    notices.setdefault(owner, []).append(item)
+            for owner, items in notices.items():
+                if again:
+                    notice = b"deliver\0\0" + b"".join(map(pack_delivery, items))
+                else:
+                    notice = b"inbox\0\0" + "\n".join(
+                        f"{t} {lane} {seq}" for t, lane, seq, *_ in items).encode()
+                await self.broker.send_control(owner, notice)
         except Exception as exc:        # the owner's reconciliation finds them
             log.warning("presence/broker: telling the owners of %d stored messages failed: %s",
                         len(stored), exc)
@@ -270,8 +306,11 @@ class Ownership:
                 if channels.interest is not None:
                     channels.receive(address, raw[0], raw[1:])
                 return
+            if verb == "deliver":       # (binary: the stored messages, pack_delivery)
+                self.node.delivery.deliver_notified(unpack_deliveries(raw))
+                return
             argument = raw.decode()
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, struct.error):
             log.warning("control: malformed message %r", message[:80])
             return
         if verb == "takeover":

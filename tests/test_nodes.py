@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from failing import Failing
 from redis_server import fresh_prefix, redis_url
-from support import aiotest, connect, eventually, receive_orders, start_node
+from support import aiotest, connect, eventually, provision, receive_orders, start_node
 from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
 from tillwire.server.broker_memory import MemoryBroker, MemoryBus
@@ -139,3 +139,35 @@ async def test_a_claim_the_presence_refuses_is_kept_and_retried(kind):
         await connect(a, "t1")
         await _owner_becomes(presence, "a")
         assert failing.calls["claim"] == 4
+
+
+@aiotest()
+async def test_a_result_stored_on_one_node_reaches_a_till_on_another_in_the_notice():
+    # Two nodes sharing presence, a broker and one store: the node that
+    # stores a payment result for a till held by the other hands the message
+    # over in its notice, so the other delivers it without reading its store
+    # (here every inbox read of that node fails, and the result still comes).
+    from tillwire.server.store_memory import MemoryStore
+
+    store = MemoryStore()
+    presence, bus = MemoryPresence(), MemoryBus()
+    a = await start_node(node_id="a", store=store, presence=presence,
+                         broker=MemoryBroker("a", bus))
+    failing = Failing(store)
+    b = await start_node(node_id="b", store=failing, presence=presence,
+                         broker=MemoryBroker("b", bus))
+    try:
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        failing.fail("inbox", None)
+        await provision(a, "t1")         # (a's registry is its own here)
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        for n in range(3):
+            await pay.send("payment.result", {"order": f"o{n + 1}", "status": "paid"}, TILL)
+        assert await receive_orders(till, 3) == [1, 2, 3]
+        assert failing.calls["inbox"] == 0
+        await pay.close()
+        await till.close()
+    finally:
+        await a.stop()
+        await b.stop()
