@@ -63,6 +63,11 @@ class RedisBroker(Broker):
     def _name(self, channel: str) -> bytes:
         return self._channel_prefix + channel.encode()
 
+    def topic(self, channel: str) -> bytes:
+        """The Redis pub/sub channel carrying ``channel`` (for a History that
+        publishes in its append: ``RedisHistory.append_published``)."""
+        return self._name(channel)
+
     async def start(self, on_message: MessageHandler, on_control: ControlHandler) -> None:
         (_, listening), = await self._redis.pubsub_numsub(self._control)
         if listening:

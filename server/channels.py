@@ -34,14 +34,21 @@ SNAPSHOT_SLICE = 256         # snapshot entries pushed per flush while resyncing
 log = logging.getLogger("tillwire.channels")
 
 # A channel message between the workers of a fleet: epoch, offset, version,
-# ttl (s), the kind's and key's lengths, then kind, key and payload.
+# ttl (s), the kind's and key's lengths, then kind, key and payload.  The
+# part after epoch and offset is the *tail* (a History that publishes in its
+# append puts epoch and offset in front of it itself).
 _PLACED = struct.Struct(">QQqdHH")
+_TAIL = struct.Struct(">qdHH")
+
+
+def placed_tail(kind: str, key: str, version: int, ttl: float, payload: bytes) -> bytes:
+    k, c = kind.encode(), key.encode()
+    return _TAIL.pack(version, ttl, len(k), len(c)) + k + c + payload
 
 
 def pack_placed(epoch: int, offset: int, kind: str, key: str, version: int, ttl: float,
                 payload: bytes) -> bytes:
-    k, c = kind.encode(), key.encode()
-    return _PLACED.pack(epoch, offset, version, ttl, len(k), len(c)) + k + c + payload
+    return struct.pack(">QQ", epoch, offset) + placed_tail(kind, key, version, ttl, payload)
 
 
 def unpack_placed(data: bytes):
@@ -389,14 +396,24 @@ class Channels:
             ttl = ttl or self.cfg.lanes.p3_ttl
         else:
             ttl = 0.0
+        history, broker = self.node.history, self.node.broker
         try:
-            placed = await self.node.history.append(name, lane, kind, key, version, payload, ttl)
-            if placed is not None:
-                data = pack_placed(placed.epoch, placed.offset, kind, key, version, ttl, payload)
-                if address.scope == "terminal":
-                    await self.node.ownership.send_channel(name, lane, data)
-                else:
-                    await self.node.broker.publish(name, lane, data)
+            published = getattr(history, "append_published", None)
+            topic = getattr(broker, "topic", None)
+            if address.scope != "terminal" and published is not None and topic is not None:
+                # (placed and published in one step: offset order on the wire)
+                placed = await published(name, lane, kind, key, version, payload, ttl,
+                                         topic(name), bytes((lane,)),
+                                         placed_tail(kind, key, version, ttl, payload))
+            else:
+                placed = await history.append(name, lane, kind, key, version, payload, ttl)
+                if placed is not None:
+                    data = pack_placed(placed.epoch, placed.offset, kind, key, version, ttl,
+                                       payload)
+                    if address.scope == "terminal":
+                        await self.node.ownership.send_channel(name, lane, data)
+                    else:
+                        await broker.publish(name, lane, data)
         except Exception as exc:
             # (placed but not carried: the history has it for catch-up)
             log.warning("history/broker: publishing to %s failed: %s", name, exc)
@@ -452,7 +469,8 @@ class Channels:
         for item in page.items:
             self.hub.append(stream, item.kind, item.key, item.version, item.payload, now,
                             deadline, placed=item.offset)
-        stream.offset = page.offset
+        # (the offset and the entries are two reads: never below what was read)
+        stream.offset = max(page.offset, page.items[-1].offset if page.items else 0)
 
     def _append(self, address, lane: int, kind: str, key: str, version: int,
                 payload: bytes, ttl: float, report: dict | None) -> int:

@@ -473,9 +473,13 @@ class Commands:
         if interest is not None:
             interest.add(names)
             conn.extras()["interest"] = names
-            if not interest.primed(names):
-                self.spawn(self._join_primed(conn, names, positions))
-                names = ()
+            waiting = [n for n in names if n in interest.priming]
+            if waiting:
+                # (channels this worker has are joined now: their broadcasts
+                # may come at once; the others once primed, each announced as
+                # the priming makes its stream)
+                self.spawn(self._join_primed(conn, waiting, positions))
+                names = [n for n in names if n not in interest.priming]
         now = self.loop.time()
         for stream in self.hub.streams_of(names):
             self.channels.join(conn, stream, positions.get((stream.name, stream.lane)), now)
@@ -521,9 +525,11 @@ class Commands:
             return
         if conn.state == CLOSED:
             return
-        self._on_hello(conn, frame, looked_up=True)
-        self.mark_dirty(conn)
-        conn.release(HOLD_LOOKUP)
+        try:
+            self._on_hello(conn, frame, looked_up=True)
+        finally:
+            self.mark_dirty(conn)
+            conn.release(HOLD_LOOKUP)
 
     async def _look_up_recipient(self, conn: TerminalConnection, to: str) -> None:
         try:

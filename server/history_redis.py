@@ -64,6 +64,12 @@ for _, e in ipairs(redis.call("XRANGE", stream, "-", "+", "COUNT", 64)) do
   if created >= horizon then break end
   redis.call("XDEL", stream, e[1])
 end
+if ARGV[11] then
+  -- (published in the same atomic step: subscribers get a channel's
+  -- messages in offset order, whichever workers placed them)
+  redis.call("PUBLISH", ARGV[11], ARGV[12] .. struct.pack(">I8I8", tonumber(epoch), offset)
+             .. ARGV[13])
+end
 return {epoch, offset}
 """
 
@@ -94,6 +100,22 @@ class RedisHistory:
             args=[int(lane), kind, key, int(version), payload, repr(now),
                   repr(now + ttl if ttl else 0.0),
                   self._max, epoch, repr(now - self._age)])
+        return Placed(int(got_epoch), offset) if offset else None
+
+    async def append_published(self, channel: str, lane: int, kind: str, key: str,
+                               version: int, payload: bytes, ttl: float, topic: bytes,
+                               header: bytes, tail: bytes) -> Placed | None:
+        """:meth:`append`, and when placed, PUBLISH ``header`` + epoch +
+        offset (8 bytes each, big-endian) + ``tail`` on the pub/sub channel
+        ``topic`` in the same script: the fleet's channel messages reach every
+        worker in offset order (two PUBLISHes after two appends may cross)."""
+        now = self._clock()
+        epoch = (int(now) << 16) | random.getrandbits(16)     # (used if the stream is new)
+        got_epoch, offset = await self._append(
+            keys=self._keys(channel, lane),
+            args=[int(lane), kind, key, int(version), payload, repr(now),
+                  repr(now + ttl if ttl else 0.0), self._max, epoch, repr(now - self._age),
+                  topic, header, tail])
         return Placed(int(got_epoch), offset) if offset else None
 
     async def _meta(self, channel: str, lane: int) -> tuple[int, int]:

@@ -123,7 +123,10 @@ class Interest:
             await asyncio.sleep(0)
             held = self.priming.pop(name, ())
             for lane, data in held:
-                channels.receive(name, lane, data)
+                try:
+                    channels.receive(name, lane, data)
+                except Exception:      # (its own message only)
+                    log.exception("channel %s: a held message could not be placed", name)
         left = [name for name in names if name not in self.counts]
         if left and not self.node.stopping:
             # (every session that needed them left while they were primed)

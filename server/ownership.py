@@ -62,6 +62,21 @@ log = logging.getLogger("tillwire.ownership")
 _DELIVERY = struct.Struct(">HHIBQQd")
 
 
+NOTICE_MAX = 256 * 1024      # bytes of bodies one deliver notice carries (the rest: positions)
+
+
+def _carried(items: list) -> tuple[list, list]:
+    """The items a deliver notice carries (in order, up to NOTICE_MAX bytes of
+    bodies: a group message to thousands must not make one huge PUBLISH)
+    and those told as positions only (the owner reads them from the store)."""
+    total = 0
+    for i, item in enumerate(items):
+        total += len(item[5])
+        if total > NOTICE_MAX:
+            return items[:i], items[i:]
+    return items, []
+
+
 def pack_delivery(item) -> bytes:
     terminal, lane, seq, msg_id, kind, body, created = item
     t, k = terminal.encode(), kind.encode()
@@ -180,12 +195,13 @@ class Ownership:
                 if owner is not None and owner != self.owner:
                     notices.setdefault(owner, []).append(item)
             for owner, items in notices.items():
-                if again:
-                    notice = b"deliver\0\0" + b"".join(map(pack_delivery, items))
-                else:
-                    notice = b"inbox\0\0" + "\n".join(
-                        f"{t} {lane} {seq}" for t, lane, seq, *_ in items).encode()
-                await self.broker.send_control(owner, notice)
+                carried, told = (_carried(items) if again else ([], items))
+                if carried:
+                    await self.broker.send_control(
+                        owner, b"deliver\0\0" + b"".join(map(pack_delivery, carried)))
+                if told:
+                    await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(
+                        f"{t} {lane} {seq}" for t, lane, seq, *_ in told).encode())
         except Exception as exc:        # the owner's reconciliation finds them
             log.warning("presence/broker: telling the owners of %d stored messages failed: %s",
                         len(stored), exc)
@@ -197,6 +213,12 @@ class Ownership:
             self.node.spawn(self._notify(stored, again=False))
 
     def _on_resubscribed(self) -> None:
+        # (what was announced meanwhile is lost: cached records are read
+        # again when next needed, the directory at once)
+        drop = getattr(self.node.registry, "drop_cache", None)
+        if drop is not None:
+            drop()
+        self.node.spawn(self._refresh(self.node.directory.load(), "directory", "every store"))
         self.node.spawn(self._reconcile_now())
 
     async def _reconcile_now(self) -> None:

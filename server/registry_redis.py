@@ -84,6 +84,11 @@ class RedisRegistry(Registry):
     def __len__(self) -> int:
         return len(self._cache)
 
+    def drop_cache(self) -> None:
+        """Forget every cached record (changes announced while this worker
+        could not hear them): each is read again when next needed."""
+        self._cache.clear()
+
     def cached(self, address: str) -> TerminalRecord | None:
         return self._cache.get(address)
 

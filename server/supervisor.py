@@ -48,6 +48,18 @@ STOP_TIMEOUT = 60.0          # longest wait for one draining worker before SIGKI
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent (the
+    supervisor) dies (prctl PR_SET_PDEATHSIG); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)     # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_config(cfg: Config, index: int) -> Config:
     """Worker ``index``'s configuration: its own audit file."""
     base, ext = os.path.splitext(audit_log_path(cfg))
@@ -65,6 +77,7 @@ class Supervisor:
         self.node_id = node_id
         self.worker_main = worker_main
         self.count = cfg.server.workers
+        self.pid = os.getpid()
         self.pids: dict[int, int] = {}           # pid -> worker index
         self.started: dict[int, float] = {}      # index -> when its process started
         self.delay: dict[int, float] = {}        # index -> its next restart delay
@@ -80,10 +93,19 @@ class Supervisor:
         # starts stays pending until its event loop handles them (main.run
         # unblocks them then) rather than killing it half-started.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if pid == 0:                             # the worker
             status = 1
             try:
+                # Its own process group: a Ctrl-C at the terminal reaches the
+                # supervisor only, which drains the workers one at a time; and
+                # it ends if the supervisor dies (SIGKILL) rather than serve on.
+                os.setpgid(0, 0)
+                _die_with_parent()
                 for sig in STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 status = self.worker_main(worker_config(self.cfg, index), index, self.node_id)
@@ -92,7 +114,6 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(status if isinstance(status, int) else 1)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         self.pids[pid] = index
         self.started[index] = time.monotonic()
         log.info("worker %d started pid=%d node=%s", index, pid, self.node_id)

@@ -604,10 +604,12 @@ class Tickets:
             try:
                 accepted = await commit(host, msg, address)
             except UnknownTerminal as exc:
+                await self._unclaim(kind, key, conn, body, shared and not known)
                 host.service_error(conn, ref, Code.UNKNOWN_TERMINAL, str(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - not stored: nothing changed
                 log.error("ticket %s %s could not be stored: %s", key, kind, exc)
+                await self._unclaim(kind, key, conn, body, shared and not known)
                 host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
                                    "the message could not be stored; retry")
                 return
@@ -625,9 +627,11 @@ class Tickets:
         """(A fleet) take a ticket's record and assignment claim from the
         shared records into memory: unresolved, it is held here (without a
         timer unless this worker armed one); resolved elsewhere, forgotten."""
+        if key in self.unsaved:
+            return                      # (this worker's change is newer than the record)
         records = self.host.store.records
         raw = await records.get(NS, key)
-        if raw is None:
+        if raw is None or key in self.unsaved:
             return                      # (not written yet: opened here, or unknown)
         rec = orjson.loads(raw)
         claim = await records.get(ASSIGN_NS, key)
@@ -673,6 +677,19 @@ class Tickets:
         rec["assignee"] = held
         self._check_assign("ticket.assign", rec, body["ticket"], conn, body)
         await records.put(ASSIGN_NS, key, assignee.encode(), now)    # (allowed to reassign)
+
+    async def _unclaim(self, kind: str, key: str, conn, body: dict, claimed: bool) -> None:
+        """(A fleet) an assignment whose message was not stored gives its claim
+        back (unless another assignment replaced it meanwhile): nothing changed."""
+        if not claimed or kind != "ticket.assign":
+            return
+        assignee = (body.get("assignee") or conn.claims.terminal).encode()
+        records = self.host.store.records
+        try:
+            if await records.get(ASSIGN_NS, key) == assignee:
+                await records.delete(ASSIGN_NS, key)
+        except Exception as exc:  # noqa: BLE001 - the store is down: retention ends it
+            log.error("ticket %s: the claim of a failed assignment stays: %s", key, exc)
 
     def _apply(self, kind: str, key: str, conn, ref: int, body: dict) -> None:
         """A committed update changes the ticket (unless retention deleted it
@@ -738,13 +755,16 @@ class Tickets:
                     rec = self.open.get(key)
                     if rec is not None and rec["status"] == OPEN:
                         # Every worker holding the ticket comes here: one escalates.
-                        due = f"{key}/{rec['due']!r}"
+                        # (one claim per escalate_after window past the due
+                        # time: a worker that claimed and died is replaced)
+                        window = int(max(0.0, time.time() - rec["due"]) // self.escalate_after)
+                        due = f"{key}/{rec['due']!r}/{window}"
                         won = await host.store.records.put_new(
                             ESCALATE_NS, due, host.worker_name.encode(), time.time())
                         if won != host.worker_name.encode():
-                            # Another worker escalates it; this one forgets it
-                            # (an update here reads it again).
-                            self._forget(key)
+                            # Another worker escalates it; this one looks again
+                            # a window later (the winner may die before it).
+                            self._arm(key, time.time() + self.escalate_after)
                             return
                 except Exception as exc:  # noqa: BLE001 - tried again like a refused escalation
                     log.error("ticket %s escalation could not be claimed (will retry): %s",

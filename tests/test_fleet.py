@@ -668,3 +668,37 @@ def test_a_node_whose_workers_cannot_start_stops_with_one_line_naming_redis(tmp_
     assert time.monotonic() - started < 30
     assert "redis.url" in done.stderr and "could not start" in done.stderr, done.stderr
 
+
+
+def test_workers_end_with_their_supervisor_and_a_ctrl_c_reaches_the_supervisor_only(
+        tmp_path, prefix):
+    # SIGKILL of the supervisor: its workers stop rather than serve on (a
+    # restarted node would find the port taken by orphans).
+    node = Node(tmp_path, "node-p", prefix).start()
+    pids = list(node.pids().values())
+    node.server.kill()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                              not _zombie(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in pids)
+    # Ctrl-C at a terminal signals the foreground process group: the workers
+    # are in groups of their own (not the supervisor's), so only the
+    # supervisor gets it, and it drains them one at a time.
+    node = Node(tmp_path, "node-q", prefix).start()
+    pids = node.pids()
+    group = os.getpgid(node.server.proc.pid)
+    assert all(os.getpgid(p) == p != group for p in pids.values())
+    node.server.proc.send_signal(signal.SIGINT)
+    assert node.server.proc.wait(60) == 0
+    stopped = [int(w) for w in re.findall(r"worker (\d+) stopped \(status 0\)",
+                                          node.server.log())]
+    assert stopped == [0, 1]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return True

@@ -219,3 +219,35 @@ def test_concurrent_publishers_of_one_key_leave_the_newest_version(history):
         snap = await history.snapshot(PRICES, P2)
         assert [(i.key, i.version, i.payload) for i in snap.items] == [("sku1", 7, b'{"v":7}')]
     run(body())
+
+
+def test_redis_appends_publish_in_offset_order_whoever_appends():
+    # (a fleet's channel messages: placed and published in one script, so a
+    # subscriber never sees offset 3 before 2, however the appends interleave)
+    import struct as _struct
+
+    async def body():
+        client = aioredis.from_url(redis_url())
+        _closing.append(client)
+        prefix = fresh_prefix()
+        history = RedisHistory(client, prefix=prefix)
+        listener = aioredis.from_url(redis_url())
+        _closing.append(listener)
+        pubsub = listener.pubsub()
+        topic = f"{prefix}:ch:{PRICES}".encode()
+        await pubsub.subscribe(topic)
+        await pubsub.get_message(timeout=1)                    # (the subscribe confirmation)
+        placed = await asyncio.gather(*(
+            history.append_published(PRICES, P3, "promo", "", 0, b"{}", 60.0, topic,
+                                     b"\x03", b"tail%d" % n) for n in range(50)))
+        got = []
+        while len(got) < 50:
+            msg = await pubsub.get_message(timeout=5)
+            if msg and msg["type"] == "message":
+                data = msg["data"]
+                epoch, offset = _struct.unpack_from(">QQ", data, 1)
+                assert data[0] == 3 and epoch == placed[0].epoch and data[17:21] == b"tail"
+                got.append(offset)
+        assert got == list(range(1, 51)) == sorted(p.offset for p in placed)
+        await pubsub.aclose()
+    run(body())
