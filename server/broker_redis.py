@@ -34,6 +34,7 @@ from .retry import backoff
 log = logging.getLogger("tillwire.broker")
 
 SUBSCRIBE_BATCH = 512        # channels per SUBSCRIBE / UNSUBSCRIBE command
+PING_EVERY = 15.0            # seconds of quiet before the pub/sub connection is pinged
 
 
 class RedisBroker(Broker):
@@ -51,6 +52,7 @@ class RedisBroker(Broker):
         self._confirm: dict[tuple[str, bytes], asyncio.Future] = {}
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
+        self.ping_every = PING_EVERY
         self.on_resubscribed: Callable[[], None] | None = None
         """Called after a lost pub/sub connection was replaced (what was
         published to this worker meanwhile is lost: the caller repairs)."""
@@ -190,12 +192,25 @@ class RedisBroker(Broker):
                 pass
 
     async def _read_messages(self) -> None:
+        """Read until the connection fails.  A connection that goes quiet is
+        pinged every ``ping_every`` seconds, and one that answers nothing
+        for twice that counts as failed: a half-open TCP connection (a
+        partition, a NAT's idle timeout) would otherwise leave the worker
+        deaf while it believes it is subscribed."""
         pubsub = self._pubsub
         loop = asyncio.get_running_loop()
+        heard = loop.time()
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+            msg = await pubsub.get_message(ignore_subscribe_messages=False,
+                                           timeout=self.ping_every)
+            now = loop.time()
             if msg is None:
+                if now - heard > 2 * self.ping_every:
+                    raise ConnectionError(f"no answer from Redis for {now - heard:.1f} s")
+                if now - heard >= self.ping_every:
+                    await pubsub.ping()
                 continue
+            heard = now
             kind, name, data = msg["type"], msg["channel"], msg["data"]
             if kind == "message":
                 self._dispatch(loop, name, data)

@@ -68,7 +68,8 @@ def connect(cfg: Config, worker: str) -> Shared:
         cfg.redis.url, max_connections=POOL_SIZE, timeout=5.0, health_check_interval=10,
         socket_connect_timeout=2.0, socket_timeout=5.0))
     # (the broker's pub/sub connection waits for messages without a timeout)
-    listener = aioredis.Redis.from_url(cfg.redis.url, socket_connect_timeout=2.0)
+    listener = aioredis.Redis.from_url(cfg.redis.url, socket_connect_timeout=2.0,
+                                       socket_keepalive=True)
     prefix = cfg.redis.prefix
     return Shared(
         client=client,

@@ -60,3 +60,32 @@ async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
         await b.stop()
         for client in clients:
             await client.aclose()
+
+
+@aiotest()
+async def test_a_broker_whose_redis_stops_answering_opens_a_new_connection():
+    # (a half-open connection: Redis paused stands for a partition; the broker
+    # pings a quiet connection and counts no answer as a failure)
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+    a = RedisBroker("a", clients[0], prefix=prefix)
+    b = RedisBroker("b", clients[1], prefix=prefix)
+    b.ping_every = 0.2
+    again, heard = [], []
+    b.on_resubscribed = lambda: again.append(b.connected)
+    await a.start(lambda *m: None, lambda c: None)
+    await b.start(lambda channel, lane, payload: heard.append(payload), lambda c: None)
+    try:
+        await b.subscribe(["store:acme/s1"])
+        await clients[2].execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        for _ in range(200):
+            if again:
+                break
+            await asyncio.sleep(0.05)
+        assert again == [True]
+        await _until_heard(a, "store:acme/s1", heard)       # subscribed again
+    finally:
+        await a.stop()
+        await b.stop()
+        for client in clients:
+            await client.aclose()
