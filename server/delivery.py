@@ -391,30 +391,32 @@ class Delivery:
         is handed to its terminal's connection when next in line, else its
         pump reads it from the store (as a message just stored); a terminal
         whose session another worker holds is told through it."""
-        touched = {}
-        away = [] if self.node.ownership is not None else None
-        for r in entries:
-            conn = self._live(r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body, r.created)
-            if conn is not None:
-                touched[conn] = None
-            elif away is not None and r.terminal not in self.hub.sessions:
-                away.append((r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body,
-                              r.created))
-        if away:
-            self.node.ownership.notify(away)
-        self.write_now(touched)
+        self._hand_over([(r.terminal, r.lane, r.seq, r.msg_id, r.kind, r.body, r.created)
+                         for r in entries], tell_others=True)
 
     def deliver_notified(self, messages) -> None:
         """Messages another worker stored for sessions here, carried in its
         notice ((terminal, lane, seq, msg_id, kind, body, created)): handed
         over as if stored here (no read back from the store when each is next
         in line)."""
+        self._hand_over(messages, tell_others=False)
+
+    def _hand_over(self, messages, tell_others: bool) -> None:
+        """Stored messages (terminal, lane, seq, msg_id, kind, body, created)
+        go to their sessions here when next in line (else their pumps read
+        them); with ``tell_others``, the workers holding the other terminals'
+        sessions are told (Ownership.notify)."""
         touched = {}
-        live = self._live
-        for terminal, lane, seq, msg_id, kind, body, created in messages:
-            conn = live(terminal, lane, seq, msg_id, kind, body, created)
+        away = [] if tell_others and self.node.ownership is not None else None
+        live, sessions = self._live, self.hub.sessions
+        for item in messages:
+            conn = live(*item)
             if conn is not None:
                 touched[conn] = None
+            elif away is not None and item[0] not in sessions:
+                away.append(item)
+        if away:
+            self.node.ownership.notify(away)
         if touched:
             self.write_now(touched)
 

@@ -149,6 +149,10 @@ class Ownership:
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
         self._since[address] = time.time()
+        self._claim_again(address, claims)
+
+    def _claim_again(self, address: str, claims) -> None:
+        """Queue a claim of ``address``'s session here (its login time kept)."""
         self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
@@ -230,10 +234,7 @@ class Ownership:
     async def _reconcile_loop(self) -> None:
         while True:
             await asyncio.sleep(self.reconcile_every)
-            try:
-                await self.reconcile()
-            except Exception as exc:        # the next round tries again
-                log.warning("store: reconciling this worker's inboxes failed: %s", exc)
+            await self._reconcile_now()
 
     async def reconcile(self) -> None:
         """Compare every session's inbox positions in the store with what
@@ -370,8 +371,7 @@ class Ownership:
             return
         if self._since.get(address, 0.0) > since:
             if conn.claims is not None:
-                self._queue.add(("claim", address, SessionInfo(
-                    conn.claims.tenant, conn.claims.store, tuple(conn.claims.roles))))
+                self._claim_again(address, conn.claims)
             return
         if await self.presence.owner(address) != self.owner:
             self._close(address)
@@ -405,9 +405,7 @@ class Ownership:
                 if conn is None or conn.claims is None:
                     continue
                 if await self.presence.owner(address) is None:
-                    claims = conn.claims         # (its login time stays the same)
-                    self._queue.add(("claim", address, SessionInfo(
-                        claims.tenant, claims.store, tuple(claims.roles))))
+                    self._claim_again(address, conn.claims)
                 else:
                     self._close(address)
             await asyncio.sleep(0)

@@ -17,6 +17,16 @@ import time
 from .store_sqlite_schema import schema_version
 
 
+def _durable_replace(tmp: str, dest: str) -> None:
+    """Put the finished file ``tmp`` in place as ``dest``, its bytes on disk first."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+
+
 def copy_database(source: sqlite3.Connection, dest_path: str) -> None:
     """Copy ``source`` into ``dest_path`` atomically (a temp file, then rename).
 
@@ -38,12 +48,7 @@ def copy_database(source: sqlite3.Connection, dest_path: str) -> None:
             raise sqlite3.DatabaseError(f"backup copy failed its check: {ok}")
     finally:
         dest.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest_path)
+    _durable_replace(tmp, dest_path)
 
 
 def backup_file(db_path: str, dest_path: str) -> None:
@@ -124,10 +129,5 @@ def restore_file(backup_path: str, db_path: str, *, now: float | None = None) ->
         conn.execute("COMMIT")
     finally:
         conn.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, db_path)
+    _durable_replace(tmp, db_path)
     return aside
