@@ -125,6 +125,42 @@ async def subscribed(prefix: str, channel: str, workers: int, url: str | None = 
         await client.aclose()
 
 
+class SdkTills:
+    """Tills on the SDK (resume state on disk, reconnect with backoff) that
+    ack every payment result; ``got[i]`` are till ``i``'s order numbers in
+    arrival order."""
+
+    def __init__(self, addr, tmp_path) -> None:
+        self.addr, self.tmp_path = addr, tmp_path
+        self.clients: list[Client] = []
+        self.got: dict[int, list[int]] = {}
+        self._readers: list[asyncio.Task] = []
+
+    async def add(self) -> Client:
+        i = len(self.clients)
+        c = Client(*self.addr, token(f"till{i}"), state_path=str(self.tmp_path / f"t{i}.json"),
+                   backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
+        self.clients.append(await c.start())
+        self.got[i] = []
+        self._readers.append(asyncio.create_task(self._receive(c, self.got[i])))
+        return c
+
+    @staticmethod
+    async def _receive(c: Client, got: list[int]) -> None:
+        async for msg in c:
+            got.append(int(msg.body["order"][1:]))
+            await msg.ack()
+
+    def received(self) -> int:
+        return sum(map(len, self.got.values()))
+
+    async def close(self) -> None:
+        for r in self._readers:
+            r.cancel()
+        for c in self.clients:
+            await c.close()
+
+
 def payment(n: int) -> dict:
     return {"order": f"o{n}", "status": "paid"}
 
@@ -440,25 +476,14 @@ async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix
 async def test_a_worker_killed_is_restarted_and_its_tills_resume_elsewhere_losing_nothing(
         tmp_path, prefix):
     node = Node(tmp_path, "node-k", prefix).start()
-    clients = []
+    tills = SdkTills(node.addr, tmp_path)
+    clients = tills.clients
     try:
-        # Tills with the SDK (resume state, reconnect with backoff), at least
-        # eight and until both workers hold some (the kernel picks).
+        # At least eight tills, and until both workers hold some (the kernel picks).
         while len(clients) < 8 or {c.info["worker"] for c in clients} != {0, 1}:
-            i = len(clients)
-            assert i < 40, "the kernel put every till on one worker"
-            c = Client(*node.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
-                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
-            clients.append(await c.start())
+            assert len(clients) < 40, "the kernel put every till on one worker"
+            await tills.add()
         pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
-        got: dict[int, list[str]] = {i: [] for i in range(len(clients))}
-
-        async def receive(i, c):
-            async for msg in c:
-                got[i].append(msg.body["order"])
-                await msg.ack()
-
-        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
         sent = 0
 
         async def pay_round():
@@ -478,17 +503,13 @@ async def test_a_worker_killed_is_restarted_and_its_tills_resume_elsewhere_losin
         node.wait_listening([victim], since=before)    # the supervisor started it again
         assert re.search(rf"worker {victim} exited \(signal 9\)", node.server.log())
         await pay_round()
-        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
+        await eventually(lambda: tills.received() == sent, timeout=30)
         # Every result once, each till's in the order sent.
-        for i in range(len(clients)):
-            mine = [int(o[1:]) for o in got[i]]
+        for mine in tills.got.values():
             assert mine == sorted(set(mine)) and len(mine) == sent // len(clients)
-        for r in readers:
-            r.cancel()
         await pay.close()
     finally:
-        for c in clients:
-            await c.close()
+        await tills.close()
         assert node.stop() == 0
 
 
@@ -522,22 +543,12 @@ async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothin
         tmp_path, prefix):
     with PrivateRedis("--appendonly", "yes", "--appendfsync", "always") as redis:
         node = Node(tmp_path, "node-r", prefix, url=redis.url).start()
-        clients = []
+        tills = SdkTills(node.addr, tmp_path)
+        clients = tills.clients
         try:
-            for i in range(4):
-                c = Client(*node.addr, token(f"till{i}"),
-                           state_path=str(tmp_path / f"t{i}.json"), backoff_base=0.05,
-                           backoff_max=0.5, connect_timeout=3)
-                clients.append(await c.start())
+            for _ in range(4):
+                await tills.add()
             pay = await connect(node.addr, "pay1", roles=("backend",), timeout=5)
-            got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
-
-            async def receive(i, c):
-                async for msg in c:
-                    got[i].append(int(msg.body["order"][1:]))
-                    await msg.ack()
-
-            readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
             refused = []
 
             async def pay_one(n: int) -> None:
@@ -575,15 +586,12 @@ async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothin
                     break
                 await asyncio.sleep(0.2)
             assert await ready()
-            await eventually(lambda: sum(map(len, got.values())) >= 40, timeout=30)
-            for i in range(len(clients)):
-                assert got[i] == list(range(i, 40, len(clients))), (i, got[i])
-            for r in readers:
-                r.cancel()
+            await eventually(lambda: tills.received() >= 40, timeout=30)
+            for i, mine in tills.got.items():
+                assert mine == list(range(i, 40, len(clients))), (i, mine)
             await pay.close()
         finally:
-            for c in clients:
-                await c.close()
+            await tills.close()
             assert node.stop() == 0
 
 
@@ -591,21 +599,12 @@ async def test_redis_restarted_mid_traffic_refuses_then_carries_on_losing_nothin
 async def test_a_rolling_restart_of_one_node_under_p0_traffic_loses_nothing(tmp_path, prefix):
     a = Node(tmp_path, "node-a", prefix).start()
     b = Node(tmp_path, "node-b", prefix, workers=1).start()
-    clients = []
+    tills = SdkTills(a.addr, tmp_path)
+    clients = tills.clients
     try:
-        for i in range(6):
-            c = Client(*a.addr, token(f"till{i}"), state_path=str(tmp_path / f"t{i}.json"),
-                       backoff_base=0.05, backoff_max=0.5, connect_timeout=3)
-            clients.append(await c.start())
+        for _ in range(6):
+            await tills.add()
         pay = await connect(b.addr, "pay1", roles=("backend",), timeout=5)   # on node B
-        got: dict[int, list[int]] = {i: [] for i in range(len(clients))}
-
-        async def receive(i, c):
-            async for msg in c:
-                got[i].append(int(msg.body["order"][1:]))
-                await msg.ack()
-
-        readers = [asyncio.create_task(receive(i, c)) for i, c in enumerate(clients)]
         sent = 0
         stop = asyncio.Event()
 
@@ -630,16 +629,13 @@ async def test_a_rolling_restart_of_one_node_under_p0_traffic_loses_nothing(tmp_
         await asyncio.sleep(1.0)
         stop.set()
         await paying
-        await eventually(lambda: sum(map(len, got.values())) == sent, timeout=30)
-        for i in range(len(clients)):
-            assert got[i] == list(range(i, sent, len(clients))), (i, got[i][:20])
+        await eventually(lambda: tills.received() == sent, timeout=30)
+        for i, mine in tills.got.items():
+            assert mine == list(range(i, sent, len(clients))), (i, mine[:20])
         assert all(c.connects >= 2 for c in clients)   # each moved across the restart
-        for r in readers:
-            r.cancel()
         await pay.close()
     finally:
-        for c in clients:
-            await c.close()
+        await tills.close()
         assert a.stop() == 0
         assert b.stop() == 0
 

@@ -5,6 +5,8 @@ killed by the server itself (``CLIENT KILL``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from types import SimpleNamespace
 
 import redis.asyncio as aioredis
 
@@ -26,24 +28,42 @@ async def _until_heard(sender, channel: str, heard: list, timeout: float = 10.0)
     raise AssertionError(f"nothing heard on {channel} within {timeout} s")
 
 
-@aiotest()
-async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
+@contextlib.asynccontextmanager
+async def two_brokers(ping_every: float | None = None):
+    """Workers a and b started on one fresh prefix, and a third client to act
+    on Redis with; b records what it hears, its control messages, and
+    ``connected`` each time it subscribed again."""
     prefix = fresh_prefix()
     clients = [aioredis.from_url(redis_url()) for _ in range(3)]
     a = RedisBroker("a", clients[0], prefix=prefix)
     b = RedisBroker("b", clients[1], prefix=prefix)
-    heard, controls, again = [], [], []
-    b.on_resubscribed = lambda: again.append(b.connected)
+    if ping_every is not None:
+        b.ping_every = ping_every
+    seen = SimpleNamespace(a=a, b=b, redis=clients[2], heard=[], controls=[], again=[])
+    b.on_resubscribed = lambda: seen.again.append(b.connected)
     await a.start(lambda *m: None, lambda c: None)
-    await b.start(lambda channel, lane, payload: heard.append(payload), controls.append)
+    await b.start(lambda channel, lane, payload: seen.heard.append(payload),
+                  seen.controls.append)
     try:
+        yield seen
+    finally:
+        await a.stop()
+        await b.stop()
+        for client in clients:
+            await client.aclose()
+
+
+@aiotest()
+async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
+    async with two_brokers() as w:
+        a, b, heard, controls = w.a, w.b, w.heard, w.controls
         await b.subscribe(["store:acme/s1", "store:acme/s2"])
         await _until_heard(a, "store:acme/s1", heard)
-        killed = await clients[2].client_kill_filter(_type="pubsub")
+        killed = await w.redis.client_kill_filter(_type="pubsub")
         assert killed >= 2                               # a's and b's pub/sub connections
         heard.clear()
         await _until_heard(a, "store:acme/s2", heard)    # b subscribed to both again
-        assert again == [True] and b.connected           # (the node reconciles then)
+        assert w.again == [True] and b.connected         # (the node reconciles then)
         assert await a.send_control("b", b"takeover terminal:acme/t1")
         for _ in range(100):
             if controls:
@@ -55,37 +75,18 @@ async def test_a_broker_whose_connection_is_killed_subscribes_again_by_itself():
         await a.publish("store:acme/s2", 2, b"after unsubscribe")
         await _until_heard(a, "store:acme/s1", heard)
         assert b"after unsubscribe" not in heard
-    finally:
-        await a.stop()
-        await b.stop()
-        for client in clients:
-            await client.aclose()
 
 
 @aiotest()
 async def test_a_broker_whose_redis_stops_answering_opens_a_new_connection():
     # (a half-open connection: Redis paused stands for a partition; the broker
     # pings a quiet connection and counts no answer as a failure)
-    prefix = fresh_prefix()
-    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
-    a = RedisBroker("a", clients[0], prefix=prefix)
-    b = RedisBroker("b", clients[1], prefix=prefix)
-    b.ping_every = 0.2
-    again, heard = [], []
-    b.on_resubscribed = lambda: again.append(b.connected)
-    await a.start(lambda *m: None, lambda c: None)
-    await b.start(lambda channel, lane, payload: heard.append(payload), lambda c: None)
-    try:
-        await b.subscribe(["store:acme/s1"])
-        await clients[2].execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    async with two_brokers(ping_every=0.2) as w:
+        await w.b.subscribe(["store:acme/s1"])
+        await w.redis.execute_command("CLIENT", "PAUSE", "1500", "ALL")
         for _ in range(200):
-            if again:
+            if w.again:
                 break
             await asyncio.sleep(0.05)
-        assert again == [True]
-        await _until_heard(a, "store:acme/s1", heard)       # subscribed again
-    finally:
-        await a.stop()
-        await b.stop()
-        for client in clients:
-            await client.aclose()
+        assert w.again == [True]
+        await _until_heard(w.a, "store:acme/s1", w.heard)     # subscribed again

@@ -54,6 +54,18 @@ async def redrive_env(tmp_path):
         audit.close()
 
 
+async def dead_lettered(env):
+    """Till t1 connected, a payment published to it and refused by it (NACK
+    code 7): (the till's connection, the publish answer, the message)."""
+    till = await connect(env.node, "t1")
+    res = await env.api.call("POST", "/v1/publish", json_body={
+        "to": "terminal:acme/t1", "kind": "payment.result", "body": PAY})
+    msg = await till.receive(timeout=3)
+    till.nack(msg.lane, msg.seq, code=7, reason="unknown order")
+    await eventually(lambda: env.node.counters.dead_rejected[0] == 1)
+    return till, res, msg
+
+
 async def dead_letters(env) -> list[dict]:
     doc = await env.api.call("GET", "/v1/dead-letters?tenant=acme", "/v1/dead-letters")
     return doc["dead_letters"]
@@ -62,12 +74,7 @@ async def dead_letters(env) -> list[dict]:
 @aiotest()
 async def test_one_dead_letter_comes_back_as_a_new_entry_and_is_audited(tmp_path):
     async with redrive_env(tmp_path) as (env, _):
-        till = await connect(env.node, "t1")
-        res = await env.api.call("POST", "/v1/publish", json_body={
-            "to": "terminal:acme/t1", "kind": "payment.result", "body": PAY})
-        msg = await till.receive(timeout=3)
-        till.nack(msg.lane, msg.seq, code=7, reason="unknown order")
-        await eventually(lambda: env.node.counters.dead_rejected[0] == 1)
+        till, res, msg = await dead_lettered(env)
         listed = await dead_letters(env)
         assert [(d["id"], d["seq"]) for d in listed] == [(res["id"], msg.seq)]
         url = f"/v1/terminals/acme/t1/dead-letters/{res['id']}/redrive"
@@ -157,12 +164,7 @@ async def test_refusals_name_the_problem(tmp_path):
 @aiotest()
 async def test_a_failing_store_changes_nothing_and_a_retry_works(tmp_path):
     async with redrive_env(tmp_path) as (env, store):
-        till = await connect(env.node, "t1")
-        res = await env.api.call("POST", "/v1/publish", json_body={
-            "to": "terminal:acme/t1", "kind": "payment.result", "body": PAY})
-        msg = await till.receive(timeout=3)
-        till.nack(msg.lane, msg.seq, code=7, reason="unknown order")
-        await eventually(lambda: env.node.counters.dead_rejected[0] == 1)
+        till, res, msg = await dead_lettered(env)
         url = f"/v1/terminals/acme/t1/dead-letters/{res['id']}/redrive"
         store.fail("redrive")
         doc = await env.api.call("POST", url, ONE, expect=503)

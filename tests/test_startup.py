@@ -4,6 +4,7 @@ why in one line naming the key to change, and exits non-zero."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -50,11 +51,17 @@ def last_line(result) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-def test_port_in_use_is_one_line_naming_the_key(tmp_path):
+@contextlib.contextmanager
+def taken_port():
+    """A loopback port something else listens on, for as long as the ``with``."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_port_in_use_is_one_line_naming_the_key(tmp_path):
+    with taken_port() as port:
         result = serve(tmp_path, "--port", str(port))
     assert result.returncode == 1
     line = last_line(result)
@@ -65,10 +72,7 @@ def test_port_in_use_is_one_line_naming_the_key(tmp_path):
 
 
 def test_admin_port_in_use_names_admin_port(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = serve(tmp_path, "--admin-port", str(port))
     assert result.returncode == 1
     line = last_line(result)
