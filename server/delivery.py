@@ -239,7 +239,13 @@ class Delivery:
         try:
             while True:
                 try:
-                    resolved = [(m, r if r is not None else await self._members(a), reply, a)
+                    # Each address once, all at the same time (a batch to a
+                    # thousand terminals this worker has not seen is one
+                    # round trip's wait, not a thousand in a row).
+                    wanted = {str(a): a for _, r, _, a in batch if r is None}
+                    found = dict(zip(wanted, await asyncio.gather(
+                        *(self._members(a) for a in wanted.values()))))
+                    resolved = [(m, r if r is not None else found[str(a)], reply, a)
                                 for m, r, reply, a in batch]
                 except Exception as exc:      # the registry failed: nothing was stored
                     log.error("registry lookup failed: %s", exc)

@@ -62,19 +62,28 @@ log = logging.getLogger("tillwire.ownership")
 _DELIVERY = struct.Struct(">HHIBQQd")
 
 
-NOTICE_MAX = 256 * 1024      # bytes of bodies one deliver notice carries (the rest: positions)
+NOTICE_MAX = 256 * 1024      # bytes of bodies one deliver notice carries at most
+NOTICE_TOTAL = 4 * 1024 * 1024    # bytes of bodies one owner is sent per batch (the rest: positions)
 
 
-def _carried(items: list) -> tuple[list, list]:
-    """The items a deliver notice carries (in order, up to NOTICE_MAX bytes of
-    bodies: a group message to thousands must not make one huge PUBLISH)
-    and those told as positions only (the owner reads them from the store)."""
-    total = 0
+def _carried(items: list) -> tuple[list[list], list]:
+    """The deliver notices for ``items`` (in order, each up to NOTICE_MAX
+    bytes of bodies, NOTICE_TOTAL in all: a group message to thousands must
+    not make huge PUBLISHes) and the items told as positions only (the owner
+    reads them from the store)."""
+    notices: list[list] = []
+    size = total = 0
     for i, item in enumerate(items):
-        total += len(item[5])
-        if total > NOTICE_MAX:
-            return items[:i], items[i:]
-    return items, []
+        n = len(item[5])
+        total += n
+        if total > NOTICE_TOTAL:
+            return notices, items[i:]
+        if not notices or (size + n > NOTICE_MAX and notices[-1]):
+            notices.append([])
+            size = 0
+        notices[-1].append(item)
+        size += n
+    return notices, []
 
 
 def pack_delivery(item) -> bytes:
@@ -200,9 +209,9 @@ class Ownership:
                     notices.setdefault(owner, []).append(item)
             for owner, items in notices.items():
                 carried, told = (_carried(items) if again else ([], items))
-                if carried:
+                for some in carried:
                     await self.broker.send_control(
-                        owner, b"deliver\0\0" + b"".join(map(pack_delivery, carried)))
+                        owner, b"deliver\0\0" + b"".join(map(pack_delivery, some)))
                 if told:
                     await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(
                         f"{t} {lane} {seq}" for t, lane, seq, *_ in told).encode())

@@ -102,11 +102,18 @@ _OWNER = _COMMON + """
 return live_owner(ARGV[3])
 """
 
+# (Two commands for all the terminals asked, not two per terminal: this
+# runs for every batch of P0/P1 messages stored for other workers' sessions.)
 _OWNERS = _COMMON + """
 local out = {}
-for i = 3, #ARGV do
-  local o = live_owner(ARGV[i])
-  if o then out[#out + 1] = ARGV[i]; out[#out + 1] = o end
+for i = 3, #ARGV, 1000 do
+  local some = {unpack(ARGV, i, math.min(i + 999, #ARGV))}
+  local os = redis.call("HMGET", owners, unpack(some))
+  local es = redis.call("ZMSCORE", expiry, unpack(some))
+  for k, t in ipairs(some) do
+    local e = tonumber(es[k])
+    if os[k] and e and e > now then out[#out + 1] = t; out[#out + 1] = os[k] end
+  end
 end
 return out
 """

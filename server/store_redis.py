@@ -16,15 +16,19 @@ recipients and its own record in one atomic script, and every recipient of
 a message is of the message's tenant (the node expands addresses within
 one tenant), so one tenant's keys share a Cluster slot:
 
-* ``<p>:{T}:s:m:<msg_id>`` — hash, the message (sender, ref, lane, kind,
-  to, body, created, expires, receipt) and per recipient ``i`` (1-based, in
-  order) ``t<i>`` terminal, ``q<i>`` seq, ``s<i>`` state, ``d<i>``/``a<i>``/
-  ``e<i>`` delivered/acked/ended at, ``w<i>`` reason; ``open`` (entries not
-  ended) and ``done`` (the latest end);
+* ``<p>:{T}:s:m:<msg_id>`` — hash, the message: ``h`` its header (a JSON
+  array: tenant, sender, ref, lane, kind, to, created, receipt), ``body``,
+  ``expires`` (a redrive may push it back), and per recipient ``i`` (1-based, in
+  order) ``t<i>`` terminal, ``q<i>`` seq, ``s<i>`` state (stored, acked,
+  rejected, expired: a stored entry with ``d<i>`` is delivered),
+  ``d<i>``/``a<i>``/``e<i>`` delivered/acked/ended at, ``w<i>`` reason;
+  ``open`` (entries not ended) and ``done`` (the latest end);
 * ``<p>:{T}:s:pos:<terminal>`` — hash, ``l0 a0 l1 a1``: last seq and acked
   position per lane;
 * ``<p>:{T}:s:q:<lane>:<terminal>`` — sorted set, the inbox's open entries
-  (stored or delivered), member ``<msg_id>:<i>``, score the seq;
+  (stored or delivered), member ``<msg_id>:<i>:<tenant>:<flags>`` (flags
+  ``r`` the message asked for receipts, ``1`` it has one recipient), score
+  the seq;
 * ``<p>:{T}:s:exp`` — sorted set, messages with open entries by expiry;
   ``<p>:{T}:s:done`` — messages with none, by their latest end (trim);
 * ``<p>:{T}:s:dd`` — hash, ``sender\\nref`` -> msg_id, and ``:ddt``, the
@@ -83,7 +87,7 @@ from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
+    DELIVERED, STORED, Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
     Trace,
 )
 from .terminals_redis import RedisTerminals
@@ -244,14 +248,18 @@ class RedisStore:
                 name, args, count, done = writes.popleft()
                 group, counts = [done], [count]
                 if name == "accept":
-                    args = list(args)
+                    entries, bodies = list(args[0]), list(args[1])
                     while writes and writes[0][0] == "accept" and count < GROUP_MAX:
                         _, more, n, other = writes.popleft()
-                        args += more
+                        entries += more[0]
+                        bodies += more[1]
                         count += n
                         group.append(other)
                         counts.append(n)
-                    args = [repr(float(self.dedup_window)), count, *args]
+                    # (Two arguments for the whole batch, not a dozen per
+                    # message: redis-py packs each argument in Python.)
+                    args = [repr(float(self.dedup_window)), orjson.dumps(entries),
+                            b"".join(bodies)]
                 try:
                     answer = await self._run(name, *args)
                 except Exception as exc:
@@ -282,17 +290,24 @@ class RedisStore:
     # -- accept ----------------------------------------------------------
 
     @staticmethod
-    def _accept_args(items) -> tuple[list, list[list[str]]]:
-        """The accept script's arguments of ``items`` and each one's recipients."""
-        args: list = []
+    def _accept_args(items) -> tuple[tuple[list, list[bytes]], list[list[str]]]:
+        """The accept script's arguments of ``items`` (each one's fields, and
+        the bodies apart: they need not be text) and each one's recipients."""
+        entries: list = []
+        bodies: list[bytes] = []
         unique = []
         for msg, recipients in items:
             rcpts = list(dict.fromkeys(recipients))
             unique.append(rcpts)
-            args += [msg.tenant, msg.sender, str(int(msg.ref)), int(msg.lane), msg.kind, msg.to,
-                     bytes(msg.body), repr(float(msg.created)), repr(float(msg.expires)),
-                     1 if msg.receipt else 0, len(rcpts), *rcpts]
-        return args, unique
+            body = bytes(msg.body)
+            ref, lane, created = str(int(msg.ref)), str(int(msg.lane)), repr(float(msg.created))
+            receipt = "1" if msg.receipt else "0"
+            head = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
+                                 receipt))
+            bodies += (head, body)
+            entries.append((msg.tenant, msg.sender, ref, lane, created,
+                            repr(float(msg.expires)), receipt, rcpts, len(head), len(body)))
+        return (entries, bodies), unique
 
     @staticmethod
     def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
@@ -337,9 +352,12 @@ class RedisStore:
 
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
-        return [InboxEntry(int(seq), int(msg_id), kind.decode(), bytes(body), bool(delivered),
-                           float(expires), float(created))
-                for seq, msg_id, kind, body, delivered, expires, created in rows]
+        out = []
+        for seq, msg_id, head, body, delivered, expires in rows:
+            head = orjson.loads(head)
+            out.append(InboxEntry(int(seq), int(msg_id), head[4], bytes(body), bool(delivered),
+                                  float(expires), float(head[6])))
+        return out
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in await self._run("positions", terminal))
@@ -370,16 +388,19 @@ class RedisStore:
         if not flat:
             return None
         f = {_text(flat[k]): flat[k + 1] for k in range(0, len(flat), 2)}
-        created = float(f["created"])
+        tenant, sender, ref, lane, kind, to, created, receipt = orjson.loads(f["h"])
+        created = float(created)
         recipients = []
         for i in range(1, int(f["n"]) + 1):
+            state = _text(f[f"s{i}"])
+            if state == STORED and f"d{i}" in f:
+                state = DELIVERED      # (DELIVERED keeps the state and sets the time)
             recipients.append(Recipient(
-                _text(f[f"t{i}"]), int(f[f"q{i}"]), _text(f[f"s{i}"]), created,
+                _text(f[f"t{i}"]), int(f[f"q{i}"]), state, created,
                 _time(f.get(f"d{i}")), _time(f.get(f"a{i}")), _time(f.get(f"e{i}")),
                 _text(f.get(f"w{i}", b""))))
-        return Trace(int(msg_id), _text(f["tenant"]), _text(f["sender"]), int(f["ref"]),
-                     int(f["lane"]), _text(f["kind"]), _text(f["to"]), created,
-                     float(f["expires"]), f["receipt"] == b"1", recipients)
+        return Trace(int(msg_id), tenant, sender, int(ref), int(lane), kind, to, created,
+                     float(f["expires"]), receipt == "1", recipients)
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]

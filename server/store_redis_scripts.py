@@ -39,35 +39,73 @@ end
 local function base(tenant)
   return P .. ":{" .. tenant .. "}:s"
 end
--- An inbox entry's member: msg_id, recipient index, the message's tenant.
+-- An inbox entry's member: msg_id, recipient index, the message's tenant
+-- and flags: "r" the message asked for receipts, "1" it has one recipient
+-- (its entry's end is the message's end: no counting, see finish).
 local function entry_of(member)
-  local _, _, id, i, tenant = string.find(member, "^(%d+):(%d+):(.*)$")
-  return id, i, base(tenant)
+  local _, _, id, i, tenant, flags = string.find(member, "^(%d+):(%d+):([^:]*):?(.*)$")
+  return id, i, base(tenant), flags
+end
+-- One command for a list of arguments (in slices: unpack has a bound).
+local function bulk(cmd, key, list)
+  for k = 1, #list, 4000 do
+    redis.call(cmd, key, unpack(list, k, math.min(k + 3999, #list)))
+  end
 end
 -- A recipient's entry ends (acked, rejected, expired): one less open entry
 -- of its message; the message is done once none is open, at the latest end.
--- B is the message's tenant's base.
-local function finish(B, m, id, i, state, at, reason)
-  redis.call("HSET", m, "s" .. i, state)
+-- B is the message's tenant's base; ends gathers, per base, what
+-- flush_ends writes once per script (the unacked count, the messages done).
+local function finish(ends, B, id, i, flags, state, at, reason)
+  local m = B .. ":m:" .. id
+  local e = ends[B]
+  if not e then
+    e = {unacked = 0, exp = {}, done = {}}
+    ends[B] = e
+  end
+  e.unacked = e.unacked + 1
+  local open, done = 0, at
+  local single = string.find(flags, "1", 1, true)
+  local fields = {"s" .. i, state}
   if state == "acked" then
-    redis.call("HSET", m, "a" .. i, at)
+    fields[3], fields[4] = "a" .. i, at
   else
-    redis.call("HSET", m, "e" .. i, at, "w" .. i, reason)
+    fields[3], fields[4], fields[5], fields[6] = "e" .. i, at, "w" .. i, reason
   end
-  local open = redis.call("HINCRBY", m, "open", -1)
-  local done = redis.call("HGET", m, "done")
-  if tonumber(at) > tonumber(done) then
-    redis.call("HSET", m, "done", at)
-    done = at
+  if single then
+    fields[#fields + 1], fields[#fields + 2] = "open", 0
+    fields[#fields + 1], fields[#fields + 2] = "done", at
   end
-  redis.call("HINCRBY", B .. ":n", "unacked", -1)
+  redis.call("HSET", m, unpack(fields))
+  if not single then
+    open = redis.call("HINCRBY", m, "open", -1)
+    done = redis.call("HGET", m, "done")
+    if tonumber(at) > tonumber(done) then
+      redis.call("HSET", m, "done", at)
+      done = at
+    end
+  end
   if open <= 0 then
-    redis.call("ZREM", B .. ":exp", id)
-    redis.call("ZADD", B .. ":done", done, id)
+    e.exp[#e.exp + 1] = id
+    e.done[#e.done + 1] = done
+    e.done[#e.done + 1] = id
   end
 end
+local function flush_ends(ends)
+  for B, e in pairs(ends) do
+    redis.call("HINCRBY", B .. ":n", "unacked", -e.unacked)
+    bulk("ZREM", B .. ":exp", e.exp)
+    bulk("ZADD", B .. ":done", e.done)
+  end
+end
+-- A message's header ("h"): the JSON array [tenant, sender, ref, lane, kind,
+-- to, created, receipt] the node made (what never changes, in one field).
+local function head(m)
+  return cjson.decode(redis.call("HGET", m, "h"))
+end
 local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
-  local f = redis.call("HMGET", m, "kind", "sender", "ref", "receipt")
+  local h = head(m)
+  local f = {h[5], h[2], h[3], h[8]}
   local n = redis.call("INCR", P .. ":dlseq")
   local enc = cjson.encode({id, terminal, tostring(lane), tostring(seq), f[1], reason, at,
                             f[2], f[3], f[4]})
@@ -77,31 +115,67 @@ local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
 end
 """
 
-# ARGV[3] dedup window; ARGV[4] item count; then per item: tenant, sender,
-# ref, lane, kind, to, body, created, expires, receipt, n, n recipients.
+# ARGV[3] dedup window; ARGV[4] the items, a JSON array of [tenant,
+# sender, ref, lane, created, expires, receipt, [recipients...], header
+# length, body length] (every value a string but the recipients and the
+# lengths); ARGV[5] each one's header (see head) and body, one after the
+# other.
 # Answer: per item {msg_id, duplicate, seq per recipient...}.
 #
-# Two passes: the first finds the duplicates (of a stored message within
-# the window, or of an earlier item of this batch), so the second takes
-# every new msg_id with one INCRBY; counters and the tenants set are
-# written once per batch.  (Redis runs a script's commands in microseconds
-# each: the fewer per message, the more messages per script.)
+# Redis runs a script's commands in microseconds each, most of it the call
+# itself: the fewer per message, the more messages per second.  So: the
+# dedup entries of the whole batch are read with one HMGET per tenant; the
+# duplicates (of a stored message within the window, or of an earlier item
+# of this batch) are found before any write, so every new msg_id comes from
+# one INCRBY; an inbox's last seq is read once and written once per batch,
+# its entries added with one ZADD; the expiry index, the dedup entries,
+# the counters and the tenants set are written once per tenant.  What is
+# left per message is its own HSET.
 ACCEPT = _HEADER + """
 local window = tonumber(ARGV[3])
-local items, fresh, in_batch = {}, 0, {}
-local a = 5
-for k = 1, tonumber(ARGV[4]) do
-  local tenant, ref, created = ARGV[a], ARGV[a + 2], tonumber(ARGV[a + 7])
-  local n = tonumber(ARGV[a + 10])
-  local it = {a = a, n = n, tenant = tenant, B = base(tenant)}
+local bodies, at = ARGV[5], 1
+local items, per_base = {}, {}
+for k, e in ipairs(cjson.decode(ARGV[4])) do
+  local tenant, ref = e[1], e[3]
+  local B = base(tenant)
+  local hsize, size = e[9], e[10]
+  local it = {e = e, n = #e[8], tenant = tenant, B = B,
+              h = string.sub(bodies, at, at + hsize - 1),
+              body = string.sub(bodies, at + hsize, at + hsize + size - 1)}
+  at = at + hsize + size
+  local pb = per_base[B]
+  if not pb then
+    pb = {keys = {}, asked = {}, seen = {}, exp = {}, dd = {}, ddt = {}, sum = {0, 0, 0}}
+    per_base[B] = pb
+  end
   if ref ~= "0" then
-    it.dkey = ARGV[a + 1] .. "\\n" .. ref
-    local key = tenant .. "\\n" .. it.dkey
+    it.dkey = e[2] .. "\\n" .. ref
+    if not pb.asked[it.dkey] then
+      pb.asked[it.dkey] = true
+      pb.keys[#pb.keys + 1] = it.dkey
+    end
+  end
+  items[k] = it
+end
+for B, pb in pairs(per_base) do
+  local keys = pb.keys
+  for k = 1, #keys, 1000 do
+    local found = redis.call("HMGET", B .. ":dd", unpack(keys, k, math.min(k + 999, #keys)))
+    for j = 1, #found do
+      if found[j] then pb.seen[keys[k + j - 1]] = found[j] end
+    end
+  end
+end
+local fresh, in_batch = 0, {}
+for _, it in ipairs(items) do
+  if it.dkey then
+    local created = tonumber(it.e[5])
+    local key = it.tenant .. "\\n" .. it.dkey
     local prior = in_batch[key]
     if prior then
       if created - prior.at <= window then it.dup_of = prior.it end
     else
-      local seen = redis.call("HGET", it.B .. ":dd", it.dkey)
+      local seen = per_base[it.B].seen[it.dkey]
       if seen and created - tonumber(redis.call("ZSCORE", it.B .. ":ddt", it.dkey)) <= window then
         it.original = seen
       end
@@ -109,12 +183,10 @@ for k = 1, tonumber(ARGV[4]) do
     if not it.dup_of and not it.original then in_batch[key] = {it = it, at = created} end
   end
   if not it.dup_of and not it.original then fresh = fresh + 1 end
-  items[k] = it
-  a = a + 11 + n
 end
 local id = 0
 if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
-local sums, tenants, out = {}, {}, {}
+local tenants, out, inboxes, order = {}, {}, {}, {}
 for k, it in ipairs(items) do
   if it.original then
     out[k] = {tonumber(it.original), 1}
@@ -123,23 +195,37 @@ for k, it in ipairs(items) do
   else
     id = id + 1
     it.id = id
-    local a, n, B, tenant = it.a, it.n, it.B, it.tenant
-    local lane, body, expires = ARGV[a + 3], ARGV[a + 6], ARGV[a + 8]
+    local e, n, B, tenant, body = it.e, it.n, it.B, it.tenant, it.body
+    local pb = per_base[B]
+    local lane, expires, rcpts = e[4], e[6], e[8]
+    local flags = ":"
+    if e[7] == "1" then flags = flags .. "r" end
+    if n == 1 then flags = flags .. "1" end
     local m = B .. ":m:" .. id
-    local fields = {"tenant", tenant, "sender", ARGV[a + 1], "ref", ARGV[a + 2], "lane", lane,
-                    "kind", ARGV[a + 4], "to", ARGV[a + 5], "body", body,
-                    "created", ARGV[a + 7], "expires", expires, "receipt", ARGV[a + 9],
-                    "n", n, "open", n, "done", "0"}
+    local fields = {"h", it.h, "body", body, "expires", expires, "n", n, "open", n,
+                    "done", "0"}
     local answer = {id, 0}
+    local member_tail = ":" .. tenant .. flags
     for i = 1, n do
-      local t = ARGV[a + 10 + i]
+      local t = rcpts[i]
       -- (The node expands addresses within the tenant; the contract lets a
       -- recipient be of another one, whose keys hold its inbox.)
       local tt = tenant_of(t)
-      local tb = base(tt)
       tenants[tt] = true
-      local seq = redis.call("HINCRBY", tb .. ":pos:" .. t, "l" .. lane, 1)
-      redis.call("ZADD", tb .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. i .. ":" .. tenant)
+      local q = base(tt) .. ":q:" .. lane .. ":" .. t
+      local inbox = inboxes[q]
+      if not inbox then
+        local pos = base(tt) .. ":pos:" .. t
+        inbox = {pos = pos, field = "l" .. lane, entries = {},
+                 seq = tonumber(redis.call("HGET", pos, "l" .. lane)) or 0}
+        inboxes[q] = inbox
+        order[#order + 1] = q
+      end
+      local seq = inbox.seq + 1
+      inbox.seq = seq
+      local entries = inbox.entries
+      entries[#entries + 1] = seq
+      entries[#entries + 1] = id .. ":" .. i .. member_tail
       local f = #fields
       fields[f + 1], fields[f + 2], fields[f + 3] = "t" .. i, t, "q" .. i
       fields[f + 4], fields[f + 5], fields[f + 6] = seq, "s" .. i, "stored"
@@ -151,35 +237,46 @@ for k, it in ipairs(items) do
     end
     if #fields > 0 then redis.call("HSET", m, unpack(fields)) end
     if n > 0 then
-      redis.call("ZADD", B .. ":exp", expires, id)
+      pb.exp[#pb.exp + 1] = expires
+      pb.exp[#pb.exp + 1] = id
     else
       redis.call("ZADD", B .. ":done", 0, id)
     end
-    local sum = sums[B]
-    if not sum then
-      sum = {0, 0, 0}
-      sums[B] = sum
-    end
+    local sum = pb.sum
     sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + #body
     tenants[tenant] = true
     if it.dkey then
-      redis.call("HSET", B .. ":dd", it.dkey, id)
-      redis.call("ZADD", B .. ":ddt", ARGV[a + 7], it.dkey)
+      pb.dd[#pb.dd + 1] = it.dkey
+      pb.dd[#pb.dd + 1] = id
+      pb.ddt[#pb.ddt + 1] = e[5]
+      pb.ddt[#pb.ddt + 1] = it.dkey
     end
     out[k] = answer
   end
 end
-for B, sum in pairs(sums) do
-  redis.call("HINCRBY", B .. ":n", "messages", sum[1])
-  redis.call("HINCRBY", B .. ":n", "unacked", sum[2])
-  redis.call("HINCRBY", B .. ":n", "bytes", sum[3])
+for _, q in ipairs(order) do
+  local inbox = inboxes[q]
+  redis.call("HSET", inbox.pos, inbox.field, inbox.seq)
+  bulk("ZADD", q, inbox.entries)
+end
+for B, pb in pairs(per_base) do
+  bulk("ZADD", B .. ":exp", pb.exp)
+  bulk("HSET", B .. ":dd", pb.dd)
+  bulk("ZADD", B .. ":ddt", pb.ddt)
+  local sum = pb.sum
+  if sum[1] > 0 then
+    redis.call("HINCRBY", B .. ":n", "messages", sum[1])
+    redis.call("HINCRBY", B .. ":n", "unacked", sum[2])
+    redis.call("HINCRBY", B .. ":n", "bytes", sum[3])
+  end
 end
 for tenant in pairs(tenants) do redis.call("SADD", P .. ":tenants", tenant) end
 return {epoch, out}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] after, ARGV[6] limit.
-# Answer: per entry {seq, msg_id, kind, body, delivered, expires, created}.
+# Answer: per entry {seq, msg_id, header, body, delivered, expires}
+# (delivered: the entry has a delivery time, see DELIVERED).
 INBOX = _HEADER + """
 local t, lane = ARGV[3], ARGV[4]
 local B = base(tenant_of(t))
@@ -188,10 +285,8 @@ local found = redis.call("ZRANGEBYSCORE", B .. ":q:" .. lane .. ":" .. t, "(" ..
                          "WITHSCORES", "LIMIT", 0, tonumber(ARGV[6]))
 for k = 1, #found, 2 do
   local id, i, MB = entry_of(found[k])
-  local f = redis.call("HMGET", MB .. ":m:" .. id, "kind", "body", "s" .. i, "expires",
-                       "created")
-  out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), f[1], f[2],
-                   f[3] == "delivered" and 1 or 0, f[4], f[5]}
+  local f = redis.call("HMGET", MB .. ":m:" .. id, "h", "body", "d" .. i, "expires")
+  out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), f[1], f[2], f[3] and 1 or 0, f[4]}
 end
 return {epoch, out}
 """
@@ -205,10 +300,11 @@ return {epoch, {tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0,
 """
 
 # ARGV[3] now; then (terminal, lane, seq) triples.  Answer: receipts
-# {msg_id, terminal, sender, ref} of newly acked messages that asked for one.
+# {msg_id, terminal, sender, ref} of newly acked messages that asked for one
+# (the entry's flags say which, without reading the message).
 ACK = _HEADER + """
 local now = ARGV[3]
-local out = {}
+local out, ends = {}, {}
 for a = 4, #ARGV, 3 do
   local t, lane, seq = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local B = base(tenant_of(t))
@@ -218,22 +314,28 @@ for a = 4, #ARGV, 3 do
   if last and seq > acked then
     if seq > last then seq = last end
     local q = B .. ":q:" .. lane .. ":" .. t
-    for _, member in ipairs(redis.call("ZRANGEBYSCORE", q, "(" .. acked, seq)) do
-      local id, i, MB = entry_of(member)
-      local m = MB .. ":m:" .. id
-      finish(MB, m, id, i, "acked", now, "")
-      local r = redis.call("HMGET", m, "receipt", "sender", "ref")
-      if r[1] == "1" then out[#out + 1] = {tonumber(id), t, r[2], r[3]} end
+    local found = redis.call("ZRANGEBYSCORE", q, "(" .. acked, seq)
+    for _, member in ipairs(found) do
+      local id, i, MB, flags = entry_of(member)
+      finish(ends, MB, id, i, flags, "acked", now, "")
+      if string.find(flags, "r", 1, true) then
+        local h = head(MB .. ":m:" .. id)
+        out[#out + 1] = {tonumber(id), t, h[2], h[3]}
+      end
     end
-    redis.call("ZREMRANGEBYSCORE", q, "-inf", seq)
+    if #found > 0 then redis.call("ZREMRANGEBYSCORE", q, "-inf", seq) end
     redis.call("HSET", pos, "a" .. lane, seq)
   end
 end
+flush_ends(ends)
 return {epoch, out}
 """
 
 # ARGV[3] now; then (terminal, lane, first, last) quadruples.  Answer: the
-# receipts of first deliveries, as ACK's.
+# receipts of first deliveries, as ACK's.  An entry is delivered once it has
+# a delivery time ``d<i>`` (its state stays "stored" in the hash; TRACE's
+# reader tells the two apart): one HSETNX per entry, which also says whether
+# this is its first delivery.
 DELIVERED = _HEADER + """
 local now = ARGV[3]
 local out = {}
@@ -242,12 +344,11 @@ for a = 4, #ARGV, 4 do
   local B = base(tenant_of(t))
   local q = B .. ":q:" .. lane .. ":" .. t
   for _, member in ipairs(redis.call("ZRANGEBYSCORE", q, ARGV[a + 2], ARGV[a + 3])) do
-    local id, i, MB = entry_of(member)
+    local id, i, MB, flags = entry_of(member)
     local m = MB .. ":m:" .. id
-    if redis.call("HGET", m, "s" .. i) == "stored" then
-      redis.call("HSET", m, "s" .. i, "delivered", "d" .. i, now)
-      local r = redis.call("HMGET", m, "receipt", "sender", "ref")
-      if r[1] == "1" then out[#out + 1] = {tonumber(id), t, r[2], r[3]} end
+    if redis.call("HSETNX", m, "d" .. i, now) == 1 and string.find(flags, "r", 1, true) then
+      local h = head(m)
+      out[#out + 1] = {tonumber(id), t, h[2], h[3]}
     end
   end
 end
@@ -262,11 +363,12 @@ local B = base(tenant_of(t))
 local q = B .. ":q:" .. lane .. ":" .. t
 local found = redis.call("ZRANGEBYSCORE", q, seq, seq)
 if #found == 0 then return {epoch, false} end
-local id, i, MB = entry_of(found[1])
-local m = MB .. ":m:" .. id
-finish(MB, m, id, i, "rejected", ARGV[7], ARGV[6])
+local id, i, MB, flags = entry_of(found[1])
+local ends = {}
+finish(ends, MB, id, i, flags, "rejected", ARGV[7], ARGV[6])
+flush_ends(ends)
 redis.call("ZREM", q, found[1])
-return {epoch, dead_letter(B, m, id, t, lane, seq, ARGV[6], ARGV[7])}
+return {epoch, dead_letter(B, MB .. ":m:" .. id, id, t, lane, seq, ARGV[6], ARGV[7])}
 """
 
 # ARGV[3] now.  Every tenant's messages expired by now, in msg_id order;
@@ -284,17 +386,19 @@ local out = {}
 for _, d in ipairs(due) do
   local id, B = d[3], base(d[2])      -- (the id as stored: tostring keeps 14 digits)
   local m = B .. ":m:" .. id
-  local f = redis.call("HMGET", m, "n", "lane")
-  local lane = f[2]
+  local f = redis.call("HMGET", m, "n")
+  local lane = head(m)[4]
+  local ends = {}
   for i = 1, tonumber(f[1]) do
     local r = redis.call("HMGET", m, "s" .. i, "t" .. i, "q" .. i)
     if r[1] == "stored" or r[1] == "delivered" then
       local RB = base(tenant_of(r[2]))
-      finish(B, m, id, i, "expired", now, "ttl")
-      redis.call("ZREM", RB .. ":q:" .. lane .. ":" .. r[2], id .. ":" .. i .. ":" .. d[2])
+      finish(ends, B, id, i, "", "expired", now, "ttl")
+      redis.call("ZREMRANGEBYSCORE", RB .. ":q:" .. lane .. ":" .. r[2], r[3], r[3])
       out[#out + 1] = dead_letter(RB, m, id, r[2], lane, r[3], "ttl", now)
     end
   end
+  flush_ends(ends)
 end
 return {epoch, out}
 """
@@ -330,10 +434,14 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
       end
     end
     if m then
-      local f = redis.call("HMGET", m, "n", "expires", "kind", "body", "created", "tenant")
+      local g = redis.call("HMGET", m, "n", "expires", "body")
+      local h = head(m)
+      local f = {g[1], g[2], h[5], g[3], h[7], h[1], h[8]}
       local n = tonumber(f[1]) + 1
       local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
-      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. n .. ":" .. f[6])
+      -- (flags: never "1", its message had a recipient before)
+      local flags = f[7] == "1" and ":r" or ":"
+      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. n .. ":" .. f[6] .. flags)
       redis.call("HSET", m, "n", n, "t" .. n, t, "q" .. n, seq, "s" .. n, "stored",
                  "w" .. n, "redriven")
       local expires = f[2]

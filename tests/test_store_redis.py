@@ -233,6 +233,48 @@ async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_scr
 
 
 @aiotest()
+async def test_a_batch_larger_than_the_scripts_slices_is_stored_read_and_acked_whole():
+    # The accept script reads a batch's dedup entries 1,000 at a time and
+    # adds an inbox's entries 2,000 at a time (unpack's bound); each inbox's
+    # last seq is written once per batch.  5,000 messages to one till, every
+    # third asking for a receipt, a third of them sent again in the batch.
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            def one(ref: int) -> NewMessage:
+                m = msg(ref)
+                m.receipt = ref % 3 == 0
+                return m
+
+            items = [(one(ref), [TILL]) for ref in range(1, 5001)]
+            items += [(one(ref), [TILL]) for ref in range(1, 5001, 3)]
+            await admin.config_resetstat()
+            got = await store.accept_many(items)
+            fresh, again = got[:5000], got[5000:]
+            assert [a.seqs for a in fresh] == [{TILL: n} for n in range(1, 5001)]
+            assert all(a.duplicate for a in again)
+            assert [a.msg_id for a in again] == [fresh[ref - 1].msg_id for ref in range(1, 5001, 3)]
+            stats = await admin.info("commandstats")
+            assert stats["cmdstat_evalsha"]["calls"] == 1
+            # The inbox's position is read once for the whole batch.
+            assert stats["cmdstat_hget"]["calls"] == 1
+            assert await store.positions(TILL) == (0, 5000, 0, 0)
+            entries = await store.inbox(TILL, 0, 4990, 100)
+            assert [(e.seq, e.body) for e in entries] == \
+                [(n, b'{"n":%d}' % n) for n in range(4991, 5001)]
+            assert (await store.stats())["unacked"] == 5000
+            receipts = await store.ack_many([(TILL, 0, 5000)], T0 + 1)
+            assert [r.ref for r in receipts] == list(range(3, 5001, 3))
+            assert (await store.stats())["unacked"] == 0
+            assert await store.trim(T0 + 10, 1) == 5000
+        finally:
+            await admin.aclose()
+            await store.close()
+
+
+@aiotest()
 async def test_lanes_given_as_the_lane_enum_reach_the_same_inboxes_and_streams():
     # redis-py sends an int subclass as its repr(): the node passes Lane members.
     store = RedisStore(redis_url(), prefix=fresh_prefix())
