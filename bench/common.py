@@ -9,6 +9,7 @@ bounded in count and time and stops by itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -84,6 +85,9 @@ class Server:
     def __init__(self, env: dict | None = None, args=()) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tillwire-bench-")
+        if not os.environ.get("TILLWIRE_BENCH_KEEP"):
+            # (gone when this process ends; stop() and start() again keep the data)
+            atexit.register(shutil.rmtree, self.dir, True)
         self.env = {**os.environ, "TILLWIRE_SECRET": SECRET, **(env or {})}
         self.args = list(args)
         self.proc = None

@@ -200,3 +200,18 @@ def test_a_workers_lines_that_arrive_in_one_read_are_each_returned():
         os.close(r)
         if w is not None:
             os.close(w)
+
+
+@pytest.mark.bench
+def test_a_bench_servers_data_dir_goes_when_its_process_ends_unless_kept(tmp_path):
+    # (hundreds of /tmp/tillwire-bench-* directories had piled up)
+    code = "from bench.common import Server; print(Server().dir)"
+    env = {k: v for k, v in os.environ.items() if k != "TILLWIRE_BENCH_KEEP"}
+    gone = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert gone.startswith("/") and not os.path.exists(gone)
+    kept = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                          env={**env, "TILLWIRE_BENCH_KEEP": "1"},
+                          capture_output=True, text=True).stdout.strip()
+    assert os.path.isdir(kept)
+    os.rmdir(kept)
