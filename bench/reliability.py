@@ -44,7 +44,12 @@ sqlite_durable_msgs_per_s, redis_vs_sqlite, workers, appendfsync,
 killed_worker.  ``steady_cpu_s`` (and ``sqlite_steady_cpu_s``): the CPU
 seconds each part spent during the steady phase with tills (the server's
 processes, redis-server, the payer, the tills' processes) and its wall
-seconds: where the time went.
+seconds: where the time went; with ``--redis`` the same per result
+(``workers_us_per_result``, ``redis_server_us_per_result``,
+``sqlite_server_us_per_result``) and ``redis_floor_us_per_result``: what
+``redis-server`` spends per result, measured in the same run, for the
+least a durable store in Redis could do (five plain pipelined commands,
+see ``_redis_floor``).
 """
 
 from __future__ import annotations
@@ -200,6 +205,42 @@ def _steady(n: int, args, tills_on: bool, store: str) -> dict:
         return {"rate": rate, "delivered": delivered, "cpu": cpu}
 
 
+def _redis_floor(args, results: int) -> float:
+    """``redis-server``'s CPU microseconds per payment result for the least a
+    durable store in Redis could do per result, on a fresh ``redis-server``
+    with the same AOF policy: five plain commands (no script), pipelined a
+    thousand results at a time from one client: the message stored (an HSET
+    of three fields) and entered in its till's inbox (ZADD), marked
+    delivered (HSETNX), then acked (HSET) and taken out of the inbox (ZREM).
+    What Redis itself costs before any of Tillwire's bookkeeping."""
+    import redis as sync_redis
+
+    body = b'{"n":1,"t":1796539713.308903,"order":"o1","status":"paid"}'
+    head = b'["rel","terminal:rel/payer","1","0","payment.result","terminal:rel/t1"]'
+    with RedisServer(args.appendfsync) as server:
+        client = sync_redis.Redis.from_url(server.url)
+        try:
+            before = cpu_seconds(server.pid)
+            for stage in range(3):
+                for first in range(0, results, 1000):
+                    pipe = client.pipeline(transaction=False)
+                    for i in range(first, first + 1000):
+                        m, q = f"m:{i}", f"q:t{i % 1000}"
+                        if stage == 0:
+                            pipe.hset(m, mapping={"h": head, "body": body, "s1": "stored"})
+                            pipe.zadd(q, {str(i): i})
+                        elif stage == 1:
+                            pipe.hsetnx(m, "d1", "1796539713.5")
+                        else:
+                            pipe.hset(m, mapping={"s1": "acked", "a1": "1796539713.6"})
+                            pipe.zrem(q, str(i))
+                    pipe.execute()
+            spent = cpu_seconds(server.pid) - before
+        finally:
+            client.close()
+    return spent / results * 1e6
+
+
 def _kill_worker(server: Server, rnd: random.Random) -> tuple[int, int]:
     """SIGKILL one worker of the node, chosen at random (never the
     supervisor, which starts it again): (its index, its pid)."""
@@ -217,6 +258,10 @@ def _restarted(server: Server, index: int, old_pid: int, timeout: float = 30.0) 
             return True
         time.sleep(0.1)
     return False
+
+
+def _per_result(cpu_s: float, results: int) -> float:
+    return round(cpu_s / results * 1e6, 1)
 
 
 def run(quick: bool = False, argv=()) -> dict:
@@ -327,6 +372,7 @@ def run(quick: bool = False, argv=()) -> dict:
     sqlite = _steady(n, args, tills_on=args.steady_tills, store="sqlite") \
         if args.redis else None
     bare = _steady(n, args, tills_on=True, store="bare") if args.baseline else None
+    floor = _redis_floor(args, 10_000 if quick else 40_000) if args.redis else None
     bare_rate = bare["rate"] if bare else None
     out = {
         "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
@@ -348,5 +394,10 @@ def run(quick: bool = False, argv=()) -> dict:
             "sqlite_steady_cpu_s": sqlite["cpu"],
             "workers": args.workers, "appendfsync": args.appendfsync,
             "killed_worker": killed_worker,
+            # CPU microseconds per result in the steady phase with tills
+            "workers_us_per_result": _per_result(steady["cpu"]["server"], args.steady),
+            "redis_server_us_per_result": _per_result(steady["cpu"]["redis"], args.steady),
+            "sqlite_server_us_per_result": _per_result(sqlite["cpu"]["server"], args.steady),
+            "redis_floor_us_per_result": round(floor, 1),
         })
     return out
