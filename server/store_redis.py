@@ -3,10 +3,12 @@
 Every operation is one Lua script (``store_redis_scripts.py``), so one
 batch of accepts, acks or deliveries is one round trip and atomic on the
 Redis instance.  Writes go to Redis in the order they were asked for, one
-script at a time (a pool's connections would otherwise let a later batch
-overtake an earlier one, and a sender's messages could get their seqs out
-of order); accept batches queued behind a script in flight share the next
-one (up to :data:`GROUP_MAX` messages): the group commit of this backend.
+round trip at a time (a pool's connections would otherwise let a later
+batch overtake an earlier one, and a sender's messages could get their
+seqs out of order); what queued behind a round trip in flight goes in the
+next, as one pipeline of scripts, and accept batches queued one after the
+other share one script (up to :data:`GROUP_MAX` messages): the group commit
+of this backend (one AOF fsync for the round trip).
 Reads go at once, concurrently.  Its parts sit beside it:
 ``records_redis.py``, ``terminals_redis.py``, ``archive_redis.py``.
 
@@ -80,7 +82,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import store_redis_scripts as scripts
@@ -114,6 +116,9 @@ ACK_MEANS = {
 
 GROUP_MAX = 4096
 """Messages one accept script takes at most when queued batches are joined."""
+
+PIPELINE_MAX = 64
+"""Scripts one round trip of the ordered writes carries at most."""
 
 CONNECTIONS = 32
 """Connections a store's own client opens at most (more callers wait for one)."""
@@ -208,7 +213,12 @@ class RedisStore:
     async def _run(self, name: str, *args):
         """Run one script; adopt the epoch it reports; return its answer."""
         candidate = random.randrange(1, 1 << 31)
-        epoch, answer = await self._scripts[name](args=[self._prefix, candidate, *args])
+        return self._answer(name, await self._scripts[name](
+            args=[self._prefix, candidate, *args]))
+
+    def _answer(self, name: str, reply):
+        """A script's answer; the epoch it reports is adopted."""
+        epoch, answer = reply
         epoch = int(epoch)
         if epoch != self.epoch:
             self._new_epoch(epoch)
@@ -239,53 +249,93 @@ class RedisStore:
         self._write(name, list(args), done)
         return await done
 
+    def _next_write(self) -> tuple[str, list, list, list[int]]:
+        """The next script to send from the queue: (name, arguments, its
+        waiters, how many answers each takes), consecutive accept batches
+        joined into one (up to GROUP_MAX messages)."""
+        writes = self._writes
+        name, args, count, done = writes.popleft()
+        group, counts = [done], [count]
+        if name == "accept":
+            entries, bodies = list(args[0]), list(args[1])
+            while writes and writes[0][0] == "accept" and count < GROUP_MAX:
+                _, more, n, other = writes.popleft()
+                entries += more[0]
+                bodies += more[1]
+                count += n
+                group.append(other)
+                counts.append(n)
+            # (Two arguments for the whole batch, not a dozen per message:
+            # redis-py packs each argument in Python.)
+            args = [repr(float(self.dedup_window)), orjson.dumps(entries), b"".join(bodies)]
+        return name, args, group, counts
+
     async def _send_writes(self) -> None:
-        """Send the queued writes one script at a time, joining consecutive
-        accept batches into one script."""
+        """Send the queued writes, in order, as one pipeline of scripts per
+        round trip (up to PIPELINE_MAX scripts): Redis runs them one after
+        the other in one event-loop iteration, with one AOF write and fsync
+        for them all, where a round trip per script cost an fsync each
+        (the accepts, deliveries and acks of a batch took three)."""
         writes = self._writes
         try:
             while writes:
-                name, args, count, done = writes.popleft()
-                group, counts = [done], [count]
-                if name == "accept":
-                    entries, bodies = list(args[0]), list(args[1])
-                    while writes and writes[0][0] == "accept" and count < GROUP_MAX:
-                        _, more, n, other = writes.popleft()
-                        entries += more[0]
-                        bodies += more[1]
-                        count += n
-                        group.append(other)
-                        counts.append(n)
-                    # (Two arguments for the whole batch, not a dozen per
-                    # message: redis-py packs each argument in Python.)
-                    args = [repr(float(self.dedup_window)), orjson.dumps(entries),
-                            b"".join(bodies)]
+                sent = []
+                while writes and len(sent) < PIPELINE_MAX:
+                    sent.append(self._next_write())
+                candidate = random.randrange(1, 1 << 31)
                 try:
-                    answer = await self._run(name, *args)
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for name, args, _, _ in sent:
+                            pipe.evalsha(self._scripts[name].sha, 0, self._prefix, candidate,
+                                         *args)
+                        replies = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
-                    # The script ran whole or not at all: every waiter of it
-                    # learns it failed, nothing of it is half-written.  After
-                    # a timeout Redis is not answering: the writes queued
-                    # behind fail now too, rather than one timeout after
-                    # another (none of them was sent).
+                    # Each script ran whole or not at all, but which of them
+                    # ran is unknown: every waiter learns its write failed
+                    # (a retry of an accept meets the dedup window, acks and
+                    # deliveries are idempotent).  After a timeout Redis is
+                    # not answering: the writes queued behind fail now too,
+                    # rather than one timeout after another.
+                    failed = [waiter for _, _, group, _ in sent for waiter in group]
                     if isinstance(exc, RedisTimeoutError):
-                        group += [queued[3] for queued in writes]
+                        failed += [queued[3] for queued in writes]
                         writes.clear()
-                    for waiter in group:
+                    for waiter in failed:
                         if not waiter.done():
                             waiter.set_exception(exc)
                     continue
-                if name != "accept":
-                    if not done.done():
-                        done.set_result(answer)
-                    continue
-                k = 0
-                for waiter, n in zip(group, counts):
-                    if not waiter.done():
-                        waiter.set_result(answer[k:k + n])
-                    k += n
+                for (name, args, group, counts), reply in zip(sent, replies):
+                    if isinstance(reply, NoScriptError):
+                        # (Redis lost its scripts: restarted, or SCRIPT FLUSH.
+                        # The script did not run; it runs now, loaded again.)
+                        try:
+                            reply = await self._run(name, *args)
+                        except Exception as exc:
+                            reply = exc
+                    elif not isinstance(reply, Exception):
+                        reply = self._answer(name, reply)
+                    self._settle(name, reply, group, counts)
         finally:
             self._writer = None
+
+    @staticmethod
+    def _settle(name: str, answer, group: list, counts: list[int]) -> None:
+        """Give each waiter of a script its part of ``answer`` (an accept's
+        answers are per message, in the order of its batches), or the error."""
+        if isinstance(answer, Exception):
+            for waiter in group:
+                if not waiter.done():
+                    waiter.set_exception(answer)
+            return
+        if name != "accept":
+            if not group[0].done():
+                group[0].set_result(answer)
+            return
+        k = 0
+        for waiter, n in zip(group, counts):
+            if not waiter.done():
+                waiter.set_result(answer[k:k + n])
+            k += n
 
     # -- accept ----------------------------------------------------------
 
