@@ -18,9 +18,12 @@ recipients and its own record in one atomic script, and every recipient of
 a message is of the message's tenant (the node expands addresses within
 one tenant), so one tenant's keys share a Cluster slot:
 
-* ``<p>:{T}:s:m:<msg_id>`` — hash, the message: ``h`` its header (a JSON
-  array: tenant, sender, ref, lane, kind, to, created, receipt), ``body``,
-  ``expires`` (a redrive may push it back), and per recipient ``i`` (1-based, in
+* ``<p>:{T}:s:m:<msg_id>:p`` — string, the message's payload: its header
+  (a JSON array: tenant, sender, ref, lane, kind, to, created, receipt), a
+  newline, its body;
+* ``<p>:{T}:s:m:<msg_id>`` — hash, the rest of the message (small fields,
+  which Redis keeps in its compact encoding): ``expires`` (a redrive may
+  push it back), ``bl`` the body's length, and per recipient ``i`` (1-based, in
   order) ``t<i>`` terminal, ``q<i>`` seq, ``s<i>`` state (stored, acked,
   rejected, expired: a stored entry with ``d<i>`` is delivered),
   ``d<i>``/``a<i>``/``e<i>`` delivered/acked/ended at, ``w<i>`` reason;
@@ -354,7 +357,7 @@ class RedisStore:
             receipt = "1" if msg.receipt else "0"
             head = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
                                  receipt))
-            bodies += (head, body)
+            bodies += (head, b"\n", body)
             entries.append((msg.tenant, msg.sender, ref, lane, created,
                             repr(float(msg.expires)), receipt, rcpts, len(head), len(body)))
         return (entries, bodies), unique
@@ -403,7 +406,8 @@ class RedisStore:
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         out = []
-        for seq, msg_id, head, body, delivered, expires in rows:
+        for seq, msg_id, payload, delivered, expires in rows:
+            head, _, body = payload.partition(b"\n")
             head = orjson.loads(head)
             out.append(InboxEntry(int(seq), int(msg_id), head[4], bytes(body), bool(delivered),
                                   float(expires), float(head[6])))
@@ -434,11 +438,13 @@ class RedisStore:
         return [_dead_letter(d) for d in await self._ordered("expire", repr(float(now)))]
 
     async def trace(self, msg_id: int) -> Trace | None:
-        flat = await self._run("trace", int(msg_id))
-        if not flat:
+        found = await self._run("trace", int(msg_id))
+        if not found:
             return None
+        flat, payload = found
         f = {_text(flat[k]): flat[k + 1] for k in range(0, len(flat), 2)}
-        tenant, sender, ref, lane, kind, to, created, receipt = orjson.loads(f["h"])
+        tenant, sender, ref, lane, kind, to, created, receipt = orjson.loads(
+            payload.partition(b"\n")[0])
         created = float(created)
         recipients = []
         for i in range(1, int(f["n"]) + 1):

@@ -49,7 +49,11 @@ end
 -- One command for a list of arguments (in slices: unpack has a bound).
 local function bulk(cmd, key, list)
   for k = 1, #list, 4000 do
-    redis.call(cmd, key, unpack(list, k, math.min(k + 3999, #list)))
+    if key then
+      redis.call(cmd, key, unpack(list, k, math.min(k + 3999, #list)))
+    else
+      redis.call(cmd, unpack(list, k, math.min(k + 3999, #list)))
+    end
   end
 end
 -- A recipient's entry ends (acked, rejected, expired): one less open entry
@@ -98,10 +102,18 @@ local function flush_ends(ends)
     bulk("ZADD", B .. ":done", e.done)
   end
 end
--- A message's header ("h"): the JSON array [tenant, sender, ref, lane, kind,
--- to, created, receipt] the node made (what never changes, in one field).
+-- A message's payload, the string ``<m>:p``: its header, a newline, its
+-- body.  The header is the JSON array [tenant, sender, ref, lane, kind, to,
+-- created, receipt] the node made (what never changes; JSON has no raw
+-- newline).  Kept apart from the message's hash, whose small fields Redis
+-- then keeps in its compact encoding.
+local function payload(m)
+  local v = redis.call("GET", m .. ":p")
+  local at = string.find(v, "\\n", 1, true)
+  return cjson.decode(string.sub(v, 1, at - 1)), string.sub(v, at + 1)
+end
 local function head(m)
-  return cjson.decode(redis.call("HGET", m, "h"))
+  return (payload(m))
 end
 local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
   local h = head(m)
@@ -118,8 +130,8 @@ end
 # ARGV[3] dedup window; ARGV[4] the items, a JSON array of [tenant,
 # sender, ref, lane, created, expires, receipt, [recipients...], header
 # length, body length] (every value a string but the recipients and the
-# lengths); ARGV[5] each one's header (see head) and body, one after the
-# other.
+# lengths); ARGV[5] each one's payload (see payload: header, newline,
+# body), one after the other.
 # Answer: per item {msg_id, duplicate, seq per recipient...}.
 #
 # Redis runs a script's commands in microseconds each, most of it the call
@@ -139,10 +151,9 @@ for k, e in ipairs(cjson.decode(ARGV[4])) do
   local tenant, ref = e[1], e[3]
   local B = base(tenant)
   local hsize, size = e[9], e[10]
-  local it = {e = e, n = #e[8], tenant = tenant, B = B,
-              h = string.sub(bodies, at, at + hsize - 1),
-              body = string.sub(bodies, at + hsize, at + hsize + size - 1)}
-  at = at + hsize + size
+  local it = {e = e, n = #e[8], tenant = tenant, B = B, size = size,
+              payload = string.sub(bodies, at, at + hsize + size)}
+  at = at + hsize + 1 + size
   local pb = per_base[B]
   if not pb then
     pb = {keys = {}, asked = {}, seen = {}, exp = {}, dd = {}, ddt = {}, sum = {0, 0, 0}}
@@ -186,7 +197,7 @@ for _, it in ipairs(items) do
 end
 local id = 0
 if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
-local tenants, out, inboxes, order = {}, {}, {}, {}
+local tenants, out, inboxes, order, payloads = {}, {}, {}, {}, {}
 for k, it in ipairs(items) do
   if it.original then
     out[k] = {tonumber(it.original), 1}
@@ -195,15 +206,16 @@ for k, it in ipairs(items) do
   else
     id = id + 1
     it.id = id
-    local e, n, B, tenant, body = it.e, it.n, it.B, it.tenant, it.body
+    local e, n, B, tenant = it.e, it.n, it.B, it.tenant
     local pb = per_base[B]
     local lane, expires, rcpts = e[4], e[6], e[8]
     local flags = ":"
     if e[7] == "1" then flags = flags .. "r" end
     if n == 1 then flags = flags .. "1" end
     local m = B .. ":m:" .. id
-    local fields = {"h", it.h, "body", body, "expires", expires, "n", n, "open", n,
-                    "done", "0"}
+    local fields = {"expires", expires, "n", n, "open", n, "done", "0", "bl", it.size}
+    payloads[#payloads + 1] = m .. ":p"
+    payloads[#payloads + 1] = it.payload
     local answer = {id, 0}
     local member_tail = ":" .. tenant .. flags
     for i = 1, n do
@@ -243,7 +255,7 @@ for k, it in ipairs(items) do
       redis.call("ZADD", B .. ":done", 0, id)
     end
     local sum = pb.sum
-    sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + #body
+    sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + it.size
     tenants[tenant] = true
     if it.dkey then
       pb.dd[#pb.dd + 1] = it.dkey
@@ -254,6 +266,7 @@ for k, it in ipairs(items) do
     out[k] = answer
   end
 end
+bulk("MSET", nil, payloads)
 for _, q in ipairs(order) do
   local inbox = inboxes[q]
   redis.call("HSET", inbox.pos, inbox.field, inbox.seq)
@@ -275,7 +288,7 @@ return {epoch, out}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] after, ARGV[6] limit.
-# Answer: per entry {seq, msg_id, header, body, delivered, expires}
+# Answer: per entry {seq, msg_id, payload, delivered, expires}
 # (delivered: the entry has a delivery time, see DELIVERED).
 INBOX = _HEADER + """
 local t, lane = ARGV[3], ARGV[4]
@@ -285,8 +298,10 @@ local found = redis.call("ZRANGEBYSCORE", B .. ":q:" .. lane .. ":" .. t, "(" ..
                          "WITHSCORES", "LIMIT", 0, tonumber(ARGV[6]))
 for k = 1, #found, 2 do
   local id, i, MB = entry_of(found[k])
-  local f = redis.call("HMGET", MB .. ":m:" .. id, "h", "body", "d" .. i, "expires")
-  out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), f[1], f[2], f[3] and 1 or 0, f[4]}
+  local m = MB .. ":m:" .. id
+  local f = redis.call("HMGET", m, "d" .. i, "expires")
+  out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), redis.call("GET", m .. ":p"),
+                   f[1] and 1 or 0, f[2]}
 end
 return {epoch, out}
 """
@@ -434,9 +449,9 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
       end
     end
     if m then
-      local g = redis.call("HMGET", m, "n", "expires", "body")
-      local h = head(m)
-      local f = {g[1], g[2], h[5], g[3], h[7], h[1], h[8]}
+      local g = redis.call("HMGET", m, "n", "expires")
+      local h, body = payload(m)
+      local f = {g[1], g[2], h[5], body, h[7], h[1], h[8]}
       local n = tonumber(f[1]) + 1
       local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
       -- (flags: never "1", its message had a recipient before)
@@ -465,11 +480,13 @@ end
 return {epoch, out}
 """
 
-# ARGV[3] msg_id.  Answer: the message hash as a flat list, or false.
+# ARGV[3] msg_id.  Answer: {the message hash as a flat list, its payload},
+# or false.
 TRACE = _HEADER + """
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
-  local found = redis.call("HGETALL", base(tenant) .. ":m:" .. ARGV[3])
-  if #found > 0 then return {epoch, found} end
+  local m = base(tenant) .. ":m:" .. ARGV[3]
+  local found = redis.call("HGETALL", m)
+  if #found > 0 then return {epoch, {found, redis.call("GET", m .. ":p")}} end
 end
 return {epoch, false}
 """
@@ -505,9 +522,9 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   local B = base(tenant)
   for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4])) do
     local m = B .. ":m:" .. id
-    redis.call("HINCRBY", B .. ":n", "bytes", -redis.call("HSTRLEN", m, "body"))
+    redis.call("HINCRBY", B .. ":n", "bytes", -tonumber(redis.call("HGET", m, "bl")))
     redis.call("HINCRBY", B .. ":n", "messages", -1)
-    redis.call("DEL", m)
+    redis.call("DEL", m, m .. ":p")
     redis.call("ZREM", B .. ":done", id)
     removed = removed + 1
   end
