@@ -111,7 +111,7 @@ RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
 RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
 RENOTIFY = 1.0               # seconds after an inbox notification before the second one
 RECONCILE_EVERY = 5.0        # seconds between reconciliations of the sessions' inboxes
-RECONCILE_SLICE = 32         # inbox positions read at a time while reconciling
+RECONCILE_SLICE = 500        # inbox positions read in one request while reconciling
 FLEET = "@fleet"             # the broker channel every worker hears (no address starts with @)
 
 
@@ -252,7 +252,7 @@ class Ownership:
         store, delivery = self.node.store, self.node.delivery
         for i in range(0, len(addresses), RECONCILE_SLICE):
             some = addresses[i:i + RECONCILE_SLICE]
-            found = await asyncio.gather(*(store.positions(a) for a in some))
+            found = await store.positions_many(some)
             for address, (_, last0, _, last1) in zip(some, found):
                 if last0:
                     delivery.notified(address, 0, last0)

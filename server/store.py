@@ -236,6 +236,11 @@ class Store(Protocol):
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         """(acked P0, last seq P0, acked P1, last seq P1) of a terminal."""
 
+    async def positions_many(self, terminals: Sequence[str]
+                             ) -> list[tuple[int, int, int, int]]:
+        """:meth:`positions` of each of ``terminals``, in order, in one
+        request (a fleet worker reconciles every session it holds with it)."""
+
     async def ack_many(self, acks: Sequence[tuple[str, int, int]], now: float
                        ) -> list[ReceiptEvent]:
         """Apply cumulative acks (terminal, lane, seq); returns a ReceiptEvent

@@ -125,6 +125,9 @@ class MemoryStore:
         return (p0.acked if p0 else 0, p0.last if p0 else 0,
                 p1.acked if p1 else 0, p1.last if p1 else 0)
 
+    async def positions_many(self, terminals) -> list[tuple[int, int, int, int]]:
+        return [await self.positions(t) for t in terminals]
+
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
         receipts: list[ReceiptEvent] = []
         for terminal, lane, seq in acks:

@@ -165,7 +165,7 @@ class RedisStore:
         self._writes: deque = deque()
         self._writer: asyncio.Task | None = None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
-                         for name in ("accept", "inbox", "positions", "ack", "delivered",
+                         for name in ("accept", "inbox", "positions", "positions_many", "ack", "delivered",
                                       "reject", "expire", "trace", "dead_letters", "trim",
                                       "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
@@ -415,6 +415,10 @@ class RedisStore:
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return tuple(int(v) for v in await self._run("positions", terminal))
+
+    async def positions_many(self, terminals) -> list[tuple[int, int, int, int]]:
+        found = await self._run("positions_many", *terminals) if terminals else []
+        return [tuple(int(v) for v in row) for row in found]
 
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
         args = [repr(float(now))]

@@ -314,6 +314,18 @@ return {epoch, {tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0,
                 tonumber(f[4]) or 0}}
 """
 
+# ARGV[3...] terminals.  Answer: each one's positions, as POSITIONS's.
+POSITIONS_MANY = _HEADER + """
+local out = {}
+for a = 3, #ARGV do
+  local t = ARGV[a]
+  local f = redis.call("HMGET", base(tenant_of(t)) .. ":pos:" .. t, "a0", "l0", "a1", "l1")
+  out[#out + 1] = {tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0,
+                   tonumber(f[4]) or 0}
+end
+return {epoch, out}
+"""
+
 # ARGV[3] now; then (terminal, lane, seq) triples.  Answer: receipts
 # {msg_id, terminal, sender, ref} of newly acked messages that asked for one
 # (the entry's flags say which, without reading the message).

@@ -202,6 +202,10 @@ class SQLiteStore:
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
         return await self._read("positions", (terminal,))
 
+    async def positions_many(self, terminals: Sequence[str]
+                             ) -> list[tuple[int, int, int, int]]:
+        return await self._read("positions_many", (list(terminals),))
+
     async def ack_many(self, acks: Sequence, now: float) -> list[ReceiptEvent]:
         acks = list(acks)
         return await self._write("ack_many", (acks, now), len(acks))

@@ -157,6 +157,9 @@ class Reader:
             conn.execute("COMMIT")
         return (acked0, last0, acked1, last1)
 
+    def positions_many(self, terminals: list[str]) -> list[tuple[int, int, int, int]]:
+        return [self.positions(t) for t in terminals]
+
     def trace(self, msg_id: int) -> Trace | None:
         conn = self.conn
         conn.execute("BEGIN")

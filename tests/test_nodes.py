@@ -20,6 +20,7 @@ from tillwire.core.codes import Code
 from tillwire.core.errors import SessionClosed
 from tillwire.server.broker_memory import MemoryBroker, MemoryBus
 from tillwire.server.broker_redis import RedisBroker
+from tillwire.server.ownership import RECONCILE_EVERY, RENOTIFY
 from tillwire.server.presence_memory import MemoryPresence
 from tillwire.server.presence_redis import RedisPresence
 
@@ -171,3 +172,40 @@ async def test_a_result_stored_on_one_node_reaches_a_till_on_another_in_the_noti
     finally:
         await a.stop()
         await b.stop()
+
+
+@aiotest()
+async def test_a_result_whose_notices_were_all_lost_arrives_by_the_owners_reconciliation():
+    # Two nodes sharing a Redis store, presence and broker (a fleet's
+    # workers).  Every control message node a sends is lost: the notice
+    # that carries the stored result and the one a second later.  Node b
+    # reconciles the inboxes of its sessions against the store every
+    # RECONCILE_EVERY seconds (5: the bound README states) and delivers it.
+    from tillwire.server.store_redis import RedisStore
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+    presence = RedisPresence(clients[0], prefix=prefix)
+    broker_a = Failing(RedisBroker("a", clients[1], prefix=prefix))
+    broker_b = RedisBroker("b", clients[2], prefix=prefix)
+    a = await start_node(store=RedisStore(redis_url(), prefix=prefix), node_id="a",
+                         presence=presence, broker=broker_a)
+    b = await start_node(store=RedisStore(redis_url(), prefix=prefix), node_id="b",
+                         presence=presence, broker=broker_b)
+    try:
+        await provision(a, "t1")
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        broker_a.fail("send_control", None)
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
+        sent = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(receive_orders(till, 1), RECONCILE_EVERY + 2) == [1]
+        assert asyncio.get_running_loop().time() - sent > RENOTIFY    # (no notice brought it)
+        await eventually(lambda: len(broker_a.refused) >= 2)     # both notices were lost
+        assert {name for name, _ in broker_a.refused} == {"send_control"}
+    finally:
+        await a.stop()
+        await b.stop()
+        for client in clients:
+            await client.aclose()

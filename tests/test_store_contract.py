@@ -268,6 +268,19 @@ def test_positions(store_factory):
     run_with(store_factory, body)
 
 
+def test_positions_many_answers_each_terminals_positions_in_order(store_factory):
+    async def body(store):
+        assert await store.positions_many([]) == []
+        await store.accept_many([(msg(i, lane=i % 2), [TILL]) for i in range(1, 8)]
+                                + [(msg(9), [TILL2])])
+        await store.ack_many([(TILL, 0, 2), (TILL, 1, 4)], T0 + 1)
+        nobody = "terminal:acme/nobody"
+        assert await store.positions_many([TILL2, nobody, TILL]) == \
+            [(0, 1, 0, 0), (0, 0, 0, 0), (2, 3, 4, 4)]
+        assert await store.positions_many([TILL]) == [await store.positions(TILL)]
+    run_with(store_factory, body)
+
+
 def test_ack_many_is_cumulative_idempotent_and_receipts_only_when_asked(store_factory):
     async def body(store):
         got = await store.accept_many(
