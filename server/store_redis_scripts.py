@@ -139,7 +139,7 @@ end
 # dedup entries of the whole batch are read with one HMGET per tenant; the
 # duplicates (of a stored message within the window, or of an earlier item
 # of this batch) are found before any write, so every new msg_id comes from
-# one INCRBY; an inbox's last seq is read once and written once per batch,
+# one INCRBY; an inbox's last seq moves once per batch (one HINCRBY),
 # its entries added with one ZADD; the expiry index, the dedup entries,
 # the counters and the tenants set are written once per tenant.  What is
 # left per message is its own HSET.
@@ -197,7 +197,37 @@ for _, it in ipairs(items) do
 end
 local id = 0
 if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
-local tenants, out, inboxes, order, payloads = {}, {}, {}, {}, {}
+-- Each inbox's new entries are counted first, so its last seq moves with
+-- one HINCRBY for the batch.
+local inboxes, order = {}, {}
+for _, it in ipairs(items) do
+  if not it.dup_of and not it.original then
+    local lane, rcpts, qs = it.e[4], it.e[8], {}
+    for i = 1, it.n do
+      local t = rcpts[i]
+      -- (The node expands addresses within the tenant; the contract lets a
+      -- recipient be of another one, whose keys hold its inbox.)
+      local tt = tenant_of(t)
+      local tb = base(tt)
+      local q = tb .. ":q:" .. lane .. ":" .. t
+      local inbox = inboxes[q]
+      if not inbox then
+        inbox = {pos = tb .. ":pos:" .. t, field = "l" .. lane, count = 0, entries = {},
+                 tenant = tt}
+        inboxes[q] = inbox
+        order[#order + 1] = q
+      end
+      inbox.count = inbox.count + 1
+      qs[i] = inbox
+    end
+    it.qs = qs
+  end
+end
+for _, q in ipairs(order) do
+  local inbox = inboxes[q]
+  inbox.seq = redis.call("HINCRBY", inbox.pos, inbox.field, inbox.count) - inbox.count
+end
+local tenants, out, payloads = {}, {}, {}
 for k, it in ipairs(items) do
   if it.original then
     out[k] = {tonumber(it.original), 1}
@@ -206,38 +236,29 @@ for k, it in ipairs(items) do
   else
     id = id + 1
     it.id = id
+    local sid = tostring(id)           -- (formatted once, not at each use)
     local e, n, B, tenant = it.e, it.n, it.B, it.tenant
     local pb = per_base[B]
-    local lane, expires, rcpts = e[4], e[6], e[8]
+    local expires, rcpts = e[6], e[8]
     local flags = ":"
     if e[7] == "1" then flags = flags .. "r" end
     if n == 1 then flags = flags .. "1" end
-    local m = B .. ":m:" .. id
+    local m = B .. ":m:" .. sid
     local fields = {"expires", expires, "n", n, "open", n, "done", "0", "bl", it.size}
     payloads[#payloads + 1] = m .. ":p"
     payloads[#payloads + 1] = it.payload
     local answer = {id, 0}
     local member_tail = ":" .. tenant .. flags
+    local qs = it.qs
     for i = 1, n do
       local t = rcpts[i]
-      -- (The node expands addresses within the tenant; the contract lets a
-      -- recipient be of another one, whose keys hold its inbox.)
-      local tt = tenant_of(t)
-      tenants[tt] = true
-      local q = base(tt) .. ":q:" .. lane .. ":" .. t
-      local inbox = inboxes[q]
-      if not inbox then
-        local pos = base(tt) .. ":pos:" .. t
-        inbox = {pos = pos, field = "l" .. lane, entries = {},
-                 seq = tonumber(redis.call("HGET", pos, "l" .. lane)) or 0}
-        inboxes[q] = inbox
-        order[#order + 1] = q
-      end
+      local inbox = qs[i]
+      tenants[inbox.tenant] = true
       local seq = inbox.seq + 1
       inbox.seq = seq
       local entries = inbox.entries
       entries[#entries + 1] = seq
-      entries[#entries + 1] = id .. ":" .. i .. member_tail
+      entries[#entries + 1] = sid .. ":" .. i .. member_tail
       local f = #fields
       fields[f + 1], fields[f + 2], fields[f + 3] = "t" .. i, t, "q" .. i
       fields[f + 4], fields[f + 5], fields[f + 6] = seq, "s" .. i, "stored"
@@ -250,16 +271,16 @@ for k, it in ipairs(items) do
     if #fields > 0 then redis.call("HSET", m, unpack(fields)) end
     if n > 0 then
       pb.exp[#pb.exp + 1] = expires
-      pb.exp[#pb.exp + 1] = id
+      pb.exp[#pb.exp + 1] = sid
     else
-      redis.call("ZADD", B .. ":done", 0, id)
+      redis.call("ZADD", B .. ":done", 0, sid)
     end
     local sum = pb.sum
     sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + it.size
     tenants[tenant] = true
     if it.dkey then
       pb.dd[#pb.dd + 1] = it.dkey
-      pb.dd[#pb.dd + 1] = id
+      pb.dd[#pb.dd + 1] = sid
       pb.ddt[#pb.ddt + 1] = e[5]
       pb.ddt[#pb.ddt + 1] = it.dkey
     end
@@ -268,9 +289,7 @@ for k, it in ipairs(items) do
 end
 bulk("MSET", nil, payloads)
 for _, q in ipairs(order) do
-  local inbox = inboxes[q]
-  redis.call("HSET", inbox.pos, inbox.field, inbox.seq)
-  bulk("ZADD", q, inbox.entries)
+  bulk("ZADD", q, inboxes[q].entries)
 end
 for B, pb in pairs(per_base) do
   bulk("ZADD", B .. ":exp", pb.exp)
