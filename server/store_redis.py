@@ -174,10 +174,7 @@ class RedisStore:
     async def open(self) -> None:
         # Loaded up front, so the first call of each is one EVALSHA that runs
         # (not NOSCRIPT, then a load and a second send).
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script in self._scripts.values():
-                pipe.script_load(script.script)
-            await pipe.execute()
+        await self._load_scripts()
         self.epoch = await self._run("epoch")
         self.aof = await self._durability()
         if self.aof != "always":
@@ -193,6 +190,13 @@ class RedisStore:
         finally:
             if self._owned:
                 await self._redis.aclose()
+
+    async def _load_scripts(self) -> None:
+        """Load every script of the store, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            await pipe.execute()
 
     async def _durability(self) -> str:
         """The instance's AOF policy (``off`` without AOF, ``unknown`` when
@@ -304,10 +308,18 @@ class RedisStore:
                         if not waiter.done():
                             waiter.set_exception(exc)
                     continue
+                if any(isinstance(reply, NoScriptError) for reply in replies):
+                    # Redis lost its scripts (restarted, or SCRIPT FLUSH): all
+                    # are loaded again at once.  One script loaded alone would
+                    # let a later round trip run it before an earlier write
+                    # whose script Redis still lacks: out of order.
+                    try:
+                        await self._load_scripts()
+                    except Exception:
+                        pass                  # (the runs below load and fail their own)
                 for (name, args, group, counts), reply in zip(sent, replies):
                     if isinstance(reply, NoScriptError):
-                        # (Redis lost its scripts: restarted, or SCRIPT FLUSH.
-                        # The script did not run; it runs now, loaded again.)
+                        # (The script did not run; it runs now, loaded again.)
                         try:
                             reply = await self._run(name, *args)
                         except Exception as exc:

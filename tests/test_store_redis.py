@@ -331,3 +331,31 @@ async def test_a_hung_redis_times_out_the_write_in_flight_and_fails_the_queued_o
             assert two.duplicate and not three.duplicate and three.seqs == {TILL: 3}
         finally:
             await store.close()
+
+
+@aiotest()
+async def test_writes_keep_their_order_when_redis_has_lost_only_some_scripts():
+    # Redis restarted (or SCRIPT FLUSH): the first write after it, alone in
+    # its round trip, loads its own script again and no other.  The next
+    # round trip carries a reject and then an ack of the same entry: the
+    # reject must run first (its entry is dead, the ack finds nothing), not
+    # after the ack whose script Redis still had.
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            [a] = await store.accept_many([(msg(1), [TILL])])
+            await admin.script_flush()
+            assert await store.ack_many([(TILL, 0, 0)], T0) == []     # loads ack only
+            dead, receipts = await asyncio.gather(
+                store.reject(TILL, 0, 1, "refused", T0 + 1),
+                store.ack_many([(TILL, 0, 1)], T0 + 2))
+            assert dead is not None and dead.msg_id == a.msg_id and dead.reason == "refused"
+            assert receipts == []
+            [r] = (await store.trace(a.msg_id)).recipients
+            assert (r.state, r.ended_at, r.acked_at) == ("rejected", T0 + 1, None)
+            assert [d.msg_id for d in await store.dead_letters(None, 10)] == [a.msg_id]
+        finally:
+            await admin.aclose()
+            await store.close()
