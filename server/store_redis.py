@@ -256,7 +256,8 @@ class RedisStore:
     def _next_write(self) -> tuple[str, list, list, list[int]]:
         """The next script to send from the queue: (name, arguments, its
         waiters, how many answers each takes), consecutive accept batches
-        joined into one (up to GROUP_MAX messages)."""
+        joined into one (up to GROUP_MAX messages); the arguments are the
+        exception when they cannot be made."""
         writes = self._writes
         name, args, count, done = writes.popleft()
         group, counts = [done], [count]
@@ -271,7 +272,10 @@ class RedisStore:
                 counts.append(n)
             # (Two arguments for the whole batch, not a dozen per message:
             # redis-py packs each argument in Python.)
-            args = [repr(float(self.dedup_window)), orjson.dumps(entries), b"".join(bodies)]
+            try:
+                args = [repr(float(self.dedup_window)), orjson.dumps(entries), b"".join(bodies)]
+            except Exception as exc:       # (not JSON: its batches fail, not the writer)
+                args = exc
         return name, args, group, counts
 
     async def _send_writes(self) -> None:
@@ -285,7 +289,13 @@ class RedisStore:
             while writes:
                 sent = []
                 while writes and len(sent) < PIPELINE_MAX:
-                    sent.append(self._next_write())
+                    name, args, group, counts = self._next_write()
+                    if isinstance(args, Exception):
+                        self._settle(name, args, group, counts)
+                    else:
+                        sent.append((name, args, group, counts))
+                if not sent:
+                    continue
                 candidate = random.randrange(1, 1 << 31)
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:

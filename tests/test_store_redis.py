@@ -359,3 +359,22 @@ async def test_writes_keep_their_order_when_redis_has_lost_only_some_scripts():
         finally:
             await admin.aclose()
             await store.close()
+
+
+@aiotest()
+async def test_a_batch_that_cannot_be_encoded_fails_and_never_hangs():
+    # A recipient Redis cannot be sent (not UTF-8: a lone surrogate) fails
+    # the script of its batch (and of the batches joined with it), and the
+    # writes after it go on: no caller waits forever.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        bad = asyncio.ensure_future(store.accept_many([(msg(1), ["terminal:acme/\udc80"])]))
+        acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 1)], T0 + 1))
+        done, pending = await asyncio.wait([bad, acks], timeout=5)
+        assert not pending, "a write was never answered"
+        assert isinstance(bad.exception(), (TypeError, ValueError))
+        assert acks.result() == []
+        assert [a.seqs for a in await store.accept_many([(msg(2), [TILL])])] == [{TILL: 1}]
+    finally:
+        await store.close()
