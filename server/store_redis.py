@@ -249,8 +249,12 @@ class RedisStore:
             self._writer = asyncio.get_running_loop().create_task(self._send_writes())
 
     async def _ordered(self, name: str, *args):
+        # (Encoded here: a value Redis cannot be sent fails its own call, not
+        # the round trip it would share with other writes.)
+        encode = self._redis.get_encoder().encode
+        args = [encode(arg) for arg in args]
         done = asyncio.get_running_loop().create_future()
-        self._write(name, list(args), done)
+        self._write(name, args, done)
         return await done
 
     def _next_write(self) -> tuple[str, list, list, list[int]]:

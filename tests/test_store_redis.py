@@ -378,3 +378,20 @@ async def test_a_batch_that_cannot_be_encoded_fails_and_never_hangs():
         assert [a.seqs for a in await store.accept_many([(msg(2), [TILL])])] == [{TILL: 1}]
     finally:
         await store.close()
+
+
+@aiotest()
+async def test_a_write_that_cannot_be_encoded_fails_alone_not_its_round_trip():
+    # An ack naming a terminal Redis cannot be sent (a lone surrogate) fails;
+    # the accept that goes in the same round trip is stored all the same.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        bad, good = await asyncio.gather(
+            store.ack_many([("terminal:acme/\udc80", 0, 1)], T0 + 1),
+            store.accept_many([(msg(1), [TILL])]), return_exceptions=True)
+        assert isinstance(bad, ValueError)
+        assert not isinstance(good, Exception), good
+        assert [a.seqs for a in good] == [{TILL: 1}]
+    finally:
+        await store.close()
