@@ -331,16 +331,29 @@ class RedisStore:
                         await self._load_scripts()
                     except Exception:
                         pass                  # (the runs below load and fail their own)
+                timed_out = None
                 for (name, args, group, counts), reply in zip(sent, replies):
                     if isinstance(reply, NoScriptError):
-                        # (The script did not run; it runs now, loaded again.)
-                        try:
-                            reply = await self._run(name, *args)
-                        except Exception as exc:
-                            reply = exc
+                        # (The script did not run; it runs now, loaded again,
+                        # unless one such run timed out: then it fails too.)
+                        if timed_out is not None:
+                            reply = timed_out
+                        else:
+                            try:
+                                reply = await self._run(name, *args)
+                            except Exception as exc:
+                                reply = exc
+                                if isinstance(exc, RedisTimeoutError):
+                                    timed_out = exc
                     elif not isinstance(reply, Exception):
                         reply = self._answer(name, reply)
                     self._settle(name, reply, group, counts)
+                if timed_out is not None:       # (the writes queued behind: as above)
+                    failed = [queued[3] for queued in writes]
+                    writes.clear()
+                    for waiter in failed:
+                        if not waiter.done():
+                            waiter.set_exception(timed_out)
         finally:
             self._writer = None
 

@@ -395,3 +395,39 @@ async def test_a_write_that_cannot_be_encoded_fails_alone_not_its_round_trip():
         assert [a.seqs for a in good] == [{TILL: 1}]
     finally:
         await store.close()
+
+
+@aiotest()
+async def test_writes_run_again_after_noscript_fail_together_at_the_first_timeout():
+    # Redis lost its scripts and then stopped answering: the writes of the
+    # round trip that met NOSCRIPT run again one by one; once one of them
+    # times out the rest fail at once, as the writes queued behind a
+    # timeout do, rather than one timeout after another.
+    with PrivateRedis() as server:
+        store = RedisStore(connect(server.url, timeout=0.5), prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        run = store._run
+        paused = []
+
+        async def run_after_pause(name, *args):
+            if not paused:
+                server.pause()
+                paused.append(True)
+            return await run(name, *args)
+
+        try:
+            await store.accept_many([(msg(1), [TILL])])
+            await admin.script_flush()
+            store._run = run_after_pause
+            started = asyncio.get_running_loop().time()
+            got = await asyncio.gather(*(store.ack_many([(TILL, 0, 0)], T0 + k)
+                                         for k in range(8)), return_exceptions=True)
+            took = asyncio.get_running_loop().time() - started
+            assert paused and all(isinstance(g, RedisTimeoutError) for g in got), got
+            assert took < 2.0, f"{took:.1f} s: one timeout after another"
+        finally:
+            server.resume()
+            store._run = run
+            await admin.aclose()
+            await store.close()
