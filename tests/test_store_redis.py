@@ -431,3 +431,21 @@ async def test_writes_run_again_after_noscript_fail_together_at_the_first_timeou
             store._run = run
             await admin.aclose()
             await store.close()
+
+
+@aiotest()
+async def test_a_message_with_an_empty_body_is_trimmed():
+    # (HINCRBY of "-0", what Lua makes of minus an empty body's length, is
+    # refused: the trim failed, every time, while the message was held.)
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        empty = msg(1)
+        empty.body = b""
+        [a] = await store.accept_many([(empty, [TILL])])
+        await store.ack_many([(TILL, 0, 1)], T0 + 1)
+        assert await store.trim(T0 + 10, 1) == 1
+        assert await store.trace(a.msg_id) is None
+        assert (await store.stats())["bytes"] == 0
+    finally:
+        await store.close()
