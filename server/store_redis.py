@@ -177,10 +177,7 @@ class RedisStore:
     async def open(self) -> None:
         # Loaded up front, so the first call of each is one EVALSHA that runs
         # (not NOSCRIPT, then a load and a second send).
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script in self._scripts.values():
-                pipe.script_load(script.script)
-            await pipe.execute()
+        await self._load_scripts()
         self.epoch = await self._run("epoch")
         self.aof = await self._durability()
         if self.aof != "always":
@@ -196,6 +193,13 @@ class RedisStore:
         finally:
             if self._owned:
                 await self._redis.aclose()
+
+    async def _load_scripts(self) -> None:
+        """Load every script of the store, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            await pipe.execute()
 
     async def _durability(self) -> str:
         """The instance's AOF policy (``off`` without AOF, ``unknown`` when
@@ -248,14 +252,19 @@ class RedisStore:
             self._writer = asyncio.get_running_loop().create_task(self._send_writes())
 
     async def _ordered(self, name: str, *args):
+        # (Encoded here: a value Redis cannot be sent fails its own call, not
+        # the round trip it would share with other writes.)
+        encode = self._redis.get_encoder().encode
+        args = [encode(arg) for arg in args]
         done = asyncio.get_running_loop().create_future()
-        self._write(name, list(args), done)
+        self._write(name, args, done)
         return await done
 
     def _next_write(self) -> tuple[str, list, list, list[int]]:
         """The next script to send from the queue: (name, arguments, its
         waiters, how many answers each takes), consecutive accept batches
-        joined into one (up to GROUP_MAX messages)."""
+        joined into one (up to GROUP_MAX messages); the arguments are the
+        exception when they cannot be made."""
         writes = self._writes
         name, args, count, done = writes.popleft()
         group, counts = [done], [count]
@@ -270,7 +279,10 @@ class RedisStore:
                 counts.append(n)
             # (Two arguments for the whole batch, not a dozen per message:
             # redis-py packs each argument in Python.)
-            args = [repr(float(self.dedup_window)), orjson.dumps(entries), b"".join(bodies)]
+            try:
+                args = [repr(float(self.dedup_window)), orjson.dumps(entries), b"".join(bodies)]
+            except Exception as exc:       # (not JSON: its batches fail, not the writer)
+                args = exc
         return name, args, group, counts
 
     async def _send_writes(self) -> None:
@@ -284,7 +296,13 @@ class RedisStore:
             while writes:
                 sent = []
                 while writes and len(sent) < PIPELINE_MAX:
-                    sent.append(self._next_write())
+                    name, args, group, counts = self._next_write()
+                    if isinstance(args, Exception):
+                        self._settle(name, args, group, counts)
+                    else:
+                        sent.append((name, args, group, counts))
+                if not sent:
+                    continue
                 candidate = random.randrange(1, 1 << 31)
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
@@ -307,17 +325,38 @@ class RedisStore:
                         if not waiter.done():
                             waiter.set_exception(exc)
                     continue
+                if any(isinstance(reply, NoScriptError) for reply in replies):
+                    # Redis lost its scripts (restarted, or SCRIPT FLUSH): all
+                    # are loaded again at once.  One script loaded alone would
+                    # let a later round trip run it before an earlier write
+                    # whose script Redis still lacks: out of order.
+                    try:
+                        await self._load_scripts()
+                    except Exception:
+                        pass                  # (the runs below load and fail their own)
+                timed_out = None
                 for (name, args, group, counts), reply in zip(sent, replies):
                     if isinstance(reply, NoScriptError):
-                        # (Redis lost its scripts: restarted, or SCRIPT FLUSH.
-                        # The script did not run; it runs now, loaded again.)
-                        try:
-                            reply = await self._run(name, *args)
-                        except Exception as exc:
-                            reply = exc
+                        # (The script did not run; it runs now, loaded again,
+                        # unless one such run timed out: then it fails too.)
+                        if timed_out is not None:
+                            reply = timed_out
+                        else:
+                            try:
+                                reply = await self._run(name, *args)
+                            except Exception as exc:
+                                reply = exc
+                                if isinstance(exc, RedisTimeoutError):
+                                    timed_out = exc
                     elif not isinstance(reply, Exception):
                         reply = self._answer(name, reply)
                     self._settle(name, reply, group, counts)
+                if timed_out is not None:       # (the writes queued behind: as above)
+                    failed = [queued[3] for queued in writes]
+                    writes.clear()
+                    for waiter in failed:
+                        if not waiter.done():
+                            waiter.set_exception(timed_out)
         finally:
             self._writer = None
 

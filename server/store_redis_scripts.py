@@ -553,7 +553,8 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   local B = base(tenant)
   for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4])) do
     local m = B .. ":m:" .. id
-    redis.call("HINCRBY", B .. ":n", "bytes", -tonumber(redis.call("HGET", m, "bl")))
+    -- (0 - n, not -n: Lua writes minus zero as "-0", which HINCRBY refuses)
+    redis.call("HINCRBY", B .. ":n", "bytes", 0 - tonumber(redis.call("HGET", m, "bl")))
     redis.call("HINCRBY", B .. ":n", "messages", -1)
     redis.call("DEL", m, m .. ":p")
     redis.call("ZREM", B .. ":done", id)

@@ -332,3 +332,121 @@ async def test_a_hung_redis_times_out_the_write_in_flight_and_fails_the_queued_o
             assert two.duplicate and not three.duplicate and three.seqs == {TILL: 3}
         finally:
             await store.close()
+
+
+@aiotest()
+async def test_writes_keep_their_order_when_redis_has_lost_only_some_scripts():
+    # Redis restarted (or SCRIPT FLUSH): the first write after it, alone in
+    # its round trip, loads its own script again and no other.  The next
+    # round trip carries a reject and then an ack of the same entry: the
+    # reject must run first (its entry is dead, the ack finds nothing), not
+    # after the ack whose script Redis still had.
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            [a] = await store.accept_many([(msg(1), [TILL])])
+            await admin.script_flush()
+            assert await store.ack_many([(TILL, 0, 0)], T0) == []     # loads ack only
+            dead, receipts = await asyncio.gather(
+                store.reject(TILL, 0, 1, "refused", T0 + 1),
+                store.ack_many([(TILL, 0, 1)], T0 + 2))
+            assert dead is not None and dead.msg_id == a.msg_id and dead.reason == "refused"
+            assert receipts == []
+            [r] = (await store.trace(a.msg_id)).recipients
+            assert (r.state, r.ended_at, r.acked_at) == ("rejected", T0 + 1, None)
+            assert [d.msg_id for d in await store.dead_letters(None, 10)] == [a.msg_id]
+        finally:
+            await admin.aclose()
+            await store.close()
+
+
+@aiotest()
+async def test_a_batch_that_cannot_be_encoded_fails_and_never_hangs():
+    # A recipient Redis cannot be sent (not UTF-8: a lone surrogate) fails
+    # the script of its batch (and of the batches joined with it), and the
+    # writes after it go on: no caller waits forever.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        bad = asyncio.ensure_future(store.accept_many([(msg(1), ["terminal:acme/\udc80"])]))
+        acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 1)], T0 + 1))
+        done, pending = await asyncio.wait([bad, acks], timeout=5)
+        assert not pending, "a write was never answered"
+        assert isinstance(bad.exception(), (TypeError, ValueError))
+        assert acks.result() == []
+        assert [a.seqs for a in await store.accept_many([(msg(2), [TILL])])] == [{TILL: 1}]
+    finally:
+        await store.close()
+
+
+@aiotest()
+async def test_a_write_that_cannot_be_encoded_fails_alone_not_its_round_trip():
+    # An ack naming a terminal Redis cannot be sent (a lone surrogate) fails;
+    # the accept that goes in the same round trip is stored all the same.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        bad, good = await asyncio.gather(
+            store.ack_many([("terminal:acme/\udc80", 0, 1)], T0 + 1),
+            store.accept_many([(msg(1), [TILL])]), return_exceptions=True)
+        assert isinstance(bad, ValueError)
+        assert not isinstance(good, Exception), good
+        assert [a.seqs for a in good] == [{TILL: 1}]
+    finally:
+        await store.close()
+
+
+@aiotest()
+async def test_writes_run_again_after_noscript_fail_together_at_the_first_timeout():
+    # Redis lost its scripts and then stopped answering: the writes of the
+    # round trip that met NOSCRIPT run again one by one; once one of them
+    # times out the rest fail at once, as the writes queued behind a
+    # timeout do, rather than one timeout after another.
+    with PrivateRedis() as server:
+        store = RedisStore(connect(server.url, timeout=0.5), prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        run = store._run
+        paused = []
+
+        async def run_after_pause(name, *args):
+            if not paused:
+                server.pause()
+                paused.append(True)
+            return await run(name, *args)
+
+        try:
+            await store.accept_many([(msg(1), [TILL])])
+            await admin.script_flush()
+            store._run = run_after_pause
+            started = asyncio.get_running_loop().time()
+            got = await asyncio.gather(*(store.ack_many([(TILL, 0, 0)], T0 + k)
+                                         for k in range(8)), return_exceptions=True)
+            took = asyncio.get_running_loop().time() - started
+            assert paused and all(isinstance(g, RedisTimeoutError) for g in got), got
+            assert took < 2.0, f"{took:.1f} s: one timeout after another"
+        finally:
+            server.resume()
+            store._run = run
+            await admin.aclose()
+            await store.close()
+
+
+@aiotest()
+async def test_a_message_with_an_empty_body_is_trimmed():
+    # (HINCRBY of "-0", what Lua makes of minus an empty body's length, is
+    # refused: the trim failed, every time, while the message was held.)
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        empty = msg(1)
+        empty.body = b""
+        [a] = await store.accept_many([(empty, [TILL])])
+        await store.ack_many([(TILL, 0, 1)], T0 + 1)
+        assert await store.trim(T0 + 10, 1) == 1
+        assert await store.trace(a.msg_id) is None
+        assert (await store.stats())["bytes"] == 0
+    finally:
+        await store.close()
