@@ -70,6 +70,10 @@ class ServiceHost(Protocol):
     def mark_dirty(self, conn: TerminalConnection) -> None:
         """``conn`` has frames queued: write them at the next flush."""
 
+    def ticket_changed(self, key: str) -> None:
+        """(A fleet) ticket ``key``'s record was written: the other workers
+        read it again (``Tickets.refresh``).  Nothing without a fleet."""
+
     def submit(self, msg: NewMessage, address: Address, reply, recipients=None) -> None:
         """Queue a P0/P1 message for the next group commit.
 

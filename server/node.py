@@ -308,6 +308,10 @@ class Node:
         if self.ownership is not None:
             self.ownership.announce("registry", address)
 
+    def ticket_changed(self, key: str) -> None:
+        if self.ownership is not None:
+            self.ownership.announce("ticket", f"{self.worker_name}\t{key}")
+
     def directory_changed(self, tenant: str, store: str) -> None:
         """An operator changed a store's directory entry: the other workers
         of a fleet read it again."""

@@ -68,9 +68,10 @@ NOTICE_TOTAL = 4 * 1024 * 1024    # bytes of bodies one owner is sent per batch 
 
 def _carried(items: list) -> tuple[list[list], list]:
     """The deliver notices for ``items`` (in order, each up to NOTICE_MAX
-    bytes of bodies, NOTICE_TOTAL in all: a group message to thousands must
-    not make huge PUBLISHes) and the items told as positions only (the owner
-    reads them from the store)."""
+    bytes of bodies, or one message whose body alone is larger, and
+    NOTICE_TOTAL in all: a group message to thousands must not make huge
+    PUBLISHes) and the items told as positions only (the owner reads them
+    from the store)."""
     notices: list[list] = []
     size = total = 0
     for i, item in enumerate(items):
@@ -278,8 +279,11 @@ class Ownership:
     def announce(self, verb: str, argument: str) -> None:
         """Tell every worker of the fleet (this one too) that something
         shared changed: ``registry`` (argument: a terminal address; workers
-        that cache its record read it again) or ``directory`` (argument:
-        ``<tenant>/<store>``; every worker reads the entry again)."""
+        that cache its record read it again), ``directory`` (argument:
+        ``<tenant>/<store>``; every worker reads the entry again) or
+        ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
+        workers read its record again: a ticket waiting for staff goes to the
+        first who logs in on any worker, and every worker lists it)."""
         self.node.spawn(self._announce(f"{verb}\0{argument}".encode()))
 
     async def _announce(self, message: bytes) -> None:
@@ -301,6 +305,10 @@ class Ownership:
         elif verb == "directory":
             tenant, _, store = argument.partition("/")
             node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
+        elif verb == "ticket":
+            origin, _, key = argument.partition("\t")
+            if origin != node.worker_name:
+                node.spawn(self._refresh(node.tickets.refresh(key), verb, key))
         else:
             log.warning("announcement: unknown verb %r", verb)
 

@@ -72,7 +72,10 @@ workers assigning a free ticket, one has it; a manager's reassignment
 replaces the claim.  Each escalation is claimed once (namespace
 ``ticketesc``, key ``<tenant>/<ticket>/<due>``), so the workers that hold
 the ticket (every worker loads the unresolved ones at start) escalate it
-once.  Two updates of one ticket on two workers at the same moment may
+once.  Every record written is announced to the other workers
+(``ServiceHost.ticket_changed``), which read it again (:meth:`Tickets.refresh`):
+a ticket waiting for staff goes to the first staff who logs in on any
+worker, and every worker lists the open tickets alike.  Two updates of one ticket on two workers at the same moment may
 still write its record in either order (its reply count, say); its
 assignment and escalation never.
 
@@ -623,6 +626,13 @@ class Tickets:
             host.service_ack(conn, ref, accepted.msg_id, {"recipients": len(accepted.seqs)},
                              asked=asked)
 
+    async def refresh(self, key: str) -> None:
+        """(A fleet) another worker wrote ticket ``key``'s record: take it
+        into memory (a ticket waiting for staff is then handed to staff
+        logging in here; GET /v1/tickets lists it), or forget it resolved."""
+        if not self._closed:
+            await self._refresh(key)
+
     async def _refresh(self, key: str) -> None:
         """(A fleet) take a ticket's record and assignment claim from the
         shared records into memory: unresolved, it is held here (without a
@@ -848,6 +858,8 @@ class Tickets:
         # Stored as of its last change: the store's kv_expire is the retention
         # of the records not in memory (resolved ones).
         await self.host.store.records.put(NS, key, orjson.dumps(rec), last_change(rec))
+        if self.host.shared_registry:
+            self.host.ticket_changed(key)
 
     # -- retention ------------------------------------------------------------------------
 

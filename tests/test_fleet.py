@@ -452,6 +452,47 @@ async def test_a_ticket_from_a_till_on_one_worker_is_handled_by_staff_on_another
 
 
 @aiotest(120)
+async def test_a_waiting_ticket_goes_to_staff_logging_in_on_another_worker_and_all_list_it(
+        tmp_path, prefix):
+    # No one on duty: the ticket waits.  Every worker hears of it (its record
+    # was written, announced on @fleet), so the first staff to log in gets
+    # it whichever worker the kernel gives it, and GET /v1/tickets answers
+    # the same from every worker.  (Before, only the worker that took the
+    # ticket knew it: staff on the other worker never got it, and half the
+    # listings missed it.)
+    node = Node(tmp_path, "node-w", prefix).start()
+    try:
+        till = await on_worker(node, "till1", worker=0)
+        ack = await till.send("ticket.open", {"code": "E9", "text": "scale error"},
+                              "role:acme/s1/staff")
+        opened = orjson.loads(ack.payload)
+        tid = opened["ticket"]
+        assert opened["recipients"] == 0 and opened["waiting"] is True, opened
+        for _ in range(100):          # (ten listings: the kernel spreads them over both)
+            seen = []
+            for _ in range(10):
+                status, doc = await node.admin("GET", "/v1/tickets?tenant=acme&store=s1")
+                assert status == 200, doc
+                seen.append([t["ticket"] for t in doc["tickets"]])
+            if seen == [[tid]] * 10:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == [[tid]] * 10, seen
+        staff = await on_worker(node, "staff1", worker=1, roles=("staff",))
+        msg = await staff.receive(timeout=10)
+        assert msg.kind == "ticket.open" and msg.body["ticket"] == tid, msg
+        await msg.ack()
+        # It went to one staff once: a second staff logging in gets nothing.
+        other = await on_worker(node, "staff2", worker=0, roles=("staff",))
+        with pytest.raises(asyncio.TimeoutError):
+            await other.receive(timeout=1.5)
+        for conn in (till, staff, other):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
+@aiotest(120)
 async def test_a_login_on_another_worker_takes_the_session_over(tmp_path, prefix):
     node = Node(tmp_path, "node-t", prefix).start()
     try:
