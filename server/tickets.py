@@ -75,7 +75,9 @@ the ticket (every worker loads the unresolved ones at start) escalate it
 once.  Every record written is announced to the other workers
 (``ServiceHost.ticket_changed``), which read it again (:meth:`Tickets.refresh`):
 a ticket waiting for staff goes to the first staff who logs in on any
-worker, and every worker lists the open tickets alike.  Two updates of one ticket on two workers at the same moment may
+worker (claimed once, namespace ``tickethand``: staff logging in on two
+workers at once do not both get it), and every worker lists the open
+tickets alike.  Two updates of one ticket on two workers at the same moment may
 still write its record in either order (its reply count, say); its
 assignment and escalation never.
 
@@ -112,6 +114,7 @@ log = logging.getLogger("tillwire.tickets")
 NS = "ticket"
 ASSIGN_NS = "ticketassign"       # the first assignment's claim (a fleet)
 ESCALATE_NS = "ticketesc"        # each escalation's claim (a fleet)
+HANDOVER_NS = "tickethand"       # a waiting ticket's hand-over claim (a fleet)
 SENDER = "service:tickets"       # the sender of auto-replies and escalations
 OPEN, ASSIGNED, ESCALATED, RESOLVED = "open", "assigned", "escalated", "resolved"
 UPDATE_KINDS = frozenset({"ticket.assign", "ticket.reply", "ticket.resolve"})
@@ -448,6 +451,8 @@ class Tickets:
                 return                # (no longer waiting: delivered, assigned, escalated)
             host = self.host
             now = time.time()
+            if host.shared_registry and not await self._claim_hand_over(key):
+                return                # (another worker hands it over)
             body = {"code": rec["code"], "ticket": rec["ticket"], "from": rec["from"]}
             if rec.get("text"):
                 body["text"] = rec["text"]
@@ -459,6 +464,8 @@ class Tickets:
             except Exception as exc:  # noqa: BLE001 - not stored: it stays waiting
                 log.error("waiting ticket %s could not be stored for %s: %s", key, recipients,
                           exc)
+                if host.shared_registry:
+                    await self._unclaim_hand_over(key)
                 return
             if self.open.get(key) is not rec:
                 return                # resolved or deleted meanwhile
@@ -470,6 +477,29 @@ class Tickets:
                      rec["ticket"], rec["tenant"], rec["store"], rec["recipients"])
         finally:
             self._turns.done(key, mine)
+
+    async def _claim_hand_over(self, key: str) -> bool:
+        """(A fleet) whether this worker hands waiting ticket ``key`` over:
+        staff logging in on two workers at once must not both get it.  A
+        loser reads the ticket again (the winner's record follows)."""
+        records = self.host.store.records
+        mine = self.host.worker_name.encode()
+        try:
+            won = await records.put_new(HANDOVER_NS, key, mine, time.time()) == mine
+            if not won:
+                await self._refresh(key)
+        except Exception as exc:  # noqa: BLE001 - it stays waiting: the next login tries
+            log.error("waiting ticket %s: its hand-over could not be claimed: %s", key, exc)
+            return False
+        return won
+
+    async def _unclaim_hand_over(self, key: str) -> None:
+        """(A fleet) a hand-over whose message was not stored gives its claim
+        back: the next login, roster change or escalation tries again."""
+        try:
+            await self.host.store.records.delete(HANDOVER_NS, key)
+        except Exception as exc:  # noqa: BLE001 - the store is down: retention ends it
+            log.error("waiting ticket %s: the claim of a failed hand-over stays: %s", key, exc)
 
     def list_open(self, tenant: str, store: str | None = None,
                   unattended: bool = False) -> list[dict]:
@@ -867,6 +897,7 @@ class Tickets:
         records = self.host.store.records
         await records.expire(ASSIGN_NS, horizon)
         await records.expire(ESCALATE_NS, horizon)
+        await records.expire(HANDOVER_NS, horizon)
 
     async def expire(self, now: float) -> int:
         """Delete the tickets last changed before ``now - retention.tickets``.

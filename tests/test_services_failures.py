@@ -459,3 +459,51 @@ async def test_write_behind_backs_off_keeps_a_change_made_during_a_write_and_flu
     await wb.written("c")                           # (returns at once: stopping)
     await wb.flush()
     assert written["c"] == 4 and len(wb) == 0
+
+
+@aiotest()
+async def test_a_waiting_tickets_hand_over_claim_the_store_refuses_leaves_it_waiting():
+    # A fleet node (records shared with other workers): a waiting ticket is
+    # handed to the first staff login only once the hand-over is claimed in
+    # the records (staff on two workers at once must not both get it).  The
+    # claim refused: the ticket stays waiting, the next login gets it.  The
+    # hand-over's message refused: the claim is given back, and the ticket
+    # still waits.
+    from tillwire.server.node import Node
+    from tillwire.server.registry_memory import MemoryRegistry
+
+    cfg = make_config()
+    store = Failing(make_store(cfg))
+    node = Node(cfg, store, loop=asyncio.get_running_loop(), node_id="n",
+                registry=MemoryRegistry())          # (a registry given: shared, as a fleet's)
+    await node.start()
+    try:
+        assert node.shared_registry
+        till = await connect(node, "t1", store="s1", roles=("pos",))
+        ack = await till.send("ticket.open", {"code": "E42"}, STAFF)
+        tid = orjson.loads(ack.payload)["ticket"]
+        key = f"acme/{tid}"
+        store.fail("records.put_new", 1, when=lambda ns, *_: ns == "tickethand")
+        first = await connect(node, "h1", store="s1", roles=("staff",))
+        await eventually(lambda: store.calls["records.put_new"] >= 1)
+        await nothing_for(first)
+        assert node.tickets.waiting == {("acme", "s1"): {key}}
+        assert await node.store.records.get("tickethand", key) is None
+        # Its message refused: the claim goes back, the ticket waits on.
+        store.fail("accept_many_then", 1, when=carrying("ticket.open"))
+        await first.close()
+        second = await connect(node, "h2", store="s1", roles=("staff",))
+        await eventually(lambda: kinds_of(store.refused) == ["ticket.open"])
+        await eventually(lambda: store.calls["records.delete"] >= 1)
+        await nothing_for(second)
+        assert node.tickets.waiting == {("acme", "s1"): {key}}
+        assert await node.store.records.get("tickethand", key) is None
+        # The next login gets it, claimed once.
+        third = await connect(node, "h3", store="s1", roles=("staff",))
+        msg = await third.receive(timeout=3)
+        assert (msg.kind, msg.body["ticket"]) == ("ticket.open", tid)
+        await msg.ack()
+        assert await node.store.records.get("tickethand", key) == b"n"
+        await eventually(lambda: node.tickets.waiting == {})
+    finally:
+        await node.stop()
