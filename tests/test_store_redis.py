@@ -276,6 +276,30 @@ async def test_a_batch_larger_than_the_scripts_slices_is_stored_read_and_acked_w
 
 
 @aiotest()
+async def test_an_ack_across_holes_left_by_rejects_takes_only_what_it_covers():
+    # Rejects leave holes in an inbox's seqs: an ack past them takes the
+    # entries up to its seq, none after.
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        got = await store.accept_many([(msg(ref), [TILL]) for ref in range(1, 8)])
+        assert [a.seqs[TILL] for a in got] == list(range(1, 8))
+        for seq in (2, 4):
+            assert (await store.reject(TILL, 0, seq, "bad", T0 + 1)).seq == seq
+        assert await store.ack_many([(TILL, 0, 4)], T0 + 2) == []
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [5, 6, 7]
+        assert await store.positions(TILL) == (4, 7, 0, 0)
+        assert [(r.state, r.acked_at) for r in (await store.trace(got[4].msg_id)).recipients] \
+            == [("stored", None)]
+        assert [r.state for r in (await store.trace(got[2].msg_id)).recipients] == ["acked"]
+        await store.ack_many([(TILL, 0, 6)], T0 + 3)
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [7]
+        assert (await store.stats())["unacked"] == 1
+    finally:
+        await store.close()
+
+
+@aiotest()
 async def test_lanes_given_as_the_lane_enum_reach_the_same_inboxes_and_streams():
     # redis-py sends an int subclass as its repr(): the node passes Lane members.
     store = RedisStore(redis_url(), prefix=fresh_prefix())
