@@ -70,6 +70,12 @@ class RedisBroker(Broker):
         publishes in its append: ``RedisHistory.append_published``)."""
         return self._name(channel)
 
+    def control_topic(self, worker_id: str) -> bytes:
+        """The Redis pub/sub channel of ``worker_id``'s control inbox (for a
+        History that publishes a terminal's channel message to its owner in
+        its append)."""
+        return f"{self._prefix}:ctl:{worker_id}".encode()
+
     async def start(self, on_message: MessageHandler, on_control: ControlHandler) -> None:
         (_, listening), = await self._redis.pubsub_numsub(self._control)
         if listening:

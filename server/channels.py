@@ -400,7 +400,19 @@ class Channels:
         try:
             published = getattr(history, "append_published", None)
             topic = getattr(broker, "topic", None)
-            if address.scope != "terminal" and published is not None and topic is not None:
+            owner = None
+            if address.scope == "terminal" and published is not None and topic is not None:
+                owner = await self.node.ownership.owner_of(name)
+            if owner is not None:
+                # A terminal's own channel: placed and told to the worker
+                # holding the terminal in one step, on its control channel
+                # (that worker's own publishes too), so messages from any
+                # number of publishers reach it in offset order.
+                placed = await published(name, lane, kind, key, version, payload, ttl,
+                                         broker.control_topic(owner),
+                                         b"chan\0" + name.encode() + b"\0" + bytes((lane,)),
+                                         placed_tail(kind, key, version, ttl, payload))
+            elif address.scope != "terminal" and published is not None and topic is not None:
                 # (placed and published in one step: offset order on the wire)
                 placed = await published(name, lane, kind, key, version, payload, ttl,
                                          topic(name), bytes((lane,)),

@@ -260,6 +260,14 @@ class Ownership:
                 if last1:
                     delivery.notified(address, 1, last1)
 
+    async def owner_of(self, terminal: str) -> str | None:
+        """The worker holding ``terminal``'s session (this one's name when
+        it is here, even before its claim is written); None when offline."""
+        owner = (await self.presence.owners([terminal])).get(terminal)
+        if owner is None and terminal in self.node.hub.sessions:
+            return self.owner
+        return owner
+
     async def send_channel(self, name: str, lane: int, data: bytes) -> None:
         """A P2/P3 message placed in a terminal's own channel: to the worker
         that holds the terminal (nothing when it is offline: the history
