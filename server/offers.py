@@ -26,12 +26,16 @@ In a fleet the counts are shared (:mod:`.caps`, ``caps_redis.py``): a
 broadcast reaches the sessions without a member at once, and its members'
 sessions once one call to the shared caps decided for all of them (a few
 milliseconds later), so a member's devices on different workers and nodes
-share one count and one offer counts once.  Replays on resume still use
-this worker's own counts.
+share one count and one offer counts once.  A stream's offers reach the
+members' sessions in offset order: each waits for the one before it to be
+pushed, whichever decision comes back first.  Replays on resume still use
+this worker's own counts, and a P3 message of another kind on the same
+stream is not held behind an offer waiting for its decision.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
@@ -76,6 +80,11 @@ class Offers:
         self.unsaved = WriteBehind(host, self._write, delay=FLUSH_DELAY, retry=FLUSH_DELAY,
                                    retry_max=RETRY_MAX, what="cap counts")
         self.caps = None          # a caps.Caps shared by a fleet (node.py sets it)
+        # (A fleet) stream -> the task pushing its latest offer once the
+        # shared caps decided: each waits for the one before it to push, so
+        # a member's sessions get a stream's offers in offset order however
+        # the caps' answers come back.
+        self._pushing: dict[int, asyncio.Task] = {}
 
     async def load(self) -> None:
         """Load the cap counts still within the window (node start)."""
@@ -214,15 +223,25 @@ class Offers:
         if waiting:
             offer = f"{stream.name}:{stream.epoch}:{entry.offset}" if entry is not None \
                 else f"frame:{hash(frame)}"
-            self.host.spawn(self._shared_fanout(tenant, waiting, offer, lane, frame, deadline,
-                                                stream))
+            key = id(stream)
+            task = self.host.spawn(self._shared_fanout(tenant, waiting, offer, lane, frame,
+                                                       deadline, stream,
+                                                       self._pushing.get(key)))
+            self._pushing[key] = task
+            task.add_done_callback(lambda done: self._pushed(key, done))
         if report is not None:
             report.update(delivered=len(passing), quiet=quiet, capped=capped)
         return len(passing), overflow
 
+    def _pushed(self, key: int, task: asyncio.Task) -> None:
+        if self._pushing.get(key) is task:
+            del self._pushing[key]
+
     async def _shared_fanout(self, tenant: str, waiting: dict, offer: str, lane: int,
-                             frame: bytes, deadline: float, stream) -> None:
-        """Push an offer to the members' sessions the shared caps let it reach."""
+                             frame: bytes, deadline: float, stream,
+                             before: asyncio.Task | None) -> None:
+        """Push an offer to the members' sessions the shared caps let it reach,
+        after the stream's offer before it (``before``) was pushed."""
         try:
             capped = await self.caps.take(tenant, waiting, offer, time.time(), self.cap_count,
                                           self.cap_window)
@@ -230,6 +249,9 @@ class Offers:
             log.warning("caps: deciding offer %s for %d members failed (%s); not sent to them",
                         offer, len(waiting), exc)
             return
+        finally:
+            if before is not None:
+                await asyncio.wait([before])     # (its outcome is its own: spawn logs it)
         for member, conns in waiting.items():
             if capped.get(member, True):
                 self.host.counters.offers_capped += 1     # (once per member per offer)

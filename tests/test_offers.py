@@ -347,3 +347,33 @@ async def test_a_damaged_cap_record_is_skipped_at_start(tmp_path):
         assert set(node.offers.counts) == {("acme", "m1")}
     finally:
         await node.stop()
+
+
+@aiotest()
+async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order_caps_answer():
+    # In a fleet a member's sessions get an offer once the shared caps
+    # decided (one call for all of the offer's members).  The second offer's
+    # decision coming back first must not put it ahead of the first on the
+    # member's sessions: the SDK would then drop the first as old.
+    from failing import Failing
+    from tillwire.server.caps import MemoryCaps
+    from tillwire.server.main import make_store
+    from tillwire.server.node import Node
+
+    cfg = make_config(**{"offers.cap_count": 5, "offers.cap_window": 3600.0})
+    caps = Failing(MemoryCaps())
+    node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
+    await node.start()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
+        caps.hold("take", when=lambda tenant, members, offer, *_: offer.endswith(":1"))
+        for n in (1, 2):
+            await be.send("promo.offer", offer(n), "member:acme/m1")
+        await eventually(lambda: caps.calls["take"] == 2)
+        await nothing_for(phone, 0.3)            # (the second waits for the first)
+        caps.release("take")
+        got = [await phone.receive(timeout=3) for _ in range(2)]
+        assert [(m.body["offer"], m.seq) for m in got] == [("o1", 1), ("o2", 2)]
+    finally:
+        await node.stop()
