@@ -121,7 +121,7 @@ class Commands:
         self._tenant_sessions: dict[str, int] = {}   # (only with max_connections_per_tenant)
         # Registry puts, in order (the registry may be across a network; the
         # connection's claims already are the new record meanwhile).
-        self._puts = InOrder(self.spawn, self.registry.put,
+        self._puts = InOrder(self.spawn, self.registry.put_login,
                              lambda rec: f"registry: putting {rec.address}",
                              lambda: node.stopping)
         channels, delivery = self.channels, self.delivery

@@ -23,6 +23,7 @@ registry handed out, or its group indexes no longer match it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Protocol, runtime_checkable
 
 from .address import Address, implied_channels
@@ -44,6 +45,16 @@ def indexed_groups(rec: TerminalRecord) -> list[str]:
     across the tenant is indexed once someone reads it (see the backends)."""
     return [name for name in record_groups(rec)
             if not name.startswith(("tenant:", "role:"))]
+
+
+def kept_flags(rec: TerminalRecord, old: TerminalRecord | None) -> TerminalRecord:
+    """``rec`` with ``old``'s retired flag and its revocation if later (see
+    :meth:`Registry.put_login`)."""
+    if old is None or (rec.retired >= old.retired
+                       and rec.revoked_before >= old.revoked_before):
+        return rec
+    return dataclasses.replace(rec, retired=rec.retired or old.retired,
+                               revoked_before=max(rec.revoked_before, old.revoked_before))
 
 
 @runtime_checkable
@@ -83,6 +94,16 @@ class Registry(Protocol):
         its store, roles, region, member and retired flag (a record that moves
         leaves its old groups).  :meth:`cached` returns ``rec`` afterwards.
         O(number of groups of the old and new record)."""
+
+    async def put_login(self, rec: TerminalRecord) -> None:
+        """:meth:`put` of a record a login built from what this process had
+        cached, keeping the stored record's ``retired`` and the later of the
+        two ``revoked_before``: an operator's retire or revoke on another
+        worker, not heard of here yet, is never undone by a login.  This
+        default reads, then puts (enough in one process); a shared backend
+        does both in one step."""
+        old = await self.get(rec.address)
+        await self.put(kept_flags(rec, old))
 
     async def load(self, records: Iterable[TerminalRecord]) -> None:
         """:meth:`put` every record of ``records`` (start-up, from the store).

@@ -28,7 +28,7 @@ from typing import Iterable
 import orjson
 
 from .address import Address, tenant_of
-from .registry import Registry, record_groups
+from .registry import Registry, kept_flags, record_groups
 from .terminals import TerminalRecord
 
 CACHE_SIZE = 100_000         # records a worker keeps for cached()
@@ -101,10 +101,21 @@ class RedisRegistry(Registry):
         return rec
 
     async def put(self, rec: TerminalRecord) -> None:
+        await self._put_record(rec, keep=False)
+
+    async def put_login(self, rec: TerminalRecord) -> None:
+        # (the flags kept from the record this very put replaces: atomic
+        # with it, the script refusing a record that changed meanwhile)
+        await self._put_record(rec, keep=True)
+
+    async def _put_record(self, rec: TerminalRecord, keep: bool) -> None:
         recs, groups = self._keys(rec.tenant)
-        new = _encode(rec)
+        given = rec
         while True:
             raw = await self._redis.hget(recs, rec.address)
+            if keep:
+                rec = kept_flags(given, _decode(raw) if raw is not None else None)
+            new = _encode(rec)
             old = record_groups(_decode(raw)) if raw is not None else []
             after = record_groups(rec)
             leave = [g for g in old if g not in after]

@@ -156,6 +156,9 @@ def test_every_group_kind(registry_backend):
     run_with(registry_backend, body)
 
 
+T_REVOKED = 1_700_000_000.0
+
+
 def test_retired_terminals_are_in_no_group(registry_backend):
     async def body(registry):
         live = rec("till1", "s1", "pos", region="north", member="m1")
@@ -177,6 +180,27 @@ def test_retired_terminals_are_in_no_group(registry_backend):
         for group in groups:
             assert await members(registry, group) == ids("till1", "till2"), group
         assert await members(registry, "terminal:acme/till1") == ids("till1")
+    run_with(registry_backend, body)
+
+
+def test_a_login_put_never_undoes_a_retire_or_moves_a_revocation_back(registry_backend):
+    # A login builds its record from what its worker cached; in a fleet the
+    # cache may not have heard of a retire or revoke on another worker yet.
+    async def body(registry):
+        stale = rec("till1", "s1", "pos")
+        await registry.put(dataclasses.replace(stale, retired=True, revoked_before=T_REVOKED))
+        await registry.put_login(dataclasses.replace(stale, last_seen=T_REVOKED + 5))
+        got = await registry.get(stale.address)
+        assert got.retired and got.revoked_before == T_REVOKED
+        assert got.last_seen == T_REVOKED + 5             # (what the login changes, it changes)
+        assert await members(registry, "store:acme/s1") == []
+        # A later revocation in the login's record is kept; a new terminal is put.
+        await registry.put_login(dataclasses.replace(stale, revoked_before=T_REVOKED + 9))
+        assert (await registry.get(stale.address)).revoked_before == T_REVOKED + 9
+        fresh = rec("till2", "s1", "pos")
+        await registry.put_login(fresh)
+        assert await registry.get(fresh.address) == fresh
+        assert await members(registry, "store:acme/s1") == ids("till2")
     run_with(registry_backend, body)
 
 
