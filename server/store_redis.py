@@ -92,8 +92,8 @@ from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    DELIVERED, STORED, Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent, Recipient, Redriven,
-    Trace,
+    DELIVERED, STORED, Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent,
+    Recipient, Redriven, Trace,
 )
 from .terminals_redis import RedisTerminals
 
@@ -165,7 +165,7 @@ class RedisStore:
         self._writes: deque = deque()
         self._writer: asyncio.Task | None = None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
-                         for name in ("accept", "inbox", "positions", "positions_many", "ack", "delivered",
+                         for name in ("accept", "inbox", "positions_many", "ack", "delivered",
                                       "reject", "expire", "trace", "dead_letters", "trim",
                                       "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
@@ -317,13 +317,9 @@ class RedisStore:
                     # deliveries are idempotent).  After a timeout Redis is
                     # not answering: the writes queued behind fail now too,
                     # rather than one timeout after another.
-                    failed = [waiter for _, _, group, _ in sent for waiter in group]
+                    _fail([waiter for _, _, group, _ in sent for waiter in group], exc)
                     if isinstance(exc, RedisTimeoutError):
-                        failed += [queued[3] for queued in writes]
-                        writes.clear()
-                    for waiter in failed:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
+                        self._fail_queued(exc)
                     continue
                 if any(isinstance(reply, NoScriptError) for reply in replies):
                     # Redis lost its scripts (restarted, or SCRIPT FLUSH): all
@@ -352,22 +348,22 @@ class RedisStore:
                         reply = self._answer(name, reply)
                     self._settle(name, reply, group, counts)
                 if timed_out is not None:       # (the writes queued behind: as above)
-                    failed = [queued[3] for queued in writes]
-                    writes.clear()
-                    for waiter in failed:
-                        if not waiter.done():
-                            waiter.set_exception(timed_out)
+                    self._fail_queued(timed_out)
         finally:
             self._writer = None
+
+    def _fail_queued(self, exc: Exception) -> None:
+        """Fail every write still queued (none of them was sent)."""
+        waiters = [queued[3] for queued in self._writes]
+        self._writes.clear()
+        _fail(waiters, exc)
 
     @staticmethod
     def _settle(name: str, answer, group: list, counts: list[int]) -> None:
         """Give each waiter of a script its part of ``answer`` (an accept's
         answers are per message, in the order of its batches), or the error."""
         if isinstance(answer, Exception):
-            for waiter in group:
-                if not waiter.done():
-                    waiter.set_exception(answer)
+            _fail(group, answer)
             return
         if name != "accept":
             if not group[0].done():
@@ -446,14 +442,13 @@ class RedisStore:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         out = []
         for seq, msg_id, payload, delivered, expires in rows:
-            head, _, body = payload.partition(b"\n")
-            head = orjson.loads(head)
-            out.append(InboxEntry(int(seq), int(msg_id), head[4], bytes(body), bool(delivered),
+            head, body = _payload(payload)
+            out.append(InboxEntry(int(seq), int(msg_id), head[4], body, bool(delivered),
                                   float(expires), float(head[6])))
         return out
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
-        return tuple(int(v) for v in await self._run("positions", terminal))
+        return (await self.positions_many([terminal]))[0]
 
     async def positions_many(self, terminals) -> list[tuple[int, int, int, int]]:
         found = await self._run("positions_many", *terminals) if terminals else []
@@ -486,8 +481,7 @@ class RedisStore:
             return None
         flat, payload = found
         f = {_text(flat[k]): flat[k + 1] for k in range(0, len(flat), 2)}
-        tenant, sender, ref, lane, kind, to, created, receipt = orjson.loads(
-            payload.partition(b"\n")[0])
+        (tenant, sender, ref, lane, kind, to, created, receipt), _ = _payload(payload)
         created = float(created)
         recipients = []
         for i in range(1, int(f["n"]) + 1):
@@ -528,8 +522,20 @@ class RedisStore:
                 "bytes": int(size), "aof": self.aof, "epoch": self.epoch}
 
 
+def _fail(waiters, exc: Exception) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _payload(raw: bytes) -> tuple[list, bytes]:
+    """A message's payload (``<m>:p``) as its header fields and its body."""
+    head, _, body = raw.partition(b"\n")
+    return orjson.loads(head), bytes(body)
 
 
 def _time(value) -> float | None:

@@ -116,11 +116,10 @@ local function head(m)
   return (payload(m))
 end
 local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
-  local h = head(m)
-  local f = {h[5], h[2], h[3], h[8]}
+  local h = head(m)             -- (kind, sender, ref, receipt: 5, 2, 3, 8)
   local n = redis.call("INCR", P .. ":dlseq")
-  local enc = cjson.encode({id, terminal, tostring(lane), tostring(seq), f[1], reason, at,
-                            f[2], f[3], f[4]})
+  local enc = cjson.encode({id, terminal, tostring(lane), tostring(seq), h[5], reason, at,
+                            h[2], h[3], h[8]})
   redis.call("ZADD", B .. ":dead", n, n .. "\\n" .. enc)
   redis.call("HINCRBY", B .. ":n", "dead", 1)
   return enc
@@ -325,15 +324,8 @@ end
 return {epoch, out}
 """
 
-# ARGV[3] terminal.  Answer: {acked P0, last P0, acked P1, last P1}.
-POSITIONS = _HEADER + """
-local t = ARGV[3]
-local f = redis.call("HMGET", base(tenant_of(t)) .. ":pos:" .. t, "a0", "l0", "a1", "l1")
-return {epoch, {tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0,
-                tonumber(f[4]) or 0}}
-"""
-
-# ARGV[3...] terminals.  Answer: each one's positions, as POSITIONS's.
+# ARGV[3...] terminals.  Answer: each one's {acked P0, last P0, acked P1,
+# last P1}.
 POSITIONS_MANY = _HEADER + """
 local out = {}
 for a = 3, #ARGV do
@@ -481,16 +473,15 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
     end
     if m then
       local g = redis.call("HMGET", m, "n", "expires")
-      local h, body = payload(m)
-      local f = {g[1], g[2], h[5], body, h[7], h[1], h[8]}
-      local n = tonumber(f[1]) + 1
+      local h, body = payload(m)      -- (tenant, kind, created, receipt: 1, 5, 7, 8)
+      local n = tonumber(g[1]) + 1
       local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
       -- (flags: never "1", its message had a recipient before)
-      local flags = f[7] == "1" and ":r" or ":"
-      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, id .. ":" .. n .. ":" .. f[6] .. flags)
+      local entry = id .. ":" .. n .. ":" .. h[1] .. (h[8] == "1" and ":r" or ":")
+      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, entry)
       redis.call("HSET", m, "n", n, "t" .. n, t, "q" .. n, seq, "s" .. n, "stored",
                  "w" .. n, "redriven")
-      local expires = f[2]
+      local expires = g[2]
       local fresh = ARGV[5 + tonumber(lane)]
       if tonumber(fresh) > tonumber(expires) then
         expires = fresh
@@ -502,7 +493,7 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
       redis.call("HINCRBY", MB .. ":n", "unacked", 1)
       redis.call("ZREM", B .. ":dead", member)
       redis.call("HINCRBY", B .. ":n", "dead", -1)
-      out[#out + 1] = {tonumber(id), tonumber(lane), tonumber(d[4]), seq, f[3], f[4], f[5],
+      out[#out + 1] = {tonumber(id), tonumber(lane), tonumber(d[4]), seq, h[5], body, h[7],
                        expires}
       if #out >= limit then break end
     end
