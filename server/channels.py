@@ -400,30 +400,26 @@ class Channels:
         try:
             published = getattr(history, "append_published", None)
             topic = getattr(broker, "topic", None)
-            owner = None
-            if address.scope == "terminal" and published is not None and topic is not None:
-                owner = await self.node.ownership.owner_of(name)
-            if owner is not None:
-                # A terminal's own channel: placed and told to the worker
-                # holding the terminal in one step, on its control channel
-                # (that worker's own publishes too), so messages from any
-                # number of publishers reach it in offset order.
-                placed = await published(name, lane, kind, key, version, payload, ttl,
-                                         broker.control_topic(owner),
-                                         b"chan\0" + name.encode() + b"\0" + bytes((lane,)),
-                                         placed_tail(kind, key, version, ttl, payload))
-            elif address.scope != "terminal" and published is not None and topic is not None:
-                # (placed and published in one step: offset order on the wire)
-                placed = await published(name, lane, kind, key, version, payload, ttl,
-                                         topic(name), bytes((lane,)),
-                                         placed_tail(kind, key, version, ttl, payload))
+            ownership = self.node.ownership
+            # A terminal's own channel goes to the worker holding the terminal
+            # (its control channel), any other channel to its subscribers.
+            owner = await ownership.owner_of(name) if address.scope == "terminal" else None
+            if published is not None and topic is not None and (
+                    owner is not None or address.scope != "terminal"):
+                # Placed and published in one step: offset order on the wire,
+                # from any number of publishers (that worker's own too).
+                to, header = (topic(name), bytes((lane,))) if owner is None else (
+                    broker.control_topic(owner),
+                    ownership.channel_header(name, lane))
+                placed = await published(name, lane, kind, key, version, payload, ttl, to,
+                                         header, placed_tail(kind, key, version, ttl, payload))
             else:
                 placed = await history.append(name, lane, kind, key, version, payload, ttl)
                 if placed is not None:
                     data = pack_placed(placed.epoch, placed.offset, kind, key, version, ttl,
                                        payload)
                     if address.scope == "terminal":
-                        await self.node.ownership.send_channel(name, lane, data)
+                        await ownership.send_channel(owner, name, lane, data)
                     else:
                         await broker.publish(name, lane, data)
         except Exception as exc:

@@ -268,17 +268,19 @@ class Ownership:
             return self.owner
         return owner
 
-    async def send_channel(self, name: str, lane: int, data: bytes) -> None:
-        """A P2/P3 message placed in a terminal's own channel: to the worker
-        that holds the terminal (nothing when it is offline: the history
-        keeps it for its catch-up)."""
-        terminal = name
-        owner = (await self.presence.owners([terminal])).get(terminal)
-        if owner == self.owner or (owner is None and terminal in self.node.hub.sessions):
+    @staticmethod
+    def channel_header(name: str, lane: int) -> bytes:
+        """What a ``chan`` control message starts with, before the placed message."""
+        return b"chan\0" + name.encode() + b"\0" + bytes((lane,))
+
+    async def send_channel(self, owner: str | None, name: str, lane: int, data: bytes) -> None:
+        """A P2/P3 message placed in a terminal's own channel: to ``owner``,
+        the worker holding the terminal (:meth:`owner_of`; nothing when it is
+        offline: the history keeps it for its catch-up)."""
+        if owner == self.owner:
             self.node.channels.receive(name, lane, data)
         elif owner is not None:
-            await self.broker.send_control(
-                owner, b"chan\0" + name.encode() + b"\0" + bytes((lane,)) + data)
+            await self.broker.send_control(owner, self.channel_header(name, lane) + data)
 
     # -- the control inbox ------------------------------------------------------------
 
