@@ -120,11 +120,13 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def admin_env(tmp_path, **overrides):
+async def admin_env(tmp_path, store_of=None, **overrides):
+    """The admin API on loopback over a node; ``store_of(cfg)``, when given,
+    makes the node's store (a failing fake around the real one, say)."""
     audit_path = str(tmp_path / "audit.log")
     cfg = make_config(str(tmp_path), **{"admin.tokens": ADMIN_TOKENS,
                                         "log.audit_path": audit_path, **overrides})
-    node = await start_node(cfg)
+    node = await start_node(cfg, store_of(cfg) if store_of is not None else None)
     audit = AuditLog(audit_path).open()
     node.audit = audit
     runner = await start_admin(node, cfg, audit, "127.0.0.1", 0)

@@ -14,20 +14,16 @@ import asyncio
 import contextlib
 import time
 
-import aiohttp
 import pytest
 
 from failing import Failing
 from redis_server import fresh_prefix
-from support import aiotest, connect, eventually, make_config, provision, start_node
-from test_admin import ACME, ADMIN_TOKENS, GLOBEX, Api, Env
+from support import aiotest, connect, eventually, provision
+from test_admin import ACME, GLOBEX, PAY, admin_env
 from test_fleet import Node as FleetNode
 from tillwire.core.codes import Lane
-from tillwire.server.admin import start_admin
-from tillwire.server.audit import AuditLog
 from tillwire.server.main import make_store
 
-PAY = {"order": "o-1001", "status": "paid", "amount": "12.50", "currency": "CNY"}
 ONE = "/v1/terminals/{tenant}/{terminal}/dead-letters/{id}/redrive"
 ALL = "/v1/terminals/{tenant}/{terminal}/dead-letters/redrive"
 
@@ -35,23 +31,14 @@ ALL = "/v1/terminals/{tenant}/{terminal}/dead-letters/redrive"
 @contextlib.asynccontextmanager
 async def redrive_env(tmp_path):
     """The admin API over a node whose SQLite store is wrapped in Failing."""
-    audit_path = str(tmp_path / "audit.log")
-    cfg = make_config(str(tmp_path), **{"admin.tokens": ADMIN_TOKENS, "store.backend": "sqlite",
-                                        "log.audit_path": audit_path})
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    audit = AuditLog(audit_path).open()
-    node.audit = audit
-    runner = await start_admin(node, cfg, audit, "127.0.0.1", 0)
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    try:
-        async with aiohttp.ClientSession(base) as http:
-            yield Env(node, Api(http), audit, audit_path, base), store
-    finally:
-        await runner.cleanup()
-        await node.stop()
-        audit.close()
+    made = []
+
+    def failing(cfg):
+        made.append(Failing(make_store(cfg)))
+        return made[0]
+
+    async with admin_env(tmp_path, failing, **{"store.backend": "sqlite"}) as env:
+        yield env, made[0]
 
 
 async def dead_lettered(env):
