@@ -125,6 +125,27 @@ async def subscribed(prefix: str, channel: str, workers: int, url: str | None = 
         await client.aclose()
 
 
+async def claimed(prefix: str, terminal: str) -> None:
+    """Wait until presence says which worker holds ``terminal`` (its claim is
+    written by a task after WELCOME; until then another worker finds it
+    offline and a message to its own channel waits in the history for its
+    catch-up)."""
+    import redis.asyncio as aioredis
+
+    from tillwire.server.presence_redis import RedisPresence
+
+    client = aioredis.from_url(redis_url())
+    try:
+        presence = RedisPresence(client, prefix=prefix)
+        for _ in range(200):
+            if await presence.owner(terminal) is not None:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{terminal}: no worker claimed it")
+    finally:
+        await client.aclose()
+
+
 class SdkTills:
     """Tills on the SDK (resume state on disk, reconnect with backoff) that
     ack every payment result; ``got[i]`` are till ``i``'s order numbers in
@@ -274,6 +295,7 @@ async def test_a_tills_own_channel_fed_from_every_worker_arrives_whole_and_in_or
     b = Node(tmp_path, "node-b", prefix, workers=1).start()
     try:
         till = await on_worker(a, "till1", worker=1)
+        await claimed(prefix, "terminal:acme/till1")
         count = 150
 
         async def publish(node, first: int) -> None:
