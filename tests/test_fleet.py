@@ -125,11 +125,12 @@ async def subscribed(prefix: str, channel: str, workers: int, url: str | None = 
         await client.aclose()
 
 
-async def claimed(prefix: str, terminal: str) -> None:
-    """Wait until presence says which worker holds ``terminal`` (its claim is
-    written by a task after WELCOME; until then another worker finds it
-    offline and a message to its own channel waits in the history for its
-    catch-up)."""
+async def claimed(prefix: str, terminal: str, owner: str) -> None:
+    """Wait until presence says worker ``owner`` holds ``terminal`` (its claim
+    is written by a task after WELCOME, and an earlier connection's claim on
+    another worker may still be there; meanwhile other workers send what is
+    for the terminal to the wrong worker, or find it offline and leave a
+    message to its own channel in the history for its catch-up)."""
     import redis.asyncio as aioredis
 
     from tillwire.server.presence_redis import RedisPresence
@@ -138,10 +139,10 @@ async def claimed(prefix: str, terminal: str) -> None:
     try:
         presence = RedisPresence(client, prefix=prefix)
         for _ in range(200):
-            if await presence.owner(terminal) is not None:
+            if await presence.owner(terminal) == owner:
                 return
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{terminal}: no worker claimed it")
+        raise AssertionError(f"{terminal}: {owner} did not claim it")
     finally:
         await client.aclose()
 
@@ -295,7 +296,7 @@ async def test_a_tills_own_channel_fed_from_every_worker_arrives_whole_and_in_or
     b = Node(tmp_path, "node-b", prefix, workers=1).start()
     try:
         till = await on_worker(a, "till1", worker=1)
-        await claimed(prefix, "terminal:acme/till1")
+        await claimed(prefix, "terminal:acme/till1", "node-a.w1")
         count = 150
 
         async def publish(node, first: int) -> None:
