@@ -92,15 +92,7 @@ class RedisHistory:
 
     async def append(self, channel: str, lane: int, kind: str, key: str, version: int,
                      payload: bytes, ttl: float = 0.0) -> Placed | None:
-        now = self._clock()
-        epoch = (int(now) << 16) | random.getrandbits(16)     # (used if the stream is new)
-        got_epoch, offset = await self._append(
-            keys=self._keys(channel, lane),
-            # (int(): redis-py sends an int subclass, e.g. a Lane, by its repr)
-            args=[int(lane), kind, key, int(version), payload, repr(now),
-                  repr(now + ttl if ttl else 0.0),
-                  self._max, epoch, repr(now - self._age)])
-        return Placed(int(got_epoch), offset) if offset else None
+        return await self._place(channel, lane, kind, key, version, payload, ttl)
 
     async def append_published(self, channel: str, lane: int, kind: str, key: str,
                                version: int, payload: bytes, ttl: float, topic: bytes,
@@ -109,13 +101,19 @@ class RedisHistory:
         offset (8 bytes each, big-endian) + ``tail`` on the pub/sub channel
         ``topic`` in the same script: the fleet's channel messages reach every
         worker in offset order (two PUBLISHes after two appends may cross)."""
+        return await self._place(channel, lane, kind, key, version, payload, ttl,
+                                 topic, header, tail)
+
+    async def _place(self, channel: str, lane: int, kind: str, key: str, version: int,
+                     payload: bytes, ttl: float, *publish) -> Placed | None:
         now = self._clock()
         epoch = (int(now) << 16) | random.getrandbits(16)     # (used if the stream is new)
         got_epoch, offset = await self._append(
             keys=self._keys(channel, lane),
+            # (int(): redis-py sends an int subclass, e.g. a Lane, by its repr)
             args=[int(lane), kind, key, int(version), payload, repr(now),
                   repr(now + ttl if ttl else 0.0), self._max, epoch, repr(now - self._age),
-                  topic, header, tail])
+                  *publish])
         return Placed(int(got_epoch), offset) if offset else None
 
     async def _meta(self, channel: str, lane: int) -> tuple[int, int]:
