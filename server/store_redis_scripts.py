@@ -32,12 +32,37 @@ if not epoch then
   redis.call("SET", P .. ":epoch", ARGV[2])
   epoch = ARGV[2]
 end
+-- Lua makes a new string at every concatenation and formats a number with
+-- sprintf each time one becomes a string (a key, a redis.call argument):
+-- in this interpreter that is most of a script's time.  So what a script
+-- names again and again is made once per run: a number's text (digits),
+-- a recipient's field names (FIELDS, by index, number or string), a
+-- tenant's key base.
+local digits = setmetatable({}, {__index = function(t, k)
+  local v = tostring(k)
+  t[k] = v
+  return v
+end})
+local FIELDS = setmetatable({}, {__index = function(t, k)
+  local i = type(k) == "number" and digits[k] or k
+  local v = {t = "t" .. i, q = "q" .. i, s = "s" .. i, d = "d" .. i, a = "a" .. i,
+             e = "e" .. i, w = "w" .. i, i = i}
+  t[k] = v
+  return v
+end})
+local LANE = {["0"] = {a = "a0", l = "l0"}, ["1"] = {a = "a1", l = "l1"}}
 local function tenant_of(address)
   local _, _, t = string.find(address, "^[^:]*:([^/]*)")
   return t or ""
 end
+local bases = {}
 local function base(tenant)
-  return P .. ":{" .. tenant .. "}:s"
+  local b = bases[tenant]
+  if not b then
+    b = P .. ":{" .. tenant .. "}:s"
+    bases[tenant] = b
+  end
+  return b
 end
 -- An inbox entry's member: msg_id, recipient index, the message's tenant
 -- and flags: "r" the message asked for receipts, "1" it has one recipient
@@ -70,17 +95,18 @@ local function finish(ends, B, id, i, flags, state, at, reason)
   e.unacked = e.unacked + 1
   local open, done = 0, at
   local single = string.find(flags, "1", 1, true)
-  local fields = {"s" .. i, state}
+  local F = FIELDS[i]
   if state == "acked" then
-    fields[3], fields[4] = "a" .. i, at
+    if single then
+      redis.call("HSET", m, F.s, state, F.a, at, "open", "0", "done", at)
+    else
+      redis.call("HSET", m, F.s, state, F.a, at)
+    end
+  elseif single then
+    redis.call("HSET", m, F.s, state, F.e, at, F.w, reason, "open", "0", "done", at)
   else
-    fields[3], fields[4], fields[5], fields[6] = "e" .. i, at, "w" .. i, reason
+    redis.call("HSET", m, F.s, state, F.e, at, F.w, reason)
   end
-  if single then
-    fields[#fields + 1], fields[#fields + 2] = "open", 0
-    fields[#fields + 1], fields[#fields + 2] = "done", at
-  end
-  redis.call("HSET", m, unpack(fields))
   if not single then
     open = redis.call("HINCRBY", m, "open", -1)
     done = redis.call("HGET", m, "done")
@@ -145,8 +171,9 @@ end
 ACCEPT = _HEADER + """
 local window = tonumber(ARGV[3])
 local bodies, at = ARGV[5], 1
-local items, per_base = {}, {}
-for k, e in ipairs(cjson.decode(ARGV[4])) do
+local items, per_base = cjson.decode(ARGV[4]), {}
+for k = 1, #items do
+  local e = items[k]
   local tenant, ref = e[1], e[3]
   local B = base(tenant)
   local hsize, size = e[9], e[10]
@@ -155,14 +182,16 @@ for k, e in ipairs(cjson.decode(ARGV[4])) do
   at = at + hsize + 1 + size
   local pb = per_base[B]
   if not pb then
-    pb = {keys = {}, asked = {}, seen = {}, exp = {}, dd = {}, ddt = {}, sum = {0, 0, 0}}
+    pb = {keys = {}, asked = {}, seen = {}, exp = {}, dd = {}, ddt = {}, sum = {0, 0, 0},
+          in_batch = {}}
     per_base[B] = pb
   end
   if ref ~= "0" then
-    it.dkey = e[2] .. "\\n" .. ref
-    if not pb.asked[it.dkey] then
-      pb.asked[it.dkey] = true
-      pb.keys[#pb.keys + 1] = it.dkey
+    local dkey = e[2] .. "\\n" .. ref
+    it.dkey = dkey
+    if not pb.asked[dkey] then
+      pb.asked[dkey] = true
+      pb.keys[#pb.keys + 1] = dkey
     end
   end
   items[k] = it
@@ -176,21 +205,25 @@ for B, pb in pairs(per_base) do
     end
   end
 end
-local fresh, in_batch = 0, {}
-for _, it in ipairs(items) do
-  if it.dkey then
-    local created = tonumber(it.e[5])
-    local key = it.tenant .. "\\n" .. it.dkey
-    local prior = in_batch[key]
+local fresh = 0
+for k = 1, #items do
+  local it = items[k]
+  local dkey = it.dkey
+  if dkey then
+    local pb = per_base[it.B]
+    local prior = pb.in_batch[dkey]
     if prior then
-      if created - prior.at <= window then it.dup_of = prior.it end
+      if tonumber(it.e[5]) - prior.at <= window then it.dup_of = prior.it end
     else
-      local seen = per_base[it.B].seen[it.dkey]
-      if seen and created - tonumber(redis.call("ZSCORE", it.B .. ":ddt", it.dkey)) <= window then
+      local seen = pb.seen[dkey]
+      if seen and tonumber(it.e[5]) - tonumber(redis.call("ZSCORE", it.B .. ":ddt", dkey))
+          <= window then
         it.original = seen
       end
     end
-    if not it.dup_of and not it.original then in_batch[key] = {it = it, at = created} end
+    if not it.dup_of and not it.original then
+      pb.in_batch[dkey] = {it = it, at = tonumber(it.e[5])}
+    end
   end
   if not it.dup_of and not it.original then fresh = fresh + 1 end
 end
@@ -199,22 +232,26 @@ if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
 -- Each inbox's new entries are counted first, so its last seq moves with
 -- one HINCRBY for the batch.
 local inboxes, order = {}, {}
-for _, it in ipairs(items) do
+for k = 1, #items do
+  local it = items[k]
   if not it.dup_of and not it.original then
     local lane, rcpts, qs = it.e[4], it.e[8], {}
     for i = 1, it.n do
       local t = rcpts[i]
-      -- (The node expands addresses within the tenant; the contract lets a
-      -- recipient be of another one, whose keys hold its inbox.)
-      local tt = tenant_of(t)
-      local tb = base(tt)
-      local q = tb .. ":q:" .. lane .. ":" .. t
+      local q = it.B .. ":q:" .. lane .. ":" .. t
       local inbox = inboxes[q]
       if not inbox then
-        inbox = {pos = tb .. ":pos:" .. t, field = "l" .. lane, count = 0, entries = {},
-                 tenant = tt}
-        inboxes[q] = inbox
-        order[#order + 1] = q
+        -- (The node expands addresses within the tenant; the contract lets a
+        -- recipient be of another one, whose keys hold its inbox.)
+        local tt = tenant_of(t)
+        if tt ~= it.tenant then q = base(tt) .. ":q:" .. lane .. ":" .. t end
+        inbox = inboxes[q]
+        if not inbox then
+          inbox = {pos = base(tt) .. ":pos:" .. t, field = LANE[lane].l, count = 0,
+                   entries = {}, tenant = tt}
+          inboxes[q] = inbox
+          order[#order + 1] = q
+        end
       end
       inbox.count = inbox.count + 1
       qs[i] = inbox
@@ -222,12 +259,13 @@ for _, it in ipairs(items) do
     it.qs = qs
   end
 end
-for _, q in ipairs(order) do
-  local inbox = inboxes[q]
+for k = 1, #order do
+  local inbox = inboxes[order[k]]
   inbox.seq = redis.call("HINCRBY", inbox.pos, inbox.field, inbox.count) - inbox.count
 end
 local tenants, out, payloads = {}, {}, {}
-for k, it in ipairs(items) do
+for k = 1, #items do
+  local it = items[k]
   if it.original then
     out[k] = {tonumber(it.original), 1}
   elseif it.dup_of then
@@ -240,34 +278,36 @@ for k, it in ipairs(items) do
     local pb = per_base[B]
     local expires, rcpts = e[6], e[8]
     local flags = ":"
-    if e[7] == "1" then flags = flags .. "r" end
+    if e[7] == "1" then flags = ":r" end
     if n == 1 then flags = flags .. "1" end
     local m = B .. ":m:" .. sid
-    local fields = {"expires", expires, "n", n, "open", n, "done", "0", "bl", it.size}
+    local ns = digits[n]
+    local fields = {"expires", expires, "n", ns, "open", ns, "done", "0", "bl", digits[it.size]}
     payloads[#payloads + 1] = m .. ":p"
     payloads[#payloads + 1] = it.payload
     local answer = {id, 0}
     local member_tail = ":" .. tenant .. flags
     local qs = it.qs
+    local f = 10
     for i = 1, n do
-      local t = rcpts[i]
       local inbox = qs[i]
-      tenants[inbox.tenant] = true
+      local F = FIELDS[i]
       local seq = inbox.seq + 1
       inbox.seq = seq
+      local sseq = tostring(seq)
       local entries = inbox.entries
-      entries[#entries + 1] = seq
-      entries[#entries + 1] = sid .. ":" .. i .. member_tail
-      local f = #fields
-      fields[f + 1], fields[f + 2], fields[f + 3] = "t" .. i, t, "q" .. i
-      fields[f + 4], fields[f + 5], fields[f + 6] = seq, "s" .. i, "stored"
+      entries[#entries + 1] = sseq
+      entries[#entries + 1] = sid .. ":" .. F.i .. member_tail
+      fields[f + 1], fields[f + 2], fields[f + 3] = F.t, rcpts[i], F.q
+      fields[f + 4], fields[f + 5], fields[f + 6] = sseq, F.s, "stored"
+      f = f + 6
       if f > 6000 then                 -- (unpack's bound on a group of thousands)
         redis.call("HSET", m, unpack(fields))
-        fields = {}
+        fields, f = {}, 0
       end
       answer[i + 2] = seq
     end
-    if #fields > 0 then redis.call("HSET", m, unpack(fields)) end
+    if f > 0 then redis.call("HSET", m, unpack(fields)) end
     if n > 0 then
       pb.exp[#pb.exp + 1] = expires
       pb.exp[#pb.exp + 1] = sid
@@ -287,8 +327,11 @@ for k, it in ipairs(items) do
   end
 end
 bulk("MSET", nil, payloads)
-for _, q in ipairs(order) do
-  bulk("ZADD", q, inboxes[q].entries)
+for k = 1, #order do
+  local q = order[k]
+  local inbox = inboxes[q]
+  tenants[inbox.tenant] = true
+  bulk("ZADD", q, inbox.entries)
 end
 for B, pb in pairs(per_base) do
   bulk("ZADD", B .. ":exp", pb.exp)
@@ -344,25 +387,27 @@ ACK = _HEADER + """
 local now = ARGV[3]
 local out, ends = {}, {}
 for a = 4, #ARGV, 3 do
-  local t, lane, seq = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local t, lane, arg = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local seq = tonumber(arg)
   local B = base(tenant_of(t))
   local pos = B .. ":pos:" .. t
-  local f = redis.call("HMGET", pos, "a" .. lane, "l" .. lane)
+  local L = LANE[lane]
+  local f = redis.call("HMGET", pos, L.a, L.l)
   local acked, last = tonumber(f[1]) or 0, tonumber(f[2])
   if last and seq > acked then
-    if seq > last then seq = last end
+    if seq > last then seq, arg = last, f[2] end
     local q = B .. ":q:" .. lane .. ":" .. t
-    local found = redis.call("ZRANGEBYSCORE", q, "(" .. acked, seq)
-    for _, member in ipairs(found) do
-      local id, i, MB, flags = entry_of(member)
+    local found = redis.call("ZRANGEBYSCORE", q, "(" .. (f[1] or "0"), arg)
+    for k = 1, #found do
+      local id, i, MB, flags = entry_of(found[k])
       finish(ends, MB, id, i, flags, "acked", now, "")
       if string.find(flags, "r", 1, true) then
         local h = head(MB .. ":m:" .. id)
         out[#out + 1] = {tonumber(id), t, h[2], h[3]}
       end
     end
-    if #found > 0 then redis.call("ZREMRANGEBYSCORE", q, "-inf", seq) end
-    redis.call("HSET", pos, "a" .. lane, seq)
+    if #found > 0 then redis.call("ZREMRANGEBYSCORE", q, "-inf", arg) end
+    redis.call("HSET", pos, L.a, arg)
   end
 end
 flush_ends(ends)
@@ -379,12 +424,12 @@ local now = ARGV[3]
 local out = {}
 for a = 4, #ARGV, 4 do
   local t, lane = ARGV[a], ARGV[a + 1]
-  local B = base(tenant_of(t))
-  local q = B .. ":q:" .. lane .. ":" .. t
-  for _, member in ipairs(redis.call("ZRANGEBYSCORE", q, ARGV[a + 2], ARGV[a + 3])) do
-    local id, i, MB, flags = entry_of(member)
+  local q = base(tenant_of(t)) .. ":q:" .. lane .. ":" .. t
+  local found = redis.call("ZRANGEBYSCORE", q, ARGV[a + 2], ARGV[a + 3])
+  for k = 1, #found do
+    local id, i, MB, flags = entry_of(found[k])
     local m = MB .. ":m:" .. id
-    if redis.call("HSETNX", m, "d" .. i, now) == 1 and string.find(flags, "r", 1, true) then
+    if redis.call("HSETNX", m, FIELDS[i].d, now) == 1 and string.find(flags, "r", 1, true) then
       local h = head(m)
       out[#out + 1] = {tonumber(id), t, h[2], h[3]}
     end
