@@ -50,7 +50,8 @@ local FIELDS = setmetatable({}, {__index = function(t, k)
   t[k] = v
   return v
 end})
-local LANE = {["0"] = {a = "a0", l = "l0"}, ["1"] = {a = "a1", l = "l1"}}
+local LANE = setmetatable({["0"] = {a = "a0", l = "l0"}, ["1"] = {a = "a1", l = "l1"}},
+                           {__index = function(_, lane) return {a = "a" .. lane, l = "l" .. lane} end})
 local function tenant_of(address)
   local _, _, t = string.find(address, "^[^:]*:([^/]*)")
   return t or ""
