@@ -200,9 +200,12 @@ class Commands:
             conn.timer.cancel()
             conn.timer = None
         inbox = conn.inbox
-        if inbox.__class__ is InboxState and inbox.timer is not None:
-            inbox.timer.cancel()
-            inbox.timer = None
+        if inbox.__class__ is InboxState:
+            if inbox.timer is not None:
+                inbox.timer.cancel()
+                inbox.timer = None
+            inbox.drop_early(0)
+            inbox.drop_early(1)
         self.node.add_lane_totals(conn.lane_counters())
         if conn.state != CLOSED:
             conn.close(Code.NORMAL, "connection lost")

@@ -31,11 +31,16 @@ class InboxState:
     ``cursor[lane]`` is the next seq to hand to the lanes; ``last[lane]`` the
     highest seq known to exist in the store.  Messages ``acked+1 ..
     cursor-1`` are in flight.  ``pumping`` tells that a task is reading the
-    store for this lane; live messages then leave delivery to it.
+    store for this lane; live messages then leave delivery to it.  ``early``
+    holds, per lane, live messages that came before the one at the cursor
+    (seq -> (msg_id, kind, body, created)): stored on other workers, their
+    notices can overtake each other, so they wait a moment (``early_timer``)
+    for the gap to fill instead of a pump reading them back from the store.
     """
 
     __slots__ = ("cursor", "last", "pumping", "rto", "progress", "timer", "delivered", "blocked",
-                 "blocked_since", "sample_seq", "sample_at", "accepted_at")
+                 "blocked_since", "sample_seq", "sample_at", "accepted_at", "early",
+                 "early_timer")
 
     def __init__(self, acked0: int = 0, acked1: int = 0) -> None:
         self.cursor = [0, 0]
@@ -46,6 +51,8 @@ class InboxState:
         self.sample_seq = [0, 0]
         self.sample_at = [0.0, 0.0]
         self.accepted_at = ({}, {})    # per lane: seq -> accept time of what is in flight
+        self.early = ({}, {})
+        self.early_timer = [None, None]
         self.reset(acked0, acked1)
 
     def reset(self, acked0: int, acked1: int) -> None:
@@ -73,6 +80,16 @@ class InboxState:
         # until acked (the accepted -> acked histogram; see Delivery.on_ack).
         self.accepted_at[0].clear()
         self.accepted_at[1].clear()
+        self.drop_early(0)
+        self.drop_early(1)
+
+    def drop_early(self, lane: int) -> None:
+        """Forget the early messages of ``lane`` (a pump reads them instead)."""
+        self.early[lane].clear()
+        timer = self.early_timer[lane]
+        if timer is not None:
+            timer.cancel()
+            self.early_timer[lane] = None
 
 
 # Why a connection's reading is paused (``extra["holds"]``, a bitmask): it

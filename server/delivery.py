@@ -57,6 +57,8 @@ _P0, _P1 = int(Lane.P0), int(Lane.P1)
 _RECIPIENTS = tuple(orjson.dumps({"recipients": n}) for n in range(64))
 
 PUMP_BATCH = 128             # store rows read per pump step
+EARLY_MAX = 64              # live messages one inbox lane keeps while a gap before them fills
+EARLY_WAIT = 0.25           # seconds they wait for it before a pump reads them
 INBOX_POOL = 1024            # InboxStates kept for reuse (656 B each with its timer)
 SATURATED_WAIT = 0.01        # seconds a sender's read waits before it looks again
 
@@ -383,14 +385,50 @@ class Delivery:
             return None
         if inbox is RESUMING or inbox.pumping[lane]:
             return conn
+        cursor = inbox.cursor[lane]
+        if seq != cursor:
+            if seq < cursor:
+                if cursor > inbox.last[lane]:
+                    return conn       # (handed over already, by a pump; nothing waits)
+            else:
+                early = inbox.early[lane]
+                if seq - cursor <= EARLY_MAX and len(early) < EARLY_MAX:
+                    # Before its turn (another worker's notice overtook
+                    # the one before it): it waits a moment for the gap.
+                    early[seq] = (msg_id, kind, body, created)
+                    if inbox.early_timer[lane] is None:
+                        inbox.early_timer[lane] = self.loop.call_later(
+                            EARLY_WAIT, self._early_waited, conn, inbox, lane)
+                    return conn
+            self.pump(conn, lane)
+            return conn
         acked = conn.inbox_window(lane)[0]
-        if (inbox.cursor[lane] == seq and seq - acked <= self.inflight
-                and conn.inbox_bytes < self.inbox_budget):
+        if seq - acked <= self.inflight and conn.inbox_bytes < self.inbox_budget:
             inbox.cursor[lane] = seq + 1
             self._deliver(conn, lane, seq, msg_id, kind, body, False, created)
-        else:
-            self.pump(conn, lane)
+            early = inbox.early[lane]
+            while early and conn.state == OPEN:
+                seq += 1
+                waiting = early.pop(seq, None)
+                if waiting is None:
+                    return conn       # (the next gap: its timer still runs)
+                if seq - acked > self.inflight or conn.inbox_bytes >= self.inbox_budget:
+                    break
+                inbox.cursor[lane] = seq + 1
+                self._deliver(conn, lane, seq, *waiting[:3], False, waiting[3])
+            else:
+                inbox.drop_early(lane)
+                return conn
+        self.pump(conn, lane)
         return conn
+
+    def _early_waited(self, conn, inbox, lane: int) -> None:
+        """Early messages waited long enough for the gap before them: the
+        pump reads the rest from the store (a lost notice; the
+        reconciliation would find it later)."""
+        inbox.early_timer[lane] = None
+        if conn.inbox is inbox and inbox.early[lane] and conn.state == OPEN:
+            self.pump(conn, lane)
 
     def redriven(self, entries) -> None:
         """Dead letters went back into their inboxes (``store.Redriven``): each
@@ -499,6 +537,7 @@ class Delivery:
 
     def pump(self, conn: TerminalConnection, lane: int) -> None:
         inbox = conn.inbox
+        inbox.drop_early(lane)        # (the pump reads them from the store)
         if not inbox.pumping[lane]:
             inbox.pumping[lane] = True
             self.spawn(self._pump_task(conn, lane))
@@ -698,7 +737,8 @@ class Delivery:
                 inbox.timer.cancel()
             else:
                 self.wheel.schedule(inbox.timer, self.loop.time() + inbox.rto)
-        if inbox.cursor[lane] <= inbox.last[lane] and not inbox.pumping[lane]:
+        if (inbox.cursor[lane] <= inbox.last[lane] and not inbox.pumping[lane]
+                and not inbox.early[lane]):      # (early: waiting for its gap)
             self.pump(conn, lane)
 
     def _queue_ack(self, terminal: str, lane: int, seq: int) -> None:

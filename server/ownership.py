@@ -29,7 +29,9 @@ and the telling) is repaired by the reconciliation: every
 ``RECONCILE_EVERY`` seconds each worker compares the positions of its
 sessions' inboxes in the store with what it knows, so a stored message
 reaches a connected terminal at most about ``RECONCILE_EVERY`` seconds
-late (plus one sweep: ``RECONCILE_SLICE`` reads at a time).  A worker
+late (plus one sweep: ``RECONCILE_SLICE`` reads at a time, and
+``RECONCILE_GRACE``: what the sweep finds missing is read only if it is
+still missing then, as its notice may be on its way).  A worker
 whose pub/sub connection was opened again reconciles at once.
 
 Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
@@ -113,6 +115,7 @@ RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in betw
 RENOTIFY = 1.0               # seconds after an inbox notification before the second one
 RECONCILE_EVERY = 5.0        # seconds between reconciliations of the sessions' inboxes
 RECONCILE_SLICE = 500        # inbox positions read in one request while reconciling
+RECONCILE_GRACE = 0.5        # seconds a reconciliation leaves notices in flight to arrive
 FLEET = "@fleet"             # the broker channel every worker hears (no address starts with @)
 
 
@@ -251,14 +254,18 @@ class Ownership:
         this worker knows, and read what it missed."""
         addresses = list(self.node.hub.sessions)
         store, delivery = self.node.store, self.node.delivery
+        behind = []
         for i in range(0, len(addresses), RECONCILE_SLICE):
             some = addresses[i:i + RECONCILE_SLICE]
             found = await store.positions_many(some)
-            for address, (_, last0, _, last1) in zip(some, found):
-                if last0:
-                    delivery.notified(address, 0, last0)
-                if last1:
-                    delivery.notified(address, 1, last1)
+            behind += [(address, lane, last)
+                       for address, (_, last0, _, last1) in zip(some, found)
+                       for lane, last in ((0, last0), (1, last1)) if last]
+        # What was stored a moment ago has its notice on the way: after
+        # RECONCILE_GRACE only what is still missing is read from the store.
+        await asyncio.sleep(RECONCILE_GRACE)
+        for address, lane, last in behind:
+            delivery.notified(address, lane, last)
 
     async def owner_of(self, terminal: str) -> str | None:
         """The worker holding ``terminal``'s session (this one's name when

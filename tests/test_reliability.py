@@ -17,10 +17,17 @@ import orjson
 import pytest
 
 from linkem import Link
-from support import ServerProcess, aiotest, connect, eventually, provision, start_node
+from failing import Failing
+from support import (
+    ServerProcess, aiotest, connect, eventually, make_config, provision, receive_orders,
+    start_node,
+)
 from tillwire.client.connection import Connection, SendError
 from tillwire.core.codes import Code, Flag, Lane, ReceiptStatus
 from tillwire.core.errors import SessionClosed
+from tillwire.server.connection import RESUMING
+from tillwire.server.main import make_store
+from tillwire.server.store import NewMessage
 
 
 class Till:
@@ -351,6 +358,93 @@ async def test_a_reused_inbox_state_retransmits_to_its_new_terminal_only():
         await first.ack()
         await eventually(lambda: server_t2.inbox is None, timeout=3)
         assert t1.is_open and t2.is_open
+    finally:
+        await node.stop()
+
+
+async def _stored_elsewhere(store, till: str, orders) -> list[tuple]:
+    """Payment results for ``till`` stored as another worker stores them
+    (not through this node): each as the notice that worker sends, (terminal,
+    lane, seq, msg_id, kind, body, created)."""
+    notices = []
+    for n in orders:
+        now = time.time()
+        body = orjson.dumps({"order": f"o{n}", "status": "paid"})
+        msg = NewMessage("acme", "admin:hq", 0, int(Lane.P0), "payment.result", till, body,
+                         now, now + 3600)
+        (accepted,) = await store.accept_many([(msg, [till])])
+        notices.append((till, int(Lane.P0), accepted.seqs[till], accepted.msg_id,
+                        "payment.result", body, now))
+    return notices
+
+
+async def _settled_till(node, store):
+    till = await connect(node, "t1")
+    await eventually(lambda: "terminal:acme/t1" in node.hub.sessions
+                     and node.hub.sessions["terminal:acme/t1"].inbox is not RESUMING)
+    return till
+
+
+@aiotest()
+async def test_a_notice_overtaken_by_a_later_one_is_waited_for_not_read_back():
+    # Two workers store results for one till; the later one's notice arrives
+    # first.  It waits for the gap to fill; both go out from the notices, in
+    # seq order, without a read of the store.
+    cfg = make_config()
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    try:
+        till = await _settled_till(node, store)
+        first, second = await _stored_elsewhere(store, "terminal:acme/t1", (1, 2))
+        reads = store.calls["inbox"]
+        node.delivery.deliver_notified([second])
+        await asyncio.sleep(0.005)
+        node.delivery.deliver_notified([first])
+        assert await receive_orders(till, 2) == [1, 2]
+        assert store.calls["inbox"] == reads
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_a_gap_that_does_not_fill_is_read_from_the_store_after_the_wait():
+    # The notice of the first result is lost: the second waits EARLY_WAIT,
+    # then the pump reads both from the store, in seq order.
+    cfg = make_config()
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    try:
+        till = await _settled_till(node, store)
+        _, second, third = await _stored_elsewhere(store, "terminal:acme/t1", (1, 2, 3))
+        reads = store.calls["inbox"]
+        node.delivery.deliver_notified([second])
+        node.delivery.deliver_notified([third])
+        assert await receive_orders(till, 3) == [1, 2, 3]
+        assert store.calls["inbox"] > reads
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=0.3)           # once each
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_early_messages_past_the_wait_limit_go_to_the_pump_at_once():
+    # More results past a gap than one lane keeps waiting: the pump reads
+    # them all at once, in order, without waiting out EARLY_WAIT.
+    from tillwire.server.delivery import EARLY_MAX
+
+    cfg = make_config()
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    try:
+        till = await _settled_till(node, store)
+        notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, EARLY_MAX + 3))
+        reads = store.calls["inbox"]
+        for notice in notices[1:]:
+            node.delivery.deliver_notified([notice])
+        inbox = node.hub.sessions["terminal:acme/t1"].inbox
+        assert store.calls["inbox"] > reads or inbox.pumping[0]
+        assert await receive_orders(till, EARLY_MAX + 2) == list(range(1, EARLY_MAX + 3))
     finally:
         await node.stop()
 
