@@ -106,7 +106,15 @@ class Channels:
         if how == "resync":
             conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
         elif stream.lane == Lane.P3 and entries:
-            entries = self.offers.filter_replay(conn, entries)   # skipped, never bypassed
+            def replay(entry) -> bool:           # (an offer the shared caps let through)
+                if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
+                             entry.deadline, stream) == OVERFLOW:
+                    return False
+                self.mark_dirty(conn)
+                return True
+
+            # (skipped, never bypassed)
+            entries = self.offers.filter_replay(conn, stream, entries, replay)
         for entry in entries:
             if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
                          entry.deadline, stream) == OVERFLOW:

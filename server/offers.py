@@ -28,9 +28,10 @@ sessions once one call to the shared caps decided for all of them (a few
 milliseconds later), so a member's devices on different workers and nodes
 share one count and one offer counts once.  A stream's offers reach the
 members' sessions in offset order: each waits for the one before it to be
-pushed, whichever decision comes back first.  Replays on resume still use
-this worker's own counts, and a P3 message of another kind on the same
-stream is not held behind an offer waiting for its decision.
+pushed, whichever decision comes back first.  A catch-up on resume asks
+the shared caps too (an offer counted for the member passes again; one
+capped stays capped), in the same order.  A live P3 message of another kind
+on the same stream is not held behind an offer waiting for its decision.
 """
 
 from __future__ import annotations
@@ -261,16 +262,67 @@ class Offers:
                     conn.push(lane, frame, None, deadline, stream)
                     self.host.mark_dirty(conn)
 
-    def filter_replay(self, conn, entries: list) -> list:
-        """The entries of a P3 catch-up this session may get now."""
+    def filter_replay(self, conn, stream, entries: list, replay) -> list:
+        """The entries of a P3 catch-up this session may get now.
+
+        In a fleet a member's offers are the shared caps' to decide, as live
+        ones are: from the catch-up's first offer on, its entries go out one
+        by one through ``replay(entry)`` (False: the session's queue is
+        full) once each offer is decided, in offset order (the SDK drops an
+        entry older than one it has), after the stream's live offers being
+        decided, and before the ones that come next.  An offer the member
+        was counted for already (on any device, on any worker) passes
+        without counting again."""
         now = time.time()
         quiet_cache: dict = {}
+        claims = conn.claims
+        shared = self.caps is not None and self.cap_count and claims.member
         out = []
-        for e in entries:
-            if e.kind not in POLICY_KINDS or \
-                    self._verdict(conn.claims, now, quiet_cache, {}, e) == PASS:
+        for k, e in enumerate(entries):
+            if e.kind not in POLICY_KINDS:
+                out.append(e)
+            elif shared:
+                key = id(stream)
+                task = self.host.spawn(self._replay_shared(conn, stream, entries[k:], replay,
+                                                           self._pushing.get(key)))
+                self._pushing[key] = task
+                task.add_done_callback(lambda done: self._pushed(key, done))
+                break
+            elif self._verdict(claims, now, quiet_cache, {}, e) == PASS:
                 out.append(e)
         return out
+
+    async def _replay_shared(self, conn, stream, entries: list, replay,
+                             before: asyncio.Task | None) -> None:
+        if before is not None:
+            await asyncio.wait([before])     # (its outcome is its own: spawn logs it)
+        claims = conn.claims
+        quiet_cache: dict = {}
+        refused = False
+        for e in entries:
+            if conn.state != OPEN:
+                return
+            if e.kind in POLICY_KINDS:
+                now = time.time()
+                if refused or (self.quiet is not None and "customer" in claims.roles
+                               and self._quiet(claims.tenant, claims.store, now, quiet_cache)):
+                    continue
+                offer = f"{stream.name}:{stream.epoch}:{e.offset}"   # (as live fan-out names it)
+                try:
+                    capped = await self.caps.take(claims.tenant, (claims.member,), offer, now,
+                                                  self.cap_count, self.cap_window)
+                except Exception as exc:  # noqa: BLE001 - offers must not spam: none this time
+                    log.warning("caps: deciding the replayed offer %s for %s failed (%s); its "
+                                "offers are not sent", offer, conn.address, exc)
+                    refused = True
+                    continue
+                if conn.state != OPEN:
+                    return
+                if capped.get(claims.member, True):
+                    self.host.counters.offers_capped += 1
+                    continue
+            if not replay(e):
+                return
 
     # -- cap persistence (write-behind) ------------------------------------------------------
 

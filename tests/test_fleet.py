@@ -441,6 +441,53 @@ async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, pr
         assert node.stop() == 0
 
 
+@aiotest(120)
+async def test_a_members_offers_replayed_on_another_worker_keep_the_shared_cap(
+        tmp_path, prefix):
+    # Cap 2.  The member's tablet on worker 1 goes away after the first
+    # offer; the second reaches the phone (worker 0): the member's count is
+    # 2, so the third is capped.  The tablet comes back to worker 1 and
+    # catches up from after the first offer: it gets the second (counted
+    # already for the member) and not the third (worker 1's own counts
+    # know nothing of the member: only the shared caps do).
+    node = Node(tmp_path, "node-r", prefix, env={
+        "TILLWIRE_OFFERS_CAP_COUNT": "2", "TILLWIRE_OFFERS_QUIET_START": "00:00",
+        "TILLWIRE_OFFERS_QUIET_END": "00:00"}).start()
+    try:
+        phone = await on_worker(node, "app1", worker=0, roles=("customer",), member="m-1")
+        tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
+        await subscribed(prefix, "tenant:acme", 2)
+
+        async def publish(n: int) -> None:
+            status, body = await node.admin("POST", "/v1/publish", {
+                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
+                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
+            assert status == 200, body
+
+        async def offers(conn) -> list[str]:
+            got = []
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    msg = await conn.receive(timeout=1.5)
+                    got.append(msg.body["offer"])
+            return got
+
+        await publish(0)
+        assert await offers(tablet) == ["of0"]
+        after_first = dict(tablet.session.channel_positions)
+        await tablet.close()
+        await publish(1)
+        await publish(2)
+        assert await offers(phone) == ["of0", "of1"]
+        back = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1",
+                               channels=after_first)
+        assert await offers(back) == ["of1"]
+        for conn in (phone, back):
+            await conn.close()
+    finally:
+        assert node.stop() == 0
+
+
 @aiotest(180)
 async def test_a_ticket_from_a_till_on_one_worker_is_handled_by_staff_on_another(
         tmp_path, prefix):

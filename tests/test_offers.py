@@ -377,3 +377,48 @@ async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order
         assert [(m.body["offer"], m.seq) for m in got] == [("o1", 1), ("o2", 2)]
     finally:
         await node.stop()
+
+
+@aiotest()
+async def test_with_shared_caps_a_catch_up_asks_the_caps_in_order_and_a_refusal_sends_no_offer():
+    # A member's phone catches up on its offers (RESUME from where it was).
+    # In a fleet the shared caps decide each replayed offer, one after the
+    # other: when they cannot be asked, no offer goes (offers must not
+    # spam); asked again on the next catch-up, they pass in offset order.
+    from failing import Failing
+    from tillwire.server.caps import MemoryCaps
+    from tillwire.server.main import make_store
+    from tillwire.server.node import Node
+
+    cfg = make_config(**{"offers.cap_count": 5, "offers.cap_window": 3600.0})
+    caps = Failing(MemoryCaps())
+    node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
+    await node.start()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
+        await be.send("promo.offer", offer(1), "member:acme/m1")
+        assert (await phone.receive(timeout=3)).body["offer"] == "o1"
+        positions = dict(phone.session.channel_positions)
+        await phone.close()
+        for n in (2, 3):
+            await be.send("promo.offer", offer(n), "member:acme/m1")
+        caps.fail("take", None)
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1",
+                              channels=positions)
+        await eventually(lambda: len(caps.refused) == 1)    # (the rest not asked)
+        await nothing_for(phone, 0.5)
+        await phone.close()
+        caps.heal("take")
+        # The first replayed offer's decision is slow: nothing overtakes it.
+        caps.hold("take", when=lambda tenant, members, offer, *_: offer.endswith(":2"))
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1",
+                              channels=positions)
+        await eventually(lambda: caps.waiting("take") == 1)
+        await nothing_for(phone, 0.3)
+        caps.release("take")
+        got = [await phone.receive(timeout=3) for _ in range(2)]
+        assert [m.body["offer"] for m in got] == ["o2", "o3"]
+        await nothing_for(phone, 0.3)
+    finally:
+        await node.stop()
