@@ -267,14 +267,18 @@ class Delivery:
 
     async def _members(self, address) -> list[str] | None:
         """The members of ``address``; None for a terminal the registry does
-        not know (asked of the registry itself, never its cache: a cache may
-        lag another worker's put)."""
+        not know.  A terminal the cache knows is taken from it, as submit
+        does (the batches queued behind a lookup were submitted before it
+        filled the cache); one it lacks is asked of the registry itself (a
+        cache may lag another worker's put)."""
         if address.scope != "terminal":
             return await self.node.members(address)
         to = str(address)
-        rec = await self.node.registry.get(to)
-        if rec is None and to not in self.hub.sessions:
-            return None
+        rec = self.registry.cached(to)
+        if rec is None:
+            rec = await self.node.registry.get(to)
+            if rec is None and to not in self.hub.sessions:
+                return None
         return self.registry.terminal_members(to, rec)
 
     def _unknown(self, items: list) -> None:
