@@ -6,9 +6,9 @@ Redis instance.  Writes go to Redis in the order they were asked for, one
 round trip at a time (a pool's connections would otherwise let a later
 batch overtake an earlier one, and a sender's messages could get their
 seqs out of order); what queued behind a round trip in flight goes in the
-next, as one pipeline of scripts, and accept batches queued one after the
-other share one script (up to :data:`GROUP_MAX` messages): the group commit
-of this backend (one AOF fsync for the round trip).
+next, as one transaction (MULTI/EXEC) of scripts, and accept batches queued
+one after the other share one script (up to :data:`GROUP_MAX` messages): the
+group commit of this backend (one AOF fsync for the round trip).
 Reads go at once, concurrently.  Its parts sit beside it:
 ``records_redis.py``, ``terminals_redis.py``, ``archive_redis.py``.
 
@@ -195,8 +195,10 @@ class RedisStore:
                 await self._redis.aclose()
 
     async def _load_scripts(self) -> None:
-        """Load every script of the store, in one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        """Load every script of the store, in one round trip and one
+        transaction: another worker's round trip (a transaction too, see
+        _send_writes) finds all of them or none, never some."""
+        async with self._redis.pipeline(transaction=True) as pipe:
             for script in self._scripts.values():
                 pipe.script_load(script.script)
             await pipe.execute()
@@ -286,11 +288,11 @@ class RedisStore:
         return name, args, group, counts
 
     async def _send_writes(self) -> None:
-        """Send the queued writes, in order, as one pipeline of scripts per
-        round trip (up to PIPELINE_MAX scripts): Redis runs them one after
-        the other in one event-loop iteration, with one AOF write and fsync
-        for them all, where a round trip per script cost an fsync each
-        (the accepts, deliveries and acks of a batch took three)."""
+        """Send the queued writes, in order, as one transaction of scripts
+        per round trip (up to PIPELINE_MAX scripts): Redis runs them one
+        after the other at EXEC, with one AOF write and fsync for them all,
+        where a round trip per script cost an fsync each (the accepts,
+        deliveries and acks of a batch took three)."""
         writes = self._writes
         try:
             while writes:
@@ -305,7 +307,13 @@ class RedisStore:
                     continue
                 candidate = random.randrange(1, 1 << 31)
                 try:
-                    async with self._redis.pipeline(transaction=False) as pipe:
+                    # One transaction (MULTI/EXEC): its scripts run together,
+                    # with the scripts Redis has at EXEC.  After Redis lost its
+                    # scripts, a plain pipeline read in parts could meet another
+                    # worker's reload half way: its first scripts refused
+                    # (NOSCRIPT), the later ones run, and the first run again
+                    # after them: a sender's messages stored out of order.
+                    async with self._redis.pipeline(transaction=True) as pipe:
                         for name, args, _, _ in sent:
                             pipe.evalsha(self._scripts[name].sha, 0, self._prefix, candidate,
                                          *args)

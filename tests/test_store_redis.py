@@ -386,6 +386,52 @@ async def test_writes_keep_their_order_when_redis_has_lost_only_some_scripts():
             await store.close()
 
 
+@aiotest(timeout=120)
+async def test_a_round_trip_meeting_another_workers_reload_keeps_a_senders_order():
+    # Redis lost its scripts (restart, SCRIPT FLUSH).  One worker sends a
+    # long round trip of accepts to one till (Redis reads it in parts) while
+    # another worker loads the scripts again.  Were the round trip a plain
+    # pipeline, its first scripts could be refused (NOSCRIPT) and its later
+    # ones run, the first then running again after them: the sender's
+    # messages stored out of order.  As one transaction it runs whole with
+    # the scripts Redis has at EXEC: all or none refused, run again in order.
+    import orjson
+
+    def big(n: int) -> NewMessage:
+        body = orjson.dumps({"n": n, "pad": "x" * 1000})
+        return NewMessage("acme", "terminal:acme/pay", n + 1, Lane.P0, "payment.result", TILL,
+                          body, T0, T0 + 3600)
+
+    with PrivateRedis() as server:
+        admin = aioredis.from_url(server.url)
+        try:
+            for attempt in range(8):
+                prefix = fresh_prefix()
+                sender = RedisStore(server.url, prefix=prefix)
+                other = RedisStore(server.url, prefix=prefix)
+                await sender.open()
+                await other.open()
+                try:
+                    await admin.script_flush()
+                    writes, n = [], 0
+                    for _ in range(12):          # (an ack between: accepts are not joined)
+                        writes.append(asyncio.ensure_future(sender.accept_many(
+                            [(big(n + k), [TILL]) for k in range(150)])))
+                        writes.append(asyncio.ensure_future(sender.ack_many([(TILL, 0, 0)], T0)))
+                        n += 150
+                    await asyncio.sleep(0.002 * attempt)
+                    await other._load_scripts()
+                    await asyncio.gather(*writes)
+                    got = [orjson.loads(e.body)["n"]
+                           for e in await sender.inbox(TILL, 0, 0, n)]
+                    assert got == list(range(n)), f"attempt {attempt}: stored out of order"
+                finally:
+                    await sender.close()
+                    await other.close()
+        finally:
+            await admin.aclose()
+
+
 @aiotest()
 async def test_a_batch_that_cannot_be_encoded_fails_and_never_hangs():
     # A recipient Redis cannot be sent (not UTF-8: a lone surrogate) fails
