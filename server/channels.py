@@ -463,6 +463,29 @@ class Channels:
                                 now + ttl if ttl else 0.0, placed=offset)
         self._fanout(address, stream, entry, lane, kind, payload, None)
 
+    async def top_up(self, name: str) -> None:
+        """Take what the History holds of stream ``name`` past this worker's
+        mirror as if it had come live (a fleet only).  For a terminal's own
+        channel once its claim names this worker: what publishers placed
+        while they saw no owner, or the previous one, went to nobody."""
+        interest = self.interest
+        if interest is None or name not in interest.counts or name in interest.priming:
+            return                  # (not needed here, or a priming reads it anyway)
+        for lane in (int(Lane.P2), _P3):
+            stream = self.hub.stream(name, lane, create=False)
+            epoch, after = (stream.epoch, stream.offset) if stream is not None else (0, 0)
+            page = await self.node.history.since(name, lane, epoch, after)
+            ttl = self.cfg.lanes.p3_ttl if lane == _P3 else 0.0
+            stream = self.hub.stream(name, lane, create=False)
+            if (lane == _P3 and page.items and stream is not None
+                    and stream.epoch == page.epoch and page.items[0].offset > stream.offset + 1):
+                stream.offset = page.items[0].offset - 1     # (the ones between expired)
+            for item in page.items:
+                if name not in interest.counts:
+                    return
+                self.receive(name, lane, pack_placed(page.epoch, item.offset, item.kind,
+                                                     item.key, item.version, ttl, item.payload))
+
     @staticmethod
     def placed_offset(data: bytes) -> int:
         """The offset of a fleet's channel message (see :func:`pack_placed`)."""

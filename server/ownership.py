@@ -188,11 +188,28 @@ class Ownership:
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
         previous = await self.presence.claim(address, self.owner, self.lease, info)
+        # Messages of the terminal's own channel placed before the claim
+        # named this worker went to no worker, or to the previous one: read
+        # now, and once more RENOTIFY later (one placed by a publisher that
+        # looked for the owner just before the claim).
+        self.node.spawn(self._top_up(address))
+        self.node.loop.call_later(self.renotify, self._top_up_again, address)
         if previous is not None and previous != self.owner:
             # (A lost message is repaired by the previous owner's renewal.)
             since = self._since.get(address, 0.0)
             await self.broker.send_control(previous, b"\0".join((
                 b"takeover", address.encode(), f"{self.owner} {since!r}".encode())))
+
+    def _top_up_again(self, address: str) -> None:
+        if not self.node.stopping and address in self.node.hub.sessions:
+            self.node.spawn(self._top_up(address))
+
+    async def _top_up(self, address: str) -> None:
+        try:
+            await self.node.channels.top_up(address)
+        except Exception as exc:     # (catch-up at its next resume serves it)
+            log.warning("history: reading the own channel of %s after its claim failed: %s",
+                        address, exc)
 
     # -- P0/P1 messages for sessions held elsewhere ------------------------------------
 

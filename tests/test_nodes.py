@@ -256,3 +256,49 @@ async def test_the_batches_behind_a_tills_first_lookup_take_its_record_from_the_
     finally:
         await node.stop()
         await client.aclose()
+
+
+@aiotest()
+async def test_an_own_channel_message_placed_before_the_claim_reaches_the_session_once_claimed():
+    # A till's session is open on node b, but its presence claim is not
+    # written yet.  A P3 message to the till's own channel from node a finds
+    # no owner: it is placed in the shared history and sent to no worker.
+    # Once the claim names b, b reads the own channel past its mirror and
+    # the till gets the message (before, only at its next resume).
+    from tillwire.server.history_redis import RedisHistory
+    from tillwire.server.node import Node
+    from tillwire.server.store_redis import RedisStore
+    from support import make_config
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(4)]
+    presence = Failing(RedisPresence(clients[0], prefix=prefix))
+    nodes = []
+    for name, client in (("a", clients[1]), ("b", clients[2])):
+        cfg = make_config()
+        node = Node(cfg, RedisStore(redis_url(), prefix=prefix), loop=asyncio.get_running_loop(),
+                    node_id=name, presence=presence,
+                    broker=RedisBroker(name, client, prefix=prefix),
+                    history=RedisHistory(clients[3], prefix=prefix))
+        await node.start()
+        nodes.append(node)
+    a, b = nodes
+    try:
+        hq = await connect(a, "hq", store="hq", roles=("backend",))
+        presence.hold("claim", when=lambda address, *_: address == TILL)
+        till = await connect(b, "t1")
+        await eventually(lambda: presence.waiting("claim") == 1
+                         and b.channels.interest.primed([TILL]))
+        await hq.send("promo.offer", {"offer": "o1", "title": "Deal"}, TILL)
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=0.3)          # (no owner: sent to nobody)
+        presence.release("claim")
+        msg = await till.receive(timeout=3)
+        assert (msg.kind, msg.body["offer"]) == ("promo.offer", "o1")
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=RENOTIFY + 0.5)   # once (the second read finds it had it)
+    finally:
+        for node in nodes:
+            await node.stop()
+        for client in clients:
+            await client.aclose()
