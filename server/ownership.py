@@ -190,9 +190,8 @@ class Ownership:
         previous = await self.presence.claim(address, self.owner, self.lease, info)
         # Messages of the terminal's own channel placed before the claim
         # named this worker went to no worker, or to the previous one: read
-        # now, and once more RENOTIFY later (one placed by a publisher that
-        # looked for the owner just before the claim).
-        self.node.spawn(self._top_up(address))
+        # RENOTIFY later (by then also one placed by a publisher that looked
+        # for the owner just before the claim).  One read per lane and login.
         self.node.loop.call_later(self.renotify, self._top_up_again, address)
         if previous is not None and previous != self.owner:
             # (A lost message is repaired by the previous owner's renewal.)
