@@ -544,6 +544,12 @@ class Channels:
                 groups = [*groups, stream.explicit_list()]
             reached, overflow = self.offers.fanout(address.tenant, groups, lane, entry.frame,
                                                    deadline, stream, dirty, report)
+        elif lane == _P3 and self.offers.waiting(stream):
+            groups = self.hub.groups(address)
+            if stream.explicit:
+                groups = [*groups, stream.explicit_list()]
+            reached, overflow = self.offers.fanout_behind(groups, lane, entry.frame, deadline,
+                                                          stream, dirty)
         else:
             for group in self.hub.groups(address):
                 reached += len(group)

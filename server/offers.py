@@ -28,10 +28,10 @@ sessions once one call to the shared caps decided for all of them (a few
 milliseconds later), so a member's devices on different workers and nodes
 share one count and one offer counts once.  A stream's offers reach the
 members' sessions in offset order: each waits for the one before it to be
-pushed, whichever decision comes back first.  A catch-up on resume asks
-the shared caps too (an offer counted for the member passes again; one
-capped stays capped), in the same order.  A live P3 message of another kind
-on the same stream is not held behind an offer waiting for its decision.
+pushed, whichever decision comes back first; a P3 message of another
+kind on a stream whose offers wait reaches members' sessions after them
+too.  A catch-up on resume asks the shared caps as well (an offer counted
+for the member passes again; one capped stays capped), in the same order.
 """
 
 from __future__ import annotations
@@ -233,6 +233,38 @@ class Offers:
         if report is not None:
             report.update(delivered=len(passing), quiet=quiet, capped=capped)
         return len(passing), overflow
+
+    def waiting(self, stream) -> bool:
+        """Do offers of ``stream`` wait for the shared caps (or for the one
+        before them) to reach members' sessions?"""
+        return id(stream) in self._pushing
+
+    def fanout_behind(self, groups, lane: int, frame: bytes, deadline: float, stream,
+                      dirty: list) -> tuple[int, list]:
+        """A P3 message of another kind on a stream whose offers wait for the
+        shared caps: members' sessions get it after those offers (the SDK
+        drops an entry older than one it has), the others now; returns
+        (delivered, overflowed sessions) as :meth:`fanout`."""
+        now, later = [], []
+        for group in groups:
+            for conn in group:
+                (later if conn.claims.member else now).append(conn)
+        overflow = fanout(now, lane, frame, None, deadline, stream, dirty)
+        if later:
+            key = id(stream)
+            task = self.host.spawn(self._push_behind(later, lane, frame, deadline, stream,
+                                                     self._pushing.get(key)))
+            self._pushing[key] = task
+            task.add_done_callback(lambda done: self._pushed(key, done))
+        return len(now) + len(later), overflow
+
+    async def _push_behind(self, conns: list, lane: int, frame: bytes, deadline: float,
+                           stream, before: asyncio.Task) -> None:
+        await asyncio.wait([before])        # (its outcome is its own: spawn logs it)
+        for conn in conns:
+            if conn.state == OPEN:
+                conn.push(lane, frame, None, deadline, stream)
+                self.host.mark_dirty(conn)
 
     def _pushed(self, key: int, task: asyncio.Task) -> None:
         if self._pushing.get(key) is task:

@@ -422,3 +422,37 @@ async def test_with_shared_caps_a_catch_up_asks_the_caps_in_order_and_a_refusal_
         await nothing_for(phone, 0.3)
     finally:
         await node.stop()
+
+
+@aiotest()
+async def test_with_shared_caps_a_message_of_another_kind_waits_behind_a_members_offer():
+    # An offer waits for the shared caps to reach the member's phone; a P3
+    # message of another kind on the same stream comes meanwhile.  The
+    # phone gets the offer first (the SDK drops an entry older than one it
+    # has: the other way round the offer would be lost); a till without a
+    # member gets the other message at once.
+    from failing import Failing
+    from tillwire.server.caps import MemoryCaps
+    from tillwire.server.main import make_store
+    from tillwire.server.node import Node
+
+    cfg = make_config(**{"offers.cap_count": 5, "offers.cap_window": 3600.0})
+    caps = Failing(MemoryCaps())
+    node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
+    await node.start()
+    try:
+        be = await connect(node, "hq", store="hq", roles=("backend",))
+        phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
+        till = await connect(node, "till", store="s1")
+        caps.hold("take")
+        await be.send("promo.offer", offer(1), "store:acme/s1")
+        await eventually(lambda: caps.waiting("take") == 1)
+        await be.send("store.banner", {"text": "closing at 8"}, "store:acme/s1", lane=Lane.P3)
+        assert [(await till.receive(timeout=3)).kind for _ in range(2)] == \
+            ["promo.offer", "store.banner"]
+        await nothing_for(phone, 0.3)             # (both wait for the offer's decision)
+        caps.release("take")
+        got = [await phone.receive(timeout=3) for _ in range(2)]
+        assert [m.kind for m in got] == ["promo.offer", "store.banner"]
+    finally:
+        await node.stop()
