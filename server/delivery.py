@@ -396,7 +396,12 @@ class Delivery:
                     return conn       # (handed over already, by a pump; nothing waits)
             else:
                 early = inbox.early[lane]
-                if seq - cursor <= EARLY_MAX and len(early) < EARLY_MAX:
+                # (Not while the message at the cursor waits for the window
+                # or the queue: then it is in the store, not missing, and an
+                # ack or the flush pumps; an early entry would stop that.)
+                if (seq - cursor <= EARLY_MAX and len(early) < EARLY_MAX
+                        and cursor - conn.inbox_window(lane)[0] <= self.inflight
+                        and not inbox.blocked):
                     # Before its turn (another worker's notice overtook
                     # the one before it): it waits a moment for the gap.
                     early[seq] = (msg_id, kind, body, created)

@@ -450,6 +450,34 @@ async def test_early_messages_past_the_wait_limit_go_to_the_pump_at_once():
 
 
 @aiotest()
+async def test_messages_past_a_full_window_are_not_held_as_early():
+    # The till's window is full: the message at the cursor waits in the
+    # store (nothing is missing), and the ones after it come in order.
+    # They must not wait EARLY_WAIT as if a notice were missing: once the
+    # till acks, the pump reads them at once.
+    from tillwire.server import delivery
+
+    cfg = make_config(**{"delivery.inflight": 4})
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    saved = delivery.EARLY_WAIT
+    delivery.EARLY_WAIT = 30.0                 # (a stall would be plain to see)
+    try:
+        till = await _settled_till(node, store)
+        notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, 9))
+        inbox = None
+        for notice in notices:
+            node.delivery.deliver_notified([notice])
+            inbox = node.hub.sessions["terminal:acme/t1"].inbox
+            await eventually(lambda: not inbox.pumping[0])    # (notices come one by one)
+        got = await asyncio.wait_for(receive_orders(till, 8), 3)
+        assert got == list(range(1, 9))
+    finally:
+        delivery.EARLY_WAIT = saved
+        await node.stop()
+
+
+@aiotest()
 async def test_offline_terminal_gets_its_messages_on_return_in_order():
     node = await start_node()
     try:
