@@ -598,6 +598,7 @@ class Delivery:
                     delay: float) -> None:
         """Retry a pump whose store read failed (unless the inbox moved on)."""
         if conn.state == OPEN and conn.inbox is inbox and not inbox.pumping[lane]:
+            inbox.drop_early(lane)        # (the pump reads them, as in pump())
             inbox.pumping[lane] = True
             self.spawn(self._pump_task(conn, lane, delay))
 

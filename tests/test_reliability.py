@@ -478,6 +478,38 @@ async def test_messages_past_a_full_window_are_not_held_as_early():
 
 
 @aiotest()
+async def test_a_retried_pump_leaves_no_early_message_behind():
+    # A pump's store read fails; while its retry waits, later results'
+    # notices come and wait as early.  The retry reads them with the rest
+    # (as any pump does): none may stay waiting, or the acks do not pump
+    # what the full window left in the store until EARLY_WAIT ran out.
+    from tillwire.server import delivery
+
+    cfg = make_config(**{"delivery.inflight": 3})
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    saved = delivery.EARLY_WAIT
+    delivery.EARLY_WAIT = 30.0                 # (a stall would be plain to see)
+    try:
+        till = await _settled_till(node, store)
+        notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, 6))
+        store.fail("inbox", 1)
+        node.delivery.notified("terminal:acme/t1", 0, 2)       # (its read fails)
+        conn = node.hub.sessions["terminal:acme/t1"]
+        inbox = conn.inbox
+        await eventually(lambda: store.refused and not inbox.pumping[0])
+        node.delivery.deliver_notified([notices[2]])           # 3 and 5 wait as early
+        node.delivery.deliver_notified([notices[4]])
+        # The retry reads 1-3 (the window: 3), and knows 4 and 5 are stored.
+        await eventually(lambda: inbox.cursor[0] == 4 and not inbox.pumping[0])
+        got = await asyncio.wait_for(receive_orders(till, 5), 3)
+        assert got == [1, 2, 3, 4, 5]
+    finally:
+        delivery.EARLY_WAIT = saved
+        await node.stop()
+
+
+@aiotest()
 async def test_offline_terminal_gets_its_messages_on_return_in_order():
     node = await start_node()
     try:
