@@ -548,8 +548,8 @@ class Channels:
             groups = self.hub.groups(address)
             if stream.explicit:
                 groups = [*groups, stream.explicit_list()]
-            reached, overflow = self.offers.fanout_behind(groups, lane, entry.frame, deadline,
-                                                          stream, dirty)
+            reached, overflow = self.offers.fanout_behind(groups, lane, entry.frame, ckey,
+                                                          deadline, stream, dirty)
         else:
             for group in self.hub.groups(address):
                 reached += len(group)

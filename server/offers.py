@@ -239,7 +239,7 @@ class Offers:
         before them) to reach members' sessions?"""
         return id(stream) in self._pushing
 
-    def fanout_behind(self, groups, lane: int, frame: bytes, deadline: float, stream,
+    def fanout_behind(self, groups, lane: int, frame: bytes, ckey, deadline: float, stream,
                       dirty: list) -> tuple[int, list]:
         """A P3 message of another kind on a stream whose offers wait for the
         shared caps: members' sessions get it after those offers (the SDK
@@ -249,21 +249,21 @@ class Offers:
         for group in groups:
             for conn in group:
                 (later if conn.claims.member else now).append(conn)
-        overflow = fanout(now, lane, frame, None, deadline, stream, dirty)
+        overflow = fanout(now, lane, frame, ckey, deadline, stream, dirty)
         if later:
             key = id(stream)
-            task = self.host.spawn(self._push_behind(later, lane, frame, deadline, stream,
+            task = self.host.spawn(self._push_behind(later, lane, frame, ckey, deadline, stream,
                                                      self._pushing.get(key)))
             self._pushing[key] = task
             task.add_done_callback(lambda done: self._pushed(key, done))
         return len(now) + len(later), overflow
 
-    async def _push_behind(self, conns: list, lane: int, frame: bytes, deadline: float,
+    async def _push_behind(self, conns: list, lane: int, frame: bytes, ckey, deadline: float,
                            stream, before: asyncio.Task) -> None:
         await asyncio.wait([before])        # (its outcome is its own: spawn logs it)
         for conn in conns:
             if conn.state == OPEN:
-                conn.push(lane, frame, None, deadline, stream)
+                conn.push(lane, frame, ckey, deadline, stream)
                 self.host.mark_dirty(conn)
 
     def _pushed(self, key: int, task: asyncio.Task) -> None:

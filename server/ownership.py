@@ -137,6 +137,7 @@ class Ownership:
         self._renewal = None
         self._reconciler = None
         self.reconcile_every = RECONCILE_EVERY
+        self.reconcile_grace = RECONCILE_GRACE
         self.renotify = RENOTIFY
 
     async def start(self) -> None:
@@ -191,7 +192,8 @@ class Ownership:
         # Messages of the terminal's own channel placed before the claim
         # named this worker went to no worker, or to the previous one: read
         # RENOTIFY later (by then also one placed by a publisher that looked
-        # for the owner just before the claim).  One read per lane and login.
+        # for the owner just before the claim).  One read per lane and claim
+        # (a login, or a claim written again after Redis lost it).
         self.node.loop.call_later(self.renotify, self._top_up_again, address)
         if previous is not None and previous != self.owner:
             # (A lost message is repaired by the previous owner's renewal.)
@@ -279,7 +281,9 @@ class Ownership:
                        for lane, last in ((0, last0), (1, last1)) if last]
         # What was stored a moment ago has its notice on the way: after
         # RECONCILE_GRACE only what is still missing is read from the store.
-        await asyncio.sleep(RECONCILE_GRACE)
+        await asyncio.sleep(self.reconcile_grace)
+        if self.node.stopping:
+            return
         for address, lane, last in behind:
             delivery.notified(address, lane, last)
 

@@ -319,10 +319,12 @@ class RedisStore:
                                          *args)
                         replies = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
-                    # The transaction ran whole or not at all, and which is
-                    # unknown when its reply was lost: every waiter learns
-                    # its write failed (a retry of an accept meets the dedup
-                    # window, acks and deliveries are idempotent).  After a timeout Redis is
+                    # Redis ran the transaction's scripts or none of them
+                    # (each script whole; MULTI/EXEC rolls nothing back, so a
+                    # script that failed at EXEC left the others run), and
+                    # which is unknown when its reply was lost: every waiter
+                    # learns its write failed (a retry of an accept meets the
+                    # dedup window, acks and deliveries are idempotent).  After a timeout Redis is
                     # not answering: the writes queued behind fail now too,
                     # rather than one timeout after another.
                     _fail([waiter for _, _, group, _ in sent for waiter in group], exc)

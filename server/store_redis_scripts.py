@@ -51,7 +51,11 @@ local FIELDS = setmetatable({}, {__index = function(t, k)
   return v
 end})
 local LANE = setmetatable({["0"] = {a = "a0", l = "l0"}, ["1"] = {a = "a1", l = "l1"}},
-                           {__index = function(_, lane) return {a = "a" .. lane, l = "l" .. lane} end})
+                           {__index = function(t, lane)
+                             local v = {a = "a" .. lane, l = "l" .. lane}
+                             t[lane] = v
+                             return v
+                           end})
 local function tenant_of(address)
   local _, _, t = string.find(address, "^[^:]*:([^/]*)")
   return t or ""
