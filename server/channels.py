@@ -445,14 +445,27 @@ class Channels:
             return                          # (placed once the channel is primed)
         if name not in interest.counts:
             return                          # (in flight while this worker left it)
+        self.place(name, lane, data, repair=True)
+
+    def place(self, name: str, lane: int, data: bytes, repair: bool = False) -> None:
+        """Place a channel message from the fleet in this worker's mirror and
+        fan it out.  With ``repair``, one that comes after a gap (messages
+        placed before it never reached this worker: the broker reconnected,
+        or a terminal's claim named another worker for a moment) waits while
+        the missing ones are read from the History (``Interest.repair``)."""
         address = parse_address(name)
         epoch, offset, kind, key, version, ttl, payload = unpack_placed(data)
+        if repair and offset > 1:
+            stream = self.hub.stream(name, lane, create=False)
+            if stream is None or (stream.epoch == epoch and offset > stream.offset + 1):
+                self.interest.repair(name, lane, epoch, data)
+                return
         now = self.loop.time()
         stream = self._stream(name, lane, address, epoch, offset - 1)
         if stream.epoch != epoch or offset > stream.offset + 1:
             # A new history (the stream was freed or lost in Redis), or a gap
-            # (messages lost while the broker reconnected): the mirror starts
-            # again here; terminals at older positions resync.
+            # the History could not fill: the mirror starts again here;
+            # terminals at older positions resync.
             if stream.offset:
                 stream.history.clear()
                 stream.lvc = {}
@@ -483,8 +496,13 @@ class Channels:
             for item in page.items:
                 if name not in interest.counts:
                     return
-                self.receive(name, lane, pack_placed(page.epoch, item.offset, item.kind,
-                                                     item.key, item.version, ttl, item.payload))
+                self.receive(name, lane, self.pack(page.epoch, item, ttl))
+
+    @staticmethod
+    def pack(epoch: int, item, ttl: float) -> bytes:
+        """A History item as the fleet carries a placed message."""
+        return pack_placed(epoch, item.offset, item.kind, item.key, item.version, ttl,
+                           item.payload)
 
     @staticmethod
     def placed_offset(data: bytes) -> int:

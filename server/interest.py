@@ -16,7 +16,10 @@ channel new to the worker is *primed*: subscribed first, then its streams
 read from the History; messages that arrive meanwhile are held and placed
 after, those the read already had are dropped (by offset), so none is lost
 or placed twice.  Sessions that wait for a priming are caught up once it is
-done (:meth:`wait`).
+done (:meth:`wait`).  A message that comes after a gap in a mirror (lost on
+the way: a broker reconnect, a terminal's claim naming another worker for
+a moment) is held the same way while the missing ones are read from the
+History (:meth:`repair`).
 """
 
 from __future__ import annotations
@@ -145,6 +148,45 @@ class Interest:
             if stream.name not in self.counts:
                 # The mirror goes with the subscription: a later session primes afresh.
                 hub.drop(stream)
+
+    def repair(self, name: str, lane: int, epoch: int, data: bytes) -> None:
+        """A message of ``name`` came after a gap in this worker's mirror:
+        hold it and what follows, read the missing ones from the History,
+        then place them all in offset order (see Channels.place)."""
+        held = self.priming.get(name)
+        if held is not None:
+            held.append((lane, data))
+            return
+        self.priming[name] = [(lane, data)]
+        self.node.spawn(self._repair(name, lane, epoch))
+
+    async def _repair(self, name: str, lane: int, epoch: int) -> None:
+        channels = self.node.channels
+        try:
+            stream = channels.hub.stream(name, lane, create=False)
+            after = stream.offset if stream is not None else 0
+            page = await self.history.since(name, lane, epoch, after)
+            ttl = self.node.cfg.lanes.p3_ttl if lane == int(Lane.P3) else 0.0
+            for item in page.items:
+                stream = channels.hub.stream(name, lane, create=False)
+                if lane == int(Lane.P3) and stream is not None and stream.epoch == page.epoch \
+                        and item.offset > stream.offset + 1:
+                    stream.offset = item.offset - 1          # (the ones between expired)
+                channels.place(name, lane, channels.pack(page.epoch, item, ttl))
+        except Exception as exc:
+            # (the held messages are placed as they are: the mirror starts
+            # again at the first of them, terminals resync)
+            log.warning("history: reading %s to fill a gap failed: %s", name, exc)
+        finally:
+            held = self.priming.pop(name, ())
+        for held_lane, data in held:
+            if name in self.counts:
+                try:
+                    channels.place(name, held_lane, data)
+                except Exception:      # (its own message only)
+                    log.exception("channel %s: a held message could not be placed", name)
+        if name not in self.counts and not self.node.stopping:
+            await self._unsubscribe([name])      # (its sessions left meanwhile)
 
     def hold(self, name: str, lane: int, data: bytes) -> bool:
         """Hold a message of a channel being primed; False when it is not."""

@@ -302,3 +302,57 @@ async def test_an_own_channel_message_placed_before_the_claim_reaches_the_sessio
             await node.stop()
         for client in clients:
             await client.aclose()
+
+
+@aiotest()
+async def test_a_channel_message_lost_on_the_way_is_read_from_the_history_in_order():
+    # Node b holds a till; P3 messages to its own channel come from node a.
+    # The second one never reaches b (lost on the way: a broker reconnect,
+    # or a claim that named another worker a moment).  When the third comes,
+    # b sees the gap, reads the missing one from the shared history, and the
+    # till gets all three in order (before, b's mirror started again at the
+    # third and the second was never delivered).
+    from tillwire.server.history_redis import RedisHistory
+    from tillwire.server.node import Node
+    from tillwire.server.store_redis import RedisStore
+    from support import make_config
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(4)]
+    presence = RedisPresence(clients[0], prefix=prefix)
+    nodes = []
+    for name, client in (("a", clients[1]), ("b", clients[2])):
+        cfg = make_config()
+        node = Node(cfg, RedisStore(redis_url(), prefix=prefix), loop=asyncio.get_running_loop(),
+                    node_id=name, presence=presence,
+                    broker=RedisBroker(name, client, prefix=prefix),
+                    history=RedisHistory(clients[3], prefix=prefix))
+        await node.start()
+        nodes.append(node)
+    a, b = nodes
+    try:
+        hq = await connect(a, "hq", store="hq", roles=("backend",))
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        arrived = []
+        receive = b.channels.receive
+
+        def lossy(name, lane, data):
+            if name == TILL:
+                arrived.append(data)
+                if len(arrived) == 2:
+                    return                  # (lost on the way)
+            receive(name, lane, data)
+
+        b.channels.receive = lossy
+        for n in (1, 2, 3):
+            await hq.send("promo.offer", {"offer": f"o{n}", "title": "Deal"}, TILL)
+            await eventually(lambda: len(arrived) == n)
+        got = [await till.receive(timeout=3) for _ in range(3)]
+        assert [m.body["offer"] for m in got] == ["o1", "o2", "o3"]
+        assert [m.seq for m in got] == [1, 2, 3]
+    finally:
+        for node in nodes:
+            await node.stop()
+        for client in clients:
+            await client.aclose()
