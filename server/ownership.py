@@ -337,8 +337,15 @@ class Ownership:
             return
         node = self.node
         if verb == "registry":
-            if node.registry.cached(argument) is not None:
-                node.spawn(self._refresh(node.registry.get(argument), verb, argument))
+            registry = node.registry
+            if registry.cached(argument) is not None:
+                # Forgotten first: a login while it is read again reads it
+                # from Redis too, never the record before the change (a
+                # revoked token would pass for that round trip).
+                forget = getattr(registry, "forget_cached", None)
+                if forget is not None:
+                    forget(argument)
+                node.spawn(self._refresh(registry.get(argument), verb, argument))
         elif verb == "directory":
             tenant, _, store = argument.partition("/")
             node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))

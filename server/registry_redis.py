@@ -92,6 +92,11 @@ class RedisRegistry(Registry):
     def cached(self, address: str) -> TerminalRecord | None:
         return self._cache.get(address)
 
+    def forget_cached(self, address: str) -> None:
+        """Forget ``address``'s cached record (another worker changed it):
+        until it is read again, whoever needs it reads it from Redis."""
+        self._cache.pop(address, None)
+
     async def get(self, address: str) -> TerminalRecord | None:
         raw = await self._redis.hget(self._keys(tenant_of(address))[0], address)
         if raw is None:

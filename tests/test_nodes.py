@@ -360,3 +360,49 @@ async def test_a_channel_message_lost_on_the_way_is_read_from_the_history_in_ord
             await node.stop()
         for client in clients:
             await client.aclose()
+
+
+@aiotest()
+async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_again():
+    # Another worker revoked h12's tokens and announced it.  This worker had
+    # h12's record cached; while it reads the record again (the read held
+    # here), a login with an old token must not pass on the cached record.
+    import time
+
+    from tillwire.core.errors import SessionClosed as Closed
+    from tillwire.server.node import Node
+    from tillwire.server.registry_redis import RedisRegistry
+    from tillwire.server.store_redis import RedisStore
+    from tillwire.server.terminals import TerminalRecord
+    from support import make_config, token
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+    registry = Failing(RedisRegistry(clients[0], prefix=prefix))
+    cfg = make_config()
+    node = Node(cfg, RedisStore(redis_url(), prefix=prefix), loop=asyncio.get_running_loop(),
+                node_id="a", presence=RedisPresence(clients[1], prefix=prefix),
+                broker=RedisBroker("a", clients[2], prefix=prefix), registry=registry)
+    await node.start()
+    try:
+        address = "terminal:acme/h12"
+        rec = TerminalRecord(address, "acme", "h12", "s1", "", ("staff",), "", time.time() - 60,
+                             0.0, False, 0.0)
+        other = RedisRegistry(clients[0], prefix=prefix)       # (another worker)
+        await other.put(rec)
+        assert await registry.get(address) == rec              # (cached here)
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        await other.put(TerminalRecord(address, "acme", "h12", "s1", "", ("staff",), "",
+                                       rec.first_seen, 0.0, False, time.time()))
+        registry.hold("get")
+        node.ownership._on_announcement(b"registry\0" + address.encode())
+        login = asyncio.ensure_future(connect(node, "h12", roles=("staff",), token=old_token))
+        await eventually(lambda: registry.waiting("get") >= 1)
+        registry.release("get")
+        with pytest.raises(Closed) as refused:
+            await login
+        assert refused.value.code == Code.TOKEN_REVOKED
+    finally:
+        await node.stop()
+        for client in clients:
+            await client.aclose()
