@@ -106,19 +106,20 @@ class Channels:
         if how == "resync":
             conn.push(stream.lane, self.hub.resync_frame(stream, len(entries)))
         elif stream.lane == Lane.P3 and entries:
-            def replay(entry) -> bool:           # (an offer the shared caps let through)
-                if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
-                             entry.deadline, stream) == OVERFLOW:
-                    return False
-                self.mark_dirty(conn)
-                return True
-
-            # (skipped, never bypassed)
-            entries = self.offers.filter_replay(conn, stream, entries, replay)
+            # (skipped, never bypassed; a fleet's offers go out once decided)
+            entries = self.offers.filter_replay(
+                conn, stream, entries, lambda entry: self._replay(conn, stream, entry))
         for entry in entries:
-            if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None,
-                         entry.deadline, stream) == OVERFLOW:
+            if not self._replay(conn, stream, entry):
                 break
+
+    def _replay(self, conn: TerminalConnection, stream, entry) -> bool:
+        """Push a catch-up entry to ``conn``; False when its queue is full."""
+        if conn.push(stream.lane, self.hub.replay_frame(stream, entry), None, entry.deadline,
+                     stream) == OVERFLOW:
+            return False
+        self.mark_dirty(conn)
+        return True
 
     def _stream(self, name: str, lane: int, address, epoch: int = 0, offset: int = 0):
         """The stream of a channel, created (and announced to the implied
@@ -458,7 +459,7 @@ class Channels:
         if repair and offset > 1:
             stream = self.hub.stream(name, lane, create=False)
             if stream is None or (stream.epoch == epoch and offset > stream.offset + 1):
-                self.interest.repair(name, lane, epoch, data)
+                self.interest.repair(name, (lane,), epoch, data)
                 return
         now = self.loop.time()
         stream = self._stream(name, lane, address, epoch, offset - 1)
@@ -476,27 +477,15 @@ class Channels:
                                 now + ttl if ttl else 0.0, placed=offset)
         self._fanout(address, stream, entry, lane, kind, payload, None)
 
-    async def top_up(self, name: str) -> None:
-        """Take what the History holds of stream ``name`` past this worker's
-        mirror as if it had come live (a fleet only).  For a terminal's own
-        channel once its claim names this worker: what publishers placed
-        while they saw no owner, or the previous one, went to nobody."""
+    def top_up(self, name: str) -> None:
+        """Read what the History holds of stream ``name`` past this worker's
+        mirror and place it as if it had come live (a fleet only): for a
+        terminal's own channel once its claim names this worker, as what
+        publishers placed while they saw no owner, or the previous one, went
+        to nobody.  A priming under way reads it anyway."""
         interest = self.interest
-        if interest is None or name not in interest.counts or name in interest.priming:
-            return                  # (not needed here, or a priming reads it anyway)
-        for lane in (int(Lane.P2), _P3):
-            stream = self.hub.stream(name, lane, create=False)
-            epoch, after = (stream.epoch, stream.offset) if stream is not None else (0, 0)
-            page = await self.node.history.since(name, lane, epoch, after)
-            ttl = self.cfg.lanes.p3_ttl if lane == _P3 else 0.0
-            stream = self.hub.stream(name, lane, create=False)
-            if (lane == _P3 and page.items and stream is not None
-                    and stream.epoch == page.epoch and page.items[0].offset > stream.offset + 1):
-                stream.offset = page.items[0].offset - 1     # (the ones between expired)
-            for item in page.items:
-                if name not in interest.counts:
-                    return
-                self.receive(name, lane, self.pack(page.epoch, item, ttl))
+        if interest is not None and name in interest.counts:
+            interest.repair(name, (int(Lane.P2), _P3))
 
     @staticmethod
     def pack(epoch: int, item, ttl: float) -> bytes:
@@ -556,18 +545,18 @@ class Channels:
         dirty = self.output.dirty
         overflow = []
         reached = 0
-        if lane == _P3 and kind in POLICY_KINDS:
+        policy = lane == _P3 and kind in POLICY_KINDS
+        if policy or (lane == _P3 and self.offers.waiting(stream)):
             groups = self.hub.groups(address)
             if stream.explicit:
                 groups = [*groups, stream.explicit_list()]
-            reached, overflow = self.offers.fanout(address.tenant, groups, lane, entry.frame,
-                                                   deadline, stream, dirty, report)
-        elif lane == _P3 and self.offers.waiting(stream):
-            groups = self.hub.groups(address)
-            if stream.explicit:
-                groups = [*groups, stream.explicit_list()]
-            reached, overflow = self.offers.fanout_behind(groups, lane, entry.frame, ckey,
-                                                          deadline, stream, dirty)
+            if policy:
+                reached, overflow = self.offers.fanout(address.tenant, groups, lane,
+                                                       entry.frame, deadline, stream, dirty,
+                                                       report)
+            else:
+                reached, overflow = self.offers.fanout_behind(groups, lane, entry.frame, ckey,
+                                                              deadline, stream, dirty)
         else:
             for group in self.hub.groups(address):
                 reached += len(group)

@@ -411,23 +411,21 @@ class Delivery:
                     return conn
             self.pump(conn, lane)
             return conn
+        # It goes, then the early ones right behind it, while the window
+        # and the queue let them.
         acked = conn.inbox_window(lane)[0]
-        if seq - acked <= self.inflight and conn.inbox_bytes < self.inbox_budget:
+        early = inbox.early[lane]
+        while seq - acked <= self.inflight and conn.inbox_bytes < self.inbox_budget:
             inbox.cursor[lane] = seq + 1
             self._deliver(conn, lane, seq, msg_id, kind, body, False, created)
-            early = inbox.early[lane]
-            while early and conn.state == OPEN:
-                seq += 1
-                waiting = early.pop(seq, None)
-                if waiting is None:
-                    return conn       # (the next gap: its timer still runs)
-                if seq - acked > self.inflight or conn.inbox_bytes >= self.inbox_budget:
-                    break
-                inbox.cursor[lane] = seq + 1
-                self._deliver(conn, lane, seq, *waiting[:3], False, waiting[3])
-            else:
+            if not early or conn.state != OPEN:
                 inbox.drop_early(lane)
                 return conn
+            seq += 1
+            waiting = early.pop(seq, None)
+            if waiting is None:
+                return conn           # (the next gap: its timer still runs)
+            msg_id, kind, body, created = waiting
         self.pump(conn, lane)
         return conn
 
@@ -544,12 +542,12 @@ class Delivery:
             inbox.blocked_since = self.loop.time()
         self._arm_retransmit(conn)    # its timer also watches for slow consumers
 
-    def pump(self, conn: TerminalConnection, lane: int) -> None:
+    def pump(self, conn: TerminalConnection, lane: int, delay: float = RETRY_FIRST) -> None:
         inbox = conn.inbox
         inbox.drop_early(lane)        # (the pump reads them from the store)
         if not inbox.pumping[lane]:
             inbox.pumping[lane] = True
-            self.spawn(self._pump_task(conn, lane))
+            self.spawn(self._pump_task(conn, lane, delay))
 
     async def _pump_task(self, conn: TerminalConnection, lane: int,
                          delay: float = RETRY_FIRST) -> None:
@@ -598,9 +596,7 @@ class Delivery:
                     delay: float) -> None:
         """Retry a pump whose store read failed (unless the inbox moved on)."""
         if conn.state == OPEN and conn.inbox is inbox and not inbox.pumping[lane]:
-            inbox.drop_early(lane)        # (the pump reads them, as in pump())
-            inbox.pumping[lane] = True
-            self.spawn(self._pump_task(conn, lane, delay))
+            self.pump(conn, lane, delay)
 
     async def resume(self, conn: TerminalConnection, p0: int, p1: int) -> None:
         """Set up the inbox windows after RESUME and replay what is unacked.

@@ -149,34 +149,39 @@ class Interest:
                 # The mirror goes with the subscription: a later session primes afresh.
                 hub.drop(stream)
 
-    def repair(self, name: str, lane: int, epoch: int, data: bytes) -> None:
-        """A message of ``name`` came after a gap in this worker's mirror:
-        hold it and what follows, read the missing ones from the History,
-        then place them all in offset order (see Channels.place)."""
+    def repair(self, name: str, lanes, epoch: int = 0, data: bytes | None = None) -> None:
+        """Read what the History holds of ``name``'s ``lanes`` past this
+        worker's mirror, holding what comes live meanwhile, then place it all
+        in offset order (see Channels.place).  ``data``: the message that
+        came after a gap in the mirror, held first (``epoch`` is its
+        stream's).  Nothing to do while the channel is primed (its read has
+        it) or repaired (the message waits with the held ones)."""
         held = self.priming.get(name)
         if held is not None:
-            held.append((lane, data))
+            if data is not None:
+                held.append((lanes[0], data))
             return
-        self.priming[name] = [(lane, data)]
-        self.node.spawn(self._repair(name, lane, epoch))
+        self.priming[name] = [] if data is None else [(lanes[0], data)]
+        self.node.spawn(self._repair(name, lanes, epoch))
 
-    async def _repair(self, name: str, lane: int, epoch: int) -> None:
+    async def _repair(self, name: str, lanes, epoch: int) -> None:
         channels = self.node.channels
         try:
-            stream = channels.hub.stream(name, lane, create=False)
-            after = stream.offset if stream is not None else 0
-            page = await self.history.since(name, lane, epoch, after)
-            ttl = self.node.cfg.lanes.p3_ttl if lane == int(Lane.P3) else 0.0
-            for item in page.items:
+            for lane in lanes:
                 stream = channels.hub.stream(name, lane, create=False)
-                if lane == int(Lane.P3) and stream is not None and stream.epoch == page.epoch \
-                        and item.offset > stream.offset + 1:
-                    stream.offset = item.offset - 1          # (the ones between expired)
-                channels.place(name, lane, channels.pack(page.epoch, item, ttl))
+                since = (stream.epoch, stream.offset) if stream is not None else (epoch, 0)
+                page = await self.history.since(name, lane, *since)
+                ttl = self.node.cfg.lanes.p3_ttl if lane == int(Lane.P3) else 0.0
+                for item in page.items:
+                    stream = channels.hub.stream(name, lane, create=False)
+                    if lane == int(Lane.P3) and stream is not None \
+                            and stream.epoch == page.epoch and item.offset > stream.offset + 1:
+                        stream.offset = item.offset - 1          # (the ones between expired)
+                    channels.place(name, lane, channels.pack(page.epoch, item, ttl))
         except Exception as exc:
             # (the held messages are placed as they are: the mirror starts
             # again at the first of them, terminals resync)
-            log.warning("history: reading %s to fill a gap failed: %s", name, exc)
+            log.warning("history: reading %s past this worker's mirror failed: %s", name, exc)
         finally:
             held = self.priming.pop(name, ())
         for held_lane, data in held:

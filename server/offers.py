@@ -59,6 +59,11 @@ RETRY_MAX = 30.0             # the longest wait between retries of refused write
 PASS, QUIET, CAPPED = 0, 1, 2
 
 
+def _offer(stream, offset: int) -> str:
+    """What the shared caps know a stream's offer by (live or replayed)."""
+    return f"{stream.name}:{stream.epoch}:{offset}"
+
+
 class Offers:
     """The offer policy of one node."""
 
@@ -222,14 +227,9 @@ class Offers:
                 append(conn)
         overflow = fanout(passing, lane, frame, None, deadline, stream, dirty)
         if waiting:
-            offer = f"{stream.name}:{stream.epoch}:{entry.offset}" if entry is not None \
-                else f"frame:{hash(frame)}"
-            key = id(stream)
-            task = self.host.spawn(self._shared_fanout(tenant, waiting, offer, lane, frame,
-                                                       deadline, stream,
-                                                       self._pushing.get(key)))
-            self._pushing[key] = task
-            task.add_done_callback(lambda done: self._pushed(key, done))
+            offer = _offer(stream, entry.offset) if entry is not None else f"frame:{hash(frame)}"
+            self._in_turn(stream, lambda before: self._shared_fanout(
+                tenant, waiting, offer, lane, frame, deadline, stream, before))
         if report is not None:
             report.update(delivered=len(passing), quiet=quiet, capped=capped)
         return len(passing), overflow
@@ -251,12 +251,17 @@ class Offers:
                 (later if conn.claims.member else now).append(conn)
         overflow = fanout(now, lane, frame, ckey, deadline, stream, dirty)
         if later:
-            key = id(stream)
-            task = self.host.spawn(self._push_behind(later, lane, frame, ckey, deadline, stream,
-                                                     self._pushing.get(key)))
-            self._pushing[key] = task
-            task.add_done_callback(lambda done: self._pushed(key, done))
+            self._in_turn(stream, lambda before: self._push_behind(
+                later, lane, frame, ckey, deadline, stream, before))
         return len(now) + len(later), overflow
+
+    def _in_turn(self, stream, work) -> None:
+        """Run ``work(before)`` as the stream's latest push to members'
+        sessions, ``before`` the push it must wait for (None: none)."""
+        key = id(stream)
+        task = self.host.spawn(work(self._pushing.get(key)))
+        self._pushing[key] = task
+        task.add_done_callback(lambda done: self._pushed(key, done))
 
     async def _push_behind(self, conns: list, lane: int, frame: bytes, ckey, deadline: float,
                            stream, before: asyncio.Task) -> None:
@@ -314,11 +319,9 @@ class Offers:
             if e.kind not in POLICY_KINDS:
                 out.append(e)
             elif shared:
-                key = id(stream)
-                task = self.host.spawn(self._replay_shared(conn, stream, entries[k:], replay,
-                                                           self._pushing.get(key)))
-                self._pushing[key] = task
-                task.add_done_callback(lambda done: self._pushed(key, done))
+                rest = entries[k:]
+                self._in_turn(stream, lambda before: self._replay_shared(
+                    conn, stream, rest, replay, before))
                 break
             elif self._verdict(claims, now, quiet_cache, {}, e) == PASS:
                 out.append(e)
@@ -339,7 +342,7 @@ class Offers:
                 if refused or (self.quiet is not None and "customer" in claims.roles
                                and self._quiet(claims.tenant, claims.store, now, quiet_cache)):
                     continue
-                offer = f"{stream.name}:{stream.epoch}:{e.offset}"   # (as live fan-out names it)
+                offer = _offer(stream, e.offset)
                 try:
                     capped = await self.caps.take(claims.tenant, (claims.member,), offer, now,
                                                   self.cap_count, self.cap_window)

@@ -203,14 +203,7 @@ class Ownership:
 
     def _top_up_again(self, address: str) -> None:
         if not self.node.stopping and address in self.node.hub.sessions:
-            self.node.spawn(self._top_up(address))
-
-    async def _top_up(self, address: str) -> None:
-        try:
-            await self.node.channels.top_up(address)
-        except Exception as exc:     # (catch-up at its next resume serves it)
-            log.warning("history: reading the own channel of %s after its claim failed: %s",
-                        address, exc)
+            self.node.channels.top_up(address)
 
     # -- P0/P1 messages for sessions held elsewhere ------------------------------------
 
