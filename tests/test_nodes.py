@@ -28,6 +28,38 @@ TILL = "terminal:acme/t1"
 SHARED = ["memory", "redis"]      # what the two nodes share: in memory, or a redis-server
 
 
+@contextlib.asynccontextmanager
+async def _shared_redis_pair(wrap: bool = False):
+    """Two nodes in this process sharing one Redis store, presence, broker
+    and channel history (a fleet's workers); with ``wrap`` the presence is
+    in a Failing fake.  Yields (a, b, presence)."""
+    from tillwire.server.history_redis import RedisHistory
+    from tillwire.server.node import Node
+    from tillwire.server.store_redis import RedisStore
+    from support import make_config
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(4)]
+    presence = RedisPresence(clients[0], prefix=prefix)
+    if wrap:
+        presence = Failing(presence)
+    nodes = []
+    try:
+        for name, client in (("a", clients[1]), ("b", clients[2])):
+            node = Node(make_config(), RedisStore(redis_url(), prefix=prefix),
+                        loop=asyncio.get_running_loop(), node_id=name, presence=presence,
+                        broker=RedisBroker(name, client, prefix=prefix),
+                        history=RedisHistory(clients[3], prefix=prefix))
+            await node.start()
+            nodes.append(node)
+        yield nodes[0], nodes[1], presence
+    finally:
+        for node in nodes:
+            await node.stop()
+        for client in clients:
+            await client.aclose()
+
+
 @aiotest()
 async def test_two_nodes_in_one_process_keep_their_terminals_apart():
     a = await start_node()
@@ -265,25 +297,7 @@ async def test_an_own_channel_message_placed_before_the_claim_reaches_the_sessio
     # no owner: it is placed in the shared history and sent to no worker.
     # A second after the claim names b, b reads the own channel past its
     # mirror and the till gets the message (before, only at its next resume).
-    from tillwire.server.history_redis import RedisHistory
-    from tillwire.server.node import Node
-    from tillwire.server.store_redis import RedisStore
-    from support import make_config
-
-    prefix = fresh_prefix()
-    clients = [aioredis.from_url(redis_url()) for _ in range(4)]
-    presence = Failing(RedisPresence(clients[0], prefix=prefix))
-    nodes = []
-    for name, client in (("a", clients[1]), ("b", clients[2])):
-        cfg = make_config()
-        node = Node(cfg, RedisStore(redis_url(), prefix=prefix), loop=asyncio.get_running_loop(),
-                    node_id=name, presence=presence,
-                    broker=RedisBroker(name, client, prefix=prefix),
-                    history=RedisHistory(clients[3], prefix=prefix))
-        await node.start()
-        nodes.append(node)
-    a, b = nodes
-    try:
+    async with _shared_redis_pair(wrap=True) as (a, b, presence):
         hq = await connect(a, "hq", store="hq", roles=("backend",))
         presence.hold("claim", when=lambda address, *_: address == TILL)
         till = await connect(b, "t1")
@@ -297,11 +311,6 @@ async def test_an_own_channel_message_placed_before_the_claim_reaches_the_sessio
         assert (msg.kind, msg.body["offer"]) == ("promo.offer", "o1")
         with pytest.raises(asyncio.TimeoutError):
             await till.receive(timeout=0.5)          # once
-    finally:
-        for node in nodes:
-            await node.stop()
-        for client in clients:
-            await client.aclose()
 
 
 @aiotest()
@@ -312,25 +321,7 @@ async def test_a_channel_message_lost_on_the_way_is_read_from_the_history_in_ord
     # b sees the gap, reads the missing one from the shared history, and the
     # till gets all three in order (before, b's mirror started again at the
     # third and the second was never delivered).
-    from tillwire.server.history_redis import RedisHistory
-    from tillwire.server.node import Node
-    from tillwire.server.store_redis import RedisStore
-    from support import make_config
-
-    prefix = fresh_prefix()
-    clients = [aioredis.from_url(redis_url()) for _ in range(4)]
-    presence = RedisPresence(clients[0], prefix=prefix)
-    nodes = []
-    for name, client in (("a", clients[1]), ("b", clients[2])):
-        cfg = make_config()
-        node = Node(cfg, RedisStore(redis_url(), prefix=prefix), loop=asyncio.get_running_loop(),
-                    node_id=name, presence=presence,
-                    broker=RedisBroker(name, client, prefix=prefix),
-                    history=RedisHistory(clients[3], prefix=prefix))
-        await node.start()
-        nodes.append(node)
-    a, b = nodes
-    try:
+    async with _shared_redis_pair(wrap=False) as (a, b, presence):
         b.ownership.renotify = 60.0     # (no own-channel read after the claim: the gap repairs)
         hq = await connect(a, "hq", store="hq", roles=("backend",))
         till = await connect(b, "t1")
@@ -355,11 +346,6 @@ async def test_a_channel_message_lost_on_the_way_is_read_from_the_history_in_ord
         got = [await till.receive(timeout=3) for _ in range(3)]
         assert [m.body["offer"] for m in got] == ["o1", "o2", "o3"]
         assert [m.seq for m in got] == [1, 2, 3]
-    finally:
-        for node in nodes:
-            await node.stop()
-        for client in clients:
-            await client.aclose()
 
 
 @aiotest()
