@@ -49,7 +49,13 @@ seconds: where the time went; with ``--redis`` the same per result
 ``sqlite_server_us_per_result``) and ``redis_floor_us_per_result``: what
 ``redis-server`` spends per result, measured in the same run, for the
 least a durable store in Redis could do (five plain pipelined commands,
-see ``_redis_floor``).
+see ``_redis_floor``), and ``redis_floor_client_us_per_result`` what the
+least client of those commands spends.  ``redis_vs_sqlite_ceiling`` is the
+most ``redis_vs_sqlite`` could be at that moment (``_ceiling``), from
+those floors, ``memory_server_us_per_result`` (the same steady phase on
+the embedded node with the memory store: the protocol work with nothing
+durable), ``memory_store_us_per_result`` (the memory store's own share of
+it) and ``load_us_per_result`` (the payer and the tills).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import time
 
 from .common import BareServer, RedisServer, Server, Worker, cpu_seconds
@@ -72,6 +79,8 @@ SQLITE_ENV = {**ENV, "TILLWIRE_STORE_BACKEND": "sqlite", "TILLWIRE_STORE_SYNCHRO
 # (info: the supervisor's "worker N started pid=P" and each worker's
 # "listening ... worker=N" lines, which the harness reads)
 REDIS_ENV = {**ENV, "TILLWIRE_STORE_BACKEND": "redis", "TILLWIRE_LOG_LEVEL": "info"}
+# (the embedded node with nothing durable: the protocol work alone)
+MEMORY_ENV = {"TILLWIRE_STORE_BACKEND": "memory"}
 
 
 def _server(args, redis: RedisServer | None, env: dict | None = None) -> Server:
@@ -93,6 +102,8 @@ def _server(args, redis: RedisServer | None, env: dict | None = None) -> Server:
 def _describe(args, store: str) -> str:
     if store == "redis":
         return f"Redis, appendfsync {args.appendfsync}, {args.workers} workers"
+    if store == "memory":
+        return "the memory store, nothing durable"
     return "SQLite, synchronous=FULL"
 
 
@@ -163,13 +174,15 @@ def _cpu(server, redis, payer: Worker, tills: list[Worker]) -> dict:
 
 def _steady(n: int, args, tills_on: bool, store: str) -> dict:
     """A steady run (no chaos, no restart) on a fresh server, ``store``
-    sqlite, redis (a node over a fresh redis-server) or bare (the bare
-    relay): {"rate": durable P0 messages per second accepted, "delivered":
+    sqlite, memory, redis (a node over a fresh redis-server) or bare (the
+    bare relay): {"rate": durable P0 messages per second accepted, "delivered":
     how many distinct results the tills received (None without tills),
     "cpu": CPU seconds per part while the payer paid, and its wall seconds}."""
     # These tills never log in: their tenant keeps results for a first login
     # (delivery.unknown_terminals), as the accept path alone is measured.
     env = {} if tills_on else {"TILLWIRE_DELIVERY_UNKNOWN_TERMINALS": f"{TENANT}=accept"}
+    if store == "memory":
+        env.update(MEMORY_ENV)
     workers: list[Worker] = []
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(RedisServer(args.appendfsync)) if store == "redis" else None
@@ -205,40 +218,91 @@ def _steady(n: int, args, tills_on: bool, store: str) -> dict:
         return {"rate": rate, "delivered": delivered, "cpu": cpu}
 
 
-def _redis_floor(args, results: int) -> float:
-    """``redis-server``'s CPU microseconds per payment result for the least a
-    durable store in Redis could do per result, on a fresh ``redis-server``
-    with the same AOF policy: five plain commands (no script), pipelined a
-    thousand results at a time from one client: the message stored (an HSET
-    of three fields) and entered in its till's inbox (ZADD), marked
+def _redis_floor(args, results: int) -> tuple[float, float]:
+    """The least a durable store in Redis could cost per payment result, on
+    a fresh ``redis-server`` with the same AOF policy: five plain commands
+    (no script), pipelined a thousand results at a time: the message stored
+    (an HSET of three fields) and entered in its till's inbox (ZADD), marked
     delivered (HSETNX), then acked (HSET) and taken out of the inbox (ZREM).
-    What Redis itself costs before any of Tillwire's bookkeeping."""
-    import redis as sync_redis
+    What Redis itself costs before any of Tillwire's bookkeeping, and what
+    the least client costs: its commands packed by hiredis (C) and its
+    replies parsed by hiredis on a bare socket, nothing else.  Returns
+    (``redis-server``'s CPU µs per result, this client's)."""
+    import hiredis
 
     body = b'{"n":1,"t":1796539713.308903,"order":"o1","status":"paid"}'
     head = b'["rel","terminal:rel/payer","1","0","payment.result","terminal:rel/t1"]'
-    with RedisServer(args.appendfsync) as server:
-        client = sync_redis.Redis.from_url(server.url)
-        try:
-            before = cpu_seconds(server.pid)
-            for stage in range(3):
-                for first in range(0, results, 1000):
-                    pipe = client.pipeline(transaction=False)
-                    for i in range(first, first + 1000):
-                        m, q = f"m:{i}", f"q:t{i % 1000}"
-                        if stage == 0:
-                            pipe.hset(m, mapping={"h": head, "body": body, "s1": "stored"})
-                            pipe.zadd(q, {str(i): i})
-                        elif stage == 1:
-                            pipe.hsetnx(m, "d1", "1796539713.5")
-                        else:
-                            pipe.hset(m, mapping={"s1": "acked", "a1": "1796539713.6"})
-                            pipe.zrem(q, str(i))
-                    pipe.execute()
-            spent = cpu_seconds(server.pid) - before
-        finally:
-            client.close()
-    return spent / results * 1e6
+    pack = hiredis.pack_command
+    with RedisServer(args.appendfsync) as server, \
+            socket.create_connection(("127.0.0.1", server.port)) as sock:
+        reader = hiredis.Reader()
+        before, client_before = cpu_seconds(server.pid), time.process_time()
+        for stage in range(3):
+            for first in range(0, results, 1000):
+                out = []
+                for i in range(first, first + 1000):
+                    m, q = b"m:%d" % i, b"q:t%d" % (i % 1000)
+                    if stage == 0:
+                        out.append(pack((b"HSET", m, b"h", head, b"body", body, b"s1",
+                                         b"stored")))
+                        out.append(pack((b"ZADD", q, i, i)))
+                    elif stage == 1:
+                        out.append(pack((b"HSETNX", m, b"d1", b"1796539713.5")))
+                    else:
+                        out.append(pack((b"HSET", m, b"s1", b"acked", b"a1",
+                                         b"1796539713.6")))
+                        out.append(pack((b"ZREM", q, i)))
+                sock.sendall(b"".join(out))
+                _replies(sock, reader, len(out))
+        spent = cpu_seconds(server.pid) - before
+        client = time.process_time() - client_before
+    return spent / results * 1e6, client / results * 1e6
+
+
+def _replies(sock: socket.socket, reader, n: int) -> None:
+    """Read ``n`` replies; an error reply is the floor measured wrong."""
+    while n:
+        reply = reader.gets()
+        if reply is False:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError("redis-server closed the floor's connection")
+            reader.feed(data)
+            continue
+        if isinstance(reply, Exception):
+            raise RuntimeError(f"the floor's command failed: {reply}")
+        n -= 1
+
+
+def _memory_store_us(results: int) -> float:
+    """CPU µs per result that the memory store's own calls take in this
+    process (accept in batches of a thousand, each result's delivery and
+    ack): the share of the memory-store node's cost that a node over Redis
+    does not have (Redis keeps the state)."""
+    import asyncio
+
+    from tillwire.server.store import NewMessage
+    from tillwire.server.store_memory import MemoryStore
+
+    async def main() -> float:
+        store = MemoryStore()
+        await store.open()
+        body, now = b'{"n":1,"order":"o1","status":"paid"}', time.time()
+        batches = [[(NewMessage(TENANT, f"terminal:{TENANT}/payer", i + 1, 0, "payment.result",
+                                f"terminal:{TENANT}/t{i % 1000}", body, now, now + 3600),
+                     [f"terminal:{TENANT}/t{i % 1000}"]) for i in range(first, first + 1000)]
+                   for first in range(0, results, 1000)]      # (made by the node either way)
+        start = time.process_time()
+        for items in batches:
+            accepted = await store.accept_many(items)
+            ranges = [(to, 0, seq, seq) for a in accepted for to, seq in a.seqs.items()]
+            await store.delivered_many(ranges, now)
+            await store.ack_many([(to, lane, last) for to, lane, _, last in ranges], now)
+        spent = time.process_time() - start
+        await store.close()
+        return spent / results * 1e6
+
+    return asyncio.run(main())
 
 
 def _kill_worker(server: Server, rnd: random.Random) -> tuple[int, int]:
@@ -262,6 +326,32 @@ def _restarted(server: Server, index: int, old_pid: int, timeout: float = 30.0) 
 
 def _per_result(cpu_s: float, results: int) -> float:
     return round(cpu_s / results * 1e6, 1)
+
+
+def _ceiling(sqlite_cpu: dict, memory_server_s: float, floor: float, floor_client: float,
+             memory_store: float, results: int) -> dict:
+    """The most ``redis_vs_sqlite`` could be on this machine at this moment,
+    from floors measured in the same run.  Both steady phases are bound by
+    the machine's CPU (SQLite's runs every core it has), so a rate is the
+    cores over the CPU per result of every process of the phase.  On
+    SQLite: its server and writer, the payer and the tills, as measured.  A
+    node over Redis, at the very least: the same node's protocol work with
+    nothing stored (the memory-store node, less the memory store's own
+    calls), a client that only packs and parses plain commands at C speed,
+    ``redis-server`` running only the floor's five plain commands, and the
+    same payer and tills.  Every real part costs more than its floor, so
+    the ratio measured stays below this one."""
+    load = sqlite_cpu["payer"] + sqlite_cpu["tills"]
+    sqlite_total = (sqlite_cpu["server"] + load) / results * 1e6
+    protocol = max(memory_server_s / results * 1e6 - memory_store, 0.0)
+    least = protocol + floor_client + floor + load / results * 1e6
+    return {
+        "memory_server_us_per_result": _per_result(memory_server_s, results),
+        "memory_store_us_per_result": round(memory_store, 1),
+        "redis_floor_client_us_per_result": round(floor_client, 1),
+        "load_us_per_result": _per_result(load, results),
+        "redis_vs_sqlite_ceiling": round(sqlite_total / least, 3),
+    }
 
 
 def run(quick: bool = False, argv=()) -> dict:
@@ -372,7 +462,9 @@ def run(quick: bool = False, argv=()) -> dict:
     sqlite = _steady(n, args, tills_on=args.steady_tills, store="sqlite") \
         if args.redis else None
     bare = _steady(n, args, tills_on=True, store="bare") if args.baseline else None
-    floor = _redis_floor(args, 10_000 if quick else 40_000) if args.redis else None
+    memory = _steady(n, args, tills_on=True, store="memory") if args.redis else None
+    floor, floor_client = _redis_floor(args, 10_000 if quick else 40_000) \
+        if args.redis else (None, None)
     bare_rate = bare["rate"] if bare else None
     out = {
         "sent": k, "acked": len(acked), "delivered_unique": len(seen & set(range(k))),
@@ -387,6 +479,8 @@ def run(quick: bool = False, argv=()) -> dict:
         "store": store, "steady_cpu_s": steady["cpu"], "quick": quick,
     }
     if args.redis:
+        ceiling = _ceiling(sqlite["cpu"], memory["cpu"]["server"], floor, floor_client,
+                           _memory_store_us(10_000 if quick else 50_000), args.steady)
         out.update({
             "sqlite_durable_msgs_per_s": round(sqlite["rate"]),
             "redis_vs_sqlite": round(rate / sqlite["rate"], 3),
@@ -399,5 +493,6 @@ def run(quick: bool = False, argv=()) -> dict:
             "redis_server_us_per_result": _per_result(steady["cpu"]["redis"], args.steady),
             "sqlite_server_us_per_result": _per_result(sqlite["cpu"]["server"], args.steady),
             "redis_floor_us_per_result": round(floor, 1),
+            **ceiling,
         })
     return out

@@ -117,7 +117,9 @@ def test_quick_abuse_prints_its_keys():
 
 REDIS_RELIABILITY_KEYS = KEYS["reliability"] | {
     "sqlite_durable_msgs_per_s", "redis_vs_sqlite", "workers", "workers_us_per_result",
-    "redis_server_us_per_result", "sqlite_server_us_per_result", "redis_floor_us_per_result"}
+    "redis_server_us_per_result", "sqlite_server_us_per_result", "redis_floor_us_per_result",
+    "memory_server_us_per_result", "memory_store_us_per_result",
+    "redis_floor_client_us_per_result", "load_us_per_result", "redis_vs_sqlite_ceiling"}
 
 
 @pytest.mark.bench
@@ -140,7 +142,7 @@ def test_quick_reliability_over_redis_prints_its_keys():
     assert result["steady_delivered"] == result["steady_sent"]
     assert result["sqlite_steady_delivered"] == result["steady_sent"]
     assert result["bare_relay_delivered"] == result["steady_sent"]
-    assert result["redis_vs_sqlite"] > 0
+    assert result["redis_vs_sqlite"] > 0 and result["redis_vs_sqlite_ceiling"] > 0
 
 
 @pytest.mark.bench
