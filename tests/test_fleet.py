@@ -406,6 +406,24 @@ async def test_a_chat_started_on_one_worker_is_answered_from_another_by_one_agen
         assert node.stop() == 0
 
 
+async def publish_offer(node, n: int) -> None:
+    """Offer ``of{n}`` to the whole tenant, sent through ``node``'s admin API."""
+    status, body = await node.admin("POST", "/v1/publish", {
+        "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
+        "body": {"offer": f"of{n}", "title": f"offer {n}"}})
+    assert status == 200, body
+
+
+async def offers(conn) -> list[str]:
+    """The offers ``conn`` gets, in order, until none comes for 1.5 s."""
+    got = []
+    with pytest.raises(asyncio.TimeoutError):
+        while True:
+            msg = await conn.receive(timeout=1.5)
+            got.append(msg.body["offer"])
+    return got
+
+
 @aiotest(120)
 async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, prefix):
     node = Node(tmp_path, "node-o", prefix, env={
@@ -418,19 +436,7 @@ async def test_a_members_devices_on_two_workers_share_one_offer_cap(tmp_path, pr
         till = await on_worker(node, "till1", worker=0)
         await subscribed(prefix, "tenant:acme", 2)
         for n in range(3):
-            status, body = await node.admin("POST", "/v1/publish", {
-                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
-                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
-            assert status == 200, body
-
-        async def offers(conn) -> list[str]:
-            got = []
-            with pytest.raises(asyncio.TimeoutError):
-                while True:
-                    msg = await conn.receive(timeout=1.5)
-                    got.append(msg.body["offer"])
-            return got
-
+            await publish_offer(node, n)
         got = await asyncio.gather(*(offers(c) for c in (phone, tablet, other, till)))
         # One count for the member's two devices: both get the first two offers.
         assert got[0] == got[1] == ["of0", "of1"], got
@@ -457,27 +463,12 @@ async def test_a_members_offers_replayed_on_another_worker_keep_the_shared_cap(
         phone = await on_worker(node, "app1", worker=0, roles=("customer",), member="m-1")
         tablet = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1")
         await subscribed(prefix, "tenant:acme", 2)
-
-        async def publish(n: int) -> None:
-            status, body = await node.admin("POST", "/v1/publish", {
-                "to": "tenant:acme", "kind": "promo.offer", "lane": "P3",
-                "body": {"offer": f"of{n}", "title": f"offer {n}"}})
-            assert status == 200, body
-
-        async def offers(conn) -> list[str]:
-            got = []
-            with pytest.raises(asyncio.TimeoutError):
-                while True:
-                    msg = await conn.receive(timeout=1.5)
-                    got.append(msg.body["offer"])
-            return got
-
-        await publish(0)
+        await publish_offer(node, 0)
         assert await offers(tablet) == ["of0"]
         after_first = dict(tablet.session.channel_positions)
         await tablet.close()
-        await publish(1)
-        await publish(2)
+        await publish_offer(node, 1)
+        await publish_offer(node, 2)
         assert await offers(phone) == ["of0", "of1"]
         back = await on_worker(node, "app2", worker=1, roles=("customer",), member="m-1",
                                channels=after_first)

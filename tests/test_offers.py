@@ -10,6 +10,7 @@ trimmed at retention.member_notice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import time
 
@@ -349,12 +350,11 @@ async def test_a_damaged_cap_record_is_skipped_at_start(tmp_path):
         await node.stop()
 
 
-@aiotest()
-async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order_caps_answer():
-    # In a fleet a member's sessions get an offer once the shared caps
-    # decided (one call for all of the offer's members).  The second offer's
-    # decision coming back first must not put it ahead of the first on the
-    # member's sessions: the SDK would then drop the first as old.
+@contextlib.asynccontextmanager
+async def _node_with_shared_caps():
+    """A node whose offer caps are shared caps (a fleet's, here in memory) in
+    a Failing fake, so a test can hold or fail their answers; 5 offers an
+    hour.  Yields (node, caps)."""
     from failing import Failing
     from tillwire.server.caps import MemoryCaps
     from tillwire.server.main import make_store
@@ -365,6 +365,18 @@ async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order
     node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
     await node.start()
     try:
+        yield node, caps
+    finally:
+        await node.stop()
+
+
+@aiotest()
+async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order_caps_answer():
+    # In a fleet a member's sessions get an offer once the shared caps
+    # decided (one call for all of the offer's members).  The second offer's
+    # decision coming back first must not put it ahead of the first on the
+    # member's sessions: the SDK would then drop the first as old.
+    async with _node_with_shared_caps() as (node, caps):
         be = await connect(node, "hq", store="hq", roles=("backend",))
         phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
         caps.hold("take", when=lambda tenant, members, offer, *_: offer.endswith(":1"))
@@ -375,8 +387,6 @@ async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order
         caps.release("take")
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [(m.body["offer"], m.seq) for m in got] == [("o1", 1), ("o2", 2)]
-    finally:
-        await node.stop()
 
 
 @aiotest()
@@ -385,16 +395,7 @@ async def test_with_shared_caps_a_catch_up_asks_the_caps_in_order_and_a_refusal_
     # In a fleet the shared caps decide each replayed offer, one after the
     # other: when they cannot be asked, no offer goes (offers must not
     # spam); asked again on the next catch-up, they pass in offset order.
-    from failing import Failing
-    from tillwire.server.caps import MemoryCaps
-    from tillwire.server.main import make_store
-    from tillwire.server.node import Node
-
-    cfg = make_config(**{"offers.cap_count": 5, "offers.cap_window": 3600.0})
-    caps = Failing(MemoryCaps())
-    node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
-    await node.start()
-    try:
+    async with _node_with_shared_caps() as (node, caps):
         be = await connect(node, "hq", store="hq", roles=("backend",))
         phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
         await be.send("promo.offer", offer(1), "member:acme/m1")
@@ -420,8 +421,6 @@ async def test_with_shared_caps_a_catch_up_asks_the_caps_in_order_and_a_refusal_
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [m.body["offer"] for m in got] == ["o2", "o3"]
         await nothing_for(phone, 0.3)
-    finally:
-        await node.stop()
 
 
 @aiotest()
@@ -431,16 +430,7 @@ async def test_with_shared_caps_a_message_of_another_kind_waits_behind_a_members
     # phone gets the offer first (the SDK drops an entry older than one it
     # has: the other way round the offer would be lost); a till without a
     # member gets the other message at once.
-    from failing import Failing
-    from tillwire.server.caps import MemoryCaps
-    from tillwire.server.main import make_store
-    from tillwire.server.node import Node
-
-    cfg = make_config(**{"offers.cap_count": 5, "offers.cap_window": 3600.0})
-    caps = Failing(MemoryCaps())
-    node = Node(cfg, make_store(cfg), loop=asyncio.get_running_loop(), caps=caps)
-    await node.start()
-    try:
+    async with _node_with_shared_caps() as (node, caps):
         be = await connect(node, "hq", store="hq", roles=("backend",))
         phone = await connect(node, "phone", store="s1", roles=("customer",), member="m1")
         till = await connect(node, "till", store="s1")
@@ -454,5 +444,3 @@ async def test_with_shared_caps_a_message_of_another_kind_waits_behind_a_members
         caps.release("take")
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [m.kind for m in got] == ["promo.offer", "store.banner"]
-    finally:
-        await node.stop()

@@ -8,6 +8,7 @@ store and kill it with SIGKILL while messages flow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -378,11 +379,27 @@ async def _stored_elsewhere(store, till: str, orders) -> list[tuple]:
     return notices
 
 
-async def _settled_till(node, store):
-    till = await connect(node, "t1")
-    await eventually(lambda: "terminal:acme/t1" in node.hub.sessions
-                     and node.hub.sessions["terminal:acme/t1"].inbox is not RESUMING)
-    return till
+@contextlib.asynccontextmanager
+async def _till_on_a_counting_store(early_wait: float | None = None, **overrides):
+    """A node on a store that counts its calls (Failing, nothing broken) and
+    till t1 logged in, its session settled; with ``early_wait``,
+    delivery.EARLY_WAIT is that meanwhile.  Yields (node, store, till)."""
+    from tillwire.server import delivery
+
+    cfg = make_config(**overrides)
+    store = Failing(make_store(cfg))
+    node = await start_node(cfg, store)
+    saved = delivery.EARLY_WAIT
+    if early_wait is not None:
+        delivery.EARLY_WAIT = early_wait
+    try:
+        till = await connect(node, "t1")
+        await eventually(lambda: "terminal:acme/t1" in node.hub.sessions
+                         and node.hub.sessions["terminal:acme/t1"].inbox is not RESUMING)
+        yield node, store, till
+    finally:
+        delivery.EARLY_WAIT = saved
+        await node.stop()
 
 
 @aiotest()
@@ -390,11 +407,7 @@ async def test_a_notice_overtaken_by_a_later_one_is_waited_for_not_read_back():
     # Two workers store results for one till; the later one's notice arrives
     # first.  It waits for the gap to fill; both go out from the notices, in
     # seq order, without a read of the store.
-    cfg = make_config()
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    try:
-        till = await _settled_till(node, store)
+    async with _till_on_a_counting_store() as (node, store, till):
         first, second = await _stored_elsewhere(store, "terminal:acme/t1", (1, 2))
         reads = store.calls["inbox"]
         node.delivery.deliver_notified([second])
@@ -402,19 +415,13 @@ async def test_a_notice_overtaken_by_a_later_one_is_waited_for_not_read_back():
         node.delivery.deliver_notified([first])
         assert await receive_orders(till, 2) == [1, 2]
         assert store.calls["inbox"] == reads
-    finally:
-        await node.stop()
 
 
 @aiotest()
 async def test_a_gap_that_does_not_fill_is_read_from_the_store_after_the_wait():
     # The notice of the first result is lost: the second waits EARLY_WAIT,
     # then the pump reads both from the store, in seq order.
-    cfg = make_config()
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    try:
-        till = await _settled_till(node, store)
+    async with _till_on_a_counting_store() as (node, store, till):
         _, second, third = await _stored_elsewhere(store, "terminal:acme/t1", (1, 2, 3))
         reads = store.calls["inbox"]
         node.delivery.deliver_notified([second])
@@ -423,8 +430,6 @@ async def test_a_gap_that_does_not_fill_is_read_from_the_store_after_the_wait():
         assert store.calls["inbox"] > reads
         with pytest.raises(asyncio.TimeoutError):
             await till.receive(timeout=0.3)           # once each
-    finally:
-        await node.stop()
 
 
 @aiotest()
@@ -433,11 +438,7 @@ async def test_early_messages_past_the_wait_limit_go_to_the_pump_at_once():
     # them all at once, in order, without waiting out EARLY_WAIT.
     from tillwire.server.delivery import EARLY_MAX
 
-    cfg = make_config()
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    try:
-        till = await _settled_till(node, store)
+    async with _till_on_a_counting_store() as (node, store, till):
         notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, EARLY_MAX + 3))
         reads = store.calls["inbox"]
         for notice in notices[1:]:
@@ -445,8 +446,6 @@ async def test_early_messages_past_the_wait_limit_go_to_the_pump_at_once():
         inbox = node.hub.sessions["terminal:acme/t1"].inbox
         assert store.calls["inbox"] > reads or inbox.pumping[0]
         assert await receive_orders(till, EARLY_MAX + 2) == list(range(1, EARLY_MAX + 3))
-    finally:
-        await node.stop()
 
 
 @aiotest()
@@ -454,16 +453,9 @@ async def test_messages_past_a_full_window_are_not_held_as_early():
     # The till's window is full: the message at the cursor waits in the
     # store (nothing is missing), and the ones after it come in order.
     # They must not wait EARLY_WAIT as if a notice were missing: once the
-    # till acks, the pump reads them at once.
-    from tillwire.server import delivery
-
-    cfg = make_config(**{"delivery.inflight": 4})
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    saved = delivery.EARLY_WAIT
-    delivery.EARLY_WAIT = 30.0                 # (a stall would be plain to see)
-    try:
-        till = await _settled_till(node, store)
+    # till acks, the pump reads them at once.  (EARLY_WAIT is 30 s here: a
+    # stall would be plain to see.)
+    async with _till_on_a_counting_store(30.0, **{"delivery.inflight": 4}) as (node, store, till):
         notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, 9))
         inbox = None
         for notice in notices:
@@ -472,9 +464,6 @@ async def test_messages_past_a_full_window_are_not_held_as_early():
             await eventually(lambda: not inbox.pumping[0])    # (notices come one by one)
         got = await asyncio.wait_for(receive_orders(till, 8), 3)
         assert got == list(range(1, 9))
-    finally:
-        delivery.EARLY_WAIT = saved
-        await node.stop()
 
 
 @aiotest()
@@ -483,15 +472,8 @@ async def test_a_retried_pump_leaves_no_early_message_behind():
     # notices come and wait as early.  The retry reads them with the rest
     # (as any pump does): none may stay waiting, or the acks do not pump
     # what the full window left in the store until EARLY_WAIT ran out.
-    from tillwire.server import delivery
-
-    cfg = make_config(**{"delivery.inflight": 3})
-    store = Failing(make_store(cfg))
-    node = await start_node(cfg, store)
-    saved = delivery.EARLY_WAIT
-    delivery.EARLY_WAIT = 30.0                 # (a stall would be plain to see)
-    try:
-        till = await _settled_till(node, store)
+    # (EARLY_WAIT is 30 s here: a stall would be plain to see.)
+    async with _till_on_a_counting_store(30.0, **{"delivery.inflight": 3}) as (node, store, till):
         notices = await _stored_elsewhere(store, "terminal:acme/t1", range(1, 6))
         store.fail("inbox", 1)
         node.delivery.notified("terminal:acme/t1", 0, 2)       # (its read fails)
@@ -504,9 +486,6 @@ async def test_a_retried_pump_leaves_no_early_message_behind():
         await eventually(lambda: inbox.cursor[0] == 4 and not inbox.pumping[0])
         got = await asyncio.wait_for(receive_orders(till, 5), 3)
         assert got == [1, 2, 3, 4, 5]
-    finally:
-        delivery.EARLY_WAIT = saved
-        await node.stop()
 
 
 @aiotest()
