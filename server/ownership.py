@@ -139,6 +139,8 @@ class Ownership:
         self.reconcile_every = RECONCILE_EVERY
         self.reconcile_grace = RECONCILE_GRACE
         self.renotify = RENOTIFY
+        self._notices: list[list] = []     # what notify() was given, for the notifier task
+        self._notifying = False
 
     async def start(self) -> None:
         # (control messages sent while the pub/sub connection was down are lost)
@@ -211,8 +213,26 @@ class Ownership:
         """(terminal, lane, seq, msg_id, kind, body, created) were stored for terminals
         with no session here: hand them to the workers that hold them (a
         ``deliver`` notice carries the messages, so the owner need not read
-        them back), and tell those workers once more later (``inbox``)."""
-        self.node.spawn(self._notify(stored, again=True))
+        them back), and tell those workers once more later (``inbox``).
+
+        One task tells them, in the order the messages were stored (what
+        is stored meanwhile goes in its next round): a notice never
+        overtakes an earlier one.  (Told by a task each, a notice whose
+        owners lookup waited behind Redis's long scripts came up to
+        hundreds of ms after a later one: the owner held the later message
+        for its gap, ``EARLY_WAIT``, then read the store.)"""
+        self._notices.append(stored)
+        if not self._notifying:
+            self._notifying = True
+            self.node.spawn(self._notify_in_order())
+
+    async def _notify_in_order(self) -> None:
+        try:
+            while self._notices:
+                rounds, self._notices = self._notices, []
+                await self._notify([item for stored in rounds for item in stored], again=True)
+        finally:
+            self._notifying = False
 
     async def _notify(self, stored: list, again: bool) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import pytest
 import redis.asyncio as aioredis
@@ -199,6 +200,46 @@ async def test_a_result_stored_on_one_node_reaches_a_till_on_another_in_the_noti
             await pay.send("payment.result", {"order": f"o{n + 1}", "status": "paid"}, TILL)
         assert await receive_orders(till, 3) == [1, 2, 3]
         assert failing.calls["inbox"] == 0
+        await pay.close()
+        await till.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@aiotest()
+async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slow():
+    # Node a looks up the owners of a batch's tills before it tells them.
+    # The lookup for the first result is slow (held here for longer than
+    # EARLY_WAIT, as behind Redis's long scripts under load); the second
+    # result's notice waits behind it instead of reaching node b first,
+    # where the second result would wait for the gap and then be read from
+    # the store.  Both come in the notices, in order, and b reads nothing.
+    from tillwire.server.delivery import EARLY_WAIT
+    from tillwire.server.store_memory import MemoryStore
+
+    store = MemoryStore()
+    presence, bus = Failing(MemoryPresence()), MemoryBus()
+    a = await start_node(node_id="a", store=store, presence=presence,
+                         broker=MemoryBroker("a", bus))
+    b_store = Failing(store)
+    b = await start_node(node_id="b", store=b_store, presence=presence,
+                         broker=MemoryBroker("b", bus))
+    try:
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        await provision(a, "t1")
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        lookups = itertools.count(1)
+        presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+        await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
+        await eventually(lambda: presence.waiting("owners") == 1)
+        await pay.send("payment.result", {"order": "o2", "status": "paid"}, TILL)
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=EARLY_WAIT + 0.2)     # (o2 did not go ahead)
+        presence.release("owners")
+        assert await receive_orders(till, 2) == [1, 2]
+        assert b_store.calls["inbox"] == 0
         await pay.close()
         await till.close()
     finally:
