@@ -89,6 +89,17 @@ def _carried(items: list) -> tuple[list[list], list]:
     return notices, []
 
 
+def _last_seqs(items) -> list[tuple[str, int, int]]:
+    """(terminal, lane, seq) of each inbox's highest seq among ``items``
+    (stored messages, or such triples): an ``inbox`` notice names an inbox
+    once, its owner reads from its cursor up to that seq."""
+    last: dict[tuple[str, int], int] = {}
+    for terminal, lane, seq, *_ in items:
+        if seq > last.get((terminal, lane), 0):
+            last[(terminal, lane)] = seq
+    return [(terminal, lane, seq) for (terminal, lane), seq in last.items()]
+
+
 def pack_delivery(item) -> bytes:
     terminal, lane, seq, msg_id, kind, body, created = item
     t, k = terminal.encode(), kind.encode()
@@ -249,16 +260,16 @@ class Ownership:
                         owner, b"deliver\0\0" + b"".join(map(pack_delivery, some)))
                 if told:
                     await self.broker.send_control(owner, b"inbox\0\0" + "\n".join(
-                        f"{t} {lane} {seq}" for t, lane, seq, *_ in told).encode())
+                        f"{t} {lane} {seq}" for t, lane, seq in _last_seqs(told)).encode())
         except Exception as exc:        # the owner's reconciliation finds them
             log.warning("presence/broker: telling the owners of %d stored messages failed: %s",
                         len(stored), exc)
         if again and not self.node.stopping:
-            self.node.loop.call_later(self.renotify, self._notify_again, stored)
+            self.node.loop.call_later(self.renotify, self._notify_again, _last_seqs(stored))
 
-    def _notify_again(self, stored) -> None:
+    def _notify_again(self, last_seqs) -> None:
         if not self.node.stopping:
-            self.node.spawn(self._notify(stored, again=False))
+            self.node.spawn(self._notify(last_seqs, again=False))
 
     def _on_resubscribed(self) -> None:
         # (what was announced meanwhile is lost: cached records are read

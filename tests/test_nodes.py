@@ -248,6 +248,46 @@ async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slo
 
 
 @aiotest()
+async def test_the_second_notice_names_each_inbox_once_with_its_highest_seq():
+    # A second after a round of deliver notices, node a tells the owners
+    # once more which inboxes hold what it stored (an ``inbox`` notice, in
+    # case the first was lost): one line per inbox, its highest seq, not one
+    # per message.  Four results to one till go in one round here (the
+    # round before them waits on its owners lookup).
+    from tillwire.server.store_memory import MemoryStore
+
+    store = MemoryStore()
+    presence, bus = Failing(MemoryPresence()), MemoryBus()
+    broker_a = Failing(MemoryBroker("a", bus))
+    a = await start_node(node_id="a", store=store, presence=presence, broker=broker_a)
+    b = await start_node(node_id="b", store=store, presence=presence,
+                         broker=MemoryBroker("b", bus))
+    try:
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        await provision(a, "t1")
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        lookups = itertools.count(1)
+        presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+        inbox_notices = lambda owner, message: message.startswith(b"inbox")
+        broker_a.fail("send_control", None, when=inbox_notices)      # (kept to be read)
+        await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
+        await eventually(lambda: presence.waiting("owners") == 1)
+        for n in range(2, 6):
+            await pay.send("payment.result", {"order": f"o{n}", "status": "paid"}, TILL)
+        presence.release("owners")
+        assert await receive_orders(till, 5) == [1, 2, 3, 4, 5]
+        await eventually(lambda: len(broker_a.refused) == 2, timeout=RENOTIFY + 2)
+        assert [args[1] for _, args in broker_a.refused] == [
+            b"inbox\0\0terminal:acme/t1 0 1", b"inbox\0\0terminal:acme/t1 0 5"]
+        await pay.close()
+        await till.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@aiotest()
 async def test_a_result_whose_notices_were_all_lost_arrives_by_the_owners_reconciliation():
     # Two nodes sharing a Redis store, presence and broker (a fleet's
     # workers).  Every control message node a sends is lost: the notice
