@@ -362,13 +362,15 @@ class Ownership:
         node = self.node
         if verb == "registry":
             registry = node.registry
-            if registry.cached(argument) is not None:
-                # Forgotten first: a login while it is read again reads it
-                # from Redis too, never the record before the change (a
-                # revoked token would pass for that round trip).
-                forget = getattr(registry, "forget_cached", None)
-                if forget is not None:
-                    forget(argument)
+            cached = registry.cached(argument) is not None
+            # Forgotten first: a login while it is read again reads it from
+            # Redis too, never the record before the change (a revoked token
+            # would pass for that round trip).  Forgotten even when not
+            # cached: a read in flight may bring the record before the change.
+            forget = getattr(registry, "forget_cached", None)
+            if forget is not None:
+                forget(argument)
+            if cached:
                 node.spawn(self._refresh(registry.get(argument), verb, argument))
         elif verb == "directory":
             tenant, _, store = argument.partition("/")

@@ -68,6 +68,10 @@ class RedisRegistry(Registry):
         self._prefix = prefix
         self._cache: OrderedDict[str, TerminalRecord] = OrderedDict()
         self._cache_size = cache_size
+        # Reads in flight per address, and those of them whose record was
+        # announced changed meanwhile: their answers may predate the change.
+        self._reading: dict[str, int] = {}
+        self._changed: set[str] = set()
         self._put = client.register_script(_PUT)
 
     def _keys(self, tenant: str) -> tuple[str, str]:
@@ -88,21 +92,37 @@ class RedisRegistry(Registry):
         """Forget every cached record (changes announced while this worker
         could not hear them): each is read again when next needed."""
         self._cache.clear()
+        self._changed.update(self._reading)
 
     def cached(self, address: str) -> TerminalRecord | None:
         return self._cache.get(address)
 
     def forget_cached(self, address: str) -> None:
         """Forget ``address``'s cached record (another worker changed it):
-        until it is read again, whoever needs it reads it from Redis."""
+        until it is read again, whoever needs it reads it from Redis.  A
+        read in flight is not cached either: Redis may have answered it
+        before the change."""
         self._cache.pop(address, None)
+        if address in self._reading:
+            self._changed.add(address)
 
     async def get(self, address: str) -> TerminalRecord | None:
-        raw = await self._redis.hget(self._keys(tenant_of(address))[0], address)
+        reading = self._reading
+        reading[address] = reading.get(address, 0) + 1
+        try:
+            raw = await self._redis.hget(self._keys(tenant_of(address))[0], address)
+        finally:
+            stale = address in self._changed
+            left = reading.pop(address) - 1
+            if left:
+                reading[address] = left
+            else:
+                self._changed.discard(address)
         if raw is None:
             return None
         rec = _decode(raw)
-        self._remember(rec)
+        if not stale:
+            self._remember(rec)
         return rec
 
     async def put(self, rec: TerminalRecord) -> None:

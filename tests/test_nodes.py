@@ -473,3 +473,73 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
         await node.stop()
         for client in clients:
             await client.aclose()
+
+
+class _HeldAnswers:
+    """A Redis client whose HGET answers wait, once Redis gave them, until
+    ``gate`` is set (a reply on its way while other things happen)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.answered = 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    async def hget(self, *args):
+        raw = await self._client.hget(*args)
+        self.answered += 1
+        await self.gate.wait()
+        return raw
+
+
+@aiotest()
+async def test_a_record_read_before_a_change_is_not_cached_when_its_answer_comes_after():
+    # This worker asks Redis for h12's record; Redis answers with the record
+    # as it is, then another worker revokes h12's tokens and announces it,
+    # and only then does the answer reach this worker (held here).  The
+    # answer predates the change: it must not be cached, or the revoked
+    # token would pass here until the record's next change.
+    import time
+
+    from tillwire.core.errors import SessionClosed as Closed
+    from tillwire.server.node import Node
+    from tillwire.server.registry_redis import RedisRegistry
+    from tillwire.server.store_redis import RedisStore
+    from tillwire.server.terminals import TerminalRecord
+    from support import make_config, token
+
+    prefix = fresh_prefix()
+    clients = [aioredis.from_url(redis_url()) for _ in range(3)]
+    held = _HeldAnswers(clients[0])
+    registry = RedisRegistry(held, prefix=prefix)
+    node = Node(make_config(), RedisStore(redis_url(), prefix=prefix),
+                loop=asyncio.get_running_loop(), node_id="a",
+                presence=RedisPresence(clients[1], prefix=prefix),
+                broker=RedisBroker("a", clients[2], prefix=prefix), registry=registry)
+    await node.start()
+    try:
+        address = "terminal:acme/h12"
+        rec = TerminalRecord(address, "acme", "h12", "s1", "", ("staff",), "", time.time() - 60,
+                             0.0, False, 0.0)
+        other = RedisRegistry(clients[0], prefix=prefix)       # (another worker)
+        await other.put(rec)
+        old_token = token("h12", roles=("staff",), now=time.time() - 5)
+        held.gate.clear()
+        read = asyncio.ensure_future(registry.get(address))
+        await eventually(lambda: held.answered == 1)          # (Redis answered: the old record)
+        await other.put(TerminalRecord(address, "acme", "h12", "s1", "", ("staff",), "",
+                                       rec.first_seen, 0.0, False, time.time()))
+        node.ownership._on_announcement(b"registry\0" + address.encode())
+        held.gate.set()
+        assert await read == rec                # (that read began before the change)
+        assert registry.cached(address) is None
+        with pytest.raises(Closed) as refused:
+            await connect(node, "h12", roles=("staff",), token=old_token)
+        assert refused.value.code == Code.TOKEN_REVOKED
+    finally:
+        await node.stop()
+        for client in clients:
+            await client.aclose()
