@@ -240,8 +240,19 @@ class Ownership:
     async def _notify_in_order(self) -> None:
         try:
             while self._notices:
-                rounds, self._notices = self._notices, []
-                await self._notify([item for stored in rounds for item in stored], again=True)
+                # A round takes what was queued, up to NOTICE_TOTAL bytes of
+                # bodies (at least one batch): the rest of a long queue goes
+                # in the next round rather than as positions to read back.
+                queued, size, k = self._notices, 0, 0
+                while k < len(queued):
+                    more = sum(len(item[5]) for item in queued[k])
+                    if k and size + more > NOTICE_TOTAL:
+                        break
+                    size += more
+                    k += 1
+                self._notices = queued[k:]
+                await self._notify([item for stored in queued[:k] for item in stored],
+                                   again=True)
         finally:
             self._notifying = False
 

@@ -248,6 +248,47 @@ async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slo
 
 
 @aiotest()
+async def test_a_round_of_notices_stops_at_what_one_notice_carries(monkeypatch):
+    # Results queued behind a slow round go in the next round, but only as
+    # many as NOTICE_TOTAL bytes of bodies (two here): the third goes in a
+    # round of its own, carried too, rather than told as a position that
+    # node b would read back from the store.
+    import orjson
+
+    from tillwire.server import ownership
+    from tillwire.server.store_memory import MemoryStore
+
+    body = {"order": "o2", "status": "paid"}
+    monkeypatch.setattr(ownership, "NOTICE_TOTAL", int(2.5 * len(orjson.dumps(body))))
+    store = MemoryStore()
+    presence, bus = Failing(MemoryPresence()), MemoryBus()
+    a = await start_node(node_id="a", store=store, presence=presence,
+                         broker=MemoryBroker("a", bus))
+    b_store = Failing(store)
+    b = await start_node(node_id="b", store=b_store, presence=presence,
+                         broker=MemoryBroker("b", bus))
+    try:
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        await provision(a, "t1")
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        lookups = itertools.count(1)
+        presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+        await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
+        await eventually(lambda: presence.waiting("owners") == 1)
+        for n in range(2, 5):
+            await pay.send("payment.result", {"order": f"o{n}", "status": "paid"}, TILL)
+        presence.release("owners")
+        assert await receive_orders(till, 4) == [1, 2, 3, 4]
+        assert b_store.calls["inbox"] == 0
+        await pay.close()
+        await till.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@aiotest()
 async def test_the_second_notice_names_each_inbox_once_with_its_highest_seq():
     # A second after a round of deliver notices, node a tells the owners
     # once more which inboxes hold what it stored (an ``inbox`` notice, in
