@@ -207,21 +207,19 @@ async def test_a_result_stored_on_one_node_reaches_a_till_on_another_in_the_noti
         await b.stop()
 
 
-@aiotest()
-async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slow():
-    # Node a looks up the owners of a batch's tills before it tells them.
-    # The lookup for the first result is slow (held here for longer than
-    # EARLY_WAIT, as behind Redis's long scripts under load); the second
-    # result's notice waits behind it instead of reaching node b first,
-    # where the second result would wait for the gap and then be read from
-    # the store.  Both come in the notices, in order, and b reads nothing.
-    from tillwire.server.delivery import EARLY_WAIT
+@contextlib.asynccontextmanager
+async def _pair_behind_a_held_lookup():
+    """Nodes a and b sharing a memory store, presence and bus; b's store and
+    a's broker in Failing fakes (to count b's reads, to keep a's notices);
+    a till on b, a payer on a; from the payer's first result on, a's first
+    owners lookup waits until ``presence.release("owners")``.  Yields
+    (presence, b_store, broker_a, till, pay)."""
     from tillwire.server.store_memory import MemoryStore
 
     store = MemoryStore()
     presence, bus = Failing(MemoryPresence()), MemoryBus()
-    a = await start_node(node_id="a", store=store, presence=presence,
-                         broker=MemoryBroker("a", bus))
+    broker_a = Failing(MemoryBroker("a", bus))
+    a = await start_node(node_id="a", store=store, presence=presence, broker=broker_a)
     b_store = Failing(store)
     b = await start_node(node_id="b", store=b_store, presence=presence,
                          broker=MemoryBroker("b", bus))
@@ -232,6 +230,25 @@ async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slo
         pay = await connect(a, "pay", store="hq", roles=("backend",))
         lookups = itertools.count(1)
         presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+        yield presence, b_store, broker_a, till, pay
+        await pay.close()
+        await till.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@aiotest()
+async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slow():
+    # Node a looks up the owners of a batch's tills before it tells them.
+    # The lookup for the first result is slow (held here for longer than
+    # EARLY_WAIT, as behind Redis's long scripts under load); the second
+    # result's notice waits behind it instead of reaching node b first,
+    # where the second result would wait for the gap and then be read from
+    # the store.  Both come in the notices, in order, and b reads nothing.
+    from tillwire.server.delivery import EARLY_WAIT
+
+    async with _pair_behind_a_held_lookup() as (presence, b_store, _, till, pay):
         await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
         await eventually(lambda: presence.waiting("owners") == 1)
         await pay.send("payment.result", {"order": "o2", "status": "paid"}, TILL)
@@ -240,11 +257,6 @@ async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slo
         presence.release("owners")
         assert await receive_orders(till, 2) == [1, 2]
         assert b_store.calls["inbox"] == 0
-        await pay.close()
-        await till.close()
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @aiotest()
@@ -256,24 +268,10 @@ async def test_a_round_of_notices_stops_at_what_one_notice_carries(monkeypatch):
     import orjson
 
     from tillwire.server import ownership
-    from tillwire.server.store_memory import MemoryStore
 
     body = {"order": "o2", "status": "paid"}
     monkeypatch.setattr(ownership, "NOTICE_TOTAL", int(2.5 * len(orjson.dumps(body))))
-    store = MemoryStore()
-    presence, bus = Failing(MemoryPresence()), MemoryBus()
-    a = await start_node(node_id="a", store=store, presence=presence,
-                         broker=MemoryBroker("a", bus))
-    b_store = Failing(store)
-    b = await start_node(node_id="b", store=b_store, presence=presence,
-                         broker=MemoryBroker("b", bus))
-    try:
-        till = await connect(b, "t1")
-        await _owner_becomes(presence, "b")
-        await provision(a, "t1")
-        pay = await connect(a, "pay", store="hq", roles=("backend",))
-        lookups = itertools.count(1)
-        presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+    async with _pair_behind_a_held_lookup() as (presence, b_store, _, till, pay):
         await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
         await eventually(lambda: presence.waiting("owners") == 1)
         for n in range(2, 5):
@@ -281,11 +279,6 @@ async def test_a_round_of_notices_stops_at_what_one_notice_carries(monkeypatch):
         presence.release("owners")
         assert await receive_orders(till, 4) == [1, 2, 3, 4]
         assert b_store.calls["inbox"] == 0
-        await pay.close()
-        await till.close()
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @aiotest()
@@ -295,21 +288,7 @@ async def test_the_second_notice_names_each_inbox_once_with_its_highest_seq():
     # case the first was lost): one line per inbox, its highest seq, not one
     # per message.  Four results to one till go in one round here (the
     # round before them waits on its owners lookup).
-    from tillwire.server.store_memory import MemoryStore
-
-    store = MemoryStore()
-    presence, bus = Failing(MemoryPresence()), MemoryBus()
-    broker_a = Failing(MemoryBroker("a", bus))
-    a = await start_node(node_id="a", store=store, presence=presence, broker=broker_a)
-    b = await start_node(node_id="b", store=store, presence=presence,
-                         broker=MemoryBroker("b", bus))
-    try:
-        till = await connect(b, "t1")
-        await _owner_becomes(presence, "b")
-        await provision(a, "t1")
-        pay = await connect(a, "pay", store="hq", roles=("backend",))
-        lookups = itertools.count(1)
-        presence.hold("owners", when=lambda terminals: next(lookups) == 1)   # (the first only)
+    async with _pair_behind_a_held_lookup() as (presence, _, broker_a, till, pay):
         inbox_notices = lambda owner, message: message.startswith(b"inbox")
         broker_a.fail("send_control", None, when=inbox_notices)      # (kept to be read)
         await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL)
@@ -321,11 +300,6 @@ async def test_the_second_notice_names_each_inbox_once_with_its_highest_seq():
         await eventually(lambda: len(broker_a.refused) == 2, timeout=RENOTIFY + 2)
         assert [args[1] for _, args in broker_a.refused] == [
             b"inbox\0\0terminal:acme/t1 0 1", b"inbox\0\0terminal:acme/t1 0 5"]
-        await pay.close()
-        await till.close()
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @aiotest()
