@@ -50,7 +50,7 @@ from .delivery import SATURATED_WAIT
 from .hub import parse_positions
 from .limits import SendLimits
 from .offers import POLICY_KINDS
-from .retry import InOrder
+from .retry import AT_ONCE, InOrder
 from .store import NewMessage
 from .terminals import TerminalRecord
 
@@ -123,7 +123,8 @@ class Commands:
         # connection's claims already are the new record meanwhile).
         self._puts = InOrder(self.spawn, self.registry.put_login,
                              lambda rec: f"registry: putting {rec.address}",
-                             lambda: node.stopping)
+                             lambda: node.stopping, key=lambda rec: rec.address,
+                             parallel=AT_ONCE)
         channels, delivery = self.channels, self.delivery
         self._handlers = {      # frame type -> handler of a frame the session passed on
             int(FrameType.SEND): self._on_send, int(FrameType.ACK): delivery.on_ack,

@@ -54,7 +54,7 @@ import time
 from ..core.codes import Code
 from ..core.session import CLOSED
 from .presence import SessionInfo
-from .retry import InOrder
+from .retry import AT_ONCE, InOrder
 
 log = logging.getLogger("tillwire.ownership")
 
@@ -143,7 +143,8 @@ class Ownership:
         # ("claim", address, info) | ("release", address, None), written in order
         self._queue = InOrder(node.spawn, self._write,
                               lambda item: f"presence: {item[0]} of {item[1]}",
-                              lambda: node.stopping)
+                              lambda: node.stopping, key=lambda item: item[1],
+                              parallel=AT_ONCE)
         self._since: dict[str, float] = {}     # terminal -> when its session here logged in
         self._renewal = None
         self._reconciler = None

@@ -90,13 +90,14 @@ async def test_two_nodes_in_one_process_keep_their_terminals_apart():
         await b.stop()
 
 
-async def _owner_becomes(presence, owner, timeout: float = 3.0) -> None:
-    """Wait until presence says ``owner`` holds TILL (claims are written by a task)."""
+async def _owner_becomes(presence, owner, timeout: float = 3.0, terminal: str = TILL) -> None:
+    """Wait until presence says ``owner`` holds ``terminal`` (claims are
+    written by a task)."""
     for _ in range(int(timeout / 0.02)):
-        if await presence.owner(TILL) == owner:
+        if await presence.owner(terminal) == owner:
             return
         await asyncio.sleep(0.02)
-    assert await presence.owner(TILL) == owner
+    assert await presence.owner(terminal) == owner
 
 
 @contextlib.asynccontextmanager
@@ -558,3 +559,51 @@ async def test_a_record_read_before_a_change_is_not_cached_when_its_answer_comes
         await node.stop()
         for client in clients:
             await client.aclose()
+
+
+class _SlowClaim(MemoryPresence):
+    """Presence in memory whose claims of ``slow`` wait until ``go`` is set."""
+
+    def __init__(self, slow: str) -> None:
+        super().__init__()
+        self.slow = slow
+        self.go = asyncio.Event()
+        self.waiting = 0
+        self.releases: list[str] = []
+
+    async def claim(self, terminal, *args):
+        if terminal == self.slow:
+            self.waiting += 1
+            await self.go.wait()
+        return await super().claim(terminal, *args)
+
+    async def release(self, terminal, owner):
+        self.releases.append(terminal)
+        return await super().release(terminal, owner)
+
+
+@aiotest()
+async def test_a_slow_claim_does_not_hold_back_the_claims_of_other_terminals():
+    # A login storm's claims are written several at a time: while t1's
+    # claim waits (a slow round trip), the claims of the terminals that
+    # logged in after it are written; t1's own release waits behind its
+    # claim, in order.
+    presence = _SlowClaim(TILL)
+    node = await start_node(node_id="a", presence=presence, broker=MemoryBroker("a", MemoryBus()))
+    try:
+        t1 = await connect(node, "t1")
+        await eventually(lambda: presence.waiting == 1)
+        others = [await connect(node, f"t{n}") for n in range(2, 6)]
+        for n in range(2, 6):
+            await _owner_becomes(presence, "a", terminal=f"terminal:acme/t{n}")
+        assert await presence.owner(TILL) is None
+        await t1.close()
+        await asyncio.sleep(0.1)
+        assert presence.releases == []          # (behind t1's claim)
+        presence.go.set()
+        await eventually(lambda: presence.releases == [TILL])
+        assert await presence.owner(TILL) is None
+        for conn in others:
+            await conn.close()
+    finally:
+        await node.stop()
