@@ -17,11 +17,14 @@ workers registering the same terminal never leave it in a group it left.
 Each worker keeps a bounded cache of the records it read or wrote
 (``cache_size``, least recently put first out) for the node's hot paths
 (:meth:`cached`); another worker's put shows there only after this worker
-reads the record again.
+reads the record again.  The reads asked in one turn of the event loop go
+to Redis together, one HMGET per tenant in one round trip (a login storm
+asks for thousands of records at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from typing import Iterable
 
@@ -72,6 +75,7 @@ class RedisRegistry(Registry):
         # announced changed meanwhile: their answers may predate the change.
         self._reading: dict[str, int] = {}
         self._changed: set[str] = set()
+        self._asked: dict[str, asyncio.Future] = {}    # reads of this loop turn
         self._put = client.register_script(_PUT)
 
     def _keys(self, tenant: str) -> tuple[str, str]:
@@ -110,7 +114,7 @@ class RedisRegistry(Registry):
         reading = self._reading
         reading[address] = reading.get(address, 0) + 1
         try:
-            raw = await self._redis.hget(self._keys(tenant_of(address))[0], address)
+            raw = await asyncio.shield(self._read(address))
         finally:
             stale = address in self._changed
             left = reading.pop(address) - 1
@@ -124,6 +128,41 @@ class RedisRegistry(Registry):
         if not stale:
             self._remember(rec)
         return rec
+
+    def _read(self, address: str) -> asyncio.Future:
+        """The raw record of ``address`` (None if absent), read together with
+        the others asked in this turn of the loop."""
+        fut = self._asked.get(address)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            if not self._asked:
+                loop.call_soon(self._read_asked)
+            fut = self._asked[address] = loop.create_future()
+        return fut
+
+    def _read_asked(self) -> None:
+        asked, self._asked = self._asked, {}
+        asyncio.ensure_future(self._read_many(asked))
+
+    async def _read_many(self, asked: dict[str, asyncio.Future]) -> None:
+        by_tenant: dict[str, list[str]] = {}
+        for address in asked:
+            by_tenant.setdefault(tenant_of(address), []).append(address)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant, addresses in by_tenant.items():
+                    pipe.hmget(self._keys(tenant)[0], addresses)
+                replies = await pipe.execute()
+        except Exception as exc:
+            for fut in asked.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for addresses, raws in zip(by_tenant.values(), replies):
+            for address, raw in zip(addresses, raws):
+                fut = asked[address]
+                if not fut.done():
+                    fut.set_result(raw)
 
     async def put(self, rec: TerminalRecord) -> None:
         await self._put_record(rec, keep=False)

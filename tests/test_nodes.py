@@ -492,8 +492,8 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
 
 
 class _HeldAnswers:
-    """A Redis client whose HGET answers wait, once Redis gave them, until
-    ``gate`` is set (a reply on its way while other things happen)."""
+    """A Redis client whose pipelines' answers wait, once Redis gave them,
+    until ``gate`` is set (a reply on its way while other things happen)."""
 
     def __init__(self, client) -> None:
         self._client = client
@@ -504,11 +504,30 @@ class _HeldAnswers:
     def __getattr__(self, name):
         return getattr(self._client, name)
 
-    async def hget(self, *args):
-        raw = await self._client.hget(*args)
-        self.answered += 1
-        await self.gate.wait()
-        return raw
+    def pipeline(self, *args, **kwargs):
+        return _HeldPipeline(self, self._client.pipeline(*args, **kwargs))
+
+
+class _HeldPipeline:
+    def __init__(self, held: _HeldAnswers, pipe) -> None:
+        self._held = held
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    async def __aenter__(self):
+        await self._pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._pipe.__aexit__(*exc)
+
+    async def execute(self, *args, **kwargs):
+        replies = await self._pipe.execute(*args, **kwargs)
+        self._held.answered += 1
+        await self._held.gate.wait()
+        return replies
 
 
 @aiotest()

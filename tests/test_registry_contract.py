@@ -267,6 +267,57 @@ def test_concurrent_puts_of_one_terminal_leave_it_in_its_last_records_groups(
     run_with(registry_backend, body)
 
 
+def test_reads_asked_together_answer_each_its_own(registry_backend):
+    # Reads of one moment (a login storm's look-ups): two tenants, the same
+    # address asked twice, addresses never put.
+    async def body(registry):
+        put = [rec(f"t{n}", "s1", "pos", tenant=("acme", "globex")[n % 2]) for n in range(20)]
+        for r in put:
+            await registry.put(r)
+        asked = [r.address for r in put] + [put[3].address, "terminal:acme/nobody",
+                                            "terminal:initech/t1"]
+        got = await asyncio.gather(*(registry.get(a) for a in asked))
+        assert got == put + [put[3], None, None]
+    run_with(registry_backend, body)
+
+
+class _CountedClient:
+    """A Redis client that counts its round trips (commands and pipelines)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.round_trips = 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    async def hget(self, *args):
+        self.round_trips += 1
+        return await self._client.hget(*args)
+
+    def pipeline(self, *args, **kwargs):
+        self.round_trips += 1
+        return self._client.pipeline(*args, **kwargs)
+
+
+def test_redis_reads_of_one_loop_turn_are_one_round_trip():
+    async def main():
+        client = aioredis.from_url(redis_url())
+        try:
+            prefix, counted = fresh_prefix(), _CountedClient(client)
+            registry = RedisRegistry(counted, prefix=prefix)
+            other = RedisRegistry(client, prefix=prefix)         # (another worker)
+            put = [rec(f"t{n}", "s1", "pos", tenant=("acme", "globex")[n % 2])
+                   for n in range(50)]
+            for r in put:
+                await other.put(r)
+            got = await asyncio.gather(*(registry.get(r.address) for r in put))
+            assert got == put and counted.round_trips == 1
+        finally:
+            await client.aclose()
+    asyncio.run(main())
+
+
 def test_terminal_members(registry_backend):
     async def body(registry):
         address = "terminal:acme/t1"
