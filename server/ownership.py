@@ -145,6 +145,7 @@ class Ownership:
                               lambda item: f"presence: {item[0]} of {item[1]}",
                               lambda: node.stopping)
         self._since: dict[str, float] = {}     # terminal -> when its session here logged in
+        self._issued: dict[str, int] = {}      # terminal -> when that session's token was issued
         self._renewal = None
         self._reconciler = None
         self.reconcile_every = RECONCILE_EVERY
@@ -176,6 +177,7 @@ class Ownership:
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
         self._since[address] = time.time()
+        self._issued[address] = claims.issued_at
         self._claim_again(address, claims)
 
     def _claim_again(self, address: str, claims) -> None:
@@ -198,6 +200,7 @@ class Ownership:
             await self._claim(address, info)
         elif address not in self.node.hub.sessions:     # (not a newer session here)
             self._since.pop(address, None)
+            self._issued.pop(address, None)
             await self.presence.release(address, self.owner)
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
@@ -340,7 +343,8 @@ class Ownership:
     def announce(self, verb: str, argument: str) -> None:
         """Tell every worker of the fleet (this one too) that something
         shared changed: ``registry`` (argument: a terminal address; workers
-        that cache its record read it again), ``directory`` (argument:
+        that cache its record or hold its session read it again, and close
+        a session it retired or revoked), ``directory`` (argument:
         ``<tenant>/<store>``; every worker reads the entry again) or
         ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
         workers read its record again: a ticket waiting for staff goes to the
@@ -362,14 +366,14 @@ class Ownership:
         node = self.node
         if verb == "registry":
             registry = node.registry
-            if registry.cached(argument) is not None:
+            if registry.cached(argument) is not None or argument in node.hub.sessions:
                 # Forgotten first: a login while it is read again reads it
                 # from Redis too, never the record before the change (a
                 # revoked token would pass for that round trip).
                 forget = getattr(registry, "forget_cached", None)
                 if forget is not None:
                     forget(argument)
-                node.spawn(self._refresh(registry.get(argument), verb, argument))
+                node.spawn(self._refresh(self._record_changed(argument), verb, argument))
         elif verb == "directory":
             tenant, _, store = argument.partition("/")
             node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
@@ -379,6 +383,22 @@ class Ownership:
                 node.spawn(self._refresh(node.tickets.refresh(key), verb, key))
         else:
             log.warning("announcement: unknown verb %r", verb)
+
+    async def _record_changed(self, address: str) -> None:
+        """Read ``address``'s record again (another worker changed it) and
+        close its session here if the change retired the terminal or
+        revoked the session's token.  The operator's kick finds the session
+        through presence, where a login's claim is written only after
+        WELCOME: a session that logged in a moment before the change (or
+        whose HELLO read the record before it) is closed here instead of
+        staying open on a revoked token."""
+        rec = await self.node.registry.get(address)
+        if rec is None or address not in self.node.hub.sessions:
+            return
+        if rec.retired:
+            self.node.kick(address, "this terminal is retired")
+        elif self._issued.get(address, 0) < rec.revoked_before:
+            self.node.kick(address, "this terminal's tokens were revoked")
 
     @staticmethod
     async def _refresh(read, verb: str, argument: str) -> None:

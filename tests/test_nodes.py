@@ -30,12 +30,14 @@ SHARED = ["memory", "redis"]      # what the two nodes share: in memory, or a re
 
 
 @contextlib.asynccontextmanager
-async def _shared_redis_pair(wrap: bool = False):
+async def _shared_redis_pair(wrap: bool = False, registry: bool = False):
     """Two nodes in this process sharing one Redis store, presence, broker
     and channel history (a fleet's workers); with ``wrap`` the presence is
-    in a Failing fake.  Yields (a, b, presence)."""
+    in a Failing fake; with ``registry`` they share a Redis registry too
+    (each with its own cache).  Yields (a, b, presence)."""
     from tillwire.server.history_redis import RedisHistory
     from tillwire.server.node import Node
+    from tillwire.server.registry_redis import RedisRegistry
     from tillwire.server.store_redis import RedisStore
     from support import make_config
 
@@ -50,7 +52,8 @@ async def _shared_redis_pair(wrap: bool = False):
             node = Node(make_config(), RedisStore(redis_url(), prefix=prefix),
                         loop=asyncio.get_running_loop(), node_id=name, presence=presence,
                         broker=RedisBroker(name, client, prefix=prefix),
-                        history=RedisHistory(clients[3], prefix=prefix))
+                        history=RedisHistory(clients[3], prefix=prefix),
+                        registry=RedisRegistry(clients[3], prefix=prefix) if registry else None)
             await node.start()
             nodes.append(node)
         yield nodes[0], nodes[1], presence
@@ -473,3 +476,30 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
         await node.stop()
         for client in clients:
             await client.aclose()
+
+
+@pytest.mark.parametrize("change", ["revoke", "retire"])
+@aiotest()
+async def test_a_session_whose_claim_is_not_written_yet_is_closed_by_a_revoke(change):
+    # A stolen handheld logs in on node b; its presence claim is not written
+    # yet (held here) when an operator revokes its tokens (or retires it)
+    # through node a.  a's kick finds no owner in presence, but b hears the
+    # change, reads the record again and closes the session (before, it
+    # stayed open on the revoked token for as long as it kept connected).
+    import dataclasses
+    import time
+
+    address = "terminal:acme/h12"
+    async with _shared_redis_pair(wrap=True, registry=True) as (a, b, presence):
+        presence.hold("claim", when=lambda terminal, *_: terminal == address)
+        h12 = await connect(b, "h12", roles=("staff",), now=time.time() - 5)
+        await eventually(lambda: presence.waiting("claim") == 1)
+        rec = await a.registry.get(address)
+        await a.registry.put(dataclasses.replace(rec, revoked_before=time.time())
+                             if change == "revoke" else dataclasses.replace(rec, retired=True))
+        a.terminal_changed(address)
+        assert not await a.kick_anywhere(address, "stolen")      # (no owner yet)
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=3)
+        assert closed.value.code == Code.KICKED
+        presence.release("claim")
