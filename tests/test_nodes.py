@@ -157,6 +157,7 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
         old = await connect(a, "t1")
         b.ownership.broker.fail("send_control")      # b's word to a never arrives
         await connect(b, "t1")
+        await _owner_becomes(presence, "b")            # (b's claim is written by a task)
         with pytest.raises(asyncio.TimeoutError):
             await old.receive(timeout=0.3)             # a has not heard
         assert TILL in a.hub.sessions
