@@ -146,6 +146,7 @@ class Ownership:
                               lambda: node.stopping)
         self._since: dict[str, float] = {}     # terminal -> when its session here logged in
         self._issued: dict[str, int] = {}      # terminal -> when that session's token was issued
+        self._unwritten: dict[str, int] = {}   # terminal -> its claims queued, not written yet
         self._renewal = None
         self._reconciler = None
         self.reconcile_every = RECONCILE_EVERY
@@ -182,6 +183,7 @@ class Ownership:
 
     def _claim_again(self, address: str, claims) -> None:
         """Queue a claim of ``address``'s session here (its login time kept)."""
+        self._unwritten[address] = self._unwritten.get(address, 0) + 1
         self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
@@ -192,12 +194,14 @@ class Ownership:
     async def _write(self, item) -> None:
         verb, address, info = item
         if verb == "claim":
-            if address not in self.node.hub.sessions:
-                # The session closed before its claim was written: claiming
-                # now could take over a newer session of the terminal on
-                # another worker (a quick reconnect that landed there).
-                return
-            await self._claim(address, info)
+            # (Not when the session closed before its claim was written:
+            # claiming now could take over a newer session of the terminal
+            # on another worker, a quick reconnect that landed there.)
+            if address in self.node.hub.sessions:
+                await self._claim(address, info)
+            left = self._unwritten.pop(address, 1) - 1
+            if left:
+                self._unwritten[address] = left
         elif address not in self.node.hub.sessions:     # (not a newer session here)
             self._since.pop(address, None)
             self._issued.pop(address, None)
@@ -507,7 +511,10 @@ class Ownership:
                                                self.lease)
             for address in lost:
                 conn = self.node.hub.sessions.get(address)
-                if conn is None or conn.claims is None:
+                if conn is None or conn.claims is None or address in self._unwritten:
+                    # (a login here whose claim is not written yet: the lease
+                    # is still the previous session's, elsewhere; the claim
+                    # settles who keeps the terminal, the newer login)
                     continue
                 if await self.presence.owner(address) is None:
                     self._claim_again(address, conn.claims)

@@ -170,6 +170,32 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
 
 @pytest.mark.parametrize("kind", SHARED)
 @aiotest()
+async def test_a_renewal_keeps_a_login_whose_claim_is_not_written_yet(kind):
+    # t1 moves from node a to node b.  b renews its leases while its claim
+    # is not written yet (held here): presence still names a, but b's
+    # session is the newer login and stays; the claim then takes t1 over
+    # from a (before, the renewal closed b's session as taken over).
+    async with _shared_pair(kind) as (a, b, presence):
+        old = await connect(a, "t1")
+        await _owner_becomes(presence, "a")
+        b.ownership.presence = held = Failing(presence)
+        held.hold("claim")
+        new = await connect(b, "t1")
+        await eventually(lambda: held.waiting("claim") == 1)
+        await b.ownership.renew()
+        held.release("claim")
+        with pytest.raises(SessionClosed) as closed:
+            await old.receive(timeout=3)
+        assert closed.value.code == Code.TAKEOVER
+        await _owner_becomes(presence, "b")
+        b.ownership.presence = presence              # (Failing's own release() shadows it)
+        with pytest.raises(asyncio.TimeoutError):
+            await new.receive(timeout=0.3)           # (open: no CLOSE comes)
+        assert TILL in b.hub.sessions and b.counters.takeovers == 0
+
+
+@pytest.mark.parametrize("kind", SHARED)
+@aiotest()
 async def test_a_claim_the_presence_refuses_is_kept_and_retried(kind):
     async with _shared_pair(kind) as (a, b, presence):
         a.ownership.presence = failing = Failing(presence)
