@@ -146,6 +146,8 @@ class Ownership:
                               lambda: node.stopping, key=lambda item: item[1],
                               parallel=AT_ONCE)
         self._since: dict[str, float] = {}     # terminal -> when its session here logged in
+        self._issued: dict[str, int] = {}      # terminal -> when that session's token was issued
+        self._unwritten: dict[str, int] = {}   # terminal -> its claims queued, not written yet
         self._renewal = None
         self._reconciler = None
         self.reconcile_every = RECONCILE_EVERY
@@ -177,10 +179,12 @@ class Ownership:
     def claimed(self, address: str, claims) -> None:
         """A session of ``address`` was accepted here (HELLO)."""
         self._since[address] = time.time()
+        self._issued[address] = claims.issued_at
         self._claim_again(address, claims)
 
     def _claim_again(self, address: str, claims) -> None:
         """Queue a claim of ``address``'s session here (its login time kept)."""
+        self._unwritten[address] = self._unwritten.get(address, 0) + 1
         self._queue.add(("claim", address, SessionInfo(claims.tenant, claims.store,
                                                      tuple(claims.roles))))
 
@@ -191,14 +195,17 @@ class Ownership:
     async def _write(self, item) -> None:
         verb, address, info = item
         if verb == "claim":
-            if address not in self.node.hub.sessions:
-                # The session closed before its claim was written: claiming
-                # now could take over a newer session of the terminal on
-                # another worker (a quick reconnect that landed there).
-                return
-            await self._claim(address, info)
+            # (Not when the session closed before its claim was written:
+            # claiming now could take over a newer session of the terminal
+            # on another worker, a quick reconnect that landed there.)
+            if address in self.node.hub.sessions:
+                await self._claim(address, info)
+            left = self._unwritten.pop(address, 1) - 1
+            if left:
+                self._unwritten[address] = left
         elif address not in self.node.hub.sessions:     # (not a newer session here)
             self._since.pop(address, None)
+            self._issued.pop(address, None)
             await self.presence.release(address, self.owner)
 
     async def _claim(self, address: str, info: SessionInfo) -> None:
@@ -352,7 +359,8 @@ class Ownership:
     def announce(self, verb: str, argument: str) -> None:
         """Tell every worker of the fleet (this one too) that something
         shared changed: ``registry`` (argument: a terminal address; workers
-        that cache its record read it again), ``directory`` (argument:
+        that cache its record or hold its session read it again, and close
+        a session it retired or revoked), ``directory`` (argument:
         ``<tenant>/<store>``; every worker reads the entry again) or
         ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
         workers read its record again: a ticket waiting for staff goes to the
@@ -374,7 +382,7 @@ class Ownership:
         node = self.node
         if verb == "registry":
             registry = node.registry
-            cached = registry.cached(argument) is not None
+            held = registry.cached(argument) is not None or argument in node.hub.sessions
             # Forgotten first: a login while it is read again reads it from
             # Redis too, never the record before the change (a revoked token
             # would pass for that round trip).  Forgotten even when not
@@ -382,8 +390,8 @@ class Ownership:
             forget = getattr(registry, "forget_cached", None)
             if forget is not None:
                 forget(argument)
-            if cached:
-                node.spawn(self._refresh(registry.get(argument), verb, argument))
+            if held:
+                node.spawn(self._refresh(self._record_changed(argument), verb, argument))
         elif verb == "directory":
             tenant, _, store = argument.partition("/")
             node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
@@ -393,6 +401,22 @@ class Ownership:
                 node.spawn(self._refresh(node.tickets.refresh(key), verb, key))
         else:
             log.warning("announcement: unknown verb %r", verb)
+
+    async def _record_changed(self, address: str) -> None:
+        """Read ``address``'s record again (another worker changed it) and
+        close its session here if the change retired the terminal or
+        revoked the session's token.  The operator's kick finds the session
+        through presence, where a login's claim is written only after
+        WELCOME: a session that logged in a moment before the change (or
+        whose HELLO read the record before it) is closed here instead of
+        staying open on a revoked token."""
+        rec = await self.node.registry.get(address)
+        if rec is None or address not in self.node.hub.sessions:
+            return
+        if rec.retired:
+            self.node.kick(address, "this terminal is retired")
+        elif self._issued.get(address, 0) < rec.revoked_before:
+            self.node.kick(address, "this terminal's tokens were revoked")
 
     @staticmethod
     async def _refresh(read, verb: str, argument: str) -> None:
@@ -501,7 +525,10 @@ class Ownership:
                                                self.lease)
             for address in lost:
                 conn = self.node.hub.sessions.get(address)
-                if conn is None or conn.claims is None:
+                if conn is None or conn.claims is None or address in self._unwritten:
+                    # (a login here whose claim is not written yet: the lease
+                    # is still the previous session's, elsewhere; the claim
+                    # settles who keeps the terminal, the newer login)
                     continue
                 if await self.presence.owner(address) is None:
                     self._claim_again(address, conn.claims)

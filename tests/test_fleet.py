@@ -328,6 +328,9 @@ async def test_operators_changes_reach_every_worker_of_every_node(tmp_path, pref
             if (await a.admin("GET", "/v1/terminals/acme/h12"))[0] == 200:
                 break
             await asyncio.sleep(0.05)
+        # (the kick finds its worker through its claim, written after WELCOME;
+        # a revoke before it closes the session too, but answers kicked false)
+        await claimed(prefix, "terminal:acme/h12", "node-b.w0")
         status, body = await a.admin("POST", "/v1/terminals/acme/h12/revoke",
                                      {"reason": "stolen"})
         assert status == 200 and body["kicked"] is True, body    # kicked on node B

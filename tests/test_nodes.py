@@ -30,12 +30,14 @@ SHARED = ["memory", "redis"]      # what the two nodes share: in memory, or a re
 
 
 @contextlib.asynccontextmanager
-async def _shared_redis_pair(wrap: bool = False):
+async def _shared_redis_pair(wrap: bool = False, registry: bool = False):
     """Two nodes in this process sharing one Redis store, presence, broker
     and channel history (a fleet's workers); with ``wrap`` the presence is
-    in a Failing fake.  Yields (a, b, presence)."""
+    in a Failing fake; with ``registry`` they share a Redis registry too
+    (each with its own cache).  Yields (a, b, presence)."""
     from tillwire.server.history_redis import RedisHistory
     from tillwire.server.node import Node
+    from tillwire.server.registry_redis import RedisRegistry
     from tillwire.server.store_redis import RedisStore
     from support import make_config
 
@@ -50,7 +52,8 @@ async def _shared_redis_pair(wrap: bool = False):
             node = Node(make_config(), RedisStore(redis_url(), prefix=prefix),
                         loop=asyncio.get_running_loop(), node_id=name, presence=presence,
                         broker=RedisBroker(name, client, prefix=prefix),
-                        history=RedisHistory(clients[3], prefix=prefix))
+                        history=RedisHistory(clients[3], prefix=prefix),
+                        registry=RedisRegistry(clients[3], prefix=prefix) if registry else None)
             await node.start()
             nodes.append(node)
         yield nodes[0], nodes[1], presence
@@ -155,6 +158,7 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
         old = await connect(a, "t1")
         b.ownership.broker.fail("send_control")      # b's word to a never arrives
         await connect(b, "t1")
+        await _owner_becomes(presence, "b")            # (b's claim is written by a task)
         with pytest.raises(asyncio.TimeoutError):
             await old.receive(timeout=0.3)             # a has not heard
         assert TILL in a.hub.sessions
@@ -163,6 +167,32 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
             await old.receive(timeout=3)
         assert closed.value.code == Code.TAKEOVER
         assert await presence.owner(TILL) == "b"
+
+
+@pytest.mark.parametrize("kind", SHARED)
+@aiotest()
+async def test_a_renewal_keeps_a_login_whose_claim_is_not_written_yet(kind):
+    # t1 moves from node a to node b.  b renews its leases while its claim
+    # is not written yet (held here): presence still names a, but b's
+    # session is the newer login and stays; the claim then takes t1 over
+    # from a (before, the renewal closed b's session as taken over).
+    async with _shared_pair(kind) as (a, b, presence):
+        old = await connect(a, "t1")
+        await _owner_becomes(presence, "a")
+        b.ownership.presence = held = Failing(presence)
+        held.hold("claim")
+        new = await connect(b, "t1")
+        await eventually(lambda: held.waiting("claim") == 1)
+        await b.ownership.renew()
+        held.release("claim")
+        with pytest.raises(SessionClosed) as closed:
+            await old.receive(timeout=3)
+        assert closed.value.code == Code.TAKEOVER
+        await _owner_becomes(presence, "b")
+        b.ownership.presence = presence              # (Failing's own release() shadows it)
+        with pytest.raises(asyncio.TimeoutError):
+            await new.receive(timeout=0.3)           # (open: no CLOSE comes)
+        assert TILL in b.hub.sessions and b.counters.takeovers == 0
 
 
 @pytest.mark.parametrize("kind", SHARED)
@@ -626,3 +656,30 @@ async def test_a_slow_claim_does_not_hold_back_the_claims_of_other_terminals():
             await conn.close()
     finally:
         await node.stop()
+
+
+@pytest.mark.parametrize("change", ["revoke", "retire"])
+@aiotest()
+async def test_a_session_whose_claim_is_not_written_yet_is_closed_by_a_revoke(change):
+    # A stolen handheld logs in on node b; its presence claim is not written
+    # yet (held here) when an operator revokes its tokens (or retires it)
+    # through node a.  a's kick finds no owner in presence, but b hears the
+    # change, reads the record again and closes the session (before, it
+    # stayed open on the revoked token for as long as it kept connected).
+    import dataclasses
+    import time
+
+    address = "terminal:acme/h12"
+    async with _shared_redis_pair(wrap=True, registry=True) as (a, b, presence):
+        presence.hold("claim", when=lambda terminal, *_: terminal == address)
+        h12 = await connect(b, "h12", roles=("staff",), now=time.time() - 5)
+        await eventually(lambda: presence.waiting("claim") == 1)
+        rec = await a.registry.get(address)
+        await a.registry.put(dataclasses.replace(rec, revoked_before=time.time())
+                             if change == "revoke" else dataclasses.replace(rec, retired=True))
+        a.terminal_changed(address)
+        assert not await a.kick_anywhere(address, "stolen")      # (no owner yet)
+        with pytest.raises(SessionClosed) as closed:
+            await h12.receive(timeout=3)
+        assert closed.value.code == Code.KICKED
+        presence.release("claim")
