@@ -76,6 +76,7 @@ class RedisRegistry(Registry):
         self._reading: dict[str, int] = {}
         self._changed: set[str] = set()
         self._asked: dict[str, asyncio.Future] = {}    # reads of this loop turn
+        self._reads: set[asyncio.Task] = set()     # (held: the loop keeps only weak ones)
         self._put = client.register_script(_PUT)
 
     def _keys(self, tenant: str) -> tuple[str, str]:
@@ -142,7 +143,9 @@ class RedisRegistry(Registry):
 
     def _read_asked(self) -> None:
         asked, self._asked = self._asked, {}
-        asyncio.ensure_future(self._read_many(asked))
+        task = asyncio.ensure_future(self._read_many(asked))
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
 
     async def _read_many(self, asked: dict[str, asyncio.Future]) -> None:
         by_tenant: dict[str, list[str]] = {}

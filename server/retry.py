@@ -52,6 +52,7 @@ class InOrder:
         self._parallel = parallel if key is not None else 1
         self._items: deque = deque()
         self._busy: set = set()                # keys with a write under way
+        self._tasks: set[asyncio.Task] = set()  # (held: the loop keeps only weak ones)
         # While a drain runs: set when a write ends or one is added.
         self._ended: asyncio.Event | None = None
         self._idle = asyncio.Event()           # no drain running
@@ -104,7 +105,9 @@ class InOrder:
                 passed.append(item)
             else:
                 busy.add(k)
-                loop.create_task(self._one(item, k))
+                task = loop.create_task(self._one(item, k))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         items.extendleft(reversed(passed))
 
     async def _one(self, item, k) -> None:
