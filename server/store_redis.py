@@ -324,9 +324,10 @@ class RedisStore:
                     # script that failed at EXEC left the others run), and
                     # which is unknown when its reply was lost: every waiter
                     # learns its write failed (a retry of an accept meets the
-                    # dedup window, acks and deliveries are idempotent).  After a timeout Redis is
-                    # not answering: the writes queued behind fail now too,
-                    # rather than one timeout after another.
+                    # dedup window, acks and deliveries are idempotent).
+                    # After a timeout Redis is not answering: the writes
+                    # queued behind fail now too, rather than one timeout
+                    # after another.
                     _fail([waiter for _, _, group, _ in sent for waiter in group], exc)
                     if isinstance(exc, RedisTimeoutError):
                         self._fail_queued(exc)

@@ -103,6 +103,13 @@ async def _owner_becomes(presence, owner, timeout: float = 3.0, terminal: str = 
     assert await presence.owner(terminal) == owner
 
 
+async def _closed(conn, timeout: float = 3.0) -> int:
+    """The code of the CLOSE that ends ``conn`` (within ``timeout``)."""
+    with pytest.raises(SessionClosed) as closed:
+        await conn.receive(timeout=timeout)
+    return closed.value.code
+
+
 @contextlib.asynccontextmanager
 async def _shared_pair(kind: str, broker_of=lambda broker: broker):
     """Two nodes sharing one presence and one broker (and nothing else): in
@@ -126,8 +133,6 @@ async def _shared_pair(kind: str, broker_of=lambda broker: broker):
         await b.stop()
         for client in clients:
             await client.aclose()
-        for client in clients:
-            await client.aclose()
 
 
 @pytest.mark.parametrize("kind", SHARED)
@@ -137,9 +142,7 @@ async def test_a_login_on_another_node_takes_the_session_over(kind):
         old = await connect(a, "t1")
         await _owner_becomes(presence, "a")
         new = await connect(b, "t1")
-        with pytest.raises(SessionClosed) as closed:
-            await old.receive(timeout=3)
-        assert closed.value.code == Code.TAKEOVER
+        assert await _closed(old) == Code.TAKEOVER
         assert a.counters.takeovers == 1 and TILL not in a.hub.sessions
         assert await presence.owner(TILL) == "b"       # a's release did not undo b's claim
         # The new session works; a logout releases the lease.
@@ -163,9 +166,7 @@ async def test_a_lost_takeover_message_is_repaired_by_the_next_renewal(kind):
             await old.receive(timeout=0.3)             # a has not heard
         assert TILL in a.hub.sessions
         await a.ownership.renew()                      # a's renewal finds the lease gone to b
-        with pytest.raises(SessionClosed) as closed:
-            await old.receive(timeout=3)
-        assert closed.value.code == Code.TAKEOVER
+        assert await _closed(old) == Code.TAKEOVER
         assert await presence.owner(TILL) == "b"
 
 
@@ -185,9 +186,7 @@ async def test_a_renewal_keeps_a_login_whose_claim_is_not_written_yet(kind):
         await eventually(lambda: held.waiting("claim") == 1)
         await b.ownership.renew()
         held.release("claim")
-        with pytest.raises(SessionClosed) as closed:
-            await old.receive(timeout=3)
-        assert closed.value.code == Code.TAKEOVER
+        assert await _closed(old) == Code.TAKEOVER
         await _owner_becomes(presence, "b")
         b.ownership.presence = presence              # (Failing's own release() shadows it)
         with pytest.raises(asyncio.TimeoutError):
@@ -482,7 +481,6 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
     # here), a login with an old token must not pass on the cached record.
     import time
 
-    from tillwire.core.errors import SessionClosed as Closed
     from tillwire.server.node import Node
     from tillwire.server.registry_redis import RedisRegistry
     from tillwire.server.store_redis import RedisStore
@@ -512,7 +510,7 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
         login = asyncio.ensure_future(connect(node, "h12", roles=("staff",), token=old_token))
         await eventually(lambda: registry.waiting("get") >= 1)
         registry.release("get")
-        with pytest.raises(Closed) as refused:
+        with pytest.raises(SessionClosed) as refused:
             await login
         assert refused.value.code == Code.TOKEN_REVOKED
     finally:
@@ -569,7 +567,6 @@ async def test_a_record_read_before_a_change_is_not_cached_when_its_answer_comes
     # token would pass here until the record's next change.
     import time
 
-    from tillwire.core.errors import SessionClosed as Closed
     from tillwire.server.node import Node
     from tillwire.server.registry_redis import RedisRegistry
     from tillwire.server.store_redis import RedisStore
@@ -601,7 +598,7 @@ async def test_a_record_read_before_a_change_is_not_cached_when_its_answer_comes
         held.gate.set()
         assert await read == rec                # (that read began before the change)
         assert registry.cached(address) is None
-        with pytest.raises(Closed) as refused:
+        with pytest.raises(SessionClosed) as refused:
             await connect(node, "h12", roles=("staff",), token=old_token)
         assert refused.value.code == Code.TOKEN_REVOKED
     finally:
@@ -679,7 +676,5 @@ async def test_a_session_whose_claim_is_not_written_yet_is_closed_by_a_revoke(ch
                              if change == "revoke" else dataclasses.replace(rec, retired=True))
         a.terminal_changed(address)
         assert not await a.kick_anywhere(address, "stolen")      # (no owner yet)
-        with pytest.raises(SessionClosed) as closed:
-            await h12.receive(timeout=3)
-        assert closed.value.code == Code.KICKED
+        assert await _closed(h12) == Code.KICKED
         presence.release("claim")
