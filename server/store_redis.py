@@ -18,35 +18,46 @@ recipients and its own record in one atomic script, and every recipient of
 a message is of the message's tenant (the node expands addresses within
 one tenant), so one tenant's keys share a Cluster slot:
 
-* ``<p>:{T}:s:m:<msg_id>:p`` — string, the message's payload: its header
-  (a JSON array: tenant, sender, ref, lane, kind, to, created, receipt), a
-  newline, its body;
-* ``<p>:{T}:s:m:<msg_id>`` — hash, the rest of the message (small fields,
-  which Redis keeps in its compact encoding): ``expires`` (a redrive may
-  push it back), ``bl`` the body's length, and per recipient ``i`` (1-based, in
-  order) ``t<i>`` terminal, ``q<i>`` seq, ``s<i>`` state (stored, acked,
-  rejected, expired: a stored entry with ``d<i>`` is delivered),
-  ``d<i>``/``a<i>``/``e<i>`` delivered/acked/ended at, ``w<i>`` reason;
-  ``open`` (entries not ended) and ``done`` (the latest end);
-* ``<p>:{T}:s:pos:<terminal>`` — hash, ``l0 a0 l1 a1``: last seq and acked
-  position per lane;
-* ``<p>:{T}:s:q:<lane>:<terminal>`` — sorted set, the inbox's open entries
-  (stored or delivered), member ``<msg_id>:<i>:<tenant>:<flags>`` (flags
-  ``r`` the message asked for receipts, ``1`` it has one recipient), score
-  the seq;
-* ``<p>:{T}:s:exp`` — sorted set, messages with open entries by expiry;
-  ``<p>:{T}:s:done`` — messages with none, by their latest end (trim);
-* ``<p>:{T}:s:dd`` — hash, ``sender\\nref`` -> msg_id, and ``:ddt``, the
-  same by accept time (the dedup window; dedup is per tenant: an admin
-  token's ref is deduplicated within the tenant it sent to);
+* ``<p>:{T}:s:m:<msg_id>`` — string, the message: ``<expires>
+  <seq>,<seq>...`` (its recipients' seqs, in order), a newline, its header
+  (a JSON array: tenant, sender, ref, lane, kind, to, created, receipt,
+  [recipients]), a newline, its body.  Written once; a redrive rewrites it;
+* ``<p>:{T}:s:x:<msg_id>`` — hash, what happened to a recipient ``i``
+  (1-based) that positions do not say: ``s<i>`` its state when it ended
+  (expired, rejected) or was kept acked by a trim, with ``e<i>``/``a<i>``/
+  ``d<i>`` its times and ``w<i>`` the reason ("redriven" too).  Most
+  messages have none;
+* ``<p>:{T}:s:p:<terminal>`` — hash, the terminal's positions per lane
+  (``0``/``1``): ``l`` last seq, ``a`` acked, ``d`` delivered, ``r``
+  the highest seq whose message asked for receipts, ``z`` trimmed (the
+  entries list starts after it), ``x`` the ended seqs above ``a``; and
+  ``w``, the time of its oldest ack not yet trimmed;
+* ``<p>:{T}:s:e<lane>:<terminal>`` — list, the inbox's entries from seq
+  ``z + 1`` on (seq ``s`` at index ``s - z - 1``), each
+  ``<msg_id>:<i>:<tenant>:<flags>`` (flags ``r`` the message asked for
+  receipts, ``1`` it has one recipient, ``x`` the entry ended);
+* ``<p>:{T}:s:g:<terminal>`` — list, the range log: ``<lane><d|a><first>
+  <last> <at>`` per delivered (new part) or acked range, whence the
+  trace's times;
+* ``<p>:{T}:s:exp`` — sorted set, terminals by a lower bound of their
+  pending entries' expiry (expire reads only those past it);
+  ``<p>:{T}:s:acked`` — terminals by their oldest ack not yet trimmed
+  (trim's work list); ``<p>:{T}:s:ended`` — ``<msg_id> <i>`` of ended
+  entries by their end; ``<p>:{T}:s:done`` — messages without recipients;
+* ``<p>:{T}:s:dd:<bucket>`` — hash, ``sender\\nref`` -> ``<msg_id>
+  <created>`` for messages created in that window-long bucket (dedup;
+  per tenant: an admin token's ref is deduplicated within the tenant it
+  sent to), and ``:ddb``, the buckets, which trim drops whole;
 * ``<p>:{T}:s:dead`` — sorted set of dead letters (JSON) by a global
   sequence; ``<p>:{T}:s:n`` — counters for :meth:`RedisStore.stats`;
 
-and the global ``<p>:epoch``, ``<p>:msgid`` (msg_id counter), ``<p>:dlseq``
-(dead-letter order) and ``<p>:tenants`` (tenants with messages).
+and the global ``<p>:epoch``, ``<p>:layout`` (this layout's version,
+"2"; a store in another is refused at open), ``<p>:msgid`` (msg_id
+counter), ``<p>:dlseq`` (dead-letter order) and ``<p>:tenants`` (tenants
+with messages).
 
 Under Redis Cluster (not supported yet) the scripts would split by slot:
-accept, ack and delivered per tenant of the batch (one script per tenant,
+accept and progress per tenant of the batch (one script per tenant,
 all pipelined); expire, trim, stats, trace and dead_letters(None) once per
 tenant, merged by the caller.  The global keys would move into each
 tenant's slot: a per-slot msg_id counter with the slot in the id's high
@@ -92,8 +103,8 @@ from . import store_redis_scripts as scripts
 from .archive_redis import RedisArchive
 from .records_redis import RedisRecords
 from .store import (
-    DELIVERED, STORED, Accepted, Completion, DeadLetter, InboxEntry, NewMessage, ReceiptEvent,
-    Recipient, Redriven, Trace,
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, Accepted, Completion, DeadLetter, InboxEntry,
+    NewMessage, ReceiptEvent, Recipient, Redriven, Trace,
 )
 from .terminals_redis import RedisTerminals
 
@@ -165,7 +176,7 @@ class RedisStore:
         self._writes: deque = deque()
         self._writer: asyncio.Task | None = None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name.upper()))
-                         for name in ("accept", "inbox", "positions_many", "ack", "delivered",
+                         for name in ("accept", "inbox", "positions_many", "progress",
                                       "reject", "expire", "trace", "dead_letters", "trim",
                                       "stats", "epoch", "redrive")}
         self.records = RedisRecords(self._redis, prefix=prefix)
@@ -178,7 +189,12 @@ class RedisStore:
         # Loaded up front, so the first call of each is one EVALSHA that runs
         # (not NOSCRIPT, then a load and a second send).
         await self._load_scripts()
-        self.epoch = await self._run("epoch")
+        layout = _text(await self._run("epoch", scripts.LAYOUT))
+        if layout != scripts.LAYOUT:
+            raise RuntimeError(
+                f"the Redis store under prefix {self._prefix!r} holds messages in key layout "
+                f"{layout}, and this Tillwire reads layout {scripts.LAYOUT}: give this Tillwire "
+                f"another prefix, or delete the old keys once every inbox is acked")
         self.aof = await self._durability()
         if self.aof != "always":
             log.warning("Redis store (appendfsync %s): %s", self.aof, ACK_MEANS[self.aof])
@@ -231,7 +247,7 @@ class RedisStore:
         epoch = int(epoch)
         if epoch != self.epoch:
             self._new_epoch(epoch)
-        return answer if name != "epoch" else epoch
+        return answer
 
     def _new_epoch(self, epoch: int) -> None:
         old, self.epoch = self.epoch, epoch
@@ -253,13 +269,13 @@ class RedisStore:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._send_writes())
 
-    async def _ordered(self, name: str, *args):
+    async def _ordered(self, name: str, *args, count: int = 0):
         # (Encoded here: a value Redis cannot be sent fails its own call, not
         # the round trip it would share with other writes.)
         encode = self._redis.get_encoder().encode
         args = [encode(arg) for arg in args]
         done = asyncio.get_running_loop().create_future()
-        self._write(name, args, done)
+        self._write(name, args, done, count)
         return await done
 
     def _next_write(self) -> tuple[str, list, list, list[int]]:
@@ -270,6 +286,14 @@ class RedisStore:
         writes = self._writes
         name, args, count, done = writes.popleft()
         group, counts = [done], [count]
+        if (name == "progress" and writes and writes[0][0] == "progress"
+                and len(args) == 2 + 4 * count and writes[0][2] == 0 and writes[0][1][0] == args[0]):
+            # Deliveries followed by acks of the same moment (what the node's
+            # batch sends): one script, each inbox's positions read once.
+            _, more, _, other = writes.popleft()
+            args = args + more[2:]
+            group.append(other)
+            counts.append(0)
         if name == "accept":
             entries, bodies = list(args[0]), list(args[1])
             while writes and writes[0][0] == "accept" and count < GROUP_MAX:
@@ -377,8 +401,9 @@ class RedisStore:
             _fail(group, answer)
             return
         if name != "accept":
-            if not group[0].done():
-                group[0].set_result(answer)
+            for waiter in group:       # (progress: deliveries and acks joined)
+                if not waiter.done():
+                    waiter.set_result(answer)
             return
         k = 0
         for waiter, n in zip(group, counts):
@@ -390,23 +415,23 @@ class RedisStore:
 
     @staticmethod
     def _accept_args(items) -> tuple[tuple[list, list[bytes]], list[list[str]]]:
-        """The accept script's arguments of ``items`` (each one's fields, and
-        the bodies apart: they need not be text) and each one's recipients."""
+        """The accept script's arguments of ``items`` (eight values per
+        message in one flat list, and the payloads apart: bodies need not be
+        text) and each one's recipients."""
         entries: list = []
-        bodies: list[bytes] = []
+        payloads: list[bytes] = []
         unique = []
         for msg, recipients in items:
             rcpts = list(dict.fromkeys(recipients))
             unique.append(rcpts)
-            body = bytes(msg.body)
             ref, lane, created = str(int(msg.ref)), str(int(msg.lane)), repr(float(msg.created))
             receipt = "1" if msg.receipt else "0"
-            head = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
-                                 receipt))
-            bodies += (head, b"\n", body)
-            entries.append((msg.tenant, msg.sender, ref, lane, created,
-                            repr(float(msg.expires)), receipt, rcpts, len(head), len(body)))
-        return (entries, bodies), unique
+            payload = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
+                                    receipt, rcpts)) + b"\n" + bytes(msg.body)
+            payloads.append(payload)
+            entries += (msg.tenant, f"{msg.sender}\n{ref}" if msg.ref else "", created,
+                        repr(float(msg.expires)), lane, receipt, rcpts, len(payload))
+        return (entries, payloads), unique
 
     @staticmethod
     def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
@@ -452,8 +477,8 @@ class RedisStore:
     async def inbox(self, terminal: str, lane: int, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         out = []
-        for seq, msg_id, payload, delivered, expires in rows:
-            head, body = _payload(payload)
+        for seq, msg_id, value, delivered in rows:
+            expires, _, head, body = _value(value)
             out.append(InboxEntry(int(seq), int(msg_id), head[4], body, bool(delivered),
                                   float(expires), float(head[6])))
         return out
@@ -466,16 +491,20 @@ class RedisStore:
         return [tuple(int(v) for v in row) for row in found]
 
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
-        args = [repr(float(now))]
+        args = [repr(float(now)), 0]
         for terminal, lane, seq in acks:
             args += [terminal, int(lane), int(seq)]
-        return _receipts(await self._ordered("ack", *args)) if len(args) > 1 else []
+        if len(args) == 2:
+            return []
+        return _receipts((await self._ordered("progress", *args))[1])
 
     async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
-        args = [repr(float(now))]
+        args = [repr(float(now)), len(ranges)]
         for terminal, lane, first, last in ranges:
             args += [terminal, int(lane), int(first), int(last)]
-        return _receipts(await self._ordered("delivered", *args)) if len(args) > 1 else []
+        if len(args) == 2:
+            return []
+        return _receipts((await self._ordered("progress", *args, count=len(ranges)))[0])
 
     async def reject(self, terminal: str, lane: int, seq: int, reason: str,
                      now: float) -> DeadLetter | None:
@@ -490,21 +519,35 @@ class RedisStore:
         found = await self._run("trace", int(msg_id))
         if not found:
             return None
-        flat, payload = found
-        f = {_text(flat[k]): flat[k + 1] for k in range(0, len(flat), 2)}
-        (tenant, sender, ref, lane, kind, to, created, receipt), _ = _payload(payload)
+        value, flat, per = found
+        expires, seqs, head, _ = _value(value)
+        tenant, sender, ref, lane, kind, to, created, receipt, rcpts = head
+        x = {_text(flat[k]): _text(flat[k + 1]) for k in range(0, len(flat), 2)}
         created = float(created)
         recipients = []
-        for i in range(1, int(f["n"]) + 1):
-            state = _text(f[f"s{i}"])
-            if state == STORED and f"d{i}" in f:
-                state = DELIVERED      # (DELIVERED keeps the state and sets the time)
-            recipients.append(Recipient(
-                _text(f[f"t{i}"]), int(f[f"q{i}"]), state, created,
-                _time(f.get(f"d{i}")), _time(f.get(f"a{i}")), _time(f.get(f"e{i}")),
-                _text(f.get(f"w{i}", b""))))
+        for r, (terminal, seq, (acked, delivered, log)) in enumerate(zip(rcpts, seqs, per), 1):
+            ranges: dict[str, list[tuple[int, int, float]]] = {"d": [], "a": []}
+            for rec in log:                  # ("<lane><d|a><first> <last> <at>")
+                name, last, at = _text(rec).split(" ")
+                ranges[name[1]].append((int(name[2:]), int(last), float(at)))
+            state, ended = x.get(f"s{r}"), _time(x.get(f"e{r}"))
+            rec = Recipient(terminal, seq, STORED, created, reason=x.get(f"w{r}", ""))
+            if state in (EXPIRED, REJECTED):
+                rec.state, rec.ended_at = state, ended
+                rec.delivered_at = _time(x.get(f"d{r}")) or _range_time(ranges["d"], seq, ended)
+            elif state == ACKED:                 # (kept by a trim: its times are its own)
+                rec.state, rec.acked_at = ACKED, _time(x.get(f"a{r}"))
+                rec.delivered_at = _time(x.get(f"d{r}"))
+            elif seq <= int(acked):
+                rec.state = ACKED
+                rec.acked_at = _range_time(ranges["a"], seq)
+                rec.delivered_at = _range_time(ranges["d"], seq)
+            elif seq <= int(delivered):
+                rec.state = DELIVERED
+                rec.delivered_at = _range_time(ranges["d"], seq)
+            recipients.append(rec)
         return Trace(int(msg_id), tenant, sender, int(ref), int(lane), kind, to, created,
-                     float(f["expires"]), receipt == "1", recipients)
+                     float(expires), receipt == "1", recipients)
 
     async def dead_letters(self, tenant: str | None, limit: int) -> list[DeadLetter]:
         return [_dead_letter(d) for d in await self._run("dead_letters", tenant or "", int(limit))]
@@ -543,10 +586,22 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _payload(raw: bytes) -> tuple[list, bytes]:
-    """A message's payload (``<m>:p``) as its header fields and its body."""
-    head, _, body = raw.partition(b"\n")
-    return orjson.loads(head), bytes(body)
+def _value(raw: bytes) -> tuple[str, list[int], list, bytes]:
+    """A message's value (``m:<id>``): its expiry (as stored), its
+    recipients' seqs, its header fields and its body."""
+    meta, _, rest = raw.partition(b"\n")
+    head, _, body = rest.partition(b"\n")
+    expires, _, seqs = meta.decode().partition(" ")
+    return expires, [int(s) for s in seqs.split(",") if s], orjson.loads(head), bytes(body)
+
+
+def _range_time(ranges: list[tuple[int, int, float]], seq: int,
+                before: float | None = None) -> float | None:
+    """The earliest time a logged range covered ``seq`` (before ``before``,
+    the time an entry went dead: later deliveries of it do not count)."""
+    times = [at for first, last, at in ranges
+             if first <= seq <= last and (before is None or at < before)]
+    return min(times) if times else None
 
 
 def _time(value) -> float | None:

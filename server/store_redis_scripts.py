@@ -21,6 +21,15 @@ Conventions, which every script follows:
 * Keys are built here from the prefix and the tenant (``{<tenant>}`` is the
   hash tag), which Redis standalone allows; ``store_redis.py`` says how
   each script would be split by slot under Redis Cluster.
+
+What the hot path costs (accept, delivered, ack of one payment result):
+one value string per message (written with one MSET per batch), and per
+inbox and batch one HINCRBY and one HSET of the terminal's inbox hash;
+a delivery or an ack is one HMGET and one HSET of that hash.  Delivered
+and acked are positions, not per-entry state: the times the trace shows
+come from the range log kept in the same hash (one field per range).
+Redis spends most of a script's time in the calls and in Lua's strings,
+so what repeats is made once per run (``box``, ``base``).
 """
 
 from __future__ import annotations
@@ -32,30 +41,15 @@ if not epoch then
   redis.call("SET", P .. ":epoch", ARGV[2])
   epoch = ARGV[2]
 end
--- Lua makes a new string at every concatenation and formats a number with
--- sprintf each time one becomes a string (a key, a redis.call argument):
--- in this interpreter that is most of a script's time.  So what a script
--- names again and again is made once per run: a number's text (digits),
--- a recipient's field names (FIELDS, by index, number or string), a
--- tenant's key base.
-local digits = setmetatable({}, {__index = function(t, k)
-  local v = tostring(k)
-  t[k] = v
-  return v
-end})
-local FIELDS = setmetatable({}, {__index = function(t, k)
-  local i = type(k) == "number" and digits[k] or k
-  local v = {t = "t" .. i, q = "q" .. i, s = "s" .. i, d = "d" .. i, a = "a" .. i,
-             e = "e" .. i, w = "w" .. i, i = i}
-  t[k] = v
-  return v
-end})
-local LANE = setmetatable({["0"] = {a = "a0", l = "l0"}, ["1"] = {a = "a1", l = "l1"}},
-                           {__index = function(t, lane)
-                             local v = {a = "a" .. lane, l = "l" .. lane}
-                             t[lane] = v
-                             return v
-                           end})
+-- A lane's field names in an inbox hash: positions (last, acked, delivered,
+-- highest seq whose message asked for receipts, trimmed, the ended seqs
+-- above acked), its entries' prefix, its delivered and acked range logs.
+local LANE = {}
+for _, lane in ipairs({"0", "1"}) do
+  LANE[lane] = {l = "l" .. lane, a = "a" .. lane, d = "d" .. lane, r = "r" .. lane,
+                z = "z" .. lane, x = "x" .. lane, dl = lane .. "d", al = lane .. "a", name = lane}
+end
+LANE[0], LANE[1] = LANE["0"], LANE["1"]
 local function tenant_of(address)
   local _, _, t = string.find(address, "^[^:]*:([^/]*)")
   return t or ""
@@ -69,85 +63,94 @@ local function base(tenant)
   end
   return b
 end
--- An inbox entry's member: msg_id, recipient index, the message's tenant
--- and flags: "r" the message asked for receipts, "1" it has one recipient
--- (its entry's end is the message's end: no counting, see finish).
+local boxes = {}
+-- A terminal's keys, each made when first asked for: its positions hash
+-- (p, both lanes), its entry lists (one per lane, "0" and "1") and its
+-- range log (g).
+local KEYS = {p = ":p:", g = ":g:", ["0"] = ":e0:", ["1"] = ":e1:"}
+local BOX = {__index = function(k, name)
+  local v = k.B .. KEYS[name] .. k.t
+  k[name] = v
+  return v
+end}
+local function box(t)
+  local k = boxes[t]
+  if not k then
+    local tenant = tenant_of(t)
+    k = setmetatable({B = base(tenant), tenant = tenant, t = t}, BOX)
+    boxes[t] = k
+  end
+  return k
+end
+-- An entry: msg_id, recipient index, the message's tenant and flags: "r"
+-- the message asked for receipts, "1" it has one recipient, "x" the entry
+-- ended (expired or rejected).
 local function entry_of(member)
   local _, _, id, i, tenant, flags = string.find(member, "^(%d+):(%d+):([^:]*):?(.*)$")
-  return id, i, base(tenant), flags
+  return id, i, tenant, flags
+end
+local function has(flags, c)
+  return string.find(flags, c, 1, true) ~= nil
+end
+-- A message's value: "<expires> <seq>,<seq>...", a newline, its header (the
+-- JSON array [tenant, sender, ref, lane, kind, to, created, receipt,
+-- [recipients]] the node made), a newline, its body.
+local function parts(v)
+  local nl = string.find(v, "\\n", 1, true)
+  local nl2 = string.find(v, "\\n", nl + 1, true)
+  local sp = string.find(v, " ", 1, true)
+  return string.sub(v, 1, sp - 1), string.sub(v, sp + 1, nl - 1), string.sub(v, nl + 1, nl2 - 1),
+         string.sub(v, nl2 + 1)
+end
+local function head(v)
+  local _, _, header = parts(v)
+  return cjson.decode(header)
+end
+local function split(s)
+  local out = {}
+  for x in string.gmatch(s, "[^,]+") do out[#out + 1] = x end
+  return out
 end
 -- One command for a list of arguments (in slices: unpack has a bound).
-local function bulk(cmd, key, list)
+local function bulk(cmd, key, list, opt)
   for k = 1, #list, 4000 do
-    if key then
+    if opt then
+      redis.call(cmd, key, opt, unpack(list, k, math.min(k + 3999, #list)))
+    elseif key then
       redis.call(cmd, key, unpack(list, k, math.min(k + 3999, #list)))
     else
       redis.call(cmd, unpack(list, k, math.min(k + 3999, #list)))
     end
   end
 end
--- A recipient's entry ends (acked, rejected, expired): one less open entry
--- of its message; the message is done once none is open, at the latest end.
--- B is the message's tenant's base; ends gathers, per base, what
--- flush_ends writes once per script (the unacked count, the messages done).
-local function finish(ends, B, id, i, flags, state, at, reason)
-  local m = B .. ":m:" .. id
-  local e = ends[B]
-  if not e then
-    e = {unacked = 0, exp = {}, done = {}}
-    ends[B] = e
-  end
-  e.unacked = e.unacked + 1
-  local open, done = 0, at
-  local single = string.find(flags, "1", 1, true)
-  local F = FIELDS[i]
-  if state == "acked" then
-    if single then
-      redis.call("HSET", m, F.s, state, F.a, at, "open", "0", "done", at)
-    else
-      redis.call("HSET", m, F.s, state, F.a, at)
+-- A lane's entries, seqs first..last (above its trimmed position z: entry
+-- seq is at index seq - z - 1 of the list), in slices: calls fn(seq, member)
+-- for each, until fn returns true.
+local function each_entry(list, z, first, last, fn)
+  local s = first
+  while s <= last do
+    local e = math.min(last, s + 999)
+    local got = redis.call("LRANGE", list, s - z - 1, e - z - 1)
+    for k = 1, #got do
+      if fn(s + k - 1, got[k]) then return end
     end
-  elseif single then
-    redis.call("HSET", m, F.s, state, F.e, at, F.w, reason, "open", "0", "done", at)
-  else
-    redis.call("HSET", m, F.s, state, F.e, at, F.w, reason)
+    s = e + 1
   end
-  if not single then
-    open = redis.call("HINCRBY", m, "open", -1)
-    done = redis.call("HGET", m, "done")
-    if tonumber(at) > tonumber(done) then
-      redis.call("HSET", m, "done", at)
-      done = at
+end
+-- Receipts of the pending entries in first..last that asked for one.
+local function receipts(out, t, L, first, last)
+  local k = box(t)
+  local z = tonumber(redis.call("HGET", k.p, L.z)) or 0
+  each_entry(k[L.name], z, first, last, function(_, member)
+    local id, _, tenant, flags = entry_of(member)
+    if has(flags, "r") and not has(flags, "x") then
+      local h = head(redis.call("GET", base(tenant) .. ":m:" .. id))
+      out[#out + 1] = {tonumber(id), t, h[2], h[3]}
     end
-  end
-  if open <= 0 then
-    e.exp[#e.exp + 1] = id
-    e.done[#e.done + 1] = done
-    e.done[#e.done + 1] = id
-  end
+  end)
 end
-local function flush_ends(ends)
-  for B, e in pairs(ends) do
-    redis.call("HINCRBY", B .. ":n", "unacked", -e.unacked)
-    bulk("ZREM", B .. ":exp", e.exp)
-    bulk("ZADD", B .. ":done", e.done)
-  end
-end
--- A message's payload, the string ``<m>:p``: its header, a newline, its
--- body.  The header is the JSON array [tenant, sender, ref, lane, kind, to,
--- created, receipt] the node made (what never changes; JSON has no raw
--- newline).  Kept apart from the message's hash, whose small fields Redis
--- then keeps in its compact encoding.
-local function payload(m)
-  local v = redis.call("GET", m .. ":p")
-  local at = string.find(v, "\\n", 1, true)
-  return cjson.decode(string.sub(v, 1, at - 1)), string.sub(v, at + 1)
-end
-local function head(m)
-  return (payload(m))
-end
-local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
-  local h = head(m)             -- (kind, sender, ref, receipt: 5, 2, 3, 8)
+local function dead_letter(B, v, id, terminal, lane, seq, reason, at)
+  local h = head(v)             -- (kind, sender, ref, receipt: 5, 2, 3, 8)
   local n = redis.call("INCR", P .. ":dlseq")
   local enc = cjson.encode({id, terminal, tostring(lane), tostring(seq), h[5], reason, at,
                             h[2], h[3], h[8]})
@@ -155,198 +158,210 @@ local function dead_letter(B, m, id, terminal, lane, seq, reason, at)
   redis.call("HINCRBY", B .. ":n", "dead", 1)
   return enc
 end
+-- A pending entry ends (expired or rejected): flagged in the inbox, listed
+-- among the lane's ended seqs above acked (an ack then counts what it
+-- passes), its state in the message's ``x`` hash, the message a trim
+-- candidate from ``at`` on.  Returns the dead letter.
+local function end_entry(t, lane, seq, member, state, at, reason)
+  local k, L = box(t), LANE[lane]
+  local id, idx, tenant = entry_of(member)
+  local MB = base(tenant)
+  local f = redis.call("HMGET", k.p, L.x, L.z)
+  local x = f[1]
+  if x and x ~= "" then x = x .. "," .. seq else x = tostring(seq) end
+  redis.call("LSET", k[lane], seq - (tonumber(f[2]) or 0) - 1, member .. "x")
+  redis.call("HSET", k.p, L.x, x)
+  redis.call("HSET", MB .. ":x:" .. id, "s" .. idx, state, "e" .. idx, at, "w" .. idx, reason)
+  redis.call("ZADD", MB .. ":ended", at, id .. " " .. idx)
+  local B = k.B
+  redis.call("HINCRBY", B .. ":n", "unacked", -1)
+  return dead_letter(B, redis.call("GET", MB .. ":m:" .. id), id, t, lane, seq, reason, at)
+end
 """
 
-# ARGV[3] dedup window; ARGV[4] the items, a JSON array of [tenant,
-# sender, ref, lane, created, expires, receipt, [recipients...], header
-# length, body length] (every value a string but the recipients and the
-# lengths); ARGV[5] each one's payload (see payload: header, newline,
-# body), one after the other.
-# Answer: per item {msg_id, duplicate, seq per recipient...}.
+# ARGV[3] dedup window; ARGV[4] the items, a flat JSON array of 8 values per
+# message: tenant, dedup key ("<sender>\\n<ref>", "" without a ref),
+# created, expires, lane, receipt ("1"/"0"), [recipients...], the length
+# of its payload; ARGV[5] the payloads (header, newline, body), one after
+# the other.  Answer: per item {msg_id, duplicate, seq per recipient...}.
 #
-# Redis runs a script's commands in microseconds each, most of it the call
-# itself: the fewer per message, the more messages per second.  So: the
-# dedup entries of the whole batch are read with one HMGET per tenant; the
-# duplicates (of a stored message within the window, or of an earlier item
-# of this batch) are found before any write, so every new msg_id comes from
-# one INCRBY; an inbox's last seq moves once per batch (one HINCRBY),
-# its entries added with one ZADD; the expiry index, the dedup entries,
-# the counters and the tenants set are written once per tenant.  What is
-# left per message is its own HSET.
+# Dedup entries live in hashes per window-long bucket of ``created``
+# (``dd:<bucket>``, "<msg_id> <created>"): a lookup reads the bucket of
+# the message and its two neighbours, a trim drops whole buckets; the
+# newest msg_id found wins, then the exact window test.
 ACCEPT = _HEADER + """
 local window = tonumber(ARGV[3])
-local bodies, at = ARGV[5], 1
-local items, per_base = cjson.decode(ARGV[4]), {}
-for k = 1, #items do
-  local e = items[k]
-  local tenant, ref = e[1], e[3]
-  local B = base(tenant)
-  local hsize, size = e[9], e[10]
-  local it = {e = e, n = #e[8], tenant = tenant, B = B, size = size,
-              payload = string.sub(bodies, at, at + hsize + size)}
-  at = at + hsize + 1 + size
+local width = window
+if width < 1 then width = 1 end
+local raw, blob = cjson.decode(ARGV[4]), ARGV[5]
+local per_base = {}
+local function of_base(B)
   local pb = per_base[B]
   if not pb then
-    pb = {keys = {}, asked = {}, seen = {}, exp = {}, dd = {}, ddt = {}, sum = {0, 0, 0},
-          in_batch = {}}
+    pb = {keys = {}, asked = {}, buckets = {}, seen = {}, in_batch = {}, dd = {},
+          messages = 0, unacked = 0, bytes = 0}
     per_base[B] = pb
   end
-  if ref ~= "0" then
-    local dkey = e[2] .. "\\n" .. ref
-    it.dkey = dkey
+  return pb
+end
+for j = 1, #raw, 8 do
+  local dkey = raw[j + 1]
+  if dkey ~= "" then
+    local pb = of_base(base(raw[j]))
+    local b = math.floor(tonumber(raw[j + 2]) / width)
+    pb.buckets[b - 1], pb.buckets[b], pb.buckets[b + 1] = true, true, true
     if not pb.asked[dkey] then
       pb.asked[dkey] = true
       pb.keys[#pb.keys + 1] = dkey
     end
   end
-  items[k] = it
 end
 for B, pb in pairs(per_base) do
   local keys = pb.keys
-  for k = 1, #keys, 1000 do
-    local found = redis.call("HMGET", B .. ":dd", unpack(keys, k, math.min(k + 999, #keys)))
-    for j = 1, #found do
-      if found[j] then pb.seen[keys[k + j - 1]] = found[j] end
+  for b in pairs(pb.buckets) do
+    for k = 1, #keys, 1000 do
+      local found = redis.call("HMGET", B .. ":dd:" .. b, unpack(keys, k, math.min(k + 999, #keys)))
+      for j = 1, #found do
+        if found[j] then
+          local _, _, id, created = string.find(found[j], "^(%d+) (.*)$")
+          local key = keys[k + j - 1]
+          local prior = pb.seen[key]
+          if not prior or tonumber(id) > tonumber(prior[1]) then pb.seen[key] = {id, created} end
+        end
+      end
     end
   end
 end
-local fresh = 0
-for k = 1, #items do
-  local it = items[k]
-  local dkey = it.dkey
-  if dkey then
-    local pb = per_base[it.B]
+-- orig[j]: the msg_id of the message item j duplicates (a string), or the
+-- index of the earlier item of this batch it duplicates.
+local orig, fresh = {}, 0
+for j = 1, #raw, 8 do
+  local dkey = raw[j + 1]
+  if dkey ~= "" then
+    local pb = per_base[base(raw[j])]
+    local created = tonumber(raw[j + 2])
     local prior = pb.in_batch[dkey]
     if prior then
-      if tonumber(it.e[5]) - prior.at <= window then it.dup_of = prior.it end
+      if created - prior[2] <= window then orig[j] = prior[1] end
     else
       local seen = pb.seen[dkey]
-      if seen and tonumber(it.e[5]) - tonumber(redis.call("ZSCORE", it.B .. ":ddt", dkey))
-          <= window then
-        it.original = seen
-      end
+      if seen and created - tonumber(seen[2]) <= window then orig[j] = seen[1] end
     end
-    if not it.dup_of and not it.original then
-      pb.in_batch[dkey] = {it = it, at = tonumber(it.e[5])}
-    end
+    if not orig[j] then pb.in_batch[dkey] = {j, created} end
   end
-  if not it.dup_of and not it.original then fresh = fresh + 1 end
+  if not orig[j] then fresh = fresh + 1 end
 end
 local id = 0
 if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
 -- Each inbox's new entries are counted first, so its last seq moves with
--- one HINCRBY for the batch.
+-- one HINCRBY for the batch and its entries go in with one RPUSH.
 local inboxes, order = {}, {}
-for k = 1, #items do
-  local it = items[k]
-  if not it.dup_of and not it.original then
-    local lane, rcpts, qs = it.e[4], it.e[8], {}
-    for i = 1, it.n do
-      local t = rcpts[i]
-      local q = it.B .. ":q:" .. lane .. ":" .. t
-      local inbox = inboxes[q]
+for j = 1, #raw, 8 do
+  if not orig[j] then
+    local L = LANE[raw[j + 4]]
+    local rcpts = raw[j + 6]
+    for r = 1, #rcpts do
+      local t = rcpts[r]
+      local byt = inboxes[L.name]
+      if not byt then
+        byt = {}
+        inboxes[L.name] = byt
+      end
+      local inbox = byt[t]
       if not inbox then
-        -- (The node expands addresses within the tenant; the contract lets a
-        -- recipient be of another one, whose keys hold its inbox.)
-        local tt = tenant_of(t)
-        if tt ~= it.tenant then q = base(tt) .. ":q:" .. lane .. ":" .. t end
-        inbox = inboxes[q]
-        if not inbox then
-          inbox = {pos = base(tt) .. ":pos:" .. t, field = LANE[lane].l, count = 0,
-                   entries = {}, tenant = tt}
-          inboxes[q] = inbox
-          order[#order + 1] = q
-        end
+        inbox = {k = box(t), t = t, L = L, count = 0, entries = {}}
+        byt[t] = inbox
+        order[#order + 1] = inbox
       end
       inbox.count = inbox.count + 1
-      qs[i] = inbox
     end
-    it.qs = qs
   end
 end
 for k = 1, #order do
-  local inbox = inboxes[order[k]]
-  inbox.seq = redis.call("HINCRBY", inbox.pos, inbox.field, inbox.count) - inbox.count
+  local inbox = order[k]
+  inbox.seq = redis.call("HINCRBY", inbox.k.p, inbox.L.l, inbox.count) - inbox.count
 end
-local tenants, out, payloads = {}, {}, {}
-for k = 1, #items do
-  local it = items[k]
-  if it.original then
-    out[k] = {tonumber(it.original), 1}
-  elseif it.dup_of then
-    out[k] = {it.dup_of.id, 1}
+local tenants, out, values, ids, at = {}, {}, {}, {}, 1
+for j = 1, #raw, 8 do
+  local size = raw[j + 7]
+  local o = orig[j]
+  if o then
+    if type(o) == "string" then out[#out + 1] = {tonumber(o), 1} else out[#out + 1] = {ids[o], 1} end
   else
     id = id + 1
-    it.id = id
+    ids[j] = id
     local sid = tostring(id)           -- (formatted once, not at each use)
-    local e, n, B, tenant = it.e, it.n, it.B, it.tenant
-    local pb = per_base[B]
-    local expires, rcpts = e[6], e[8]
+    local tenant, expires, L, rcpts = raw[j], raw[j + 3], LANE[raw[j + 4]], raw[j + 6]
+    local receipt = raw[j + 5] == "1"
+    local B = base(tenant)
+    local n = #rcpts
     local flags = ":"
-    if e[7] == "1" then flags = ":r" end
+    if receipt then flags = ":r" end
     if n == 1 then flags = flags .. "1" end
-    local m = B .. ":m:" .. sid
-    local ns = digits[n]
-    local fields = {"expires", expires, "n", ns, "open", ns, "done", "0", "bl", digits[it.size]}
-    payloads[#payloads + 1] = m .. ":p"
-    payloads[#payloads + 1] = it.payload
-    local answer = {id, 0}
-    local member_tail = ":" .. tenant .. flags
-    local qs = it.qs
-    local f = 10
-    for i = 1, n do
-      local inbox = qs[i]
-      local F = FIELDS[i]
+    local tail = ":" .. tenant .. flags
+    local answer, seqs = {id, 0}, {}
+    local byt = inboxes[L.name]
+    for r = 1, n do
+      local inbox = byt[rcpts[r]]
       local seq = inbox.seq + 1
       inbox.seq = seq
-      local sseq = tostring(seq)
       local entries = inbox.entries
-      entries[#entries + 1] = sseq
-      entries[#entries + 1] = sid .. ":" .. F.i .. member_tail
-      fields[f + 1], fields[f + 2], fields[f + 3] = F.t, rcpts[i], F.q
-      fields[f + 4], fields[f + 5], fields[f + 6] = sseq, F.s, "stored"
-      f = f + 6
-      if f > 6000 then                 -- (unpack's bound on a group of thousands)
-        redis.call("HSET", m, unpack(fields))
-        fields, f = {}, 0
+      entries[#entries + 1] = sid .. ":" .. r .. tail
+      if receipt then inbox.receipt = seq end
+      if not inbox.exp or tonumber(expires) < inbox.expn then
+        inbox.exp, inbox.expn = expires, tonumber(expires)
       end
-      answer[i + 2] = seq
+      seqs[r] = seq
+      answer[r + 2] = seq
     end
-    if f > 0 then redis.call("HSET", m, unpack(fields)) end
-    if n > 0 then
-      pb.exp[#pb.exp + 1] = expires
-      pb.exp[#pb.exp + 1] = sid
-    else
-      redis.call("ZADD", B .. ":done", 0, sid)
-    end
-    local sum = pb.sum
-    sum[1], sum[2], sum[3] = sum[1] + 1, sum[2] + n, sum[3] + it.size
+    local v = expires .. " " .. table.concat(seqs, ",") .. "\\n" .. string.sub(blob, at, at + size - 1)
+    values[#values + 1] = B .. ":m:" .. sid
+    values[#values + 1] = v
+    if n == 0 then redis.call("ZADD", B .. ":done", 0, sid) end
+    local pb = of_base(B)
+    pb.messages, pb.unacked, pb.bytes = pb.messages + 1, pb.unacked + n, pb.bytes + #v
     tenants[tenant] = true
-    if it.dkey then
-      pb.dd[#pb.dd + 1] = it.dkey
-      pb.dd[#pb.dd + 1] = sid
-      pb.ddt[#pb.ddt + 1] = e[5]
-      pb.ddt[#pb.ddt + 1] = it.dkey
+    local dkey = raw[j + 1]
+    if dkey ~= "" then
+      local b = math.floor(tonumber(raw[j + 2]) / width)
+      local dd = pb.dd[b]
+      if not dd then
+        dd = {}
+        pb.dd[b] = dd
+      end
+      dd[#dd + 1] = dkey
+      dd[#dd + 1] = sid .. " " .. raw[j + 2]
     end
-    out[k] = answer
+    out[#out + 1] = answer
   end
+  at = at + size
 end
-bulk("MSET", nil, payloads)
+bulk("MSET", nil, values)
+local exps = {}
 for k = 1, #order do
-  local q = order[k]
-  local inbox = inboxes[q]
-  tenants[inbox.tenant] = true
-  bulk("ZADD", q, inbox.entries)
+  local inbox = order[k]
+  local key = inbox.k
+  bulk("RPUSH", key[inbox.L.name], inbox.entries)
+  if inbox.receipt then redis.call("HSET", key.p, inbox.L.r, inbox.receipt) end
+  local e = exps[key.B]
+  if not e then
+    e = {}
+    exps[key.B] = e
+    tenants[key.tenant] = true
+  end
+  e[#e + 1] = inbox.exp
+  e[#e + 1] = inbox.t
 end
+for TB, e in pairs(exps) do bulk("ZADD", TB .. ":exp", e, "LT") end
 for B, pb in pairs(per_base) do
-  bulk("ZADD", B .. ":exp", pb.exp)
-  bulk("HSET", B .. ":dd", pb.dd)
-  bulk("ZADD", B .. ":ddt", pb.ddt)
-  local sum = pb.sum
-  if sum[1] > 0 then
-    redis.call("HINCRBY", B .. ":n", "messages", sum[1])
-    redis.call("HINCRBY", B .. ":n", "unacked", sum[2])
-    redis.call("HINCRBY", B .. ":n", "bytes", sum[3])
+  for b, dd in pairs(pb.dd) do
+    bulk("HSET", B .. ":dd:" .. b, dd)
+    redis.call("ZADD", B .. ":ddb", b, b)
+  end
+  if pb.messages > 0 then
+    redis.call("HINCRBY", B .. ":n", "messages", pb.messages)
+    redis.call("HINCRBY", B .. ":n", "unacked", pb.unacked)
+    redis.call("HINCRBY", B .. ":n", "bytes", pb.bytes)
   end
 end
 for tenant in pairs(tenants) do redis.call("SADD", P .. ":tenants", tenant) end
@@ -354,20 +369,24 @@ return {epoch, out}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] after, ARGV[6] limit.
-# Answer: per entry {seq, msg_id, payload, delivered, expires}
-# (delivered: the entry has a delivery time, see DELIVERED).
+# Answer: per pending entry {seq, msg_id, value, delivered}.
 INBOX = _HEADER + """
-local t, lane = ARGV[3], ARGV[4]
-local B = base(tenant_of(t))
+local t, L = ARGV[3], LANE[ARGV[4]]
+local limit = tonumber(ARGV[6])
+local k = box(t)
+local f = redis.call("HMGET", k.p, L.a, L.l, L.d, L.z)
+local acked, last, dpos = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
 local out = {}
-local found = redis.call("ZRANGEBYSCORE", B .. ":q:" .. lane .. ":" .. t, "(" .. ARGV[5], "+inf",
-                         "WITHSCORES", "LIMIT", 0, tonumber(ARGV[6]))
-for k = 1, #found, 2 do
-  local id, i, MB = entry_of(found[k])
-  local m = MB .. ":m:" .. id
-  local f = redis.call("HMGET", m, "d" .. i, "expires")
-  out[#out + 1] = {tonumber(found[k + 1]), tonumber(id), redis.call("GET", m .. ":p"),
-                   f[1] and 1 or 0, f[2]}
+if limit > 0 then
+  each_entry(k[L.name], tonumber(f[4]) or 0, math.max(tonumber(ARGV[5]), acked) + 1, last,
+             function(seq, member)
+    local id, _, tenant, flags = entry_of(member)
+    if not has(flags, "x") then
+      out[#out + 1] = {seq, tonumber(id), redis.call("GET", base(tenant) .. ":m:" .. id),
+                       seq <= dpos and 1 or 0}
+    end
+    return #out >= limit
+  end)
 end
 return {epoch, out}
 """
@@ -377,116 +396,171 @@ return {epoch, out}
 POSITIONS_MANY = _HEADER + """
 local out = {}
 for a = 3, #ARGV do
-  local t = ARGV[a]
-  local f = redis.call("HMGET", base(tenant_of(t)) .. ":pos:" .. t, "a0", "l0", "a1", "l1")
+  local f = redis.call("HMGET", box(ARGV[a]).p, "a0", "l0", "a1", "l1")
   out[#out + 1] = {tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0,
                    tonumber(f[4]) or 0}
 end
 return {epoch, out}
 """
 
-# ARGV[3] now; then (terminal, lane, seq) triples.  Answer: receipts
-# {msg_id, terminal, sender, ref} of newly acked messages that asked for one
-# (the entry's flags say which, without reading the message).
-ACK = _HEADER + """
+# ARGV[3] now, ARGV[4] how many deliveries; then the deliveries, (terminal,
+# lane, first, last) quadruples, then the acks, (terminal, lane, seq)
+# triples.  Answer: {receipts of first deliveries, receipts of newly acked
+# messages}, each {msg_id, terminal, sender, ref}.
+#
+# Delivered and acked are positions.  The node delivers an inbox in seq
+# order, so a range past the delivered position moves it and logs the new
+# part ("<lane>d<first> <last> <at>"), and one within it (a redelivery)
+# changes nothing; an ack moves the acked position and logs its range
+# ("<lane>a<first> <last> <at>").  Each inbox's positions are read once
+# and written once for its delivery and its ack (the node sends a batch's
+# deliveries and acks together: see store_redis.py's _next_write).  The
+# terminal's oldest ack not yet trimmed ("w") puts it on its tenant's trim
+# list.  The unacked count drops by each acked range less the ended
+# entries in it.
+PROGRESS = _HEADER + """
 local now = ARGV[3]
-local out, ends = {}, {}
-for a = 4, #ARGV, 3 do
-  local t, lane, arg = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local seq = tonumber(arg)
-  local B = base(tenant_of(t))
-  local pos = B .. ":pos:" .. t
-  local L = LANE[lane]
-  local f = redis.call("HMGET", pos, L.a, L.l)
+local last_delivery = 4 + 4 * tonumber(ARGV[4])
+local lanes, order = {{}, {}}, {}
+local function inbox(t, lane)
+  local byt = lanes[lane + 1]
+  local g = byt[t]
+  if not g then
+    g = {t = t, lane = lane}
+    byt[t] = g
+    order[#order + 1] = g
+  end
+  return g
+end
+for a = 5, last_delivery, 4 do
+  local g = inbox(ARGV[a], tonumber(ARGV[a + 1]))
+  local first, last = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if not g.first or first < g.first then g.first = first end
+  if not g.last or last > g.last then g.last = last end
+end
+for a = last_delivery + 1, #ARGV, 3 do
+  local g = inbox(ARGV[a], tonumber(ARGV[a + 1]))
+  local seq = tonumber(ARGV[a + 2])
+  if not g.ack or seq > g.ack then g.ack = seq end
+end
+local delivered, acked_out, unacked, work = {}, {}, {}, {}
+for _, g in ipairs(order) do
+  local t, L = g.t, LANE[g.lane]
+  local k = box(t)
+  local f = redis.call("HMGET", k.p, L.a, L.l, L.d, L.r, L.x, "w")
   local acked, last = tonumber(f[1]) or 0, tonumber(f[2])
-  if last and seq > acked then
-    if seq > last then seq, arg = last, f[2] end
-    local q = B .. ":q:" .. lane .. ":" .. t
-    local found = redis.call("ZRANGEBYSCORE", q, "(" .. (f[1] or "0"), arg)
-    for k = 1, #found do
-      local id, i, MB, flags = entry_of(found[k])
-      finish(ends, MB, id, i, flags, "acked", now, "")
-      if string.find(flags, "r", 1, true) then
-        local h = head(MB .. ":m:" .. id)
-        out[#out + 1] = {tonumber(id), t, h[2], h[3]}
+  local rpos = tonumber(f[4]) or 0
+  local fields, recs = {}, {}
+  if g.last and last then
+    local dpos, dlast = tonumber(f[3]) or 0, math.min(g.last, last)
+    if dlast > dpos then
+      local new = math.max(g.first, acked + 1, dpos + 1, 1)
+      if new <= dlast then
+        if rpos >= new then receipts(delivered, t, L, new, dlast) end
+        fields[#fields + 1] = L.d
+        fields[#fields + 1] = dlast
+        recs[#recs + 1] = L.dl .. new .. " " .. dlast .. " " .. now
       end
     end
-    if #found > 0 then redis.call("ZREMRANGEBYSCORE", q, "-inf", arg) end
-    redis.call("HSET", pos, L.a, arg)
   end
-end
-flush_ends(ends)
-return {epoch, out}
-"""
-
-# ARGV[3] now; then (terminal, lane, first, last) quadruples.  Answer: the
-# receipts of first deliveries, as ACK's.  An entry is delivered once it has
-# a delivery time ``d<i>`` (its state stays "stored" in the hash; TRACE's
-# reader tells the two apart): one HSETNX per entry, which also says whether
-# this is its first delivery.
-DELIVERED = _HEADER + """
-local now = ARGV[3]
-local out = {}
-for a = 4, #ARGV, 4 do
-  local t, lane = ARGV[a], ARGV[a + 1]
-  local q = base(tenant_of(t)) .. ":q:" .. lane .. ":" .. t
-  local found = redis.call("ZRANGEBYSCORE", q, ARGV[a + 2], ARGV[a + 3])
-  for k = 1, #found do
-    local id, i, MB, flags = entry_of(found[k])
-    local m = MB .. ":m:" .. id
-    if redis.call("HSETNX", m, FIELDS[i].d, now) == 1 and string.find(flags, "r", 1, true) then
-      local h = head(m)
-      out[#out + 1] = {tonumber(id), t, h[2], h[3]}
+  local seq = g.ack
+  if seq and last and seq > last then seq = last end
+  if seq and last and seq > acked then
+    local n = seq - acked
+    fields[#fields + 1] = L.a
+    fields[#fields + 1] = seq
+    if f[5] and f[5] ~= "" then
+      local keep = {}
+      for x in string.gmatch(f[5], "%d+") do
+        if tonumber(x) <= seq then n = n - 1 else keep[#keep + 1] = x end
+      end
+      fields[#fields + 1] = L.x
+      fields[#fields + 1] = table.concat(keep, ",")
     end
+    local B = k.B
+    if not f[6] then
+      fields[#fields + 1] = "w"
+      fields[#fields + 1] = now
+      local w = work[B]
+      if not w then
+        w = {}
+        work[B] = w
+      end
+      w[#w + 1] = now
+      w[#w + 1] = t
+    end
+    if rpos > acked then receipts(acked_out, t, L, acked + 1, seq) end
+    recs[#recs + 1] = L.al .. (acked + 1) .. " " .. seq .. " " .. now
+    unacked[B] = (unacked[B] or 0) + n
+  end
+  if #fields > 0 then
+    redis.call("HSET", k.p, unpack(fields))
+    redis.call("RPUSH", k.g, unpack(recs))
   end
 end
-return {epoch, out}
+for B, n in pairs(unacked) do
+  if n ~= 0 then redis.call("HINCRBY", B .. ":n", "unacked", 0 - n) end
+end
+for B, w in pairs(work) do bulk("ZADD", B .. ":acked", w, "NX") end
+return {epoch, {delivered, acked_out}}
 """
 
 # ARGV[3] terminal, ARGV[4] lane, ARGV[5] seq, ARGV[6] reason, ARGV[7] now.
 # Answer: the dead letter (JSON) or false.
 REJECT = _HEADER + """
-local t, lane, seq = ARGV[3], ARGV[4], ARGV[5]
-local B = base(tenant_of(t))
-local q = B .. ":q:" .. lane .. ":" .. t
-local found = redis.call("ZRANGEBYSCORE", q, seq, seq)
-if #found == 0 then return {epoch, false} end
-local id, i, MB, flags = entry_of(found[1])
-local ends = {}
-finish(ends, MB, id, i, flags, "rejected", ARGV[7], ARGV[6])
-flush_ends(ends)
-redis.call("ZREM", q, found[1])
-return {epoch, dead_letter(B, MB .. ":m:" .. id, id, t, lane, seq, ARGV[6], ARGV[7])}
+local t, lane, seq = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local k, L = box(t), LANE[ARGV[4]]
+local f = redis.call("HMGET", k.p, L.a, L.l, L.z)
+if seq <= (tonumber(f[1]) or 0) or seq > (tonumber(f[2]) or 0) then return {epoch, false} end
+local member = redis.call("LINDEX", k[lane], seq - (tonumber(f[3]) or 0) - 1)
+if not member then return {epoch, false} end
+local _, _, _, flags = entry_of(member)
+if has(flags, "x") then return {epoch, false} end
+return {epoch, end_entry(t, lane, seq, member, "rejected", ARGV[7], ARGV[6])}
 """
 
-# ARGV[3] now.  Every tenant's messages expired by now, in msg_id order;
-# each open entry is dead-lettered.  Answer: the dead letters (JSON).
+# ARGV[3] now.  Dead-letters every pending entry whose message expired by
+# now, in (msg_id, recipient) order.  Each tenant's ``exp`` holds, per
+# terminal, a lower bound of its pending entries' expiry: only terminals
+# past theirs are read, and get their bound set exactly (or leave the set).
+# Answer: the dead letters (JSON).
 EXPIRE = _HEADER + """
 local now = ARGV[3]
+local limit = tonumber(now)
 local due = {}
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
-  for _, id in ipairs(redis.call("ZRANGEBYSCORE", base(tenant) .. ":exp", "-inf", now)) do
-    due[#due + 1] = {tonumber(id), tenant, id}
-  end
-end
-table.sort(due, function(x, y) return x[1] < y[1] end)
-local out = {}
-for _, d in ipairs(due) do
-  local id, B = d[3], base(d[2])      -- (the id as stored: tostring keeps 14 digits)
-  local m = B .. ":m:" .. id
-  local f = redis.call("HMGET", m, "n")
-  local lane = head(m)[4]
-  local ends = {}
-  for i = 1, tonumber(f[1]) do
-    local r = redis.call("HMGET", m, "s" .. i, "t" .. i, "q" .. i)
-    if r[1] == "stored" or r[1] == "delivered" then
-      local RB = base(tenant_of(r[2]))
-      finish(ends, B, id, i, "", "expired", now, "ttl")
-      redis.call("ZREMRANGEBYSCORE", RB .. ":q:" .. lane .. ":" .. r[2], r[3], r[3])
-      out[#out + 1] = dead_letter(RB, m, id, r[2], lane, r[3], "ttl", now)
+  local TB = base(tenant)
+  for _, t in ipairs(redis.call("ZRANGEBYSCORE", TB .. ":exp", "-inf", now)) do
+    local k = box(t)
+    local f = redis.call("HMGET", k.p, "a0", "l0", "z0", "a1", "l1", "z1")
+    local low
+    for lane = 0, 1 do
+      local o = lane * 3
+      each_entry(k[LANE[lane].name], tonumber(f[o + 3]) or 0, (tonumber(f[o + 1]) or 0) + 1,
+                 tonumber(f[o + 2]) or 0, function(seq, member)
+        local id, idx, mt, flags = entry_of(member)
+        if not has(flags, "x") then
+          local v = redis.call("GET", base(mt) .. ":m:" .. id)
+          local ex = tonumber(string.sub(v, 1, string.find(v, " ", 1, true) - 1))
+          if ex <= limit then
+            due[#due + 1] = {tonumber(id), tonumber(idx), t, tostring(lane), seq, member}
+          elseif not low or ex < low then
+            low = ex
+          end
+        end
+      end)
+    end
+    if low then
+      redis.call("ZADD", TB .. ":exp", low, t)
+    else
+      redis.call("ZREM", TB .. ":exp", t)
     end
   end
-  flush_ends(ends)
+end
+table.sort(due, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
+local out = {}
+for _, d in ipairs(due) do
+  out[#out + 1] = end_entry(d[3], d[4], d[5], d[6], "expired", now, "ttl")
 end
 return {epoch, out}
 """
@@ -501,7 +575,8 @@ return {epoch, out}
 # created, expires}.
 REDRIVE = _HEADER + """
 local t, want, limit = ARGV[3], ARGV[4], tonumber(ARGV[7])
-local B = base(tenant_of(t))
+local k = box(t)
+local B = k.B
 local out = {}
 if limit <= 0 then return {epoch, out} end
 for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
@@ -510,37 +585,36 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
     local id, lane = d[1], d[3]
     -- The message lives under its own tenant (the recipient's, as the node
     -- routes within one tenant; else found as TRACE finds it).
-    local MB, m = B, B .. ":m:" .. id
-    if redis.call("EXISTS", m) == 0 then
-      m = false
+    local MB = B
+    local v = redis.call("GET", MB .. ":m:" .. id)
+    if not v then
       for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
-        if redis.call("EXISTS", base(tenant) .. ":m:" .. id) == 1 then
+        v = redis.call("GET", base(tenant) .. ":m:" .. id)
+        if v then
           MB = base(tenant)
-          m = MB .. ":m:" .. id
           break
         end
       end
     end
-    if m then
-      local g = redis.call("HMGET", m, "n", "expires")
-      local h, body = payload(m)      -- (tenant, kind, created, receipt: 1, 5, 7, 8)
-      local n = tonumber(g[1]) + 1
-      local seq = redis.call("HINCRBY", B .. ":pos:" .. t, "l" .. lane, 1)
+    if v then
+      local L = LANE[lane]
+      local expires, seqs, header, body = parts(v)
+      local h = cjson.decode(header)   -- (tenant, kind, created, receipt: 1, 5, 7, 8)
+      local n = #h[9] + 1
+      h[9][n] = t
+      local seq = redis.call("HINCRBY", k.p, L.l, 1)
+      local fresh = ARGV[5 + tonumber(lane)]
+      if tonumber(fresh) > tonumber(expires) then expires = fresh end
+      local nv = expires .. " " .. seqs .. "," .. seq .. "\\n" .. cjson.encode(h) .. "\\n" .. body
+      redis.call("SET", MB .. ":m:" .. id, nv)
+      redis.call("HINCRBY", MB .. ":n", "bytes", #nv - #v)
       -- (flags: never "1", its message had a recipient before)
       local entry = id .. ":" .. n .. ":" .. h[1] .. (h[8] == "1" and ":r" or ":")
-      redis.call("ZADD", B .. ":q:" .. lane .. ":" .. t, seq, entry)
-      redis.call("HSET", m, "n", n, "t" .. n, t, "q" .. n, seq, "s" .. n, "stored",
-                 "w" .. n, "redriven")
-      local expires = g[2]
-      local fresh = ARGV[5 + tonumber(lane)]
-      if tonumber(fresh) > tonumber(expires) then
-        expires = fresh
-        redis.call("HSET", m, "expires", expires)
-      end
-      redis.call("HINCRBY", m, "open", 1)
-      redis.call("ZREM", MB .. ":done", id)
-      redis.call("ZADD", MB .. ":exp", expires, id)
-      redis.call("HINCRBY", MB .. ":n", "unacked", 1)
+      redis.call("RPUSH", k[lane], entry)
+      if h[8] == "1" then redis.call("HSET", k.p, L.r, seq) end
+      redis.call("HSET", MB .. ":x:" .. id, "w" .. n, "redriven")
+      redis.call("HINCRBY", B .. ":n", "unacked", 1)
+      redis.call("ZADD", B .. ":exp", "LT", expires, t)
       redis.call("ZREM", B .. ":dead", member)
       redis.call("HINCRBY", B .. ":n", "dead", -1)
       out[#out + 1] = {tonumber(id), tonumber(lane), tonumber(d[4]), seq, h[5], body, h[7],
@@ -552,13 +626,27 @@ end
 return {epoch, out}
 """
 
-# ARGV[3] msg_id.  Answer: {the message hash as a flat list, its payload},
-# or false.
+# ARGV[3] msg_id.  Answer: {value, the message's x hash (flat), per
+# recipient {acked, delivered, its lane's range log}}, or false.
 TRACE = _HEADER + """
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
-  local m = base(tenant) .. ":m:" .. ARGV[3]
-  local found = redis.call("HGETALL", m)
-  if #found > 0 then return {epoch, {found, redis.call("GET", m .. ":p")}} end
+  local MB = base(tenant)
+  local v = redis.call("GET", MB .. ":m:" .. ARGV[3])
+  if v then
+    local h = head(v)
+    local L = LANE[h[4]]
+    local per = {}
+    for r, t in ipairs(h[9]) do
+      local k = box(t)
+      local f = redis.call("HMGET", k.p, L.a, L.d)
+      local log = {}
+      for _, rec in ipairs(redis.call("LRANGE", k.g, 0, -1)) do
+        if string.sub(rec, 1, 1) == L.name then log[#log + 1] = rec end
+      end
+      per[r] = {f[1] or "0", f[2] or "0", log}
+    end
+    return {epoch, {v, redis.call("HGETALL", MB .. ":x:" .. ARGV[3]), per}}
+  end
 end
 return {epoch, false}
 """
@@ -585,30 +673,167 @@ return {epoch, out}
 """
 
 # ARGV[3] now, ARGV[4] cutoff (now - keep_acked), ARGV[5] dedup window.
-# Deletes messages done by the cutoff and dedup entries past the window.
+# Deletes messages whose every recipient acked (or went dead) by the
+# cutoff, as store_sqlite_writer.py's trim does: the acked ranges logged
+# by the cutoff say which part of each inbox is done, and its entries
+# there leave the list (the trimmed position ``z`` moves up); a single-
+# recipient message there goes at once, a group message when each of its
+# recipients is done (ended by the cutoff, or within its inbox's trimmed
+# part), else its done entries keep their times in the message's ``x``
+# hash while the range log goes.  Dedup buckets past the window go whole.
 # Answer: how many messages went.
 TRIM = _HEADER + """
-local now, window = tonumber(ARGV[3]), tonumber(ARGV[5])
+local now, cut, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local width = window
+if width < 1 then width = 1 end
 local removed = 0
+local function drop(MB, id, v)
+  redis.call("DEL", MB .. ":m:" .. id, MB .. ":x:" .. id)
+  redis.call("HINCRBY", MB .. ":n", "bytes", 0 - #v)
+  redis.call("HINCRBY", MB .. ":n", "messages", -1)
+  removed = removed + 1
+end
+-- The earliest time a logged range covered seq.
+local function range_time(log, seq)
+  local best
+  for _, r in ipairs(log) do
+    if r.first <= seq and seq <= r.last and (not best or r.at < best.at) then best = r end
+  end
+  return best and best.ats
+end
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   local B = base(tenant)
-  for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4])) do
-    local m = B .. ":m:" .. id
-    -- (0 - n, not -n: Lua writes minus zero as "-0", which HINCRBY refuses)
-    redis.call("HINCRBY", B .. ":n", "bytes", 0 - tonumber(redis.call("HGET", m, "bl")))
-    redis.call("HINCRBY", B .. ":n", "messages", -1)
-    redis.call("DEL", m, m .. ":p")
-    redis.call("ZREM", B .. ":done", id)
-    removed = removed + 1
-  end
-  -- Candidates by score (one second of slack), then the exact test the
-  -- memory store makes (now - created > window) on each.
-  local old = redis.call("ZRANGEBYSCORE", B .. ":ddt", "-inf", now - window + 1, "WITHSCORES")
-  for k = 1, #old, 2 do
-    if now - tonumber(old[k + 1]) > window then
-      redis.call("HDEL", B .. ":dd", old[k])
-      redis.call("ZREM", B .. ":ddt", old[k])
+  local cand, order = {}, {}
+  local function candidate(MB, id)
+    local c = cand[id]
+    if not c then
+      c = {MB = MB, idx = {}}
+      cand[id] = c
+      order[#order + 1] = id
     end
+    return c
+  end
+  for _, t in ipairs(redis.call("ZRANGEBYSCORE", B .. ":acked", "-inf", ARGV[4])) do
+    local k = box(t)
+    local f = redis.call("HMGET", k.p, "z0", "z1")
+    local logs, kept, oldest = {}, {}, nil
+    for _, rec in ipairs(redis.call("LRANGE", k.g, 0, -1)) do
+      local _, _, key, first, last, at = string.find(rec, "^(%d[da])(%d+) (%d+) (.*)$")
+      if not logs[key] then logs[key] = {} end
+      local list = logs[key]
+      list[#list + 1] = {rec = rec, key = key, first = tonumber(first), last = tonumber(last),
+                         at = tonumber(at), ats = at}
+    end
+    local hset = {}
+    local zs = {}
+    for lane = 0, 1 do
+      local L = LANE[lane]
+      local acks, dels = logs[L.al] or {}, logs[L.dl] or {}
+      local done_to = 0
+      for _, r in ipairs(acks) do
+        if r.at <= cut and r.last > done_to then done_to = r.last end
+      end
+      local z = tonumber(f[lane + 1]) or 0
+      if done_to > z then
+        local list = k[L.name]
+        each_entry(list, z, z + 1, done_to, function(s, member)
+          local id, idx, mt, flags = entry_of(member)
+          if not has(flags, "x") then
+            local MB = base(mt)
+            if has(flags, "1") then
+              local v = redis.call("GET", MB .. ":m:" .. id)
+              if v then drop(MB, id, v) end
+            else
+              candidate(MB, id).idx[tonumber(idx)] = {acked = range_time(acks, s),
+                                                     delivered = range_time(dels, s)}
+            end
+          end
+        end)
+        redis.call("LTRIM", list, done_to - z, -1)
+        hset[#hset + 1] = L.z
+        hset[#hset + 1] = done_to
+        z = done_to
+      end
+      zs[lane] = z
+    end
+    for _, list in pairs(logs) do
+      for _, r in ipairs(list) do
+        if not (r.at <= cut and r.last <= zs[tonumber(string.sub(r.key, 1, 1))]) then
+          kept[#kept + 1] = r.rec
+          if string.sub(r.key, 2, 2) == "a" and (not oldest or r.at < oldest.at) then oldest = r end
+        end
+      end
+    end
+    redis.call("DEL", k.g)
+    bulk("RPUSH", k.g, kept)
+    if oldest then
+      hset[#hset + 1] = "w"
+      hset[#hset + 1] = oldest.ats
+      redis.call("ZADD", B .. ":acked", oldest.ats, t)
+    else
+      redis.call("HDEL", k.p, "w")
+      redis.call("ZREM", B .. ":acked", t)
+    end
+    bulk("HSET", k.p, hset)
+  end
+  local ended = redis.call("ZRANGEBYSCORE", B .. ":ended", "-inf", ARGV[4])
+  for _, member in ipairs(ended) do
+    local _, _, id, idx = string.find(member, "^(%d+) (%d+)$")
+    local c = candidate(B, id)
+    c.idx[tonumber(idx)] = c.idx[tonumber(idx)] or {}
+  end
+  bulk("ZREM", B .. ":ended", ended)
+  for _, id in ipairs(order) do
+    local c = cand[id]
+    local MB = c.MB
+    local v = redis.call("GET", MB .. ":m:" .. id)
+    if v then
+      local _, seqs, header = parts(v)
+      local hd = cjson.decode(header)
+      local L = LANE[hd[4]]
+      local sq = split(seqs)
+      local flat = redis.call("HGETALL", MB .. ":x:" .. id)
+      local x = {}
+      for j = 1, #flat, 2 do x[flat[j]] = flat[j + 1] end
+      local done = true
+      for r, t in ipairs(hd[9]) do
+        local s = x["s" .. r]
+        if c.idx[r] or s == "acked" then
+          -- (done by this trim, or kept acked by an earlier one)
+        elseif s == "expired" or s == "rejected" then
+          if tonumber(x["e" .. r]) > cut then done = false end
+        elseif tonumber(sq[r]) > (tonumber(redis.call("HGET", box(t).p, L.z)) or 0) then
+          done = false
+        end
+        if not done then break end
+      end
+      if done then
+        drop(MB, id, v)
+      else
+        for r, e in pairs(c.idx) do
+          if e.acked then
+            if e.delivered then
+              redis.call("HSET", MB .. ":x:" .. id, "s" .. r, "acked", "a" .. r, e.acked,
+                         "d" .. r, e.delivered)
+            else
+              redis.call("HSET", MB .. ":x:" .. id, "s" .. r, "acked", "a" .. r, e.acked)
+            end
+          end
+        end
+      end
+    end
+  end
+  -- Messages without recipients are done when stored.
+  for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4])) do
+    local v = redis.call("GET", B .. ":m:" .. id)
+    if v then drop(B, id, v) end
+    redis.call("ZREM", B .. ":done", id)
+  end
+  -- Dedup buckets whose every entry is past the window.
+  local old = math.floor(now / width) - 3
+  for _, b in ipairs(redis.call("ZRANGEBYSCORE", B .. ":ddb", "-inf", old)) do
+    redis.call("DEL", B .. ":dd:" .. b)
+    redis.call("ZREM", B .. ":ddb", b)
   end
 end
 return {epoch, removed}
@@ -624,7 +849,17 @@ end
 return {epoch, sums}
 """
 
-# Nothing but the header: what :meth:`RedisStore.open` runs.
+# What :meth:`RedisStore.open` runs: the header, and the key layout's
+# version.  A store written by a Tillwire with another layout (``<p>:layout``
+# missing while messages are held, or different) is refused: answer
+# {epoch, the layout found}.
+LAYOUT = "2"
 EPOCH = _HEADER + """
-return {epoch, 0}
+local layout = redis.call("GET", P .. ":layout")
+if not layout then
+  if redis.call("SCARD", P .. ":tenants") > 0 then return {epoch, "1"} end
+  redis.call("SET", P .. ":layout", ARGV[3])
+  layout = ARGV[3]
+end
+return {epoch, layout}
 """

@@ -20,6 +20,7 @@ from redis_server import PrivateRedis, fresh_prefix, redis_url
 from support import aiotest
 from tillwire.core.codes import Lane
 from tillwire.server.store import NewMessage
+from tillwire.server.store_memory import MemoryStore
 from tillwire.server.store_redis import RedisStore, connect
 
 PAY = "terminal:acme/pay1"
@@ -230,6 +231,69 @@ async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_scr
         finally:
             await admin.aclose()
             await store.close()
+
+
+@aiotest()
+async def test_deliveries_and_acks_asked_together_share_one_script_and_keep_their_answers():
+    # The node's batch asks its deliveries and its acks in one loop turn;
+    # the store joins them into one script (each inbox's positions read
+    # once) and gives each call its own receipts, as asked one by one.
+    def receipted(ref: int, to: str) -> NewMessage:
+        m = msg(ref)
+        m.to, m.receipt = to, True
+        return m
+
+    till2 = "terminal:acme/till2"
+    items = [(receipted(1, TILL), [TILL]), (receipted(2, TILL), [TILL]),
+             (receipted(3, till2), [till2])]
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        memory = MemoryStore()
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            answers = []
+            for s in (memory, store):
+                await s.accept_many(items)
+                await admin.config_resetstat()
+                answers.append(await asyncio.gather(
+                    s.delivered_many([(TILL, 0, 1, 2), (till2, 0, 1, 1)], T0 + 1),
+                    s.ack_many([(TILL, 0, 1), (till2, 0, 1)], T0 + 1)))
+            stats = await admin.info("commandstats")
+            assert stats["cmdstat_evalsha"]["calls"] == 1
+            delivered, acked = answers[1]
+            assert sorted(r.ref for r in delivered) == [1, 2, 3]
+            assert sorted(r.ref for r in acked) == [1, 3]
+            assert answers[0] == answers[1]
+            for msg_id in (1, 2, 3):
+                assert await store.trace(msg_id) == await memory.trace(msg_id)
+        finally:
+            await admin.aclose()
+            await store.close()
+
+
+@aiotest()
+async def test_a_store_in_another_key_layout_is_refused_at_open_and_left_alone():
+    with PrivateRedis() as server:
+        admin = aioredis.from_url(server.url)
+        try:
+            # What an older Tillwire left: an epoch and tenants with messages,
+            # no layout marker.
+            await admin.set("tw:epoch", 7)
+            await admin.sadd("tw:tenants", "acme")
+            store = RedisStore(server.url, prefix="tw")
+            with pytest.raises(RuntimeError, match="key layout 1.*another prefix"):
+                await store.open()
+            await store.close()
+            assert await admin.get("tw:layout") is None
+            assert await admin.get("tw:epoch") == b"7"
+            # Another prefix on the same instance opens, and is marked.
+            other = RedisStore(server.url, prefix="tw2")
+            await other.open()
+            await other.close()
+            assert await admin.get("tw2:layout") == b"2"
+        finally:
+            await admin.aclose()
 
 
 @aiotest()
