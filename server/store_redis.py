@@ -269,13 +269,13 @@ class RedisStore:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._send_writes())
 
-    async def _ordered(self, name: str, *args, count: int = 0):
+    async def _ordered(self, name: str, *args):
         # (Encoded here: a value Redis cannot be sent fails its own call, not
         # the round trip it would share with other writes.)
         encode = self._redis.get_encoder().encode
         args = [encode(arg) for arg in args]
         done = asyncio.get_running_loop().create_future()
-        self._write(name, args, done, count)
+        self._write(name, args, done)
         return await done
 
     def _next_write(self) -> tuple[str, list, list, list[int]]:
@@ -287,22 +287,25 @@ class RedisStore:
         name, args, count, done = writes.popleft()
         group, counts = [done], [count]
         if (name == "progress" and writes and writes[0][0] == "progress"
-                and len(args) == 2 + 4 * count and writes[0][2] == 0 and writes[0][1][0] == args[0]):
+                and args[2] == b"[]" and writes[0][1][1] == b"[]"
+                and writes[0][1][0] == args[0]):
             # Deliveries followed by acks of the same moment (what the node's
             # batch sends): one script, each inbox's positions read once.
             _, more, _, other = writes.popleft()
-            args = args + more[2:]
+            args = [args[0], args[1], more[2]]
             group.append(other)
             counts.append(0)
         if name == "accept":
-            entries, bodies = list(args[0]), list(args[1])
+            # (counts: each waiter's messages' numbers of recipients, to
+            # split the script's flat answer)
+            entries, bodies, counts = list(args[0]), list(args[1]), [args[2]]
             while writes and writes[0][0] == "accept" and count < GROUP_MAX:
                 _, more, n, other = writes.popleft()
                 entries += more[0]
                 bodies += more[1]
                 count += n
                 group.append(other)
-                counts.append(n)
+                counts.append(more[2])
             # (Two arguments for the whole batch, not a dozen per message:
             # redis-py packs each argument in Python.)
             try:
@@ -394,7 +397,7 @@ class RedisStore:
         _fail(waiters, exc)
 
     @staticmethod
-    def _settle(name: str, answer, group: list, counts: list[int]) -> None:
+    def _settle(name: str, answer, group: list, counts: list) -> None:
         """Give each waiter of a script its part of ``answer`` (an accept's
         answers are per message, in the order of its batches), or the error."""
         if isinstance(answer, Exception):
@@ -406,18 +409,23 @@ class RedisStore:
                     waiter.set_result(answer)
             return
         k = 0
-        for waiter, n in zip(group, counts):
+        for waiter, sizes in zip(group, counts):
+            part = []
+            for n in sizes:       # (msg_id, 1) or (msg_id, 0, a seq per recipient)
+                end = k + (2 if answer[k + 1] else 2 + n)
+                part.append(answer[k:end])
+                k = end
             if not waiter.done():
-                waiter.set_result(answer[k:k + n])
-            k += n
+                waiter.set_result(part)
 
     # -- accept ----------------------------------------------------------
 
     @staticmethod
-    def _accept_args(items) -> tuple[tuple[list, list[bytes]], list[list[str]]]:
+    def _accept_args(items) -> tuple[tuple[list, list[bytes], list[int]], list[list[str]]]:
         """The accept script's arguments of ``items`` (eight values per
-        message in one flat list, and the payloads apart: bodies need not be
-        text) and each one's recipients."""
+        message in one flat list, the payloads apart: bodies need not be
+        text; and each one's number of recipients) and each one's
+        recipients."""
         entries: list = []
         payloads: list[bytes] = []
         unique = []
@@ -429,9 +437,16 @@ class RedisStore:
             payload = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
                                     receipt, rcpts)) + b"\n" + bytes(msg.body)
             payloads.append(payload)
+            # (flags: 1 receipts, 2 every recipient is of the message's tenant)
+            flags = 1 if msg.receipt else 0
+            if len(rcpts) == 1:
+                if _tenant_of(rcpts[0]) == msg.tenant:
+                    flags += 2
+            elif all(_tenant_of(r) == msg.tenant for r in rcpts):
+                flags += 2
             entries += (msg.tenant, f"{msg.sender}\n{ref}" if msg.ref else "", created,
-                        repr(float(msg.expires)), lane, receipt, rcpts, len(payload))
-        return (entries, payloads), unique
+                        repr(float(msg.expires)), lane, flags, rcpts, len(payload))
+        return (entries, payloads, [len(r) for r in unique]), unique
 
     @staticmethod
     def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
@@ -491,20 +506,17 @@ class RedisStore:
         return [tuple(int(v) for v in row) for row in found]
 
     async def ack_many(self, acks, now: float) -> list[ReceiptEvent]:
-        args = [repr(float(now)), 0]
-        for terminal, lane, seq in acks:
-            args += [terminal, int(lane), int(seq)]
-        if len(args) == 2:
+        if not acks:
             return []
-        return _receipts((await self._ordered("progress", *args))[1])
+        flat = _json([v for terminal, lane, seq in acks for v in (terminal, int(lane), int(seq))])
+        return _receipts((await self._ordered("progress", repr(float(now)), b"[]", flat))[1])
 
     async def delivered_many(self, ranges, now: float) -> list[ReceiptEvent]:
-        args = [repr(float(now)), len(ranges)]
-        for terminal, lane, first, last in ranges:
-            args += [terminal, int(lane), int(first), int(last)]
-        if len(args) == 2:
+        if not ranges:
             return []
-        return _receipts((await self._ordered("progress", *args, count=len(ranges)))[0])
+        flat = _json([v for terminal, lane, first, last in ranges
+                      for v in (terminal, int(lane), int(first), int(last))])
+        return _receipts((await self._ordered("progress", repr(float(now)), flat, b"[]"))[0])
 
     async def reject(self, terminal: str, lane: int, seq: int, reason: str,
                      now: float) -> DeadLetter | None:
@@ -602,6 +614,21 @@ def _range_time(ranges: list[tuple[int, int, float]], seq: int,
     times = [at for first, last, at in ranges
              if first <= seq <= last and (before is None or at < before)]
     return min(times) if times else None
+
+
+def _json(values: list) -> bytes:
+    """``values`` as a JSON argument; a value that cannot be sent (a string
+    that is not UTF-8) fails its own call with ValueError."""
+    try:
+        return orjson.dumps(values)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"cannot send to Redis: {exc}") from None
+
+
+def _tenant_of(address: str) -> str:
+    """The tenant in an address (``terminal:<tenant>/<name>``), as the
+    scripts read it."""
+    return address.partition(":")[2].partition("/")[0]
 
 
 def _time(value) -> float | None:

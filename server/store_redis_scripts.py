@@ -181,20 +181,26 @@ end
 
 # ARGV[3] dedup window; ARGV[4] the items, a flat JSON array of 8 values per
 # message: tenant, dedup key ("<sender>\\n<ref>", "" without a ref),
-# created, expires, lane, receipt ("1"/"0"), [recipients...], the length
-# of its payload; ARGV[5] the payloads (header, newline, body), one after
-# the other.  Answer: per item {msg_id, duplicate, seq per recipient...}.
+# created, expires, lane, flags (1: it asks for receipts, 2: its
+# recipients are all of its tenant), [recipients...], the length of its
+# payload; ARGV[5] the payloads (header, newline, body), one after the
+# other.  Answer, flat: per item its msg_id, 1 if a duplicate (and nothing
+# more) else 0 and then the seq of each recipient.
 #
 # Dedup entries live in hashes per window-long bucket of ``created``
 # (``dd:<bucket>``, "<msg_id> <created>"): a lookup reads the bucket of
 # the message and its two neighbours, a trim drops whole buckets; the
 # newest msg_id found wins, then the exact window test.
+#
+# Lua makes a new string at each concatenation and a table at each {}: the
+# loops below make as few as they can per message (one key, one value, one
+# entry; a dedup entry), which is most of what an accept costs.
 ACCEPT = _HEADER + """
 local window = tonumber(ARGV[3])
 local width = window
 if width < 1 then width = 1 end
 local raw, blob = cjson.decode(ARGV[4]), ARGV[5]
-local per_base = {}
+local per_base, bucket = {}, {}
 local function of_base(B)
   local pb = per_base[B]
   if not pb then
@@ -209,6 +215,7 @@ for j = 1, #raw, 8 do
   if dkey ~= "" then
     local pb = of_base(base(raw[j]))
     local b = math.floor(tonumber(raw[j + 2]) / width)
+    bucket[j] = b
     pb.buckets[b - 1], pb.buckets[b], pb.buckets[b + 1] = true, true, true
     if not pb.asked[dkey] then
       pb.asked[dkey] = true
@@ -254,100 +261,124 @@ end
 local id = 0
 if fresh > 0 then id = redis.call("INCRBY", P .. ":msgid", fresh) - fresh end
 -- Each inbox's new entries are counted first, so its last seq moves with
--- one HINCRBY for the batch and its entries go in with one RPUSH.
-local inboxes, order = {}, {}
+-- one HINCRBY for the batch and its entries go in with one RPUSH.  at[j]:
+-- item j's inbox (one recipient) or list of inboxes.
+local lanes, order, at = {["0"] = {}, ["1"] = {}}, {}, {}
 for j = 1, #raw, 8 do
   if not orig[j] then
-    local L = LANE[raw[j + 4]]
-    local rcpts = raw[j + 6]
+    local lane, rcpts = raw[j + 4], raw[j + 6]
+    local byt = lanes[lane]
+    local B = raw[j + 5] >= 2 and base(raw[j]) or nil
+    local list = #rcpts ~= 1 and {} or nil
     for r = 1, #rcpts do
       local t = rcpts[r]
-      local byt = inboxes[L.name]
-      if not byt then
-        byt = {}
-        inboxes[L.name] = byt
-      end
       local inbox = byt[t]
       if not inbox then
-        inbox = {k = box(t), t = t, L = L, count = 0, entries = {}}
+        local TB, tenant = B, raw[j]
+        if not TB then
+          tenant = tenant_of(t)
+          TB = base(tenant)
+        end
+        inbox = {p = TB .. ":p:" .. t, e = TB .. ":e" .. lane .. ":" .. t, TB = TB, t = t,
+                 tenant = tenant, L = LANE[lane], count = 0, entries = {}}
         byt[t] = inbox
         order[#order + 1] = inbox
       end
       inbox.count = inbox.count + 1
+      if list then list[r] = inbox else at[j] = inbox end
     end
+    if list then at[j] = list end
   end
 end
 for k = 1, #order do
   local inbox = order[k]
-  inbox.seq = redis.call("HINCRBY", inbox.k.p, inbox.L.l, inbox.count) - inbox.count
+  inbox.seq = redis.call("HINCRBY", inbox.p, inbox.L.l, inbox.count) - inbox.count
 end
-local tenants, out, values, ids, at = {}, {}, {}, {}, 1
+local tails = {}
+local function tail(tenant, receipt, single)
+  local key = tenant .. (receipt and "+" or "-") .. (single and "1" or "")
+  local v = tails[key]
+  if not v then
+    v = ":" .. tenant .. ":" .. (receipt and "r" or "") .. (single and "1" or "")
+    tails[key] = v
+  end
+  return v
+end
+local tenants, out, values, ids, pos = {}, {}, {}, {}, 1
 for j = 1, #raw, 8 do
   local size = raw[j + 7]
   local o = orig[j]
   if o then
-    if type(o) == "string" then out[#out + 1] = {tonumber(o), 1} else out[#out + 1] = {ids[o], 1} end
+    if type(o) == "string" then out[#out + 1] = tonumber(o) else out[#out + 1] = ids[o] end
+    out[#out + 1] = 1
   else
     id = id + 1
     ids[j] = id
     local sid = tostring(id)           -- (formatted once, not at each use)
-    local tenant, expires, L, rcpts = raw[j], raw[j + 3], LANE[raw[j + 4]], raw[j + 6]
-    local receipt = raw[j + 5] == "1"
+    local tenant, expires = raw[j], raw[j + 3]
+    local receipt = raw[j + 5] % 2 == 1
     local B = base(tenant)
-    local n = #rcpts
-    local flags = ":"
-    if receipt then flags = ":r" end
-    if n == 1 then flags = flags .. "1" end
-    local tail = ":" .. tenant .. flags
-    local answer, seqs = {id, 0}, {}
-    local byt = inboxes[L.name]
-    for r = 1, n do
-      local inbox = byt[rcpts[r]]
+    local pb = of_base(B)
+    out[#out + 1] = id
+    out[#out + 1] = 0
+    local ex = tonumber(expires)
+    local inbox, v = at[j], nil
+    if inbox and inbox.t then           -- (one recipient)
       local seq = inbox.seq + 1
       inbox.seq = seq
       local entries = inbox.entries
-      entries[#entries + 1] = sid .. ":" .. r .. tail
+      entries[#entries + 1] = sid .. ":1" .. tail(tenant, receipt, true)
       if receipt then inbox.receipt = seq end
-      if not inbox.exp or tonumber(expires) < inbox.expn then
-        inbox.exp, inbox.expn = expires, tonumber(expires)
+      if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
+      out[#out + 1] = seq
+      v = expires .. " " .. seq .. "\\n" .. string.sub(blob, pos, pos + size - 1)
+      pb.unacked = pb.unacked + 1
+    else
+      local list, seqs = inbox or {}, {}
+      local tl = tail(tenant, receipt, false)
+      for r = 1, #list do
+        inbox = list[r]
+        local seq = inbox.seq + 1
+        inbox.seq = seq
+        local entries = inbox.entries
+        entries[#entries + 1] = sid .. ":" .. r .. tl
+        if receipt then inbox.receipt = seq end
+        if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
+        seqs[r] = seq
+        out[#out + 1] = seq
       end
-      seqs[r] = seq
-      answer[r + 2] = seq
+      v = expires .. " " .. table.concat(seqs, ",") .. "\\n" .. string.sub(blob, pos, pos + size - 1)
+      if #list == 0 then redis.call("ZADD", B .. ":done", 0, sid) end
+      pb.unacked = pb.unacked + #list
     end
-    local v = expires .. " " .. table.concat(seqs, ",") .. "\\n" .. string.sub(blob, at, at + size - 1)
     values[#values + 1] = B .. ":m:" .. sid
     values[#values + 1] = v
-    if n == 0 then redis.call("ZADD", B .. ":done", 0, sid) end
-    local pb = of_base(B)
-    pb.messages, pb.unacked, pb.bytes = pb.messages + 1, pb.unacked + n, pb.bytes + #v
+    pb.messages, pb.bytes = pb.messages + 1, pb.bytes + #v
     tenants[tenant] = true
-    local dkey = raw[j + 1]
-    if dkey ~= "" then
-      local b = math.floor(tonumber(raw[j + 2]) / width)
+    local b = bucket[j]
+    if b then
       local dd = pb.dd[b]
       if not dd then
         dd = {}
         pb.dd[b] = dd
       end
-      dd[#dd + 1] = dkey
+      dd[#dd + 1] = raw[j + 1]
       dd[#dd + 1] = sid .. " " .. raw[j + 2]
     end
-    out[#out + 1] = answer
   end
-  at = at + size
+  pos = pos + size
 end
 bulk("MSET", nil, values)
 local exps = {}
 for k = 1, #order do
   local inbox = order[k]
-  local key = inbox.k
-  bulk("RPUSH", key[inbox.L.name], inbox.entries)
-  if inbox.receipt then redis.call("HSET", key.p, inbox.L.r, inbox.receipt) end
-  local e = exps[key.B]
+  bulk("RPUSH", inbox.e, inbox.entries)
+  if inbox.receipt then redis.call("HSET", inbox.p, inbox.L.r, inbox.receipt) end
+  local e = exps[inbox.TB]
   if not e then
     e = {}
-    exps[key.B] = e
-    tenants[key.tenant] = true
+    exps[inbox.TB] = e
+    tenants[inbox.tenant] = true
   end
   e[#e + 1] = inbox.exp
   e[#e + 1] = inbox.t
@@ -403,9 +434,10 @@ end
 return {epoch, out}
 """
 
-# ARGV[3] now, ARGV[4] how many deliveries; then the deliveries, (terminal,
-# lane, first, last) quadruples, then the acks, (terminal, lane, seq)
-# triples.  Answer: {receipts of first deliveries, receipts of newly acked
+# ARGV[3] now, ARGV[4] the deliveries, a flat JSON array of (terminal, lane,
+# first, last) quadruples, ARGV[5] the acks, one of (terminal, lane, seq)
+# triples (JSON: one argument each, not one per value, which the node
+# packs in Python at some cost).  Answer: {receipts of first deliveries, receipts of newly acked
 # messages}, each {msg_id, terminal, sender, ref}.
 #
 # Delivered and acked are positions.  The node delivers an inbox in seq
@@ -420,7 +452,7 @@ return {epoch, out}
 # entries in it.
 PROGRESS = _HEADER + """
 local now = ARGV[3]
-local last_delivery = 4 + 4 * tonumber(ARGV[4])
+local deliveries, acks = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
 local lanes, order = {{}, {}}, {}
 local function inbox(t, lane)
   local byt = lanes[lane + 1]
@@ -432,15 +464,15 @@ local function inbox(t, lane)
   end
   return g
 end
-for a = 5, last_delivery, 4 do
-  local g = inbox(ARGV[a], tonumber(ARGV[a + 1]))
-  local first, last = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+for a = 1, #deliveries, 4 do
+  local g = inbox(deliveries[a], deliveries[a + 1])
+  local first, last = deliveries[a + 2], deliveries[a + 3]
   if not g.first or first < g.first then g.first = first end
   if not g.last or last > g.last then g.last = last end
 end
-for a = last_delivery + 1, #ARGV, 3 do
-  local g = inbox(ARGV[a], tonumber(ARGV[a + 1]))
-  local seq = tonumber(ARGV[a + 2])
+for a = 1, #acks, 3 do
+  local g = inbox(acks[a], acks[a + 1])
+  local seq = acks[a + 2]
   if not g.ack or seq > g.ack then g.ack = seq end
 end
 local delivered, acked_out, unacked, work = {}, {}, {}, {}

@@ -31,7 +31,9 @@ from backends import T0, make_backend, run_with, stream_entry
 from redis_server import fresh_prefix, redis_url
 from tillwire.server import logs
 from tillwire.server.archive import StreamEntry
-from tillwire.server.store import ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, Store
+from tillwire.server.store import (
+    ACKED, DELIVERED, EXPIRED, REJECTED, STORED, NewMessage, ReceiptEvent, Store,
+)
 from tillwire.server.store_memory import MemoryStore
 from tillwire.server.store_redis import RedisStore
 from tillwire.server.store_sqlite import DB_FILENAME, SQLiteStore
@@ -113,6 +115,34 @@ def test_group_message_expands_to_every_recipient(store_factory):
             [e] = await store.inbox(m, 0, 0, 10)
             assert e.msg_id == first.msg_id
         assert (await store.stats())["unacked"] == 1 + 60 + 60
+    run_with(store_factory, body)
+
+
+def test_recipients_of_another_tenant_get_their_entries_and_their_trace(store_factory):
+    # The node routes within one tenant, but the contract lets a message's
+    # recipient be of another tenant: its entry is in that terminal's inbox.
+    beta = "terminal:beta/till1"
+
+    async def body(store):
+        [one, both] = await store.accept_many([
+            (msg(1, to=beta, receipt=True), [beta]),
+            (msg(2, to="store:acme/s1", ttl=5.0), [TILL, beta])])
+        assert (one.seqs, both.seqs) == ({beta: 1}, {TILL: 1, beta: 2})
+        assert [e.msg_id for e in await store.inbox(beta, 0, 0, 10)] == \
+            [one.msg_id, both.msg_id]
+        assert await store.delivered_many([(beta, 0, 1, 2)], T0 + 1) == \
+            [ReceiptEvent(one.msg_id, beta, PAY, 1)]
+        assert await store.ack_many([(beta, 0, 2)], T0 + 2) == \
+            [ReceiptEvent(one.msg_id, beta, PAY, 1)]
+        assert await store.positions(beta) == (2, 2, 0, 0)
+        [dead] = await store.expire(T0 + 10)          # TILL's entry of the group message
+        assert (dead.msg_id, dead.terminal) == (both.msg_id, TILL)
+        trace = await store.trace(both.msg_id)
+        assert [(r.terminal, r.state, r.delivered_at, r.acked_at) for r in trace.recipients] == \
+            [(TILL, EXPIRED, None, None), (beta, ACKED, T0 + 1, T0 + 2)]
+        assert (await store.stats())["unacked"] == 0
+        assert await store.trim(T0 + 20, 0.0) == 2
+        assert await store.trace(one.msg_id) is None and await store.trace(both.msg_id) is None
     run_with(store_factory, body)
 
 
