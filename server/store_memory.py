@@ -68,9 +68,11 @@ class MemoryStore:
         return box
 
     async def accept_many(self, items) -> list[Accepted]:
+        _check_lanes(items)
         return [self._accept(msg, recipients) for msg, recipients in items]
 
     def accept_many_then(self, items, callback) -> None:
+        _check_lanes(items)
         results = [self._accept(msg, recipients) for msg, recipients in items]
         asyncio.get_running_loop().call_soon(Completion(callback).set_result, results)
 
@@ -261,3 +263,10 @@ class MemoryStore:
             "dead_letters": len(self._dead), "terminals": len(self.terminals),
             "bytes": sum(len(b) for b in self._bodies.values()),
         }
+
+
+def _check_lanes(items) -> None:
+    """A batch with a lane other than P0 or P1 is refused whole."""
+    for msg, _ in items:
+        if msg.lane not in (0, 1):
+            raise ValueError(f"accept_many: lane must be P0 or P1, got {msg.lane!r}")

@@ -113,6 +113,9 @@ log = logging.getLogger("tillwire.store.redis")
 TIMEOUT = 5.0
 """Seconds a call waits for Redis (connect or reply) before it raises."""
 
+_LANES = {0: "0", 1: "1"}
+"""A lane's text in the scripts' arguments (a Lane enum too: it hashes as its int)."""
+
 ACK_MEANS = {
     "always": "an ack means the message is fsynced to Redis's AOF before the reply "
               "(survives a power loss)",
@@ -429,22 +432,27 @@ class RedisStore:
         entries: list = []
         payloads: list[bytes] = []
         unique = []
+        dumps = orjson.dumps
         for msg, recipients in items:
-            rcpts = list(dict.fromkeys(recipients))
+            rcpts = list(recipients) if len(recipients) == 1 else list(dict.fromkeys(recipients))
             unique.append(rcpts)
-            ref, lane, created = str(int(msg.ref)), str(int(msg.lane)), repr(float(msg.created))
+            tenant, ref = msg.tenant, msg.ref
+            lane = _LANES.get(msg.lane)
+            if lane is None:
+                raise ValueError(f"accept_many: lane must be P0 or P1, got {msg.lane!r}")
+            sref, created = str(int(ref)), repr(float(msg.created))
             receipt = "1" if msg.receipt else "0"
-            payload = orjson.dumps((msg.tenant, msg.sender, ref, lane, msg.kind, msg.to, created,
-                                    receipt, rcpts)) + b"\n" + bytes(msg.body)
+            payload = dumps((tenant, msg.sender, sref, lane, msg.kind, msg.to, created, receipt,
+                             rcpts)) + b"\n" + bytes(msg.body)
             payloads.append(payload)
             # (flags: 1 receipts, 2 every recipient is of the message's tenant)
             flags = 1 if msg.receipt else 0
             if len(rcpts) == 1:
-                if _tenant_of(rcpts[0]) == msg.tenant:
+                if _tenant_of(rcpts[0]) == tenant:
                     flags += 2
-            elif all(_tenant_of(r) == msg.tenant for r in rcpts):
+            elif all(_tenant_of(r) == tenant for r in rcpts):
                 flags += 2
-            entries += (msg.tenant, f"{msg.sender}\n{ref}" if msg.ref else "", created,
+            entries += (tenant, f"{msg.sender}\n{sref}" if ref else "", created,
                         repr(float(msg.expires)), lane, flags, rcpts, len(payload))
         return (entries, payloads, [len(r) for r in unique]), unique
 

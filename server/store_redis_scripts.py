@@ -294,13 +294,14 @@ for k = 1, #order do
   local inbox = order[k]
   inbox.seq = redis.call("HINCRBY", inbox.p, inbox.L.l, inbox.count) - inbox.count
 end
+-- An entry's end by tenant, then by receipts (1) and one recipient (2).
 local tails = {}
-local function tail(tenant, receipt, single)
-  local key = tenant .. (receipt and "+" or "-") .. (single and "1" or "")
-  local v = tails[key]
+local function tails_of(tenant)
+  local v = tails[tenant]
   if not v then
-    v = ":" .. tenant .. ":" .. (receipt and "r" or "") .. (single and "1" or "")
-    tails[key] = v
+    local t = ":" .. tenant .. ":"
+    v = {[0] = t, [1] = t .. "r", [2] = t .. "1", [3] = t .. "r1"}
+    tails[tenant] = v
   end
   return v
 end
@@ -316,7 +317,8 @@ for j = 1, #raw, 8 do
     ids[j] = id
     local sid = tostring(id)           -- (formatted once, not at each use)
     local tenant, expires = raw[j], raw[j + 3]
-    local receipt = raw[j + 5] % 2 == 1
+    local code = raw[j + 5] % 2
+    local receipt = code == 1
     local B = base(tenant)
     local pb = of_base(B)
     out[#out + 1] = id
@@ -327,7 +329,7 @@ for j = 1, #raw, 8 do
       local seq = inbox.seq + 1
       inbox.seq = seq
       local entries = inbox.entries
-      entries[#entries + 1] = sid .. ":1" .. tail(tenant, receipt, true)
+      entries[#entries + 1] = sid .. ":1" .. tails_of(tenant)[code + 2]
       if receipt then inbox.receipt = seq end
       if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
       out[#out + 1] = seq
@@ -335,7 +337,7 @@ for j = 1, #raw, 8 do
       pb.unacked = pb.unacked + 1
     else
       local list, seqs = inbox or {}, {}
-      local tl = tail(tenant, receipt, false)
+      local tl = tails_of(tenant)[code]
       for r = 1, #list do
         inbox = list[r]
         local seq = inbox.seq + 1

@@ -146,6 +146,16 @@ def test_recipients_of_another_tenant_get_their_entries_and_their_trace(store_fa
     run_with(store_factory, body)
 
 
+def test_a_lane_other_than_p0_or_p1_is_refused_and_nothing_is_stored(store_factory):
+    async def body(store):
+        with pytest.raises(ValueError, match="lane must be P0 or P1"):
+            await store.accept_many([(msg(1), [TILL]), (msg(2, lane=2), [TILL])])
+        assert await store.inbox(TILL, 0, 0, 10) == []
+        [ok] = await store.accept_many([(msg(1), [TILL])])
+        assert ok.seqs == {TILL: 1} and not ok.duplicate
+    run_with(store_factory, body)
+
+
 def test_dedup_within_window_including_same_batch(store_factory):
     async def body(store):
         got = await store.accept_many([
