@@ -30,7 +30,7 @@ one tenant), so one tenant's keys share a Cluster slot:
 * ``<p>:{T}:s:p:<terminal>`` — hash, the terminal's positions per lane
   (``0``/``1``): ``l`` last seq, ``a`` acked, ``d`` delivered, ``r``
   the highest seq whose message asked for receipts, ``z`` trimmed (the
-  entries list starts after it), ``x`` the ended seqs above ``a``; and
+  entries list starts after it), ``x`` how many entries above ``a`` ended; and
   ``w``, the time of its oldest ack not yet trimmed;
 * ``<p>:{T}:s:e<lane>:<terminal>`` — list, the inbox's entries from seq
   ``z + 1`` on (seq ``s`` at index ``s - z - 1``), each

@@ -41,9 +41,12 @@ if not epoch then
   redis.call("SET", P .. ":epoch", ARGV[2])
   epoch = ARGV[2]
 end
--- A lane's field names in an inbox hash: positions (last, acked, delivered,
--- highest seq whose message asked for receipts, trimmed, the ended seqs
--- above acked), its entries' prefix, its delivered and acked range logs.
+-- Terminals (or ended entries) of a tenant one expire or trim takes at
+-- most: a script blocks Redis while it runs.
+local SWEEP = 2000
+-- A lane's field names in a terminal's positions hash (last, acked,
+-- delivered, highest seq whose message asked for receipts, trimmed, how
+-- many entries above acked ended), its entries list, its range log records.
 local LANE = {}
 for _, lane in ipairs({"0", "1"}) do
   LANE[lane] = {l = "l" .. lane, a = "a" .. lane, d = "d" .. lane, r = "r" .. lane,
@@ -158,19 +161,17 @@ local function dead_letter(B, v, id, terminal, lane, seq, reason, at)
   redis.call("HINCRBY", B .. ":n", "dead", 1)
   return enc
 end
--- A pending entry ends (expired or rejected): flagged in the inbox, listed
--- among the lane's ended seqs above acked (an ack then counts what it
--- passes), its state in the message's ``x`` hash, the message a trim
--- candidate from ``at`` on.  Returns the dead letter.
+-- A pending entry ends (expired or rejected): flagged in the inbox and
+-- counted among the lane's ended entries above acked (an ack passing them
+-- then counts them out), its state in the message's ``x`` hash, the
+-- message a trim candidate from ``at`` on.  Returns the dead letter.
 local function end_entry(t, lane, seq, member, state, at, reason)
   local k, L = box(t), LANE[lane]
   local id, idx, tenant = entry_of(member)
   local MB = base(tenant)
-  local f = redis.call("HMGET", k.p, L.x, L.z)
-  local x = f[1]
-  if x and x ~= "" then x = x .. "," .. seq else x = tostring(seq) end
-  redis.call("LSET", k[lane], seq - (tonumber(f[2]) or 0) - 1, member .. "x")
-  redis.call("HSET", k.p, L.x, x)
+  local z = tonumber(redis.call("HGET", k.p, L.z)) or 0
+  redis.call("LSET", k[lane], seq - z - 1, member .. "x")
+  redis.call("HINCRBY", k.p, L.x, 1)
   redis.call("HSET", MB .. ":x:" .. id, "s" .. idx, state, "e" .. idx, at, "w" .. idx, reason)
   redis.call("ZADD", MB .. ":ended", at, id .. " " .. idx)
   local B = k.B
@@ -447,74 +448,68 @@ return {epoch, out}
 # part ("<lane>d<first> <last> <at>"), and one within it (a redelivery)
 # changes nothing; an ack moves the acked position and logs its range
 # ("<lane>a<first> <last> <at>").  Each inbox's positions are read once
-# and written once for its delivery and its ack (the node sends a batch's
-# deliveries and acks together: see store_redis.py's _next_write).  The
+# and written once for its deliveries and acks, which apply in the order
+# given (the node sends a batch's deliveries and acks together: see
+# store_redis.py's _next_write).  The
 # terminal's oldest ack not yet trimmed ("w") puts it on its tenant's trim
 # list.  The unacked count drops by each acked range less the ended
 # entries in it.
 PROGRESS = _HEADER + """
 local now = ARGV[3]
 local deliveries, acks = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
+-- Each inbox's positions, read when first named, changed in the order the
+-- deliveries and acks come (as one call after the other would), written
+-- once at the end.
 local lanes, order = {{}, {}}, {}
 local function inbox(t, lane)
   local byt = lanes[lane + 1]
   local g = byt[t]
   if not g then
-    g = {t = t, lane = lane}
+    local k, L = box(t), LANE[lane]
+    local f = redis.call("HMGET", k.p, L.a, L.l, L.d, L.r, L.x, "w")
+    g = {t = t, k = k, L = L, acked = tonumber(f[1]) or 0, last = tonumber(f[2]),
+         dpos = tonumber(f[3]) or 0, rpos = tonumber(f[4]) or 0, ended = tonumber(f[5]) or 0,
+         w = f[6], recs = {}}
     byt[t] = g
     order[#order + 1] = g
   end
   return g
 end
-for a = 1, #deliveries, 4 do
-  local g = inbox(deliveries[a], deliveries[a + 1])
-  local first, last = deliveries[a + 2], deliveries[a + 3]
-  if not g.first or first < g.first then g.first = first end
-  if not g.last or last > g.last then g.last = last end
-end
-for a = 1, #acks, 3 do
-  local g = inbox(acks[a], acks[a + 1])
-  local seq = acks[a + 2]
-  if not g.ack or seq > g.ack then g.ack = seq end
-end
 local delivered, acked_out, unacked, work = {}, {}, {}, {}
-for _, g in ipairs(order) do
-  local t, L = g.t, LANE[g.lane]
-  local k = box(t)
-  local f = redis.call("HMGET", k.p, L.a, L.l, L.d, L.r, L.x, "w")
-  local acked, last = tonumber(f[1]) or 0, tonumber(f[2])
-  local rpos = tonumber(f[4]) or 0
-  local fields, recs = {}, {}
-  if g.last and last then
-    local dpos, dlast = tonumber(f[3]) or 0, math.min(g.last, last)
-    if dlast > dpos then
-      local new = math.max(g.first, acked + 1, dpos + 1, 1)
+for a = 1, #deliveries, 4 do
+  local t = deliveries[a]
+  local g = inbox(t, deliveries[a + 1])
+  if g.last then
+    local dlast = math.min(deliveries[a + 3], g.last)
+    if dlast > g.dpos then
+      local new = math.max(deliveries[a + 2], g.acked + 1, g.dpos + 1, 1)
       if new <= dlast then
-        if rpos >= new then receipts(delivered, t, L, new, dlast) end
-        fields[#fields + 1] = L.d
-        fields[#fields + 1] = dlast
-        recs[#recs + 1] = L.dl .. new .. " " .. dlast .. " " .. now
+        if g.rpos >= new then receipts(delivered, t, g.L, new, dlast) end
+        g.dpos, g.moved = dlast, true
+        g.recs[#g.recs + 1] = g.L.dl .. new .. " " .. dlast .. " " .. now
       end
     end
   end
-  local seq = g.ack
-  if seq and last and seq > last then seq = last end
-  if seq and last and seq > acked then
+end
+for a = 1, #acks, 3 do
+  local t = acks[a]
+  local g = inbox(t, acks[a + 1])
+  local seq = acks[a + 2]
+  if g.last and seq > g.last then seq = g.last end
+  if g.last and seq > g.acked then
+    local L, acked = g.L, g.acked
     local n = seq - acked
-    fields[#fields + 1] = L.a
-    fields[#fields + 1] = seq
-    if f[5] and f[5] ~= "" then
-      local keep = {}
-      for x in string.gmatch(f[5], "%d+") do
-        if tonumber(x) <= seq then n = n - 1 else keep[#keep + 1] = x end
-      end
-      fields[#fields + 1] = L.x
-      fields[#fields + 1] = table.concat(keep, ",")
+    if g.ended > 0 then        -- (the ended entries it passes were not unacked)
+      local z, passed = tonumber(redis.call("HGET", g.k.p, L.z)) or 0, 0
+      each_entry(g.k[L.name], z, acked + 1, seq, function(_, member)
+        if string.sub(member, -1) == "x" then passed = passed + 1 end
+      end)
+      n, g.ended, g.ended_moved = n - passed, g.ended - passed, true
     end
-    local B = k.B
-    if not f[6] then
-      fields[#fields + 1] = "w"
-      fields[#fields + 1] = now
+    local B = g.k.B
+    if not g.w then
+      g.w = now
+      g.w_moved = true
       local w = work[B]
       if not w then
         w = {}
@@ -523,13 +518,33 @@ for _, g in ipairs(order) do
       w[#w + 1] = now
       w[#w + 1] = t
     end
-    if rpos > acked then receipts(acked_out, t, L, acked + 1, seq) end
-    recs[#recs + 1] = L.al .. (acked + 1) .. " " .. seq .. " " .. now
+    if g.rpos > acked then receipts(acked_out, t, L, acked + 1, seq) end
+    g.recs[#g.recs + 1] = L.al .. (acked + 1) .. " " .. seq .. " " .. now
+    g.acked, g.acked_moved = seq, true
     unacked[B] = (unacked[B] or 0) + n
   end
-  if #fields > 0 then
-    redis.call("HSET", k.p, unpack(fields))
-    redis.call("RPUSH", k.g, unpack(recs))
+end
+for _, g in ipairs(order) do
+  if #g.recs > 0 then
+    local L, fields = g.L, {}
+    if g.moved then
+      fields[#fields + 1] = L.d
+      fields[#fields + 1] = g.dpos
+    end
+    if g.acked_moved then
+      fields[#fields + 1] = L.a
+      fields[#fields + 1] = g.acked
+    end
+    if g.ended_moved then
+      fields[#fields + 1] = L.x
+      fields[#fields + 1] = g.ended
+    end
+    if g.w_moved then
+      fields[#fields + 1] = "w"
+      fields[#fields + 1] = g.w
+    end
+    redis.call("HSET", g.k.p, unpack(fields))
+    redis.call("RPUSH", g.k.g, unpack(g.recs))
   end
 end
 for B, n in pairs(unacked) do
@@ -557,14 +572,16 @@ return {epoch, end_entry(t, lane, seq, member, "rejected", ARGV[7], ARGV[6])}
 # now, in (msg_id, recipient) order.  Each tenant's ``exp`` holds, per
 # terminal, a lower bound of its pending entries' expiry: only terminals
 # past theirs are read, and get their bound set exactly (or leave the set).
-# Answer: the dead letters (JSON).
+# A call takes at most SWEEP terminals of each tenant (the next call the
+# rest: the node's maintenance calls every few seconds).  Answer: the dead
+# letters (JSON).
 EXPIRE = _HEADER + """
 local now = ARGV[3]
 local limit = tonumber(now)
 local due = {}
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   local TB = base(tenant)
-  for _, t in ipairs(redis.call("ZRANGEBYSCORE", TB .. ":exp", "-inf", now)) do
+  for _, t in ipairs(redis.call("ZRANGEBYSCORE", TB .. ":exp", "-inf", now, "LIMIT", 0, SWEEP)) do
     local k = box(t)
     local f = redis.call("HMGET", k.p, "a0", "l0", "z0", "a1", "l1", "z1")
     local low
@@ -747,25 +764,36 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
     end
     return c
   end
-  for _, t in ipairs(redis.call("ZRANGEBYSCORE", B .. ":acked", "-inf", ARGV[4])) do
+  for _, t in ipairs(redis.call("ZRANGEBYSCORE", B .. ":acked", "-inf", ARGV[4],
+                                "LIMIT", 0, SWEEP)) do
     local k = box(t)
     local f = redis.call("HMGET", k.p, "z0", "z1")
-    local logs, kept, oldest = {}, {}, nil
-    for _, rec in ipairs(redis.call("LRANGE", k.g, 0, -1)) do
-      local _, _, key, first, last, at = string.find(rec, "^(%d[da])(%d+) (%d+) (.*)$")
-      if not logs[key] then logs[key] = {} end
-      local list = logs[key]
-      list[#list + 1] = {rec = rec, key = key, first = tonumber(first), last = tonumber(last),
-                         at = tonumber(at), ats = at}
+    -- The range log is in time order: the records up to the cutoff lead it.
+    local logs, old, done = {}, {}, false
+    while not done do
+      local got = redis.call("LRANGE", k.g, #old, #old + 199)
+      if #got == 0 then break end
+      for _, rec in ipairs(got) do
+        local _, _, key, first, last, at = string.find(rec, "^(%d[da])(%d+) (%d+) (.*)$")
+        if tonumber(at) > cut then
+          done = true
+          break
+        end
+        if not logs[key] then logs[key] = {} end
+        local r = {rec = rec, key = key, first = tonumber(first), last = tonumber(last),
+                   at = tonumber(at), ats = at}
+        local list = logs[key]
+        list[#list + 1] = r
+        old[#old + 1] = r
+      end
     end
-    local hset = {}
-    local zs = {}
+    local hset, zs = {}, {}
     for lane = 0, 1 do
       local L = LANE[lane]
       local acks, dels = logs[L.al] or {}, logs[L.dl] or {}
       local done_to = 0
       for _, r in ipairs(acks) do
-        if r.at <= cut and r.last > done_to then done_to = r.last end
+        if r.last > done_to then done_to = r.last end
       end
       local z = tonumber(f[lane + 1]) or 0
       if done_to > z then
@@ -790,27 +818,41 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
       end
       zs[lane] = z
     end
-    for _, list in pairs(logs) do
-      for _, r in ipairs(list) do
-        if not (r.at <= cut and r.last <= zs[tonumber(string.sub(r.key, 1, 1))]) then
-          kept[#kept + 1] = r.rec
-          if string.sub(r.key, 2, 2) == "a" and (not oldest or r.at < oldest.at) then oldest = r end
+    -- The old records go, but for deliveries of entries not trimmed yet
+    -- (kept at the head: the next trim reads them again).
+    local kept = {}
+    for _, r in ipairs(old) do
+      if r.last > zs[tonumber(string.sub(r.key, 1, 1))] then kept[#kept + 1] = r.rec end
+    end
+    if #old > 0 then
+      redis.call("LTRIM", k.g, #old, -1)
+      if #kept > 0 then bulk("LPUSH", k.g, kept) end
+    end
+    -- The oldest ack left puts the terminal back on the list for its time.
+    local oldest, from = nil, #kept
+    while not oldest do
+      local got = redis.call("LRANGE", k.g, from, from + 199)
+      if #got == 0 then break end
+      for _, rec in ipairs(got) do
+        local _, _, at = string.find(rec, "^%da%d+ %d+ (.*)$")
+        if at then
+          oldest = at
+          break
         end
       end
+      from = from + #got
     end
-    redis.call("DEL", k.g)
-    bulk("RPUSH", k.g, kept)
     if oldest then
       hset[#hset + 1] = "w"
-      hset[#hset + 1] = oldest.ats
-      redis.call("ZADD", B .. ":acked", oldest.ats, t)
+      hset[#hset + 1] = oldest
+      redis.call("ZADD", B .. ":acked", oldest, t)
     else
       redis.call("HDEL", k.p, "w")
       redis.call("ZREM", B .. ":acked", t)
     end
     bulk("HSET", k.p, hset)
   end
-  local ended = redis.call("ZRANGEBYSCORE", B .. ":ended", "-inf", ARGV[4])
+  local ended = redis.call("ZRANGEBYSCORE", B .. ":ended", "-inf", ARGV[4], "LIMIT", 0, SWEEP)
   for _, member in ipairs(ended) do
     local _, _, id, idx = string.find(member, "^(%d+) (%d+)$")
     local c = candidate(B, id)
@@ -858,7 +900,8 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
     end
   end
   -- Messages without recipients are done when stored.
-  for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4])) do
+  for _, id in ipairs(redis.call("ZRANGEBYSCORE", B .. ":done", "-inf", ARGV[4], "LIMIT", 0,
+                                 SWEEP)) do
     local v = redis.call("GET", B .. ":m:" .. id)
     if v then drop(B, id, v) end
     redis.call("ZREM", B .. ":done", id)

@@ -156,6 +156,16 @@ def test_a_lane_other_than_p0_or_p1_is_refused_and_nothing_is_stored(store_facto
     run_with(store_factory, body)
 
 
+def test_receipts_come_in_the_order_of_the_acks_that_earn_them(store_factory):
+    # One call, an inbox named twice (its first ack passing nothing): the
+    # receipts follow the acks as given, as calls one after the other would.
+    async def body(store):
+        [a] = await store.accept_many([(msg(0, receipt=True), [TILL, TILL2])])
+        got = await store.ack_many([(TILL2, 0, 0), (TILL, 0, 1), (TILL2, 0, 1)], T0 + 1)
+        assert [(r.msg_id, r.terminal) for r in got] == [(a.msg_id, TILL), (a.msg_id, TILL2)]
+    run_with(store_factory, body)
+
+
 def test_dedup_within_window_including_same_batch(store_factory):
     async def body(store):
         got = await store.accept_many([

@@ -297,6 +297,52 @@ async def test_a_store_in_another_key_layout_is_refused_at_open_and_left_alone()
 
 
 @aiotest()
+async def test_expire_and_trim_take_at_most_2000_terminals_a_call_and_the_next_the_rest():
+    # A script blocks Redis while it runs: each call sweeps a bounded part.
+    tills = [f"terminal:acme/t{i}" for i in range(2001)]
+    store = RedisStore(redis_url(), prefix=fresh_prefix())
+    await store.open()
+    try:
+        await store.accept_many([(msg(0), [t]) for t in tills])
+        assert [len(await store.expire(T0 + 3600)) for _ in range(3)] == [2000, 1, 0]
+        await store.accept_many([(msg(0, created=T0 + 4000), [t]) for t in tills])
+        await store.ack_many([(t, 0, 2) for t in tills], T0 + 4001)
+        # (A call: 2,000 terminals' acked messages and 2,000 ended entries'.)
+        assert [await store.trim(T0 + 5000, 0.0) for _ in range(3)] == [4000, 2, 0]
+        assert (await store.stats())["messages"] == 0
+    finally:
+        await store.close()
+
+
+@aiotest()
+async def test_trim_keeps_the_log_of_entries_still_held_and_leaves_none_behind():
+    prefix = fresh_prefix()
+    store = RedisStore(redis_url(), prefix=prefix)
+    await store.open()
+    admin = aioredis.from_url(redis_url())
+    log = f"{prefix}:{{acme}}:s:g:{TILL}"
+    try:
+        [one, two] = await store.accept_many([(msg(1), [TILL]), (msg(2), [TILL])])
+        await store.delivered_many([(TILL, 0, 1, 2)], T0 + 1)
+        await store.ack_many([(TILL, 0, 1)], T0 + 2)
+        assert await store.trim(T0 + 100, 0.0) == 1
+        assert await store.trace(one.msg_id) is None
+        [rec] = (await store.trace(two.msg_id)).recipients
+        assert (rec.state, rec.delivered_at) == ("delivered", T0 + 1)
+        assert await admin.llen(log) == 1                # (that delivery's record)
+        await store.ack_many([(TILL, 0, 2)], T0 + 200)
+        assert await store.trim(T0 + 300, 0.0) == 1
+        assert await admin.llen(log) == 0
+        assert await store.positions(TILL) == (2, 2, 0, 0)
+        [three] = await store.accept_many([(msg(3, created=T0 + 300), [TILL])])
+        assert three.seqs == {TILL: 3}
+        assert [e.seq for e in await store.inbox(TILL, 0, 0, 10)] == [3]
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+@aiotest()
 async def test_a_batch_larger_than_the_scripts_slices_is_stored_read_and_acked_whole():
     # The accept script reads a batch's dedup entries 1,000 at a time and
     # adds an inbox's entries 2,000 at a time (unpack's bound); each inbox's
