@@ -18,15 +18,17 @@ recipients and its own record in one atomic script, and every recipient of
 a message is of the message's tenant (the node expands addresses within
 one tenant), so one tenant's keys share a Cluster slot:
 
-* ``<p>:{T}:s:m:<msg_id>`` — string, the message: ``<expires>
-  <seq>,<seq>...`` (its recipients' seqs, in order), a newline, its header
-  (a JSON array: tenant, sender, ref, lane, kind, to, created, receipt,
-  [recipients]), a newline, its body.  Written once; a redrive rewrites it;
-* ``<p>:{T}:s:x:<msg_id>`` — hash, what happened to a recipient ``i``
-  (1-based) that positions do not say: ``s<i>`` its state when it ended
-  (expired, rejected) or was kept acked by a trim, with ``e<i>``/``a<i>``/
-  ``d<i>`` its times and ``w<i>`` the reason ("redriven" too).  Most
-  messages have none;
+* ``<p>:{T}:s:m:<msg_id>`` — string, the message as the node made it: its
+  header (a JSON array: tenant, sender, ref, lane, kind, to, created,
+  receipt, [recipients], expires), a newline, its body.  Written once; a
+  redrive rewrites it;
+* ``<p>:{T}:s:x:<msg_id>`` — hash, what positions do not say about a
+  recipient ``i`` (1-based): ``s<i>`` its state when it ended (expired,
+  rejected) or was kept acked by a trim, with ``e<i>``/``a<i>``/``d<i>``
+  its times and ``w<i>`` the reason ("redriven" too); the seqs, ``q``
+  (every recipient's, for a group) or ``q<i>`` (one that ended or was
+  redriven).  A message to one terminal that is pending or acked has none:
+  its seq is where its entry is in the entries list;
 * ``<p>:{T}:s:p:<terminal>`` — hash, the terminal's positions per lane
   (``0``/``1``): ``l`` last seq, ``a`` acked, ``d`` delivered, ``r``
   the highest seq whose message asked for receipts, ``z`` trimmed (the
@@ -442,8 +444,9 @@ class RedisStore:
                 raise ValueError(f"accept_many: lane must be P0 or P1, got {msg.lane!r}")
             sref, created = str(int(ref)), repr(float(msg.created))
             receipt = "1" if msg.receipt else "0"
+            expires = repr(float(msg.expires))
             payload = dumps((tenant, msg.sender, sref, lane, msg.kind, msg.to, created, receipt,
-                             rcpts)) + b"\n" + bytes(msg.body)
+                             rcpts, expires)) + b"\n" + bytes(msg.body)
             payloads.append(payload)
             # (flags: 1 receipts, 2 every recipient is of the message's tenant)
             flags = 1 if msg.receipt else 0
@@ -452,8 +455,8 @@ class RedisStore:
                     flags += 2
             elif all(_tenant_of(r) == tenant for r in rcpts):
                 flags += 2
-            entries += (tenant, f"{msg.sender}\n{sref}" if ref else "", created,
-                        repr(float(msg.expires)), lane, flags, rcpts, len(payload))
+            entries += (tenant, f"{msg.sender}\n{sref}" if ref else "", created, expires, lane,
+                        flags, rcpts, len(payload))
         return (entries, payloads, [len(r) for r in unique]), unique
 
     @staticmethod
@@ -501,9 +504,9 @@ class RedisStore:
         rows = await self._run("inbox", terminal, int(lane), int(after), max(0, int(limit)))
         out = []
         for seq, msg_id, value, delivered in rows:
-            expires, _, head, body = _value(value)
+            head, body = _value(value)
             out.append(InboxEntry(int(seq), int(msg_id), head[4], body, bool(delivered),
-                                  float(expires), float(head[6])))
+                                  float(head[9]), float(head[6])))
         return out
 
     async def positions(self, terminal: str) -> tuple[int, int, int, int]:
@@ -540,12 +543,12 @@ class RedisStore:
         if not found:
             return None
         value, flat, per = found
-        expires, seqs, head, _ = _value(value)
-        tenant, sender, ref, lane, kind, to, created, receipt, rcpts = head
+        head, _ = _value(value)
+        tenant, sender, ref, lane, kind, to, created, receipt, rcpts, expires = head
         x = {_text(flat[k]): _text(flat[k + 1]) for k in range(0, len(flat), 2)}
         created = float(created)
         recipients = []
-        for r, (terminal, seq, (acked, delivered, log)) in enumerate(zip(rcpts, seqs, per), 1):
+        for r, (terminal, (acked, delivered, log, seq)) in enumerate(zip(rcpts, per), 1):
             ranges: dict[str, list[tuple[int, int, float]]] = {"d": [], "a": []}
             for rec in log:                  # ("<lane><d|a><first> <last> <at>")
                 name, last, at = _text(rec).split(" ")
@@ -606,13 +609,12 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _value(raw: bytes) -> tuple[str, list[int], list, bytes]:
-    """A message's value (``m:<id>``): its expiry (as stored), its
-    recipients' seqs, its header fields and its body."""
-    meta, _, rest = raw.partition(b"\n")
-    head, _, body = rest.partition(b"\n")
-    expires, _, seqs = meta.decode().partition(" ")
-    return expires, [int(s) for s in seqs.split(",") if s], orjson.loads(head), bytes(body)
+def _value(raw: bytes) -> tuple[list, bytes]:
+    """A message's value (``m:<id>``): its header fields (tenant, sender,
+    ref, lane, kind, to, created, receipt, recipients, expires) and its
+    body."""
+    head, _, body = raw.partition(b"\n")
+    return orjson.loads(head), bytes(body)
 
 
 def _range_time(ranges: list[tuple[int, int, float]], seq: int,

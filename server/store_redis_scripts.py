@@ -95,24 +95,45 @@ end
 local function has(flags, c)
   return string.find(flags, c, 1, true) ~= nil
 end
--- A message's value: "<expires> <seq>,<seq>...", a newline, its header (the
--- JSON array [tenant, sender, ref, lane, kind, to, created, receipt,
--- [recipients]] the node made), a newline, its body.
+-- A message's value, as the node made it: its header (the JSON array
+-- [tenant, sender, ref, lane, kind, to, created, receipt, [recipients],
+-- expires]), a newline, its body.  Its recipients' seqs are in its x hash
+-- ("q": all of a group's; "q<i>": recipient i's when it ended or was
+-- redriven), or else (one recipient) found in its entries list.
 local function parts(v)
   local nl = string.find(v, "\\n", 1, true)
-  local nl2 = string.find(v, "\\n", nl + 1, true)
-  local sp = string.find(v, " ", 1, true)
-  return string.sub(v, 1, sp - 1), string.sub(v, sp + 1, nl - 1), string.sub(v, nl + 1, nl2 - 1),
-         string.sub(v, nl2 + 1)
+  return string.sub(v, 1, nl - 1), string.sub(v, nl + 1)
 end
 local function head(v)
-  local _, _, header = parts(v)
-  return cjson.decode(header)
+  return cjson.decode((parts(v)))
+end
+-- (The header's last value, before the first newline: JSON has none.)
+local function expires_of(v)
+  return string.match(v, ',"([^"]*)"%]\\n')
 end
 local function split(s)
   local out = {}
   for x in string.gmatch(s, "[^,]+") do out[#out + 1] = x end
   return out
+end
+local function hash(flat)
+  local out = {}
+  for k = 1, #flat, 2 do out[flat[k]] = flat[k + 1] end
+  return out
+end
+-- The seq of recipient r (terminal t) of message id in lane ("0"/"1"); x
+-- is the message's x hash as a table.
+local function seq_of(id, r, t, lane, x)
+  local q = x["q" .. r]
+  if q then return tonumber(q) end
+  if x.q then return tonumber(split(x.q)[r]) end
+  local k = box(t)
+  local z = tonumber(redis.call("HGET", k.p, "z" .. lane)) or 0
+  local prefix = id .. ":" .. r .. ":"
+  for i, member in ipairs(redis.call("LRANGE", k[lane], 0, -1)) do
+    if string.sub(member, 1, #prefix) == prefix then return z + i end
+  end
+  return nil
 end
 -- One command for a list of arguments (in slices: unpack has a bound).
 local function bulk(cmd, key, list, opt)
@@ -172,7 +193,8 @@ local function end_entry(t, lane, seq, member, state, at, reason)
   local z = tonumber(redis.call("HGET", k.p, L.z)) or 0
   redis.call("LSET", k[lane], seq - z - 1, member .. "x")
   redis.call("HINCRBY", k.p, L.x, 1)
-  redis.call("HSET", MB .. ":x:" .. id, "s" .. idx, state, "e" .. idx, at, "w" .. idx, reason)
+  redis.call("HSET", MB .. ":x:" .. id, "s" .. idx, state, "e" .. idx, at, "w" .. idx, reason,
+             "q" .. idx, seq)
   redis.call("ZADD", MB .. ":ended", at, id .. " " .. idx)
   local B = k.B
   redis.call("HINCRBY", B .. ":n", "unacked", -1)
@@ -211,13 +233,17 @@ local function of_base(B)
   end
   return pb
 end
+local last_pb, last_b
 for j = 1, #raw, 8 do
   local dkey = raw[j + 1]
   if dkey ~= "" then
     local pb = of_base(base(raw[j]))
     local b = math.floor(tonumber(raw[j + 2]) / width)
     bucket[j] = b
-    pb.buckets[b - 1], pb.buckets[b], pb.buckets[b + 1] = true, true, true
+    if pb ~= last_pb or b ~= last_b then
+      pb.buckets[b - 1], pb.buckets[b], pb.buckets[b + 1] = true, true, true
+      last_pb, last_b = pb, b
+    end
     if not pb.asked[dkey] then
       pb.asked[dkey] = true
       pb.keys[#pb.keys + 1] = dkey
@@ -241,7 +267,8 @@ for B, pb in pairs(per_base) do
   end
 end
 -- orig[j]: the msg_id of the message item j duplicates (a string), or the
--- index of the earlier item of this batch it duplicates.
+-- index of the earlier item of this batch it duplicates (in_batch: the
+-- item that holds a key in this batch).
 local orig, fresh = {}, 0
 for j = 1, #raw, 8 do
   local dkey = raw[j + 1]
@@ -250,12 +277,12 @@ for j = 1, #raw, 8 do
     local created = tonumber(raw[j + 2])
     local prior = pb.in_batch[dkey]
     if prior then
-      if created - prior[2] <= window then orig[j] = prior[1] end
+      if created - tonumber(raw[prior + 2]) <= window then orig[j] = prior end
     else
       local seen = pb.seen[dkey]
       if seen and created - tonumber(seen[2]) <= window then orig[j] = seen[1] end
     end
-    if not orig[j] then pb.in_batch[dkey] = {j, created} end
+    if not orig[j] then pb.in_batch[dkey] = j end
   end
   if not orig[j] then fresh = fresh + 1 end
 end
@@ -334,7 +361,7 @@ for j = 1, #raw, 8 do
       if receipt then inbox.receipt = seq end
       if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
       out[#out + 1] = seq
-      v = expires .. " " .. seq .. "\\n" .. string.sub(blob, pos, pos + size - 1)
+      v = string.sub(blob, pos, pos + size - 1)
       pb.unacked = pb.unacked + 1
     else
       local list, seqs = inbox or {}, {}
@@ -350,8 +377,12 @@ for j = 1, #raw, 8 do
         seqs[r] = seq
         out[#out + 1] = seq
       end
-      v = expires .. " " .. table.concat(seqs, ",") .. "\\n" .. string.sub(blob, pos, pos + size - 1)
-      if #list == 0 then redis.call("ZADD", B .. ":done", 0, sid) end
+      v = string.sub(blob, pos, pos + size - 1)
+      if #list == 0 then
+        redis.call("ZADD", B .. ":done", 0, sid)
+      else
+        redis.call("HSET", B .. ":x:" .. sid, "q", table.concat(seqs, ","))
+      end
       pb.unacked = pb.unacked + #list
     end
     values[#values + 1] = B .. ":m:" .. sid
@@ -592,7 +623,7 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
         local id, idx, mt, flags = entry_of(member)
         if not has(flags, "x") then
           local v = redis.call("GET", base(mt) .. ":m:" .. id)
-          local ex = tonumber(string.sub(v, 1, string.find(v, " ", 1, true) - 1))
+          local ex = tonumber(expires_of(v))
           if ex <= limit then
             due[#due + 1] = {tonumber(id), tonumber(idx), t, tostring(lane), seq, member}
           elseif not low or ex < low then
@@ -649,21 +680,24 @@ for _, member in ipairs(redis.call("ZRANGE", B .. ":dead", 0, -1)) do
     end
     if v then
       local L = LANE[lane]
-      local expires, seqs, header, body = parts(v)
+      local header, body = parts(v)
       local h = cjson.decode(header)   -- (tenant, kind, created, receipt: 1, 5, 7, 8)
       local n = #h[9] + 1
       h[9][n] = t
       local seq = redis.call("HINCRBY", k.p, L.l, 1)
-      local fresh = ARGV[5 + tonumber(lane)]
-      if tonumber(fresh) > tonumber(expires) then expires = fresh end
-      local nv = expires .. " " .. seqs .. "," .. seq .. "\\n" .. cjson.encode(h) .. "\\n" .. body
+      local expires, fresh = h[10], ARGV[5 + tonumber(lane)]
+      if tonumber(fresh) > tonumber(expires) then
+        expires = fresh
+        h[10] = fresh
+      end
+      local nv = cjson.encode(h) .. "\\n" .. body
       redis.call("SET", MB .. ":m:" .. id, nv)
       redis.call("HINCRBY", MB .. ":n", "bytes", #nv - #v)
       -- (flags: never "1", its message had a recipient before)
       local entry = id .. ":" .. n .. ":" .. h[1] .. (h[8] == "1" and ":r" or ":")
       redis.call("RPUSH", k[lane], entry)
       if h[8] == "1" then redis.call("HSET", k.p, L.r, seq) end
-      redis.call("HSET", MB .. ":x:" .. id, "w" .. n, "redriven")
+      redis.call("HSET", MB .. ":x:" .. id, "w" .. n, "redriven", "q" .. n, seq)
       redis.call("HINCRBY", B .. ":n", "unacked", 1)
       redis.call("ZADD", B .. ":exp", "LT", expires, t)
       redis.call("ZREM", B .. ":dead", member)
@@ -678,7 +712,7 @@ return {epoch, out}
 """
 
 # ARGV[3] msg_id.  Answer: {value, the message's x hash (flat), per
-# recipient {acked, delivered, its lane's range log}}, or false.
+# recipient {acked, delivered, its lane's range log, its seq}}, or false.
 TRACE = _HEADER + """
 for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   local MB = base(tenant)
@@ -686,6 +720,8 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
   if v then
     local h = head(v)
     local L = LANE[h[4]]
+    local flat = redis.call("HGETALL", MB .. ":x:" .. ARGV[3])
+    local x = hash(flat)
     local per = {}
     for r, t in ipairs(h[9]) do
       local k = box(t)
@@ -694,9 +730,9 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
       for _, rec in ipairs(redis.call("LRANGE", k.g, 0, -1)) do
         if string.sub(rec, 1, 1) == L.name then log[#log + 1] = rec end
       end
-      per[r] = {f[1] or "0", f[2] or "0", log}
+      per[r] = {f[1] or "0", f[2] or "0", log, seq_of(ARGV[3], r, t, h[4], x) or 0}
     end
-    return {epoch, {v, redis.call("HGETALL", MB .. ":x:" .. ARGV[3]), per}}
+    return {epoch, {v, flat, per}}
   end
 end
 return {epoch, false}
@@ -864,13 +900,9 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
     local MB = c.MB
     local v = redis.call("GET", MB .. ":m:" .. id)
     if v then
-      local _, seqs, header = parts(v)
-      local hd = cjson.decode(header)
+      local hd = head(v)
       local L = LANE[hd[4]]
-      local sq = split(seqs)
-      local flat = redis.call("HGETALL", MB .. ":x:" .. id)
-      local x = {}
-      for j = 1, #flat, 2 do x[flat[j]] = flat[j + 1] end
+      local x = hash(redis.call("HGETALL", MB .. ":x:" .. id))
       local done = true
       for r, t in ipairs(hd[9]) do
         local s = x["s" .. r]
@@ -878,7 +910,7 @@ for _, tenant in ipairs(redis.call("SMEMBERS", P .. ":tenants")) do
           -- (done by this trim, or kept acked by an earlier one)
         elseif s == "expired" or s == "rejected" then
           if tonumber(x["e" .. r]) > cut then done = false end
-        elseif tonumber(sq[r]) > (tonumber(redis.call("HGET", box(t).p, L.z)) or 0) then
+        elseif (seq_of(id, r, t, hd[4], x) or 0) > (tonumber(redis.call("HGET", box(t).p, L.z)) or 0) then
           done = false
         end
         if not done then break end
