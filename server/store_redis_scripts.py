@@ -308,7 +308,7 @@ for j = 1, #raw, 8 do
           TB = base(tenant)
         end
         inbox = {p = TB .. ":p:" .. t, e = TB .. ":e" .. lane .. ":" .. t, TB = TB, t = t,
-                 tenant = tenant, L = LANE[lane], count = 0, entries = {}}
+                 tenant = tenant, L = LANE[lane], count = 0, entries = {}, n = 0, ex = math.huge}
         byt[t] = inbox
         order[#order + 1] = inbox
       end
@@ -333,13 +333,16 @@ local function tails_of(tenant)
   end
   return v
 end
-local tenants, out, values, ids, pos = {}, {}, {}, {}, 1
+-- (Counters, not #: Lua finds a table's length by a search each time.)
+local tenants, out, values, ids, pos, no, nv = {}, {}, {}, {}, 1, 0, 0
+local last_tenant, B, pb, tl
 for j = 1, #raw, 8 do
   local size = raw[j + 7]
   local o = orig[j]
   if o then
-    if type(o) == "string" then out[#out + 1] = tonumber(o) else out[#out + 1] = ids[o] end
-    out[#out + 1] = 1
+    if type(o) == "string" then out[no + 1] = tonumber(o) else out[no + 1] = ids[o] end
+    out[no + 2] = 1
+    no = no + 2
   else
     id = id + 1
     ids[j] = id
@@ -347,35 +350,42 @@ for j = 1, #raw, 8 do
     local tenant, expires = raw[j], raw[j + 3]
     local code = raw[j + 5] % 2
     local receipt = code == 1
-    local B = base(tenant)
-    local pb = of_base(B)
-    out[#out + 1] = id
-    out[#out + 1] = 0
+    if tenant ~= last_tenant then
+      last_tenant, B = tenant, base(tenant)
+      pb, tl = of_base(B), tails_of(tenant)
+    end
+    out[no + 1] = id
+    out[no + 2] = 0
+    no = no + 2
     local ex = tonumber(expires)
     local inbox, v = at[j], nil
     if inbox and inbox.t then           -- (one recipient)
       local seq = inbox.seq + 1
       inbox.seq = seq
-      local entries = inbox.entries
-      entries[#entries + 1] = sid .. ":1" .. tails_of(tenant)[code + 2]
+      local n = inbox.n + 1
+      inbox.n = n
+      inbox.entries[n] = sid .. ":1" .. tl[code + 2]
       if receipt then inbox.receipt = seq end
-      if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
-      out[#out + 1] = seq
+      if ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
+      no = no + 1
+      out[no] = seq
       v = string.sub(blob, pos, pos + size - 1)
       pb.unacked = pb.unacked + 1
     else
       local list, seqs = inbox or {}, {}
-      local tl = tails_of(tenant)[code]
+      local t0 = tl[code]
       for r = 1, #list do
         inbox = list[r]
         local seq = inbox.seq + 1
         inbox.seq = seq
-        local entries = inbox.entries
-        entries[#entries + 1] = sid .. ":" .. r .. tl
+        local n = inbox.n + 1
+        inbox.n = n
+        inbox.entries[n] = sid .. ":" .. r .. t0
         if receipt then inbox.receipt = seq end
-        if not inbox.ex or ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
+        if ex < inbox.ex then inbox.exp, inbox.ex = expires, ex end
         seqs[r] = seq
-        out[#out + 1] = seq
+        no = no + 1
+        out[no] = seq
       end
       v = string.sub(blob, pos, pos + size - 1)
       if #list == 0 then
@@ -385,19 +395,22 @@ for j = 1, #raw, 8 do
       end
       pb.unacked = pb.unacked + #list
     end
-    values[#values + 1] = B .. ":m:" .. sid
-    values[#values + 1] = v
+    values[nv + 1] = B .. ":m:" .. sid
+    values[nv + 2] = v
+    nv = nv + 2
     pb.messages, pb.bytes = pb.messages + 1, pb.bytes + #v
     tenants[tenant] = true
     local b = bucket[j]
     if b then
       local dd = pb.dd[b]
       if not dd then
-        dd = {}
+        dd = {n = 0}
         pb.dd[b] = dd
       end
-      dd[#dd + 1] = raw[j + 1]
-      dd[#dd + 1] = sid .. " " .. raw[j + 2]
+      local n = dd.n
+      dd[n + 1] = raw[j + 1]
+      dd[n + 2] = sid .. " " .. raw[j + 2]
+      dd.n = n + 2
     end
   end
   pos = pos + size
