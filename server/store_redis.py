@@ -301,8 +301,8 @@ class RedisStore:
             group.append(other)
             counts.append(0)
         if name == "accept":
-            # (counts: each waiter's messages' numbers of recipients, to
-            # split the script's flat answer)
+            # (counts: each waiter's messages' recipients, to split the
+            # script's flat answer)
             entries, bodies, counts = list(args[0]), list(args[1]), [args[2]]
             while writes and writes[0][0] == "accept" and count < GROUP_MAX:
                 _, more, n, other = writes.popleft()
@@ -413,24 +413,32 @@ class RedisStore:
                 if not waiter.done():
                     waiter.set_result(answer)
             return
+        # The flat answer, per message: msg_id, 1 (a duplicate), or msg_id,
+        # 0, a seq per recipient.  counts: each waiter's recipient lists.
         k = 0
-        for waiter, sizes in zip(group, counts):
+        for waiter, unique in zip(group, counts):
             part = []
-            for n in sizes:       # (msg_id, 1) or (msg_id, 0, a seq per recipient)
-                end = k + (2 if answer[k + 1] else 2 + n)
-                part.append(answer[k:end])
-                k = end
+            for rcpts in unique:
+                if answer[k + 1]:
+                    part.append(Accepted(answer[k], True))
+                    k += 2
+                elif len(rcpts) == 1:
+                    part.append(Accepted(answer[k], False, {rcpts[0]: answer[k + 2]}))
+                    k += 3
+                else:
+                    n = len(rcpts)
+                    part.append(Accepted(answer[k], False, dict(zip(rcpts, answer[k + 2:k + 2 + n]))))
+                    k += 2 + n
             if not waiter.done():
                 waiter.set_result(part)
 
     # -- accept ----------------------------------------------------------
 
     @staticmethod
-    def _accept_args(items) -> tuple[tuple[list, list[bytes], list[int]], list[list[str]]]:
-        """The accept script's arguments of ``items`` (eight values per
-        message in one flat list, the payloads apart: bodies need not be
-        text; and each one's number of recipients) and each one's
-        recipients."""
+    def _accept_args(items) -> tuple[list, list[bytes], list[list[str]]]:
+        """The accept script's arguments of ``items``: eight values per
+        message in one flat list; the payloads apart (bodies need not be
+        text), in parts; and each one's recipients."""
         entries: list = []
         payloads: list[bytes] = []
         unique = []
@@ -443,57 +451,42 @@ class RedisStore:
             if lane is None:
                 raise ValueError(f"accept_many: lane must be P0 or P1, got {msg.lane!r}")
             sref, created = str(int(ref)), repr(float(msg.created))
-            receipt = "1" if msg.receipt else "0"
             expires = repr(float(msg.expires))
-            payload = dumps((tenant, msg.sender, sref, lane, msg.kind, msg.to, created, receipt,
-                             rcpts, expires)) + b"\n" + bytes(msg.body)
-            payloads.append(payload)
+            head = dumps((tenant, msg.sender, sref, lane, msg.kind, msg.to, created,
+                          "1" if msg.receipt else "0", rcpts, expires))
+            body = bytes(msg.body)
+            payloads += (head, b"\n", body)
             # (flags: 1 receipts, 2 every recipient is of the message's tenant)
             flags = 1 if msg.receipt else 0
+            prefix = f"terminal:{tenant}/"
             if len(rcpts) == 1:
-                if _tenant_of(rcpts[0]) == tenant:
+                to = rcpts[0]
+                if to.startswith(prefix) or _tenant_of(to) == tenant:
                     flags += 2
-            elif all(_tenant_of(r) == tenant for r in rcpts):
+            elif all(r.startswith(prefix) or _tenant_of(r) == tenant for r in rcpts):
                 flags += 2
             entries += (tenant, f"{msg.sender}\n{sref}" if ref else "", created, expires, lane,
-                        flags, rcpts, len(payload))
-        return (entries, payloads, [len(r) for r in unique]), unique
-
-    @staticmethod
-    def _accepted(unique: list[list[str]], answers) -> list[Accepted]:
-        out = []
-        for rcpts, answer in zip(unique, answers):
-            if answer[1]:
-                out.append(Accepted(int(answer[0]), True))
-            else:
-                out.append(Accepted(int(answer[0]), False, dict(zip(rcpts, answer[2:]))))
-        return out
+                        flags, rcpts, len(head) + 1 + len(body))
+        return entries, payloads, unique
 
     async def accept_many(self, items: Sequence[tuple[NewMessage, Sequence[str]]]
                           ) -> list[Accepted]:
         if not items:
             return []
-        args, unique = self._accept_args(items)
+        args = self._accept_args(items)
         done = asyncio.get_running_loop().create_future()
-        self._write("accept", args, done, len(unique))
-        return self._accepted(unique, await done)
+        self._write("accept", args, done, len(args[2]))
+        return await done
 
     def accept_many_then(self, items, callback) -> None:
         if not self._open:
             raise RuntimeError("the Redis store is not open")
-        args, unique = self._accept_args(items)
-
-        def answered(answers, exc) -> None:
-            if exc is not None:
-                callback(None, exc)
-            else:
-                callback(self._accepted(unique, answers), None)
-
-        done = Completion(answered)
-        if not unique:
+        args = self._accept_args(items)
+        done = Completion(callback)
+        if not args[2]:
             asyncio.get_running_loop().call_soon(done.set_result, [])
             return
-        self._write("accept", args, done, len(unique))
+        self._write("accept", args, done, len(args[2]))
 
     # (Every number goes to Redis as int(): redis-py encodes an int subclass
     # by repr(), so a Lane would arrive as "<Lane.P0: 0>".)
