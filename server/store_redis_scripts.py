@@ -24,12 +24,13 @@ Conventions, which every script follows:
 
 What the hot path costs (accept, delivered, ack of one payment result):
 one value string per message (written with one MSET per batch), and per
-inbox and batch one HINCRBY and one HSET of the terminal's inbox hash;
-a delivery or an ack is one HMGET and one HSET of that hash.  Delivered
-and acked are positions, not per-entry state: the times the trace shows
-come from the range log kept in the same hash (one field per range).
-Redis spends most of a script's time in the calls and in Lua's strings,
-so what repeats is made once per run (``box``, ``base``).
+inbox and batch one HINCRBY of the terminal's positions hash and one RPUSH
+of its entries list; a batch's deliveries and acks of an inbox are one
+HMGET and one HSET of its positions and one RPUSH of its range log.
+Delivered and acked are positions, not per-entry state: the times the
+trace shows come from the range log.  Redis spends most of a script's time
+in Lua's own work (strings, tables), so what repeats is made once per run
+(``box``, ``base``).
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ local boxes = {}
 -- A terminal's keys, each made when first asked for: its positions hash
 -- (p, both lanes), its entry lists (one per lane, "0" and "1") and its
 -- range log (g).
-local KEYS = {p = ":p:", g = ":g:", ["0"] = ":e0:", ["1"] = ":e1:"}
+local KEY_PARTS = {p = ":p:", g = ":g:", ["0"] = ":e0:", ["1"] = ":e1:"}
 local BOX = {__index = function(k, name)
-  local v = k.B .. KEYS[name] .. k.t
+  local v = k.B .. KEY_PARTS[name] .. k.t
   k[name] = v
   return v
 end}
@@ -128,7 +129,7 @@ local function seq_of(id, r, t, lane, x)
   if q then return tonumber(q) end
   if x.q then return tonumber(split(x.q)[r]) end
   local k = box(t)
-  local z = tonumber(redis.call("HGET", k.p, "z" .. lane)) or 0
+  local z = tonumber(redis.call("HGET", k.p, LANE[lane].z)) or 0
   local prefix = id .. ":" .. r .. ":"
   for i, member in ipairs(redis.call("LRANGE", k[lane], 0, -1)) do
     if string.sub(member, 1, #prefix) == prefix then return z + i end

@@ -8,6 +8,7 @@ a batch.  Each test that flushes, kills or reconfigures Redis has a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -30,6 +31,21 @@ TILL = "terminal:acme/till1"
 def msg(ref: int, *, created: float = T0) -> NewMessage:
     return NewMessage("acme", PAY, ref, 0, "payment.result", TILL, b'{"n":%d}' % ref,
                       created, created + 3600.0)
+
+
+@contextlib.asynccontextmanager
+async def _private_store():
+    """A store (prefix "tw") on a ``redis-server`` of its own, and an admin
+    client of that server."""
+    with PrivateRedis() as server:
+        store = RedisStore(server.url, prefix="tw")
+        await store.open()
+        admin = aioredis.from_url(server.url)
+        try:
+            yield store, admin
+        finally:
+            await admin.aclose()
+            await store.close()
 
 
 @aiotest()
@@ -201,36 +217,29 @@ async def test_a_store_not_open_refuses_accept_many_then():
 
 @aiotest()
 async def test_batches_are_stored_in_the_order_asked_and_queued_ones_share_a_script():
-    with PrivateRedis() as server:
-        store = RedisStore(server.url, prefix="tw")
-        await store.open()
-        admin = aioredis.from_url(server.url)
-        try:
-            await admin.config_resetstat()
-            loop = asyncio.get_running_loop()
-            answers: list = []
-            all_in = loop.create_future()
+    async with _private_store() as (store, admin):
+        await admin.config_resetstat()
+        loop = asyncio.get_running_loop()
+        answers: list = []
+        all_in = loop.create_future()
 
-            def callback(results, exc):
-                assert exc is None
-                answers.append(results)
-                if len(answers) == 50 and not all_in.done():
-                    all_in.set_result(None)
+        def callback(results, exc):
+            assert exc is None
+            answers.append(results)
+            if len(answers) == 50 and not all_in.done():
+                all_in.set_result(None)
 
-            for ref in range(1, 51):             # 50 batches asked in one loop iteration
-                store.accept_many_then([(msg(ref), [TILL])], callback)
-            acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 50)], T0 + 1))
-            await asyncio.wait_for(all_in, 10)
-            # Each batch got the seq of its place in the order asked, answered in that order.
-            assert [results[0].seqs for results in answers] == [{TILL: n} for n in range(1, 51)]
-            # The ack asked after them all came after them all.
-            assert len(await acks) == 0 and await store.positions(TILL) == (50, 50, 0, 0)
-            stats = await admin.info("commandstats")
-            scripts = stats["cmdstat_evalsha"]["calls"]
-            assert scripts < 50                  # queued batches shared scripts
-        finally:
-            await admin.aclose()
-            await store.close()
+        for ref in range(1, 51):             # 50 batches asked in one loop iteration
+            store.accept_many_then([(msg(ref), [TILL])], callback)
+        acks = asyncio.ensure_future(store.ack_many([(TILL, 0, 50)], T0 + 1))
+        await asyncio.wait_for(all_in, 10)
+        # Each batch got the seq of its place in the order asked, answered in that order.
+        assert [results[0].seqs for results in answers] == [{TILL: n} for n in range(1, 51)]
+        # The ack asked after them all came after them all.
+        assert len(await acks) == 0 and await store.positions(TILL) == (50, 50, 0, 0)
+        stats = await admin.info("commandstats")
+        scripts = stats["cmdstat_evalsha"]["calls"]
+        assert scripts < 50                  # queued batches shared scripts
 
 
 @aiotest()
@@ -246,30 +255,23 @@ async def test_deliveries_and_acks_asked_together_share_one_script_and_keep_thei
     till2 = "terminal:acme/till2"
     items = [(receipted(1, TILL), [TILL]), (receipted(2, TILL), [TILL]),
              (receipted(3, till2), [till2])]
-    with PrivateRedis() as server:
-        store = RedisStore(server.url, prefix="tw")
-        memory = MemoryStore()
-        await store.open()
-        admin = aioredis.from_url(server.url)
-        try:
-            answers = []
-            for s in (memory, store):
-                await s.accept_many(items)
-                await admin.config_resetstat()
-                answers.append(await asyncio.gather(
-                    s.delivered_many([(TILL, 0, 1, 2), (till2, 0, 1, 1)], T0 + 1),
-                    s.ack_many([(TILL, 0, 1), (till2, 0, 1)], T0 + 1)))
-            stats = await admin.info("commandstats")
-            assert stats["cmdstat_evalsha"]["calls"] == 1
-            delivered, acked = answers[1]
-            assert sorted(r.ref for r in delivered) == [1, 2, 3]
-            assert sorted(r.ref for r in acked) == [1, 3]
-            assert answers[0] == answers[1]
-            for msg_id in (1, 2, 3):
-                assert await store.trace(msg_id) == await memory.trace(msg_id)
-        finally:
-            await admin.aclose()
-            await store.close()
+    memory = MemoryStore()
+    async with _private_store() as (store, admin):
+        answers = []
+        for s in (memory, store):
+            await s.accept_many(items)
+            await admin.config_resetstat()
+            answers.append(await asyncio.gather(
+                s.delivered_many([(TILL, 0, 1, 2), (till2, 0, 1, 1)], T0 + 1),
+                s.ack_many([(TILL, 0, 1), (till2, 0, 1)], T0 + 1)))
+        stats = await admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1
+        delivered, acked = answers[1]
+        assert sorted(r.ref for r in delivered) == [1, 2, 3]
+        assert sorted(r.ref for r in acked) == [1, 3]
+        assert answers[0] == answers[1]
+        for msg_id in (1, 2, 3):
+            assert await store.trace(msg_id) == await memory.trace(msg_id)
 
 
 @aiotest()
@@ -348,41 +350,34 @@ async def test_a_batch_larger_than_the_scripts_slices_is_stored_read_and_acked_w
     # adds an inbox's entries 2,000 at a time (unpack's bound); each inbox's
     # last seq is written once per batch.  5,000 messages to one till, every
     # third asking for a receipt, a third of them sent again in the batch.
-    with PrivateRedis() as server:
-        store = RedisStore(server.url, prefix="tw")
-        await store.open()
-        admin = aioredis.from_url(server.url)
-        try:
-            def one(ref: int) -> NewMessage:
-                m = msg(ref)
-                m.receipt = ref % 3 == 0
-                return m
+    async with _private_store() as (store, admin):
+        def one(ref: int) -> NewMessage:
+            m = msg(ref)
+            m.receipt = ref % 3 == 0
+            return m
 
-            items = [(one(ref), [TILL]) for ref in range(1, 5001)]
-            items += [(one(ref), [TILL]) for ref in range(1, 5001, 3)]
-            await admin.config_resetstat()
-            got = await store.accept_many(items)
-            fresh, again = got[:5000], got[5000:]
-            assert [a.seqs for a in fresh] == [{TILL: n} for n in range(1, 5001)]
-            assert all(a.duplicate for a in again)
-            assert [a.msg_id for a in again] == [fresh[ref - 1].msg_id for ref in range(1, 5001, 3)]
-            stats = await admin.info("commandstats")
-            assert stats["cmdstat_evalsha"]["calls"] == 1
-            # The inbox's last seq moves once for the whole batch.
-            assert stats["cmdstat_hincrby"]["calls"] == 1 + 3     # (and the three counters)
-            assert "cmdstat_hget" not in stats
-            assert await store.positions(TILL) == (0, 5000, 0, 0)
-            entries = await store.inbox(TILL, 0, 4990, 100)
-            assert [(e.seq, e.body) for e in entries] == \
-                [(n, b'{"n":%d}' % n) for n in range(4991, 5001)]
-            assert (await store.stats())["unacked"] == 5000
-            receipts = await store.ack_many([(TILL, 0, 5000)], T0 + 1)
-            assert [r.ref for r in receipts] == list(range(3, 5001, 3))
-            assert (await store.stats())["unacked"] == 0
-            assert await store.trim(T0 + 10, 1) == 5000
-        finally:
-            await admin.aclose()
-            await store.close()
+        items = [(one(ref), [TILL]) for ref in range(1, 5001)]
+        items += [(one(ref), [TILL]) for ref in range(1, 5001, 3)]
+        await admin.config_resetstat()
+        got = await store.accept_many(items)
+        fresh, again = got[:5000], got[5000:]
+        assert [a.seqs for a in fresh] == [{TILL: n} for n in range(1, 5001)]
+        assert all(a.duplicate for a in again)
+        assert [a.msg_id for a in again] == [fresh[ref - 1].msg_id for ref in range(1, 5001, 3)]
+        stats = await admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1
+        # The inbox's last seq moves once for the whole batch.
+        assert stats["cmdstat_hincrby"]["calls"] == 1 + 3     # (and the three counters)
+        assert "cmdstat_hget" not in stats
+        assert await store.positions(TILL) == (0, 5000, 0, 0)
+        entries = await store.inbox(TILL, 0, 4990, 100)
+        assert [(e.seq, e.body) for e in entries] == \
+            [(n, b'{"n":%d}' % n) for n in range(4991, 5001)]
+        assert (await store.stats())["unacked"] == 5000
+        receipts = await store.ack_many([(TILL, 0, 5000)], T0 + 1)
+        assert [r.ref for r in receipts] == list(range(3, 5001, 3))
+        assert (await store.stats())["unacked"] == 0
+        assert await store.trim(T0 + 10, 1) == 5000
 
 
 @aiotest()
@@ -475,25 +470,18 @@ async def test_writes_keep_their_order_when_redis_has_lost_only_some_scripts():
     # round trip carries a reject and then an ack of the same entry: the
     # reject must run first (its entry is dead, the ack finds nothing), not
     # after the ack whose script Redis still had.
-    with PrivateRedis() as server:
-        store = RedisStore(server.url, prefix="tw")
-        await store.open()
-        admin = aioredis.from_url(server.url)
-        try:
-            [a] = await store.accept_many([(msg(1), [TILL])])
-            await admin.script_flush()
-            assert await store.ack_many([(TILL, 0, 0)], T0) == []     # loads ack only
-            dead, receipts = await asyncio.gather(
-                store.reject(TILL, 0, 1, "refused", T0 + 1),
-                store.ack_many([(TILL, 0, 1)], T0 + 2))
-            assert dead is not None and dead.msg_id == a.msg_id and dead.reason == "refused"
-            assert receipts == []
-            [r] = (await store.trace(a.msg_id)).recipients
-            assert (r.state, r.ended_at, r.acked_at) == ("rejected", T0 + 1, None)
-            assert [d.msg_id for d in await store.dead_letters(None, 10)] == [a.msg_id]
-        finally:
-            await admin.aclose()
-            await store.close()
+    async with _private_store() as (store, admin):
+        [a] = await store.accept_many([(msg(1), [TILL])])
+        await admin.script_flush()
+        assert await store.ack_many([(TILL, 0, 0)], T0) == []     # loads progress only
+        dead, receipts = await asyncio.gather(
+            store.reject(TILL, 0, 1, "refused", T0 + 1),
+            store.ack_many([(TILL, 0, 1)], T0 + 2))
+        assert dead is not None and dead.msg_id == a.msg_id and dead.reason == "refused"
+        assert receipts == []
+        [r] = (await store.trace(a.msg_id)).recipients
+        assert (r.state, r.ended_at, r.acked_at) == ("rejected", T0 + 1, None)
+        assert [d.msg_id for d in await store.dead_letters(None, 10)] == [a.msg_id]
 
 
 @aiotest(timeout=120)
