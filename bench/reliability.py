@@ -30,21 +30,25 @@ Debian ``redis-server`` of its own on a free loopback port with its AOF on
 or no to compare).  The tills and the payer connect to the node's port and
 the kernel spreads them over the workers.  The chaos phase kills ONE
 WORKER with SIGKILL half way (the supervisor starts it again; its tills
-resume on the others) instead of the whole server.  The same steady phase
-with the tills then runs once on the embedded SQLite store in the same
-invocation (``sqlite_durable_msgs_per_s``, and ``redis_vs_sqlite`` the
-Redis rate as a share of it).
+resume on the others) instead of the whole server.  The steady phase with
+the tills runs ``--rounds`` times (default 5, 2 with ``--quick``) over
+Redis and as many times on the embedded SQLite store, alternating, in the
+same invocation: ``durable_msgs_per_s`` and ``sqlite_durable_msgs_per_s``
+are the median rates, ``redis_vs_sqlite_rounds`` each round's Redis rate
+as a share of the SQLite rate measured beside it, and ``redis_vs_sqlite``
+their median.
 
 Keys: sent, acked, delivered_unique, lost (acked but never delivered),
 duplicates_suppressed (duplicate SENDs answered from the dedup window plus
 redelivered messages the tills recognised), reordered (deliveries out of
 inbox order), durable_msgs_per_s, stored_only_msgs_per_s,
 bare_relay_msgs_per_s, durable_vs_bare, store; with ``--redis`` also
-sqlite_durable_msgs_per_s, redis_vs_sqlite, workers, appendfsync,
-killed_worker.  ``steady_cpu_s`` (and ``sqlite_steady_cpu_s``): the CPU
-seconds each part spent during the steady phase with tills (the server's
-processes, redis-server, the payer, the tills' processes) and its wall
-seconds: where the time went; with ``--redis`` the same per result
+sqlite_durable_msgs_per_s, redis_vs_sqlite, redis_vs_sqlite_rounds,
+rounds, workers, appendfsync, killed_worker.  ``steady_cpu_s`` (and
+``sqlite_steady_cpu_s``): the CPU seconds each part spent during the
+steady phase with tills (the server's processes, redis-server, the payer,
+the tills' processes) and its wall seconds, summed over the rounds: where
+the time went; with ``--redis`` the same per result
 (``workers_us_per_result``, ``redis_server_us_per_result``,
 ``sqlite_server_us_per_result``) and ``redis_floor_us_per_result``: what
 ``redis-server`` spends per result, measured in the same run, for the
@@ -218,6 +222,42 @@ def _steady(n: int, args, tills_on: bool, store: str) -> dict:
         return {"rate": rate, "delivered": delivered, "cpu": cpu}
 
 
+def _compared(n: int, args) -> tuple[dict, dict, list[float]]:
+    """The steady phase with tills on Redis and on SQLite, ``args.rounds``
+    times each, alternating (Redis then SQLite, then SQLite then Redis, ...):
+    a shared host's speed drifts over a run, and a ratio of two rates
+    measured seconds apart takes the drift for a difference between the
+    stores (the same build measured 0.61 in one run and 1.16 in another,
+    one phase of each).  Returns the Redis and the SQLite phase (the
+    median rate, the fewest results delivered in any round, the CPU
+    seconds summed over the rounds) and each round's Redis rate as a share
+    of the SQLite rate measured next to it."""
+    got: dict[str, list[dict]] = {"redis": [], "sqlite": []}
+    for r in range(args.rounds):
+        for store in ("redis", "sqlite") if r % 2 == 0 else ("sqlite", "redis"):
+            got[store].append(_steady(n, args, tills_on=args.steady_tills, store=store))
+    ratios = [a["rate"] / b["rate"] for a, b in zip(got["redis"], got["sqlite"])]
+    print(f"redis_vs_sqlite per round: {', '.join(f'{r:.3f}' for r in ratios)}", flush=True)
+
+    def merged(phases: list[dict]) -> dict:
+        delivered = [p["delivered"] for p in phases]
+        cpu = {part: round(sum(p["cpu"][part] for p in phases), 2) for part in phases[0]["cpu"]}
+        return {"rate": _median([p["rate"] for p in phases]),
+                "delivered": None if None in delivered else min(delivered), "cpu": cpu}
+
+    return merged(got["redis"]), merged(got["sqlite"]), ratios
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _scaled(cpu: dict, factor: float) -> dict:
+    return {part: seconds * factor for part, seconds in cpu.items()}
+
+
 def _redis_floor(args, results: int) -> tuple[float, float]:
     """The least a durable store in Redis could cost per payment result, on
     a fresh ``redis-server`` with the same AOF policy: five plain commands
@@ -370,6 +410,9 @@ def run(quick: bool = False, argv=()) -> dict:
                              "phase also runs on SQLite for comparison")
     parser.add_argument("--workers", type=int, default=2,
                         help="the node's worker processes with --redis")
+    parser.add_argument("--rounds", type=int, default=2 if quick else 5,
+                        help="with --redis: steady phases with tills on Redis and on SQLite, "
+                             "this many of each, alternating (see _compared)")
     parser.add_argument("--appendfsync", choices=("always", "everysec", "no"),
                         default="always", help="the redis-server's AOF policy with --redis")
     parser.add_argument("--steady-tills", action=argparse.BooleanOptionalAction, default=True,
@@ -379,6 +422,8 @@ def run(quick: bool = False, argv=()) -> dict:
                         help="also run the steady load with tills through a bare uvloop relay "
                              "(bench.bare): the floor the load generators and sockets set")
     args = parser.parse_args(list(argv))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     k, n = args.messages, args.terminals
     store = "redis" if args.redis else "sqlite"
     rnd = random.Random()
@@ -455,12 +500,13 @@ def run(quick: bool = False, argv=()) -> dict:
     # --no-steady-tills), then results only stored, each on a fresh server
     # (and a fresh redis-server); over Redis the same steady phase with tills
     # on the embedded SQLite store too; then the bare relay's floor.
-    steady = _steady(n, args, tills_on=args.steady_tills, store=store)
+    if args.redis:
+        steady, sqlite, ratios = _compared(n, args)
+    else:
+        steady, sqlite, ratios = _steady(n, args, tills_on=args.steady_tills, store=store), None, []
     rate = steady["rate"]
     stored_only = _steady(n, args, tills_on=False, store=store)["rate"] \
         if args.steady_tills else rate
-    sqlite = _steady(n, args, tills_on=args.steady_tills, store="sqlite") \
-        if args.redis else None
     bare = _steady(n, args, tills_on=True, store="bare") if args.baseline else None
     memory = _steady(n, args, tills_on=True, store="memory") if args.redis else None
     floor, floor_client = _redis_floor(args, 10_000 if quick else 40_000) \
@@ -479,19 +525,24 @@ def run(quick: bool = False, argv=()) -> dict:
         "store": store, "steady_cpu_s": steady["cpu"], "quick": quick,
     }
     if args.redis:
-        ceiling = _ceiling(sqlite["cpu"], memory["cpu"]["server"], floor, floor_client,
-                           _memory_store_us(10_000 if quick else 50_000), args.steady)
+        results = args.steady * args.rounds
+        ceiling = _ceiling(_scaled(sqlite["cpu"], 1 / args.rounds), memory["cpu"]["server"],
+                           floor, floor_client, _memory_store_us(10_000 if quick else 50_000),
+                           args.steady)
         out.update({
             "sqlite_durable_msgs_per_s": round(sqlite["rate"]),
-            "redis_vs_sqlite": round(rate / sqlite["rate"], 3),
+            "redis_vs_sqlite": round(_median(ratios), 3),
+            "redis_vs_sqlite_rounds": [round(r, 3) for r in ratios],
+            "rounds": args.rounds,
             "sqlite_steady_delivered": sqlite["delivered"],
             "sqlite_steady_cpu_s": sqlite["cpu"],
             "workers": args.workers, "appendfsync": args.appendfsync,
             "killed_worker": killed_worker,
             # CPU microseconds per result in the steady phase with tills
-            "workers_us_per_result": _per_result(steady["cpu"]["server"], args.steady),
-            "redis_server_us_per_result": _per_result(steady["cpu"]["redis"], args.steady),
-            "sqlite_server_us_per_result": _per_result(sqlite["cpu"]["server"], args.steady),
+            # (over every round)
+            "workers_us_per_result": _per_result(steady["cpu"]["server"], results),
+            "redis_server_us_per_result": _per_result(steady["cpu"]["redis"], results),
+            "sqlite_server_us_per_result": _per_result(sqlite["cpu"]["server"], results),
             "redis_floor_us_per_result": round(floor, 1),
             **ceiling,
         })

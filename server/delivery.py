@@ -845,6 +845,17 @@ class Delivery:
                 self._pending_acks[key] = seq
 
     def send_receipt(self, sender: str, ref: int, msg_id: int, status: int, terminal: str) -> None:
+        """RECEIPT to ``sender``: to its session here, or (a fleet) through
+        the worker that holds it (``Ownership.forward_receipts``).  A sender
+        with no session anywhere gets none, as on one node."""
+        if sender in self.hub.sessions:
+            self.receipt_here(sender, ref, msg_id, status, terminal)
+        elif self.node.ownership is not None:
+            self.node.ownership.forward_receipts([(sender, ref, msg_id, status, terminal)])
+
+    def receipt_here(self, sender: str, ref: int, msg_id: int, status: int,
+                     terminal: str) -> None:
+        """RECEIPT to ``sender``'s session on this worker, if it is open."""
         conn = self.hub.sessions.get(sender)
         if conn is None or conn.state != OPEN:
             return

@@ -39,9 +39,18 @@ Control messages are ``<verb> NUL <terminal> NUL <argument>`` in UTF-8:
 seconds; the newer login keeps the terminal), ``kick`` (argument: the reason),
 ``deliver`` (terminal empty; argument, binary: the stored messages, see
 ``pack_delivery``), ``inbox`` (terminal empty; argument: one ``<terminal>
-<lane> <seq>`` line per inbox that holds messages up to ``seq``) and ``chan`` (a P2/P3
+<lane> <seq>`` line per inbox that holds messages up to ``seq``), ``chan`` (a P2/P3
 message of the terminal's own channel; argument, binary: the lane byte and
-the placed message of ``channels.pack_placed``).
+the placed message of ``channels.pack_placed``) and ``receipt`` (terminal
+empty; argument, binary: RECEIPT frames for senders held there, see
+``pack_receipt``).
+
+RECEIPT frames follow their sender: the worker that learns what became of
+a message (the recipient's, from its acks and deliveries; whichever ran
+the expiry) sends them to the worker holding the sender's session, one
+control message per worker and round, written in order and kept and
+retried while presence or the broker fails.  A sender with no session
+anywhere gets none, as on one node.
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ log = logging.getLogger("tillwire.ownership")
 # kind and body, lane, seq, msg_id and when it was accepted (unix s); then
 # terminal, kind and body.
 _DELIVERY = struct.Struct(">HHIBQQd")
+# One RECEIPT in a ``receipt`` message: the lengths of the sender and the
+# recipient, msg_id, ref and status; then sender and recipient.
+_RECEIPT = struct.Struct(">HHQQB")
 
 
 NOTICE_MAX = 256 * 1024      # bytes of bodies one deliver notice carries at most
@@ -120,6 +132,27 @@ def unpack_deliveries(data: bytes) -> list:
         out.append((terminal, lane, seq, msg_id, kind, body, created))
     return out
 
+def pack_receipt(receipt) -> bytes:
+    sender, ref, msg_id, status, terminal = receipt
+    s, t = sender.encode(), terminal.encode()
+    return _RECEIPT.pack(len(s), len(t), msg_id, ref, status) + s + t
+
+
+def unpack_receipts(data: bytes) -> list:
+    """The (sender, ref, msg_id, status, recipient) of a ``receipt`` message."""
+    out = []
+    at, end, size = 0, len(data), _RECEIPT.size
+    while at < end:
+        ns, nt, msg_id, ref, status = _RECEIPT.unpack_from(data, at)
+        at += size
+        if at + ns + nt > end:
+            raise ValueError("a receipt cut short")
+        sender, terminal = data[at:at + ns].decode(), data[at + ns:at + ns + nt].decode()
+        at += ns + nt
+        out.append((sender, ref, msg_id, status, terminal))
+    return out
+
+
 LEASE = 90.0                 # seconds a claim lasts without renewal
 RENEW_EVERY = 30.0           # seconds between renewals (a third of the lease)
 RENEW_SLICE = 5000           # sessions renewed per call (the loop polls in between)
@@ -155,6 +188,12 @@ class Ownership:
         self.renotify = RENOTIFY
         self._notices: list[list] = []     # what notify() was given, for the notifier task
         self._notifying = False
+        # RECEIPT frames for senders held elsewhere: gathered over a loop
+        # iteration, then one batch of the queue (written in order, retried).
+        self._receipts: list[tuple] = []
+        self._receipt_batches = InOrder(node.spawn, self._forward,
+                                        lambda batch: f"broker: forwarding {len(batch)} receipts",
+                                        lambda: node.stopping)
 
     async def start(self) -> None:
         # (control messages sent while the pub/sub connection was down are lost)
@@ -172,6 +211,9 @@ class Ownership:
                 task.cancel()
         if self._queue:
             await self._queue.drain()
+        self._gather_receipts()
+        if self._receipt_batches:
+            await self._receipt_batches.drain()
         await self.broker.stop()
 
     # -- logins and logouts ---------------------------------------------------------
@@ -352,6 +394,42 @@ class Ownership:
         elif owner is not None:
             await self.broker.send_control(owner, self.channel_header(name, lane) + data)
 
+    # -- receipts for senders held elsewhere ------------------------------------------
+
+    def forward_receipts(self, receipts: list) -> None:
+        """RECEIPT frames, (sender, ref, msg_id, status, recipient) each, for
+        senders with no session here: to the workers that hold them (see the
+        module's docstring)."""
+        if not self._receipts:
+            self.node.loop.call_soon(self._gather_receipts)
+        self._receipts.extend(receipts)
+
+    def _gather_receipts(self) -> None:
+        batch, self._receipts = self._receipts, []
+        if batch:
+            self._receipt_batches.add(batch)
+
+    async def _forward(self, batch: list) -> None:
+        """Send ``batch``'s receipts to their senders' workers: one owners
+        lookup, one control message per worker.  What was sent leaves the
+        batch, so a retry after a failure sends only the rest."""
+        owners = await self.presence.owners(dict.fromkeys(r[0] for r in batch))
+        by_owner: dict[str, list] = {}
+        for receipt in batch:
+            owner = owners.get(receipt[0])
+            if owner is None:
+                continue                # (no session anywhere: none, as on one node)
+            if owner == self.owner:     # (it came here meanwhile)
+                self.node.delivery.receipt_here(*receipt)
+            else:
+                by_owner.setdefault(owner, []).append(receipt)
+        batch[:] = [r for some in by_owner.values() for r in some]
+        for owner, some in by_owner.items():
+            await self.broker.send_control(owner, b"receipt\0\0" + b"".join(map(pack_receipt,
+                                                                               some)))
+            sent = {id(r) for r in some}
+            batch[:] = [r for r in batch if id(r) not in sent]
+
     # -- the control inbox ------------------------------------------------------------
 
     # -- what every worker hears ------------------------------------------------------
@@ -454,6 +532,11 @@ class Ownership:
                 return
             if verb == "deliver":       # (binary: the stored messages, pack_delivery)
                 self.node.delivery.deliver_notified(unpack_deliveries(raw))
+                return
+            if verb == "receipt":       # (binary: pack_receipt)
+                receipt_here = self.node.delivery.receipt_here
+                for receipt in unpack_receipts(raw):
+                    receipt_here(*receipt)
                 return
             argument = raw.decode()
         except (ValueError, IndexError, struct.error):

@@ -8,9 +8,12 @@ SQLite) unchanged, except the methods a test told it to break:
   raise :class:`BackendDown`: a coroutine method raises when awaited, the
   callback-style ``accept_many_then`` answers its callback with the error,
   as a backend reports a failed commit;
-* ``hold(name, when=...)`` — such calls wait until ``release(name)``, then go
+* ``hold(name, when=...)`` — such calls wait until ``resume(name)``, then go
   to the real backend in arrival order (or fail, ``refuse=True``): a store
   slower than the senders.
+
+The fake's own methods are named so that none shadows a backend's (a
+presence has a ``release``).
 
 The backend's parts (``store.terminals``, ``store.records``,
 ``store.archive``) are wrapped too, their methods named
@@ -62,7 +65,7 @@ class Failing:
     def hold(self, name: str, *, when=None) -> None:
         self._holds[name] = [when, []]
 
-    def release(self, name: str, *, refuse: bool = False) -> None:
+    def resume(self, name: str, *, refuse: bool = False) -> None:
         """Let the held calls of ``name`` go on (or fail); later ones are not held."""
         _, waiting = self._holds.pop(name, (None, []))
         for resume in waiting:

@@ -176,7 +176,7 @@ async def test_a_slow_store_stops_reading_senders_and_loses_nothing(backend, tmp
         # Nothing more was taken from the sender than the bound.
         assert node.delivery.uncommitted <= 20
         assert store.waiting("accept_many_then") >= 1
-        store.release("accept_many_then")
+        store.resume("accept_many_then")
         assert sorted(await read_sendacks(reader, 300)) == list(range(300))
         assert await receive_orders(till, 300) == list(range(300))
         writer.close()

@@ -185,7 +185,7 @@ async def test_a_renewal_keeps_a_login_whose_claim_is_not_written_yet(kind):
         new = await connect(b, "t1")
         await eventually(lambda: held.waiting("claim") == 1)
         await b.ownership.renew()
-        held.release("claim")
+        held.resume("claim")
         assert await _closed(old) == Code.TAKEOVER
         await _owner_becomes(presence, "b")
         b.ownership.presence = presence              # (Failing's own release() shadows it)
@@ -242,7 +242,7 @@ async def _pair_behind_a_held_lookup():
     """Nodes a and b sharing a memory store, presence and bus; b's store and
     a's broker in Failing fakes (to count b's reads, to keep a's notices);
     a till on b, a payer on a; from the payer's first result on, a's first
-    owners lookup waits until ``presence.release("owners")``.  Yields
+    owners lookup waits until ``presence.resume("owners")``.  Yields
     (presence, b_store, broker_a, till, pay)."""
     from tillwire.server.store_memory import MemoryStore
 
@@ -284,7 +284,7 @@ async def test_a_notice_never_overtakes_an_earlier_one_whose_owner_lookup_is_slo
         await pay.send("payment.result", {"order": "o2", "status": "paid"}, TILL)
         with pytest.raises(asyncio.TimeoutError):
             await till.receive(timeout=EARLY_WAIT + 0.2)     # (o2 did not go ahead)
-        presence.release("owners")
+        presence.resume("owners")
         assert await receive_orders(till, 2) == [1, 2]
         assert b_store.calls["inbox"] == 0
 
@@ -306,7 +306,7 @@ async def test_a_round_of_notices_stops_at_what_one_notice_carries(monkeypatch):
         await eventually(lambda: presence.waiting("owners") == 1)
         for n in range(2, 5):
             await pay.send("payment.result", {"order": f"o{n}", "status": "paid"}, TILL)
-        presence.release("owners")
+        presence.resume("owners")
         assert await receive_orders(till, 4) == [1, 2, 3, 4]
         assert b_store.calls["inbox"] == 0
 
@@ -325,7 +325,7 @@ async def test_the_second_notice_names_each_inbox_once_with_its_highest_seq():
         await eventually(lambda: presence.waiting("owners") == 1)
         for n in range(2, 6):
             await pay.send("payment.result", {"order": f"o{n}", "status": "paid"}, TILL)
-        presence.release("owners")
+        presence.resume("owners")
         assert await receive_orders(till, 5) == [1, 2, 3, 4, 5]
         await eventually(lambda: len(broker_a.refused) == 2, timeout=RENOTIFY + 2)
         assert [args[1] for _, args in broker_a.refused] == [
@@ -372,6 +372,81 @@ async def test_a_result_whose_notices_were_all_lost_arrives_by_the_owners_reconc
             await client.aclose()
 
 
+def test_receipt_control_messages_carry_any_ref_and_address_and_refuse_a_cut_one():
+    from tillwire.server.ownership import pack_receipt, unpack_receipts
+
+    receipts = [("terminal:acme/pay", 1 << 63, 2**64 - 1, 2, "terminal:acme/t1"),
+                ("terminal:acme/kasse-ä", 0, 7, 5, "member:acme/m1")]
+    data = b"".join(map(pack_receipt, receipts))
+    assert unpack_receipts(data) == receipts
+    with pytest.raises(ValueError):
+        unpack_receipts(data[:-1])
+
+
+async def _receipt(conn, timeout: float = 3.0):
+    r = await asyncio.wait_for(conn.receipts.get(), timeout)
+    return r.code, r.msg_id, r.to
+
+
+@aiotest()
+async def test_receipts_reach_a_sender_held_by_another_worker():
+    # The payment backend asks for receipts on node a; the tills are on node
+    # b, whose deliveries, acks, read receipts, NACKs and expiry make them.
+    # Each RECEIPT reaches the backend through a's control inbox (a fleet's
+    # workers over a real redis-server).  A forwarding that meets presence
+    # or the broker failing is kept and retried, not dropped.
+    import time
+
+    from tillwire.core.codes import ReceiptStatus
+
+    pay_address = "terminal:acme/pay"
+    async with _shared_redis_pair(wrap=True, registry=True) as (a, b, presence):
+        await provision(a, "t1")
+        await provision(a, "t2")                 # (never connects: its result expires)
+        till = await connect(b, "t1")
+        pay = await connect(a, "pay", store="hq", roles=("backend",))
+        await _owner_becomes(presence, "b")
+        await _owner_becomes(presence, "a", terminal=pay_address)
+        first = await pay.send("payment.result", {"order": "o1", "status": "paid"}, TILL,
+                               receipt=True)
+        msg = await till.receive(timeout=3)
+        assert await _receipt(pay) == (ReceiptStatus.DELIVERED, first.msg_id, TILL)
+        # The ACKED receipt's owners lookup fails once: retried.
+        presence.fail("owners", 1, when=lambda terminals: pay_address in terminals)
+        await msg.ack()
+        assert await _receipt(pay) == (ReceiptStatus.ACKED, first.msg_id, TILL)
+        assert ("owners", ([pay_address],)) in [(n, (list(args[0]),))
+                                                for n, args in presence.refused]
+        till.read(msg.id)
+        assert await _receipt(pay) == (ReceiptStatus.READ, first.msg_id, TILL)
+        # The REJECTED receipt's control message fails once: retried.
+        second = await pay.send("payment.result", {"order": "o2", "status": "paid"}, TILL,
+                                receipt=True)
+        msg = await till.receive(timeout=3)
+        assert await _receipt(pay) == (ReceiptStatus.DELIVERED, second.msg_id, TILL)
+        b.ownership.broker = broker = Failing(b.ownership.broker)
+        broker.fail("send_control", 1)
+        till.nack(msg.lane, msg.seq, 34, "unknown order")
+        assert await _receipt(pay) == (ReceiptStatus.REJECTED, second.msg_id, TILL)
+        assert [name for name, _ in broker.refused] == ["send_control"]
+        # Node b's expiry dead-letters t2's result (a's sweep may not have run).
+        third = await pay.send("payment.result", {"order": "o3", "status": "paid"},
+                               "terminal:acme/t2", receipt=True, ttl=0.2)
+        await b.expire(time.time() + 1.0)
+        assert await _receipt(pay) == (ReceiptStatus.EXPIRED, third.msg_id, "terminal:acme/t2")
+        # A sender with no session anywhere gets none (as on one node): its
+        # owner is looked up, and nothing is kept for it.
+        fourth = await pay.send("payment.result", {"order": "o4", "status": "paid"},
+                                "terminal:acme/t2", receipt=True, ttl=0.2)
+        await pay.close()
+        await _owner_becomes(presence, None, terminal=pay_address)
+        looked = presence.calls["owners"]
+        dead = await b.expire(time.time() + 1.0)
+        assert [d.msg_id for d in dead] == [fourth.msg_id]
+        await eventually(lambda: presence.calls["owners"] > looked)
+        await eventually(lambda: len(b.ownership._receipt_batches) == 0)
+
+
 @aiotest()
 async def test_the_batches_behind_a_tills_first_lookup_take_its_record_from_the_cache():
     # A worker that has not seen a till asks the shared registry for it
@@ -405,7 +480,7 @@ async def test_the_batches_behind_a_tills_first_lookup_take_its_record_from_the_
                 "payment.result", {"order": f"o{n}", "status": "paid"}, TILL)))
             await asyncio.sleep(0.05)
         assert registry.waiting("get") == 1
-        registry.release("get")
+        registry.resume("get")
         acks = await asyncio.gather(*sends)
         assert len({a.msg_id for a in acks}) == 5
         assert registry.calls["get"] - asked == 1
@@ -432,7 +507,7 @@ async def test_an_own_channel_message_placed_before_the_claim_reaches_the_sessio
         await hq.send("promo.offer", {"offer": "o1", "title": "Deal"}, TILL)
         with pytest.raises(asyncio.TimeoutError):
             await till.receive(timeout=0.3)          # (no owner: sent to nobody)
-        presence.release("claim")
+        presence.resume("claim")
         msg = await till.receive(timeout=RENOTIFY + 2)
         assert (msg.kind, msg.body["offer"]) == ("promo.offer", "o1")
         with pytest.raises(asyncio.TimeoutError):
@@ -509,7 +584,7 @@ async def test_a_revoked_token_is_refused_while_the_worker_reads_the_record_agai
         node.ownership._on_announcement(b"registry\0" + address.encode())
         login = asyncio.ensure_future(connect(node, "h12", roles=("staff",), token=old_token))
         await eventually(lambda: registry.waiting("get") >= 1)
-        registry.release("get")
+        registry.resume("get")
         with pytest.raises(SessionClosed) as refused:
             await login
         assert refused.value.code == Code.TOKEN_REVOKED
@@ -677,4 +752,4 @@ async def test_a_session_whose_claim_is_not_written_yet_is_closed_by_a_revoke(ch
         a.terminal_changed(address)
         assert not await a.kick_anywhere(address, "stolen")      # (no owner yet)
         assert await _closed(h12) == Code.KICKED
-        presence.release("claim")
+        presence.resume("claim")

@@ -384,7 +384,7 @@ async def test_with_shared_caps_a_members_offers_keep_their_order_whatever_order
             await be.send("promo.offer", offer(n), "member:acme/m1")
         await eventually(lambda: caps.calls["take"] == 2)
         await nothing_for(phone, 0.3)            # (the second waits for the first)
-        caps.release("take")
+        caps.resume("take")
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [(m.body["offer"], m.seq) for m in got] == [("o1", 1), ("o2", 2)]
 
@@ -417,7 +417,7 @@ async def test_with_shared_caps_a_catch_up_asks_the_caps_in_order_and_a_refusal_
                               channels=positions)
         await eventually(lambda: caps.waiting("take") == 1)
         await nothing_for(phone, 0.3)
-        caps.release("take")
+        caps.resume("take")
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [m.body["offer"] for m in got] == ["o2", "o3"]
         await nothing_for(phone, 0.3)
@@ -441,6 +441,6 @@ async def test_with_shared_caps_a_message_of_another_kind_waits_behind_a_members
         assert [(await till.receive(timeout=3)).kind for _ in range(2)] == \
             ["promo.offer", "store.banner"]
         await nothing_for(phone, 0.3)             # (both wait for the offer's decision)
-        caps.release("take")
+        caps.resume("take")
         got = [await phone.receive(timeout=3) for _ in range(2)]
         assert [m.kind for m in got] == ["promo.offer", "store.banner"]

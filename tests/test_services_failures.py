@@ -213,7 +213,7 @@ async def test_of_two_staff_assigning_one_ticket_the_first_committed_has_it(firs
         await eventually(lambda: node.counters.lane_frames_in[Lane.P1] == frames + 1)
         await asyncio.sleep(0.05)
         assert (await node.tickets.get("acme", tid))["assignee"] == ""   # nothing committed
-        store.release("accept_many_then", refuse=first == "refused")
+        store.resume("accept_many_then", refuse=first == "refused")
         if first == "refused":
             assert (await refused(one)).code == Code.STORE_UNAVAILABLE
             await two
@@ -298,7 +298,7 @@ async def test_a_message_behind_a_refused_first_one_starts_the_conversation():
         await asyncio.sleep(0.05)
         assert kinds_of(store.held) == ["chat.message"]          # the second waits for its turn
         assert node.chat.convs == {}
-        store.release("accept_many_then", refuse=True)
+        store.resume("accept_many_then", refuse=True)
         assert (await refused(one)).code == Code.STORE_UNAVAILABLE
         ack = await two
         assert orjson.loads(ack.payload) == {"conversation": "cv1", "recipients": 1}
