@@ -369,13 +369,36 @@ class Handlers:
         conn = node.hub.sessions.get(address)
         if rec is None and conn is None:
             raise ApiError(404, f"terminal: {address} is not registered", "terminal")
-        acked0, last0, acked1, last1 = await node.store.positions(address)
+        try:
+            acked0, last0, acked1, last1 = await node.store.positions(address)
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: nothing to say
+            raise ApiError(503, f"store: the inbox positions could not be read ({exc}); "
+                                "retry") from None
         doc = _record_doc(rec) if rec is not None else {
             "terminal": address, "tenant": _call(request).tenant, "id": _call(request).terminal}
         connected = conn is not None and conn.transport is not None
+        if not connected and node.ownership is not None:
+            # Held by another worker of the fleet: presence says which; the
+            # connection's own details are that worker's.
+            try:
+                owner = await node.ownership.presence.owner(address)
+            except Exception as exc:  # noqa: BLE001 - presence is unreachable
+                raise ApiError(503, f"presence: which worker holds {address} could not be "
+                                    f"read ({exc}); retry") from None
+            if owner is not None and owner != node.ownership.owner:
+                held, _, index = owner.rpartition(".w")
+                doc.update({"connected": True, "node": held or owner,
+                            "worker": int(index) if index.isdigit() else None,
+                            "since": None, "heartbeat": None, "last_frame": None,
+                            "queued_bytes": 0,
+                            "inbox": {"P0": {"acked": acked0, "last": last0},
+                                      "P1": {"acked": acked1, "last": last1}},
+                            "state": "retired" if rec is not None and rec.retired else "open"})
+                return _json(doc)
         doc.update({
             "connected": connected,
             "node": node.node_id if connected else None,
+            "worker": node.worker if connected else None,
             "since": _unix(node, conn.started) if connected else None,
             "heartbeat": conn.heartbeat_ms if connected else None,
             "last_frame": _unix(node, conn.last_seen) if connected else None,

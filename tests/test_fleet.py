@@ -29,7 +29,7 @@ from redis_server import PrivateRedis, fresh_prefix, redis_url
 from support import SECRET, ServerProcess, aiotest, connect, eventually, token
 from tillwire.client.connection import SendError
 from tillwire.client.sdk import Client
-from tillwire.core.codes import Code
+from tillwire.core.codes import Code, ReceiptStatus
 from tillwire.core.errors import SessionClosed
 
 pytestmark = pytest.mark.slow
@@ -196,11 +196,22 @@ async def test_a_p0_result_goes_from_one_worker_to_a_till_on_another_and_any_nod
         till = await on_worker(a, "till1")
         pay = await on_worker(a, "pay1", avoid=till.info["worker"], roles=("backend",))
         assert till.info["node"] == "node-a" and pay.info["worker"] != till.info["worker"]
-        ack = await pay.send("payment.result", payment(1), "terminal:acme/till1")
+        await claimed(prefix, "terminal:acme/pay1", f"node-a.w{pay.info['worker']}")
+        # Its receipts come back from the till's worker to the payer's.
+        ack = await pay.send("payment.result", payment(1), "terminal:acme/till1", receipt=True)
         assert ack.msg_id
         msg = await till.receive(timeout=10)
         assert msg.body["order"] == "o1" and msg.lane == 0
         await msg.ack()
+        for status in (ReceiptStatus.DELIVERED, ReceiptStatus.ACKED):
+            r = await asyncio.wait_for(pay.receipts.get(), 10)
+            assert (r.code, r.msg_id, r.to) == (status, ack.msg_id, "terminal:acme/till1")
+        # Any worker of any node says where the till is connected.
+        for node in (a, b, a, b, a, b):
+            status, doc = await node.admin("GET", "/v1/terminals/acme/till1")
+            assert status == 200, doc
+            assert (doc["connected"], doc["node"], doc["worker"], doc["state"]) == \
+                (True, "node-a", till.info["worker"], "open"), doc
         # A payment terminal on the other node reaches the same till.
         far = await on_worker(b, "pay2", roles=("backend",))
         assert far.info["node"] == "node-b"

@@ -448,6 +448,50 @@ async def test_receipts_reach_a_sender_held_by_another_worker():
 
 
 @aiotest()
+async def test_the_admin_api_of_any_worker_says_which_worker_holds_a_terminal(tmp_path):
+    # GET /v1/terminals/... on worker a for a till held by worker b: presence
+    # names b; the connection's own details are b's to know (null here).
+    # Presence failing is a 503 naming it, not a false "offline".
+    import aiohttp
+
+    from support import make_config
+    from test_admin import ADMIN_TOKENS, OPS, check_response
+    from tillwire.server.admin import start_admin
+    from tillwire.server.audit import AuditLog
+
+    template = "/v1/terminals/{tenant}/{terminal}"
+    async with _shared_redis_pair(wrap=True, registry=True) as (a, b, presence):
+        await provision(a, "t1")
+        till = await connect(b, "t1")
+        await _owner_becomes(presence, "b")
+        audit = AuditLog(str(tmp_path / "audit.log")).open()
+        runner = await start_admin(a, make_config(**{"admin.tokens": ADMIN_TOKENS}), audit,
+                                   "127.0.0.1", 0)
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession(f"http://{host}:{port}", headers={
+                    "Authorization": f"Bearer {OPS}"}) as http:
+                async with http.get("/v1/terminals/acme/t1") as resp:
+                    doc = await resp.json()
+                assert resp.status == 200, doc
+                check_response(template, "GET", 200, doc)
+                assert (doc["connected"], doc["node"], doc["worker"], doc["since"],
+                        doc["state"]) == (True, "b", None, None, "open")
+                presence.fail("owner", 1)
+                async with http.get("/v1/terminals/acme/t1") as resp:
+                    doc = await resp.json()
+                assert resp.status == 503 and doc["error"].startswith("presence: "), doc
+                await till.close()
+                await _owner_becomes(presence, None)
+                async with http.get("/v1/terminals/acme/t1") as resp:
+                    doc = await resp.json()
+                assert (doc["connected"], doc["node"], doc["state"]) == (False, None, "offline")
+        finally:
+            await runner.cleanup()
+            audit.close()
+
+
+@aiotest()
 async def test_the_batches_behind_a_tills_first_lookup_take_its_record_from_the_cache():
     # A worker that has not seen a till asks the shared registry for it
     # once.  The SENDs to it that arrive while that lookup is out wait
