@@ -450,8 +450,15 @@ class RedisStore:
             lane = _LANES.get(msg.lane)
             if lane is None:
                 raise ValueError(f"accept_many: lane must be P0 or P1, got {msg.lane!r}")
-            sref, created = str(int(ref)), repr(float(msg.created))
-            expires = repr(float(msg.expires))
+            # (orjson writes a float as the shortest text that reads back
+            # exactly, as repr() does, in a fifth of repr's time: two per
+            # message were a third of this loop)
+            sref = str(int(ref))
+            created = dumps(float(msg.created)).decode()
+            expires = dumps(float(msg.expires)).decode()
+            if created == "null" or expires == "null":       # (orjson's word for inf, nan)
+                raise ValueError(f"accept_many: created and expires must be finite, got "
+                                 f"{msg.created!r} and {msg.expires!r}")
             head = dumps((tenant, msg.sender, sref, lane, msg.kind, msg.to, created,
                           "1" if msg.receipt else "0", rcpts, expires))
             body = bytes(msg.body)
