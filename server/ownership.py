@@ -194,6 +194,12 @@ class Ownership:
         self._receipt_batches = InOrder(node.spawn, self._forward,
                                         lambda batch: f"broker: forwarding {len(batch)} receipts",
                                         lambda: node.stopping)
+        # Announcements to every worker, published in order and retried: a
+        # revocation lost on the way would leave another worker logging the
+        # old token in on its cached record.
+        self._announcements = InOrder(node.spawn, self._announce,
+                                      lambda message: f"broker: announcing {message[:80]!r}",
+                                      lambda: node.stopping)
 
     async def start(self) -> None:
         # (control messages sent while the pub/sub connection was down are lost)
@@ -212,8 +218,9 @@ class Ownership:
         if self._queue:
             await self._queue.drain()
         self._gather_receipts()
-        if self._receipt_batches:
-            await self._receipt_batches.drain()
+        for queue in (self._receipt_batches, self._announcements):
+            if queue:
+                await queue.drain()
         await self.broker.stop()
 
     # -- logins and logouts ---------------------------------------------------------
@@ -443,13 +450,13 @@ class Ownership:
         ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
         workers read its record again: a ticket waiting for staff goes to the
         first who logs in on any worker, and every worker lists it)."""
-        self.node.spawn(self._announce(f"{verb}\0{argument}".encode()))
+        self._announcements.add(f"{verb}\0{argument}".encode())
 
     async def _announce(self, message: bytes) -> None:
-        try:
-            await self.broker.publish(FLEET, 0, message)
-        except Exception as exc:      # (a worker reads the record again when it next needs it)
-            log.warning("broker: announcing %r failed: %s", message[:80], exc)
+        # (Failing, it is kept and published again with backoff, in order:
+        # retry.InOrder.  A worker whose own pub/sub connection was down
+        # meanwhile drops its caches when it subscribes again.)
+        await self.broker.publish(FLEET, 0, message)
 
     def _on_announcement(self, message: bytes) -> None:
         try:

@@ -665,8 +665,11 @@ class Tickets:
 
     async def _refresh(self, key: str) -> None:
         """(A fleet) take a ticket's record and assignment claim from the
-        shared records into memory: unresolved, it is held here (without a
-        timer unless this worker armed one); resolved elsewhere, forgotten."""
+        shared records into memory: unresolved, it is held here, and while
+        open its escalation is armed here too (every worker holding it
+        comes to it when due, and one claims it: the worker that opened the
+        ticket may be gone by then, its node scaled in); resolved
+        elsewhere, forgotten."""
         if key in self.unsaved:
             return                      # (this worker's change is newer than the record)
         records = self.host.store.records
@@ -691,6 +694,8 @@ class Tickets:
             self._load_refs(key, rec)
             self.open[key] = rec
             self._track(key, rec)
+            if rec["status"] == OPEN:
+                self._arm(key, rec["due"])
             return
         self._untrack(key, mine)
         refs = mine.get("refs")
@@ -701,6 +706,8 @@ class Tickets:
             handle = self._timers.pop(key, None)
             if handle is not None:
                 handle.cancel()
+        elif key not in self._timers:
+            self._arm(key, mine["due"])
         self._track(key, mine)
 
     async def _claim_assignment(self, key: str, rec: dict, conn, body: dict) -> None:

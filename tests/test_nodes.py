@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -30,11 +31,12 @@ SHARED = ["memory", "redis"]      # what the two nodes share: in memory, or a re
 
 
 @contextlib.asynccontextmanager
-async def _shared_redis_pair(wrap: bool = False, registry: bool = False):
+async def _shared_redis_pair(wrap: bool = False, registry: bool = False, **overrides):
     """Two nodes in this process sharing one Redis store, presence, broker
     and channel history (a fleet's workers); with ``wrap`` the presence is
     in a Failing fake; with ``registry`` they share a Redis registry too
-    (each with its own cache).  Yields (a, b, presence)."""
+    (each with its own cache); ``overrides`` are configuration keys
+    (``make_config``'s).  Yields (a, b, presence)."""
     from tillwire.server.history_redis import RedisHistory
     from tillwire.server.node import Node
     from tillwire.server.registry_redis import RedisRegistry
@@ -49,7 +51,7 @@ async def _shared_redis_pair(wrap: bool = False, registry: bool = False):
     nodes = []
     try:
         for name, client in (("a", clients[1]), ("b", clients[2])):
-            node = Node(make_config(), RedisStore(redis_url(), prefix=prefix),
+            node = Node(make_config(**overrides), RedisStore(redis_url(), prefix=prefix),
                         loop=asyncio.get_running_loop(), node_id=name, presence=presence,
                         broker=RedisBroker(name, client, prefix=prefix),
                         history=RedisHistory(clients[3], prefix=prefix),
@@ -489,6 +491,48 @@ async def test_the_admin_api_of_any_worker_says_which_worker_holds_a_terminal(tm
         finally:
             await runner.cleanup()
             audit.close()
+
+
+@aiotest(30)
+async def test_a_ticket_escalates_from_another_worker_once_the_one_that_opened_it_is_gone():
+    # A till on worker a opens a ticket nobody takes; worker b learns it from
+    # a's announcement.  a is then taken away (its node scaled in) before
+    # the ticket is due: b escalates it to the store's manager.
+    async with _shared_redis_pair(registry=True, **{"tickets.escalate_after": 2.0}) as (
+            a, b, presence):
+        await provision(a, "mgr1", roles=("manager",))
+        boss = await connect(b, "mgr1", roles=("manager",))
+        till = await connect(a, "t1")
+        ack = await till.send("ticket.open", {"code": "E7"}, "role:acme/s1/staff")
+        tid = orjson.loads(ack.payload)["ticket"]
+        await eventually(lambda: f"acme/{tid}" in b.tickets.open)
+        await till.close()
+        await a.stop()
+        msg = await boss.receive(timeout=6)
+        assert (msg.kind, msg.body["ticket"], msg.body["level"]) == ("ticket.escalate", tid,
+                                                                      "store")
+        await msg.ack()
+
+
+@aiotest()
+async def test_an_announcement_the_broker_refuses_is_published_again():
+    # Worker a retires h12 and announces it; the broker refuses the first
+    # publish.  The announcement is kept and published again, and worker b,
+    # which holds h12's session, closes it.
+    import dataclasses
+
+    address = "terminal:acme/h12"
+    async with _shared_redis_pair(registry=True) as (a, b, presence):
+        await provision(a, "h12", roles=("staff",))
+        conn = await connect(b, "h12", roles=("staff",))
+        await _owner_becomes(presence, "b", terminal=address)
+        a.ownership.broker = broker = Failing(a.ownership.broker)
+        broker.fail("publish", 1)
+        rec = await a.registry.get(address)
+        await a.registry.put(dataclasses.replace(rec, retired=True))
+        a.terminal_changed(address)
+        assert await _closed(conn) == Code.KICKED
+        assert [name for name, _ in broker.refused] == ["publish"]
 
 
 @aiotest()
