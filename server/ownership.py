@@ -586,13 +586,19 @@ class Ownership:
             if conn.claims is not None:
                 self._claim_again(address, conn.claims)
             return
-        if await self.presence.owner(address) != self.owner:
-            self._close(address)
+        owner = await self.presence.owner(address)
+        if owner != self.owner:
+            self._close(address, owner)
 
-    def _close(self, address: str) -> None:
+    def _close(self, address: str, owner: str | None) -> None:
+        """Close the session here that worker ``owner`` took over (audited
+        like a takeover on one worker, naming the worker instead of the
+        new connection's peer)."""
         conn = self.node.hub.sessions.get(address)
         if conn is not None and conn.state != CLOSED:
             self.node.counters.takeovers += 1
+            if self.node.audit is not None:
+                self.node.commands.audit_conn("takeover", conn, None, worker=owner or "")
             self.node.close(conn, Code.TAKEOVER,
                             "the terminal logged in on another connection")
 
@@ -620,8 +626,9 @@ class Ownership:
                     # is still the previous session's, elsewhere; the claim
                     # settles who keeps the terminal, the newer login)
                     continue
-                if await self.presence.owner(address) is None:
+                owner = await self.presence.owner(address)
+                if owner is None:
                     self._claim_again(address, conn.claims)
                 else:
-                    self._close(address)
+                    self._close(address, owner)
             await asyncio.sleep(0)

@@ -139,13 +139,23 @@ async def _shared_pair(kind: str, broker_of=lambda broker: broker):
 
 @pytest.mark.parametrize("kind", SHARED)
 @aiotest()
-async def test_a_login_on_another_node_takes_the_session_over(kind):
+async def test_a_login_on_another_node_takes_the_session_over(kind, tmp_path):
+    from tillwire.server.audit import AuditLog
+
     async with _shared_pair(kind) as (a, b, presence):
+        a.audit = audit = AuditLog(str(tmp_path / "audit.log")).open()
         old = await connect(a, "t1")
         await _owner_becomes(presence, "a")
         new = await connect(b, "t1")
         assert await _closed(old) == Code.TAKEOVER
         assert a.counters.takeovers == 1 and TILL not in a.hub.sessions
+        # Audited where the older session was, naming the worker it went to.
+        audit.flush()
+        lines = [orjson.loads(line) for line in (tmp_path / "audit.log").read_bytes().splitlines()]
+        [line] = [line for line in lines if line["event"] == "takeover"]
+        assert (line["who"], line["detail"]) == (TILL, {"worker": "b"})
+        a.audit = None
+        audit.close()
         assert await presence.owner(TILL) == "b"       # a's release did not undo b's claim
         # The new session works; a logout releases the lease.
         pay = await connect(b, "pay", store="hq", roles=("backend",))
