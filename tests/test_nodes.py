@@ -151,7 +151,8 @@ async def test_a_login_on_another_node_takes_the_session_over(kind, tmp_path):
         assert a.counters.takeovers == 1 and TILL not in a.hub.sessions
         # Audited where the older session was, naming the worker it went to.
         audit.flush()
-        lines = [orjson.loads(line) for line in (tmp_path / "audit.log").read_bytes().splitlines()]
+        raw = (tmp_path / "audit.log").read_bytes()
+        lines = [orjson.loads(line) for line in raw.splitlines()]
         [line] = [line for line in lines if line["event"] == "takeover"]
         assert (line["who"], line["detail"]) == (TILL, {"worker": "b"})
         a.audit = None
