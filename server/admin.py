@@ -732,6 +732,7 @@ class Handlers:
         caps = await node.offers.forget_member(tenant, member)
         entries = await node.history.forget(channel)
         stored = await node.store.archive.forget(channel)
+        node.member_forgotten(tenant, member)
         result = {"tenant": tenant, "member": member, "conversations": conversations,
                   "chat_messages": messages, "caps": caps,
                   "channel_entries": max(entries, stored)}

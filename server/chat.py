@@ -421,24 +421,35 @@ class Chat:
 
     # -- personal data and retention ---------------------------------------------------
 
-    async def forget_member(self, tenant: str, member: str) -> tuple[int, int]:
-        """Delete a member's conversations and their messages: (conversations, messages)."""
-        store = self.host.store
+    def forget_member_here(self, tenant: str, member: str) -> list[str]:
+        """Drop what this worker holds in memory of a member's conversations
+        (and their records not written yet); returns their keys."""
         for k in [k for k, c in self._starting.items()
                   if c["tenant"] == tenant and c["member"] == member]:
             del self._starting[k]         # (its first message, being stored, creates nothing)
         keys = [k for k, c in self.convs.items()
                 if c["tenant"] == tenant and c["member"] == member]
+        for k in keys:
+            self._drop(k)
+        return keys
+
+    def _drop(self, k: str) -> None:
+        self.convs.pop(k, None)
+        for item, _ in self.unsaved.items():
+            if item[1] == k or item[1].startswith(k + "/"):
+                self.unsaved.discard(item)
+
+    async def forget_member(self, tenant: str, member: str) -> tuple[int, int]:
+        """Delete a member's conversations and their messages: (conversations, messages)."""
+        store = self.host.store
+        keys = self.forget_member_here(tenant, member)
         # Also records not in memory (written by a node sharing the store).
         async for k, value in scan_all(store.records, CONV_NS, tenant + "/"):
-            if k not in self.convs and orjson.loads(value).get("member") == member:
+            if k not in keys and orjson.loads(value).get("member") == member:
                 keys.append(k)
         messages = 0
         for k in keys:
-            self.convs.pop(k, None)
-            for item, _ in self.unsaved.items():
-                if item[1] == k or item[1].startswith(k + "/"):
-                    self.unsaved.discard(item)
+            self._drop(k)
             messages += await store.records.delete_prefix(CHAT_NS, k + "/")
             await store.records.delete(AGENT_NS, k)
             await store.records.delete(CONV_NS, k)

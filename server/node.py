@@ -29,7 +29,7 @@ import socket
 import time
 
 from ..core import wheel as _wheel
-from ..core.codes import Code, ReceiptStatus
+from ..core.codes import Code, Lane, ReceiptStatus
 from ..core.session import CLOSED, Encoder, Frame
 from .channels import Channels
 from .chat import Chat
@@ -311,6 +311,23 @@ class Node:
     def ticket_changed(self, key: str) -> None:
         if self.ownership is not None:
             self.ownership.announce("ticket", f"{self.worker_name}\t{key}")
+
+    def member_forgotten(self, tenant: str, member: str) -> None:
+        """A member's personal data was deleted from the store: this worker
+        and (a fleet) every other drop what they hold of it in memory (the
+        member channel's copies, conversations, offer counts)."""
+        self.forget_member_here(tenant, member)
+        if self.ownership is not None:
+            self.ownership.announce("member", f"{tenant}/{member}")
+
+    def forget_member_here(self, tenant: str, member: str) -> None:
+        channel = f"member:{tenant}/{member}"
+        for lane in (Lane.P2, Lane.P3):
+            stream = self.hub.stream(channel, lane, create=False)
+            if stream is not None:
+                self.hub.forget(stream)
+        self.chat.forget_member_here(tenant, member)
+        self.offers.forget_member_here(tenant, member)
 
     def directory_changed(self, tenant: str, store: str) -> None:
         """An operator changed a store's directory entry: the other workers

@@ -375,13 +375,17 @@ class Offers:
         refuses one (it stays due: the next flush writes it)."""
         await self.unsaved.flush()
 
-    async def forget_member(self, tenant: str, member: str) -> int:
+    def forget_member_here(self, tenant: str, member: str) -> None:
+        """Drop what this worker holds in memory of a member's offer cap."""
         key = (tenant, member)
-        if self.caps is not None:
-            await self.caps.forget(tenant, member)
         self.counts.pop(key, None)
         self.counted.pop(key, None)
         self.unsaved.discard(key)
+
+    async def forget_member(self, tenant: str, member: str) -> int:
+        if self.caps is not None:
+            await self.caps.forget(tenant, member)
+        self.forget_member_here(tenant, member)
         return int(await self.host.store.records.delete(NS, f"{tenant}/{member}"))
 
     async def expire(self, now: float) -> int:

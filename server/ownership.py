@@ -447,6 +447,8 @@ class Ownership:
         that cache its record or hold its session read it again, and close
         a session it retired or revoked), ``directory`` (argument:
         ``<tenant>/<store>``; every worker reads the entry again) or
+        ``member`` (argument: ``<tenant>/<member>``: the member's personal
+        data was deleted; every worker drops what it holds of it in memory),
         ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
         workers read its record again: a ticket waiting for staff goes to the
         first who logs in on any worker, and every worker lists it)."""
@@ -480,6 +482,9 @@ class Ownership:
         elif verb == "directory":
             tenant, _, store = argument.partition("/")
             node.spawn(self._refresh(node.directory.reload(tenant, store), verb, argument))
+        elif verb == "member":
+            tenant, _, member = argument.partition("/")
+            node.forget_member_here(tenant, member)
         elif verb == "ticket":
             origin, _, key = argument.partition("\t")
             if origin != node.worker_name:

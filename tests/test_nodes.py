@@ -460,48 +460,84 @@ async def test_receipts_reach_a_sender_held_by_another_worker():
         await eventually(lambda: len(b.ownership._receipt_batches) == 0)
 
 
+@contextlib.asynccontextmanager
+async def _admin_of(node, tmp_path):
+    """``node``'s admin API on loopback: an aiohttp session with a token
+    for every tenant."""
+    import aiohttp
+
+    from support import make_config
+    from test_admin import ADMIN_TOKENS, OPS
+    from tillwire.server.admin import start_admin
+    from tillwire.server.audit import AuditLog
+
+    audit = AuditLog(str(tmp_path / f"audit-{node.node_id}.log")).open()
+    runner = await start_admin(node, make_config(**{"admin.tokens": ADMIN_TOKENS}), audit,
+                               "127.0.0.1", 0)
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession(f"http://{host}:{port}", headers={
+                "Authorization": f"Bearer {OPS}"}) as http:
+            yield http
+    finally:
+        await runner.cleanup()
+        audit.close()
+
+
 @aiotest()
 async def test_the_admin_api_of_any_worker_says_which_worker_holds_a_terminal(tmp_path):
     # GET /v1/terminals/... on worker a for a till held by worker b: presence
     # names b; the connection's own details are b's to know (null here).
     # Presence failing is a 503 naming it, not a false "offline".
-    import aiohttp
-
-    from support import make_config
-    from test_admin import ADMIN_TOKENS, OPS, check_response
-    from tillwire.server.admin import start_admin
-    from tillwire.server.audit import AuditLog
+    from test_admin import check_response
 
     template = "/v1/terminals/{tenant}/{terminal}"
     async with _shared_redis_pair(wrap=True, registry=True) as (a, b, presence):
         await provision(a, "t1")
         till = await connect(b, "t1")
         await _owner_becomes(presence, "b")
-        audit = AuditLog(str(tmp_path / "audit.log")).open()
-        runner = await start_admin(a, make_config(**{"admin.tokens": ADMIN_TOKENS}), audit,
-                                   "127.0.0.1", 0)
-        host, port = runner.addresses[0][:2]
-        try:
-            async with aiohttp.ClientSession(f"http://{host}:{port}", headers={
-                    "Authorization": f"Bearer {OPS}"}) as http:
-                async with http.get("/v1/terminals/acme/t1") as resp:
-                    doc = await resp.json()
-                assert resp.status == 200, doc
-                check_response(template, "GET", 200, doc)
-                assert (doc["connected"], doc["node"], doc["worker"], doc["since"],
-                        doc["state"]) == (True, "b", None, None, "open")
-                presence.fail("owner", 1)
-                async with http.get("/v1/terminals/acme/t1") as resp:
-                    doc = await resp.json()
-                assert resp.status == 503 and doc["error"].startswith("presence: "), doc
-                await till.close()
-                await _owner_becomes(presence, None)
-                async with http.get("/v1/terminals/acme/t1") as resp:
-                    doc = await resp.json()
-                assert (doc["connected"], doc["node"], doc["state"]) == (False, None, "offline")
-        finally:
-            await runner.cleanup()
-            audit.close()
+        async with _admin_of(a, tmp_path) as http:
+            async with http.get("/v1/terminals/acme/t1") as resp:
+                doc = await resp.json()
+            assert resp.status == 200, doc
+            check_response(template, "GET", 200, doc)
+            assert (doc["connected"], doc["node"], doc["worker"], doc["since"],
+                    doc["state"]) == (True, "b", None, None, "open")
+            presence.fail("owner", 1)
+            async with http.get("/v1/terminals/acme/t1") as resp:
+                doc = await resp.json()
+            assert resp.status == 503 and doc["error"].startswith("presence: "), doc
+            await till.close()
+            await _owner_becomes(presence, None)
+            async with http.get("/v1/terminals/acme/t1") as resp:
+                doc = await resp.json()
+            assert (doc["connected"], doc["node"], doc["state"]) == (False, None, "offline")
+
+
+@aiotest()
+async def test_a_members_data_deleted_through_one_worker_leaves_no_copy_on_another(tmp_path):
+    # A member's phone is on worker b, which holds a copy of the member
+    # channel (its notices).  DELETE /v1/members on worker a deletes the
+    # shared history, and every worker drops its copy: the phone's
+    # HISTORY on b finds nothing.
+    from tillwire.core.codes import Lane
+
+    channel = "member:acme/m1"
+    async with _shared_redis_pair(registry=True) as (a, b, presence):
+        be = await connect(a, "hq", store="hq", roles=("backend",))
+        phone = await connect(b, "app1", store="s1", roles=("customer",), member="m1")
+        await be.send("member.notice", {"member": "m1", "text": "Points"}, channel, ttl=600)
+        got = await phone.receive(timeout=3)
+        assert got.kind == "member.notice"
+        mirror = b.hub.stream(channel, Lane.P3, create=False)
+        assert [e.kind for e in mirror.history] == ["member.notice"]
+        async with _admin_of(a, tmp_path) as http:
+            async with http.delete("/v1/members/acme/m1") as resp:
+                doc = await resp.json()
+        assert resp.status == 200 and doc["channel_entries"] == 1, doc
+        await eventually(lambda: not mirror.history)
+        items, _ = await phone.history(channel, Lane.P3)
+        assert items == []
 
 
 @aiotest(30)
