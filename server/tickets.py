@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
 import time
@@ -159,6 +160,16 @@ def last_change(rec: dict) -> float:
     if updated is not None:
         return float(updated)
     return max(float(rec.get(name) or 0.0) for name in ("created", "escalated_at", "resolved_at"))
+
+
+def auto_ref(opener: str, ref: int) -> int:
+    """The ref of the auto-reply to the ticket.open ``ref`` of ``opener``
+    (0 without one): a 63-bit hash of both, so the store's dedup window
+    knows a resend of the open wherever it comes."""
+    if not ref:
+        return 0
+    digest = hashlib.blake2b(f"{opener}\n{ref}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1 or 1
 
 
 def new_ticket_id(now: float) -> str:
@@ -309,8 +320,10 @@ class Tickets:
             rec.update(status=RESOLVED, auto=True, resolution=reply, resolved_at=now,
                        resolved_by=SENDER)
             out = orjson.dumps({"ticket": tid, "resolution": reply, "auto": True})
-            msg = NewMessage(tenant, SENDER, 0, Lane.P1, "ticket.resolve", opener, out, now,
-                             now + ttl, False)
+            # (Its ref comes from the open's: a resend of the open, on any
+            # worker or after a restart, is a duplicate in the store's dedup.)
+            msg = NewMessage(tenant, SENDER, auto_ref(opener, ref), Lane.P1, "ticket.resolve",
+                             opener, out, now, now + ttl, False)
             to = parse_address(opener)
         else:
             rec["due"] = now + self.escalate_after
@@ -357,23 +370,26 @@ class Tickets:
             return
         if accepted.duplicate:
             # The same (opener, ref) was stored before (a resend across a
-            # restart): no new ticket; answer with the original one if known.
-            original = next((r for r in self.open.values()
-                             if r["msg_id"] == accepted.msg_id), None)
-            doc = {"ticket": original["ticket"]} if original is not None else {}
+            # restart, or on another worker): no new ticket; answer with the
+            # original one.
+            try:
+                doc = await self._original(rec["tenant"], accepted.msg_id)
+            except Exception as exc:  # noqa: BLE001 - not read: the id is not known here
+                log.error("ticket %s: the original of a resend could not be read: %s", key, exc)
+                doc = {}
             if answered is not None:
                 answered.set_result((accepted.msg_id, doc))
             host.service_ack(conn, ref, accepted.msg_id, doc, retransmit=True, asked=asked)
             return
         events = host.counters.tickets
         events["opened"] += 1
+        rec["msg_id"] = accepted.msg_id
         if rec["auto"]:
             events["resolved"] += 1
             doc = {"ticket": rec["ticket"], "auto_reply": True}
         else:
             if not accepted.seqs:
                 events["unattended"] += 1         # no staff to receive it
-            rec["msg_id"] = accepted.msg_id
             rec["recipients"] = len(accepted.seqs)
             self.open[key] = rec
             self._arm(key, rec["due"])
@@ -388,6 +404,23 @@ class Tickets:
         if answered is not None:
             answered.set_result((accepted.msg_id, doc))
         host.service_ack(conn, ref, accepted.msg_id, doc, asked=asked)
+
+    async def _original(self, tenant: str, msg_id: int) -> dict:
+        """The answer to a resend of the ticket.open whose message is
+        ``msg_id``: the ticket's id (and ``auto_reply``), from memory, else
+        from the records (the ticket opened on another worker, or before a
+        restart; resolved since); {} when no record names it."""
+        found = next((r for r in self.open.values() if r["msg_id"] == msg_id), None)
+        if found is None:
+            async for _, value in scan_all(self.host.store.records, NS, tenant + "/"):
+                rec = orjson.loads(value)
+                if isinstance(rec, dict) and rec.get("msg_id") == msg_id:
+                    found = rec
+                    break
+        if found is None:
+            return {}
+        return {"ticket": found["ticket"], "auto_reply": True} if found.get("auto") else \
+            {"ticket": found["ticket"]}
 
     def _forget(self, key: str) -> None:
         rec = self.open.pop(key, None)
@@ -683,6 +716,10 @@ class Tickets:
             if rec.get("status") == OPEN:
                 rec["status"] = ASSIGNED
         mine = self.open.get(key)
+        # (The updates it says were applied: a resend of one that reached
+        # another worker first is answered as a resend here, even of the
+        # resolve that closed the ticket.)
+        self._load_refs(key, rec)
         if rec.get("status") == RESOLVED:
             if mine is not None:
                 self._forget(key)
@@ -691,7 +728,6 @@ class Tickets:
             return
         rec.setdefault("updated", last_change(rec))
         if mine is None:
-            self._load_refs(key, rec)
             self.open[key] = rec
             self._track(key, rec)
             if rec["status"] == OPEN:

@@ -561,6 +561,62 @@ async def test_a_ticket_escalates_from_another_worker_once_the_one_that_opened_i
         await msg.ack()
 
 
+@aiotest(30)
+async def test_ticket_resends_on_another_worker_are_answered_as_resends():
+    # A till's SENDACK is lost and it resends on another worker, as after a
+    # reconnect: an auto-answered ticket.open is answered with the first
+    # ticket (no second ticket, no second reply), a plain one with its
+    # ticket's id, and a ticket.resolve that closed the ticket as a resend,
+    # not refused as "no open ticket".
+    from tillwire.core.codes import Flag
+
+    rules = [{"code": "E10", "reply": "reboot the printer"}]
+    async with _shared_redis_pair(registry=True, **{"tickets.auto_replies": rules}) as (
+            a, b, presence):
+        await provision(a, "staff1", roles=("staff",))
+        till = await connect(a, "t1")
+        first = await till.send("ticket.open", {"code": "E10"}, "role:acme/s1/staff", ref=501)
+        auto = orjson.loads(first.payload)
+        assert auto["auto_reply"] is True
+        reply = await till.receive(timeout=3)
+        assert reply.kind == "ticket.resolve" and reply.body["ticket"] == auto["ticket"]
+        await reply.ack()
+        plain = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=502)
+        opened = orjson.loads(plain.payload)
+        staff = await connect(a, "staff1", roles=("staff",))
+        msg = await staff.receive(timeout=3)
+        assert msg.kind == "ticket.open"
+        await msg.ack()
+        done = await staff.send("ticket.resolve", {"ticket": opened["ticket"],
+                                                   "resolution": "paper"}, TILL, ref=77)
+        key = f"acme/{opened['ticket']}"
+        # (b has read the resolved record: the ticket is closed there too)
+        await eventually(lambda: key not in a.tickets.unsaved)
+        await b.tickets.refresh(key)
+        assert key not in b.tickets.open
+        await till.close()
+        await staff.close()
+        # The same SENDs again, on worker b.
+        till = await connect(b, "t1")
+        again = await till.send("ticket.open", {"code": "E10"}, "role:acme/s1/staff", ref=501)
+        assert again.flags & Flag.RETRANSMIT and again.msg_id == first.msg_id
+        assert orjson.loads(again.payload) == {"ticket": auto["ticket"], "auto_reply": True}
+        again = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff", ref=502)
+        assert again.flags & Flag.RETRANSMIT and again.msg_id == plain.msg_id
+        assert orjson.loads(again.payload) == {"ticket": opened["ticket"]}
+        staff = await connect(b, "staff1", roles=("staff",))
+        again = await staff.send("ticket.resolve", {"ticket": opened["ticket"],
+                                                    "resolution": "paper"}, TILL, ref=77)
+        assert again.flags & Flag.RETRANSMIT and again.msg_id == done.msg_id
+        # One auto-reply and one resolve reached the till: nothing came twice.
+        got = await till.receive(timeout=3)
+        assert (got.kind, got.body["ticket"]) == ("ticket.resolve", opened["ticket"])
+        await got.ack()
+        with pytest.raises(asyncio.TimeoutError):
+            await till.receive(timeout=0.5)
+        assert a.counters.tickets["opened"] + b.counters.tickets["opened"] == 2
+
+
 @aiotest()
 async def test_an_announcement_the_broker_refuses_is_published_again():
     # Worker a retires h12 and announces it; the broker refuses the first
