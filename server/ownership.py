@@ -346,6 +346,8 @@ class Ownership:
         if drop is not None:
             drop()
         self.node.spawn(self._refresh(self.node.directory.load(), "directory", "every store"))
+        if self.node.shared_registry:
+            self.node.spawn(self._refresh(self.node.tickets.resync(), "ticket", "every ticket"))
         self.node.spawn(self._reconcile_now())
 
     async def _reconcile_now(self) -> None:

@@ -696,6 +696,24 @@ class Tickets:
         if not self._closed:
             await self._refresh(key)
 
+    async def resync(self) -> None:
+        """(A fleet) this worker's pub/sub connection was down: the tickets
+        announced meanwhile were not heard.  Read again every ticket that
+        is open in the records or held here (resolved ones only drop out)."""
+        if self._closed:
+            return
+        seen = set()
+        async for key, value in scan_all(self.host.store.records, NS):
+            seen.add(key)
+            try:
+                resolved = orjson.loads(value).get("status") == RESOLVED
+            except (ValueError, AttributeError):
+                continue
+            if not resolved or key in self.open:
+                await self._refresh(key)
+        for key in [k for k in self.open if k not in seen and k not in self.unsaved]:
+            self._forget(key)             # (deleted meanwhile: retention)
+
     async def _refresh(self, key: str) -> None:
         """(A fleet) take a ticket's record and assignment claim from the
         shared records into memory: unresolved, it is held here, and while

@@ -617,6 +617,34 @@ async def test_ticket_resends_on_another_worker_are_answered_as_resends():
         assert a.counters.tickets["opened"] + b.counters.tickets["opened"] == 2
 
 
+@aiotest(30)
+async def test_a_worker_whose_pub_sub_was_down_reads_the_tickets_again():
+    # Worker b held a's ticket; while b's pub/sub connection was down the
+    # ticket was resolved and another one opened elsewhere (their
+    # announcements never reached b).  Subscribed again, b reads the
+    # tickets again: the resolved one leaves, the new one is held (listed,
+    # handed to staff logging in, escalated).
+    import time
+
+    from tillwire.server.tickets import NS
+
+    async with _shared_redis_pair(registry=True) as (a, b, presence):
+        till = await connect(a, "t1")
+        ack = await till.send("ticket.open", {"code": "E42"}, "role:acme/s1/staff")
+        old = f"acme/{orjson.loads(ack.payload)['ticket']}"
+        await eventually(lambda: old in b.tickets.open)
+        records = a.store.records
+        rec = orjson.loads(await records.get(NS, old))
+        await records.put(NS, old, orjson.dumps({**rec, "status": "resolved"}), time.time())
+        new = "acme/T-written-elsewhere"
+        await records.put(NS, new, orjson.dumps({**rec, "ticket": "T-written-elsewhere"}),
+                          time.time())
+        assert old in b.tickets.open and new not in b.tickets.open
+        b.ownership._on_resubscribed()
+        await eventually(lambda: new in b.tickets.open and old not in b.tickets.open)
+        assert new in b.tickets._timers          # (its escalation armed here too)
+
+
 @aiotest()
 async def test_an_announcement_the_broker_refuses_is_published_again():
     # Worker a retires h12 and announces it; the broker refuses the first
