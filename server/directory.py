@@ -131,12 +131,30 @@ class Directory:
             return await self._put(tenant, store, timezone, on_duty, managers)
 
     async def _put(self, tenant: str, store: str, timezone, on_duty, managers) -> StoreInfo:
-        old = self.get(tenant, store)
-        info = StoreInfo(tenant, store, timezone if timezone is not None else old.timezone,
-                         on_duty if on_duty is not None else old.on_duty,
-                         managers if managers is not None else old.managers, "admin")
-        await self.store.records.put(NS, f"{tenant}/{store}", orjson.dumps({
-            "tenant": tenant, "store": store, "timezone": info.timezone,
-            "on_duty": list(info.on_duty), "managers": list(info.managers)}), time.time())
+        # The fields left out are kept from the entry in the store, read now
+        # and written over only if unchanged meanwhile (Records.replace): in
+        # a fleet, another worker's PUT of other fields may have just
+        # landed, and this worker's copy may not have heard of it yet.
+        records, key = self.store.records, f"{tenant}/{store}"
+        raw = await records.get(NS, key)
+        while True:
+            old = None
+            if raw is not None:
+                try:
+                    old = self._parse(raw)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    pass                     # (unreadable: the config's entry applies)
+            if old is None:
+                old = self._config.get((tenant, store)) or self.get(tenant, store)
+            info = StoreInfo(tenant, store, timezone if timezone is not None else old.timezone,
+                             on_duty if on_duty is not None else old.on_duty,
+                             managers if managers is not None else old.managers, "admin")
+            value = orjson.dumps({
+                "tenant": tenant, "store": store, "timezone": info.timezone,
+                "on_duty": list(info.on_duty), "managers": list(info.managers)})
+            found = await records.replace(NS, key, raw, value, time.time())
+            if found == value:
+                break
+            raw = found                      # (changed meanwhile: merge with that)
         self._entries[(tenant, store)] = info
         return info

@@ -29,6 +29,15 @@ class Records(Protocol):
         (a claim: of workers putting the same key at once, one wins); returns
         the value in place afterwards (``value`` when this put won)."""
 
+    async def replace(self, ns: str, key: str, expected: bytes | None, value: bytes,
+                      now: float) -> bytes | None:
+        """Put ``value`` in place of the record ``key`` of ``ns`` only if it
+        holds ``expected`` (None: only if there is no such record),
+        atomically (a compare-and-set: a read-modify-write that another
+        worker's write overtook is refused, to be read and tried again);
+        returns the value in place afterwards (``value`` when this put won;
+        None: no record)."""
+
     async def get(self, ns: str, key: str) -> bytes | None:
         """The value of ``key`` in ``ns`` (None: no such record)."""
 

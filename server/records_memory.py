@@ -18,6 +18,15 @@ class MemoryRecords:
         found = self._kv.setdefault(ns, {}).setdefault(key, (bytes(value), now))
         return found[0]
 
+    async def replace(self, ns: str, key: str, expected: bytes | None, value: bytes,
+                      now: float) -> bytes | None:
+        records = self._kv.setdefault(ns, {})
+        found = records.get(key)
+        if (found[0] if found is not None else None) != expected:
+            return None if found is None else found[0]
+        records[key] = (bytes(value), now)
+        return bytes(value)
+
     async def get(self, ns: str, key: str) -> bytes | None:
         found = self._kv.get(ns, {}).get(key)
         return None if found is None else found[0]

@@ -68,6 +68,21 @@ return ARGV[2]
 """
 
 
+# ARGV: key, "1" and the expected value (or "0": none expected), the value, now.
+_REPLACE = """
+local found = redis.call("HGET", KEYS[2], ARGV[1])
+if ARGV[2] == "1" then
+  if found ~= ARGV[3] then return found end
+elseif found then
+  return found
+end
+redis.call("ZADD", KEYS[1], 0, ARGV[1])
+redis.call("HSET", KEYS[2], ARGV[1], ARGV[4])
+redis.call("ZADD", KEYS[3], ARGV[5], ARGV[1])
+return ARGV[4]
+"""
+
+
 class RedisRecords:
     """The :class:`~tillwire.server.records.Records` of a Redis store."""
 
@@ -75,6 +90,7 @@ class RedisRecords:
         self._redis = client
         self._prefix = prefix
         self._put_new = client.register_script(_PUT_NEW)
+        self._replace = client.register_script(_REPLACE)
         self._scan = client.register_script(_SCAN)
         self._delete_where = client.register_script(_DELETE_WHERE)
 
@@ -90,6 +106,12 @@ class RedisRecords:
 
     async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
         return await self._put_new(keys=self._keys(ns), args=[key, bytes(value), repr(now)])
+
+    async def replace(self, ns: str, key: str, expected: bytes | None, value: bytes,
+                      now: float) -> bytes | None:
+        return await self._replace(keys=self._keys(ns), args=[
+            key, "0" if expected is None else "1", b"" if expected is None else bytes(expected),
+            bytes(value), repr(now)])
 
     async def get(self, ns: str, key: str) -> bytes | None:
         return await self._redis.hget(self._keys(ns)[1], key)

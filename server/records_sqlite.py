@@ -26,6 +26,11 @@ class SQLiteRecords:
     async def put_new(self, ns: str, key: str, value: bytes, now: float) -> bytes:
         return await self._write("kv_put_new", (ns, key, bytes(value), now))
 
+    async def replace(self, ns: str, key: str, expected: bytes | None, value: bytes,
+                      now: float) -> bytes | None:
+        return await self._write("kv_replace", (ns, key, None if expected is None
+                                                else bytes(expected), bytes(value), now))
+
     async def get(self, ns: str, key: str) -> bytes | None:
         return await self._read("kv_get", (ns, key))
 

@@ -1074,6 +1074,18 @@ class Writer:
         return bytes(self.conn.execute("SELECT value FROM kv WHERE ns = ? AND key = ?",
                                        (ns, key)).fetchone()[0])
 
+    def kv_replace(self, ns: str, key: str, expected: bytes | None, value: bytes,
+                   now: float) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE ns = ? AND key = ?",
+                                (ns, key)).fetchone()
+        found = bytes(row[0]) if row is not None else None
+        if found != expected:
+            return found
+        self.conn.execute("INSERT INTO kv(ns, key, value, updated) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT(ns, key) DO UPDATE SET value = excluded.value, "
+                          "updated = excluded.updated", (ns, key, value, now))
+        return value
+
     def kv_delete(self, ns: str, key: str) -> bool:
         return self.conn.execute("DELETE FROM kv WHERE ns = ? AND key = ?",
                                  (ns, key)).rowcount > 0

@@ -646,6 +646,23 @@ async def test_a_worker_whose_pub_sub_was_down_reads_the_tickets_again():
 
 
 @aiotest()
+async def test_partial_directory_changes_on_two_workers_keep_each_others_fields():
+    # PUT /v1/stores with some fields keeps the others from the entry in the
+    # store, not from the worker's copy: b has not heard of a's roster yet
+    # (no announcement here) when it changes the time zone; and two such
+    # changes at once on a and b both land.
+    async with _shared_redis_pair() as (a, b, presence):
+        await a.directory.put("acme", "s1", on_duty=("staff1",))
+        info = await b.directory.put("acme", "s1", timezone="Europe/Berlin")
+        assert (info.timezone, info.on_duty) == ("Europe/Berlin", ("staff1",))
+        await asyncio.gather(a.directory.put("acme", "s2", managers=("mgr1",)),
+                             b.directory.put("acme", "s2", on_duty=("staff2",)))
+        await a.directory.reload("acme", "s2")
+        got = a.directory.get("acme", "s2")
+        assert (got.managers, got.on_duty) == (("mgr1",), ("staff2",))
+
+
+@aiotest()
 async def test_an_announcement_the_broker_refuses_is_published_again():
     # Worker a retires h12 and announces it; the broker refuses the first
     # publish.  The announcement is kept and published again, and worker b,

@@ -72,6 +72,31 @@ def test_put_new_claims_a_key_once(store_factory):
     run_with(store_factory, body)
 
 
+def test_replace_puts_only_over_the_value_expected(store_factory):
+    async def body(store):
+        kv = store.records
+        # None expected: only where there is no record (a first write).
+        assert await kv.replace("dir", "acme/s1", None, b"v1", 10.0) == b"v1"
+        assert await kv.replace("dir", "acme/s1", None, b"other", 11.0) == b"v1"
+        # A write over the value read wins; one over a value since replaced
+        # is refused with what is there now, and changes nothing.
+        assert await kv.replace("dir", "acme/s1", b"v1", b"v2", 12.0) == b"v2"
+        assert await kv.replace("dir", "acme/s1", b"v1", b"v3", 13.0) == b"v2"
+        assert await kv.get("dir", "acme/s1") == b"v2"
+        # Expecting a record that is not there: refused, still none.
+        assert await kv.replace("dir", "acme/s2", b"v1", b"v2", 14.0) is None
+        assert await kv.get("dir", "acme/s2") is None
+        # Read-modify-writes at once from the same value: one wins.
+        won = await asyncio.gather(*(kv.replace("dir", "acme/s1", b"v2", b"w%d" % i, 15.0)
+                                     for i in range(5)))
+        assert len(set(won)) == 1 and won[0] in {b"w%d" % i for i in range(5)}
+        # A replaced record is written at its new time (retention).
+        assert await kv.expire("dir", 14.5) == 0
+        assert [k for k, _ in await kv.scan("dir")] == ["acme/s1"]
+        assert await kv.expire("dir", 15.5) == 1
+    run_with(store_factory, body)
+
+
 def test_kv_scan_reverse_is_newest_first_within_prefix_and_limit(store_factory):
     async def body(store):
         records = store.records
