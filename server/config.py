@@ -806,12 +806,13 @@ class LimitsConfig:
         "PARTIAL: ask again from its offset).")
     max_connections_per_source: int = _key(
         0, _Int(0),
-        "Most concurrent connections from one IP address (0 = no cap: stores sit behind NAT "
-        "and phones behind carrier NAT); more are refused with CLOSE CONNECTION_LIMIT.")
+        "Most concurrent connections from one IP address to one worker (0 = no cap: stores "
+        "sit behind NAT and phones behind carrier NAT); more are refused with CLOSE "
+        "CONNECTION_LIMIT.")
     max_connections_per_tenant: int = _key(
         0, _Int(0),
-        "Most concurrent sessions of one tenant (0 = no cap); more are refused after HELLO "
-        "with CLOSE CONNECTION_LIMIT.")
+        "Most concurrent sessions of one tenant on one worker (0 = no cap); more are refused "
+        "after HELLO with CLOSE CONNECTION_LIMIT.")
     auth_fail_delay_max: float = _key(
         5.0, _Duration(0.0, strict=False),
         "Longest delay before CLOSE AUTH_FAILED for a source address that keeps failing: the "
