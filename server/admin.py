@@ -376,10 +376,11 @@ class Handlers:
                                 "retry") from None
         doc = _record_doc(rec) if rec is not None else {
             "terminal": address, "tenant": _call(request).tenant, "id": _call(request).terminal}
-        connected = conn is not None and conn.transport is not None
-        if not connected and node.ownership is not None:
-            # Held by another worker of the fleet: presence says which; the
-            # connection's own details are that worker's.
+        here = conn is not None and conn.transport is not None
+        holder = (node.node_id, node.worker) if here else None
+        if not here and node.ownership is not None:
+            # Held by another worker of the fleet: presence says which (the
+            # connection's own details are that worker's to know).
             try:
                 owner = await node.ownership.presence.owner(address)
             except Exception as exc:  # noqa: BLE001 - presence is unreachable
@@ -387,26 +388,20 @@ class Handlers:
                                     f"read ({exc}); retry") from None
             if owner is not None and owner != node.ownership.owner:
                 held, _, index = owner.rpartition(".w")
-                doc.update({"connected": True, "node": held or owner,
-                            "worker": int(index) if index.isdigit() else None,
-                            "since": None, "heartbeat": None, "last_frame": None,
-                            "queued_bytes": 0,
-                            "inbox": {"P0": {"acked": acked0, "last": last0},
-                                      "P1": {"acked": acked1, "last": last1}},
-                            "state": "retired" if rec is not None and rec.retired else "open"})
-                return _json(doc)
+                holder = (held or owner, int(index) if index.isdigit() else None)
         doc.update({
-            "connected": connected,
-            "node": node.node_id if connected else None,
-            "worker": node.worker if connected else None,
-            "since": _unix(node, conn.started) if connected else None,
-            "heartbeat": conn.heartbeat_ms if connected else None,
-            "last_frame": _unix(node, conn.last_seen) if connected else None,
-            "queued_bytes": conn.queued_bytes if connected else 0,
+            "connected": holder is not None,
+            "node": holder[0] if holder else None,
+            "worker": holder[1] if holder else None,
+            "since": _unix(node, conn.started) if here else None,
+            "heartbeat": conn.heartbeat_ms if here else None,
+            "last_frame": _unix(node, conn.last_seen) if here else None,
+            "queued_bytes": conn.queued_bytes if here else 0,
             "inbox": {"P0": {"acked": acked0, "last": last0},
                       "P1": {"acked": acked1, "last": last1}},
             "state": ("retired" if rec is not None and rec.retired else
-                      _STATE_NAMES.get(conn.state, "open") if connected else "offline"),
+                      _STATE_NAMES.get(conn.state, "open") if here else
+                      "open" if holder else "offline"),
         })
         return _json(doc)
 

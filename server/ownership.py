@@ -132,6 +132,7 @@ def unpack_deliveries(data: bytes) -> list:
         out.append((terminal, lane, seq, msg_id, kind, body, created))
     return out
 
+
 def pack_receipt(receipt) -> bytes:
     sender, ref, msg_id, status, terminal = receipt
     s, t = sender.encode(), terminal.encode()
@@ -448,10 +449,10 @@ class Ownership:
         shared changed: ``registry`` (argument: a terminal address; workers
         that cache its record or hold its session read it again, and close
         a session it retired or revoked), ``directory`` (argument:
-        ``<tenant>/<store>``; every worker reads the entry again) or
+        ``<tenant>/<store>``; every worker reads the entry again),
         ``member`` (argument: ``<tenant>/<member>``: the member's personal
-        data was deleted; every worker drops what it holds of it in memory),
-        ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
+        data was deleted; every worker drops what it holds of it in memory)
+        or ``ticket`` (argument: ``<worker>\t<tenant>/<ticket>``; the other
         workers read its record again: a ticket waiting for staff goes to the
         first who logs in on any worker, and every worker lists it)."""
         self._announcements.add(f"{verb}\0{argument}".encode())
