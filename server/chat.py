@@ -36,6 +36,10 @@ stored and its records were tried.  Records (key-value namespaces, JSON):
 * ``chatagent``, key ``<tenant>/<conversation>``: the agent's address,
   claimed once (``Records.put_new``): of agents answering at once on any
   workers, one becomes the conversation's agent.
+* ``chatclock`` (a fleet), key ``<tenant>/<conversation>``: the newest
+  message's history time and the worker that took it (``<ms> <worker>``),
+  taken with ``Records.replace``: messages written at once on two workers
+  get two times, in the order they took them.
 
 In a fleet (workers sharing the records) the conversation is read from the
 records at the start of each message's turn, and its agent from the claim,
@@ -69,6 +73,7 @@ log = logging.getLogger("tillwire.chat")
 CONV_NS = "conv"
 CHAT_NS = "chat"
 AGENT_NS = "chatagent"
+CLOCK_NS = "chatclock"           # (a fleet) a conversation's newest message time (unix ms)
 MAX_HISTORY = 1000          # messages one HISTORY answer carries at most
 # What a conversation record needs to route a message.
 _CONV_KEYS = frozenset({"conversation", "tenant", "member", "customer", "agent", "updated"})
@@ -224,16 +229,29 @@ class Chat:
                 host.service_error(conn, ref, exc.code, str(exc))
                 return
             now = time.time()
+            # The message's history key (and HISTORY offset) is its time in unix
+            # ms, made strictly increasing per conversation: two messages of one
+            # millisecond keep their order and paging by offset skips neither.
+            known = None if role == STARTER else self.convs[key]
+            ms = max(int(now * 1000), (known or {}).get("last_ms", 0) + 1)
+            clock = None
+            if host.shared_registry:
+                try:
+                    ms, clock = await self._stamp(key, ms, now, (known or {}).get("clock"))
+                except Exception as exc:  # noqa: BLE001 - no time taken: nothing changed
+                    log.error("conversation %s: the message's time could not be taken: %s",
+                              key, exc)
+                    host.service_error(conn, ref, Code.STORE_UNAVAILABLE,
+                                       "the conversation could not be written; retry")
+                    return
             if role == STARTER:
                 conv = self._starting[key] = {
                     "conversation": conv_id, "tenant": claims.tenant, "member": claims.member,
                     "customer": sender, "agent": "", "created": now, "updated": now}
             else:
                 conv = self.convs[key]
-            # The message's history key (and HISTORY offset) is its time in unix
-            # ms, made strictly increasing per conversation: two messages of one
-            # millisecond keep their order and paging by offset skips neither.
-            ms = max(int(now * 1000), conv.get("last_ms", 0) + 1)
+            if clock is not None:
+                conv["clock"] = clock
             # Who wrote it, stamped by the server (a "from" the client put in is
             # replaced): recipients and history readers see it in the body.
             body = {**body, "from": sender}
@@ -293,6 +311,29 @@ class Chat:
         host.service_ack(conn, ref, accepted.msg_id,
                          {"conversation": conv_id, "recipients": len(accepted.seqs)},
                          asked=asked)
+
+    async def _stamp(self, key: str, ms: int, now: float, clock: str | None
+                     ) -> tuple[int, str]:
+        """(A fleet) take the message's time in the conversation's clock
+        record, after every time another worker took: messages written at
+        once on two workers get two times (``ms``: the time this worker
+        would take; ``clock``: the record as this worker last saw it, kept
+        in the conversation: one round trip unless another worker took a
+        time since).  Returns the time and the record's new value."""
+        records = self.host.store.records
+        mark = self.host.worker_name
+        expected = clock.encode() if clock else None
+        while True:
+            # ("<ms> <worker>": a replace that finds this very value took it)
+            value = f"{ms} {mark}".encode()
+            found = await records.replace(CLOCK_NS, key, expected, value, now)
+            if found == value:
+                return ms, value.decode()
+            expected = found
+            try:
+                ms = max(ms, int(found.split(b" ", 1)[0]) + 1)
+            except (ValueError, AttributeError):
+                pass                    # (not a time: written over)
 
     async def _read(self, key: str) -> None:
         """Take a conversation's record and agent claim from the shared records."""
@@ -452,6 +493,7 @@ class Chat:
             self._drop(k)
             messages += await store.records.delete_prefix(CHAT_NS, k + "/")
             await store.records.delete(AGENT_NS, k)
+            await store.records.delete(CLOCK_NS, k)
             await store.records.delete(CONV_NS, k)
         return len(keys), messages
 
@@ -463,5 +505,6 @@ class Chat:
         await self.unsaved.write_due()        # (the records a refused write left due)
         store = self.host.store
         await store.records.expire(AGENT_NS, horizon)
+        await store.records.expire(CLOCK_NS, horizon)
         return (await store.records.expire(CONV_NS, horizon),
                 await store.records.expire(CHAT_NS, horizon))

@@ -662,6 +662,72 @@ async def test_partial_directory_changes_on_two_workers_keep_each_others_fields(
         assert (got.managers, got.on_duty) == (("mgr1",), ("staff2",))
 
 
+@aiotest(30)
+async def test_chat_written_at_once_on_two_workers_keeps_one_history_time_per_message():
+    # A customer on worker a and its agent on worker b write at once.  Every
+    # message gets its own history time (HISTORY offset), and paging by
+    # offset a few at a time reads each message once.
+    from tillwire.core.codes import Lane
+
+    channel = "chat:acme/cv1"
+    async with _shared_redis_pair(registry=True) as (a, b, presence):
+        cust = await connect(a, "app1", store="s1", roles=("customer",), member="m1")
+        agent = await connect(b, "a1", store="cs", roles=("service",))
+        await cust.send("chat.message", {"conversation": "cv1", "text": "hello"},
+                        "role:acme/*/service")
+        first = await agent.receive(timeout=3)
+        await first.ack()
+        sent = await asyncio.gather(
+            *(cust.send("chat.message", {"conversation": "cv1", "text": f"c{i}"}, channel)
+              for i in range(15)),
+            *(agent.send("chat.message", {"conversation": "cv1", "text": f"a{i}"}, channel)
+              for i in range(15)))
+        await eventually(lambda: not a.chat.unsaved and not b.chat.unsaved)
+        items, end = await cust.history(channel, Lane.P1, count=100)
+        offsets = [item.offset for item in items]
+        assert len(items) == 31 and offsets == sorted(set(offsets)), offsets
+        assert {item.msg_id for item in items} == {first.id} | {ack.msg_id for ack in sent}
+        paged, offset = [], 0
+        while True:
+            page, end = await cust.history(channel, Lane.P1, offset=offset or 1, count=4)
+            if not page:
+                break
+            paged += [item.offset for item in page]
+            offset = end.offset
+        assert paged == offsets
+
+
+@aiotest(30)
+async def test_a_chat_message_whose_time_cannot_be_taken_is_refused_and_changes_nothing():
+    # The conversation's clock record cannot be written (the store fails
+    # right there): the sender gets STORE_UNAVAILABLE, nothing is stored or
+    # delivered, and the resend goes through.
+    from tillwire.client.connection import SendError
+    from tillwire.core.codes import Lane
+
+    channel = "chat:acme/cv1"
+    async with _shared_redis_pair(registry=True) as (a, b, presence):
+        cust = await connect(a, "app1", store="s1", roles=("customer",), member="m1")
+        agent = await connect(b, "a1", store="cs", roles=("service",))
+        await cust.send("chat.message", {"conversation": "cv1", "text": "hello"},
+                        "role:acme/*/service")
+        await (await agent.receive(timeout=3)).ack()
+        a.store = failing = Failing(a.store)
+        failing.fail("records.replace", 1)
+        with pytest.raises(SendError) as refused:
+            await cust.send("chat.message", {"conversation": "cv1", "text": "again"}, channel,
+                            ref=900)
+        assert refused.value.code == Code.STORE_UNAVAILABLE
+        with pytest.raises(asyncio.TimeoutError):
+            await agent.receive(timeout=0.3)
+        ack = await cust.send("chat.message", {"conversation": "cv1", "text": "again"}, channel,
+                              ref=900)
+        msg = await agent.receive(timeout=3)
+        assert (msg.id, msg.body["text"]) == (ack.msg_id, "again")
+        items, _ = await cust.history(channel, Lane.P1, count=10)
+        assert [orjson.loads(item.payload)["text"] for item in items] == ["hello", "again"]
+
+
 @aiotest()
 async def test_an_announcement_the_broker_refuses_is_published_again():
     # Worker a retires h12 and announces it; the broker refuses the first
