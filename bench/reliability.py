@@ -70,6 +70,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import time
 
 from .common import BareServer, RedisServer, Server, Worker, cpu_seconds
@@ -242,20 +243,10 @@ def _compared(n: int, args) -> tuple[dict, dict, list[float]]:
     def merged(phases: list[dict]) -> dict:
         delivered = [p["delivered"] for p in phases]
         cpu = {part: round(sum(p["cpu"][part] for p in phases), 2) for part in phases[0]["cpu"]}
-        return {"rate": _median([p["rate"] for p in phases]),
+        return {"rate": statistics.median([p["rate"] for p in phases]),
                 "delivered": None if None in delivered else min(delivered), "cpu": cpu}
 
     return merged(got["redis"]), merged(got["sqlite"]), ratios
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def _scaled(cpu: dict, factor: float) -> dict:
-    return {part: seconds * factor for part, seconds in cpu.items()}
 
 
 def _redis_floor(args, results: int) -> tuple[float, float]:
@@ -369,7 +360,7 @@ def _per_result(cpu_s: float, results: int) -> float:
 
 
 def _ceiling(sqlite_cpu: dict, memory_server_s: float, floor: float, floor_client: float,
-             memory_store: float, results: int) -> dict:
+             memory_store: float, results: int, sqlite_results: int) -> dict:
     """The most ``redis_vs_sqlite`` could be on this machine at this moment,
     from floors measured in the same run.  Both steady phases are bound by
     the machine's CPU (SQLite's runs every core it has), so a rate is the
@@ -380,16 +371,17 @@ def _ceiling(sqlite_cpu: dict, memory_server_s: float, floor: float, floor_clien
     calls), a client that only packs and parses plain commands at C speed,
     ``redis-server`` running only the floor's five plain commands, and the
     same payer and tills.  Every real part costs more than its floor, so
-    the ratio measured stays below this one."""
+    the ratio measured stays below this one.  ``results``: the memory-store
+    phase's; ``sqlite_results``: those of the SQLite rounds together."""
     load = sqlite_cpu["payer"] + sqlite_cpu["tills"]
-    sqlite_total = (sqlite_cpu["server"] + load) / results * 1e6
+    sqlite_total = (sqlite_cpu["server"] + load) / sqlite_results * 1e6
     protocol = max(memory_server_s / results * 1e6 - memory_store, 0.0)
-    least = protocol + floor_client + floor + load / results * 1e6
+    least = protocol + floor_client + floor + load / sqlite_results * 1e6
     return {
         "memory_server_us_per_result": _per_result(memory_server_s, results),
         "memory_store_us_per_result": round(memory_store, 1),
         "redis_floor_client_us_per_result": round(floor_client, 1),
-        "load_us_per_result": _per_result(load, results),
+        "load_us_per_result": _per_result(load, sqlite_results),
         "redis_vs_sqlite_ceiling": round(sqlite_total / least, 3),
     }
 
@@ -526,12 +518,11 @@ def run(quick: bool = False, argv=()) -> dict:
     }
     if args.redis:
         results = args.steady * args.rounds
-        ceiling = _ceiling(_scaled(sqlite["cpu"], 1 / args.rounds), memory["cpu"]["server"],
-                           floor, floor_client, _memory_store_us(10_000 if quick else 50_000),
-                           args.steady)
+        ceiling = _ceiling(sqlite["cpu"], memory["cpu"]["server"], floor, floor_client,
+                           _memory_store_us(10_000 if quick else 50_000), args.steady, results)
         out.update({
             "sqlite_durable_msgs_per_s": round(sqlite["rate"]),
-            "redis_vs_sqlite": round(_median(ratios), 3),
+            "redis_vs_sqlite": round(statistics.median(ratios), 3),
             "redis_vs_sqlite_rounds": [round(r, 3) for r in ratios],
             "rounds": args.rounds,
             "sqlite_steady_delivered": sqlite["delivered"],

@@ -433,12 +433,13 @@ class Ownership:
                 self.node.delivery.receipt_here(*receipt)
             else:
                 by_owner.setdefault(owner, []).append(receipt)
+        # (the batch is left holding what is to send, owner by owner, in
+        # the order sent: each send takes its owner's off the front)
         batch[:] = [r for some in by_owner.values() for r in some]
         for owner, some in by_owner.items():
             await self.broker.send_control(owner, b"receipt\0\0" + b"".join(map(pack_receipt,
                                                                                some)))
-            sent = {id(r) for r in some}
-            batch[:] = [r for r in batch if id(r) not in sent]
+            del batch[:len(some)]
 
     # -- the control inbox ------------------------------------------------------------
 

@@ -662,6 +662,19 @@ async def test_partial_directory_changes_on_two_workers_keep_each_others_fields(
         assert (got.managers, got.on_duty) == (("mgr1",), ("staff2",))
 
 
+async def _conversation_across(a, b):
+    """Conversation cv1 of customer app1 (member m1) on worker ``a``, its
+    first message ("hello") received and acked by agent a1 on worker ``b``:
+    (customer, agent, that message)."""
+    cust = await connect(a, "app1", store="s1", roles=("customer",), member="m1")
+    agent = await connect(b, "a1", store="cs", roles=("service",))
+    await cust.send("chat.message", {"conversation": "cv1", "text": "hello"},
+                    "role:acme/*/service")
+    first = await agent.receive(timeout=3)
+    await first.ack()
+    return cust, agent, first
+
+
 @aiotest(30)
 async def test_chat_written_at_once_on_two_workers_keeps_one_history_time_per_message():
     # A customer on worker a and its agent on worker b write at once.  Every
@@ -671,12 +684,7 @@ async def test_chat_written_at_once_on_two_workers_keeps_one_history_time_per_me
 
     channel = "chat:acme/cv1"
     async with _shared_redis_pair(registry=True) as (a, b, presence):
-        cust = await connect(a, "app1", store="s1", roles=("customer",), member="m1")
-        agent = await connect(b, "a1", store="cs", roles=("service",))
-        await cust.send("chat.message", {"conversation": "cv1", "text": "hello"},
-                        "role:acme/*/service")
-        first = await agent.receive(timeout=3)
-        await first.ack()
+        cust, agent, first = await _conversation_across(a, b)
         sent = await asyncio.gather(
             *(cust.send("chat.message", {"conversation": "cv1", "text": f"c{i}"}, channel)
               for i in range(15)),
@@ -707,11 +715,7 @@ async def test_a_chat_message_whose_time_cannot_be_taken_is_refused_and_changes_
 
     channel = "chat:acme/cv1"
     async with _shared_redis_pair(registry=True) as (a, b, presence):
-        cust = await connect(a, "app1", store="s1", roles=("customer",), member="m1")
-        agent = await connect(b, "a1", store="cs", roles=("service",))
-        await cust.send("chat.message", {"conversation": "cv1", "text": "hello"},
-                        "role:acme/*/service")
-        await (await agent.receive(timeout=3)).ack()
+        cust, agent, _ = await _conversation_across(a, b)
         a.store = failing = Failing(a.store)
         failing.fail("records.replace", 1)
         with pytest.raises(SendError) as refused:
